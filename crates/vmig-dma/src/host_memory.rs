@@ -1,0 +1,201 @@
+//! Host memory that DMA reaches: an `mmap` of a file descriptor (a memfd of guest RAM, shared with
+//! the VMM), an anonymous mapping, or a mapping the embedding program already has. This is the
+//! only module of the crate with `unsafe` code; everything above it works with offsets that
+//! [`HostMemory`] bounds-checks.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+
+/// A range of host virtual memory that stays mapped for as long as this value lives.
+#[derive(Debug)]
+pub struct HostMemory {
+    ptr: NonNull<u8>,
+    len: usize,
+    writable: bool,
+    /// Whether `Drop` unmaps it (false for memory borrowed with [`HostMemory::from_raw`]).
+    owned: bool,
+}
+
+// SAFETY: `HostMemory` is a plain address range; all access goes through methods that copy with
+// raw pointers, which is sound from any thread (concurrent DMA to guest memory is by design).
+unsafe impl Send for HostMemory {}
+// SAFETY: as above; no method hands out references into the memory.
+unsafe impl Sync for HostMemory {}
+
+impl HostMemory {
+    /// Maps `len` bytes of `fd` from `offset`, shared (writes reach the file and every other
+    /// mapping of it). `offset` must be a multiple of the host page size.
+    pub fn map_fd(fd: BorrowedFd<'_>, offset: u64, len: u64, writable: bool) -> io::Result<Self> {
+        let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let offset = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let prot = libc::PROT_READ | if writable { libc::PROT_WRITE } else { 0 };
+        // SAFETY: a fresh mapping chosen by the kernel (NULL hint) cannot alias Rust memory; the
+        // fd is valid for the duration of the call because it is borrowed.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                offset,
+            )
+        };
+        Self::from_mmap(ptr, len, writable)
+    }
+
+    /// An anonymous, private, zero-filled mapping of `len` bytes whose pages are allocated on
+    /// first touch.
+    pub fn anonymous(len: u64) -> io::Result<Self> {
+        let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: a fresh anonymous mapping cannot alias Rust memory.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        Self::from_mmap(ptr, len, true)
+    }
+
+    fn from_mmap(ptr: *mut libc::c_void, len: usize, writable: bool) -> io::Result<Self> {
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr =
+            NonNull::new(ptr.cast()).ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))?;
+        Ok(Self {
+            ptr,
+            len,
+            writable,
+            owned: true,
+        })
+    }
+
+    /// Memory the caller already has mapped, for example guest RAM a VMM mapped itself.
+    ///
+    /// # Safety
+    /// `[ptr, ptr+len)` must be mapped readable (and writable if `writable`) for as long as the
+    /// returned value and every clone of an `Arc` holding it live, and must not be memory that
+    /// Rust code holds references into.
+    pub unsafe fn from_raw(ptr: NonNull<u8>, len: usize, writable: bool) -> Self {
+        Self {
+            ptr,
+            len,
+            writable,
+            owned: false,
+        }
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the range is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether the host mapping allows writes.
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The host address of byte `offset`; for handing to code that needs a pointer (a KVM
+    /// memslot, an `mmap` peer). Using the pointer is the caller's `unsafe`.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    fn check(&self, offset: usize, len: usize) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "[{offset:#x}, +{len:#x}) is outside host memory of {:#x} bytes",
+                    self.len
+                ),
+            )),
+        }
+    }
+
+    /// Copies `buf.len()` bytes from `offset` into `buf`.
+    pub fn read(&self, offset: usize, buf: &mut [u8]) -> io::Result<()> {
+        self.check(offset, buf.len())?;
+        // SAFETY: the source range is inside the mapping (checked) and stays mapped while `self`
+        // lives; `buf` is a distinct Rust buffer, so the ranges do not overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        Ok(())
+    }
+
+    /// Copies `data` to `offset`.
+    pub fn write(&self, offset: usize, data: &[u8]) -> io::Result<()> {
+        self.check(offset, data.len())?;
+        if !self.writable {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        // SAFETY: the destination range is inside a writable mapping (checked) that stays mapped
+        // while `self` lives, and no Rust reference points into it; `data` cannot overlap it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(offset), data.len())
+        };
+        Ok(())
+    }
+}
+
+impl Drop for HostMemory {
+    fn drop(&mut self) {
+        if self.owned && self.len != 0 {
+            // SAFETY: the range was returned by our own `mmap` of exactly this length and is no
+            // longer reachable once `self` is dropped.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        }
+    }
+}
+
+/// Creates a memfd of `size` bytes (sparse: pages are allocated on first touch), the way guest
+/// RAM is shared between a VMM and device servers.
+pub fn memfd(name: &str, size: u64) -> io::Result<OwnedFd> {
+    let name =
+        std::ffi::CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let size =
+        libc::off_t::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: plain syscall on a valid fd.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// The size of the file behind `fd` if it is a regular file (a memfd is), `None` for other kinds.
+pub fn regular_file_size(fd: BorrowedFd<'_>) -> io::Result<Option<u64>> {
+    let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: `stat` is a valid out-buffer of the right type; the fd is borrowed and valid.
+    if unsafe { libc::fstat(fd.as_raw_fd(), stat.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fstat succeeded, so it initialized the buffer.
+    let stat = unsafe { stat.assume_init() };
+    Ok(((stat.st_mode & libc::S_IFMT) == libc::S_IFREG).then_some(stat.st_size as u64))
+}
