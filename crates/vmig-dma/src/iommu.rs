@@ -269,31 +269,8 @@ pub struct PinnedSegment {
 }
 
 impl PinnedSegment {
-    /// IOVA of the first byte.
-    pub fn iova(&self) -> u64 {
-        self.iova
-    }
-    /// Length in bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    /// Whether the segment is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    /// Host address of the first byte.
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.memory.as_ptr().wrapping_add(self.offset)
-    }
-    /// Copies from the segment at `offset` into `buf`.
-    pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
-        self.as_slice().read_at(offset, buf)
-    }
-    /// Copies `data` into the segment at `offset`.
-    pub fn write_at(&self, offset: usize, data: &[u8]) -> Result<()> {
-        self.as_slice().write_at(offset, data)
-    }
-    fn as_slice(&self) -> HostSlice<'_> {
+    /// The pinned memory, for reading and writing it.
+    pub fn slice(&self) -> HostSlice<'_> {
         HostSlice {
             memory: &self.memory,
             offset: self.offset,
@@ -507,10 +484,11 @@ impl Iommu {
         self.lock_read().tracking
     }
 
-    fn check_aligned(&self, what: &str, value: u64) -> Result<()> {
+    /// Refuses `value` (the `field` of a `what` request) unless it is page aligned.
+    fn check_aligned(&self, what: &str, field: &str, value: u64) -> Result<()> {
         if value & (self.min_page - 1) != 0 {
             return invalid!(
-                "{what} {value:#x} is not a multiple of the minimum page size {:#x}",
+                "{what} {field} {value:#x} is not a multiple of the minimum page size {:#x}",
                 self.min_page
             );
         }
@@ -523,8 +501,8 @@ impl Iommu {
         if size == 0 {
             return invalid!("{what} size is 0");
         }
-        self.check_aligned(&format!("{what} iova"), iova)?;
-        self.check_aligned(&format!("{what} size"), size)?;
+        self.check_aligned(what, "iova", iova)?;
+        self.check_aligned(what, "size", size)?;
         checked_last(iova, size).map_or_else(
             || {
                 invalid!(
@@ -562,7 +540,7 @@ impl Iommu {
             Backing::Fd { fd, offset } => (*offset, Some(*fd)),
             Backing::Memory { offset, .. } => (*offset, None),
         };
-        self.check_aligned("backing offset", backing_offset)?;
+        self.check_aligned("map", "backing offset", backing_offset)?;
         if !self
             .config
             .iova_ranges
@@ -590,10 +568,16 @@ impl Iommu {
         self.check_insertable(&self.lock_read(), iova, last)?;
         let (memory, offset) = match backing {
             Backing::Fd { fd, offset } => {
-                let memory = HostMemory::map_fd(fd, offset, size, prot.contains(Prot::WRITE))
-                    .map_err(|e| {
+                let writable = prot.contains(Prot::WRITE);
+                let memory = HostMemory::map_fd(fd, offset, size, writable).map_err(|e| {
+                    if writable && e.raw_os_error() == Some(libc::EACCES) {
+                        DmaError::Perm(format!(
+                            "a writable mapping at iova {iova:#x} needs an fd open for writing"
+                        ))
+                    } else {
                         DmaError::os(format!("mmap of the backing fd for iova {iova:#x}"), e)
-                    })?;
+                    }
+                })?;
                 (Arc::new(memory), 0)
             }
             Backing::Memory { memory, offset } => {
@@ -853,9 +837,9 @@ impl Iommu {
         // the last reference: a page is either still pinned here or its bit is set.
         let pins = m.pins();
         let result = if all_dirty {
+            // Every page is reported; what the bitmap held is consumed all the same.
             if mode == DirtyRead::Clear {
-                let mut scratch = vec![0u64; words_for(pages) as usize];
-                let _ = bitmap.harvest_range_into(0, pages, &mut scratch, 0);
+                let _ = bitmap.clear_range(0, pages);
             }
             set_bits(out, out_bit, pages);
             Ok(())
@@ -1022,7 +1006,7 @@ impl Iommu {
         if prot.bits() & Prot::READ_WRITE.bits() == 0 {
             return invalid!("a pin needs READ or WRITE access, got neither");
         }
-        self.check_aligned("pin iova", iova)?;
+        self.check_aligned("pin", "iova", iova)?;
         let size = npages << self.page_shift;
         let last = checked_last(iova, size).map_or_else(
             || invalid!("pin [{iova:#x}, +{size:#x}) wraps past the end of the IOVA space"),
@@ -1119,7 +1103,7 @@ impl Iommu {
     /// pinned are skipped (no underflow). A page whose last reference goes is reported dirty
     /// once more.
     pub fn unpin_pages(&self, group: GroupId, iova: u64, npages: u64) -> Result<()> {
-        self.check_aligned("unpin iova", iova)?;
+        self.check_aligned("unpin", "iova", iova)?;
         if npages == 0 || npages > PIN_PAGES_MAX {
             return invalid!("unpin of {npages} pages: expected 1 to {PIN_PAGES_MAX}");
         }

@@ -5,9 +5,9 @@
 //! through `uapi::UserBuffers`, and every refusal is checked by its errno.
 //!
 //! References:
-//! - `seed000` = `/work/shared/reference/seed000-vfio-migration-kabi.md` (§1 uAPI, §3 semantics,
+//! - `seed000` = `shared/reference/seed000-vfio-migration-kabi.md` (§1 uAPI, §3 semantics,
 //!   §5 the numbered test list);
-//! - `kernel` = `/work/shared/reference/kernel-vfio-type1-observed.md` (what Linux 6.1 answered;
+//! - `kernel` = `shared/reference/kernel-vfio-type1-observed.md` (what Linux 6.1 answered;
 //!   its errnos are ground truth, except the stale-bits quirk vmig-dma deliberately lacks).
 
 use std::mem::{offset_of, size_of};
