@@ -6,7 +6,7 @@
 //!
 //! What it provides:
 //! - [`DirtyBitmap`]: set / test / clear of a page or a range, [`DirtyBitmap::count`],
-//!   read-and-clear ([`DirtyBitmap::harvest`], [`DirtyBitmap::harvest_runs`],
+//!   read-and-clear ([`DirtyBitmap::harvest`], [`DirtyBitmap::harvest_each_run`],
 //!   [`DirtyBitmap::harvest_range_into`]) that never loses a bit set concurrently, and iteration
 //!   over runs of dirty pages `(first_page, n_pages)`.
 //! - OR-merge of a foreign bitmap ([`DirtyBitmap::merge_words`]) in the format of KVM's
@@ -15,6 +15,10 @@
 //!   "unaligned iova shift" of the VFIO type1 thread), and export of any page range in that same
 //!   format ([`DirtyBitmap::export_range_into`]).
 //! - Conversion between page sizes ([`DirtyBitmap::to_coarser`], [`DirtyBitmap::to_finer`]).
+//! - For a caller that owns a bitmap outright (`&mut`, no concurrent marking), the same harvest
+//!   and merge with plain loads and stores ([`DirtyBitmap::harvest_each_run_exclusive`],
+//!   [`DirtyBitmap::merge_words_exclusive`]): the migration engine's own accumulator merges
+//!   KVM's and the IOMMU's bitmaps at memory speed this way.
 //!
 //! What it leaves to others: where the bits come from (KVM, the IOMMU, devices) and what a page
 //! number means (guest-physical or IOVA). There is no I/O and no `unsafe` here.

@@ -321,3 +321,19 @@ fn concurrent_marking_during_harvest_never_loses_a_bit() {
         }
     }
 }
+
+#[test]
+fn snapshot_from_foreign_words_drops_bits_past_its_pages() {
+    let snap = DirtySnapshot::from_words(vec![u64::MAX, u64::MAX, 7], 70).unwrap();
+    assert_eq!(snap.words(), &[u64::MAX, 0x3f]);
+    assert_eq!(snap.count(), 70);
+    assert!(snap.test(69) && !snap.test(70) && !snap.test(u64::MAX));
+    assert_eq!(snap.collect_runs(), vec![(0, 70)]);
+    assert_eq!(snap.to_le_bytes().len(), 16);
+    assert!(DirtySnapshot::from_words(vec![1], 65).is_err());
+    let mut bitmap = DirtyBitmap::new(70);
+    bitmap.merge_words(0, snap.words(), 70).unwrap();
+    assert_eq!(bitmap.count(), 70);
+    bitmap.clear_all();
+    assert!(bitmap.is_clean());
+}
