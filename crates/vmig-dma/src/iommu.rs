@@ -149,7 +149,9 @@ pub enum GroupKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct GroupId(u64);
 
-/// Called with `(iova, size)` when an unmap needs the group to unpin pages in that range.
+/// Called with `(iova, size)` when an unmap needs the group to unpin pages in that range. It
+/// must unpin them before it returns (as a vendor driver's unmap notifier does): the unmap asks
+/// a few times and then fails with `EBUSY` rather than wait forever.
 pub type UnmapNotifier = Arc<dyn Fn(u64, u64) + Send + Sync>;
 
 /// Whether a dirty-bitmap read clears what it reports.
