@@ -18,7 +18,10 @@ pub struct HostMemory {
 }
 
 // SAFETY: `HostMemory` is a plain address range; all access goes through methods that copy with
-// raw pointers, which is sound from any thread (concurrent DMA to guest memory is by design).
+// raw pointers and never create Rust references into it. The memory is shared with other
+// parties by design (the guest, the VMM process, other device threads), so bytes copied while
+// someone else writes them may mix old and new data, exactly as DMA on real hardware; callers
+// that need ordering get it from the IOMMU's locks and the dirty bitmap's Release/Acquire.
 unsafe impl Send for HostMemory {}
 // SAFETY: as above; no method hands out references into the memory.
 unsafe impl Sync for HostMemory {}

@@ -26,6 +26,9 @@ pub const DIRTY_BITMAP_SIZE_MAX: u64 = bitmap_bytes(DIRTY_BITMAP_PAGES_MAX);
 pub const DEFAULT_DMA_ENTRY_LIMIT: u32 = u16::MAX as u32;
 /// Most pages one pin call may take (`VFIO_PIN_PAGES_MAX_ENTRIES`).
 pub const PIN_PAGES_MAX: u64 = 512;
+/// Largest minimum page size (1 TiB): page counts of any IOVA range then fit in 64 bits with
+/// room to shift.
+const MAX_PAGE_SHIFT: u32 = 40;
 /// How many times unmap asks the owners of pinned pages to unpin before giving up with `EBUSY`.
 const UNMAP_NOTIFY_ATTEMPTS: u32 = 8;
 
@@ -149,10 +152,11 @@ pub enum GroupKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct GroupId(u64);
 
-/// Called with `(iova, size)` when an unmap needs the group to unpin pages in that range. It
-/// must unpin them before it returns (as a vendor driver's unmap notifier does): the unmap asks
-/// a few times and then fails with `EBUSY` rather than wait forever.
-pub type UnmapNotifier = Arc<dyn Fn(u64, u64) + Send + Sync>;
+/// Called with the range an unmap covers (inclusive, so an unmap of everything is
+/// `[0, u64::MAX]`) when pages in it are pinned. It must unpin the group's pages in that range
+/// before it returns (as a vendor driver's unmap notifier does): the unmap asks a few times and
+/// then fails with `EBUSY` rather than wait forever.
+pub type UnmapNotifier = Arc<dyn Fn(IovaRange) + Send + Sync>;
 
 /// Whether a dirty-bitmap read clears what it reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,8 +264,9 @@ impl HostSlice<'_> {
     }
 }
 
-/// Pinned pages: host memory that stays valid until [`Iommu::unpin_pages`], and is reported
-/// dirty on every bitmap read while pinned.
+/// Pinned pages: host memory that is reported dirty on every bitmap read while pinned, and once
+/// more after [`Iommu::unpin_pages`]. The memory itself stays mapped as long as a segment
+/// lives, but writes made through it after the unpin are not tracked: unpin only when done.
 #[derive(Debug, Clone)]
 pub struct PinnedSegment {
     memory: Arc<HostMemory>,
@@ -398,10 +403,11 @@ impl Iommu {
             return invalid!("pgsize_bitmap is 0: at least one page size is required");
         }
         let page_shift = config.pgsize_bitmap.trailing_zeros();
-        if page_shift < 12 {
+        if !(12..=MAX_PAGE_SHIFT).contains(&page_shift) {
             return invalid!(
-                "minimum page size {:#x} is below the 4 KiB host page",
-                1u64 << page_shift
+                "minimum page size {:#x}: expected 4 KiB to {:#x}",
+                1u64 << page_shift,
+                1u64 << MAX_PAGE_SHIFT
             );
         }
         if config.iova_ranges.iter().any(|r| r.last < r.start) {
@@ -726,7 +732,7 @@ impl Iommu {
                 break;
             }
             for notify in notifiers {
-                notify(iova, last - iova + 1);
+                notify(IovaRange { start: iova, last });
             }
         }
         Err(DmaError::Busy(format!(
@@ -1074,6 +1080,13 @@ impl Iommu {
 
     fn pin_in_mapping(&self, m: &Mapping, first_page: u64, count: u64) -> Result<()> {
         let mut pins = m.pins();
+        if (first_page..first_page + count).any(|p| pins.get(&p) == Some(&u32::MAX)) {
+            return Err(DmaError::TooBig(format!(
+                "a page at iova {:#x} is already pinned {} times",
+                m.iova + (first_page << self.page_shift),
+                u32::MAX
+            )));
+        }
         let new_pages = (first_page..first_page + count)
             .filter(|p| !pins.contains_key(p))
             .count() as u64;
@@ -1254,8 +1267,10 @@ impl Iommu {
 
     /// Runs `f` with the host memory of `[iova, iova+len)`, checked for `access`. The mappings
     /// cannot go away while `f` runs (unmap waits), so the slices are valid throughout. When
-    /// `access` includes WRITE the range is marked dirty after `f` returns. Do not call other
-    /// methods of this IOMMU that map or unmap from inside `f`.
+    /// `access` includes WRITE the range is marked dirty after `f` returns.
+    ///
+    /// `f` must not call this IOMMU at all: the table's read lock is held while it runs, and a
+    /// second read lock waits behind any map or unmap queued meanwhile, which waits for `f`.
     pub fn with_host_slices<R>(
         &self,
         iova: u64,

@@ -487,9 +487,9 @@ fn unmap_of_pinned_pages_asks_the_group_to_unpin_first() {
     iommu
         .set_unmap_notifier(
             group,
-            Arc::new(move |iova, size| {
+            Arc::new(move |range: IovaRange| {
                 let iommu = weak.upgrade().unwrap();
-                for page in (iova..iova + (size - 1)).step_by(PG as usize).take(8) {
+                for page in (range.start..=range.last).step_by(PG as usize).take(8) {
                     iommu.unpin_pages(group, page, 1).unwrap();
                 }
             }),
@@ -511,7 +511,7 @@ fn unmap_of_pinned_pages_whose_owner_never_unpins_is_ebusy_and_bounded() {
     iommu
         .set_unmap_notifier(
             group,
-            Arc::new(move |_, _| {
+            Arc::new(move |_| {
                 counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }),
         )
@@ -923,7 +923,7 @@ fn unmap_with_bitmap_of_pinned_pages_reports_them_after_the_notifier_unpins() {
     iommu
         .set_unmap_notifier(
             group,
-            Arc::new(move |_, _| {
+            Arc::new(move |_| {
                 weak.upgrade()
                     .unwrap()
                     .unpin_pages(group, 2 * PG, 1)
@@ -1184,4 +1184,40 @@ fn device_writes_through_pinned_pages_are_reported_while_pinned() {
     iommu.unpin_pages(group, 0x10000 + 2 * PG, 2).unwrap();
     assert_eq!(bits(&get(&iommu, 0x10000, 8)), [2, 3]);
     assert_eq!(get(&iommu, 0x10000, 8), [0]);
+}
+
+#[test]
+fn unmap_all_of_pinned_pages_notifies_the_whole_space_without_overflow() {
+    // seed 003: never a 64-bit size for the whole space; the notifier gets [0, u64::MAX]
+    let iommu = Arc::new(iommu());
+    map(&iommu, 0, 4);
+    map(&iommu, u64::MAX - PG + 1, 1);
+    let group = iommu.attach_group(GroupKind::Mediated, 1);
+    iommu
+        .pin_pages(group, u64::MAX - PG + 1, 1, Prot::READ)
+        .unwrap();
+    let weak = Arc::downgrade(&iommu);
+    iommu
+        .set_unmap_notifier(
+            group,
+            Arc::new(move |range: IovaRange| {
+                assert_eq!((range.start, range.last), (0, u64::MAX));
+                let iommu = weak.upgrade().unwrap();
+                iommu.unpin_pages(group, u64::MAX - PG + 1, 1).unwrap();
+            }),
+        )
+        .unwrap();
+    assert_eq!(iommu.unmap(0, 0, UnmapScope::All).unwrap(), 5 * PG);
+    assert_eq!(iommu.locked_pages(), 0);
+}
+
+#[test]
+fn page_sizes_outside_4k_to_1t_are_refused() {
+    for pgsize_bitmap in [0, 0x800, 1 << 41] {
+        let r = Iommu::new(IommuConfig {
+            pgsize_bitmap,
+            ..Default::default()
+        });
+        assert_eq!(errno(r), libc::EINVAL, "{pgsize_bitmap:#x}");
+    }
 }

@@ -255,10 +255,10 @@ fn unpinning_notifier(
     calls: Arc<AtomicUsize>,
 ) -> UnmapNotifier {
     let weak = Arc::downgrade(iommu);
-    Arc::new(move |iova: u64, size: u64| {
+    Arc::new(move |range: IovaRange| {
         calls.fetch_add(1, Ordering::SeqCst);
         let Some(iommu) = weak.upgrade() else { return };
-        unpin_range(&iommu, group, iova, size);
+        unpin_range(&iommu, group, range.start, range.last - range.start + 1);
     })
 }
 
@@ -1187,9 +1187,9 @@ fn unmap_bitmap_reports_a_pin_that_races_with_the_unmap() {
     iommu
         .set_unmap_notifier(
             group,
-            Arc::new(move |iova: u64, size: u64| {
+            Arc::new(move |range: IovaRange| {
                 let Some(iommu) = weak.upgrade() else { return };
-                unpin_range(&iommu, group, iova, size);
+                unpin_range(&iommu, group, range.start, range.last - range.start + 1);
                 if !raced_in.swap(true, Ordering::SeqCst) {
                     iommu
                         .pin_pages(group, 0x10_4000, 1, Prot::READ_WRITE)
