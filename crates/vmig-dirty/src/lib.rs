@@ -267,17 +267,8 @@ impl DirtyBitmap {
         }
     }
 
-    /// Reads and clears one word; skips the atomic exchange when the word is already clean.
-    #[inline]
-    fn take_word(word: &AtomicU64) -> u64 {
-        if word.load(Ordering::Relaxed) == 0 {
-            0
-        } else {
-            word.swap(0, Ordering::AcqRel)
-        }
-    }
-
-    /// Reads and clears the bits of `mask` in one word.
+    /// Reads and clears the bits of `mask` in one word; skips the atomic read-modify-write
+    /// when none of them is set.
     #[inline]
     fn take_masked(word: &AtomicU64, mask: u64) -> u64 {
         if word.load(Ordering::Relaxed) & mask == 0 {
@@ -293,7 +284,11 @@ impl DirtyBitmap {
     /// in the snapshot or still set afterwards, never lost.
     pub fn harvest(&self) -> DirtySnapshot {
         DirtySnapshot {
-            words: self.words.iter().map(Self::take_word).collect(),
+            words: self
+                .words
+                .iter()
+                .map(|w| Self::take_masked(w, u64::MAX))
+                .collect(),
             pages: self.pages,
         }
     }
