@@ -1,0 +1,54 @@
+//! The crate's error type: every refusal says what was wrong and what was expected.
+
+use std::io;
+
+/// Errors of the KVM layer.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    /// `/dev/kvm` could not be opened.
+    #[error(
+        "cannot open /dev/kvm: {0} (vmig needs KVM: load the kvm module and make /dev/kvm readable and writable)"
+    )]
+    NoKvm(io::Error),
+    /// A KVM ioctl failed.
+    #[error("{call} failed: {source}")]
+    Ioctl {
+        /// The call, e.g. `KVM_GET_DIRTY_LOG(slot 2)`.
+        call: String,
+        /// The errno KVM returned.
+        source: io::Error,
+    },
+    /// This kernel lacks a capability the request needs.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A capability or setup step was asked for in the wrong order.
+    #[error("{0}")]
+    Order(String),
+    /// A configuration value is out of range or malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// A snapshot file is malformed, truncated or corrupted.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+    /// The guest stopped in a way it never should (triple fault, internal error, unhandled exit).
+    #[error("guest failed: {0}")]
+    Guest(String),
+    /// The operation did not complete in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// Other I/O (files, memfds, mappings).
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Result with [`KvmError`].
+pub type Result<T, E = KvmError> = std::result::Result<T, E>;
+
+/// Wraps a failed ioctl with the call's name.
+pub(crate) fn ioctl_error(call: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
+    let call = call.into();
+    move |e| KvmError::Ioctl {
+        call,
+        source: io::Error::from_raw_os_error(e.errno()),
+    }
+}

@@ -1,0 +1,549 @@
+//! Building a VM in the order KVM requires, and the running VM.
+//!
+//! ```text
+//!  KVM_CREATE_VM, KVM_CREATE_IRQCHIP
+//!    └─ [ring]              KVM_ENABLE_CAP(DIRTY_LOG_RING_ACQ_REL | DIRTY_LOG_RING)   before any vCPU
+//!        └─ [ring+bitmap]   KVM_ENABLE_CAP(DIRTY_LOG_RING_WITH_BITMAP)               before any memslot
+//!    └─ [clear-log]         KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2, ENABLE|INITIALLY_SET)
+//!  memslots (KVM_SET_USER_MEMORY_REGION)
+//!  vCPUs (KVM_CREATE_VCPU, CPUID, ring mmap), threads parked
+//! ```
+//!
+//! [`VmBuilder`] exposes the steps so an embedder can drive them, and refuses a step taken out of
+//! order with an error that names the order; [`Vm::new`] takes them in order.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MAX_CPUID_ENTRIES,
+    KVM_MP_STATE_RUNNABLE, kvm_enable_cap, kvm_mp_state,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+
+use crate::dirty::{CpuDirtyLog, DirtyLogMode};
+use crate::error::{KvmError, Result, ioctl_error};
+use crate::guest::{self, GuestLayout, GuestProgram, MAX_VCPUS, Workload};
+use crate::memory::GuestMemory;
+use crate::ports::{GuestPorts, VerifyReport};
+use crate::sys::{self, DirtyRing};
+use crate::vcpu::{MIGRATED_MSRS, VcpuHandle, VcpuState, restore_state, save_state};
+
+const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: u32 = 168;
+const KVM_CAP_DIRTY_LOG_RING: u32 = 192;
+const KVM_CAP_XSAVE2: u32 = 208;
+const KVM_CAP_DIRTY_LOG_RING_ACQ_REL: u32 = 223;
+const KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP: u32 = 225;
+const DIRTY_GFN_BYTES: u32 = 16;
+/// KVM keeps this many ring entries in reserve (`KVM_DIRTY_RING_RSVD_ENTRIES`).
+const RING_RESERVED_ENTRIES: u32 = 64;
+/// Default dirty-ring entries per vCPU (1 MiB of ring): roomy, because the reaper and the
+/// ring-full exit are all that keep a fast writer from filling it.
+pub const DEFAULT_RING_ENTRIES: u32 = 65536;
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything that defines a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    /// Guest RAM in bytes.
+    pub ram: u64,
+    /// vCPUs (1 to 8).
+    pub vcpus: usize,
+    /// What the guest runs.
+    pub workload: Workload,
+    /// CPU dirty tracking mode.
+    pub dirty_log: DirtyLogMode,
+    /// Dirty-ring entries per vCPU (ring modes).
+    pub ring_entries: u32,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            ram: 512 << 20,
+            vcpus: 1,
+            workload: Workload::default(),
+            dirty_log: DirtyLogMode::Ring,
+            ring_entries: DEFAULT_RING_ENTRIES,
+        }
+    }
+}
+
+/// The steps of VM creation, checked for order.
+pub struct VmBuilder {
+    kvm: Kvm,
+    vm: VmFd,
+    ring_bytes: Option<u32>,
+    ring_with_bitmap: bool,
+    manual_protect: bool,
+    memory: Option<Arc<GuestMemory>>,
+    vcpus: Vec<VcpuFd>,
+    rings: Vec<DirtyRing>,
+}
+
+impl VmBuilder {
+    /// Opens `/dev/kvm`, creates a VM and its in-kernel irqchip.
+    pub fn new() -> Result<Self> {
+        let kvm = Kvm::new().map_err(|e| KvmError::NoKvm(std::io::Error::from_raw_os_error(e.errno())))?;
+        let xsave2 = kvm.check_extension_raw(KVM_CAP_XSAVE2.into());
+        if xsave2 > 4096 {
+            return Err(KvmError::Unsupported(format!(
+                "this CPU's XSAVE area is {xsave2} bytes; vmig saves the 4096-byte KVM_GET_XSAVE layout"
+            )));
+        }
+        let vm = kvm.create_vm().map_err(ioctl_error("KVM_CREATE_VM"))?;
+        vm.create_irq_chip().map_err(ioctl_error("KVM_CREATE_IRQCHIP"))?;
+        Ok(Self {
+            kvm,
+            vm,
+            ring_bytes: None,
+            ring_with_bitmap: false,
+            manual_protect: false,
+            memory: None,
+            vcpus: Vec::new(),
+            rings: Vec::new(),
+        })
+    }
+
+    /// Whether this kernel offers `cap` (a `KVM_CAP_*` number) on this VM; returns its value.
+    pub fn check_extension(&self, cap: u32) -> i32 {
+        self.vm.check_extension_raw(cap.into())
+    }
+
+    /// Enables per-vCPU dirty rings of `entries` entries (a power of two): with
+    /// `KVM_CAP_DIRTY_LOG_RING_ACQ_REL` where offered, else `KVM_CAP_DIRTY_LOG_RING`. Must come
+    /// after VM creation and before any vCPU.
+    pub fn enable_dirty_ring(&mut self, entries: u32) -> Result<()> {
+        if !self.vcpus.is_empty() {
+            return Err(KvmError::Order(format!(
+                "KVM_CAP_DIRTY_LOG_RING must be enabled after KVM_CREATE_VM and before the first vCPU; this VM already has {} vCPU(s)",
+                self.vcpus.len()
+            )));
+        }
+        if self.ring_bytes.is_some() {
+            return Err(KvmError::Order("the dirty ring is already enabled; KVM enables it once per VM".into()));
+        }
+        if self.manual_protect {
+            return Err(KvmError::Order(
+                "the dirty ring and manual dirty-log protect (clear-log) exclude each other: INITIALLY_SET assumes pages that are not write-protected"
+                    .into(),
+            ));
+        }
+        let (cap, name) = if self.check_extension(KVM_CAP_DIRTY_LOG_RING_ACQ_REL) > 0 {
+            (KVM_CAP_DIRTY_LOG_RING_ACQ_REL, "KVM_CAP_DIRTY_LOG_RING_ACQ_REL")
+        } else {
+            (KVM_CAP_DIRTY_LOG_RING, "KVM_CAP_DIRTY_LOG_RING")
+        };
+        let max_bytes = self.check_extension(cap);
+        if max_bytes <= 0 {
+            return Err(KvmError::Unsupported(
+                "this kernel offers neither KVM_CAP_DIRTY_LOG_RING_ACQ_REL nor KVM_CAP_DIRTY_LOG_RING; use --dirty-log bitmap or clear-log".into(),
+            ));
+        }
+        let max_entries = max_bytes as u32 / DIRTY_GFN_BYTES;
+        let min_entries = (4096 / DIRTY_GFN_BYTES).max(2 * RING_RESERVED_ENTRIES);
+        if !entries.is_power_of_two() || !(min_entries..=max_entries).contains(&entries) {
+            return Err(KvmError::Invalid(format!(
+                "{entries} dirty-ring entries: expected a power of two from {min_entries} to {max_entries}"
+            )));
+        }
+        let bytes = entries * DIRTY_GFN_BYTES;
+        let arg = kvm_enable_cap {
+            cap,
+            args: [u64::from(bytes), 0, 0, 0],
+            ..Default::default()
+        };
+        self.vm
+            .enable_cap(&arg)
+            .map_err(ioctl_error(format!("KVM_ENABLE_CAP({name}, {bytes} bytes)")))?;
+        self.ring_bytes = Some(bytes);
+        Ok(())
+    }
+
+    /// Enables `KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP`: after the ring, before any memslot.
+    pub fn enable_dirty_ring_with_bitmap(&mut self) -> Result<()> {
+        if self.ring_bytes.is_none() {
+            return Err(KvmError::Order(
+                "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP can only be enabled after KVM_CAP_DIRTY_LOG_RING_ACQ_REL".into(),
+            ));
+        }
+        if self.memory.is_some() {
+            return Err(KvmError::Order(
+                "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP must be enabled before the first memslot (seed 004: a slot created earlier has no bitmap)".into(),
+            ));
+        }
+        if self.check_extension(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP) <= 0 {
+            return Err(KvmError::Unsupported(
+                "this kernel does not offer KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP (it is arm64's, for writes made without a running vCPU); use --dirty-log ring".into(),
+            ));
+        }
+        let arg = kvm_enable_cap {
+            cap: KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
+            ..Default::default()
+        };
+        self.vm
+            .enable_cap(&arg)
+            .map_err(ioctl_error("KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)"))?;
+        self.ring_with_bitmap = true;
+        Ok(())
+    }
+
+    /// Enables `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` with `INITIALLY_SET`: before any memslot, and
+    /// not with the dirty ring.
+    pub fn enable_manual_protect(&mut self) -> Result<()> {
+        if self.ring_bytes.is_some() {
+            return Err(KvmError::Order(
+                "manual dirty-log protect (clear-log) cannot be combined with the dirty ring".into(),
+            ));
+        }
+        if self.memory.is_some() {
+            return Err(KvmError::Order(
+                "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 must be enabled before the first memslot".into(),
+            ));
+        }
+        let offered = self.check_extension(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2);
+        let wanted = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET;
+        if offered < 0 || (offered as u32) & wanted != wanted {
+            return Err(KvmError::Unsupported(
+                "this kernel does not offer KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with INITIALLY_SET; use --dirty-log bitmap".into(),
+            ));
+        }
+        let arg = kvm_enable_cap {
+            cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+            args: [u64::from(wanted), 0, 0, 0],
+            ..Default::default()
+        };
+        self.vm
+            .enable_cap(&arg)
+            .map_err(ioctl_error("KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)"))?;
+        self.manual_protect = true;
+        Ok(())
+    }
+
+    /// Registers every slot of `memory` (dirty logging off until tracking starts).
+    pub fn add_memory(&mut self, memory: GuestMemory) -> Result<Arc<GuestMemory>> {
+        if self.memory.is_some() {
+            return Err(KvmError::Order("guest memory is already registered".into()));
+        }
+        for slot in memory.slots() {
+            sys::set_memory_slot(&self.vm, slot.layout.id, 0, slot.layout.gpa, slot.host())
+                .map_err(|source| KvmError::Ioctl {
+                    call: format!(
+                        "KVM_SET_USER_MEMORY_REGION(slot {} at {:#x}, {} bytes)",
+                        slot.layout.id, slot.layout.gpa, slot.layout.size
+                    ),
+                    source,
+                })?;
+        }
+        let memory = Arc::new(memory);
+        self.memory = Some(Arc::clone(&memory));
+        Ok(memory)
+    }
+
+    /// Creates `count` vCPUs with the host's supported CPUID, and maps their rings.
+    pub fn create_vcpus(&mut self, count: usize) -> Result<()> {
+        if self.memory.is_none() {
+            return Err(KvmError::Order("register guest memory before creating vCPUs".into()));
+        }
+        if !(1..=MAX_VCPUS).contains(&(self.vcpus.len() + count)) {
+            return Err(KvmError::Invalid(format!("{count} vCPUs: expected 1 to {MAX_VCPUS}")));
+        }
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl_error("KVM_GET_SUPPORTED_CPUID"))?;
+        for _ in 0..count {
+            let index = self.vcpus.len();
+            let fd = self
+                .vm
+                .create_vcpu(index as u64)
+                .map_err(ioctl_error(format!("KVM_CREATE_VCPU({index})")))?;
+            let mut cpuid = cpuid.clone();
+            for entry in cpuid.as_mut_slice() {
+                if entry.function == 1 {
+                    // Initial APIC id in EBX[31:24].
+                    entry.ebx = (entry.ebx & 0x00ff_ffff) | ((index as u32) << 24);
+                }
+            }
+            fd.set_cpuid2(&cpuid).map_err(ioctl_error(format!("KVM_SET_CPUID2 (vCPU {index})")))?;
+            if let Some(bytes) = self.ring_bytes {
+                self.rings.push(DirtyRing::map(&fd, bytes).map_err(|source| KvmError::Ioctl {
+                    call: format!("mmap of the dirty ring of vCPU {index}"),
+                    source,
+                })?);
+            }
+            self.vcpus.push(fd);
+        }
+        Ok(())
+    }
+
+    fn msrs_to_migrate(&self) -> Result<Vec<u32>> {
+        let listed = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(ioctl_error("KVM_GET_MSR_INDEX_LIST"))?;
+        Ok(MIGRATED_MSRS
+            .into_iter()
+            .filter(|m| listed.as_slice().contains(m))
+            .collect())
+    }
+}
+
+/// A running (or paused) VM with the self-checking guest.
+pub struct Vm {
+    vcpus: Vec<VcpuHandle>,
+    dirty: Arc<CpuDirtyLog>,
+    ports: Arc<GuestPorts>,
+    memory: Arc<GuestMemory>,
+    config: VmConfig,
+    layout: GuestLayout,
+    msrs: Vec<u32>,
+    paused: std::sync::Mutex<bool>,
+    _vm: Arc<VmFd>,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl Vm {
+    /// Creates the VM of `config` with the guest program installed, paused before its first
+    /// instruction.
+    pub fn new(config: &VmConfig) -> Result<Self> {
+        Self::create(config, |vm, memory, layout| {
+            let program = GuestProgram::new(layout, &config.workload, config.vcpus)?;
+            program.install(memory)?;
+            for (index, handle) in vm.vcpus.iter().enumerate() {
+                handle.with_fd(|fd| {
+                    let base = fd.get_sregs().map_err(ioctl_error("KVM_GET_SREGS"))?;
+                    fd.set_sregs(&program.boot_sregs(&base))
+                        .map_err(ioctl_error("KVM_SET_SREGS"))?;
+                    fd.set_regs(&program.boot_regs(index))
+                        .map_err(ioctl_error("KVM_SET_REGS"))?;
+                    // Application processors would otherwise wait for INIT/SIPI.
+                    fd.set_mp_state(kvm_mp_state {
+                        mp_state: KVM_MP_STATE_RUNNABLE,
+                    })
+                    .map_err(ioctl_error("KVM_SET_MP_STATE"))
+                })?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Creates the VM of `config` and loads `memory_loader`'s contents and `vcpus`' state into it:
+    /// the guest continues where it stopped. It starts paused.
+    pub fn restore(
+        config: &VmConfig,
+        vcpus: &[VcpuState],
+        memory_loader: impl FnOnce(&GuestMemory) -> Result<()>,
+    ) -> Result<Self> {
+        if vcpus.len() != config.vcpus {
+            return Err(KvmError::Snapshot(format!(
+                "{} vCPU states for a VM of {} vCPUs",
+                vcpus.len(),
+                config.vcpus
+            )));
+        }
+        Self::create(config, |vm, memory, _| {
+            memory_loader(memory)?;
+            for (handle, state) in vm.vcpus.iter().zip(vcpus) {
+                handle.with_fd(|fd| restore_state(fd, handle.index, state))?;
+            }
+            Ok(())
+        })
+    }
+
+    fn create(
+        config: &VmConfig,
+        load: impl FnOnce(&Vm, &GuestMemory, &GuestLayout) -> Result<()>,
+    ) -> Result<Self> {
+        if !(1..=MAX_VCPUS).contains(&config.vcpus) {
+            return Err(KvmError::Invalid(format!(
+                "{} vCPUs: expected 1 to {MAX_VCPUS}",
+                config.vcpus
+            )));
+        }
+        let layout = GuestLayout::new(config.ram, &config.workload)?;
+        let mut builder = VmBuilder::new()?;
+        match config.dirty_log {
+            DirtyLogMode::Bitmap => {}
+            DirtyLogMode::ClearLog => builder.enable_manual_protect()?,
+            DirtyLogMode::Ring => builder.enable_dirty_ring(config.ring_entries)?,
+            DirtyLogMode::RingWithBitmap => {
+                builder.enable_dirty_ring(config.ring_entries)?;
+                builder.enable_dirty_ring_with_bitmap()?;
+            }
+        }
+        let memory = builder.add_memory(GuestMemory::new(&layout.memory)?)?;
+        builder.create_vcpus(config.vcpus)?;
+        let msrs = builder.msrs_to_migrate()?;
+        let VmBuilder { vm, vcpus, rings, .. } = builder;
+        let vm = Arc::new(vm);
+        let dirty = Arc::new(CpuDirtyLog::new(
+            config.dirty_log,
+            Arc::clone(&vm),
+            Arc::clone(&memory),
+            rings,
+        )?);
+        let ports = Arc::new(GuestPorts::new(config.vcpus, config.workload.rate));
+        let mut handles = Vec::with_capacity(vcpus.len());
+        for (index, fd) in vcpus.into_iter().enumerate() {
+            handles.push(VcpuHandle::spawn(
+                index,
+                fd,
+                Arc::clone(&ports) as _,
+                Arc::clone(&dirty),
+            )?);
+        }
+        let vm = Vm {
+            vcpus: handles,
+            dirty,
+            ports,
+            memory: Arc::clone(&memory),
+            config: config.clone(),
+            layout: layout.clone(),
+            msrs,
+            paused: std::sync::Mutex::new(true),
+            _vm: vm,
+        };
+        load(&vm, &memory, &layout)?;
+        Ok(vm)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Where the guest's memory and working set are.
+    pub fn layout(&self) -> &GuestLayout {
+        &self.layout
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
+    /// CPU dirty tracking.
+    pub fn dirty_log(&self) -> &Arc<CpuDirtyLog> {
+        &self.dirty
+    }
+
+    /// Lets every vCPU run.
+    pub fn resume(&self) -> Result<()> {
+        self.check_vcpus()?;
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        for vcpu in &self.vcpus {
+            vcpu.resume();
+        }
+        *paused = false;
+        Ok(())
+    }
+
+    /// Stops every vCPU; returns once every one has left `KVM_RUN` and completed any pending
+    /// port or MMIO access, so its state can be saved and no guest write is in flight.
+    pub fn pause(&self) -> Result<()> {
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        for vcpu in &self.vcpus {
+            vcpu.request_pause()?;
+        }
+        for vcpu in &self.vcpus {
+            vcpu.wait_parked(PAUSE_TIMEOUT)?;
+        }
+        *paused = true;
+        Ok(())
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        *self.paused.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An error if a vCPU stopped on its own (triple fault, unexpected exit, failed handler).
+    pub fn check_vcpus(&self) -> Result<()> {
+        match self.vcpus.iter().find_map(VcpuHandle::failure) {
+            Some(why) => Err(KvmError::Guest(why)),
+            None => Ok(()),
+        }
+    }
+
+    /// Pages the guest says it wrote, summed over vCPUs.
+    pub fn guest_writes(&self) -> Result<u64> {
+        (0..self.config.vcpus)
+            .map(|v| guest::read_counters(&self.memory, v).map(|c| c.writes))
+            .sum()
+    }
+
+    /// Exits handled by all vCPU threads so far, and how many of them were pacing requests.
+    pub fn exit_counts(&self) -> (u64, u64) {
+        (self.vcpus.iter().map(VcpuHandle::exits).sum(), self.ports.pace_exits())
+    }
+
+    /// Sets the epoch the guest stamps from its next write on.
+    pub fn set_epoch(&self, epoch: u64) -> Result<()> {
+        guest::set_epoch(&self.memory, epoch)
+    }
+
+    /// Changes the guest's write rate (pages per second for the whole VM; `None`: unlimited).
+    /// Only a guest built with a rate paces itself: one built unlimited never asks.
+    pub fn set_rate(&self, rate: Option<u64>) -> Result<()> {
+        if self.config.workload.rate.is_none() && rate.is_some() {
+            return Err(KvmError::Invalid(
+                "this guest was built without a rate and never asks to be paced; start it with rate=N".into(),
+            ));
+        }
+        self.ports.set_rate(rate);
+        Ok(())
+    }
+
+    /// The current write rate.
+    pub fn rate(&self) -> Option<u64> {
+        self.ports.rate()
+    }
+
+    /// Has the running guest check every working-set page against its journal; returns what
+    /// it found. The VM must be running.
+    pub fn verify(&self, timeout: Duration) -> Result<VerifyReport> {
+        if self.is_paused() {
+            return Err(KvmError::Order("verify runs in the guest: resume the VM first".into()));
+        }
+        self.ports.begin_verify();
+        guest::post_verify(&self.memory)?;
+        let (bad_count, bad_pages) = self
+            .ports
+            .wait_verify(Instant::now() + timeout, || self.vcpus.iter().find_map(VcpuHandle::failure))?;
+        Ok(VerifyReport {
+            pages_checked: self.layout.ws_pages,
+            bad_count,
+            bad_pages,
+        })
+    }
+
+    /// Saves every vCPU's state; the VM must be paused.
+    pub fn save_vcpus(&self) -> Result<Vec<VcpuState>> {
+        self.vcpus
+            .iter()
+            .map(|v| v.with_fd(|fd| save_state(fd, v.index, &self.msrs)))
+            .collect()
+    }
+
+    /// Runs `f` on vCPU `index`'s fd while the VM is paused (for tests and diagnostics).
+    pub fn with_vcpu<T>(&self, index: usize, f: impl FnOnce(&VcpuFd) -> Result<T>) -> Result<T> {
+        self.vcpus
+            .get(index)
+            .ok_or_else(|| KvmError::Invalid(format!("no vCPU {index}")))?
+            .with_fd(f)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // Join the vCPU threads before the VM fd and the memory they use go away.
+        self.vcpus.clear();
+    }
+}
