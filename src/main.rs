@@ -1,10 +1,15 @@
 //! `vmig`: the command line of the vmig live-migration engine.
 //!
-//! The commands that run VMs, serve devices and migrate (`run`, `device serve`, `migrate`,
-//! `ctl`, `demo`, `bench`) arrive with the crates that implement them; today the binary
-//! describes itself and the libraries it is built from.
+//! `vmig run` starts a VM on `/dev/kvm` with a self-checking guest workload and CPU dirty
+//! tracking, prints once a second what the guest wrote and what the tracker reported, and ends
+//! with the guest's own verify. The commands that serve devices and migrate (`device serve`,
+//! `migrate`, `ctl`, `demo`, `bench`) arrive with the crates that implement them.
 
-use clap::Parser;
+mod run;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
 
 /// Live migration of KVM virtual machines with VFIO and vfio-user devices.
 ///
@@ -13,14 +18,26 @@ use clap::Parser;
 /// and the pages devices dirty are tracked by the IOMMU side and merged with KVM's.
 #[derive(Debug, Parser)]
 #[command(name = "vmig", version, about, long_about)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let Cli {} = Cli::parse();
-    println!(
-        "vmig {}: no command yet. The libraries vmig-dirty (dirty bitmaps) and vmig-dma (a userspace\n\
-         VFIO type1 IOMMU with dirty tracking) are ready to embed; `vmig --help` lists the commands\n\
-         as they arrive.",
-        env!("CARGO_PKG_VERSION")
-    );
+#[derive(Debug, Subcommand)]
+enum Command {
+    Run(run::RunArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("vmig: error: {message}");
+            ExitCode::from(2)
+        }
+    }
 }

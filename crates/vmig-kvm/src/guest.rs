@@ -397,7 +397,8 @@ impl GuestProgram {
                 (hot_total / self.vcpus as u64).max(1)
             };
             let block = vcpu_block_gpa(vcpu);
-            let seed = splitmix(self.workload.seed ^ (vcpu as u64 + 1).wrapping_mul(CHECKSUM_K)) | 1;
+            let seed =
+                splitmix(self.workload.seed ^ (vcpu as u64 + 1).wrapping_mul(CHECKSUM_K)) | 1;
             for (offset, value) in [
                 (VB_RANGE_LO, range_lo),
                 (VB_RANGE_PAGES, range_pages.max(1)),
@@ -415,7 +416,8 @@ impl GuestProgram {
     }
 
     fn install_page_tables(&self, memory: &GuestMemory) -> Result<()> {
-        let mut tables = PageTables::new(self.layout.page_tables_gpa, self.layout.page_tables_pages);
+        let mut tables =
+            PageTables::new(self.layout.page_tables_gpa, self.layout.page_tables_pages);
         let system = self.layout.memory.slots[0];
         tables.map(0, 0, system.size)?;
         let mut va = WS_VA;
@@ -782,7 +784,9 @@ impl PageTables {
             return Ok(((entry & !0xfff) - self.base) as usize / PAGE_SIZE as usize);
         }
         if self.pages.len() as u64 >= self.capacity {
-            return Err(KvmError::Invalid("guest page tables do not fit their area".into()));
+            return Err(KvmError::Invalid(
+                "guest page tables do not fit their area".into(),
+            ));
         }
         self.pages.push([0; 512]);
         let child = self.pages.len() - 1;
@@ -797,7 +801,8 @@ impl PageTables {
             let pdpt = self.child(0, (va >> 39) as usize & 511)?;
             let pd = self.child(pdpt, (va >> 30) as usize & 511)?;
             let pd_index = (va >> 21) as usize & 511;
-            if va % HUGE_PAGE == 0 && pa % HUGE_PAGE == 0 && end - va >= HUGE_PAGE {
+            if va.is_multiple_of(HUGE_PAGE) && pa.is_multiple_of(HUGE_PAGE) && end - va >= HUGE_PAGE
+            {
                 self.pages[pd][pd_index] = pa | PTE_PRESENT_RW | PTE_HUGE;
                 va += HUGE_PAGE;
                 pa += HUGE_PAGE;
@@ -818,7 +823,9 @@ mod tests {
 
     #[test]
     fn workload_specs_parse_and_bad_ones_say_what_is_expected() {
-        let w: Workload = "hotcold,rate=1000,wss=64M,hot=4M,shared,seed=9".parse().unwrap();
+        let w: Workload = "hotcold,rate=1000,wss=64M,hot=4M,shared,seed=9"
+            .parse()
+            .unwrap();
         assert_eq!(w.kind, WorkloadKind::HotCold);
         assert_eq!(w.rate, Some(1000));
         assert_eq!(w.wss, Some(64 << 20));
@@ -829,7 +836,10 @@ mod tests {
         for (spec, expected) in [
             ("zigzag", "expected sequential, random or hotcold"),
             ("random,rate=fast", "expected pages per second"),
-            ("random,wss=12Q", "expected a number with an optional K, M, G or T"),
+            (
+                "random,wss=12Q",
+                "expected a number with an optional K, M, G or T",
+            ),
             ("random,colour=red", "unknown workload option"),
             ("hotcold,hot-percent=100", "from 1 to 99"),
         ] {
@@ -875,7 +885,11 @@ mod tests {
             tables.map(va, slot.gpa, slot.size).unwrap();
             va += slot.size;
         }
-        assert!(tables.pages.len() < 100, "{} table pages", tables.pages.len());
+        assert!(
+            tables.pages.len() < 100,
+            "{} table pages",
+            tables.pages.len()
+        );
         assert!(program.assemble().unwrap().len() < 2048);
     }
 }

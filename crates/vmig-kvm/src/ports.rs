@@ -32,8 +32,8 @@ impl Pacer {
             let now = Instant::now();
             let (tokens, last) = *bucket;
             let burst = (rate * 0.02).max(pages as f64);
-            let tokens = (tokens + now.duration_since(last).as_secs_f64() * rate).min(burst)
-                - pages as f64;
+            let tokens =
+                (tokens + now.duration_since(last).as_secs_f64() * rate).min(burst) - pages as f64;
             *bucket = (tokens, now);
             if tokens < 0.0 { -tokens / rate } else { 0.0 }
         };

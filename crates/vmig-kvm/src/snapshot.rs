@@ -67,9 +67,15 @@ pub fn save(vm: &Vm, path: &Path) -> Result<()> {
                 run.extend_from_slice(&page);
             }
             if (!nonzero || run.len() >= 16 << 20) && !run.is_empty() {
-                let head = [run_gpa.to_le_bytes(), (run.len() as u64 / PAGE_SIZE).to_le_bytes()].concat();
+                let head = [
+                    run_gpa.to_le_bytes(),
+                    (run.len() as u64 / PAGE_SIZE).to_le_bytes(),
+                ]
+                .concat();
                 trailer.add(&head);
-                trailer.add(&run);
+                for page in run.chunks(PAGE_SIZE as usize) {
+                    trailer.add(page);
+                }
                 out.write_all(&head)?;
                 out.write_all(&run)?;
                 run.clear();
@@ -189,7 +195,13 @@ struct RunDigest(u64);
 
 impl RunDigest {
     fn add(&mut self, bytes: &[u8]) {
-        self.0 = page_digest(&[self.0.to_le_bytes().as_slice(), &page_digest(bytes).to_le_bytes()].concat());
+        self.0 = page_digest(
+            &[
+                self.0.to_le_bytes().as_slice(),
+                &page_digest(bytes).to_le_bytes(),
+            ]
+            .concat(),
+        );
     }
 
     fn finish(&self) -> u64 {

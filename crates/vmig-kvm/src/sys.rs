@@ -99,7 +99,8 @@ pub fn set_memory_slot(
     // SAFETY: the userspace range is a live mapping of exactly `memory_size` bytes that outlives
     // the slot (see above); it is shared memory that KVM and the guest may write at any time,
     // which `HostMemory` is built for (it never hands out references into it).
-    unsafe { vm.set_user_memory_region(region) }.map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))
 }
 
 /// `KVM_SET_XSAVE` with the legacy 4 KiB area. The VM builder refuses kernels whose XSAVE
@@ -147,7 +148,8 @@ impl DirtyRing {
             return Err(io::Error::last_os_error());
         }
         Ok(Self {
-            entries: NonNull::new(ptr.cast()).ok_or_else(|| io::Error::from(io::ErrorKind::Other))?,
+            entries: NonNull::new(ptr.cast())
+                .ok_or_else(|| io::Error::from(io::ErrorKind::Other))?,
             len: len as u32,
             fetch_index: 0,
         })
@@ -231,7 +233,9 @@ pub fn kick_signal() -> io::Result<libc::c_int> {
         unsafe { libc::sigemptyset(&mut action.sa_mask) };
         // SAFETY: installs a handler that only performs a volatile store (see `kick_handler`).
         if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
-            return Err(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL));
+            return Err(io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EINVAL));
         }
         Ok(signal)
     });
@@ -279,10 +283,21 @@ impl Drop for ArmedKick {
     }
 }
 
+/// Allocates every page of the file behind `fd` up to `len` bytes now (`fallocate`), so first
+/// touches later find the memory there; contents are unchanged.
+pub fn preallocate(fd: std::os::fd::BorrowedFd<'_>, len: u64) -> io::Result<()> {
+    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: a plain syscall on a borrowed, valid fd; it touches no memory of ours.
+    if unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// The `u64` at byte `offset` of `memory`, as an atomic shared with the guest. `offset` must be
 /// 8-byte aligned and inside the mapping; otherwise `None`.
 pub fn atomic_u64(memory: &HostMemory, offset: usize) -> Option<&AtomicU64> {
-    if offset % 8 != 0 || offset.checked_add(8)? > memory.len() {
+    if !offset.is_multiple_of(8) || offset.checked_add(8)? > memory.len() {
         return None;
     }
     // SAFETY: the word is inside the mapping (checked), aligned (checked, and mmap is

@@ -52,11 +52,15 @@ pub trait ExitHandler: Send + Sync {
     fn io_in(&self, ctx: &ExitContext<'_>, port: u16, data: &mut [u8]) -> Result<()>;
     /// A read of guest-physical `addr` where there is no RAM.
     fn mmio_read(&self, _ctx: &ExitContext<'_>, addr: u64, _data: &mut [u8]) -> Result<()> {
-        Err(KvmError::Guest(format!("read of {addr:#x}, which is neither RAM nor a device")))
+        Err(KvmError::Guest(format!(
+            "read of {addr:#x}, which is neither RAM nor a device"
+        )))
     }
     /// A write of guest-physical `addr` where there is no RAM.
     fn mmio_write(&self, _ctx: &ExitContext<'_>, addr: u64, _data: &[u8]) -> Result<()> {
-        Err(KvmError::Guest(format!("write of {addr:#x}, which is neither RAM nor a device")))
+        Err(KvmError::Guest(format!(
+            "write of {addr:#x}, which is neither RAM nor a device"
+        )))
     }
 }
 
@@ -110,9 +114,11 @@ pub(crate) fn save_state(fd: &VcpuFd, index: usize, msr_indices: &[u32]) -> Resu
             ..Default::default()
         })
         .collect();
-    let mut msrs = Msrs::from_entries(&entries)
-        .map_err(|e| KvmError::Invalid(format!("MSR list: {e:?}")))?;
-    let read = fd.get_msrs(&mut msrs).map_err(ioctl_error(what("KVM_GET_MSRS")))?;
+    let mut msrs =
+        Msrs::from_entries(&entries).map_err(|e| KvmError::Invalid(format!("MSR list: {e:?}")))?;
+    let read = fd
+        .get_msrs(&mut msrs)
+        .map_err(ioctl_error(what("KVM_GET_MSRS")))?;
     if read != entries.len() {
         return Err(KvmError::Unsupported(format!(
             "KVM_GET_MSRS read {read} of {} MSRs (stopped at {:#x})",
@@ -130,7 +136,9 @@ pub(crate) fn save_state(fd: &VcpuFd, index: usize, msr_indices: &[u32]) -> Resu
         events: fd
             .get_vcpu_events()
             .map_err(ioctl_error(what("KVM_GET_VCPU_EVENTS")))?,
-        mp_state: fd.get_mp_state().map_err(ioctl_error(what("KVM_GET_MP_STATE")))?,
+        mp_state: fd
+            .get_mp_state()
+            .map_err(ioctl_error(what("KVM_GET_MP_STATE")))?,
     })
 }
 
@@ -140,10 +148,13 @@ pub(crate) fn restore_state(fd: &VcpuFd, index: usize, state: &VcpuState) -> Res
     let what = |call: &str| format!("{call} (vCPU {index})");
     fd.set_mp_state(state.mp_state)
         .map_err(ioctl_error(what("KVM_SET_MP_STATE")))?;
-    fd.set_sregs(&state.sregs).map_err(ioctl_error(what("KVM_SET_SREGS")))?;
-    fd.set_regs(&state.regs).map_err(ioctl_error(what("KVM_SET_REGS")))?;
+    fd.set_sregs(&state.sregs)
+        .map_err(ioctl_error(what("KVM_SET_SREGS")))?;
+    fd.set_regs(&state.regs)
+        .map_err(ioctl_error(what("KVM_SET_REGS")))?;
     sys::set_xsave(fd, &state.xsave).map_err(ioctl_error(what("KVM_SET_XSAVE")))?;
-    fd.set_xcrs(&state.xcrs).map_err(ioctl_error(what("KVM_SET_XCRS")))?;
+    fd.set_xcrs(&state.xcrs)
+        .map_err(ioctl_error(what("KVM_SET_XCRS")))?;
     let entries: Vec<kvm_msr_entry> = state
         .msrs
         .iter()
@@ -153,16 +164,19 @@ pub(crate) fn restore_state(fd: &VcpuFd, index: usize, state: &VcpuState) -> Res
             ..Default::default()
         })
         .collect();
-    let msrs = Msrs::from_entries(&entries)
-        .map_err(|e| KvmError::Snapshot(format!("MSR list: {e:?}")))?;
-    let written = fd.set_msrs(&msrs).map_err(ioctl_error(what("KVM_SET_MSRS")))?;
+    let msrs =
+        Msrs::from_entries(&entries).map_err(|e| KvmError::Snapshot(format!("MSR list: {e:?}")))?;
+    let written = fd
+        .set_msrs(&msrs)
+        .map_err(ioctl_error(what("KVM_SET_MSRS")))?;
     if written != entries.len() {
         return Err(KvmError::Snapshot(format!(
             "KVM_SET_MSRS (vCPU {index}) refused MSR {:#x}",
             entries[written].index
         )));
     }
-    fd.set_lapic(&state.lapic).map_err(ioctl_error(what("KVM_SET_LAPIC")))?;
+    fd.set_lapic(&state.lapic)
+        .map_err(ioctl_error(what("KVM_SET_LAPIC")))?;
     fd.set_vcpu_events(&state.events)
         .map_err(ioctl_error(what("KVM_SET_VCPU_EVENTS")))?;
     Ok(())

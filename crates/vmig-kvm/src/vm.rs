@@ -64,7 +64,7 @@ impl Default for VmConfig {
             ram: 512 << 20,
             vcpus: 1,
             workload: Workload::default(),
-            dirty_log: DirtyLogMode::Ring,
+            dirty_log: DirtyLogMode::Bitmap,
             ring_entries: DEFAULT_RING_ENTRIES,
         }
     }
@@ -85,7 +85,8 @@ pub struct VmBuilder {
 impl VmBuilder {
     /// Opens `/dev/kvm`, creates a VM and its in-kernel irqchip.
     pub fn new() -> Result<Self> {
-        let kvm = Kvm::new().map_err(|e| KvmError::NoKvm(std::io::Error::from_raw_os_error(e.errno())))?;
+        let kvm = Kvm::new()
+            .map_err(|e| KvmError::NoKvm(std::io::Error::from_raw_os_error(e.errno())))?;
         let xsave2 = kvm.check_extension_raw(KVM_CAP_XSAVE2.into());
         if xsave2 > 4096 {
             return Err(KvmError::Unsupported(format!(
@@ -93,7 +94,8 @@ impl VmBuilder {
             )));
         }
         let vm = kvm.create_vm().map_err(ioctl_error("KVM_CREATE_VM"))?;
-        vm.create_irq_chip().map_err(ioctl_error("KVM_CREATE_IRQCHIP"))?;
+        vm.create_irq_chip()
+            .map_err(ioctl_error("KVM_CREATE_IRQCHIP"))?;
         Ok(Self {
             kvm,
             vm,
@@ -122,7 +124,9 @@ impl VmBuilder {
             )));
         }
         if self.ring_bytes.is_some() {
-            return Err(KvmError::Order("the dirty ring is already enabled; KVM enables it once per VM".into()));
+            return Err(KvmError::Order(
+                "the dirty ring is already enabled; KVM enables it once per VM".into(),
+            ));
         }
         if self.manual_protect {
             return Err(KvmError::Order(
@@ -131,7 +135,10 @@ impl VmBuilder {
             ));
         }
         let (cap, name) = if self.check_extension(KVM_CAP_DIRTY_LOG_RING_ACQ_REL) > 0 {
-            (KVM_CAP_DIRTY_LOG_RING_ACQ_REL, "KVM_CAP_DIRTY_LOG_RING_ACQ_REL")
+            (
+                KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+                "KVM_CAP_DIRTY_LOG_RING_ACQ_REL",
+            )
         } else {
             (KVM_CAP_DIRTY_LOG_RING, "KVM_CAP_DIRTY_LOG_RING")
         };
@@ -154,9 +161,9 @@ impl VmBuilder {
             args: [u64::from(bytes), 0, 0, 0],
             ..Default::default()
         };
-        self.vm
-            .enable_cap(&arg)
-            .map_err(ioctl_error(format!("KVM_ENABLE_CAP({name}, {bytes} bytes)")))?;
+        self.vm.enable_cap(&arg).map_err(ioctl_error(format!(
+            "KVM_ENABLE_CAP({name}, {bytes} bytes)"
+        )))?;
         self.ring_bytes = Some(bytes);
         Ok(())
     }
@@ -182,9 +189,9 @@ impl VmBuilder {
             cap: KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP,
             ..Default::default()
         };
-        self.vm
-            .enable_cap(&arg)
-            .map_err(ioctl_error("KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)"))?;
+        self.vm.enable_cap(&arg).map_err(ioctl_error(
+            "KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)",
+        ))?;
         self.ring_with_bitmap = true;
         Ok(())
     }
@@ -194,7 +201,8 @@ impl VmBuilder {
     pub fn enable_manual_protect(&mut self) -> Result<()> {
         if self.ring_bytes.is_some() {
             return Err(KvmError::Order(
-                "manual dirty-log protect (clear-log) cannot be combined with the dirty ring".into(),
+                "manual dirty-log protect (clear-log) cannot be combined with the dirty ring"
+                    .into(),
             ));
         }
         if self.memory.is_some() {
@@ -214,9 +222,9 @@ impl VmBuilder {
             args: [u64::from(wanted), 0, 0, 0],
             ..Default::default()
         };
-        self.vm
-            .enable_cap(&arg)
-            .map_err(ioctl_error("KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)"))?;
+        self.vm.enable_cap(&arg).map_err(ioctl_error(
+            "KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)",
+        ))?;
         self.manual_protect = true;
         Ok(())
     }
@@ -244,10 +252,14 @@ impl VmBuilder {
     /// Creates `count` vCPUs with the host's supported CPUID, and maps their rings.
     pub fn create_vcpus(&mut self, count: usize) -> Result<()> {
         if self.memory.is_none() {
-            return Err(KvmError::Order("register guest memory before creating vCPUs".into()));
+            return Err(KvmError::Order(
+                "register guest memory before creating vCPUs".into(),
+            ));
         }
         if !(1..=MAX_VCPUS).contains(&(self.vcpus.len() + count)) {
-            return Err(KvmError::Invalid(format!("{count} vCPUs: expected 1 to {MAX_VCPUS}")));
+            return Err(KvmError::Invalid(format!(
+                "{count} vCPUs: expected 1 to {MAX_VCPUS}"
+            )));
         }
         let cpuid = self
             .kvm
@@ -266,12 +278,15 @@ impl VmBuilder {
                     entry.ebx = (entry.ebx & 0x00ff_ffff) | ((index as u32) << 24);
                 }
             }
-            fd.set_cpuid2(&cpuid).map_err(ioctl_error(format!("KVM_SET_CPUID2 (vCPU {index})")))?;
+            fd.set_cpuid2(&cpuid)
+                .map_err(ioctl_error(format!("KVM_SET_CPUID2 (vCPU {index})")))?;
             if let Some(bytes) = self.ring_bytes {
-                self.rings.push(DirtyRing::map(&fd, bytes).map_err(|source| KvmError::Ioctl {
-                    call: format!("mmap of the dirty ring of vCPU {index}"),
-                    source,
-                })?);
+                self.rings.push(
+                    DirtyRing::map(&fd, bytes).map_err(|source| KvmError::Ioctl {
+                        call: format!("mmap of the dirty ring of vCPU {index}"),
+                        source,
+                    })?,
+                );
             }
             self.vcpus.push(fd);
         }
@@ -305,7 +320,9 @@ pub struct Vm {
 
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vm").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Vm")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -381,7 +398,9 @@ impl Vm {
         let memory = builder.add_memory(GuestMemory::new(&layout.memory)?)?;
         builder.create_vcpus(config.vcpus)?;
         let msrs = builder.msrs_to_migrate()?;
-        let VmBuilder { vm, vcpus, rings, .. } = builder;
+        let VmBuilder {
+            vm, vcpus, rings, ..
+        } = builder;
         let vm = Arc::new(vm);
         let dirty = Arc::new(CpuDirtyLog::new(
             config.dirty_log,
@@ -481,7 +500,10 @@ impl Vm {
 
     /// Exits handled by all vCPU threads so far, and how many of them were pacing requests.
     pub fn exit_counts(&self) -> (u64, u64) {
-        (self.vcpus.iter().map(VcpuHandle::exits).sum(), self.ports.pace_exits())
+        (
+            self.vcpus.iter().map(VcpuHandle::exits).sum(),
+            self.ports.pace_exits(),
+        )
     }
 
     /// Sets the epoch the guest stamps from its next write on.
@@ -510,13 +532,15 @@ impl Vm {
     /// it found. The VM must be running.
     pub fn verify(&self, timeout: Duration) -> Result<VerifyReport> {
         if self.is_paused() {
-            return Err(KvmError::Order("verify runs in the guest: resume the VM first".into()));
+            return Err(KvmError::Order(
+                "verify runs in the guest: resume the VM first".into(),
+            ));
         }
         self.ports.begin_verify();
         guest::post_verify(&self.memory)?;
-        let (bad_count, bad_pages) = self
-            .ports
-            .wait_verify(Instant::now() + timeout, || self.vcpus.iter().find_map(VcpuHandle::failure))?;
+        let (bad_count, bad_pages) = self.ports.wait_verify(Instant::now() + timeout, || {
+            self.vcpus.iter().find_map(VcpuHandle::failure)
+        })?;
         Ok(VerifyReport {
             pages_checked: self.layout.ws_pages,
             bad_count,

@@ -24,7 +24,11 @@ fn check_mode(mode: DirtyLogMode, vcpus: usize, workload: &str) {
     let report = dirty_log_method(&vm, 8, Duration::from_millis(120), 0x5eed + vcpus as u64);
     let stats = vm.dirty_log().stats();
     eprintln!("{mode} {workload} x{vcpus}: {report:?} {stats:?}");
-    assert!(report.lost.is_empty(), "lost dirty bits (iteration, page): {:?}", report.lost);
+    assert!(
+        report.lost.is_empty(),
+        "lost dirty bits (iteration, page): {:?}",
+        report.lost
+    );
     // The reference's ring tolerances, which a kick-pause brings to every mode: per vCPU, the
     // write in flight at this pause ("dirty_ring_last_page" holding an older value) and the
     // previous pause's in-flight write retiring now with the epoch it had loaded
@@ -36,7 +40,11 @@ fn check_mode(mode: DirtyLogMode, vcpus: usize, workload: &str) {
             iteration + 1
         );
     }
-    assert!(report.writes >= 8 * 256, "the guest wrote {} pages", report.writes);
+    assert!(
+        report.writes >= 8 * 256,
+        "the guest wrote {} pages",
+        report.writes
+    );
     assert_eq!(stats.ring_overflows, 0);
 }
 
@@ -61,7 +69,11 @@ fn ring_mode_reports_every_page_written() {
 #[test]
 fn shared_working_set_with_four_vcpus_loses_nothing_in_any_mode() {
     require_kvm!();
-    for mode in [DirtyLogMode::Bitmap, DirtyLogMode::ClearLog, DirtyLogMode::Ring] {
+    for mode in [
+        DirtyLogMode::Bitmap,
+        DirtyLogMode::ClearLog,
+        DirtyLogMode::Ring,
+    ] {
         check_mode(mode, 4, "hotcold,shared");
     }
 }
@@ -91,7 +103,11 @@ fn ring_full_exit_harvests_and_reenters_without_losing_a_page() {
 #[test]
 fn every_workload_kind_passes_its_own_verify() {
     require_kvm!();
-    for (workload, vcpus) in [("sequential", 2), ("random,shared", 3), ("hotcold,hot=1M", 2)] {
+    for (workload, vcpus) in [
+        ("sequential", 2),
+        ("random,shared", 3),
+        ("hotcold,hot=1M", 2),
+    ] {
         let vm = Vm::new(&config(DirtyLogMode::Bitmap, vcpus, workload)).unwrap();
         vm.resume().unwrap();
         std::thread::sleep(Duration::from_millis(200));
@@ -139,7 +155,10 @@ fn the_guest_is_paced_to_its_rate() {
     let elapsed = start.elapsed().as_secs_f64();
     let writes = vm.guest_writes().unwrap() as f64;
     // The bucket lets through the rate plus a 20 ms burst and one batch per vCPU.
-    assert!(writes <= 2000.0 * elapsed + 40.0 + 2.0 * 10.0, "{writes} writes in {elapsed:.3} s");
+    assert!(
+        writes <= 2000.0 * elapsed + 40.0 + 2.0 * 10.0,
+        "{writes} writes in {elapsed:.3} s"
+    );
     assert!(writes > 0.0);
     let (_, pace_exits) = vm.exit_counts();
     assert!(pace_exits > 0);
@@ -151,7 +170,10 @@ fn ring_with_bitmap_is_refused_naming_the_capability() {
     let err = Vm::new(&config(DirtyLogMode::RingWithBitmap, 1, "random")).unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, KvmError::Unsupported(_)), "{err:?}");
-    assert!(text.contains("KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP"), "{text}");
+    assert!(
+        text.contains("KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP"),
+        "{text}"
+    );
 }
 
 fn small_memory() -> vmig_kvm::GuestMemory {
@@ -177,12 +199,18 @@ fn capabilities_in_the_wrong_order_are_refused_with_the_required_order() {
     order(b.enable_dirty_ring(4096), "before the first vCPU");
     // WITH_BITMAP before the ring.
     let mut b = VmBuilder::new().unwrap();
-    order(b.enable_dirty_ring_with_bitmap(), "after KVM_CAP_DIRTY_LOG_RING_ACQ_REL");
+    order(
+        b.enable_dirty_ring_with_bitmap(),
+        "after KVM_CAP_DIRTY_LOG_RING_ACQ_REL",
+    );
     // WITH_BITMAP after a memslot.
     let mut b = VmBuilder::new().unwrap();
     b.enable_dirty_ring(4096).unwrap();
     b.add_memory(small_memory()).unwrap();
-    order(b.enable_dirty_ring_with_bitmap(), "before the first memslot");
+    order(
+        b.enable_dirty_ring_with_bitmap(),
+        "before the first memslot",
+    );
     // Ring twice.
     let mut b = VmBuilder::new().unwrap();
     b.enable_dirty_ring(4096).unwrap();
@@ -190,7 +218,10 @@ fn capabilities_in_the_wrong_order_are_refused_with_the_required_order() {
     // Manual protect with the ring, both ways round.
     let mut b = VmBuilder::new().unwrap();
     b.enable_dirty_ring(4096).unwrap();
-    order(b.enable_manual_protect(), "cannot be combined with the dirty ring");
+    order(
+        b.enable_manual_protect(),
+        "cannot be combined with the dirty ring",
+    );
     let mut b = VmBuilder::new().unwrap();
     b.enable_manual_protect().unwrap();
     order(b.enable_dirty_ring(4096), "exclude each other");
@@ -199,7 +230,10 @@ fn capabilities_in_the_wrong_order_are_refused_with_the_required_order() {
     b.add_memory(small_memory()).unwrap();
     order(b.enable_manual_protect(), "before the first memslot");
     let mut b = VmBuilder::new().unwrap();
-    order(b.create_vcpus(1), "register guest memory before creating vCPUs");
+    order(
+        b.create_vcpus(1),
+        "register guest memory before creating vCPUs",
+    );
 }
 
 /// seeds001-004 digest F1/F2: ring sizes that are not a power of two, below a page, or above
@@ -211,7 +245,10 @@ fn bad_ring_sizes_are_refused_with_the_accepted_range() {
         let mut b = VmBuilder::new().unwrap();
         let err = b.enable_dirty_ring(entries).unwrap_err();
         assert!(matches!(err, KvmError::Invalid(_)), "{entries}: {err:?}");
-        assert!(err.to_string().contains("power of two from 256 to"), "{err}");
+        assert!(
+            err.to_string().contains("power of two from 256 to"),
+            "{err}"
+        );
     }
 }
 
@@ -220,10 +257,19 @@ fn harvesting_before_start_or_into_a_short_bitmap_is_refused() {
     require_kvm!();
     let vm = Vm::new(&config(DirtyLogMode::Bitmap, 1, "random")).unwrap();
     let top = vm.memory().layout().top_page();
-    let err = vm.dirty_log().harvest(&vmig_dirty::DirtyBitmap::new(top)).unwrap_err();
-    assert!(err.to_string().contains("start CPU dirty tracking first"), "{err}");
+    let err = vm
+        .dirty_log()
+        .harvest(&vmig_dirty::DirtyBitmap::new(top))
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("start CPU dirty tracking first"),
+        "{err}"
+    );
     vm.dirty_log().start().unwrap();
-    let err = vm.dirty_log().harvest(&vmig_dirty::DirtyBitmap::new(top - 1)).unwrap_err();
+    let err = vm
+        .dirty_log()
+        .harvest(&vmig_dirty::DirtyBitmap::new(top - 1))
+        .unwrap_err();
     assert!(err.to_string().contains("cannot hold"), "{err}");
     vm.dirty_log().stop().unwrap();
     vm.dirty_log().start().unwrap();
@@ -256,7 +302,10 @@ fn the_address_space_reaches_past_64_gib_and_the_top_slot_is_tracked() {
             }
         }
     });
-    assert!(in_top_slot > 1000, "{in_top_slot} pages reported in the top slot");
+    assert!(
+        in_top_slot > 1000,
+        "{in_top_slot} pages reported in the top slot"
+    );
     // Every page the guest journaled is consistent (checked on the host: the guest's own
     // verify would scan all 16 million pages).
     let memory = vm.memory();

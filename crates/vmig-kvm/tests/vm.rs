@@ -29,7 +29,11 @@ fn pause_returns_only_when_every_vcpu_has_stopped() {
         vm.pause().unwrap();
         let before = vm.guest_writes().unwrap();
         std::thread::sleep(Duration::from_millis(30));
-        assert_eq!(vm.guest_writes().unwrap(), before, "round {round}: a vCPU ran while paused");
+        assert_eq!(
+            vm.guest_writes().unwrap(),
+            before,
+            "round {round}: a vCPU ran while paused"
+        );
     }
     vm.check_vcpus().unwrap();
     // vCPU state is only reachable while paused.
@@ -68,7 +72,12 @@ fn verify_finds_torn_lost_and_scribbled_pages() {
     let old = Stamp::read(memory, &layout, lost).unwrap();
     let tag = old.tag - 1;
     memory.store_u64(gpa(lost) + 16, tag).unwrap();
-    memory.store_u64(gpa(lost) + 24, Stamp::expected_checksum(old.head, old.epoch, tag)).unwrap();
+    memory
+        .store_u64(
+            gpa(lost) + 24,
+            Stamp::expected_checksum(old.head, old.epoch, tag),
+        )
+        .unwrap();
     memory.store_u64(gpa(lost) + 4088, tag).unwrap();
     // Scribbled: a byte in the head.
     memory.write(gpa(scribbled) + 3, &[0xff]).unwrap();
@@ -106,7 +115,9 @@ fn vcpu_state_and_memory_survive_a_restore_into_a_fresh_vm() {
         let mut page = vec![0u8; 4096];
         for slot in source.memory().slots() {
             for i in 0..slot.layout.pages() {
-                source.memory().read(slot.layout.gpa + i * 4096, &mut page)?;
+                source
+                    .memory()
+                    .read(slot.layout.gpa + i * 4096, &mut page)?;
                 if page.iter().any(|&b| b != 0) {
                     into.write(slot.layout.gpa + i * 4096, &page)?;
                 }
@@ -130,7 +141,10 @@ fn vcpu_state_and_memory_survive_a_restore_into_a_fresh_vm() {
     std::thread::sleep(Duration::from_millis(100));
     let report = target.verify(Duration::from_secs(30)).unwrap();
     assert!(report.passed(), "{report:?}");
-    assert!(target.guest_writes().unwrap() > writes, "the restored guest kept writing");
+    assert!(
+        target.guest_writes().unwrap() > writes,
+        "the restored guest kept writing"
+    );
 }
 
 #[test]
@@ -139,16 +153,38 @@ fn a_restore_with_the_wrong_number_of_vcpu_states_is_refused() {
     let vm = Vm::new(&config(1, "random")).unwrap();
     let states = vm.save_vcpus().unwrap();
     let err = Vm::restore(&config(2, "random"), &states, |_| Ok(())).unwrap_err();
-    assert!(err.to_string().contains("1 vCPU states for a VM of 2 vCPUs"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("1 vCPU states for a VM of 2 vCPUs"),
+        "{err}"
+    );
 }
 
 #[test]
 fn bad_configurations_are_refused_with_what_is_expected() {
     require_kvm!();
     for (cfg, expected) in [
-        (VmConfig { vcpus: 0, ..config(1, "random") }, "expected 1 to 8"),
-        (VmConfig { vcpus: 9, ..config(1, "random") }, "expected 1 to 8"),
-        (VmConfig { ram: 8 << 20, ..config(1, "random") }, "from 16 MiB to 256 GiB"),
+        (
+            VmConfig {
+                vcpus: 0,
+                ..config(1, "random")
+            },
+            "expected 1 to 8",
+        ),
+        (
+            VmConfig {
+                vcpus: 9,
+                ..config(1, "random")
+            },
+            "expected 1 to 8",
+        ),
+        (
+            VmConfig {
+                ram: 8 << 20,
+                ..config(1, "random")
+            },
+            "from 16 MiB to 256 GiB",
+        ),
         (config(1, "random,wss=1G"), "the data RAM of this VM"),
     ] {
         let err = Vm::new(&cfg).unwrap_err();

@@ -1,0 +1,215 @@
+//! `vmig run` as a user runs it: a guest saved by one process continues in another, and every
+//! bad input ends with one clear line and a non-zero exit.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn vmig(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vmig"))
+        .args(args)
+        .output()
+        .expect("vmig runs")
+}
+
+fn kvm_missing() -> bool {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => false,
+        Err(e) => {
+            eprintln!("skipped: this test needs KVM (/dev/kvm: {e})");
+            true
+        }
+    }
+}
+
+fn line_after<'a>(stdout: &'a str, prefix: &str) -> &'a str {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}` line in:\n{stdout}"));
+    line.split_once(": ").unwrap().1
+}
+
+/// "A guest stopped in one process continues in a fresh VM in another process at exactly the
+/// same instruction, with identical memory, and its self-check passes."
+#[test]
+fn a_guest_saved_by_one_process_continues_in_another() {
+    if kvm_missing() {
+        return;
+    }
+    let dir = tempdir();
+    let snap = dir.join("guest.vmig");
+    let snap = snap.to_str().unwrap();
+    let save = vmig(&[
+        "run",
+        "--mem",
+        "32M",
+        "--vcpus",
+        "3",
+        "--workload",
+        "hotcold,shared",
+        "--dirty-log",
+        "ring",
+        "--duration",
+        "1",
+        "--save",
+        snap,
+    ]);
+    let out = String::from_utf8_lossy(&save.stdout).into_owned();
+    assert!(
+        save.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&save.stderr)
+    );
+    let saved = line_after(&out, "saved ");
+    for mode in ["bitmap", "clear-log", "ring"] {
+        let restore = vmig(&[
+            "run",
+            "--restore",
+            snap,
+            "--duration",
+            "1",
+            "--dirty-log",
+            mode,
+        ]);
+        let out = String::from_utf8_lossy(&restore.stdout).into_owned();
+        assert!(
+            restore.status.success(),
+            "{out}\n{}",
+            String::from_utf8_lossy(&restore.stderr)
+        );
+        assert_eq!(
+            line_after(&out, "restored "),
+            saved,
+            "same instructions, same memory"
+        );
+        assert!(out.contains("verify: passed"), "{out}");
+    }
+}
+
+#[test]
+fn bad_inputs_end_with_one_clear_line_and_a_nonzero_exit() {
+    if kvm_missing() {
+        return;
+    }
+    let dir = tempdir();
+    let garbage = dir.join("garbage.vmig");
+    std::fs::write(&garbage, b"this is not a snapshot at all").unwrap();
+    let truncated = dir.join("truncated.vmig");
+    let corrupted = dir.join("corrupted.vmig");
+    let good = dir.join("good.vmig");
+    let made = vmig(&[
+        "run",
+        "--mem",
+        "16M",
+        "--duration",
+        "0.2",
+        "--save",
+        good.to_str().unwrap(),
+    ]);
+    assert!(made.status.success());
+    let bytes = std::fs::read(&good).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() - 5000]).unwrap();
+    let mut flipped = bytes.clone();
+    let at = bytes.len() - 3000;
+    flipped[at] ^= 0x40;
+    std::fs::write(&corrupted, &flipped).unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--mem", "12Q"],
+            "expected a number with an optional K, M, G or T suffix",
+        ),
+        (vec!["--mem", "8M"], "from 16 MiB to 256 GiB"),
+        (
+            vec!["--workload", "zigzag"],
+            "expected sequential, random or hotcold",
+        ),
+        (
+            vec!["--workload", "random,rate=fast"],
+            "expected pages per second",
+        ),
+        (
+            vec!["--workload", "random,wss=1G", "--mem", "64M"],
+            "the data RAM of this VM",
+        ),
+        (
+            vec!["--dirty-log", "fancy"],
+            "expected bitmap, clear-log, ring or ring-with-bitmap",
+        ),
+        (
+            vec!["--dirty-log", "ring-with-bitmap"],
+            "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP",
+        ),
+        (vec!["--ring-entries", "1000"], "power of two"),
+        (vec!["--vcpus", "9"], "expected 1 to 8"),
+        (vec!["--duration", "-1"], "expected a number of seconds"),
+        (
+            vec!["--restore", "/nonexistent/guest.vmig"],
+            "cannot open /nonexistent/guest.vmig",
+        ),
+        (
+            vec!["--restore", garbage.to_str().unwrap()],
+            "is not a vmig snapshot",
+        ),
+        (vec!["--restore", truncated.to_str().unwrap()], "truncated"),
+        (vec!["--restore", corrupted.to_str().unwrap()], "corrupted"),
+    ];
+    for (args, expected) in cases {
+        let mut full = vec!["run"];
+        full.extend(&args);
+        if !args.contains(&"--duration") {
+            full.extend(["--duration", "0"]);
+        }
+        let out = vmig(&full);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{args:?}: more than one line:\n{stderr}"
+        );
+        assert!(stderr.starts_with("vmig: error: "), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: expected `{expected}` in: {stderr}"
+        );
+    }
+}
+
+/// With `/dev/kvm` hidden (a private mount namespace with an empty `/dev`), `vmig run` says what
+/// it needs in one line.
+#[test]
+fn a_missing_dev_kvm_is_one_clear_line() {
+    let probe = Command::new("unshare").args(["-m", "true"]).output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: cannot create a mount namespace (unshare -m) to hide /dev/kvm");
+        return;
+    }
+    let script = format!(
+        "mount -t tmpfs none /dev && exec {} run --duration 0",
+        env!("CARGO_BIN_EXE_vmig")
+    );
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("cannot open /dev/kvm"), "{stderr}");
+}
+
+fn tempdir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "vmig-run-cli-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    assert!(Path::new(&dir).is_dir());
+    dir
+}
