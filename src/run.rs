@@ -29,9 +29,9 @@ pub struct RunArgs {
     /// bitmap is the default).
     #[arg(long, value_name = "MODE", default_value = "bitmap")]
     dirty_log: String,
-    /// Dirty-ring entries per vCPU (ring modes).
-    #[arg(long, value_name = "N", default_value_t = vmig_kvm::DEFAULT_RING_ENTRIES)]
-    ring_entries: u32,
+    /// Dirty-ring entries per vCPU, a power of two (ring modes; default 65536).
+    #[arg(long, value_name = "N")]
+    ring_entries: Option<u32>,
     /// Seconds to run before the verify.
     #[arg(
         long,
@@ -63,6 +63,11 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
             )
         })?;
     let mode: DirtyLogMode = args.dirty_log.parse().map_err(text)?;
+    if args.ring_entries.is_some() && !mode.uses_ring() {
+        return Err(format!(
+            "--ring-entries only applies to --dirty-log ring or ring-with-bitmap, not {mode}"
+        ));
+    }
     let vm = match &args.restore {
         Some(path) => {
             let vm = snapshot::restore(path, Some(mode)).map_err(text)?;
@@ -80,7 +85,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
                 vcpus: args.vcpus,
                 workload,
                 dirty_log: mode,
-                ring_entries: args.ring_entries,
+                ring_entries: args.ring_entries.unwrap_or(vmig_kvm::DEFAULT_RING_ENTRIES),
             })
             .map_err(text)?
         }

@@ -143,7 +143,14 @@ fn bad_inputs_end_with_one_clear_line_and_a_nonzero_exit() {
             vec!["--dirty-log", "ring-with-bitmap"],
             "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP",
         ),
-        (vec!["--ring-entries", "1000"], "power of two"),
+        (
+            vec!["--dirty-log", "ring", "--ring-entries", "1000"],
+            "power of two",
+        ),
+        (
+            vec!["--ring-entries", "4096"],
+            "only applies to --dirty-log ring",
+        ),
         (vec!["--vcpus", "9"], "expected 1 to 8"),
         (vec!["--duration", "-1"], "expected a number of seconds"),
         (

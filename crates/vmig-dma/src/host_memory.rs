@@ -171,12 +171,14 @@ impl Drop for HostMemory {
 }
 
 /// Creates a memfd of `size` bytes (sparse: pages are allocated on first touch), the way guest
-/// RAM is shared between a VMM and device servers.
+/// RAM is shared between a VMM and device servers. It is sealed against shrinking and growing,
+/// so a peer that maps it can trust its length (a shrunk file would turn DMA into `SIGBUS`).
 pub fn memfd(name: &str, size: u64) -> io::Result<OwnedFd> {
     let name =
         std::ffi::CString::new(name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd =
+        unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -186,6 +188,11 @@ pub fn memfd(name: &str, size: u64) -> io::Result<OwnedFd> {
         libc::off_t::try_from(size).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     // SAFETY: plain syscall on a valid fd.
     if unsafe { libc::ftruncate(fd.as_raw_fd(), size) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: plain fcntl on a valid fd we own.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(fd)
@@ -201,4 +208,19 @@ pub fn regular_file_size(fd: BorrowedFd<'_>) -> io::Result<Option<u64>> {
     // SAFETY: fstat succeeded, so it initialized the buffer.
     let stat = unsafe { stat.assume_init() };
     Ok(((stat.st_mode & libc::S_IFMT) == libc::S_IFREG).then_some(stat.st_size as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_ram_memfds_cannot_shrink_or_grow() {
+        let file = std::fs::File::from(memfd("sealed", 1 << 20).unwrap());
+        for size in [4096, 2 << 20] {
+            let err = file.set_len(size).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(libc::EPERM), "set_len({size})");
+        }
+        assert_eq!(file.metadata().unwrap().len(), 1 << 20);
+    }
 }
