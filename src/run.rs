@@ -25,10 +25,10 @@ pub struct RunArgs {
     /// sequential, random or hotcold.
     #[arg(long, value_name = "SPEC", default_value = "random")]
     workload: String,
-    /// CPU dirty tracking: bitmap, clear-log, ring or ring-with-bitmap (the README says why
-    /// bitmap is the default).
-    #[arg(long, value_name = "MODE", default_value = "bitmap")]
-    dirty_log: String,
+    /// CPU dirty tracking: bitmap, clear-log, ring or ring-with-bitmap (default bitmap, the
+    /// README says why; with --restore, the mode the VM was saved with).
+    #[arg(long, value_name = "MODE")]
+    dirty_log: Option<String>,
     /// Dirty-ring entries per vCPU, a power of two (ring modes; default 65536).
     #[arg(long, value_name = "N")]
     ring_entries: Option<u32>,
@@ -62,7 +62,11 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
                 args.duration
             )
         })?;
-    let mode: DirtyLogMode = args.dirty_log.parse().map_err(text)?;
+    let chosen: Option<DirtyLogMode> = match &args.dirty_log {
+        Some(mode) => Some(mode.parse().map_err(text)?),
+        None => None,
+    };
+    let mode = chosen.unwrap_or(DirtyLogMode::Bitmap);
     if args.ring_entries.is_some() && !mode.uses_ring() {
         return Err(format!(
             "--ring-entries only applies to --dirty-log ring or ring-with-bitmap, not {mode}"
@@ -70,7 +74,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
     }
     let vm = match &args.restore {
         Some(path) => {
-            let vm = snapshot::restore(path, Some(mode)).map_err(text)?;
+            let vm = snapshot::restore(path, chosen).map_err(text)?;
             println!("restored {}: {}", path.display(), describe(&vm)?);
             vm
         }

@@ -252,6 +252,11 @@ impl CpuDirtyLog {
         if *tracking {
             return Ok(());
         }
+        // A new tracking period starts from a full pass: an earlier failure no longer matters.
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if self.mode.uses_ring() {
             // Entries left from an earlier tracking period are stale: drop them.
             let mut rings = self.rings.lock().unwrap_or_else(|e| e.into_inner());
@@ -273,7 +278,10 @@ impl CpuDirtyLog {
                     .name("dirty-ring-reaper".into())
                     .spawn(move || {
                         while !stop.load(Ordering::Acquire) {
-                            std::thread::sleep(interval);
+                            std::thread::park_timeout(interval);
+                            if stop.load(Ordering::Acquire) {
+                                return;
+                            }
                             let Some(log) = weak.upgrade() else { return };
                             if let Err(e) = log.reap() {
                                 log.record_failure(e.to_string());
@@ -292,6 +300,7 @@ impl CpuDirtyLog {
         let reaper = self.reaper.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(reaper) = reaper {
             reaper.stop.store(true, Ordering::Release);
+            reaper.thread.thread().unpark();
             if reaper.thread.thread().id() != std::thread::current().id() {
                 let _ = reaper.thread.join();
             }
@@ -322,6 +331,11 @@ impl CpuDirtyLog {
 
     /// ORs every page dirtied since the last harvest into `into` (guest-physical page numbers;
     /// it must cover the VM's top page) and returns how many pages this harvest reported.
+    ///
+    /// While vCPUs run, a ring harvest sees what KVM has pushed so far (a CPU's PML buffer is
+    /// flushed at its next exit); after [`crate::Vm::pause`] a harvest is complete. On error,
+    /// keep `into`: it may already hold pages KVM will not report again. The tracker then
+    /// refuses further harvests ([`KvmError::DirtyLog`]) until it is stopped and started again.
     pub fn harvest(&self, into: &DirtyBitmap) -> Result<u64> {
         if into.pages() < self.memory.layout().top_page() {
             return Err(KvmError::Invalid(format!(
@@ -342,15 +356,25 @@ impl CpuDirtyLog {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
         {
-            return Err(KvmError::Guest(format!("dirty ring: {why}")));
+            return Err(KvmError::DirtyLog(why));
         }
-        let reported = match self.mode {
-            DirtyLogMode::Bitmap => self.harvest_bitmaps(into, false)?,
-            DirtyLogMode::ClearLog => self.harvest_bitmaps(into, true)?,
-            DirtyLogMode::Ring => self.harvest_rings(into)?,
+        let result = match self.mode {
+            DirtyLogMode::Bitmap => self.harvest_bitmaps(into, false),
+            DirtyLogMode::ClearLog => self.harvest_bitmaps(into, true),
+            DirtyLogMode::Ring => self.harvest_rings(into),
             DirtyLogMode::RingWithBitmap => {
                 // The bitmap catches writes made without a running vCPU; collect it last.
-                self.harvest_rings(into)? + self.harvest_bitmaps(into, false)?
+                self.harvest_rings(into)
+                    .and_then(|ring| Ok(ring + self.harvest_bitmaps(into, false)?))
+            }
+        };
+        let reported = match result {
+            Ok(reported) => reported,
+            Err(e) => {
+                // Pages may already have been taken from KVM (and are in `into`); later
+                // harvests cannot promise completeness until tracking restarts.
+                self.record_failure(e.to_string());
+                return Err(KvmError::DirtyLog(e.to_string()));
             }
         };
         drop(tracking);
@@ -370,12 +394,17 @@ impl CpuDirtyLog {
                     "KVM_GET_DIRTY_LOG(slot {})",
                     layout.id
                 )))?;
-            if clear {
-                self.clear_log(&layout, &words)?;
-            }
+            // KVM has either cleared these bits (bitmap) or will clear some of them before an
+            // error (clear-log): hand them over whatever happens next.
+            let cleared = if clear {
+                self.clear_log(&layout, &words)
+            } else {
+                Ok(())
+            };
             reported += words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
             into.merge_words(layout.first_page(), &words, layout.pages())
                 .map_err(|e| KvmError::Invalid(e.to_string()))?;
+            cleared?;
         }
         Ok(reported)
     }
@@ -455,7 +484,7 @@ impl CpuDirtyLog {
                     _ => bad = Some((slot, offset)),
                 }
             });
-            if count == ring.entries() {
+            if count >= ring.entries() {
                 self.ring_overflows.fetch_add(1, Ordering::Relaxed);
                 let _ = self.ring_pending.set_range(0, self.ring_pending.pages());
             }
@@ -470,12 +499,12 @@ impl CpuDirtyLog {
             source,
         })?;
         if let Some((slot, offset)) = bad {
-            return Err(KvmError::Guest(format!(
+            return Err(KvmError::DirtyLog(format!(
                 "a dirty ring entry names slot {slot:#x} page {offset}, which is not guest RAM"
             )));
         }
         if reset != harvested {
-            return Err(KvmError::Guest(format!(
+            return Err(KvmError::DirtyLog(format!(
                 "KVM_RESET_DIRTY_RINGS reset {reset} entries where {harvested} were harvested: the kernel wrote past the end of a ring and it is out of step (use a larger ring, keep the reaper on, or use bitmap / clear-log)"
             )));
         }
@@ -486,16 +515,22 @@ impl CpuDirtyLog {
     /// pending bitmap and resets them, so the vCPU can re-enter.
     pub fn on_ring_full(&self) -> Result<()> {
         self.ring_full_exits.fetch_add(1, Ordering::Relaxed);
-        if self.reap()? > 0 {
+        // A kick arriving during KVM_RESET_DIRTY_RINGS would make it stop midway with EINTR;
+        // hold kicks until the reap is done (the kick still takes effect right after).
+        let reaped = {
+            let _held = sys::KickSignalBlocked::new()?;
+            self.reap()?
+        };
+        if reaped > 0 {
             self.empty_ring_full_exits.store(0, Ordering::Relaxed);
             return Ok(());
         }
         // Another thread may just have drained the ring; a long run of exits with nothing to
         // harvest means KVM's indices and ours disagree, and the vCPU would spin forever.
         if self.empty_ring_full_exits.fetch_add(1, Ordering::Relaxed) > 10_000 {
-            return Err(KvmError::Guest(
-                "KVM keeps reporting a full dirty ring that holds no entries to harvest: the ring is out of step with KVM".into(),
-            ));
+            let why = "KVM keeps reporting a full dirty ring that holds no entries to harvest: the ring is out of step with KVM".to_string();
+            self.record_failure(why.clone());
+            return Err(KvmError::DirtyLog(why));
         }
         std::thread::yield_now();
         Ok(())
@@ -514,6 +549,11 @@ impl CpuDirtyLog {
             let _ = self.ring_pending.set(page);
         }
         drop(rings);
+        if let Err(e) = &result {
+            // The pending pages may not have been re-protected: no later harvest may vouch
+            // for completeness.
+            self.record_failure(e.to_string());
+        }
         self.reap_nanos
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         result

@@ -30,6 +30,11 @@ pub enum KvmError {
     /// A snapshot file is malformed, truncated or corrupted.
     #[error("snapshot: {0}")]
     Snapshot(String),
+    /// Dirty tracking can no longer vouch for every page (a KVM call failed midway); the pages
+    /// already handed over stay valid, but the caller must restart tracking and resend
+    /// everything.
+    #[error("CPU dirty tracking failed: {0}")]
+    DirtyLog(String),
     /// The guest stopped in a way it never should (triple fault, internal error, unhandled exit).
     #[error("guest failed: {0}")]
     Guest(String),

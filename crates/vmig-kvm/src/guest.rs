@@ -52,6 +52,7 @@ const CTL_CMD: u64 = 8;
 const CTL_EPOCH: u64 = 16;
 const CTL_BARRIER_A: u64 = 24;
 const CTL_BARRIER_B: u64 = 32;
+const CTL_VERIFY_GEN: u64 = 40;
 const CMD_VERIFY: u64 = 1;
 
 // vCPU block words: written by the guest...
@@ -280,6 +281,7 @@ impl GuestLayout {
     /// The range `[lo, lo + pages)` of working-set pages vCPU `vcpu` of `vcpus` verifies (and, when
     /// the working set is not shared, writes).
     pub fn slice(&self, vcpu: usize, vcpus: usize) -> (u64, u64) {
+        let vcpus = vcpus.max(1);
         let lo = self.ws_pages * vcpu as u64 / vcpus as u64;
         let hi = self.ws_pages * (vcpu as u64 + 1) / vcpus as u64;
         (lo, hi - lo)
@@ -354,6 +356,12 @@ impl GuestProgram {
                 "{vcpus} vCPUs: expected 1 to {MAX_VCPUS}"
             )));
         }
+        if !workload.shared && layout.ws_pages < vcpus as u64 {
+            return Err(KvmError::Invalid(format!(
+                "a working set of {} page(s) cannot give each of {vcpus} vCPUs its own slice: use a larger wss, or shared",
+                layout.ws_pages
+            )));
+        }
         Ok(Self {
             layout: layout.clone(),
             workload: workload.clone(),
@@ -401,12 +409,12 @@ impl GuestProgram {
                 splitmix(self.workload.seed ^ (vcpu as u64 + 1).wrapping_mul(CHECKSUM_K)) | 1;
             for (offset, value) in [
                 (VB_RANGE_LO, range_lo),
-                (VB_RANGE_PAGES, range_pages.max(1)),
+                (VB_RANGE_PAGES, range_pages),
                 (VB_SLICE_LO, slice_lo),
                 (VB_SLICE_PAGES, slice_pages),
                 (VB_SEED, seed),
                 (VB_TAG, (vcpu as u64) << 48),
-                (VB_HOT_PAGES, hot.min(range_pages.max(1))),
+                (VB_HOT_PAGES, hot.min(range_pages)),
                 (VB_SEQ_START, slice_lo - range_lo),
             ] {
                 memory.store_u64(block + offset, value)?;
@@ -618,6 +626,11 @@ impl GuestProgram {
 
         // verify: barrier A, check the slice, report, barrier B.
         a.set_label(&mut verify)?;
+        // rbp = the barriers' target for this verify: the counters only grow, by one per vCPU
+        // per verify, so generation g is complete at vcpus × g.
+        a.mov(rcx, CONTROL_GPA)?;
+        a.mov(rbp, qword_ptr(rcx + CTL_VERIFY_GEN))?;
+        a.imul_3(rbp, rbp, self.vcpus as i32)?;
         self.barrier(&mut a, CTL_BARRIER_A)?;
         let mut check_loop = a.create_label();
         let mut written = a.create_label();
@@ -627,7 +640,7 @@ impl GuestProgram {
         a.mov(rcx, qword_ptr(r15 + VB_SLICE_LO))?; // rcx = page index
         a.mov(rdi, qword_ptr(r15 + VB_SLICE_PAGES))?;
         a.add(rdi, rcx)?; // rdi = end
-        a.xor(ebx, ebx)?; // rbx = bad pages (the sequential cursor is restored below)
+        a.xor(ebx, ebx)?; // rbx = bad pages
         a.set_label(&mut check_loop)?;
         a.cmp(rcx, rdi)?;
         a.jae(checked)?;
@@ -672,24 +685,28 @@ impl GuestProgram {
         a.mov(rax, qword_ptr(r15 + VB_SLICE_PAGES))?;
         a.add(qword_ptr(r15 + VB_VERIFY_CHECKED), rax)?;
         a.add(qword_ptr(r15 + VB_VERIFY_BAD), rbx)?;
+        self.barrier(&mut a, CTL_BARRIER_B)?;
+        // Report only once past the second barrier: when the VMM has every report, no vCPU is
+        // still inside this verify, so the next one cannot catch a vCPU half way.
         a.mov(eax, ebx)?;
         a.mov(dx, PORT_VERIFY_DONE as u32)?;
         a.out(dx, eax)?;
-        self.barrier(&mut a, CTL_BARRIER_B)?;
-        a.mov(rbx, qword_ptr(r15 + VB_SEQ_START))?;
+        a.mov(rbx, qword_ptr(r15 + VB_SEQ_START))?; // sequential writers start their slice again
+        a.mov(rbp, qword_ptr(r15 + VB_HOT_PAGES))?;
         a.jmp(write_loop)?;
 
         a.assemble(CODE_GPA)
     }
 
-    /// All vCPUs increment the counter, then spin (yielding to the VMM) until every one has.
+    /// All vCPUs increment the counter, then spin (yielding to the VMM) until it reaches the
+    /// target in rbp.
     fn barrier(&self, a: &mut CodeAssembler, counter: u64) -> std::result::Result<(), IcedError> {
         let mut spin = a.create_label();
         let mut done = a.create_label();
         a.mov(rcx, CONTROL_GPA)?;
         a.lock().inc(qword_ptr(rcx + counter))?;
         a.set_label(&mut spin)?;
-        a.cmp(qword_ptr(rcx + counter), self.vcpus as i32)?;
+        a.cmp(qword_ptr(rcx + counter), rbp)?;
         a.jae(done)?;
         a.mov(dx, PORT_YIELD as u32)?;
         a.out(dx, eax)?;
@@ -728,8 +745,8 @@ pub fn set_epoch(memory: &GuestMemory, epoch: u64) -> Result<()> {
 
 /// Posts a verify command; the guest picks it up at its next batch boundary.
 pub fn post_verify(memory: &GuestMemory) -> Result<u64> {
-    memory.store_u64(CONTROL_GPA + CTL_BARRIER_A, 0)?;
-    memory.store_u64(CONTROL_GPA + CTL_BARRIER_B, 0)?;
+    let generation = memory.load_u64(CONTROL_GPA + CTL_VERIFY_GEN)? + 1;
+    memory.store_u64(CONTROL_GPA + CTL_VERIFY_GEN, generation)?;
     memory.store_u64(CONTROL_GPA + CTL_CMD, CMD_VERIFY)?;
     let seq = memory.load_u64(CONTROL_GPA + CTL_CMD_SEQ)? + 1;
     memory.store_u64(CONTROL_GPA + CTL_CMD_SEQ, seq)?;

@@ -90,7 +90,10 @@ impl MemoryLayout {
                 "guest RAM of {ram} bytes: expected a multiple of 4 KiB from 16 MiB to 256 GiB"
             )));
         }
-        if !system.is_multiple_of(HUGE_PAGE) || system + 2 * 64 * PAGE_SIZE > ram {
+        if !system.is_multiple_of(HUGE_PAGE)
+            || system >= LOW_RAM_LIMIT
+            || system.saturating_add(2 * 64 * PAGE_SIZE) > ram
+        {
             return Err(KvmError::Invalid(format!(
                 "system area of {system:#x} bytes does not leave room for data in {ram:#x} bytes of RAM"
             )));

@@ -5,7 +5,7 @@
 //! "VMIGSNAP" | version u32 | header length u32 | header (JSON: config, vCPU states, memory digest)
 //! runs:  gpa u64 | pages u64 | pages × 4096 bytes      (only pages that are not all zero)
 //! end:   u64::MAX | 0
-//! trailer: digest of every run byte u64
+//! trailer: digest of the header and every run u64
 //! ```
 //!
 //! Loading checks every field against the layout the configuration implies, the trailer, and
@@ -51,6 +51,7 @@ pub fn save(vm: &Vm, path: &Path) -> Result<()> {
     out.write_all(&(json.len() as u32).to_le_bytes())?;
     out.write_all(&json)?;
     let mut trailer = RunDigest::default();
+    trailer.add(&json);
     let mut page = vec![0u8; PAGE_SIZE as usize];
     for slot in vm.memory().slots() {
         let mut run: Vec<u8> = Vec::new();
@@ -124,7 +125,7 @@ pub fn restore(path: &Path, dirty_log: Option<crate::DirtyLogMode>) -> Result<Vm
         config.dirty_log = mode;
     }
     Vm::restore(&config, &header.vcpus, |memory| {
-        load_memory(&mut input, memory)?;
+        load_memory(&mut input, memory, &json)?;
         let digest = memory.digest()?;
         if digest != header.memory_digest {
             return Err(KvmError::Snapshot(format!(
@@ -136,8 +137,9 @@ pub fn restore(path: &Path, dirty_log: Option<crate::DirtyLogMode>) -> Result<Vm
     })
 }
 
-fn load_memory(input: &mut impl Read, memory: &GuestMemory) -> Result<()> {
+fn load_memory(input: &mut impl Read, memory: &GuestMemory, header: &[u8]) -> Result<()> {
     let mut trailer = RunDigest::default();
+    trailer.add(header);
     let mut page = vec![0u8; PAGE_SIZE as usize];
     loop {
         let mut head = [0u8; 16];
@@ -145,6 +147,11 @@ fn load_memory(input: &mut impl Read, memory: &GuestMemory) -> Result<()> {
         let gpa = u64::from_le_bytes(head[..8].try_into().unwrap());
         let pages = u64::from_le_bytes(head[8..].try_into().unwrap());
         if gpa == END {
+            if pages != 0 {
+                return Err(KvmError::Snapshot(
+                    "the end record is malformed: the file is corrupted".into(),
+                ));
+            }
             break;
         }
         trailer.add(&head);
@@ -170,7 +177,8 @@ fn load_memory(input: &mut impl Read, memory: &GuestMemory) -> Result<()> {
     read_exact(input, &mut digest, "the trailer")?;
     if u64::from_le_bytes(digest) != trailer.finish() {
         return Err(KvmError::Snapshot(
-            "memory records do not match the trailer digest: the file is corrupted".into(),
+            "header and memory records do not match the trailer digest: the file is corrupted"
+                .into(),
         ));
     }
     let mut extra = [0u8; 1];

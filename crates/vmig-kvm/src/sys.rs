@@ -32,7 +32,6 @@ const KVM_RESET_DIRTY_RINGS: libc::c_ulong = ioc(0, 0xc7, 0);
 pub const KVM_DIRTY_GFN_F_DIRTY: u32 = 1;
 /// Ring entry flag: harvested; `KVM_RESET_DIRTY_RINGS` may recycle it.
 pub const KVM_DIRTY_GFN_F_RESET: u32 = 2;
-const HOST_PAGE_SIZE: usize = 4096;
 
 const fn ioc(dir: u64, nr: u64, size: usize) -> libc::c_ulong {
     (dir << 30 | (size as u64) << 16 | 0xae << 8 | nr) as libc::c_ulong
@@ -79,9 +78,9 @@ pub fn reset_dirty_rings(vm: &VmFd) -> io::Result<u64> {
     Ok(ret as u64)
 }
 
-/// Registers (or, with size 0, deletes) memslot `slot` at `guest_phys_addr` backed by `memory`.
-/// KVM keeps the host address: the caller keeps `memory` mapped for as long as the slot exists
-/// (the VM owns both, and deletes or drops the slot before the memory).
+/// Registers memslot `slot` at `guest_phys_addr` backed by `memory`. KVM keeps the host address:
+/// the caller keeps `memory` mapped for as long as the slot exists (the VM deletes its slots with
+/// [`delete_memory_slot`] before its memory can be unmapped).
 pub fn set_memory_slot(
     vm: &VmFd,
     slot: u32,
@@ -111,6 +110,17 @@ pub fn set_xsave(vcpu: &VcpuFd, xsave: &kvm_xsave) -> Result<(), kvm_ioctls::Err
     unsafe { vcpu.set_xsave(xsave) }
 }
 
+/// Deletes memslot `slot` (KVM forgets its host address).
+pub fn delete_memory_slot(vm: &VmFd, slot: u32) -> io::Result<()> {
+    let region = kvm_userspace_memory_region {
+        slot,
+        ..Default::default()
+    };
+    // SAFETY: a zero-sized region deletes the slot; KVM keeps no pointer into our memory.
+    unsafe { vm.set_user_memory_region(region) }
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+}
+
 /// One vCPU's dirty ring: `entries` 16-byte `kvm_dirty_gfn` records mmapped from the vCPU fd, and
 /// the index of the next entry to harvest (which only userspace tracks).
 #[derive(Debug)]
@@ -131,7 +141,9 @@ impl DirtyRing {
         if len == 0 || !len.is_power_of_two() {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        let offset = KVM_DIRTY_LOG_PAGE_OFFSET as libc::off_t * HOST_PAGE_SIZE as libc::off_t;
+        // SAFETY: sysconf has no memory effects.
+        let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        let offset = KVM_DIRTY_LOG_PAGE_OFFSET as libc::off_t * page_size as libc::off_t;
         // SAFETY: a fresh shared mapping of the vCPU fd at the offset KVM documents for the
         // ring; it cannot alias Rust memory.
         let ptr = unsafe {
@@ -166,7 +178,9 @@ impl DirtyRing {
     /// number harvested.
     pub fn harvest(&mut self, mut f: impl FnMut(u32, u64)) -> u32 {
         let mut harvested = 0;
-        loop {
+        // At most one lap: entries behind us are marked reset, but a kernel that wraps the ring
+        // could mark them dirty again while we walk.
+        while harvested < self.len {
             let index = (self.fetch_index & (self.len - 1)) as usize;
             // SAFETY: `index < len`, so the entry lies inside the mapping, which lives as long
             // as `self`. The flags word is 4-byte aligned (entries are 16-byte records) and is
@@ -191,6 +205,7 @@ impl DirtyRing {
             self.fetch_index = self.fetch_index.wrapping_add(1);
             harvested += 1;
         }
+        harvested
     }
 }
 
@@ -213,7 +228,10 @@ extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     if !run.is_null() {
         // SAFETY: a thread arms the pointer only while it owns the `VcpuFd` whose `kvm_run`
         // mapping it points to, and disarms it before that fd can be dropped; the handler runs on
-        // that same thread, so the mapping is live. A volatile byte store is signal-safe.
+        // that same thread, so the mapping is live. A volatile byte store is signal-safe. The
+        // store may land while `VcpuFd::run` holds a `&mut kvm_run` across the ioctl: that is
+        // the KVM protocol (the kernel reads this byte), the byte is shared memory, and no Rust
+        // code reads it through that borrow.
         unsafe { std::ptr::write_volatile(&raw mut (*run).immediate_exit, 1) };
     }
 }
@@ -240,6 +258,38 @@ pub fn kick_signal() -> io::Result<libc::c_int> {
         Ok(signal)
     });
     result.map_err(io::Error::from_raw_os_error)
+}
+
+/// While alive, the kick signal is held pending on the current thread (delivered when it
+/// drops): for calls that a signal would interrupt midway, such as `KVM_RESET_DIRTY_RINGS`.
+pub struct KickSignalBlocked {
+    old: libc::sigset_t,
+}
+
+impl KickSignalBlocked {
+    /// Blocks the kick signal on the current thread.
+    pub fn new() -> io::Result<Self> {
+        let signal = kick_signal()?;
+        // SAFETY: zeroed sigsets are valid values that sigemptyset/pthread_sigmask overwrite.
+        let (mut set, mut old): (libc::sigset_t, libc::sigset_t) = unsafe { std::mem::zeroed() };
+        // SAFETY: `set` and `old` are valid sigsets owned by this frame.
+        let ret = unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, signal);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old)
+        };
+        if ret != 0 {
+            return Err(io::Error::from_raw_os_error(ret));
+        }
+        Ok(Self { old })
+    }
+}
+
+impl Drop for KickSignalBlocked {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved by `new` on the same thread.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
+    }
 }
 
 /// Sends the kick signal to `thread`.

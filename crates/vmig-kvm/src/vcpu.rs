@@ -285,6 +285,12 @@ impl VcpuHandle {
         let deadline = Instant::now() + timeout;
         let mut state = self.control.lock();
         while !state.parked {
+            if self.thread.as_ref().is_some_and(JoinHandle::is_finished) {
+                return Err(KvmError::Guest(format!(
+                    "the thread of vCPU {} ended unexpectedly (it panicked)",
+                    self.index
+                )));
+            }
             let now = Instant::now();
             if now >= deadline {
                 return Err(KvmError::Timeout(format!(
@@ -374,10 +380,35 @@ fn run_vcpu(
         // KVM_RUN returns at once.
         kick.set_immediate_exit(false);
         if control.pause.load(Ordering::SeqCst) {
-            kick.set_immediate_exit(true);
-            let _ = guard.run();
+            // Complete a pending port or MMIO access without running guest code; an access
+            // that needs more than one round trip exits again and is handled here.
+            let mut completed = Ok(());
+            for _ in 0..16 {
+                kick.set_immediate_exit(true);
+                match guard.run() {
+                    Err(e) if e.errno() == libc::EINTR => break,
+                    Ok(VcpuExit::Intr) => break,
+                    Ok(exit) => {
+                        completed = handle_exit(index, exit, &ctx, handler, dirty);
+                        if completed.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        completed = Err(KvmError::Ioctl {
+                            call: format!("KVM_RUN with immediate_exit (vCPU {index})"),
+                            source: std::io::Error::from_raw_os_error(e.errno()),
+                        });
+                        break;
+                    }
+                }
+            }
             kick.set_immediate_exit(false);
             drop(guard);
+            if let Err(e) = completed {
+                control.fail(e.to_string());
+                return;
+            }
             if control.park() {
                 return;
             }
@@ -385,23 +416,13 @@ fn run_vcpu(
             continue;
         }
         let outcome = match guard.run() {
+            Ok(VcpuExit::Shutdown) => Err(KvmError::Guest(format!(
+                "vCPU {index} shut down (triple fault) at rip {:#x}",
+                rip_of(&guard)
+            ))),
             Ok(exit) => {
                 control.exits.fetch_add(1, Ordering::Relaxed);
-                match exit {
-                    VcpuExit::IoOut(port, data) => handler.io_out(&ctx, port, data),
-                    VcpuExit::IoIn(port, data) => handler.io_in(&ctx, port, data),
-                    VcpuExit::MmioRead(addr, data) => handler.mmio_read(&ctx, addr, data),
-                    VcpuExit::MmioWrite(addr, data) => handler.mmio_write(&ctx, addr, data),
-                    VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => dirty.on_ring_full(),
-                    VcpuExit::Intr => Ok(()),
-                    VcpuExit::Shutdown => Err(KvmError::Guest(format!(
-                        "vCPU {index} shut down (triple fault) at rip {:#x}",
-                        rip_of(&guard)
-                    ))),
-                    other => Err(KvmError::Guest(format!(
-                        "vCPU {index} stopped with an unexpected exit: {other:?}"
-                    ))),
-                }
+                handle_exit(index, exit, &ctx, handler, dirty)
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
             Err(e) => Err(KvmError::Ioctl {
@@ -414,6 +435,26 @@ fn run_vcpu(
             control.fail(e.to_string());
             return;
         }
+    }
+}
+
+fn handle_exit(
+    index: usize,
+    exit: VcpuExit<'_>,
+    ctx: &ExitContext<'_>,
+    handler: &dyn ExitHandler,
+    dirty: &CpuDirtyLog,
+) -> Result<()> {
+    match exit {
+        VcpuExit::IoOut(port, data) => handler.io_out(ctx, port, data),
+        VcpuExit::IoIn(port, data) => handler.io_in(ctx, port, data),
+        VcpuExit::MmioRead(addr, data) => handler.mmio_read(ctx, addr, data),
+        VcpuExit::MmioWrite(addr, data) => handler.mmio_write(ctx, addr, data),
+        VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => dirty.on_ring_full(),
+        VcpuExit::Intr => Ok(()),
+        other => Err(KvmError::Guest(format!(
+            "vCPU {index} stopped with an unexpected exit: {other:?}"
+        ))),
     }
 }
 

@@ -38,6 +38,8 @@ const KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP: u32 = 225;
 const DIRTY_GFN_BYTES: u32 = 16;
 /// KVM keeps this many ring entries in reserve (`KVM_DIRTY_RING_RSVD_ENTRIES`).
 const RING_RESERVED_ENTRIES: u32 = 64;
+/// Entries of a PML buffer, which KVM also keeps in reserve where the CPU has PML.
+const PML_ENTRIES: u32 = 512;
 /// Default dirty-ring entries per vCPU (1 MiB of ring): roomy, because the reaper and the
 /// ring-full exit are all that keep a fast writer from filling it.
 pub const DEFAULT_RING_ENTRIES: u32 = 65536;
@@ -149,10 +151,12 @@ impl VmBuilder {
             ));
         }
         let max_entries = max_bytes as u32 / DIRTY_GFN_BYTES;
-        let min_entries = (4096 / DIRTY_GFN_BYTES).max(2 * RING_RESERVED_ENTRIES);
+        // KVM keeps 64 entries in reserve plus, on hosts with PML, the 512 of a PML buffer; a
+        // ring must be larger than that.
+        let min_entries = (RING_RESERVED_ENTRIES + PML_ENTRIES).next_power_of_two();
         if !entries.is_power_of_two() || !(min_entries..=max_entries).contains(&entries) {
             return Err(KvmError::Invalid(format!(
-                "{entries} dirty-ring entries: expected a power of two from {min_entries} to {max_entries}"
+                "{entries} dirty-ring entries: expected a power of two from {min_entries} to {max_entries} (KVM reserves {RING_RESERVED_ENTRIES} entries, plus {PML_ENTRIES} on hosts with PML)"
             )));
         }
         let bytes = entries * DIRTY_GFN_BYTES;
@@ -548,8 +552,9 @@ impl Vm {
         })
     }
 
-    /// Saves every vCPU's state; the VM must be paused.
+    /// Saves every vCPU's state; the VM must be paused and every vCPU healthy.
     pub fn save_vcpus(&self) -> Result<Vec<VcpuState>> {
+        self.check_vcpus()?;
         self.vcpus
             .iter()
             .map(|v| v.with_fd(|fd| save_state(fd, v.index, &self.msrs)))
@@ -567,7 +572,12 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        // Join the vCPU threads before the VM fd and the memory they use go away.
+        // Join the vCPU threads, stop the reaper, and delete the memslots before the memory
+        // they point into can be unmapped.
         self.vcpus.clear();
+        let _ = self.dirty.stop();
+        for slot in self.memory.slots() {
+            let _ = sys::delete_memory_slot(&self._vm, slot.layout.id);
+        }
     }
 }

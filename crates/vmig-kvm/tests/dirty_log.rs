@@ -86,12 +86,12 @@ fn shared_working_set_with_four_vcpus_loses_nothing_in_any_mode() {
 fn ring_full_exit_harvests_and_reenters_without_losing_a_page() {
     require_kvm!();
     let vm = Vm::new(&VmConfig {
-        ring_entries: 256,
+        ring_entries: 1024,
         ..config(DirtyLogMode::Ring, 1, "random,rate=500")
     })
     .unwrap();
     vm.dirty_log().set_reap_interval(None);
-    let report = dirty_log_method(&vm, 6, Duration::from_millis(250), 7);
+    let report = dirty_log_method(&vm, 6, Duration::from_millis(400), 7);
     let stats = vm.dirty_log().stats();
     eprintln!("{report:?} {stats:?}");
     assert!(report.lost.is_empty(), "lost: {:?}", report.lost);
@@ -241,12 +241,12 @@ fn capabilities_in_the_wrong_order_are_refused_with_the_required_order() {
 #[test]
 fn bad_ring_sizes_are_refused_with_the_accepted_range() {
     require_kvm!();
-    for entries in [0, 100, 128, 1 << 20, 3000] {
+    for entries in [0, 100, 256, 512, 1 << 20, 3000] {
         let mut b = VmBuilder::new().unwrap();
         let err = b.enable_dirty_ring(entries).unwrap_err();
         assert!(matches!(err, KvmError::Invalid(_)), "{entries}: {err:?}");
         assert!(
-            err.to_string().contains("power of two from 256 to"),
+            err.to_string().contains("power of two from 1024 to"),
             "{err}"
         );
     }

@@ -186,8 +186,24 @@ fn bad_configurations_are_refused_with_what_is_expected() {
             "from 16 MiB to 256 GiB",
         ),
         (config(1, "random,wss=1G"), "the data RAM of this VM"),
+        (config(2, "random,wss=4K"), "its own slice"),
     ] {
         let err = Vm::new(&cfg).unwrap_err();
         assert!(err.to_string().contains(expected), "{err}");
     }
+}
+
+/// Verifies back to back, with more vCPU threads than host cores: each must start only after
+/// every vCPU left the previous one.
+#[test]
+fn verifies_back_to_back_with_eight_vcpus_all_pass() {
+    require_kvm!();
+    let vm = Vm::new(&config(8, "random,shared")).unwrap();
+    vm.resume().unwrap();
+    for round in 0..5 {
+        let report = vm.verify(Duration::from_secs(30)).unwrap();
+        assert!(report.passed(), "round {round}: {report:?}");
+    }
+    vm.pause().unwrap();
+    vm.check_vcpus().unwrap();
 }
