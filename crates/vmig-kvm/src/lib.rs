@@ -23,9 +23,11 @@
 //! vm.resume()?;
 //! std::thread::sleep(std::time::Duration::from_millis(100));
 //! let dirty = DirtyBitmap::new(vm.memory().layout().top_page());
-//! vm.dirty_log().harvest(&dirty)?;          // the pages written so far, re-protected
+//! vm.dirty_log().harvest(&dirty)?;          // pages dirtied so far, write-protected again
 //! let report = vm.verify(std::time::Duration::from_secs(10))?;
 //! assert!(report.passed());
+//! vm.pause()?;                               // every vCPU out of KVM_RUN
+//! vm.dirty_log().harvest(&dirty)?;          // complete: nothing is written while paused
 //! # Ok::<(), vmig_kvm::KvmError>(())
 //! ```
 
