@@ -121,9 +121,8 @@ pub struct CpuDirtyLog {
     rings: Mutex<Vec<DirtyRing>>,
     /// Pages harvested from rings at ring-full exits, not yet handed to a caller.
     ring_pending: DirtyBitmap,
-    clear_chunk_pages: u64,
+    clear_chunk_pages: AtomicU64,
     tracking: Mutex<bool>,
-    active: AtomicBool,
     reaper: Mutex<Option<Reaper>>,
     failure: Mutex<Option<String>>,
     reap_interval_us: AtomicU64,
@@ -163,9 +162,8 @@ impl CpuDirtyLog {
             rings: Mutex::new(rings),
             ring_pending: DirtyBitmap::try_new(pages)
                 .map_err(|e| KvmError::Invalid(e.to_string()))?,
-            clear_chunk_pages: DEFAULT_CLEAR_CHUNK_PAGES,
+            clear_chunk_pages: AtomicU64::new(DEFAULT_CLEAR_CHUNK_PAGES),
             tracking: Mutex::new(false),
-            active: AtomicBool::new(false),
             reaper: Mutex::new(None),
             failure: Mutex::new(None),
             reap_interval_us: AtomicU64::new(DEFAULT_REAP_INTERVAL.as_micros() as u64),
@@ -186,13 +184,13 @@ impl CpuDirtyLog {
     }
 
     /// Pages per `KVM_CLEAR_DIRTY_LOG` call in `clear-log` mode: a multiple of 64, at least 64.
-    pub fn set_clear_chunk_pages(&mut self, pages: u64) -> Result<()> {
+    pub fn set_clear_chunk_pages(&self, pages: u64) -> Result<()> {
         if pages < 64 || !pages.is_multiple_of(64) || pages > u64::from(u32::MAX) / 2 {
             return Err(KvmError::Invalid(format!(
                 "clear chunk of {pages} pages: KVM_CLEAR_DIRTY_LOG needs a multiple of 64 pages"
             )));
         }
-        self.clear_chunk_pages = pages;
+        self.clear_chunk_pages.store(pages, Ordering::Relaxed);
         Ok(())
     }
 
@@ -205,7 +203,7 @@ impl CpuDirtyLog {
 
     /// Whether tracking is on.
     pub fn is_tracking(&self) -> bool {
-        self.active.load(Ordering::Acquire)
+        *self.tracking.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Counters so far.
@@ -283,16 +281,14 @@ impl CpuDirtyLog {
                                 return;
                             }
                             let Some(log) = weak.upgrade() else { return };
-                            if let Err(e) = log.reap() {
-                                log.record_failure(e.to_string());
-                            }
+                            // A failure is recorded by `reap` and surfaces at the next harvest.
+                            let _ = log.reap();
                         }
                     })?
             };
             *self.reaper.lock().unwrap_or_else(|e| e.into_inner()) = Some(Reaper { stop, thread });
         }
         *tracking = true;
-        self.active.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -324,7 +320,6 @@ impl CpuDirtyLog {
         self.stop_reaper();
         self.set_slot_logging(false)?;
         *tracking = false;
-        self.active.store(false, Ordering::Release);
         let _ = self.ring_pending.harvest();
         Ok(())
     }
@@ -411,9 +406,11 @@ impl CpuDirtyLog {
 
     /// `KVM_CLEAR_DIRTY_LOG` of exactly the bits in `words`, one call per [`clear_chunks`] entry.
     fn clear_log(&self, layout: &SlotLayout, words: &[u64]) -> Result<()> {
-        for (word_range, first_page, num_pages) in
-            clear_chunks(words, layout.pages(), self.clear_chunk_pages)
-        {
+        for (word_range, first_page, num_pages) in clear_chunks(
+            words,
+            layout.pages(),
+            self.clear_chunk_pages.load(Ordering::Relaxed),
+        ) {
             sys::clear_dirty_log(
                 &self.vm,
                 layout.id,

@@ -162,6 +162,24 @@ fn the_guest_is_paced_to_its_rate() {
     assert!(writes > 0.0);
     let (_, pace_exits) = vm.exit_counts();
     assert!(pace_exits > 0);
+    // The rate can be lowered while the guest runs (what auto-converge will do).
+    vm.set_rate(Some(500)).unwrap();
+    assert_eq!(vm.rate(), Some(500));
+    let before = vm.guest_writes().unwrap() as f64;
+    let start = std::time::Instant::now();
+    vm.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    vm.pause().unwrap();
+    let elapsed = start.elapsed().as_secs_f64();
+    let writes = vm.guest_writes().unwrap() as f64 - before;
+    assert!(
+        writes <= 500.0 * elapsed + 10.0 + 2.0 * 10.0,
+        "{writes} writes in {elapsed:.3} s at 500/s"
+    );
+    // A guest built without a rate never asks to be paced, and says so.
+    let unpaced = Vm::new(&config(DirtyLogMode::Bitmap, 1, "random")).unwrap();
+    let err = unpaced.set_rate(Some(100)).unwrap_err();
+    assert!(err.to_string().contains("start it with rate=N"), "{err}");
 }
 
 #[test]
