@@ -1,0 +1,128 @@
+//! `sendmsg` / `recvmsg` with `SCM_RIGHTS`: the only `unsafe` code of the crate. File
+//! descriptors received are owned at once (`OwnedFd`, close-on-exec), so none can leak, and a
+//! truncated control message (more fds than room) is reported rather than silently losing fds.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// The kernel's limit on fds in one `SCM_RIGHTS` message (`SCM_MAX_FD`).
+pub const SCM_MAX_FD: usize = 253;
+
+fn cmsg_space(fds: usize) -> usize {
+    // SAFETY: CMSG_SPACE is arithmetic on its argument.
+    unsafe { libc::CMSG_SPACE((fds * size_of::<RawFd>()) as u32) as usize }
+}
+
+/// Sends `bufs` as one stream write with `fds` attached to its first byte; returns the bytes the
+/// kernel took (the caller sends any rest without fds).
+pub fn send_with_fds(
+    socket: BorrowedFd<'_>,
+    bufs: &[&[u8]],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
+    if fds.len() > SCM_MAX_FD {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} fds in one message: at most {SCM_MAX_FD}", fds.len()),
+        ));
+    }
+    let mut iovecs: Vec<libc::iovec> = bufs
+        .iter()
+        .map(|b| libc::iovec {
+            iov_base: b.as_ptr().cast_mut().cast(),
+            iov_len: b.len(),
+        })
+        .collect();
+    // u64 storage keeps the control buffer aligned for `cmsghdr`.
+    let mut control = vec![0u64; cmsg_space(fds.len()).div_ceil(8)];
+    // SAFETY: an all-zero msghdr is valid; every pointer set below outlives the sendmsg call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iovecs.as_mut_ptr();
+    msg.msg_iovlen = iovecs.len() as _;
+    if !fds.is_empty() {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = cmsg_space(fds.len()) as _;
+        // SAFETY: the control buffer has room for one cmsghdr with `fds.len()` fds (CMSG_SPACE),
+        // so CMSG_FIRSTHDR is non-null and CMSG_DATA points inside the buffer.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN((fds.len() * size_of::<RawFd>()) as u32) as _;
+            let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+            for (i, fd) in fds.iter().enumerate() {
+                data.add(i).write_unaligned(fd.as_raw_fd());
+            }
+        }
+    }
+    // SAFETY: `msg` points at live iovecs over borrowed buffers and a live control buffer.
+    let sent = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(sent as usize)
+}
+
+/// What one `recvmsg` returned.
+pub struct Received {
+    /// Bytes read into the buffer (0: the peer closed the stream).
+    pub bytes: usize,
+    /// Descriptors that came with them.
+    pub fds: Vec<OwnedFd>,
+    /// The peer sent more descriptors than `max_fds`; the kernel closed the rest.
+    pub fds_truncated: bool,
+}
+
+/// Reads into `buf` and takes ownership of up to `max_fds` descriptors that come with the bytes.
+pub fn recv_with_fds(
+    socket: BorrowedFd<'_>,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> io::Result<Received> {
+    let max_fds = max_fds.clamp(1, SCM_MAX_FD);
+    let mut iovec = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut control = vec![0u64; cmsg_space(max_fds).div_ceil(8)];
+    // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the recvmsg call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iovec;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = cmsg_space(max_fds) as _;
+    let received = loop {
+        // SAFETY: `msg` describes `buf` (writable, borrowed mutably) and the control buffer.
+        let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n as usize;
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    };
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled `msg_controllen` bytes of our control buffer with well-formed
+    // cmsghdrs; CMSG_FIRSTHDR/NXTHDR stay inside it, and every SCM_RIGHTS payload holds
+    // descriptors now owned by this process, which we wrap exactly once.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let header = libc::CMSG_LEN(0) as usize;
+                let count = ((*cmsg).cmsg_len as usize).saturating_sub(header) / size_of::<RawFd>();
+                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                for i in 0..count {
+                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok(Received {
+        bytes: received,
+        fds,
+        fds_truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
+    })
+}
