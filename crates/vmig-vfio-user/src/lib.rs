@@ -18,6 +18,8 @@
 //! ```
 
 pub mod caps;
+pub mod migration;
+pub mod request;
 mod sys;
 pub mod transport;
 pub mod wire;
