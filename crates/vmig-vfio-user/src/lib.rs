@@ -18,8 +18,11 @@
 //! ```
 
 pub mod caps;
+pub mod client;
+pub mod endpoint;
 pub mod migration;
 pub mod request;
+pub mod server;
 mod sys;
 pub mod transport;
 pub mod wire;
