@@ -19,12 +19,14 @@
 
 pub mod caps;
 pub mod client;
+pub mod device_migration;
 pub mod endpoint;
 pub mod migration;
 pub mod request;
 pub mod server;
 mod sys;
 pub mod transport;
+pub mod v1_region;
 pub mod wire;
 
 pub use transport::{Channel, Message, TransportError};

@@ -27,7 +27,9 @@ use crate::endpoint::{DEFAULT_TIMEOUT, Endpoint};
 use crate::migration::{MigState, path};
 use crate::request::{self, Request};
 use crate::transport::Channel;
+use crate::v1_region;
 use crate::wire::*;
+use vmig_dma::uapi::device_state;
 
 /// A refusal from the device or the framework: the errno of the error reply, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -117,6 +119,8 @@ pub struct DeviceSpec {
 pub enum MigrationSupport {
     /// None: `migrate` must be refused.
     None,
+    /// v1: the migration region (seed 000) at index 9, which the framework adds and serves.
+    V1,
     /// v2 (`DEVICE_FEATURE`), with or without PRE_COPY.
     V2 {
         /// PRE_COPY supported.
@@ -338,13 +342,28 @@ impl Irqs {
     }
 }
 
-/// The v2 migration state, kept across connections (it is device state).
+/// The migration state, kept across connections (it is device state).
 #[derive(Debug)]
 struct Migration {
+    /// v2 state.
     state: MigState,
     /// Saved records not yet read (source), or bytes written so far (destination).
     stream: Vec<u8>,
     read_at: usize,
+    /// v1: the `device_state` word (reserved bits included).
+    v1_state: u32,
+    /// v1: the size of the chunk `data_offset` prepared, until `pending_bytes` consumes it.
+    v1_prepared: Option<u64>,
+    /// v1: the memfd behind the migration region (the header page, then the data section).
+    v1_region: Option<(Arc<OwnedFd>, vmig_dma::HostMemory)>,
+}
+
+impl Migration {
+    fn discard(&mut self) {
+        self.stream.clear();
+        self.read_at = 0;
+        self.v1_prepared = None;
+    }
 }
 
 /// Server limits and capabilities.
@@ -385,6 +404,14 @@ struct Session {
 impl<D: Device> Server<D> {
     /// A server for `device`.
     pub fn new(device: D, config: ServerConfig) -> Self {
+        let size = v1_region::DATA_OFFSET + v1_region::DATA_SIZE;
+        let v1_region = (device.migration() == MigrationSupport::V1)
+            .then(|| {
+                let fd = vmig_dma::memfd("vfio-user-migration", size).ok()?;
+                let memory = vmig_dma::HostMemory::map_fd(fd.as_fd(), 0, size, true).ok()?;
+                Some((Arc::new(fd), memory))
+            })
+            .flatten();
         Self {
             device: Mutex::new(device),
             config,
@@ -392,8 +419,33 @@ impl<D: Device> Server<D> {
                 state: MigState::Running,
                 stream: Vec::new(),
                 read_at: 0,
+                v1_state: device_state::RUNNING,
+                v1_prepared: None,
+                v1_region,
             }),
         }
+    }
+
+    /// The device's spec, with the v1 migration region added at index 9 for a v1 device.
+    fn full_spec(&self) -> DeviceSpec {
+        let mut spec = self.device().spec();
+        let migration = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((fd, _)) = &migration.v1_region {
+            let index = v1_region::MIGRATION_REGION_INDEX as usize;
+            spec.regions.resize(index, RegionSpec::default());
+            spec.regions.push(RegionSpec {
+                size: v1_region::DATA_OFFSET + v1_region::DATA_SIZE,
+                readable: true,
+                writable: true,
+                mmap: Some(RegionMmap {
+                    fd: Arc::clone(fd),
+                    offset: 0,
+                    areas: vec![(v1_region::DATA_OFFSET, v1_region::DATA_SIZE)],
+                }),
+                region_type: Some((REGION_TYPE_MIGRATION, REGION_SUBTYPE_MIGRATION)),
+            });
+        }
+        spec
     }
 
     /// The device (for tests and for the owner's inspection).
@@ -485,7 +537,7 @@ impl<D: Device> Server<D> {
             }
         };
         let iommu = Arc::new(Iommu::new(IommuConfig::default()).map_err(|e| e.to_string())?);
-        let spec = self.device().spec();
+        let spec = self.full_spec();
         let session = Session {
             dma: Arc::new(Dma {
                 iommu,
@@ -583,6 +635,17 @@ impl<D: Device> Server<D> {
                 Ok(Reply::data(info.as_bytes().to_vec()))
             }
             Request::SetIrqs { set, bools, fds } => set_irqs(s, set, &bools, fds),
+            Request::RegionRead(access) if self.is_v1_region(s, access.region) => {
+                check_access(region(&s.spec, access.region)?, access, false)?;
+                let mut data = vec![0u8; access.count as usize];
+                self.v1_read(access.offset, &mut data)?;
+                Ok(Reply::data([access.as_bytes(), &data].concat()))
+            }
+            Request::RegionWrite { access, data } if self.is_v1_region(s, access.region) => {
+                check_access(region(&s.spec, access.region)?, access, true)?;
+                self.v1_write(access.offset, &data)?;
+                Ok(Reply::data(access.as_bytes().to_vec()))
+            }
             Request::RegionRead(access) => {
                 let spec = region(&s.spec, access.region)?;
                 check_access(spec, access, false)?;
@@ -607,8 +670,12 @@ impl<D: Device> Server<D> {
                     };
                     let spec = region(&s.spec, w.region)?;
                     check_access(spec, access, true)?;
-                    self.device()
-                        .region_write(w.region, w.offset, &w.data[..w.count as usize])?;
+                    let data = &w.data[..w.count as usize];
+                    if self.is_v1_region(s, w.region) {
+                        self.v1_write(w.offset, data)?;
+                    } else {
+                        self.device().region_write(w.region, w.offset, data)?;
+                    }
                 }
                 Ok(Reply::data((writes.len() as u64).to_le_bytes().to_vec()))
             }
@@ -623,8 +690,8 @@ impl<D: Device> Server<D> {
                 let mut m = self.migration.lock().unwrap_or_else(|e| e.into_inner());
                 // Reset is the way out of ERROR (and out of any migration state).
                 m.state = MigState::Running;
-                m.stream.clear();
-                m.read_at = 0;
+                m.v1_state = (m.v1_state & !device_state::MASK) | device_state::RUNNING;
+                m.discard();
                 Ok(Reply::empty())
             }
             Request::DirtyPages {
@@ -842,17 +909,15 @@ impl<D: Device> Server<D> {
             Ok(())
         };
         let migration = self.device().migration();
-        let pre_copy = match migration {
-            MigrationSupport::V2 { pre_copy } => pre_copy,
-            MigrationSupport::None => false,
+        let (v2, pre_copy) = match migration {
+            MigrationSupport::V2 { pre_copy } => (true, pre_copy),
+            _ => (false, false),
         };
         match feature {
-            FEATURE_MIGRATION | FEATURE_MIG_DEVICE_STATE if migration == MigrationSupport::None => {
-                Err(DeviceError::new(
-                    libc::ENOTTY,
-                    "this device does not support migration",
-                ))
-            }
+            FEATURE_MIGRATION | FEATURE_MIG_DEVICE_STATE if !v2 => Err(DeviceError::new(
+                libc::ENOTTY,
+                "this device does not support v2 migration",
+            )),
             FEATURE_MIGRATION => {
                 allowed(FEATURE_GET | FEATURE_PROBE)?;
                 if op & FEATURE_PROBE != 0 {
@@ -976,12 +1041,7 @@ impl<D: Device> Server<D> {
     fn arc(&self, m: &mut Migration, next: MigState) -> Result<(), DeviceError> {
         let mut device = self.device();
         let record = |m: &mut Migration, last: bool, device: &mut D| -> Result<(), DeviceError> {
-            let bytes = device.save(last)?;
-            let len = u32::try_from(bytes.len())
-                .map_err(|_| DeviceError::new(libc::E2BIG, "a state record over 4 GiB"))?;
-            m.stream.extend_from_slice(&len.to_le_bytes());
-            m.stream.extend_from_slice(&bytes);
-            Ok(())
+            push_record(&mut m.stream, &device.save(last)?)
         };
         match (m.state, next) {
             (MigState::Running, MigState::Stop) => device.set_running(false),
@@ -1012,29 +1072,178 @@ impl<D: Device> Server<D> {
             }
             (MigState::Resuming, MigState::Stop) => {
                 let stream = std::mem::take(&mut m.stream);
-                let mut at = 0;
-                while at < stream.len() {
-                    let Some(len) = stream.get(at..at + 4) else {
-                        return Err(DeviceError::invalid(
-                            "the migration data ends inside a record header",
-                        ));
-                    };
-                    let len = u32::from_le_bytes(len.try_into().unwrap_or_default()) as usize;
-                    let Some(body) = stream.get(at + 4..at + 4 + len) else {
-                        return Err(DeviceError::invalid(format!(
-                            "the migration data ends inside a {len}-byte record"
-                        )));
-                    };
-                    device.load(body)?;
-                    at += 4 + len;
-                }
-                Ok(())
+                load_records(&stream, &mut *device)
             }
             (from, to) => Err(DeviceError::invalid(format!(
                 "{from} -> {to} is not a direct arc"
             ))),
         }
     }
+}
+
+impl<D: Device> Server<D> {
+    fn is_v1_region(&self, s: &Session, index: u32) -> bool {
+        index == v1_region::MIGRATION_REGION_INDEX
+            && s.spec.regions.get(index as usize).is_some_and(|r| {
+                r.region_type == Some((REGION_TYPE_MIGRATION, REGION_SUBTYPE_MIGRATION))
+            })
+    }
+
+    fn v1_read(&self, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        let mut m = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+        if offset >= v1_region::DATA_OFFSET {
+            return v1_data(&m, offset, |memory, at| memory.read(at, data));
+        }
+        let saving = m.v1_state & device_state::SAVING != 0 && !device_state::is_error(m.v1_state);
+        let value: u64 = match v1_region::field(offset, data.len())? {
+            v1_region::Field::DeviceState => u64::from(m.v1_state),
+            v1_region::Field::Reserved => 0,
+            v1_region::Field::PendingBytes => {
+                // A read after a prepared chunk acknowledges it (seed000 §2.8's FSM).
+                if let Some(size) = m.v1_prepared.take() {
+                    m.read_at += size as usize;
+                }
+                if saving {
+                    (m.stream.len() - m.read_at) as u64
+                } else {
+                    0
+                }
+            }
+            v1_region::Field::DataOffset => {
+                if saving && m.v1_prepared.is_none() {
+                    let size = ((m.stream.len() - m.read_at) as u64).min(v1_region::DATA_SIZE);
+                    let chunk = m.stream[m.read_at..m.read_at + size as usize].to_vec();
+                    v1_data(&m, v1_region::DATA_OFFSET, |memory, at| {
+                        memory.write(at, &chunk)
+                    })?;
+                    m.v1_prepared = Some(size);
+                }
+                v1_region::DATA_OFFSET
+            }
+            v1_region::Field::DataSize => m.v1_prepared.unwrap_or(0),
+        };
+        data.copy_from_slice(&value.to_le_bytes()[..data.len()]);
+        Ok(())
+    }
+
+    fn v1_write(&self, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        let mut m = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+        if offset >= v1_region::DATA_OFFSET {
+            return v1_data(&m, offset, |memory, at| memory.write(at, data));
+        }
+        let field = v1_region::field(offset, data.len())?;
+        let mut word = [0u8; 8];
+        word[..data.len()].copy_from_slice(data);
+        let value = u64::from_le_bytes(word);
+        match field {
+            v1_region::Field::DeviceState => {
+                let old = m.v1_state;
+                let new = value as u32;
+                for action in v1_region::transition(old, new)? {
+                    if let Err(e) = self.v1_action(&mut m, action) {
+                        m.v1_state = device_state::set_error(old);
+                        m.discard();
+                        return Err(e);
+                    }
+                }
+                m.v1_state = new;
+                Ok(())
+            }
+            v1_region::Field::Reserved => Ok(()),
+            v1_region::Field::DataSize => {
+                if m.v1_state & device_state::MASK != device_state::RESUMING {
+                    return Err(DeviceError::invalid(
+                        "data_size is written only while resuming (100b)",
+                    ));
+                }
+                if value > v1_region::DATA_SIZE {
+                    return Err(DeviceError::invalid(format!(
+                        "data_size {value}: the data section holds {}",
+                        v1_region::DATA_SIZE
+                    )));
+                }
+                if m.stream.len() as u64 + value > MAX_MIGRATION_STREAM as u64 {
+                    return Err(DeviceError::new(
+                        libc::ENOSPC,
+                        format!("migration data beyond {MAX_MIGRATION_STREAM} bytes"),
+                    ));
+                }
+                let mut chunk = vec![0u8; value as usize];
+                v1_data(&m, v1_region::DATA_OFFSET, |memory, at| {
+                    memory.read(at, &mut chunk)
+                })?;
+                m.stream.extend_from_slice(&chunk);
+                Ok(())
+            }
+            field => Err(DeviceError::invalid(format!("{field:?} is read-only"))),
+        }
+    }
+
+    fn v1_action(&self, m: &mut Migration, action: v1_region::Action) -> Result<(), DeviceError> {
+        let mut device = self.device();
+        match action {
+            v1_region::Action::SetRunning(running) => device.set_running(running),
+            v1_region::Action::Discard => {
+                m.discard();
+                Ok(())
+            }
+            v1_region::Action::Save { last } => push_record(&mut m.stream, &device.save(last)?),
+            v1_region::Action::Load => {
+                let stream = std::mem::take(&mut m.stream);
+                m.discard();
+                load_records(&stream, &mut *device)
+            }
+        }
+    }
+}
+
+/// Runs `f` on the migration region's memory at region offset `offset`, refusing it in the
+/// error state.
+fn v1_data<T>(
+    m: &Migration,
+    offset: u64,
+    f: impl FnOnce(&vmig_dma::HostMemory, usize) -> std::io::Result<T>,
+) -> Result<T, DeviceError> {
+    if device_state::is_error(m.v1_state) {
+        return Err(DeviceError::invalid(
+            "the device is in the error state: reset it",
+        ));
+    }
+    let (_, memory) = m
+        .v1_region
+        .as_ref()
+        .ok_or_else(|| DeviceError::invalid("no migration region"))?;
+    f(memory, offset as usize).map_err(|e| DeviceError::invalid(e.to_string()))
+}
+
+/// Appends one `[u32 length][bytes]` record.
+fn push_record(stream: &mut Vec<u8>, bytes: &[u8]) -> Result<(), DeviceError> {
+    let len = u32::try_from(bytes.len())
+        .map_err(|_| DeviceError::new(libc::E2BIG, "a state record over 4 GiB"))?;
+    stream.extend_from_slice(&len.to_le_bytes());
+    stream.extend_from_slice(bytes);
+    Ok(())
+}
+
+/// Hands each record of `stream` to the device, in order.
+fn load_records<D: Device + ?Sized>(stream: &[u8], device: &mut D) -> Result<(), DeviceError> {
+    let mut at = 0;
+    while at < stream.len() {
+        let Some(len) = stream.get(at..at + 4) else {
+            return Err(DeviceError::invalid(
+                "the migration data ends inside a record header",
+            ));
+        };
+        let len = u32::from_le_bytes(len.try_into().unwrap_or_default()) as usize;
+        let Some(body) = stream.get(at + 4..at + 4 + len) else {
+            return Err(DeviceError::invalid(format!(
+                "the migration data ends inside a {len}-byte record"
+            )));
+        };
+        device.load(body)?;
+        at += 4 + len;
+    }
+    Ok(())
 }
 
 /// A successful reply's payload and descriptors.

@@ -28,6 +28,7 @@ struct TestDevice {
     ctx: Option<DeviceContext>,
     running: bool,
     saves: u32,
+    v1: bool,
 }
 
 impl TestDevice {
@@ -39,6 +40,14 @@ impl TestDevice {
             ctx: None,
             running: true,
             saves: 0,
+            v1: false,
+        }
+    }
+
+    fn v1() -> Self {
+        Self {
+            v1: true,
+            ..Self::new()
         }
     }
 
@@ -135,7 +144,11 @@ impl Device for TestDevice {
     }
 
     fn migration(&self) -> MigrationSupport {
-        MigrationSupport::V2 { pre_copy: true }
+        if self.v1 {
+            MigrationSupport::V1
+        } else {
+            MigrationSupport::V2 { pre_copy: true }
+        }
     }
 
     fn set_running(&mut self, running: bool) -> Result<(), DeviceError> {
@@ -207,7 +220,11 @@ impl Harness {
     }
 
     fn new(config: ServerConfig) -> (Self, Client, Arc<Memory>) {
-        let (h, stream) = Self::with(Arc::new(Server::new(TestDevice::new(), config)));
+        Self::of(TestDevice::new(), config)
+    }
+
+    fn of(device: TestDevice, config: ServerConfig) -> (Self, Client, Arc<Memory>) {
+        let (h, stream) = Self::with(Arc::new(Server::new(device, config)));
         let memory = Arc::new(Memory(Mutex::new(vec![0; 1 << 20])));
         let client = Client::over(stream, Some(memory.clone() as Arc<dyn DmaMemory>)).unwrap();
         (h, client, memory)
@@ -792,4 +809,149 @@ fn raw_malformed_requests_get_error_replies_and_the_server_goes_on() {
     ));
     let why = h.finish().unwrap_err();
     assert!(why.contains("smaller than the 16-byte header"), "{why}");
+}
+
+/// The same migration, driven through the one interface, for a v1 and a v2 device.
+#[test]
+fn device_migration_moves_state_in_both_protocols() {
+    use vmig_vfio_user::device_migration::{DeviceMigration, Protocol};
+    for v1 in [true, false] {
+        let make = || {
+            if v1 {
+                TestDevice::v1()
+            } else {
+                TestDevice::new()
+            }
+        };
+        let config = ServerConfig {
+            max_data_xfer_size: 1500,
+            ..ServerConfig::default()
+        };
+        let (_src_h, src, _) = Harness::of(make(), config.clone());
+        let (_dst_h, dst, _) = Harness::of(make(), config);
+        let source = DeviceMigration::detect(&src).unwrap().expect("migratable");
+        let target = DeviceMigration::detect(&dst).unwrap().expect("migratable");
+        match source.protocol() {
+            Protocol::V1 { region, .. } => assert!(v1 && region == 9),
+            Protocol::V2 { pre_copy } => assert!(!v1 && pre_copy),
+        }
+        src.region_write(BAR0, 0x400, b"first").unwrap();
+        source.start_precopy().unwrap();
+        let mut chunks = source.read_precopy().unwrap();
+        src.region_write(BAR0, 0x400, b"final").unwrap();
+        chunks.extend(source.stop_and_copy().unwrap());
+        assert!(!chunks.is_empty());
+        source.finish_source().unwrap();
+        target.start_resume().unwrap();
+        for chunk in &chunks {
+            target.write_chunk(chunk).unwrap();
+        }
+        target.finish_resume().unwrap();
+        let mut got = [0u8; 5];
+        dst.region_read(BAR0, 0x400, &mut got).unwrap();
+        assert_eq!(&got, b"final", "v1 {v1}");
+        // The source can be resumed after a cancel.
+        source.cancel().unwrap();
+        src.region_write(BAR0, 0x400, b"again").unwrap();
+    }
+}
+
+/// seed000 §2: native-width header access, the invalid states, reserved bits kept, data_size
+/// only while resuming, and a rejected stream leaving the error state until reset.
+#[test]
+fn the_v1_region_follows_the_seed_rules() {
+    let (_h, client, _) = Harness::of(TestDevice::v1(), ServerConfig::default());
+    let region = client.region_info(9).unwrap();
+    assert_eq!(
+        region.region_type,
+        Some((REGION_TYPE_MIGRATION, REGION_SUBTYPE_MIGRATION))
+    );
+    assert_eq!(
+        region.sparse_areas,
+        [(4096, 1 << 20)],
+        "the data section is mmappable"
+    );
+    assert!(region.fd.is_some());
+    assert!(
+        client.migration_flags().unwrap().is_none(),
+        "a v1 device offers no v2 feature"
+    );
+    let read32 = |offset| {
+        let mut b = [0u8; 4];
+        client
+            .region_read(9, offset, &mut b)
+            .map(|()| u32::from_le_bytes(b))
+    };
+    assert_eq!(read32(0).unwrap(), 1, "the default state is _RUNNING");
+    let mut two = [0u8; 2];
+    assert_eq!(
+        client
+            .region_read(9, 0, &mut two)
+            .unwrap_err()
+            .remote_errno(),
+        Some(libc::EINVAL)
+    );
+    assert_eq!(
+        client
+            .region_read(9, 12, &mut [0u8; 4])
+            .unwrap_err()
+            .remote_errno(),
+        Some(libc::EINVAL)
+    );
+    // Reserved bits are kept; 110b (error) and 101b are refused and change nothing.
+    client
+        .region_write(9, 0, &0x8000_0001u32.to_le_bytes())
+        .unwrap();
+    assert_eq!(read32(0).unwrap(), 0x8000_0001);
+    for bad in [0x8000_0006u32, 0x8000_0005] {
+        assert_eq!(
+            client
+                .region_write(9, 0, &bad.to_le_bytes())
+                .unwrap_err()
+                .remote_errno(),
+            Some(libc::EINVAL)
+        );
+        assert_eq!(read32(0).unwrap(), 0x8000_0001);
+    }
+    assert_eq!(
+        client
+            .region_write(9, 24, &8u64.to_le_bytes())
+            .unwrap_err()
+            .remote_errno(),
+        Some(libc::EINVAL)
+    );
+    // A stream the device rejects: the 100 -> 001 write fails and the state reads ERROR.
+    client
+        .region_write(9, 0, &0x8000_0004u32.to_le_bytes())
+        .unwrap();
+    client.region_write(9, 4096, &[9, 0, 0, 0, 1, 2]).unwrap();
+    client.region_write(9, 24, &6u64.to_le_bytes()).unwrap();
+    assert_eq!(
+        client
+            .region_write(9, 0, &0x8000_0001u32.to_le_bytes())
+            .unwrap_err()
+            .remote_errno(),
+        Some(libc::EINVAL)
+    );
+    assert_eq!(
+        read32(0).unwrap(),
+        0x8000_0006,
+        "the error state, reserved bits kept"
+    );
+    assert_eq!(
+        client
+            .region_write(9, 0, &1u32.to_le_bytes())
+            .unwrap_err()
+            .remote_errno(),
+        Some(libc::EINVAL)
+    );
+    assert_eq!(
+        client
+            .region_read(9, 4096, &mut [0u8; 8])
+            .unwrap_err()
+            .remote_errno(),
+        Some(libc::EINVAL)
+    );
+    client.reset().unwrap();
+    assert_eq!(read32(0).unwrap() & 7, 1);
 }

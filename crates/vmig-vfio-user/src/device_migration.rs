@@ -1,0 +1,250 @@
+//! One interface over both VFIO migration protocols, for the migration engine: it detects what
+//! a device speaks (v2 through `DEVICE_FEATURE` `MIGRATION`, else v1 through a region of type 3
+//! subtype 1) and drives pre-copy, stop-and-copy and resume the same way for both. State moves
+//! as chunks; a destination receives each chunk as the source produced it (v1 requires "the same
+//! transaction size at source", seed000 §2.5).
+//!
+//! | step | v2 | v1 (`device_state`) |
+//! |---|---|---|
+//! | `start_precopy` | PRE_COPY (if supported) | 011 |
+//! | `read_precopy` | MIG_DATA_READ until short | pending → data_offset → data_size → data, while pending > 0 |
+//! | `stop_and_copy` | STOP_COPY, read all | 010, read until pending is 0 |
+//! | `finish_source` | STOP | 000 |
+//! | `cancel` | RUNNING | 001 |
+//! | `start_resume` | RESUMING | 100 |
+//! | `write_chunk` | MIG_DATA_WRITE | data at data_offset, then data_size |
+//! | `finish_resume` | RUNNING | 001 |
+
+use vmig_dma::uapi::device_state;
+
+use crate::client::{Client, ClientError};
+use crate::migration::MigState;
+use crate::wire::{Command, MIGRATION_PRE_COPY, REGION_SUBTYPE_MIGRATION, REGION_TYPE_MIGRATION};
+
+type Result<T> = std::result::Result<T, ClientError>;
+
+/// The protocol a device speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// The migration region at this index.
+    V1 {
+        /// Region index.
+        region: u32,
+        /// Bytes from `data_offset` to the region's end.
+        region_size: u64,
+    },
+    /// `DEVICE_FEATURE` migration.
+    V2 {
+        /// PRE_COPY supported.
+        pre_copy: bool,
+    },
+}
+
+impl Protocol {
+    /// "v1" or "v2".
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::V1 { .. } => "v1",
+            Self::V2 { .. } => "v2",
+        }
+    }
+}
+
+/// A device's migration, whatever its protocol.
+#[derive(Debug)]
+pub struct DeviceMigration<'a> {
+    client: &'a Client,
+    protocol: Protocol,
+}
+
+/// Most chunks one read loop takes before deciding the device is misbehaving.
+const MAX_CHUNKS: usize = 1 << 20;
+
+impl<'a> DeviceMigration<'a> {
+    /// Finds the protocol `client`'s device speaks; `None` when it cannot migrate.
+    pub fn detect(client: &'a Client) -> Result<Option<Self>> {
+        if let Some(flags) = client.migration_flags()? {
+            let protocol = Protocol::V2 {
+                pre_copy: flags & MIGRATION_PRE_COPY != 0,
+            };
+            return Ok(Some(Self { client, protocol }));
+        }
+        let regions = client.device_info()?.num_regions;
+        for index in 0..regions.min(64) {
+            let Ok(region) = client.region_info(index) else {
+                continue;
+            };
+            if region.region_type == Some((REGION_TYPE_MIGRATION, REGION_SUBTYPE_MIGRATION)) {
+                let protocol = Protocol::V1 {
+                    region: index,
+                    region_size: region.info.size,
+                };
+                return Ok(Some(Self { client, protocol }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The protocol.
+    pub fn protocol(&self) -> Protocol {
+        self.protocol
+    }
+
+    fn v1_read(&self, region: u32, offset: u64) -> Result<u64> {
+        let mut bytes = [0u8; 8];
+        let width = if offset < 8 { 4 } else { 8 };
+        self.client
+            .region_read(region, offset, &mut bytes[..width])?;
+        Ok(u64::from_le_bytes(bytes))
+    }
+
+    fn v1_set(&self, region: u32, bits: u32) -> Result<()> {
+        let current = self.v1_read(region, 0)? as u32;
+        // Read-modify-write: the reserved bits are preserved (seed000 §2.2).
+        let next = (current & !device_state::MASK) | bits;
+        self.client.region_write(region, 0, &next.to_le_bytes())
+    }
+
+    fn v2_set(&self, state: MigState) -> Result<()> {
+        let now = self.client.set_mig_state(state)?;
+        if now != state {
+            return Err(ClientError::Protocol {
+                command: Command::DeviceFeature,
+                why: format!("asked for {state}, the device reports {now}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Starts saving while the device runs (a device without PRE_COPY stays running).
+    pub fn start_precopy(&self) -> Result<()> {
+        match self.protocol {
+            Protocol::V2 { pre_copy: true } => self.v2_set(MigState::PreCopy),
+            Protocol::V2 { pre_copy: false } => Ok(()),
+            Protocol::V1 { region, .. } => {
+                self.v1_set(region, device_state::RUNNING | device_state::SAVING)
+            }
+        }
+    }
+
+    fn v1_drain(&self, region: u32, region_size: u64) -> Result<Vec<Vec<u8>>> {
+        let mut chunks = Vec::new();
+        let mut pending = self.v1_read(region, 8)?;
+        while pending > 0 {
+            if chunks.len() >= MAX_CHUNKS {
+                return Err(ClientError::Protocol {
+                    command: Command::RegionRead,
+                    why: "pending_bytes never reaches 0".into(),
+                });
+            }
+            let offset = self.v1_read(region, 16)?;
+            let size = self.v1_read(region, 24)?;
+            if offset < 32
+                || offset.checked_add(size).is_none_or(|end| end > region_size)
+                || size == 0
+            {
+                return Err(ClientError::Protocol {
+                    command: Command::RegionRead,
+                    why: format!(
+                        "data_offset {offset:#x} and data_size {size:#x} do not fit the {region_size:#x}-byte region"
+                    ),
+                });
+            }
+            let mut chunk = vec![0u8; size as usize];
+            self.client.region_read(region, offset, &mut chunk)?;
+            chunks.push(chunk);
+            pending = self.v1_read(region, 8)?;
+        }
+        Ok(chunks)
+    }
+
+    /// The state the device has ready now (pre-copy; more may follow).
+    pub fn read_precopy(&self) -> Result<Vec<Vec<u8>>> {
+        match self.protocol {
+            Protocol::V2 { pre_copy: true } => Ok(vec![self.client.mig_data_read_all()?]),
+            Protocol::V2 { pre_copy: false } => Ok(Vec::new()),
+            Protocol::V1 {
+                region,
+                region_size,
+            } => self.v1_drain(region, region_size),
+        }
+    }
+
+    /// Stops the device and reads the rest of its state.
+    pub fn stop_and_copy(&self) -> Result<Vec<Vec<u8>>> {
+        match self.protocol {
+            Protocol::V2 { .. } => {
+                self.v2_set(MigState::StopCopy)?;
+                Ok(vec![self.client.mig_data_read_all()?])
+            }
+            Protocol::V1 {
+                region,
+                region_size,
+            } => {
+                self.v1_set(region, device_state::SAVING)?;
+                self.v1_drain(region, region_size)
+            }
+        }
+    }
+
+    /// The source is done: the device stays stopped.
+    pub fn finish_source(&self) -> Result<()> {
+        match self.protocol {
+            Protocol::V2 { .. } => self.v2_set(MigState::Stop),
+            Protocol::V1 { region, .. } => self.v1_set(region, device_state::STOP),
+        }
+    }
+
+    /// Abandons a migration: the device runs again and saved data is dropped.
+    pub fn cancel(&self) -> Result<()> {
+        match self.protocol {
+            Protocol::V2 { .. } => self.v2_set(MigState::Running),
+            Protocol::V1 { region, .. } => self.v1_set(region, device_state::RUNNING),
+        }
+    }
+
+    /// Prepares the destination device to receive state.
+    pub fn start_resume(&self) -> Result<()> {
+        match self.protocol {
+            Protocol::V2 { .. } => self.v2_set(MigState::Resuming),
+            Protocol::V1 { region, .. } => self.v1_set(region, device_state::RESUMING),
+        }
+    }
+
+    /// Gives the destination device one chunk, as the source produced it.
+    pub fn write_chunk(&self, chunk: &[u8]) -> Result<()> {
+        match self.protocol {
+            Protocol::V2 { .. } => self.client.mig_data_write(chunk),
+            Protocol::V1 {
+                region,
+                region_size,
+            } => {
+                let offset = self.v1_read(region, 16)?;
+                if offset < 32
+                    || offset
+                        .checked_add(chunk.len() as u64)
+                        .is_none_or(|end| end > region_size)
+                {
+                    return Err(ClientError::Protocol {
+                        command: Command::RegionWrite,
+                        why: format!(
+                            "a {}-byte chunk does not fit the data section at {offset:#x}",
+                            chunk.len()
+                        ),
+                    });
+                }
+                self.client.region_write(region, offset, chunk)?;
+                self.client
+                    .region_write(region, 24, &(chunk.len() as u64).to_le_bytes())
+            }
+        }
+    }
+
+    /// The destination has all the state: the device loads it and runs.
+    pub fn finish_resume(&self) -> Result<()> {
+        match self.protocol {
+            Protocol::V2 { .. } => self.v2_set(MigState::Running),
+            Protocol::V1 { region, .. } => self.v1_set(region, device_state::RUNNING),
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! The v1 migration region (seed 000): `struct vfio_device_migration_info` at offset 0, a data
+//! section after it, and the rules for `device_state` writes and the save/resume iterations.
+//! This module is the pure part: which actions a `device_state` write means, and which header
+//! field an access names. The server executes the actions against the device.
+//!
+//! ```text
+//!  001 ──► 011 ──► 010 ──► 000        live migration (pre-copy, stop-and-copy, done)
+//!   │  ◄─── cancel ───┘                011/010 → 001 discards saved data
+//!   ├──► 010 ──► 000                   save without pre-copy
+//!   ├──► 000 ──► 001                   stop / start
+//!   └──► 100 ──► 001                   resume, then run (the data is loaded on leaving 100)
+//! ```
+
+use vmig_dma::uapi::device_state::{self, MASK, RESUMING, RUNNING, SAVING};
+
+use crate::server::DeviceError;
+
+/// Region index of the migration region (`VFIO_PCI_NUM_REGIONS`, as libvfio-user places it).
+pub const MIGRATION_REGION_INDEX: u32 = 9;
+/// Offset of the data section in the region: the header page comes first.
+pub const DATA_OFFSET: u64 = 4096;
+/// Bytes of the data section.
+pub const DATA_SIZE: u64 = 1 << 20;
+
+/// What a `device_state` write asks the server to do, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Start (true) or stop (false) the device.
+    SetRunning(bool),
+    /// Forget the saved or received data and start a new stream.
+    Discard,
+    /// Append one saved record (`last`: the device is stopped).
+    Save {
+        /// Stop-and-copy record.
+        last: bool,
+    },
+    /// Load the received stream into the device.
+    Load,
+}
+
+/// The actions of the write of `new` over `old` (both full words; only the low 3 bits matter).
+pub fn transition(old: u32, new: u32) -> Result<Vec<Action>, DeviceError> {
+    use Action::*;
+    if device_state::is_error(old) {
+        return Err(DeviceError::invalid(
+            "the device is in the error state (110b): reset it before writing device_state",
+        ));
+    }
+    let (from, to) = (old & MASK, new & MASK);
+    if !device_state::is_valid(to) || to == SAVING | RESUMING {
+        return Err(DeviceError::invalid(format!(
+            "device_state {to:03b} is not a state a user may request (101b, 110b and 111b are not)"
+        )));
+    }
+    const STOP: u32 = 0;
+    const PRECOPY: u32 = RUNNING | SAVING;
+    Ok(match (from, to) {
+        _ if from == to => Vec::new(),
+        (RUNNING, STOP) => vec![SetRunning(false)],
+        (STOP, RUNNING) => vec![SetRunning(true)],
+        (RUNNING, PRECOPY) => vec![Discard, Save { last: false }],
+        (PRECOPY, SAVING) => vec![SetRunning(false), Save { last: true }],
+        (RUNNING, SAVING) => vec![SetRunning(false), Discard, Save { last: true }],
+        (STOP, SAVING) => vec![Discard, Save { last: true }],
+        (SAVING, STOP) => vec![Discard],
+        (PRECOPY, RUNNING) => vec![Discard],
+        (SAVING, RUNNING) => vec![Discard, SetRunning(true)],
+        (PRECOPY, STOP) => vec![Discard, SetRunning(false)],
+        (RUNNING, RESUMING) => vec![SetRunning(false), Discard],
+        (STOP, RESUMING) => vec![Discard],
+        (RESUMING, RUNNING) => vec![Load, SetRunning(true)],
+        (RESUMING, STOP) => vec![Load],
+        _ => {
+            return Err(DeviceError::invalid(format!(
+                "device_state {from:03b} -> {to:03b} is not a transition of the migration protocol"
+            )));
+        }
+    })
+}
+
+/// A header field.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Field {
+    /// `device_state` (u32 at 0).
+    DeviceState,
+    /// `reserved` (u32 at 4): reads 0, writes ignored.
+    Reserved,
+    /// `pending_bytes` (u64 at 8).
+    PendingBytes,
+    /// `data_offset` (u64 at 16).
+    DataOffset,
+    /// `data_size` (u64 at 24).
+    DataSize,
+}
+
+/// The field an access of `len` bytes at `offset` names: only whole, naturally aligned fields.
+pub fn field(offset: u64, len: usize) -> Result<Field, DeviceError> {
+    Ok(match (offset, len) {
+        (0, 4) => Field::DeviceState,
+        (4, 4) => Field::Reserved,
+        (8, 8) => Field::PendingBytes,
+        (16, 8) => Field::DataOffset,
+        (24, 8) => Field::DataSize,
+        _ => {
+            return Err(DeviceError::invalid(format!(
+                "a {len}-byte access at {offset:#x} of the migration header: only whole fields at their natural width (u32 at 0 and 4, u64 at 8, 16, 24)"
+            )));
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Action::*;
+    use super::*;
+
+    #[test]
+    fn the_seed_paths_are_accepted() {
+        // seed000 §2.3: 001→000, 001→010→000, 001→011→010→000, 001→100→001.
+        assert_eq!(transition(1, 0).unwrap(), [SetRunning(false)]);
+        assert_eq!(
+            transition(1, 2).unwrap(),
+            [SetRunning(false), Discard, Save { last: true }]
+        );
+        assert_eq!(transition(2, 0).unwrap(), [Discard]);
+        assert_eq!(transition(1, 3).unwrap(), [Discard, Save { last: false }]);
+        assert_eq!(
+            transition(3, 2).unwrap(),
+            [SetRunning(false), Save { last: true }]
+        );
+        assert_eq!(transition(1, 4).unwrap(), [SetRunning(false), Discard]);
+        assert_eq!(transition(4, 1).unwrap(), [Load, SetRunning(true)]);
+        // "MUST accept 011→001 and 010→001 (cancel) and 000→001".
+        assert_eq!(transition(3, 1).unwrap(), [Discard]);
+        assert_eq!(transition(2, 1).unwrap(), [Discard, SetRunning(true)]);
+        assert_eq!(transition(0, 1).unwrap(), [SetRunning(true)]);
+        // Reserved bits do not change the meaning.
+        assert_eq!(
+            transition(0xf000_0001, 0xf000_0000).unwrap(),
+            [SetRunning(false)]
+        );
+    }
+
+    #[test]
+    fn invalid_and_error_states_are_refused() {
+        // "SHOULD reject with -EINVAL: transitions into 101b, 110b or 111b; 100→011 and 100→010".
+        for to in [5, 6, 7] {
+            assert!(
+                transition(1, to)
+                    .unwrap_err()
+                    .message
+                    .contains("is not a state"),
+                "{to:03b}"
+            );
+        }
+        assert!(transition(4, 3).is_err());
+        assert!(transition(4, 2).is_err());
+        assert!(
+            transition(2, 3).is_err(),
+            "no way back from stop-and-copy to pre-copy"
+        );
+        // "While in ERROR, every write of device_state other than via reset fails".
+        assert!(transition(6, 1).unwrap_err().message.contains("reset it"));
+    }
+
+    #[test]
+    fn header_fields_only_at_natural_width() {
+        assert_eq!(field(0, 4).unwrap(), Field::DeviceState);
+        assert_eq!(field(24, 8).unwrap(), Field::DataSize);
+        for (offset, len) in [(0, 8), (0, 2), (2, 4), (8, 4), (12, 4), (32, 8), (9, 8)] {
+            assert!(field(offset, len).is_err(), "{offset} {len}");
+        }
+    }
+}
