@@ -13,7 +13,8 @@
 //! | `cancel` | RUNNING | 001 |
 //! | `start_resume` | RESUMING | 100 |
 //! | `write_chunk` | MIG_DATA_WRITE | data at data_offset, then data_size |
-//! | `finish_resume` | RUNNING | 001 |
+//! | `load` | STOP (loads the data) | 000 (loads the data) |
+//! | `run` | RUNNING | 001 |
 
 use vmig_dma::uapi::device_state;
 
@@ -240,11 +241,26 @@ impl<'a> DeviceMigration<'a> {
         }
     }
 
-    /// The destination has all the state: the device loads it and runs.
-    pub fn finish_resume(&self) -> Result<()> {
+    /// The destination has all the state: the device loads it and stays stopped (so the VMM
+    /// can verify everything before anything runs); [`Self::run`] starts it.
+    pub fn load(&self) -> Result<()> {
+        match self.protocol {
+            Protocol::V2 { .. } => self.v2_set(MigState::Stop),
+            Protocol::V1 { region, .. } => self.v1_set(region, device_state::STOP),
+        }
+    }
+
+    /// Starts the device (after [`Self::load`]).
+    pub fn run(&self) -> Result<()> {
         match self.protocol {
             Protocol::V2 { .. } => self.v2_set(MigState::Running),
             Protocol::V1 { region, .. } => self.v1_set(region, device_state::RUNNING),
         }
+    }
+
+    /// [`Self::load`] then [`Self::run`].
+    pub fn finish_resume(&self) -> Result<()> {
+        self.load()?;
+        self.run()
     }
 }

@@ -1,0 +1,494 @@
+//! `dma-engine`: a device that writes guest memory on its own, like a NIC receiving packets.
+//!
+//! The driver gives it a ring of buffer addresses; a device thread writes one stamped record
+//! into the next buffer at the programmed rate, advances `PRODUCER` and signals MSI-X vector 0.
+//! It never overwrites a buffer the driver has not consumed (`PRODUCER - CONSUMER < RING_SIZE`;
+//! otherwise it counts a stall and waits). Every record carries its sequence number (the
+//! producer index) and a checksum, so a record lost, torn or written twice across a migration
+//! shows as a gap, a bad checksum or a repeat in the sequence.
+//!
+//! BAR0 (4 KiB, trapped; u64 registers, little-endian; reads have no side effects and answer in
+//! every state, showing the frozen state when stopped):
+//!
+//! | offset | register | access |
+//! |---|---|---|
+//! | 0x00 | `ID` = "DMAENGN1" | RO |
+//! | 0x08 | `CTRL` (bit 0: enable) | RW |
+//! | 0x10 | `RING_BASE` (IOVA of `RING_SIZE` u64 buffer addresses) | RW |
+//! | 0x18 | `RING_SIZE` (entries, 1 to 65536) | RW |
+//! | 0x20 | `PRODUCER` (records written so far) | RO |
+//! | 0x28 | `CONSUMER` (records the driver consumed) | RW |
+//! | 0x30 | `RATE` (records per second) | RW |
+//! | 0x38 | `SEED` (of the records' payload) | RW |
+//! | 0x40 | `STALLS` (times the ring was full) | RO |
+//! | 0x48 | `DMA_ERRORS` (failed DMA) | RO |
+//!
+//! A record (64 bytes): magic "DMAREC01", sequence, payload (5 words from a xorshift of the
+//! seed and the sequence), checksum of the 7 words before it.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vmig_vfio_user::server::*;
+use vmig_vfio_user::wire::{IRQ_INDEX_MSIX, IRQ_INFO_EVENTFD, IRQ_INFO_MASKABLE};
+
+/// `ID` register value.
+pub const ID: u64 = u64::from_le_bytes(*b"DMAENGN1");
+/// Record magic.
+pub const RECORD_MAGIC: u64 = u64::from_le_bytes(*b"DMAREC01");
+/// Bytes per record.
+pub const RECORD_SIZE: usize = 64;
+/// BAR0 size.
+pub const BAR0_SIZE: u64 = 4096;
+/// Register offsets.
+pub mod reg {
+    /// `ID`.
+    pub const ID: u64 = 0x00;
+    /// `CTRL`.
+    pub const CTRL: u64 = 0x08;
+    /// `RING_BASE`.
+    pub const RING_BASE: u64 = 0x10;
+    /// `RING_SIZE`.
+    pub const RING_SIZE: u64 = 0x18;
+    /// `PRODUCER`.
+    pub const PRODUCER: u64 = 0x20;
+    /// `CONSUMER`.
+    pub const CONSUMER: u64 = 0x28;
+    /// `RATE`.
+    pub const RATE: u64 = 0x30;
+    /// `SEED`.
+    pub const SEED: u64 = 0x38;
+    /// `STALLS`.
+    pub const STALLS: u64 = 0x40;
+    /// `DMA_ERRORS`.
+    pub const DMA_ERRORS: u64 = 0x48;
+}
+const MAX_RING: u64 = 65536;
+const STATE_MAGIC: u64 = u64::from_le_bytes(*b"DMAESTA1");
+
+/// The registers, which are the whole device state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Registers {
+    /// `CTRL`.
+    pub ctrl: u64,
+    /// `RING_BASE`.
+    pub ring_base: u64,
+    /// `RING_SIZE`.
+    pub ring_size: u64,
+    /// `PRODUCER`.
+    pub producer: u64,
+    /// `CONSUMER`.
+    pub consumer: u64,
+    /// `RATE`.
+    pub rate: u64,
+    /// `SEED`.
+    pub seed: u64,
+    /// `STALLS`.
+    pub stalls: u64,
+    /// `DMA_ERRORS`.
+    pub dma_errors: u64,
+}
+
+impl Registers {
+    const WORDS: usize = 9;
+
+    fn read(&self, offset: u64) -> u64 {
+        match offset {
+            reg::ID => ID,
+            reg::CTRL => self.ctrl,
+            reg::RING_BASE => self.ring_base,
+            reg::RING_SIZE => self.ring_size,
+            reg::PRODUCER => self.producer,
+            reg::CONSUMER => self.consumer,
+            reg::RATE => self.rate,
+            reg::SEED => self.seed,
+            reg::STALLS => self.stalls,
+            reg::DMA_ERRORS => self.dma_errors,
+            _ => 0,
+        }
+    }
+
+    fn to_words(self) -> [u64; Self::WORDS] {
+        [
+            self.ctrl,
+            self.ring_base,
+            self.ring_size,
+            self.producer,
+            self.consumer,
+            self.rate,
+            self.seed,
+            self.stalls,
+            self.dma_errors,
+        ]
+    }
+
+    fn from_words(w: &[u64]) -> Self {
+        Self {
+            ctrl: w[0],
+            ring_base: w[1],
+            ring_size: w[2],
+            producer: w[3],
+            consumer: w[4],
+            rate: w[5],
+            seed: w[6],
+            stalls: w[7],
+            dma_errors: w[8],
+        }
+    }
+}
+
+/// The record the device writes for sequence `seq` with `seed`.
+pub fn record(seed: u64, seq: u64) -> [u64; 8] {
+    let mut x = seed ^ seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x2545_f491_4f6c_dd1d;
+    let mut words = [0u64; 8];
+    words[0] = RECORD_MAGIC;
+    words[1] = seq;
+    for w in &mut words[2..7] {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *w = x;
+    }
+    words[7] = checksum(&words[..7]);
+    words
+}
+
+fn checksum(words: &[u64]) -> u64 {
+    words.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, w| {
+        (h ^ w).wrapping_mul(0x100_0000_01b3).rotate_left(17)
+    })
+}
+
+/// Checks a record read from a buffer: `Ok(seq)` or what is wrong with it.
+pub fn check_record(bytes: &[u8], seed: u64) -> Result<u64, String> {
+    if bytes.len() < RECORD_SIZE {
+        return Err(format!("{} bytes, a record has {RECORD_SIZE}", bytes.len()));
+    }
+    let words: Vec<u64> = bytes[..RECORD_SIZE]
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+        .collect();
+    if words[0] != RECORD_MAGIC {
+        return Err(format!("magic {:#x}", words[0]));
+    }
+    if words[..] != record(seed, words[1])[..] {
+        return Err(format!(
+            "record {} does not match its payload or checksum",
+            words[1]
+        ));
+    }
+    Ok(words[1])
+}
+
+struct Shared {
+    regs: Registers,
+    /// Cleared by `set_running(false)`; the worker parks.
+    running: bool,
+    /// The worker is between records (not holding a DMA in flight).
+    idle: bool,
+    ctx: Option<DeviceContext>,
+    quit: bool,
+}
+
+struct Inner {
+    shared: Mutex<Shared>,
+    changed: Condvar,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Which migration protocol the engine offers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Migration {
+    /// The v1 migration region.
+    V1,
+    /// v2 with PRE_COPY.
+    V2,
+}
+
+/// The device.
+pub struct DmaEngine {
+    inner: Arc<Inner>,
+    worker: Option<JoinHandle<()>>,
+    migration: Migration,
+}
+
+impl DmaEngine {
+    /// A stopped engine (CTRL 0) offering `migration`.
+    pub fn new(migration: Migration) -> Self {
+        let inner = Arc::new(Inner {
+            shared: Mutex::new(Shared {
+                regs: Registers::default(),
+                running: true,
+                idle: true,
+                ctx: None,
+                quit: false,
+            }),
+            changed: Condvar::new(),
+        });
+        let worker = {
+            let inner = Arc::clone(&inner);
+            std::thread::Builder::new()
+                .name("dma-engine".into())
+                .spawn(move || work(&inner))
+                .ok()
+        };
+        Self {
+            inner,
+            worker,
+            migration,
+        }
+    }
+
+    /// The registers now.
+    pub fn registers(&self) -> Registers {
+        self.inner.lock().regs
+    }
+}
+
+impl Drop for DmaEngine {
+    fn drop(&mut self) {
+        self.inner.lock().quit = true;
+        self.inner.changed.notify_all();
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+/// The device thread: one record per tick while enabled, running, connected and the ring has
+/// room.
+fn work(inner: &Inner) {
+    let mut next = Instant::now();
+    loop {
+        let (ctx, regs) = {
+            let mut s = inner.lock();
+            loop {
+                if s.quit {
+                    return;
+                }
+                let ready = s.running
+                    && s.ctx.is_some()
+                    && s.regs.ctrl & 1 != 0
+                    && s.regs.rate > 0
+                    && s.regs.ring_size > 0;
+                if ready {
+                    break;
+                }
+                s.idle = true;
+                inner.changed.notify_all();
+                s = inner.changed.wait(s).unwrap_or_else(|e| e.into_inner());
+                next = Instant::now();
+            }
+            s.idle = false;
+            (s.ctx.clone(), s.regs)
+        };
+        let period = Duration::from_secs_f64(1.0 / regs.rate.min(10_000_000) as f64);
+        let now = Instant::now();
+        if next > now {
+            // Sleep without holding the lock; a stop request is answered after this record.
+            std::thread::sleep((next - now).min(Duration::from_millis(5)));
+            if Instant::now() < next {
+                inner.lock().idle = true;
+                inner.changed.notify_all();
+                continue;
+            }
+        }
+        next += period;
+        if next + Duration::from_millis(100) < Instant::now() {
+            next = Instant::now(); // do not burst after a long pause
+        }
+        let Some(ctx) = ctx else { continue };
+        let mut s = inner.lock();
+        if !s.running || s.quit {
+            s.idle = true;
+            inner.changed.notify_all();
+            continue;
+        }
+        if s.regs.producer.wrapping_sub(s.regs.consumer) >= s.regs.ring_size {
+            s.regs.stalls += 1;
+            s.idle = true;
+            inner.changed.notify_all();
+            continue;
+        }
+        // The DMA happens with the state locked: a stop waits for the record to be whole.
+        let index = s.regs.producer % s.regs.ring_size;
+        let mut address = [0u8; 8];
+        let written = ctx
+            .dma_read(s.regs.ring_base + index * 8, &mut address)
+            .and_then(|()| {
+                let words = record(s.regs.seed, s.regs.producer);
+                let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+                ctx.dma_write(u64::from_le_bytes(address), &bytes)
+            });
+        match written {
+            Ok(()) => {
+                s.regs.producer += 1;
+                ctx.trigger_irq(IRQ_INDEX_MSIX, 0);
+            }
+            Err(_) => s.regs.dma_errors += 1,
+        }
+        s.idle = true;
+        inner.changed.notify_all();
+    }
+}
+
+impl Device for DmaEngine {
+    fn spec(&self) -> DeviceSpec {
+        DeviceSpec {
+            pci: true,
+            reset: true,
+            regions: vec![RegionSpec {
+                size: BAR0_SIZE,
+                readable: true,
+                writable: true,
+                ..RegionSpec::default()
+            }],
+            irqs: vec![
+                IrqSpec {
+                    count: 1,
+                    flags: IRQ_INFO_EVENTFD,
+                },
+                IrqSpec {
+                    count: 1,
+                    flags: IRQ_INFO_EVENTFD,
+                },
+                IrqSpec {
+                    count: 1,
+                    flags: IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE,
+                },
+            ],
+        }
+    }
+
+    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        if index != 0 {
+            return Err(DeviceError::invalid(format!(
+                "region {index}: the dma-engine has BAR0 only"
+            )));
+        }
+        let regs = self.inner.lock().regs;
+        for (i, byte) in data.iter_mut().enumerate() {
+            let at = offset + i as u64;
+            *byte = regs.read(at & !7).to_le_bytes()[(at & 7) as usize];
+        }
+        Ok(())
+    }
+
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        if index != 0 || !offset.is_multiple_of(8) || data.len() != 8 {
+            return Err(DeviceError::invalid(
+                "dma-engine registers are written as aligned u64s",
+            ));
+        }
+        let value = u64::from_le_bytes(data.try_into().unwrap_or_default());
+        let mut s = self.inner.lock();
+        let r = &mut s.regs;
+        match offset {
+            reg::CTRL => r.ctrl = value & 1,
+            reg::RING_BASE => r.ring_base = value,
+            reg::RING_SIZE if value <= MAX_RING => r.ring_size = value,
+            reg::RING_SIZE => {
+                return Err(DeviceError::invalid(format!(
+                    "RING_SIZE {value}: at most {MAX_RING}"
+                )));
+            }
+            reg::CONSUMER if value <= r.producer && r.producer - value <= r.ring_size.max(1) => {
+                r.consumer = value
+            }
+            reg::CONSUMER => {
+                return Err(DeviceError::invalid(format!(
+                    "CONSUMER {value} with PRODUCER {}",
+                    r.producer
+                )));
+            }
+            reg::RATE => r.rate = value,
+            reg::SEED => r.seed = value,
+            _ => {
+                return Err(DeviceError::invalid(format!(
+                    "register {offset:#x} is read-only or does not exist"
+                )));
+            }
+        }
+        drop(s);
+        self.inner.changed.notify_all();
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Result<(), DeviceError> {
+        let mut s = self.inner.lock();
+        s.regs = Registers::default();
+        s.running = true;
+        drop(s);
+        self.inner.changed.notify_all();
+        Ok(())
+    }
+
+    fn connect(&mut self, ctx: DeviceContext) {
+        self.inner.lock().ctx = Some(ctx);
+        self.inner.changed.notify_all();
+    }
+
+    fn disconnect(&mut self) {
+        self.inner.lock().ctx = None;
+        self.inner.changed.notify_all();
+    }
+
+    fn migration(&self) -> MigrationSupport {
+        match self.migration {
+            Migration::V1 => MigrationSupport::V1,
+            Migration::V2 => MigrationSupport::V2 { pre_copy: true },
+        }
+    }
+
+    fn set_running(&mut self, running: bool) -> Result<(), DeviceError> {
+        let mut s = self.inner.lock();
+        s.running = running;
+        self.inner.changed.notify_all();
+        if !running {
+            // Wait for the record in progress: no DMA after this returns.
+            while !s.idle {
+                s = self
+                    .inner
+                    .changed
+                    .wait(s)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        Ok(())
+    }
+
+    fn save(&mut self, _last: bool) -> Result<Vec<u8>, DeviceError> {
+        let regs = self.inner.lock().regs;
+        let mut out = STATE_MAGIC.to_le_bytes().to_vec();
+        for w in regs.to_words() {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        Ok(out)
+    }
+
+    fn load(&mut self, record: &[u8]) -> Result<(), DeviceError> {
+        let expected = 8 * (Registers::WORDS + 1);
+        if record.len() != expected || record[..8] != STATE_MAGIC.to_le_bytes() {
+            return Err(DeviceError::invalid(format!(
+                "a dma-engine state record is {expected} bytes starting \"DMAESTA1\"; got {} bytes",
+                record.len()
+            )));
+        }
+        let words: Vec<u64> = record[8..]
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+            .collect();
+        let regs = Registers::from_words(&words);
+        if regs.ring_size > MAX_RING || regs.consumer > regs.producer {
+            return Err(DeviceError::invalid("the dma-engine state is inconsistent"));
+        }
+        self.inner.lock().regs = regs;
+        Ok(())
+    }
+}
