@@ -2,9 +2,11 @@
 //!
 //! `vmig run` starts a VM on `/dev/kvm` with a self-checking guest workload and CPU dirty
 //! tracking, prints once a second what the guest wrote and what the tracker reported, and ends
-//! with the guest's own verify. The commands that serve devices and migrate (`device serve`,
-//! `migrate`, `ctl`, `demo`, `bench`) arrive with the crates that implement them.
+//! with the guest's own verify. `vmig device serve` serves a sample vfio-user device and
+//! `vmig device probe` describes any vfio-user server. The commands that migrate (`migrate`,
+//! `ctl`, `demo`, `bench`) arrive with the engine.
 
+mod device;
 mod run;
 
 use std::process::ExitCode;
@@ -26,12 +28,14 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Run(run::RunArgs),
+    Device(device::DeviceArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(&args),
+        Command::Device(args) => device::run(&args),
     };
     match result {
         Ok(code) => code,

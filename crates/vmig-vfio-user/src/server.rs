@@ -199,6 +199,12 @@ pub trait Device: Send {
     }
 }
 
+/// A flag set by SIGTERM or SIGINT, for [`Server::run`]: the server stops cleanly instead of
+/// dying mid-command.
+pub fn stop_on_termination() -> std::io::Result<&'static AtomicBool> {
+    crate::sys::termination_flag()
+}
+
 /// Largest migration stream a destination accepts.
 pub const MAX_MIGRATION_STREAM: usize = 1 << 30;
 

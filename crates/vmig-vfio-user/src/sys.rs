@@ -126,3 +126,27 @@ pub fn recv_with_fds(
         fds_truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
     })
 }
+
+static TERMINATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_terminate(_: libc::c_int) {
+    TERMINATE.store(true, std::sync::atomic::Ordering::Release);
+}
+
+/// A flag that SIGTERM and SIGINT set (instead of killing the process), for a server that stops
+/// cleanly: it finishes the command in hand, drops the client and returns.
+pub fn termination_flag() -> io::Result<&'static std::sync::atomic::AtomicBool> {
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: a zeroed sigaction is valid; the handler only stores to an atomic, which is
+        // async-signal-safe.
+        let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+        action.sa_sigaction = on_terminate as *const () as usize;
+        // SAFETY: `sa_mask` is a valid sigset inside `action`.
+        unsafe { libc::sigemptyset(&mut action.sa_mask) };
+        // SAFETY: installs the handler above for a terminating signal.
+        if unsafe { libc::sigaction(signal, &action, std::ptr::null_mut()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(&TERMINATE)
+}

@@ -1,0 +1,121 @@
+//! `vmig device serve` and `vmig device probe` as a user runs them.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn vmig() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vmig"))
+}
+
+fn wait_for(path: &std::path::Path) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(Instant::now() < end, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn serve_then_probe_in_both_migration_versions_and_stop_on_sigterm() {
+    let dir = std::env::temp_dir().join(format!("vmig-device-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (version, expected) in [
+        ("v1", "migration: v1 (migration region 9)"),
+        ("v2", "migration: v2 (STOP_COPY, PRE_COPY)"),
+    ] {
+        let socket = dir.join(format!("{version}.sock"));
+        let mut server = vmig()
+            .args([
+                "device",
+                "serve",
+                "--socket",
+                socket.to_str().unwrap(),
+                "--device",
+                "dma-engine",
+                "--migration",
+                version,
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for(&socket);
+        let probe = vmig()
+            .args(["device", "probe", "--socket", socket.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&probe.stdout);
+        assert!(
+            probe.status.success(),
+            "{out}{}",
+            String::from_utf8_lossy(&probe.stderr)
+        );
+        assert!(out.contains(expected), "{out}");
+        assert!(out.contains("region 0: 4096 bytes, rw, trapped"), "{out}");
+        assert!(
+            out.contains("irq 2 (MSI-X): 1 vector(s), eventfd, maskable"),
+            "{out}"
+        );
+        assert!(out.contains("v2 DMA logging yes"), "{out}");
+        // A second server on the same socket is refused while the first listens.
+        let second = vmig()
+            .args(["device", "serve", "--socket", socket.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!second.status.success());
+        assert!(String::from_utf8_lossy(&second.stderr).contains("already listening"));
+        // SAFETY-free SIGTERM through kill(1).
+        let killed = Command::new("kill")
+            .args(["-TERM", &server.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let status = server.wait().unwrap();
+        assert!(
+            status.success(),
+            "SIGTERM stops the server cleanly: {status}"
+        );
+        assert!(!socket.exists(), "the socket is removed");
+    }
+}
+
+#[test]
+fn bad_device_arguments_end_with_one_clear_line() {
+    for (args, expected) in [
+        (
+            vec![
+                "device",
+                "serve",
+                "--socket",
+                "/tmp/vmig-x.sock",
+                "--device",
+                "gpu",
+            ],
+            "the devices are: dma-engine",
+        ),
+        (
+            vec![
+                "device",
+                "serve",
+                "--socket",
+                "/tmp/vmig-x.sock",
+                "--migration",
+                "v3",
+            ],
+            "expected v1 or v2",
+        ),
+        (
+            vec!["device", "serve", "--socket", "/nonexistent/dir/x.sock"],
+            "cannot listen on /nonexistent/dir/x.sock",
+        ),
+        (
+            vec!["device", "probe", "--socket", "/nonexistent/x.sock"],
+            "cannot connect to /nonexistent/x.sock",
+        ),
+    ] {
+        let out = vmig().args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
