@@ -716,13 +716,13 @@ impl<D: Device> Server<D> {
                 }
                 let start = m.read_at;
                 let end = (start + size as usize).min(m.stream.len());
-                let data = m.stream[start..end].to_vec();
                 m.read_at = end;
-                let head = MigData {
-                    argsz: 8 + data.len() as u32,
-                    size: data.len() as u32,
-                };
-                Ok(Reply::data([head.as_bytes(), &data].concat()))
+                let n = (end - start) as u32;
+                let head = MigData { argsz: 8 + n, size: n };
+                let mut payload = Vec::with_capacity(8 + n as usize);
+                payload.extend_from_slice(head.as_bytes());
+                payload.extend_from_slice(&m.stream[start..end]);
+                Ok(Reply::data(payload))
             }
             Request::MigDataWrite(data) => {
                 let mut m = self.migration.lock().unwrap_or_else(|e| e.into_inner());
