@@ -25,6 +25,10 @@
 //!
 //! A record (64 bytes): magic "DMAREC01", sequence, payload (5 words from a xorshift of the
 //! seed and the sequence), checksum of the 7 words before it.
+//!
+//! PCI config space (region 7, 256 bytes): vendor 0x1234, device 0x7a01, class 0xff (other),
+//! the command register (memory space, bus master), and BAR0, a 32-bit memory BAR of 4 KiB
+//! that answers the usual all-ones size probe.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -65,6 +69,56 @@ pub mod reg {
     pub const DMA_ERRORS: u64 = 0x48;
 }
 const MAX_RING: u64 = 65536;
+/// PCI vendor id.
+pub const VENDOR_ID: u16 = 0x1234;
+/// PCI device id.
+pub const DEVICE_ID: u16 = 0x7a01;
+/// Region index of PCI config space.
+pub const CONFIG_REGION: u32 = 7;
+const CONFIG_SIZE: usize = 256;
+
+/// The PCI config space: the command register and BAR0 are writable, the rest is fixed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Config {
+    command: u16,
+    bar0: u32,
+}
+
+impl Config {
+    fn bytes(&self) -> [u8; CONFIG_SIZE] {
+        let mut c = [0u8; CONFIG_SIZE];
+        c[0..2].copy_from_slice(&VENDOR_ID.to_le_bytes());
+        c[2..4].copy_from_slice(&DEVICE_ID.to_le_bytes());
+        c[4..6].copy_from_slice(&self.command.to_le_bytes());
+        c[0x0b] = 0xff; // class: other
+        c[0x10..0x14].copy_from_slice(&self.bar0.to_le_bytes());
+        c[0x2c..0x2e].copy_from_slice(&VENDOR_ID.to_le_bytes());
+        c[0x2e..0x30].copy_from_slice(&DEVICE_ID.to_le_bytes());
+        c
+    }
+
+    /// Applies a write of `data` at `offset` (inside config space, checked by the framework):
+    /// only the command register and BAR0 change.
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let mut bytes = self.bytes();
+        bytes[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        self.command = u16::from_le_bytes([bytes[4], bytes[5]]) & 0x0006;
+        // The size probe: BAR0 keeps only the address bits a 4 KiB BAR decodes.
+        let bar = u32::from_le_bytes([bytes[0x10], bytes[0x11], bytes[0x12], bytes[0x13]]);
+        self.bar0 = bar & !(BAR0_SIZE as u32 - 1);
+    }
+
+    fn to_word(self) -> u64 {
+        u64::from(self.command) | u64::from(self.bar0) << 32
+    }
+
+    fn from_word(word: u64) -> Self {
+        Self {
+            command: word as u16 & 0x0006,
+            bar0: (word >> 32) as u32 & !(BAR0_SIZE as u32 - 1),
+        }
+    }
+}
 const STATE_MAGIC: u64 = u64::from_le_bytes(*b"DMAESTA1");
 
 /// The registers, which are the whole device state.
@@ -183,6 +237,7 @@ pub fn check_record(bytes: &[u8], seed: u64) -> Result<u64, String> {
 
 struct Shared {
     regs: Registers,
+    config: Config,
     /// Cleared by `set_running(false)`; the worker parks.
     running: bool,
     /// The worker is between records (not holding a DMA in flight).
@@ -224,6 +279,7 @@ impl DmaEngine {
         let inner = Arc::new(Inner {
             shared: Mutex::new(Shared {
                 regs: Registers::default(),
+                config: Config::default(),
                 running: true,
                 idle: true,
                 ctx: None,
@@ -343,12 +399,21 @@ impl Device for DmaEngine {
         DeviceSpec {
             pci: true,
             reset: true,
-            regions: vec![RegionSpec {
-                size: BAR0_SIZE,
-                readable: true,
-                writable: true,
-                ..RegionSpec::default()
-            }],
+            regions: (0..=CONFIG_REGION)
+                .map(|index| {
+                    let size = match index {
+                        0 => BAR0_SIZE,
+                        CONFIG_REGION => CONFIG_SIZE as u64,
+                        _ => 0,
+                    };
+                    RegionSpec {
+                        size,
+                        readable: size > 0,
+                        writable: size > 0,
+                        ..RegionSpec::default()
+                    }
+                })
+                .collect(),
             irqs: vec![
                 IrqSpec {
                     count: 1,
@@ -367,9 +432,14 @@ impl Device for DmaEngine {
     }
 
     fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        if index == CONFIG_REGION {
+            let bytes = self.inner.lock().config.bytes();
+            data.copy_from_slice(&bytes[offset as usize..offset as usize + data.len()]);
+            return Ok(());
+        }
         if index != 0 {
             return Err(DeviceError::invalid(format!(
-                "region {index}: the dma-engine has BAR0 only"
+                "region {index}: the dma-engine has BAR0 and config space"
             )));
         }
         let regs = self.inner.lock().regs;
@@ -381,6 +451,10 @@ impl Device for DmaEngine {
     }
 
     fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        if index == CONFIG_REGION {
+            self.inner.lock().config.write(offset, data);
+            return Ok(());
+        }
         if index != 0 || !offset.is_multiple_of(8) || data.len() != 8 {
             return Err(DeviceError::invalid(
                 "dma-engine registers are written as aligned u64s",
@@ -423,6 +497,7 @@ impl Device for DmaEngine {
     fn reset(&mut self) -> Result<(), DeviceError> {
         let mut s = self.inner.lock();
         s.regs = Registers::default();
+        s.config = Config::default();
         s.running = true;
         drop(s);
         self.inner.changed.notify_all();
@@ -464,16 +539,17 @@ impl Device for DmaEngine {
     }
 
     fn save(&mut self, _last: bool) -> Result<Vec<u8>, DeviceError> {
-        let regs = self.inner.lock().regs;
+        let s = self.inner.lock();
         let mut out = STATE_MAGIC.to_le_bytes().to_vec();
-        for w in regs.to_words() {
+        for w in s.regs.to_words() {
             out.extend_from_slice(&w.to_le_bytes());
         }
+        out.extend_from_slice(&s.config.to_word().to_le_bytes());
         Ok(out)
     }
 
     fn load(&mut self, record: &[u8]) -> Result<(), DeviceError> {
-        let expected = 8 * (Registers::WORDS + 1);
+        let expected = 8 * (Registers::WORDS + 2);
         if record.len() != expected || record[..8] != STATE_MAGIC.to_le_bytes() {
             return Err(DeviceError::invalid(format!(
                 "a dma-engine state record is {expected} bytes starting \"DMAESTA1\"; got {} bytes",
@@ -488,7 +564,9 @@ impl Device for DmaEngine {
         if regs.ring_size > MAX_RING || regs.consumer > regs.producer {
             return Err(DeviceError::invalid("the dma-engine state is inconsistent"));
         }
-        self.inner.lock().regs = regs;
+        let mut s = self.inner.lock();
+        s.regs = regs;
+        s.config = Config::from_word(words[Registers::WORDS]);
         Ok(())
     }
 }

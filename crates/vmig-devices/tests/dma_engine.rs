@@ -217,3 +217,36 @@ fn a_full_ring_stalls_instead_of_overwriting() {
             .is_err()
     );
 }
+
+#[test]
+fn config_space_identifies_the_device_and_sizes_bar0() {
+    let ram_fd = vmig_dma::memfd("guest-ram", RAM).unwrap();
+    let served = serve(Migration::V2, &ram_fd);
+    let c = &served.client;
+    let mut id = [0u8; 4];
+    c.region_read(dma_engine::CONFIG_REGION, 0, &mut id)
+        .unwrap();
+    assert_eq!(u16::from_le_bytes([id[0], id[1]]), dma_engine::VENDOR_ID);
+    assert_eq!(u16::from_le_bytes([id[2], id[3]]), dma_engine::DEVICE_ID);
+    // The size probe: all ones in, the 4 KiB mask out; then a base address sticks.
+    c.region_write(dma_engine::CONFIG_REGION, 0x10, &u32::MAX.to_le_bytes())
+        .unwrap();
+    let mut bar = [0u8; 4];
+    c.region_read(dma_engine::CONFIG_REGION, 0x10, &mut bar)
+        .unwrap();
+    assert_eq!(u32::from_le_bytes(bar), !0xfff);
+    c.region_write(
+        dma_engine::CONFIG_REGION,
+        0x10,
+        &0xfe00_0000u32.to_le_bytes(),
+    )
+    .unwrap();
+    c.region_read(dma_engine::CONFIG_REGION, 0x10, &mut bar)
+        .unwrap();
+    assert_eq!(u32::from_le_bytes(bar), 0xfe00_0000);
+    assert_eq!(
+        c.region_info(dma_engine::CONFIG_REGION).unwrap().info.size,
+        256
+    );
+    assert!(c.region_info(3).is_err(), "BARs 1-5 do not exist");
+}

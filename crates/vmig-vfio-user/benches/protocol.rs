@@ -30,7 +30,12 @@ struct Bench {
 impl Device for Bench {
     fn spec(&self) -> DeviceSpec {
         DeviceSpec {
-            regions: vec![RegionSpec { size: 1 << 20, readable: true, writable: true, ..RegionSpec::default() }],
+            regions: vec![RegionSpec {
+                size: 1 << 20,
+                readable: true,
+                writable: true,
+                ..RegionSpec::default()
+            }],
             ..DeviceSpec::default()
         }
     }
@@ -56,7 +61,13 @@ impl Device for Bench {
 fn connect() -> (Client, Arc<Mutex<Option<DeviceContext>>>) {
     let (a, b) = UnixStream::pair().unwrap();
     let ctx = Arc::new(Mutex::new(None));
-    let server = Server::new(Bench { bar: vec![0; 1 << 20], ctx: Arc::clone(&ctx) }, ServerConfig::default());
+    let server = Server::new(
+        Bench {
+            bar: vec![0; 1 << 20],
+            ctx: Arc::clone(&ctx),
+        },
+        ServerConfig::default(),
+    );
     std::thread::spawn(move || {
         let stop = AtomicBool::new(false);
         let _ = server.serve(b, &stop);
@@ -90,14 +101,21 @@ fn socket_ping_pong() -> Duration {
 }
 
 fn region_round_trips(c: &mut Criterion) {
-    println!("socket ping-pong round trip (the limit): {:?}", socket_ping_pong());
+    println!(
+        "socket ping-pong round trip (the limit): {:?}",
+        socket_ping_pong()
+    );
     let (client, _) = connect();
     let mut group = c.benchmark_group("region");
     for size in [4usize, 4096] {
         let mut buf = vec![0u8; size];
         group.throughput(Throughput::Bytes(size as u64));
-        group.bench_function(format!("read {size} B"), |b| b.iter(|| client.region_read(0, 0, &mut buf).unwrap()));
-        group.bench_function(format!("write {size} B"), |b| b.iter(|| client.region_write(0, 0, &buf).unwrap()));
+        group.bench_function(format!("read {size} B"), |b| {
+            b.iter(|| client.region_read(0, 0, &mut buf).unwrap())
+        });
+        group.bench_function(format!("write {size} B"), |b| {
+            b.iter(|| client.region_write(0, 0, &buf).unwrap())
+        });
     }
     group.finish();
 }
@@ -154,7 +172,9 @@ fn migration_stream(_: &mut Criterion) {
 fn logging_report(c: &mut Criterion) {
     let (client, ctx) = connect();
     let ram = vmig_dma::memfd("bench-ram", 1 << 30).unwrap();
-    client.dma_map(0, 1 << 30, 3, Some((ram.as_fd(), 0))).unwrap();
+    client
+        .dma_map(0, 1 << 30, 3, Some((ram.as_fd(), 0)))
+        .unwrap();
     client.dma_logging_start(4096, &[]).unwrap();
     let ctx = ctx.lock().unwrap().clone().unwrap();
     let pages = (1u64 << 30) / 4096;

@@ -81,10 +81,12 @@ pub struct RegionDescription {
 /// A connected client.
 pub struct Client {
     endpoint: Arc<Endpoint>,
+    /// The twin socket's endpoint, in twin-socket mode.
+    twin: Option<Arc<Endpoint>>,
     server: Capabilities,
     version: Version,
     dma_written: Arc<Mutex<BTreeSet<u64>>>,
-    dma_server: Option<JoinHandle<()>>,
+    dma_servers: Vec<JoinHandle<()>>,
     timeout: Duration,
 }
 
@@ -116,8 +118,18 @@ impl Client {
         Self::over(stream, memory)
     }
 
-    /// Negotiates over an already connected stream.
+    /// Negotiates over an already connected stream, asking for twin-socket mode.
     pub fn over(stream: UnixStream, memory: Option<Arc<dyn DmaMemory>>) -> Result<Self> {
+        Self::negotiate(stream, memory, true)
+    }
+
+    /// Negotiates over an already connected stream; `twin` asks for a separate socket for the
+    /// server's `DMA_READ` / `DMA_WRITE` (used only if the server agrees).
+    pub fn negotiate(
+        stream: UnixStream,
+        memory: Option<Arc<dyn DmaMemory>>,
+        twin: bool,
+    ) -> Result<Self> {
         let (endpoint, commands) =
             Endpoint::start(Channel::new(stream)).map_err(|source| ClientError::Connect {
                 path: "stream".into(),
@@ -136,10 +148,14 @@ impl Client {
                 pgsize: 4096,
                 max_bitmap_size: Some(256 << 20),
             }),
+            twin_socket: twin.then_some(caps::TwinSocket {
+                supported: true,
+                fd_index: None,
+            }),
             ..Capabilities::default()
         };
         let payload = caps::encode(proposed.major, proposed.minor, &ours);
-        let reply = endpoint.request(Command::Version, &[&payload], &[], DEFAULT_TIMEOUT)?;
+        let mut reply = endpoint.request(Command::Version, &[&payload], &[], DEFAULT_TIMEOUT)?;
         let (version, server) =
             caps::decode(&reply.payload).map_err(|e| ClientError::Protocol {
                 command: Command::Version,
@@ -149,11 +165,42 @@ impl Client {
             command: Command::Version,
             why: e.to_string(),
         })?;
+        // Twin-socket mode: the server's commands come on the socket it passed.
+        let mut twin_endpoint = None;
+        let receivers = match server.twin_socket.filter(|t| t.supported) {
+            Some(t) => {
+                let index = t.fd_index.unwrap_or(0) as usize;
+                if index >= reply.fds.len() {
+                    return protocol(
+                        Command::Version,
+                        format!("twin socket fd_index {index} with {} fds", reply.fds.len()),
+                    );
+                }
+                let fd = reply.fds.swap_remove(index);
+                let (twin, twin_commands) = Endpoint::start(Channel::new(UnixStream::from(fd)))
+                    .map_err(|source| ClientError::Connect {
+                        path: "twin socket".into(),
+                        source,
+                    })?;
+                twin_endpoint = Some(twin);
+                // A command on the main socket is still answered.
+                vec![
+                    (Arc::downgrade(&endpoint), commands),
+                    (
+                        Arc::downgrade(twin_endpoint.as_ref().unwrap_or(&endpoint)),
+                        twin_commands,
+                    ),
+                ]
+            }
+            None => vec![(Arc::downgrade(&endpoint), commands)],
+        };
         let dma_written = Arc::new(Mutex::new(BTreeSet::new()));
-        let dma_server = {
-            let endpoint = Arc::downgrade(&endpoint);
+        let memory: Option<Arc<dyn DmaMemory>> = memory;
+        let mut dma_servers = Vec::new();
+        for (endpoint, commands) in receivers {
             let written = Arc::clone(&dma_written);
-            std::thread::Builder::new()
+            let memory = memory.clone();
+            let thread = std::thread::Builder::new()
                 .name("vfio-user-client-dma".into())
                 .spawn(move || {
                     for message in commands {
@@ -166,14 +213,16 @@ impl Client {
                 .map_err(|source| ClientError::Connect {
                     path: "thread".into(),
                     source,
-                })?
-        };
+                })?;
+            dma_servers.push(thread);
+        }
         Ok(Self {
             endpoint,
+            twin: twin_endpoint,
             server,
             version,
             dma_written,
-            dma_server: Some(dma_server),
+            dma_servers,
             timeout: DEFAULT_TIMEOUT,
         })
     }
@@ -640,9 +689,17 @@ impl Client {
         self.shutdown();
     }
 
+    /// Whether the server's DMA commands come on a twin socket.
+    pub fn twin_socket(&self) -> bool {
+        self.twin.is_some()
+    }
+
     fn shutdown(&mut self) {
         self.endpoint.close();
-        if let Some(thread) = self.dma_server.take() {
+        if let Some(twin) = &self.twin {
+            twin.close();
+        }
+        for thread in self.dma_servers.drain(..) {
             let _ = thread.join();
         }
     }

@@ -493,3 +493,23 @@ pub fn decode(message: Message, max_data_xfer_size: u64) -> Result<Request, Deco
     };
     Ok(request)
 }
+
+/// Decodes raw bytes as one message without descriptors: the first 16 bytes are the header
+/// (its `msg_size` is ignored: the rest of the bytes are the payload). The fuzz target's entry.
+pub fn decode_bytes(bytes: &[u8], max_data_xfer_size: u64) -> Result<Request, DecodeError> {
+    let Some(header) = read_struct::<Header>(bytes) else {
+        return refuse(
+            libc::EINVAL,
+            format!("{} bytes: a message has a 16-byte header", bytes.len()),
+        );
+    };
+    let payload = bytes[HEADER_SIZE..].to_vec();
+    decode(
+        Message {
+            header,
+            payload,
+            fds: Vec::new(),
+        },
+        max_data_xfer_size,
+    )
+}

@@ -495,6 +495,7 @@ impl<D: Device> Server<D> {
             self.config.max_msg_fds as usize,
         );
         let (endpoint, commands) = Endpoint::start(channel).map_err(|e| e.to_string())?;
+        let mut twin_endpoint: Option<Arc<Endpoint>> = None;
         // The first message must be the version.
         let first = commands
             .recv_timeout(Duration::from_secs(10))
@@ -514,14 +515,30 @@ impl<D: Device> Server<D> {
                         pgsize: 4096,
                         max_bitmap_size: Some(256 << 20),
                     }),
+                    twin_socket: Some(caps::TwinSocket {
+                        supported: true,
+                        fd_index: Some(0),
+                    }),
                     ..Capabilities::default()
                 };
                 match caps::answer(version, &client, &offered) {
                     Ok((v, answer)) => {
                         let payload = caps::encode(v.major, v.minor, &answer);
-                        endpoint
-                            .reply(&header, &[&payload], &[])
-                            .map_err(|e| e.to_string())?;
+                        if answer.twin_socket() {
+                            // Server-to-client commands get their own socket; the client's
+                            // end travels with the reply.
+                            let (ours, theirs) = UnixStream::pair().map_err(|e| e.to_string())?;
+                            endpoint
+                                .reply(&header, &[&payload], &[theirs.as_fd()])
+                                .map_err(|e| e.to_string())?;
+                            let (twin, _commands) =
+                                Endpoint::start(Channel::new(ours)).map_err(|e| e.to_string())?;
+                            twin_endpoint = Some(twin);
+                        } else {
+                            endpoint
+                                .reply(&header, &[&payload], &[])
+                                .map_err(|e| e.to_string())?;
+                        }
                         client
                     }
                     Err(e) => {
@@ -548,7 +565,7 @@ impl<D: Device> Server<D> {
             dma: Arc::new(Dma {
                 iommu,
                 message_regions: Mutex::new(Vec::new()),
-                endpoint: Arc::downgrade(&endpoint),
+                endpoint: Arc::downgrade(twin_endpoint.as_ref().unwrap_or(&endpoint)),
                 peer_max_xfer: client_caps.max_data_xfer_size().max(1),
             }),
             irqs: Arc::new(Irqs::new(&spec.irqs)),
@@ -594,6 +611,9 @@ impl<D: Device> Server<D> {
         // The client is gone: the device stops using DMA, then mappings and IRQs go.
         self.device().disconnect();
         session.endpoint.close();
+        if let Some(twin) = twin_endpoint {
+            twin.close();
+        }
         outcome
     }
 
@@ -718,7 +738,10 @@ impl<D: Device> Server<D> {
                 let end = (start + size as usize).min(m.stream.len());
                 m.read_at = end;
                 let n = (end - start) as u32;
-                let head = MigData { argsz: 8 + n, size: n };
+                let head = MigData {
+                    argsz: 8 + n,
+                    size: n,
+                };
                 let mut payload = Vec::with_capacity(8 + n as usize);
                 payload.extend_from_slice(head.as_bytes());
                 payload.extend_from_slice(&m.stream[start..end]);

@@ -955,3 +955,32 @@ fn the_v1_region_follows_the_seed_rules() {
     client.reset().unwrap();
     assert_eq!(read32(0).unwrap() & 7, 1);
 }
+
+/// Message-based DMA with and without a twin socket: the same bytes arrive either way.
+#[test]
+fn message_based_dma_works_with_and_without_a_twin_socket() {
+    for twin in [false, true] {
+        let (_h, stream) = Harness::with(Arc::new(Server::new(
+            TestDevice::new(),
+            ServerConfig::default(),
+        )));
+        let memory = Arc::new(Memory(Mutex::new(vec![0; 1 << 20])));
+        let client =
+            Client::negotiate(stream, Some(memory.clone() as Arc<dyn DmaMemory>), twin).unwrap();
+        assert_eq!(client.twin_socket(), twin);
+        assert_eq!(
+            client.server_caps().twin_socket(),
+            twin,
+            "offered only when asked for"
+        );
+        client.dma_map(MSG_IOVA, 1 << 20, 3, None).unwrap();
+        write_reg(&client, 0x108, MSG_IOVA + 64);
+        write_reg(&client, 0x110, 3000);
+        client.region_write(BAR0, 0x118, &[0x77]).unwrap();
+        write_reg(&client, 0x100, 1);
+        let m = memory.0.lock().unwrap();
+        assert!(m[64..3064].iter().all(|&b| b == 0x77), "twin {twin}");
+        drop(m);
+        assert_eq!(client.take_dma_written_pages().len(), 1);
+    }
+}

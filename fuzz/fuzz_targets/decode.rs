@@ -1,0 +1,7 @@
+//! Feeds arbitrary bytes, as a vfio-user message, to the server's command decoder: it must
+//! answer every input with a request or a refusal, never a panic.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let _ = vmig_vfio_user::request::decode_bytes(data, 1 << 20);
+});
