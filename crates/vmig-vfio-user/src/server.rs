@@ -16,7 +16,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::RecvTimeoutError;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::Duration;
 
 use vmig_dma::{Backing, DirtyRead, Iommu, IommuConfig, Prot, UnmapScope};
@@ -212,17 +212,17 @@ pub const MAX_MIGRATION_STREAM: usize = 1 << 30;
 /// `DMA_READ` / `DMA_WRITE` messages to the client.
 struct Dma {
     iommu: Arc<Iommu>,
-    message_regions: Mutex<Vec<(u64, u64, u32)>>,
+    /// Regions mapped without an fd. A message-based DMA holds the read lock until the client
+    /// answered, so an unmap (write lock) returns only after the DMA in flight is done.
+    message_regions: RwLock<Vec<(u64, u64, u32)>>,
     endpoint: Weak<Endpoint>,
     peer_max_xfer: u64,
 }
 
 impl Dma {
-    fn message_region(&self, iova: u64, len: u64, flag: u32) -> Option<bool> {
-        let regions = self
-            .message_regions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+    /// Whether `[iova, iova+len)` lies in a message-based region allowing `flag` (`None`: not
+    /// in one; the IOMMU's mappings decide).
+    fn message_region(regions: &[(u64, u64, u32)], iova: u64, len: u64, flag: u32) -> Option<bool> {
         let region = regions
             .iter()
             .find(|(start, size, _)| iova >= *start && iova - start < *size)?;
@@ -230,7 +230,11 @@ impl Dma {
     }
 
     fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DeviceError> {
-        match self.message_region(iova, buf.len() as u64, DMA_MAP_FLAG_READ) {
+        let regions = self
+            .message_regions
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        match Self::message_region(&regions, iova, buf.len() as u64, DMA_MAP_FLAG_READ) {
             None => self.iommu.read(iova, buf).map_err(dma_fault),
             Some(false) => Err(DeviceError::new(
                 libc::EFAULT,
@@ -270,7 +274,11 @@ impl Dma {
     }
 
     fn write(&self, iova: u64, data: &[u8]) -> Result<(), DeviceError> {
-        match self.message_region(iova, data.len() as u64, DMA_MAP_FLAG_WRITE) {
+        let regions = self
+            .message_regions
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        match Self::message_region(&regions, iova, data.len() as u64, DMA_MAP_FLAG_WRITE) {
             None => self.iommu.write(iova, data).map_err(dma_fault),
             Some(false) => Err(DeviceError::new(
                 libc::EFAULT,
@@ -564,7 +572,7 @@ impl<D: Device> Server<D> {
         let session = Session {
             dma: Arc::new(Dma {
                 iommu,
-                message_regions: Mutex::new(Vec::new()),
+                message_regions: RwLock::new(Vec::new()),
                 endpoint: Arc::downgrade(twin_endpoint.as_ref().unwrap_or(&endpoint)),
                 peer_max_xfer: client_caps.max_data_xfer_size().max(1),
             }),
@@ -781,7 +789,7 @@ impl<D: Device> Server<D> {
         let overlaps_message = s
             .dma
             .message_regions
-            .lock()
+            .write()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .any(|(a, size, _)| map.addr < a + size && *a < end);
@@ -827,7 +835,7 @@ impl<D: Device> Server<D> {
                 }
                 s.dma
                     .message_regions
-                    .lock()
+                    .write()
                     .unwrap_or_else(|e| e.into_inner())
                     .push((map.addr, map.size, map.flags));
             }
@@ -849,7 +857,7 @@ impl<D: Device> Server<D> {
             s.dma.iommu.unmap(0, 0, UnmapScope::All)?;
             s.dma
                 .message_regions
-                .lock()
+                .write()
                 .unwrap_or_else(|e| e.into_inner())
                 .clear();
             return Ok(Reply::data(echo.as_bytes().to_vec()));
@@ -858,7 +866,7 @@ impl<D: Device> Server<D> {
             let mut regions = s
                 .dma
                 .message_regions
-                .lock()
+                .write()
                 .unwrap_or_else(|e| e.into_inner());
             if let Some(i) = regions
                 .iter()
