@@ -322,7 +322,7 @@ impl Drop for DmaEngine {
 fn work(inner: &Inner) {
     let mut next = Instant::now();
     loop {
-        let (ctx, regs) = {
+        let regs = {
             let mut s = inner.lock();
             loop {
                 if s.quit {
@@ -342,7 +342,7 @@ fn work(inner: &Inner) {
                 next = Instant::now();
             }
             s.idle = false;
-            (s.ctx.clone(), s.regs)
+            s.regs
         };
         let period = Duration::from_secs_f64(1.0 / regs.rate.min(10_000_000) as f64);
         let now = Instant::now();
@@ -359,15 +359,20 @@ fn work(inner: &Inner) {
         if next + Duration::from_millis(100) < Instant::now() {
             next = Instant::now(); // do not burst after a long pause
         }
-        let Some(ctx) = ctx else { continue };
         let mut s = inner.lock();
-        if !s.running || s.quit {
+        // The context of now, not of before the sleep: the client may have changed.
+        let Some(ctx) = s.ctx.clone() else {
+            s.idle = true;
+            inner.changed.notify_all();
+            continue;
+        };
+        if !s.running || s.quit || s.regs.ctrl & 1 == 0 || s.regs.ring_size == 0 {
             s.idle = true;
             inner.changed.notify_all();
             continue;
         }
         if s.regs.producer.wrapping_sub(s.regs.consumer) >= s.regs.ring_size {
-            s.regs.stalls += 1;
+            s.regs.stalls = s.regs.stalls.wrapping_add(1);
             s.idle = true;
             inner.changed.notify_all();
             continue;
@@ -376,7 +381,7 @@ fn work(inner: &Inner) {
         let index = s.regs.producer % s.regs.ring_size;
         let mut address = [0u8; 8];
         let written = ctx
-            .dma_read(s.regs.ring_base + index * 8, &mut address)
+            .dma_read(s.regs.ring_base.wrapping_add(index * 8), &mut address)
             .and_then(|()| {
                 let words = record(s.regs.seed, s.regs.producer);
                 let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
@@ -384,10 +389,10 @@ fn work(inner: &Inner) {
             });
         match written {
             Ok(()) => {
-                s.regs.producer += 1;
+                s.regs.producer = s.regs.producer.wrapping_add(1);
                 ctx.trigger_irq(IRQ_INDEX_MSIX, 0);
             }
-            Err(_) => s.regs.dma_errors += 1,
+            Err(_) => s.regs.dma_errors = s.regs.dma_errors.wrapping_add(1),
         }
         s.idle = true;
         inner.changed.notify_all();

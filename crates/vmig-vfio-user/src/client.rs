@@ -353,10 +353,10 @@ impl Client {
         Ok(())
     }
 
+    /// Bytes per transfer: what the server accepts, within what this side receives.
     fn chunk(&self) -> usize {
-        self.server
-            .max_data_xfer_size()
-            .clamp(1, u64::from(u32::MAX)) as usize
+        let own = (crate::transport::DEFAULT_MAX_MESSAGE - (1 << 16)) as u64;
+        self.server.max_data_xfer_size().clamp(1, own) as usize
     }
 
     /// Reads region `index` at `offset`, in transfers the server accepts.
@@ -796,10 +796,15 @@ fn serve_dma(
     let result = match (Command::from_u16(header.command), head, memory) {
         (_, _, None) => Err(libc::EINVAL),
         (Some(Command::DmaRead), Some(access), Some(memory)) => {
-            let mut data = vec![0u8; access.count.min(64 << 20) as usize];
-            memory
-                .read(access.addr, &mut data)
-                .map(|()| [access.as_bytes(), &data].concat())
+            if access.count > caps::DEFAULT_MAX_DATA_XFER_SIZE {
+                // More than this client's max_data_xfer_size: refuse, never answer short.
+                Err(libc::EINVAL)
+            } else {
+                let mut data = vec![0u8; access.count as usize];
+                memory
+                    .read(access.addr, &mut data)
+                    .map(|()| [access.as_bytes(), &data].concat())
+            }
         }
         (Some(Command::DmaWrite), Some(access), Some(memory)) => {
             let data = &message.payload[size_of::<DmaAccess>()..];

@@ -58,6 +58,9 @@ pub struct DeviceMigration<'a> {
     protocol: Protocol,
 }
 
+/// Largest v1 chunk read at once.
+const MAX_CHUNK: u64 = 64 << 20;
+
 /// Most chunks one read loop takes before deciding the device is misbehaving.
 const MAX_CHUNKS: usize = 1 << 20;
 
@@ -149,6 +152,12 @@ impl<'a> DeviceMigration<'a> {
                     why: format!(
                         "data_offset {offset:#x} and data_size {size:#x} do not fit the {region_size:#x}-byte region"
                     ),
+                });
+            }
+            if size > MAX_CHUNK {
+                return Err(ClientError::Protocol {
+                    command: Command::RegionRead,
+                    why: format!("data_size {size:#x}: at most {MAX_CHUNK:#x} is read at once"),
                 });
             }
             let mut chunk = vec![0u8; size as usize];

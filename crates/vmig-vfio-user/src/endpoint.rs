@@ -218,9 +218,12 @@ impl Endpoint {
         self.send(header, payload, fds)
     }
 
-    /// Replies to `to` with an error (always, even to a `NO_REPLY` command: the spec sends
-    /// errors regardless).
+    /// Replies to `to` with an error, unless it asked for no reply ("each command message
+    /// must be replied to ... unless the message sets the No_Reply bit").
     pub fn reply_error(&self, to: &Header, errno: i32) -> Result<(), TransportError> {
+        if to.flags & crate::wire::FLAG_NO_REPLY != 0 {
+            return Ok(());
+        }
         let header = Header {
             msg_id: to.msg_id,
             command: to.command,

@@ -521,7 +521,7 @@ impl<D: Device> Server<D> {
                     max_dma_maps: Some(65535),
                     migration: Some(caps::MigrationCap {
                         pgsize: 4096,
-                        max_bitmap_size: Some(256 << 20),
+                        max_bitmap_size: Some(MAX_BITMAP_BYTES),
                     }),
                     twin_socket: Some(caps::TwinSocket {
                         supported: true,
@@ -574,7 +574,11 @@ impl<D: Device> Server<D> {
                 iommu,
                 message_regions: RwLock::new(Vec::new()),
                 endpoint: Arc::downgrade(twin_endpoint.as_ref().unwrap_or(&endpoint)),
-                peer_max_xfer: client_caps.max_data_xfer_size().max(1),
+                // The replies to our DMA_READs must fit what this side accepts too.
+                peer_max_xfer: client_caps
+                    .max_data_xfer_size()
+                    .min(self.config.max_data_xfer_size)
+                    .max(1),
             }),
             irqs: Arc::new(Irqs::new(&spec.irqs)),
             endpoint,
@@ -616,12 +620,14 @@ impl<D: Device> Server<D> {
                 break Err(e.to_string());
             }
         };
-        // The client is gone: the device stops using DMA, then mappings and IRQs go.
-        self.device().disconnect();
+        // The client is gone: close both sockets first (a DMA in flight fails at once rather
+        // than waiting for its timeout), then the device stops using DMA, then mappings and
+        // IRQs go with the session.
         session.endpoint.close();
         if let Some(twin) = twin_endpoint {
             twin.close();
         }
+        self.device().disconnect();
         outcome
     }
 
@@ -833,11 +839,18 @@ impl<D: Device> Server<D> {
                         ),
                     ));
                 }
-                s.dma
+                let mut regions = s
+                    .dma
                     .message_regions
                     .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push((map.addr, map.size, map.flags));
+                    .unwrap_or_else(|e| e.into_inner());
+                if regions.len() + s.dma.iommu.mapping_count() >= usize::from(u16::MAX) {
+                    return Err(DeviceError::new(
+                        libc::ENOSPC,
+                        "65535 DMA mappings, the max_dma_maps offered",
+                    ));
+                }
+                regions.push((map.addr, map.size, map.flags));
             }
         }
         Ok(Reply::empty())
@@ -862,6 +875,9 @@ impl<D: Device> Server<D> {
                 .clear();
             return Ok(Reply::data(echo.as_bytes().to_vec()));
         }
+        if let Some(b) = bitmap {
+            check_bitmap(unmap.size, b.pgsize, b.size)?;
+        }
         {
             let mut regions = s
                 .dma
@@ -874,9 +890,17 @@ impl<D: Device> Server<D> {
             {
                 regions.remove(i);
                 // Pages written through DMA_WRITE messages are the client's to track.
-                let tail = bitmap
-                    .map(|b| [b.as_bytes(), &vec![0u8; b.size as usize]].concat())
-                    .unwrap_or_default();
+                let (argsz, tail) = match bitmap {
+                    Some(b) => (
+                        (size_of::<DmaUnmap>() + size_of::<DirtyBitmap>()) as u64 + b.size,
+                        [b.as_bytes(), &vec![0u8; b.size as usize]].concat(),
+                    ),
+                    None => (size_of::<DmaUnmap>() as u64, Vec::new()),
+                };
+                let echo = DmaUnmap {
+                    argsz: argsz as u32,
+                    ..unmap
+                };
                 return Ok(Reply::data([echo.as_bytes(), &tail].concat()));
             }
         }
@@ -969,6 +993,7 @@ impl<D: Device> Server<D> {
                 if op & FEATURE_PROBE != 0 {
                     return Ok(echo(&[]));
                 }
+                need_room(argsz, 16)?;
                 if op & FEATURE_SET != 0 {
                     let wanted: MigDeviceState = read_struct(data).ok_or_else(|| {
                         DeviceError::invalid("MIG_DEVICE_STATE SET needs 8 bytes of data")
@@ -981,7 +1006,6 @@ impl<D: Device> Server<D> {
                     })?;
                     self.set_state(target, pre_copy)?;
                 }
-                need_room(argsz, 16)?;
                 let now = MigDeviceState {
                     device_state: self.migration_state() as u32,
                     data_fd: u32::MAX,
@@ -1340,7 +1364,14 @@ fn check_access(spec: &RegionSpec, access: RegionAccess, write: bool) -> Result<
 }
 
 fn region_info(spec: &DeviceSpec, argsz: u32, index: u32) -> Result<Reply, DeviceError> {
-    let r = region(spec, index)?;
+    // A region the device lacks (an unused BAR) answers size 0, as the kernel and
+    // libvfio-user do; only an index past the count is an error.
+    let r = spec.regions.get(index as usize).ok_or_else(|| {
+        DeviceError::invalid(format!(
+            "region {index}: the device has {}",
+            spec.regions.len()
+        ))
+    })?;
     let mut caps = Vec::new();
     let base = size_of::<RegionInfo>();
     if let Some((type_, subtype)) = r.region_type {
@@ -1467,6 +1498,9 @@ fn set_irqs(
             vectors[range].iter_mut().for_each(|v| v.0 = None);
         } else {
             for (v, fd) in vectors[range].iter_mut().zip(fds) {
+                // A signal must never block the device: a full counter or a pipe drops it.
+                crate::sys::set_nonblocking(&fd)
+                    .map_err(|e| DeviceError::invalid(format!("an IRQ fd: {e}")))?;
                 v.0 = Some(std::fs::File::from(fd));
             }
         }
@@ -1503,8 +1537,16 @@ fn check_bitmap(size: u64, pgsize: u64, bitmap_bytes: u64) -> Result<usize, Devi
             "a bitmap of {bitmap_bytes} bytes for {pages} pages: expected {needed}"
         )));
     }
+    if needed > MAX_BITMAP_BYTES {
+        return Err(DeviceError::invalid(format!(
+            "a bitmap of {needed} bytes: at most {MAX_BITMAP_BYTES} (the max_bitmap_size offered)"
+        )));
+    }
     Ok(vmig_dirty::words_for(pages) as usize)
 }
+
+/// The largest dirty bitmap the server builds (what it offers as `max_bitmap_size`).
+pub const MAX_BITMAP_BYTES: u64 = 256 << 20;
 
 fn dirty_pages(
     s: &mut Session,
@@ -1512,18 +1554,15 @@ fn dirty_pages(
     flags: u32,
     range: Option<DirtyBitmapRange>,
 ) -> Result<Reply, DeviceError> {
-    let head = DirtyPages {
-        argsz: size_of::<DirtyPages>() as u32,
-        flags,
-    };
     match (flags, range) {
+        // START and STOP replies carry no payload (v1 spec).
         (DIRTY_PAGES_FLAG_START, _) => {
             s.dma.iommu.start_dirty_tracking()?;
-            Ok(Reply::data(head.as_bytes().to_vec()))
+            Ok(Reply::empty())
         }
         (DIRTY_PAGES_FLAG_STOP, _) => {
             s.dma.iommu.stop_dirty_tracking()?;
-            Ok(Reply::data(head.as_bytes().to_vec()))
+            Ok(Reply::empty())
         }
         (_, Some(r)) => {
             let words = check_bitmap(r.size, r.bitmap.pgsize, r.bitmap.size)?;
@@ -1585,12 +1624,18 @@ fn logging_report(
     let pages = length / page_size;
     let bitmap_bytes = vmig_dirty::bitmap_bytes(pages);
     let needed = (size_of::<DeviceFeature>() + size_of::<DmaLoggingReport>()) as u64 + bitmap_bytes;
-    if u64::from(argsz) != needed {
+    if u64::from(argsz) < needed {
         return Err(DeviceError::invalid(format!(
-            "DMA_LOGGING_REPORT argsz {argsz}: a report of {pages} pages needs exactly {needed} (8 + 24 + {bitmap_bytes})"
+            "DMA_LOGGING_REPORT argsz {argsz}: a report of {pages} pages needs {needed} (8 + 24 + {bitmap_bytes})"
         )));
     }
     let fine_pages = length / 4096;
+    if vmig_dirty::bitmap_bytes(fine_pages) > MAX_BITMAP_BYTES {
+        return Err(DeviceError::invalid(format!(
+            "a report over {length:#x} bytes: at most {} GiB at a time",
+            (MAX_BITMAP_BYTES * 8 * 4096) >> 30
+        )));
+    }
     let mut fine = vec![0u64; vmig_dirty::words_for(fine_pages) as usize];
     iommu.get_dirty_bitmap(iova, length, 4096, &mut fine, DirtyRead::Clear)?;
     if page_size == 4096 {

@@ -150,3 +150,17 @@ pub fn termination_flag() -> io::Result<&'static std::sync::atomic::AtomicBool> 
     }
     Ok(&TERMINATE)
 }
+
+/// Sets `O_NONBLOCK` on `fd`.
+pub fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a valid, borrowed fd; no memory is involved.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -737,17 +737,55 @@ fn raw_malformed_requests_get_error_replies_and_the_server_goes_on() {
         length: 1 << 20,
         page_size: 4096,
     };
-    for argsz in [8 + 24 + 16, 8 + 24 + 64] {
-        let head = DeviceFeature {
-            argsz,
-            flags: FEATURE_DMA_LOGGING_REPORT | FEATURE_GET,
-        };
-        assert_eq!(
-            errno(ask(16, 0, &[head.as_bytes(), report.as_bytes()], &[])),
-            Some(libc::EINVAL),
-            "argsz {argsz}"
-        );
-    }
+    // "argsz must be >= 8 + 24 + bitmap bytes": a bitmap that does not fit is EINVAL.
+    let head = DeviceFeature {
+        argsz: 8 + 24 + 16,
+        flags: FEATURE_DMA_LOGGING_REPORT | FEATURE_GET,
+    };
+    assert_eq!(
+        errno(ask(16, 0, &[head.as_bytes(), report.as_bytes()], &[])),
+        Some(libc::EINVAL)
+    );
+    // Absurd sizes are refused before anything is allocated.
+    let huge = DmaLoggingReport {
+        iova: 0,
+        length: 1 << 60,
+        page_size: 1 << 40,
+    };
+    let head = DeviceFeature {
+        argsz: 8 + 24 + 8192,
+        flags: FEATURE_DMA_LOGGING_REPORT | FEATURE_GET,
+    };
+    assert_eq!(
+        errno(ask(16, 0, &[head.as_bytes(), huge.as_bytes()], &[])),
+        Some(libc::EINVAL)
+    );
+    let unmap = DmaUnmap {
+        argsz: 40,
+        flags: DMA_UNMAP_FLAG_GET_DIRTY_BITMAP,
+        addr: 0,
+        size: 1 << 62,
+    };
+    let bitmap = DirtyBitmap {
+        pgsize: 4096,
+        size: (1u64 << 62) / 4096 / 8,
+    };
+    assert_eq!(
+        errno(ask(3, 0, &[unmap.as_bytes(), bitmap.as_bytes()], &[])),
+        Some(libc::EINVAL)
+    );
+    // A failing command sent with NO_REPLY gets no reply: the next reply is the next command's.
+    raw.send(
+        Header {
+            msg_id: 500,
+            command: 77,
+            flags: FLAG_NO_REPLY,
+            ..Header::default()
+        },
+        &[],
+        &[],
+    )
+    .unwrap();
     let head = DeviceFeature {
         argsz: 8 + 24 + 32,
         flags: FEATURE_DMA_LOGGING_REPORT | FEATURE_GET,
