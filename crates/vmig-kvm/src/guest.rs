@@ -758,7 +758,9 @@ fn vcpu_block_gpa(vcpu: usize) -> u64 {
 }
 
 fn words_to_bytes(words: &[u64]) -> Vec<u8> {
-    words.iter().flat_map(|w| w.to_le_bytes()).collect()
+    let mut bytes = vec![0u8; words.len() * 8];
+    vmig_dirty::words_to_le_bytes(words, &mut bytes);
+    bytes
 }
 
 fn splitmix(mut x: u64) -> u64 {

@@ -875,9 +875,11 @@ impl<D: Device> Server<D> {
                 .clear();
             return Ok(Reply::data(echo.as_bytes().to_vec()));
         }
-        if let Some(b) = bitmap {
-            check_bitmap(unmap.size, b.pgsize, b.size)?;
-        }
+        // Checked before anything is removed or allocated.
+        let bitmap_words = match bitmap {
+            Some(b) => Some(check_bitmap(unmap.size, b.pgsize, b.size)?),
+            None => None,
+        };
         {
             let mut regions = s
                 .dma
@@ -904,7 +906,7 @@ impl<D: Device> Server<D> {
                 return Ok(Reply::data([echo.as_bytes(), &tail].concat()));
             }
         }
-        match bitmap {
+        match bitmap.zip(bitmap_words) {
             None => {
                 if s.dma
                     .iommu
@@ -922,8 +924,7 @@ impl<D: Device> Server<D> {
                 }
                 Ok(Reply::data(echo.as_bytes().to_vec()))
             }
-            Some(b) => {
-                let words = check_bitmap(unmap.size, b.pgsize, b.size)?;
+            Some((b, words)) => {
                 let mut out = vec![0u64; words];
                 s.dma
                     .iommu
@@ -1090,8 +1091,7 @@ impl<D: Device> Server<D> {
         for next in walk {
             if let Err(e) = self.arc(&mut m, next) {
                 m.state = MigState::Error;
-                m.stream.clear();
-                m.read_at = 0;
+                m.discard();
                 return Err(e);
             }
             m.state = next;
@@ -1108,13 +1108,11 @@ impl<D: Device> Server<D> {
             (MigState::Running, MigState::Stop) => device.set_running(false),
             (MigState::Stop, MigState::Running) => device.set_running(true),
             (MigState::Running, MigState::PreCopy) => {
-                m.stream.clear();
-                m.read_at = 0;
+                m.discard();
                 record(m, false, &mut device)
             }
             (MigState::PreCopy, MigState::Running) | (MigState::StopCopy, MigState::Stop) => {
-                m.stream.clear();
-                m.read_at = 0;
+                m.discard();
                 Ok(())
             }
             (MigState::PreCopy, MigState::StopCopy) => {
@@ -1122,13 +1120,11 @@ impl<D: Device> Server<D> {
                 record(m, true, &mut device)
             }
             (MigState::Stop, MigState::StopCopy) => {
-                m.stream.clear();
-                m.read_at = 0;
+                m.discard();
                 record(m, true, &mut device)
             }
             (MigState::Stop, MigState::Resuming) => {
-                m.stream.clear();
-                m.read_at = 0;
+                m.discard();
                 Ok(())
             }
             (MigState::Resuming, MigState::Stop) => {
