@@ -54,6 +54,16 @@ const CTL_BARRIER_A: u64 = 24;
 const CTL_BARRIER_B: u64 = 32;
 const CTL_VERIFY_GEN: u64 = 40;
 const CMD_VERIFY: u64 = 1;
+/// Doorbells the guest's driver rings (count, then `MAX_DOORBELLS` pairs of addresses).
+const CTL_DOORBELL_COUNT: u64 = 48;
+const CTL_DOORBELLS: u64 = 56;
+/// Most devices the guest's driver serves.
+pub const MAX_DOORBELLS: usize = 8;
+/// Guest-physical window where device BARs go: below 4 GiB and above the highest low RAM,
+/// identity-mapped (uncached accesses exit to the VMM, as there is no memslot).
+pub const MMIO_WINDOW_GPA: u64 = 0xe000_0000;
+/// Size of [`MMIO_WINDOW_GPA`]'s window.
+pub const MMIO_WINDOW_SIZE: u64 = 0x1000_0000;
 
 // vCPU block words: written by the guest...
 const VB_WRITES: u64 = 0;
@@ -428,6 +438,7 @@ impl GuestProgram {
             PageTables::new(self.layout.page_tables_gpa, self.layout.page_tables_pages);
         let system = self.layout.memory.slots[0];
         tables.map(0, 0, system.size)?;
+        tables.map(MMIO_WINDOW_GPA, MMIO_WINDOW_GPA, MMIO_WINDOW_SIZE)?;
         let mut va = WS_VA;
         for slot in self.layout.memory.data_slots() {
             tables.map(va, slot.gpa, slot.size)?;
@@ -609,6 +620,26 @@ impl GuestProgram {
 
         a.set_label(&mut batch_end)?;
         a.mov(r9, batch)?;
+        // vCPU 0 is the devices' driver: for each doorbell it reads what the device produced
+        // and writes it back as consumed (two MMIO exits per device and batch).
+        let mut doorbells_done = a.create_label();
+        let mut doorbell = a.create_label();
+        a.test(r8, r8)?;
+        a.jnz(doorbells_done)?;
+        a.mov(rcx, CONTROL_GPA)?;
+        a.mov(rdi, qword_ptr(rcx + CTL_DOORBELL_COUNT))?;
+        a.lea(rsi, qword_ptr(rcx + CTL_DOORBELLS))?;
+        a.set_label(&mut doorbell)?;
+        a.test(rdi, rdi)?;
+        a.jz(doorbells_done)?;
+        a.mov(rdx, qword_ptr(rsi))?;
+        a.mov(rax, qword_ptr(rdx))?;
+        a.mov(rdx, qword_ptr(rsi + 8))?;
+        a.mov(qword_ptr(rdx), rax)?;
+        a.add(rsi, 16)?;
+        a.dec(rdi)?;
+        a.jmp(doorbell)?;
+        a.set_label(&mut doorbells_done)?;
         if self.workload.rate.is_some() {
             a.mov(dx, PORT_PACE as u32)?;
             a.mov(eax, batch as u32)?;
@@ -741,6 +772,37 @@ pub fn read_counters(memory: &GuestMemory, vcpu: usize) -> Result<VcpuCounters> 
 /// Sets the epoch the guest stamps into pages from its next write on.
 pub fn set_epoch(memory: &GuestMemory, epoch: u64) -> Result<()> {
     memory.store_u64(CONTROL_GPA + CTL_EPOCH, epoch)
+}
+
+/// Gives the guest's driver its doorbells: at each batch boundary vCPU 0 reads the `u64` at
+/// each pair's first guest-physical address and writes it to the second (for the dma-engine:
+/// `PRODUCER` into `CONSUMER`). The addresses must lie in the MMIO window.
+pub fn set_doorbells(memory: &GuestMemory, doorbells: &[(u64, u64)]) -> Result<()> {
+    if doorbells.len() > MAX_DOORBELLS {
+        return Err(KvmError::Invalid(format!(
+            "{} doorbells: the guest's driver serves at most {MAX_DOORBELLS}",
+            doorbells.len()
+        )));
+    }
+    let window = MMIO_WINDOW_GPA..MMIO_WINDOW_GPA + MMIO_WINDOW_SIZE;
+    for &(read, write) in doorbells {
+        for addr in [read, write] {
+            if !window.contains(&addr) || !window.contains(&(addr + 7)) || addr % 8 != 0 {
+                return Err(KvmError::Invalid(format!(
+                    "doorbell address {addr:#x}: expected an aligned u64 inside the MMIO window {MMIO_WINDOW_GPA:#x}..{:#x}",
+                    window.end
+                )));
+            }
+        }
+    }
+    // Count last, so the guest never follows a pair not yet written.
+    memory.store_u64(CONTROL_GPA + CTL_DOORBELL_COUNT, 0)?;
+    for (i, &(read, write)) in doorbells.iter().enumerate() {
+        let at = CONTROL_GPA + CTL_DOORBELLS + i as u64 * 16;
+        memory.store_u64(at, read)?;
+        memory.store_u64(at + 8, write)?;
+    }
+    memory.store_u64(CONTROL_GPA + CTL_DOORBELL_COUNT, doorbells.len() as u64)
 }
 
 /// Posts a verify command; the guest picks it up at its next batch boundary.

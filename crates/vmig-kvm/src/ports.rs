@@ -2,7 +2,7 @@
 //! `verify` finds, and yielding while vCPUs spin in a barrier.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::error::{KvmError, Result};
@@ -74,13 +74,30 @@ struct VerifyProgress {
     bad_pages: Vec<u64>,
 }
 
-/// The guest's ports.
-#[derive(Debug)]
+/// The guest's ports, and the route for its MMIO accesses.
 pub(crate) struct GuestPorts {
     pacer: Pacer,
     verify: Mutex<VerifyProgress>,
     verify_changed: Condvar,
     pace_exits: AtomicU64,
+    mmio: std::sync::RwLock<Option<Arc<dyn MmioHandler>>>,
+}
+
+/// Where guest accesses to addresses that are not RAM go: the device bus of the layer above.
+pub trait MmioHandler: Send + Sync {
+    /// A guest read of `data.len()` bytes at guest-physical `addr`: fill `data`.
+    fn read(&self, addr: u64, data: &mut [u8]) -> std::result::Result<(), String>;
+    /// A guest write of `data` at guest-physical `addr`.
+    fn write(&self, addr: u64, data: &[u8]) -> std::result::Result<(), String>;
+}
+
+impl std::fmt::Debug for GuestPorts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestPorts")
+            .field("pacer", &self.pacer)
+            .field("pace_exits", &self.pace_exits)
+            .finish_non_exhaustive()
+    }
 }
 
 impl GuestPorts {
@@ -96,7 +113,16 @@ impl GuestPorts {
             }),
             verify_changed: Condvar::new(),
             pace_exits: AtomicU64::new(0),
+            mmio: std::sync::RwLock::new(None),
         }
+    }
+
+    pub(crate) fn set_mmio(&self, handler: Option<Arc<dyn MmioHandler>>) {
+        *self.mmio.write().unwrap_or_else(|e| e.into_inner()) = handler;
+    }
+
+    fn mmio(&self) -> Option<Arc<dyn MmioHandler>> {
+        self.mmio.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn progress(&self) -> MutexGuard<'_, VerifyProgress> {
@@ -199,5 +225,27 @@ impl ExitHandler for GuestPorts {
             "vCPU {} read I/O port {port:#x}, which has no device",
             ctx.vcpu
         )))
+    }
+
+    fn mmio_read(&self, ctx: &ExitContext<'_>, addr: u64, data: &mut [u8]) -> Result<()> {
+        let Some(bus) = self.mmio() else {
+            return Err(KvmError::Guest(format!(
+                "vCPU {} read {addr:#x}, which is neither RAM nor a device",
+                ctx.vcpu
+            )));
+        };
+        bus.read(addr, data)
+            .map_err(|why| KvmError::Guest(format!("vCPU {} read {addr:#x}: {why}", ctx.vcpu)))
+    }
+
+    fn mmio_write(&self, ctx: &ExitContext<'_>, addr: u64, data: &[u8]) -> Result<()> {
+        let Some(bus) = self.mmio() else {
+            return Err(KvmError::Guest(format!(
+                "vCPU {} wrote {addr:#x}, which is neither RAM nor a device",
+                ctx.vcpu
+            )));
+        };
+        bus.write(addr, data)
+            .map_err(|why| KvmError::Guest(format!("vCPU {} wrote {addr:#x}: {why}", ctx.vcpu)))
     }
 }

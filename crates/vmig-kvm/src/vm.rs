@@ -26,7 +26,7 @@ use crate::dirty::{CpuDirtyLog, DirtyLogMode};
 use crate::error::{KvmError, Result, ioctl_error};
 use crate::guest::{self, GuestLayout, GuestProgram, MAX_VCPUS, Workload};
 use crate::memory::GuestMemory;
-use crate::ports::{GuestPorts, VerifyReport};
+use crate::ports::{GuestPorts, MmioHandler, VerifyReport};
 use crate::sys::{self, DirtyRing};
 use crate::vcpu::{MIGRATED_MSRS, VcpuHandle, VcpuState, restore_state, save_state};
 
@@ -355,6 +355,51 @@ impl Vm {
         })
     }
 
+    /// Creates the VM of `config` with empty memory and vCPUs at reset, paused: a migration
+    /// destination fills the memory, then gives the vCPUs their state with
+    /// [`Vm::restore_vcpus`].
+    ///
+    /// `memory`, when given, is RAM prepared ahead (see [`Vm::prepare_memory`]); it must have
+    /// the layout `config` gives.
+    pub fn incoming(config: &VmConfig, memory: Option<GuestMemory>) -> Result<Self> {
+        Self::create_with(config, memory, |_, _, _| Ok(()))
+    }
+
+    /// Guest RAM for a VM of `ram` bytes, allocated now (a destination does this before a
+    /// migration starts, as first touch of fresh memory is slow).
+    pub fn prepare_memory(ram: u64) -> Result<GuestMemory> {
+        let layout = GuestLayout::new(ram, &Workload::default())?;
+        let memory = GuestMemory::new(&layout.memory)?;
+        memory.preallocate()?;
+        Ok(memory)
+    }
+
+    /// Loads each vCPU's saved state; the VM must be paused.
+    pub fn restore_vcpus(&self, states: &[VcpuState]) -> Result<()> {
+        if states.len() != self.vcpus.len() {
+            return Err(KvmError::Snapshot(format!(
+                "{} vCPU states for a VM of {} vCPUs",
+                states.len(),
+                self.vcpus.len()
+            )));
+        }
+        if !self.is_paused() {
+            return Err(KvmError::Order(
+                "vCPU state is loaded into a paused VM: pause it first".into(),
+            ));
+        }
+        for (handle, state) in self.vcpus.iter().zip(states) {
+            handle.with_fd(|fd| restore_state(fd, handle.index, state))?;
+        }
+        Ok(())
+    }
+
+    /// Routes guest accesses to non-RAM addresses (device BARs) to `handler`; `None` makes them
+    /// guest errors again.
+    pub fn set_mmio_handler(&self, handler: Option<Arc<dyn MmioHandler>>) {
+        self.ports.set_mmio(handler);
+    }
+
     /// Creates the VM of `config` and loads `memory_loader`'s contents and `vcpus`' state into it:
     /// the guest continues where it stopped. It starts paused.
     pub fn restore(
@@ -371,15 +416,20 @@ impl Vm {
         }
         Self::create(config, |vm, memory, _| {
             memory_loader(memory)?;
-            for (handle, state) in vm.vcpus.iter().zip(vcpus) {
-                handle.with_fd(|fd| restore_state(fd, handle.index, state))?;
-            }
-            Ok(())
+            vm.restore_vcpus(vcpus)
         })
     }
 
     fn create(
         config: &VmConfig,
+        load: impl FnOnce(&Vm, &GuestMemory, &GuestLayout) -> Result<()>,
+    ) -> Result<Self> {
+        Self::create_with(config, None, load)
+    }
+
+    fn create_with(
+        config: &VmConfig,
+        prepared: Option<GuestMemory>,
         load: impl FnOnce(&Vm, &GuestMemory, &GuestLayout) -> Result<()>,
     ) -> Result<Self> {
         if !(1..=MAX_VCPUS).contains(&config.vcpus) {
@@ -399,7 +449,18 @@ impl Vm {
                 builder.enable_dirty_ring_with_bitmap()?;
             }
         }
-        let memory = builder.add_memory(GuestMemory::new(&layout.memory)?)?;
+        let memory = match prepared {
+            None => GuestMemory::new(&layout.memory)?,
+            Some(memory) if *memory.layout() == layout.memory => memory,
+            Some(memory) => {
+                return Err(KvmError::Invalid(format!(
+                    "the prepared RAM ({} bytes) does not have the layout of a {}-byte VM",
+                    memory.layout().ram(),
+                    config.ram
+                )));
+            }
+        };
+        let memory = builder.add_memory(memory)?;
         builder.create_vcpus(config.vcpus)?;
         let msrs = builder.msrs_to_migrate()?;
         let VmBuilder {

@@ -89,6 +89,11 @@ impl<'a> DeviceMigration<'a> {
         Ok(None)
     }
 
+    /// Drives `client`'s device with a protocol found earlier by [`Self::detect`].
+    pub fn with_protocol(client: &'a Client, protocol: Protocol) -> Self {
+        Self { client, protocol }
+    }
+
     /// The protocol.
     pub fn protocol(&self) -> Protocol {
         self.protocol

@@ -1,0 +1,654 @@
+//! The receiving side: accepts the connections of one migration, builds the VM from the
+//! source's configuration (into RAM prepared ahead when there is some), attaches the devices
+//! in `RESUMING`, applies pages, device state and vCPU state, compares every page's digest and
+//! each device's state digest with the source's, and resumes only on the source's commit. It
+//! then runs the guest's verify and checks the dma-engines' records, and reports back.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use vmig_dirty::DirtyBitmap;
+use vmig_kvm::{DirtyLogMode, GuestMemory, PAGE_SIZE, VcpuState, Vm};
+
+use crate::error::{MigrationError, Result, device_error, io_error};
+use crate::machine::{DeviceSpec, Machine, Role};
+use crate::report::{Progress, Status, Verification};
+use crate::source::{MORE_PARTS, MigrationConfig, page_digest};
+use crate::stream::{Fields, Hello, Kind, RecordReader, RecordWriter, ZERO_PAGE};
+use crate::transport::{Conn, Listener};
+
+/// How long the source has to open all its connections after the first.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the guest's verify may take after resuming.
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Pages with differing digests listed in a refusal.
+const LISTED_PAGES: usize = 8;
+
+/// What a destination starts with.
+#[derive(Debug)]
+pub struct Incoming {
+    /// Where the source connects.
+    pub listener: Listener,
+    /// RAM allocated ahead (its size must match the source's VM).
+    pub prepared_memory: Option<GuestMemory>,
+    /// The devices to attach, in the source's order.
+    pub devices: Vec<DeviceSpec>,
+    /// CPU dirty tracking of the arriving VM (`None`: the source's mode).
+    pub dirty_log: Option<DirtyLogMode>,
+}
+
+/// A migration that arrived: the VM runs.
+#[derive(Debug)]
+pub struct Arrived {
+    /// The VM and its devices, running.
+    pub machine: Machine,
+    /// What the checks found.
+    pub verification: Verification,
+}
+
+/// Waits for one migration and receives it (see the module doc). On any failure the partial VM
+/// is dropped, the devices are reset, and the source is told why.
+pub fn receive(incoming: Incoming, progress: &Progress) -> Result<Arrived> {
+    let Incoming {
+        listener,
+        prepared_memory,
+        devices,
+        dirty_log,
+    } = incoming;
+    let main = listener.accept(None)?;
+    progress.begin();
+    let mut dest = Destination::new(main, &listener)?;
+    let result = dest.receive(prepared_memory, &devices, dirty_log, progress);
+    progress.update(|r| {
+        r.total_ms = progress.elapsed_ms();
+        match &result {
+            Ok(_) => r.status = Status::Completed,
+            Err(e) => {
+                r.status = Status::Failed;
+                r.error = Some(e.to_string());
+            }
+        }
+    });
+    if let Err(e) = &result {
+        let _ = dest.writer.write(Kind::Abort, &[e.to_string().as_bytes()]);
+        if let Some(machine) = &dest.machine {
+            for d in &machine.devices {
+                let _ = d.client.reset();
+            }
+        }
+    }
+    for c in &dest.conns {
+        c.shutdown();
+    }
+    result.map(|verification| Arrived {
+        machine: dest
+            .machine
+            .take()
+            .expect("a received migration has a machine"),
+        verification,
+    })
+}
+
+/// Received pages: what each page's digest is now, and which pages were ever written.
+struct Pages<'a> {
+    memory: &'a GuestMemory,
+    digests: Vec<AtomicU64>,
+    written: DirtyBitmap,
+    zero_digest: u64,
+    bytes: AtomicU64,
+}
+
+impl Pages<'_> {
+    fn apply(&self, payload: &[u8], expected_pass: u32) -> Result<()> {
+        let mut f = Fields::new(payload, "Pages");
+        let pass = f.u32()?;
+        if pass != expected_pass {
+            return Err(MigrationError::Stream(format!(
+                "pages of pass {pass} arrived during pass {expected_pass}: the stream is reordered"
+            )));
+        }
+        let count = f.u32()? as usize;
+        let entries = f.bytes(
+            count
+                .checked_mul(8)
+                .ok_or_else(|| MigrationError::Stream("Pages record count overflows".into()))?,
+        )?;
+        let data = f.rest();
+        let mut offset = 0usize;
+        for entry in entries.chunks_exact(8) {
+            let entry = u64::from_le_bytes(entry.try_into().unwrap_or_default());
+            let page = entry & !ZERO_PAGE;
+            let slot = self.digests.get(page as usize).ok_or_else(|| {
+                MigrationError::Stream(format!("page {page:#x} is beyond guest RAM"))
+            })?;
+            if entry & ZERO_PAGE != 0 {
+                if self.written.test(page).unwrap_or(false) {
+                    self.memory
+                        .write(page * PAGE_SIZE, &[0u8; PAGE_SIZE as usize])
+                        .map_err(|e| MigrationError::Stream(format!("zero page {page:#x}: {e}")))?;
+                }
+                slot.store(self.zero_digest, Ordering::Relaxed);
+            } else {
+                let bytes = data
+                    .get(offset..offset + PAGE_SIZE as usize)
+                    .ok_or_else(|| {
+                        MigrationError::Stream(format!(
+                            "Pages record lists {count} pages but carries data for only {}",
+                            offset / PAGE_SIZE as usize
+                        ))
+                    })?;
+                self.memory
+                    .write(page * PAGE_SIZE, bytes)
+                    .map_err(|e| MigrationError::Stream(format!("page {page:#x}: {e}")))?;
+                let _ = self.written.set(page);
+                slot.store(page_digest(bytes), Ordering::Relaxed);
+                offset += PAGE_SIZE as usize;
+            }
+        }
+        if offset != data.len() {
+            return Err(MigrationError::Stream(format!(
+                "Pages record carries {} bytes of data for {} non-zero pages",
+                data.len(),
+                offset / PAGE_SIZE as usize
+            )));
+        }
+        self.bytes
+            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// All connections end a pass before any goes on with the next.
+#[derive(Default)]
+struct PassBarrier {
+    state: Mutex<(HashMap<u32, usize>, bool)>,
+    changed: Condvar,
+}
+
+impl PassBarrier {
+    fn wait(&self, pass: u32, channels: usize) -> Result<()> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        *state.0.entry(pass).or_insert(0) += 1;
+        self.changed.notify_all();
+        while state.0[&pass] < channels && !state.1 {
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+        if state.1 {
+            return Err(MigrationError::Stream(
+                "another connection of this migration failed".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn abort(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.changed.notify_all();
+    }
+}
+
+struct Destination {
+    conns: Vec<Conn>,
+    reader: RecordReader<Conn>,
+    writer: RecordWriter<Conn>,
+    machine: Option<Machine>,
+}
+
+impl Destination {
+    fn new(mut main: Conn, listener: &Listener) -> Result<Self> {
+        main.set_read_timeout(Some(CONNECT_TIMEOUT))
+            .map_err(io_error("setting a timeout"))?;
+        let hello = Hello::read(&mut main)?;
+        if hello.channel != 0 {
+            return Err(MigrationError::Stream(format!(
+                "the first connection says it is channel {}: expected the main channel 0",
+                hello.channel
+            )));
+        }
+        let mut conns = vec![main];
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        let mut seen = vec![false; hello.channels as usize];
+        seen[0] = true;
+        let mut extra: Vec<(u16, Conn)> = Vec::new();
+        while extra.len() + 1 < hello.channels as usize {
+            let mut conn = listener.accept(Some(deadline))?;
+            conn.set_read_timeout(Some(CONNECT_TIMEOUT))
+                .map_err(io_error("setting a timeout"))?;
+            let h = Hello::read(&mut conn)?;
+            if h.session != hello.session
+                || h.channels != hello.channels
+                || seen[h.channel as usize]
+            {
+                return Err(MigrationError::Stream(format!(
+                    "a connection of another migration, or a repeated channel {} (session {:#x}, expected {:#x})",
+                    h.channel, h.session, hello.session
+                )));
+            }
+            seen[h.channel as usize] = true;
+            extra.push((h.channel, conn));
+        }
+        extra.sort_by_key(|(c, _)| *c);
+        conns.extend(extra.into_iter().map(|(_, c)| c));
+        for c in &conns {
+            c.set_read_timeout(None)
+                .map_err(io_error("clearing a timeout"))?;
+        }
+        let reader = RecordReader::new(
+            conns[0]
+                .try_clone()
+                .map_err(io_error("cloning a connection"))?,
+            "from the source (main connection)",
+        );
+        let writer = RecordWriter::new(
+            conns[0]
+                .try_clone()
+                .map_err(io_error("cloning a connection"))?,
+        );
+        Ok(Self {
+            conns,
+            reader,
+            writer,
+            machine: None,
+        })
+    }
+
+    fn receive(
+        &mut self,
+        prepared: Option<GuestMemory>,
+        specs: &[DeviceSpec],
+        dirty_log: Option<DirtyLogMode>,
+        progress: &Progress,
+    ) -> Result<Verification> {
+        let payload = self.reader.expect(Kind::Config)?;
+        let config: MigrationConfig = serde_json::from_slice(&payload).map_err(|e| {
+            MigrationError::Stream(format!(
+                "the Config record is not a vmig configuration: {e}"
+            ))
+        })?;
+        let mut vm_config = config.vm.clone();
+        if let Some(mode) = dirty_log {
+            vm_config.dirty_log = mode;
+        }
+        if let Some(memory) = &prepared {
+            if memory.layout().ram() != vm_config.ram {
+                return Err(MigrationError::Invalid(format!(
+                    "the source's VM has {} MiB of RAM; this destination prepared {} MiB (--mem)",
+                    vm_config.ram >> 20,
+                    memory.layout().ram() >> 20
+                )));
+            }
+        }
+        if specs.len() != config.devices.len() {
+            return Err(MigrationError::Invalid(format!(
+                "the source's VM has {} device(s) ({}); this destination was given {}",
+                config.devices.len(),
+                config
+                    .devices
+                    .iter()
+                    .map(|d| format!("{} {}", d.name, d.protocol))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                specs.len()
+            )));
+        }
+        let vm = Vm::incoming(&vm_config, prepared)?;
+        let machine = Machine::attach(vm, specs, Role::Destination)?;
+        for (ours, theirs) in machine.devices.iter().zip(&config.devices) {
+            if ours.protocol_name() != theirs.protocol {
+                return Err(MigrationError::Invalid(format!(
+                    "device {} here speaks migration {}, the source's {} speaks {}",
+                    ours.name,
+                    ours.protocol_name(),
+                    theirs.name,
+                    theirs.protocol
+                )));
+            }
+        }
+        for d in &machine.devices {
+            d.migration()?
+                .start_resume()
+                .map_err(device_error(&d.name))?;
+        }
+        let machine = self.machine.insert(machine);
+        let memory = machine.vm.memory();
+        let top = memory.layout().top_page();
+        let pages = Pages {
+            memory,
+            digests: (0..top).map(|_| AtomicU64::new(0)).collect(),
+            written: DirtyBitmap::try_new(top)
+                .map_err(|e| MigrationError::Invalid(e.to_string()))?,
+            zero_digest: page_digest(&[0u8; PAGE_SIZE as usize]),
+            bytes: AtomicU64::new(0),
+        };
+        self.writer
+            .write(Kind::Ready, &[])
+            .map_err(io_error("answering Ready"))?;
+        progress.update(|r| {
+            r.status = Status::Active;
+            r.ram.total = memory.layout().ram();
+        });
+
+        let barrier = PassBarrier::default();
+        let channels = self.conns.len();
+        let done = AtomicBool::new(false);
+        let machine = &*machine;
+        let (readers, conns) = (&mut self.reader, &self.conns);
+        let writer = &mut self.writer;
+        std::thread::scope(|scope| -> Result<Verification> {
+            let mut workers = Vec::new();
+            for (index, conn) in conns.iter().enumerate().skip(1) {
+                let conn = conn.try_clone().map_err(io_error("cloning a connection"))?;
+                let (pages, barrier, done) = (&pages, &barrier, &done);
+                workers.push(scope.spawn(move || {
+                    let result = receive_pages(conn, index, pages, barrier, channels);
+                    if result.is_err() && !done.load(Ordering::Acquire) {
+                        barrier.abort();
+                        for c in conns {
+                            c.shutdown();
+                        }
+                    }
+                    result
+                }));
+            }
+            let result = main_loop(
+                machine, readers, writer, &pages, &barrier, channels, progress,
+            );
+            done.store(true, Ordering::Release);
+            if result.is_err() {
+                barrier.abort();
+            }
+            // The page connections carry nothing more: wake their readers.
+            for c in conns.iter().skip(if result.is_err() { 0 } else { 1 }) {
+                c.shutdown();
+            }
+            for w in workers {
+                if let Ok(Err(e)) = w.join() {
+                    if result.is_err() {
+                        continue;
+                    }
+                    if !done.load(Ordering::Acquire) {
+                        return Err(e);
+                    }
+                }
+            }
+            result
+        })
+    }
+}
+
+fn receive_pages(
+    conn: Conn,
+    index: usize,
+    pages: &Pages<'_>,
+    barrier: &PassBarrier,
+    channels: usize,
+) -> Result<()> {
+    let mut reader = RecordReader::new(conn, format!("from the source (connection {index})"));
+    let mut buf = Vec::new();
+    let mut pass = 0u32;
+    loop {
+        match reader.read_into(&mut buf)? {
+            Kind::Pages => pages.apply(&buf, pass)?,
+            Kind::PassEnd => {
+                end_pass(&buf, pass)?;
+                barrier.wait(pass, channels)?;
+                pass += 1;
+            }
+            Kind::Abort => {
+                return Err(MigrationError::Refused(
+                    String::from_utf8_lossy(&buf).into_owned(),
+                ));
+            }
+            other => {
+                return Err(MigrationError::Stream(format!(
+                    "a {other:?} record on page connection {index}, which carries only pages"
+                )));
+            }
+        }
+    }
+}
+
+fn end_pass(payload: &[u8], pass: u32) -> Result<()> {
+    let mut f = Fields::new(payload, "PassEnd");
+    let ended = f.u32()?;
+    f.end()?;
+    if ended != pass {
+        return Err(MigrationError::Stream(format!(
+            "end of pass {ended} during pass {pass}: the stream is reordered"
+        )));
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_lines)]
+fn main_loop(
+    machine: &Machine,
+    reader: &mut RecordReader<Conn>,
+    writer: &mut RecordWriter<Conn>,
+    pages: &Pages<'_>,
+    barrier: &PassBarrier,
+    channels: usize,
+    progress: &Progress,
+) -> Result<Verification> {
+    let mut buf = Vec::new();
+    let mut pass = 0u32;
+    let devices = &machine.devices;
+    let mut partial: Vec<Vec<u8>> = vec![Vec::new(); devices.len()];
+    let mut device_digests: Vec<(u64, xxhash_rust::xxh3::Xxh3)> = devices
+        .iter()
+        .map(|_| (0, xxhash_rust::xxh3::Xxh3::new()))
+        .collect();
+    let mut device_ended = vec![false; devices.len()];
+    let mut vcpus: Option<Vec<VcpuState>> = None;
+    let mut verification = Verification::default();
+    let mut differing: Vec<u64> = Vec::new();
+    let ram_pages = machine.vm.memory().layout().ram() / PAGE_SIZE;
+    let mut last_update = Instant::now();
+    loop {
+        let kind = reader.read_into(&mut buf)?;
+        if last_update.elapsed() > Duration::from_millis(100) {
+            last_update = Instant::now();
+            let bytes = pages.bytes.load(Ordering::Relaxed);
+            progress.update(|r| {
+                r.ram.transferred = bytes;
+                r.passes = u64::from(pass);
+            });
+        }
+        match kind {
+            Kind::Pages => pages.apply(&buf, pass)?,
+            Kind::PassEnd => {
+                end_pass(&buf, pass)?;
+                barrier.wait(pass, channels)?;
+                pass += 1;
+            }
+            Kind::DeviceData => {
+                let mut f = Fields::new(&buf, "DeviceData");
+                let index = f.u32()? as usize;
+                let flags = f.u32()?;
+                let data = f.rest();
+                let device = devices.get(index).ok_or_else(|| {
+                    MigrationError::Stream(format!(
+                        "state for device {index}, which does not exist"
+                    ))
+                })?;
+                if device_ended[index] || flags & !MORE_PARTS != 0 {
+                    return Err(MigrationError::Stream(format!(
+                        "state for device {} after its end, or with unknown flags {flags:#x}",
+                        device.name
+                    )));
+                }
+                partial[index].extend_from_slice(data);
+                if flags & MORE_PARTS == 0 {
+                    let chunk = std::mem::take(&mut partial[index]);
+                    device
+                        .migration()?
+                        .write_chunk(&chunk)
+                        .map_err(device_error(&device.name))?;
+                    let d = &mut device_digests[index];
+                    d.0 += chunk.len() as u64;
+                    d.1.update(&(chunk.len() as u64).to_le_bytes());
+                    d.1.update(&chunk);
+                }
+            }
+            Kind::DeviceEnd => {
+                let mut f = Fields::new(&buf, "DeviceEnd");
+                let index = f.u32()? as usize;
+                let bytes = f.u64()?;
+                let digest = f.u64()?;
+                f.end()?;
+                let Some(device) = devices.get(index) else {
+                    return Err(MigrationError::Stream(format!(
+                        "end of device {index}, which does not exist"
+                    )));
+                };
+                let ours = &device_digests[index];
+                if !partial[index].is_empty() || ours.0 != bytes || ours.1.digest() != digest {
+                    return Err(MigrationError::Verification(format!(
+                        "device {}: {} bytes of state arrived, the source sent {bytes}, or their digests differ",
+                        device.name, ours.0
+                    )));
+                }
+                device_ended[index] = true;
+                verification.devices_compared += 1;
+            }
+            Kind::VcpuState => {
+                vcpus = Some(serde_json::from_slice(&buf).map_err(|e| {
+                    MigrationError::Stream(format!(
+                        "the VcpuState record is not valid vCPU state: {e}"
+                    ))
+                })?);
+            }
+            Kind::Digests => {
+                let mut f = Fields::new(&buf, "Digests");
+                let first = f.u64()?;
+                let count = u64::from(f.u32()?);
+                for page in first..first.saturating_add(count) {
+                    let theirs = f.u64()?;
+                    let ours = pages.digests.get(page as usize).ok_or_else(|| {
+                        MigrationError::Stream(format!(
+                            "a digest for page {page:#x}, beyond guest RAM"
+                        ))
+                    })?;
+                    if ours.load(Ordering::Relaxed) != theirs {
+                        differing.push(page);
+                    }
+                }
+                f.end()?;
+                verification.pages_compared += count;
+            }
+            Kind::Complete => {
+                let mut problems = Vec::new();
+                if let Some(d) = device_ended.iter().position(|e| !e) {
+                    problems.push(format!(
+                        "the state of device {} did not arrive",
+                        devices[d].name
+                    ));
+                }
+                if verification.pages_compared != ram_pages {
+                    problems.push(format!(
+                        "digests of {} pages arrived for {ram_pages} pages of RAM",
+                        verification.pages_compared
+                    ));
+                }
+                if !differing.is_empty() {
+                    verification.pages_differing = differing.len() as u64;
+                    problems.push(format!(
+                        "{} page(s) differ from the source's, first {:#x?}",
+                        differing.len(),
+                        &differing[..differing.len().min(LISTED_PAGES)]
+                    ));
+                }
+                let Some(states) = vcpus.as_deref() else {
+                    return Err(MigrationError::Stream(
+                        "Complete before the vCPU state".into(),
+                    ));
+                };
+                if !problems.is_empty() {
+                    return Err(MigrationError::Verification(problems.join("; ")));
+                }
+                for d in devices {
+                    d.migration()?.load().map_err(device_error(&d.name))?;
+                }
+                machine.vm.restore_vcpus(states)?;
+                progress.update(|r| r.status = Status::Verifying);
+                writer
+                    .write(Kind::Accepted, &[])
+                    .map_err(io_error("answering Accepted"))?;
+                reader.expect(Kind::Commit)?;
+                for d in devices {
+                    d.migration()?.run().map_err(device_error(&d.name))?;
+                }
+                // The pages written here were the migration's own: nothing to send again.
+                let _ = machine.vm.memory().vmm_dirty().harvest();
+                machine.vm.resume()?;
+                writer
+                    .write(Kind::Resumed, &[])
+                    .map_err(io_error("answering Resumed"))?;
+                check_after_resume(machine, &mut verification);
+                let json = serde_json::to_vec(&verification)
+                    .map_err(|e| MigrationError::Invalid(e.to_string()))?;
+                writer
+                    .write(Kind::Result, &[&json])
+                    .map_err(io_error("sending the Result"))?;
+                progress.update(|r| {
+                    r.verified = verification.passed();
+                    r.verification = Some(verification.clone());
+                    r.ram.transferred = pages.bytes.load(Ordering::Relaxed);
+                    r.passes = u64::from(pass);
+                });
+                return Ok(verification);
+            }
+            Kind::Abort => {
+                return Err(MigrationError::Cancelled(format!(
+                    "the source abandoned the migration: {}",
+                    String::from_utf8_lossy(&buf)
+                )));
+            }
+            other => {
+                return Err(MigrationError::Stream(format!(
+                    "a {other:?} record, which a source never sends"
+                )));
+            }
+        }
+    }
+}
+
+/// The guest's verify and the dma-engines' records, on the running VM.
+fn check_after_resume(machine: &Machine, verification: &mut Verification) {
+    match machine.vm.verify(VERIFY_TIMEOUT) {
+        Ok(report) => {
+            verification.guest_pages_checked = report.pages_checked;
+            verification.guest_bad_pages = report.bad_count;
+            if !report.passed() {
+                verification.problems.push(format!(
+                    "the guest's verify found {} bad page(s), first {:?}",
+                    report.bad_count,
+                    &report.bad_pages[..report.bad_pages.len().min(LISTED_PAGES)]
+                ));
+            }
+        }
+        Err(e) => verification
+            .problems
+            .push(format!("the guest's verify failed: {e}")),
+    }
+    match machine.check_dma_records() {
+        Ok(checks) => {
+            for c in &checks {
+                for p in &c.problems {
+                    verification.problems.push(format!("{}: {p}", c.device));
+                }
+                if c.dma_errors != 0 {
+                    verification
+                        .problems
+                        .push(format!("{}: {} DMA errors", c.device, c.dma_errors));
+                }
+            }
+            verification.device_records = checks;
+        }
+        Err(e) => verification
+            .problems
+            .push(format!("checking the device records: {e}")),
+    }
+}

@@ -1,0 +1,240 @@
+//! Every producer of dirty pages behind one trait, each merged into one guest-physical bitmap
+//! per harvest.
+//!
+//! | source | start | harvest | stop |
+//! |---|---|---|---|
+//! | [`KvmSource`] (bitmap, clear-log, ring) | enable logging | `CpuDirtyLog::harvest` | disable |
+//! | [`VmmSource`] (the VMM's own writes) | forget earlier writes | read-and-clear `vmm_dirty` | — |
+//! | [`DeviceSource`] v2 | `DMA_LOGGING_START` | `DMA_LOGGING_REPORT` per mapping | `DMA_LOGGING_STOP` |
+//! | [`DeviceSource`] v1 | `DIRTY_PAGES` START | `DIRTY_PAGES` GET_BITMAP per mapping | STOP |
+//!
+//! Device bitmaps are by IOVA at the device's page size; they are translated through the DMA
+//! mappings to guest-physical 4 KiB pages (a coarser device page dirties all its 4 KiB pages).
+//! Pages a server wrote with `DMA_WRITE` messages are added too.
+
+use std::sync::Arc;
+
+use vmig_dirty::DirtyBitmap;
+use vmig_kvm::{CpuDirtyLog, GuestMemory, PAGE_SIZE};
+use vmig_vfio_user::client::Client;
+
+use crate::error::{MigrationError, Result, device_error};
+
+/// A producer of dirty guest pages.
+pub trait DirtySource: Send {
+    /// A name for reports.
+    fn name(&self) -> String;
+    /// Starts tracking: pages written from now on will be reported.
+    fn start(&mut self) -> Result<()>;
+    /// OR-merges the pages dirtied since the last harvest (or start) into `into`, by
+    /// guest-physical page number, and forgets them; returns how many this source reported.
+    fn harvest(&mut self, into: &DirtyBitmap) -> Result<u64>;
+    /// Stops tracking.
+    fn stop(&mut self) -> Result<()>;
+}
+
+/// KVM's tracking of CPU writes, in whatever mode the VM was built with.
+#[derive(Debug)]
+pub struct KvmSource(pub Arc<CpuDirtyLog>);
+
+impl DirtySource for KvmSource {
+    fn name(&self) -> String {
+        format!("cpu (kvm {})", self.0.mode())
+    }
+
+    fn start(&mut self) -> Result<()> {
+        Ok(self.0.start()?)
+    }
+
+    fn harvest(&mut self, into: &DirtyBitmap) -> Result<u64> {
+        Ok(self.0.harvest(into)?)
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        Ok(self.0.stop()?)
+    }
+}
+
+/// Pages the VMM itself wrote into guest memory (setup, message-based DMA).
+#[derive(Debug)]
+pub struct VmmSource(pub Arc<GuestMemory>);
+
+impl DirtySource for VmmSource {
+    fn name(&self) -> String {
+        "vmm".into()
+    }
+
+    fn start(&mut self) -> Result<()> {
+        // Everything written so far goes in the first pass anyway.
+        let _ = self.0.vmm_dirty().harvest();
+        Ok(())
+    }
+
+    fn harvest(&mut self, into: &DirtyBitmap) -> Result<u64> {
+        let snapshot = self.0.vmm_dirty().harvest();
+        let count = snapshot.count();
+        merge(into, 0, snapshot.words(), snapshot.pages())?;
+        Ok(count)
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// How a device reports the pages its DMA dirtied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceLogKind {
+    /// v2 `DMA_LOGGING_*` device features.
+    DmaLogging,
+    /// v1 `DIRTY_PAGES` (type1 semantics, seed 000).
+    DirtyPages,
+}
+
+/// One DMA mapping: IOVA range and the guest-physical address it maps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    /// First IOVA.
+    pub iova: u64,
+    /// Bytes.
+    pub size: u64,
+    /// Guest-physical address of `iova`.
+    pub gpa: u64,
+}
+
+/// A device's DMA dirty log.
+pub struct DeviceSource {
+    name: String,
+    client: Arc<Client>,
+    kind: DeviceLogKind,
+    mappings: Vec<Mapping>,
+    page_size: u64,
+}
+
+impl std::fmt::Debug for DeviceSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceSource")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("page_size", &self.page_size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceSource {
+    /// The log of device `name` over `mappings`.
+    pub fn new(
+        name: &str,
+        client: Arc<Client>,
+        kind: DeviceLogKind,
+        mappings: Vec<Mapping>,
+    ) -> Self {
+        Self {
+            name: name.to_string(),
+            client,
+            kind,
+            mappings,
+            page_size: PAGE_SIZE,
+        }
+    }
+}
+
+impl DirtySource for DeviceSource {
+    fn name(&self) -> String {
+        let how = match self.kind {
+            DeviceLogKind::DmaLogging => "dma logging",
+            DeviceLogKind::DirtyPages => "dirty pages",
+        };
+        format!("device {} ({how})", self.name)
+    }
+
+    fn start(&mut self) -> Result<()> {
+        match self.kind {
+            DeviceLogKind::DmaLogging => {
+                let ranges: Vec<(u64, u64)> =
+                    self.mappings.iter().map(|m| (m.iova, m.size)).collect();
+                let page_size = self
+                    .client
+                    .dma_logging_start(PAGE_SIZE, &ranges)
+                    .map_err(device_error(&self.name))?;
+                if !page_size.is_power_of_two() || page_size < PAGE_SIZE {
+                    let _ = self.client.dma_logging_stop();
+                    return Err(MigrationError::Device {
+                        device: self.name.clone(),
+                        message: format!(
+                            "DMA logging at a page size of {page_size}: expected a power of two of at least 4096"
+                        ),
+                    });
+                }
+                self.page_size = page_size;
+            }
+            DeviceLogKind::DirtyPages => self
+                .client
+                .dirty_pages_log(true)
+                .map_err(device_error(&self.name))?,
+        }
+        let _ = self.client.take_dma_written_pages();
+        Ok(())
+    }
+
+    fn harvest(&mut self, into: &DirtyBitmap) -> Result<u64> {
+        let mut count = 0;
+        for m in &self.mappings {
+            let words = match self.kind {
+                DeviceLogKind::DmaLogging => self
+                    .client
+                    .dma_logging_report(m.iova, m.size, self.page_size)
+                    .map_err(device_error(&self.name))?,
+                DeviceLogKind::DirtyPages => self
+                    .client
+                    .dirty_pages_bitmap(m.iova, m.size, self.page_size)
+                    .map_err(device_error(&self.name))?,
+            };
+            let device_pages = m.size.div_ceil(self.page_size);
+            let shift = (self.page_size / PAGE_SIZE).trailing_zeros();
+            let first = m.gpa / PAGE_SIZE;
+            let pages = m.size / PAGE_SIZE;
+            if shift == 0 {
+                count += words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
+                merge(into, first, &words, pages)?;
+            } else {
+                let coarse = vmig_dirty::DirtySnapshot::from_words(words, device_pages)
+                    .map_err(|e| MigrationError::Invalid(e.to_string()))?;
+                coarse.for_each_run(|c, n| {
+                    let lo = c << shift;
+                    let hi = ((c + n) << shift).min(pages);
+                    count += hi - lo;
+                    let _ = into.set_range(first + lo, hi - lo);
+                });
+            }
+        }
+        for iova_page in self.client.take_dma_written_pages() {
+            let iova = iova_page * PAGE_SIZE;
+            if let Some(m) = self
+                .mappings
+                .iter()
+                .find(|m| iova >= m.iova && iova - m.iova < m.size)
+            {
+                count += 1;
+                let _ = into.set((iova - m.iova + m.gpa) / PAGE_SIZE);
+            }
+        }
+        Ok(count)
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        match self.kind {
+            DeviceLogKind::DmaLogging => self.client.dma_logging_stop(),
+            DeviceLogKind::DirtyPages => self.client.dirty_pages_log(false),
+        }
+        .map_err(device_error(&self.name))
+    }
+}
+
+fn merge(into: &DirtyBitmap, first: u64, words: &[u64], pages: u64) -> Result<()> {
+    into.merge_words(first, words, pages).map_err(|e| {
+        MigrationError::Invalid(format!(
+            "merging a dirty bitmap of {pages} pages at page {first}: {e}"
+        ))
+    })
+}

@@ -1,0 +1,62 @@
+//! The engine's error type.
+
+use std::io;
+
+/// Why a migration (or a step of one) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// A socket or file operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The peer sent something that is not a valid vmig migration stream, or not what the
+    /// protocol expects at this point.
+    #[error("migration stream: {0}")]
+    Stream(String),
+    /// The destination refused the migration (the reason is the destination's).
+    #[error("the destination refused the migration: {0}")]
+    Refused(String),
+    /// The VM failed (KVM, vCPU state, guest memory).
+    #[error("VM: {0}")]
+    Vm(#[from] vmig_kvm::KvmError),
+    /// A device failed (vfio-user).
+    #[error("device {device}: {message}")]
+    Device {
+        /// The device's name.
+        device: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// What the source and the destination hold differs after the final copy.
+    #[error("verification failed: {0}")]
+    Verification(String),
+    /// The migration was cancelled (`migrate-cancel`, or its timeout with the cancel strategy).
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+    /// A parameter or a request is out of range or out of order.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The engine's result type.
+pub type Result<T> = std::result::Result<T, MigrationError>;
+
+/// Maps an I/O error, saying what was being done.
+pub(crate) fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> MigrationError {
+    let what = what.into();
+    move |source| MigrationError::Io { what, source }
+}
+
+/// Maps a vfio-user client error of device `name`.
+pub(crate) fn device_error(
+    name: &str,
+) -> impl FnOnce(vmig_vfio_user::client::ClientError) -> MigrationError + '_ {
+    move |e| MigrationError::Device {
+        device: name.to_string(),
+        message: e.to_string(),
+    }
+}

@@ -1,0 +1,57 @@
+//! `vmig-migration`: the live-migration engine.
+//!
+//! It owns the path of a migration from the first page to the destination's resume:
+//! - a VM with its vfio-user devices attached, DMA-mapped and routed ([`machine`]);
+//! - every dirty-page producer behind [`dirty::DirtySource`]: KVM (every mode), device DMA
+//!   logging (v2), `DIRTY_PAGES` (v1), the VMM's own writes;
+//! - the sending side ([`source`]): pre-copy passes, convergence, auto-converge, stop-and-copy,
+//!   commit, and rollback;
+//! - the stream ([`stream`]) over one or more connections ([`transport`]), with page senders
+//!   in parallel ([`pool`]);
+//! - the receiving side ([`destination`]) and its verification;
+//! - the report ([`report`]).
+//!
+//! It leaves KVM to `vmig-kvm`, the vfio-user protocol to `vmig-vfio-user`, and the command
+//! line to the `vmig` binary.
+//!
+//! ```text
+//!  source                                               destination
+//!    │ hello ×N connections (session, channel) ─────────────► │
+//!    │ Config {VM, devices} ────────────────────────────────► │ build VM, attach devices,
+//!    │ ◄──────────────────────────────────────────────── Ready │ devices → RESUMING
+//!    │ start dirty tracking (KVM, devices, VMM); devices → pre-copy
+//!    │ Pages (pass 0: all RAM) on every connection ─────────► │ write pages, digest each
+//!    │ PassEnd 0 on every connection ───────────────────────► │ all connections meet
+//!    │ DeviceData (pre-copy) ───────────────────────────────► │ write to device
+//!    │ harvest; repeat passes until the rest fits downtime_ms (throttle vCPUs if needed)
+//!    │ pause vCPUs; devices → stop-and-copy; final harvest
+//!    │ Pages, PassEnd (final) ──────────────────────────────► │
+//!    │ DeviceData, DeviceEnd {bytes, digest} ───────────────► │ compare
+//!    │ VcpuState, Digests (every page) ─────────────────────► │ compare
+//!    │ Complete ────────────────────────────────────────────► │ devices load (STOP), vCPUs set
+//!    │ ◄───────────────────────────────────────────── Accepted │      (or Abort: source resumes)
+//!    │ Commit (the source will never resume) ───────────────► │ devices run, vCPUs run
+//!    │ ◄────────────────────────────────────────────── Resumed │ guest verify, device records
+//!    │ ◄────────────────────────────────────── Result {checks} │
+//! ```
+//!
+//! Anything that fails before the source sends Commit (connection lost, a refusal, a device
+//! error, the timeout, `migrate-cancel`) ends with an Abort both ways: the source's devices run
+//! again, its dirty tracking stops and its vCPUs resume; the destination drops its VM and
+//! resets its devices.
+
+pub mod destination;
+pub mod dirty;
+mod error;
+pub mod machine;
+pub mod pool;
+pub mod report;
+pub mod source;
+pub mod stream;
+pub mod transport;
+
+pub use destination::{Arrived, Incoming, receive};
+pub use error::{MigrationError, Result};
+pub use machine::{DeviceSpec, Machine, Role};
+pub use report::{MigrationParams, MigrationReport, Progress, Status};
+pub use source::migrate;

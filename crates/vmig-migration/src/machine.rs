@@ -1,0 +1,514 @@
+//! A VM with its vfio-user devices attached: the glue between `vmig-kvm` and
+//! `vmig-vfio-user` that a migration moves as one.
+//!
+//! Attaching a device (in `--device` order, the same on both sides of a migration):
+//! 1. connect to its server (guest RAM is offered for message-based DMA as well);
+//! 2. DMA-map every RAM slot by fd, IOVA = guest-physical address;
+//! 3. place BARs 0-5 in the guest's MMIO window, device *i* in the *i*-th 16 MiB slot, each BAR
+//!    aligned to its size; guest accesses there become region reads and writes;
+//! 4. find the migration protocol (v2 feature, else v1 region);
+//! 5. a `dma-engine` (its `ID` register says so) gets a driver: on a source the VMM sets up its
+//!    ring in the device area (the top of RAM, outside the guest's working set) and starts
+//!    it, and the guest's vCPU 0 consumes records through a doorbell at every batch; on a
+//!    destination all of that arrives with the migration.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use vmig_devices::dma_engine::{self, reg};
+use vmig_kvm::guest::{self, MMIO_WINDOW_GPA};
+use vmig_kvm::{GuestMemory, MmioHandler, PAGE_SIZE, Vm};
+use vmig_vfio_user::client::{Client, DmaMemory};
+use vmig_vfio_user::device_migration::{DeviceMigration, Protocol};
+use vmig_vfio_user::wire::{
+    DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
+};
+
+use crate::error::{MigrationError, Result, device_error};
+
+/// Guest-physical span of each device's BARs.
+pub const DEVICE_MMIO_SLOT: u64 = 16 << 20;
+/// Most devices a VM takes.
+pub const MAX_DEVICES: usize = guest::MAX_DOORBELLS;
+/// RAM reserved per device at the top of guest RAM for its DMA (ring and buffers).
+pub const DEVICE_AREA: u64 = 2 << 20;
+/// Entries in a dma-engine's ring (one buffer page each).
+pub const DMA_RING_ENTRIES: u64 = 256;
+/// Records per second a dma-engine writes unless told otherwise.
+pub const DEFAULT_DMA_RATE: u64 = 1000;
+
+/// `--device vfio-user,socket=PATH[,rate=N]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// The server's socket.
+    pub socket: PathBuf,
+    /// Records per second for a dma-engine.
+    pub dma_rate: u64,
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = MigrationError;
+
+    fn from_str(spec: &str) -> Result<Self> {
+        let bad = |why: String| {
+            MigrationError::Invalid(format!(
+                "device `{spec}`: {why}; expected vfio-user,socket=PATH[,rate=RECORDS_PER_S]"
+            ))
+        };
+        let mut parts = spec.split(',');
+        if parts.next() != Some("vfio-user") {
+            return Err(bad("only vfio-user devices are supported".into()));
+        }
+        let mut socket = None;
+        let mut dma_rate = DEFAULT_DMA_RATE;
+        for part in parts {
+            match part.split_once('=') {
+                Some(("socket", path)) if !path.is_empty() => socket = Some(PathBuf::from(path)),
+                Some(("rate", n)) => {
+                    dma_rate = n
+                        .parse()
+                        .ok()
+                        .filter(|&r| r <= 1_000_000)
+                        .ok_or_else(|| bad(format!("rate `{n}` is not 0 to 1000000")))?;
+                }
+                _ => return Err(bad(format!("unknown option `{part}`"))),
+            }
+        }
+        Ok(Self {
+            socket: socket.ok_or_else(|| bad("socket=PATH is missing".into()))?,
+            dma_rate,
+        })
+    }
+}
+
+/// A BAR placed in guest-physical space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bar {
+    /// Region index (0-5).
+    pub index: u32,
+    /// Guest-physical address.
+    pub gpa: u64,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// One attached device.
+pub struct AttachedDevice {
+    /// A name for reports (the socket's file name).
+    pub name: String,
+    /// The connection to its server.
+    pub client: Arc<Client>,
+    /// How its state migrates (`None`: it cannot migrate).
+    pub protocol: Option<Protocol>,
+    /// Its BARs in the guest.
+    pub bars: Vec<Bar>,
+    /// For a dma-engine: where its ring lives.
+    pub dma_ring: Option<DmaRing>,
+}
+
+impl std::fmt::Debug for AttachedDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttachedDevice")
+            .field("name", &self.name)
+            .field("protocol", &self.protocol)
+            .field("bars", &self.bars)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AttachedDevice {
+    /// The device's migration driver.
+    pub fn migration(&self) -> Result<DeviceMigration<'_>> {
+        let protocol = self.protocol.ok_or_else(|| MigrationError::Device {
+            device: self.name.clone(),
+            message: "the device has no migration support (neither the v2 MIGRATION feature nor a v1 migration region)".into(),
+        })?;
+        Ok(DeviceMigration::with_protocol(&self.client, protocol))
+    }
+
+    /// "v1", "v2" or "none".
+    pub fn protocol_name(&self) -> &'static str {
+        self.protocol.as_ref().map_or("none", Protocol::name)
+    }
+
+    fn read_reg(&self, offset: u64) -> Result<u64> {
+        let mut b = [0u8; 8];
+        self.client
+            .region_read(0, offset, &mut b)
+            .map_err(device_error(&self.name))?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn write_reg(&self, offset: u64, value: u64) -> Result<()> {
+        self.client
+            .region_write(0, offset, &value.to_le_bytes())
+            .map_err(device_error(&self.name))
+    }
+}
+
+/// Where a dma-engine's ring and buffers are in guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DmaRing {
+    /// The ring of buffer addresses.
+    pub ring_gpa: u64,
+    /// Buffer *i* is at `buffers_gpa + i × 4096`.
+    pub buffers_gpa: u64,
+    /// Entries.
+    pub entries: u64,
+}
+
+/// What checking a dma-engine's records after a migration found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordCheck {
+    /// The device.
+    pub device: String,
+    /// Records the device had produced.
+    pub produced: u64,
+    /// Records found whole and recent in the ring.
+    pub checked: u64,
+    /// What was wrong, if anything.
+    pub problems: Vec<String>,
+    /// `DMA_ERRORS` of the device.
+    pub dma_errors: u64,
+}
+
+impl RecordCheck {
+    /// No problem found.
+    pub fn passed(&self) -> bool {
+        self.problems.is_empty() && self.dma_errors == 0
+    }
+}
+
+struct BusEntry {
+    start: u64,
+    size: u64,
+    region: u32,
+    client: Arc<Client>,
+}
+
+/// Routes guest MMIO to the device whose BAR holds the address.
+struct DeviceBus {
+    entries: Vec<BusEntry>,
+}
+
+impl DeviceBus {
+    fn find(&self, addr: u64, len: usize) -> std::result::Result<(&BusEntry, u64), String> {
+        self.entries
+            .iter()
+            .find(|e| addr >= e.start && addr - e.start + len as u64 <= e.size)
+            .map(|e| (e, addr - e.start))
+            .ok_or_else(|| "no device BAR there".to_string())
+    }
+}
+
+impl MmioHandler for DeviceBus {
+    fn read(&self, addr: u64, data: &mut [u8]) -> std::result::Result<(), String> {
+        let (entry, offset) = self.find(addr, data.len())?;
+        entry
+            .client
+            .region_read(entry.region, offset, data)
+            .map_err(|e| e.to_string())
+    }
+
+    fn write(&self, addr: u64, data: &[u8]) -> std::result::Result<(), String> {
+        let (entry, offset) = self.find(addr, data.len())?;
+        entry
+            .client
+            .region_write(entry.region, offset, data)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Guest RAM by IOVA (= guest-physical address) for a server's message-based DMA; writes are
+/// recorded as the VMM's, so migration sees them.
+struct GuestDma(Arc<GuestMemory>);
+
+impl DmaMemory for GuestDma {
+    fn read(&self, iova: u64, buf: &mut [u8]) -> std::result::Result<(), i32> {
+        self.0.read(iova, buf).map_err(|_| libc_efault())
+    }
+
+    fn write(&self, iova: u64, data: &[u8]) -> std::result::Result<(), i32> {
+        self.0.write(iova, data).map_err(|_| libc_efault())
+    }
+}
+
+fn libc_efault() -> i32 {
+    14
+}
+
+/// Which side of a migration a machine is on, which decides who programs the devices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A VM that boots here: the VMM starts its devices.
+    Source,
+    /// A VM that arrives by migration: device state comes in the stream.
+    Destination,
+}
+
+/// A VM and its devices.
+pub struct Machine {
+    /// The VM.
+    pub vm: Vm,
+    /// Its devices, in `--device` order.
+    pub devices: Vec<AttachedDevice>,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("vm", &self.vm)
+            .field("devices", &self.devices)
+            .finish()
+    }
+}
+
+/// Bytes of RAM `devices` devices reserve at the top of guest RAM.
+pub fn device_area_bytes(devices: usize) -> u64 {
+    devices as u64 * DEVICE_AREA
+}
+
+/// Guest-physical address of device `index`'s area.
+fn device_area_gpa(vm: &Vm, index: usize) -> Result<u64> {
+    let layout = vm.layout();
+    let top = layout
+        .memory
+        .data_slots()
+        .last()
+        .ok_or_else(|| MigrationError::Invalid("the VM has no data RAM".into()))?;
+    let offset = (index as u64 + 1) * DEVICE_AREA;
+    if offset > top.size {
+        return Err(MigrationError::Invalid(format!(
+            "the top RAM slot ({} MiB) has no room for the DMA areas of {} devices",
+            top.size >> 20,
+            index + 1
+        )));
+    }
+    let gpa = top.gpa + top.size - offset;
+    // The working set is a prefix of data-a then data-b: it must end below the areas.
+    let ws_end = layout
+        .ws_page_gpa(layout.ws_pages - 1)
+        .map_or(0, |g| g + PAGE_SIZE);
+    if ws_end > gpa && ws_end <= top.gpa + top.size {
+        return Err(MigrationError::Invalid(format!(
+            "the guest's working set reaches {ws_end:#x}, into the DMA area of device {index} at {gpa:#x}: use a working set of at most {} bytes",
+            layout.memory.data_slots().map(|s| s.size).sum::<u64>()
+                - (index as u64 + 1) * DEVICE_AREA
+        )));
+    }
+    Ok(gpa)
+}
+
+impl Machine {
+    /// Attaches the devices of `specs` to `vm` (see the module doc); `role` says whether to
+    /// start them.
+    pub fn attach(vm: Vm, specs: &[DeviceSpec], role: Role) -> Result<Self> {
+        if specs.len() > MAX_DEVICES {
+            return Err(MigrationError::Invalid(format!(
+                "{} devices: a VM takes at most {MAX_DEVICES}",
+                specs.len()
+            )));
+        }
+        let mut devices = Vec::with_capacity(specs.len());
+        let mut bus = DeviceBus {
+            entries: Vec::new(),
+        };
+        let mut doorbells = Vec::new();
+        for (index, spec) in specs.iter().enumerate() {
+            let device = attach_one(&vm, index, spec, &mut bus)?;
+            if let Some(ring) = device.dma_ring {
+                let bar0 = device.bars.iter().find(|b| b.index == 0).map(|b| b.gpa);
+                if let Some(bar0) = bar0 {
+                    doorbells.push((bar0 + reg::PRODUCER, bar0 + reg::CONSUMER));
+                }
+                if role == Role::Source {
+                    start_dma_engine(&vm, &device, ring, spec.dma_rate, index)?;
+                }
+            }
+            devices.push(device);
+        }
+        if !bus.entries.is_empty() {
+            vm.set_mmio_handler(Some(Arc::new(bus)));
+        }
+        if role == Role::Source {
+            guest::set_doorbells(vm.memory(), &doorbells)?;
+        }
+        Ok(Self { vm, devices })
+    }
+
+    /// Checks every dma-engine's ring: each buffer must hold a whole record that is among the
+    /// last ring-full the device produced (or nothing, if the device has not reached it). A
+    /// record that a migration lost shows as an older record, or as an empty buffer.
+    pub fn check_dma_records(&self) -> Result<Vec<RecordCheck>> {
+        let mut checks = Vec::new();
+        for device in &self.devices {
+            let Some(ring) = device.dma_ring else {
+                continue;
+            };
+            let seed = device.read_reg(reg::SEED)?;
+            let before = device.read_reg(reg::PRODUCER)?;
+            let mut buffers = Vec::with_capacity(ring.entries as usize);
+            for i in 0..ring.entries {
+                let mut record = [0u8; dma_engine::RECORD_SIZE];
+                self.vm
+                    .memory()
+                    .read(ring.buffers_gpa + i * PAGE_SIZE, &mut record)?;
+                buffers.push(record);
+            }
+            let after = device.read_reg(reg::PRODUCER)?;
+            let mut check = RecordCheck {
+                device: device.name.clone(),
+                produced: after,
+                dma_errors: device.read_reg(reg::DMA_ERRORS)?,
+                ..RecordCheck::default()
+            };
+            for (i, record) in buffers.iter().enumerate() {
+                let i = i as u64;
+                if record.iter().all(|&b| b == 0) {
+                    if i < before {
+                        check
+                            .problems
+                            .push(format!("buffer {i} is empty, but the device wrote it"));
+                    }
+                    continue;
+                }
+                match dma_engine::check_record(record, seed) {
+                    Ok(seq) if seq % ring.entries == i && seq < after && seq + ring.entries >= before => {
+                        check.checked += 1;
+                    }
+                    Ok(seq) => check.problems.push(format!(
+                        "buffer {i} holds record {seq}, but records {}..{before} should be there: a record written before the switch-over was lost",
+                        before.saturating_sub(ring.entries)
+                    )),
+                    Err(why) => check.problems.push(format!("buffer {i}: {why}")),
+                }
+            }
+            check.problems.truncate(8);
+            checks.push(check);
+        }
+        Ok(checks)
+    }
+}
+
+fn attach_one(
+    vm: &Vm,
+    index: usize,
+    spec: &DeviceSpec,
+    bus: &mut DeviceBus,
+) -> Result<AttachedDevice> {
+    let name = spec.socket.file_name().map_or_else(
+        || spec.socket.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    let memory: Arc<dyn DmaMemory> = Arc::new(GuestDma(Arc::clone(vm.memory())));
+    let client =
+        Client::connect(&spec.socket, Some(memory)).map_err(|e| MigrationError::Device {
+            device: name.clone(),
+            message: format!("connecting to {}: {e}", spec.socket.display()),
+        })?;
+    let client = Arc::new(client);
+    for slot in vm.memory().slots() {
+        client
+            .dma_map(
+                slot.layout.gpa,
+                slot.layout.size,
+                DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE,
+                Some((slot.fd(), 0)),
+            )
+            .map_err(device_error(&name))?;
+    }
+    let regions = client
+        .device_info()
+        .map_err(device_error(&name))?
+        .num_regions;
+    let slot_base = MMIO_WINDOW_GPA + index as u64 * DEVICE_MMIO_SLOT;
+    let mut next = slot_base;
+    let mut bars = Vec::new();
+    for region in 0..regions.min(6) {
+        let info = client.region_info(region).map_err(device_error(&name))?;
+        let size = info.info.size;
+        if size == 0 || info.info.flags & (REGION_INFO_FLAG_READ | REGION_INFO_FLAG_WRITE) == 0 {
+            continue;
+        }
+        let align = size.next_power_of_two().max(PAGE_SIZE);
+        let gpa = next.next_multiple_of(align);
+        if gpa + size > slot_base + DEVICE_MMIO_SLOT {
+            return Err(MigrationError::Device {
+                device: name,
+                message: format!(
+                    "BAR{region} of {size:#x} bytes does not fit the device's {} MiB of guest MMIO space",
+                    DEVICE_MMIO_SLOT >> 20
+                ),
+            });
+        }
+        next = gpa + size;
+        bars.push(Bar {
+            index: region,
+            gpa,
+            size,
+        });
+        bus.entries.push(BusEntry {
+            start: gpa,
+            size,
+            region,
+            client: Arc::clone(&client),
+        });
+    }
+    let protocol = DeviceMigration::detect(&client)
+        .map_err(device_error(&name))?
+        .map(|m| m.protocol());
+    let mut device = AttachedDevice {
+        name,
+        client,
+        protocol,
+        bars,
+        dma_ring: None,
+    };
+    let is_dma_engine = device
+        .bars
+        .iter()
+        .any(|b| b.index == 0 && b.size >= dma_engine::BAR0_SIZE)
+        && device.read_reg(reg::ID).ok() == Some(dma_engine::ID);
+    if is_dma_engine {
+        let area = device_area_gpa(vm, index)?;
+        device.dma_ring = Some(DmaRing {
+            ring_gpa: area,
+            buffers_gpa: area + PAGE_SIZE,
+            entries: DMA_RING_ENTRIES,
+        });
+    }
+    Ok(device)
+}
+
+/// The driver's setup of a dma-engine on a booting VM: the ring of buffer addresses in guest
+/// memory, then the registers, then enable.
+fn start_dma_engine(
+    vm: &Vm,
+    device: &AttachedDevice,
+    ring: DmaRing,
+    rate: u64,
+    index: usize,
+) -> Result<()> {
+    let mut table = Vec::with_capacity(ring.entries as usize * 8);
+    for i in 0..ring.entries {
+        table.extend_from_slice(&(ring.buffers_gpa + i * PAGE_SIZE).to_le_bytes());
+    }
+    vm.memory().write(ring.ring_gpa, &table)?;
+    device.write_reg(reg::CTRL, 0)?;
+    device.write_reg(reg::RING_BASE, ring.ring_gpa)?;
+    device.write_reg(reg::RING_SIZE, ring.entries)?;
+    device.write_reg(reg::SEED, 0x5eed_0000 + index as u64)?;
+    device.write_reg(reg::RATE, rate)?;
+    device.write_reg(reg::CTRL, 1)?;
+    // A device that refuses the setup shows it in its registers.
+    std::thread::sleep(Duration::from_millis(1));
+    if device.read_reg(reg::RING_SIZE)? != ring.entries {
+        return Err(MigrationError::Device {
+            device: device.name.clone(),
+            message: "the dma-engine did not take its ring size".into(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! The source's page senders: one thread per connection takes batches of page numbers from a
+//! shared queue, reads the pages, marks zero pages, and writes `Pages` records; a shared token
+//! bucket keeps them under the bandwidth limit.
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use vmig_kvm::{GuestMemory, PAGE_SIZE};
+
+use crate::error::{MigrationError, Result};
+use crate::stream::{Kind, RecordWriter, ZERO_PAGE};
+use crate::transport::Conn;
+
+/// Pages per `Pages` record.
+pub const BATCH_PAGES: usize = 256;
+
+/// A connection's writer, shared by its page sender and the main thread.
+pub type SharedWriter = Arc<Mutex<RecordWriter<Conn>>>;
+
+/// Locks a writer.
+pub fn lock(writer: &SharedWriter) -> MutexGuard<'_, RecordWriter<Conn>> {
+    writer.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Counters the senders keep.
+#[derive(Debug, Default)]
+pub struct PageCounters {
+    /// Bytes of `Pages` records written.
+    pub bytes: AtomicU64,
+    /// Zero pages sent.
+    pub zero: AtomicU64,
+    /// Pages sent with data.
+    pub normal: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    batches: VecDeque<(u32, Vec<u64>)>,
+    in_flight: usize,
+    closed: bool,
+    error: Option<String>,
+}
+
+/// A token bucket in bytes per second (0: unlimited), 50 ms of burst.
+#[derive(Debug)]
+struct Limiter {
+    rate: u64,
+    state: Mutex<(f64, Instant)>,
+}
+
+impl Limiter {
+    fn take(&self, bytes: u64) {
+        if self.rate == 0 {
+            return;
+        }
+        let wait = {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            let burst = self.rate as f64 * 0.05;
+            state.0 =
+                (state.0 + now.duration_since(state.1).as_secs_f64() * self.rate as f64).min(burst);
+            state.1 = now;
+            state.0 -= bytes as f64;
+            (state.0 < 0.0).then(|| Duration::from_secs_f64(-state.0 / self.rate as f64))
+        };
+        if let Some(wait) = wait {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// The shared side of the senders.
+#[derive(Debug)]
+pub struct PagePool {
+    queue: Mutex<Queue>,
+    changed: Condvar,
+    limiter: Limiter,
+    /// What was sent.
+    pub counters: PageCounters,
+    depth: usize,
+}
+
+impl PagePool {
+    /// A pool for `senders` threads under `max_bandwidth` bytes per second (0: unlimited).
+    pub fn new(senders: usize, max_bandwidth: u64) -> Self {
+        Self {
+            queue: Mutex::new(Queue::default()),
+            changed: Condvar::new(),
+            limiter: Limiter {
+                rate: max_bandwidth,
+                state: Mutex::new((0.0, Instant::now())),
+            },
+            counters: PageCounters::default(),
+            depth: senders * 4,
+        }
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn failed(queue: &Queue) -> Result<()> {
+        match &queue.error {
+            Some(why) => Err(MigrationError::Stream(why.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Queues a batch of pass `pass`, waiting while the queue is full; fails once a sender
+    /// failed.
+    pub fn submit(&self, pass: u32, pages: Vec<u64>) -> Result<()> {
+        let mut queue = self.queue();
+        while queue.batches.len() >= self.depth && queue.error.is_none() {
+            queue = self.changed.wait(queue).unwrap_or_else(|e| e.into_inner());
+        }
+        Self::failed(&queue)?;
+        queue.batches.push_back((pass, pages));
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Waits until every queued batch is written.
+    pub fn wait_idle(&self) -> Result<()> {
+        let mut queue = self.queue();
+        while (!queue.batches.is_empty() || queue.in_flight > 0) && queue.error.is_none() {
+            queue = self.changed.wait(queue).unwrap_or_else(|e| e.into_inner());
+        }
+        Self::failed(&queue)
+    }
+
+    /// Stops the senders once the queue is empty.
+    pub fn close(&self) {
+        self.queue().closed = true;
+        self.changed.notify_all();
+    }
+
+    /// Makes every waiter fail with `why` (a sender failed, or the migration is abandoned).
+    pub fn fail(&self, why: String) {
+        let mut queue = self.queue();
+        queue.error.get_or_insert(why);
+        queue.closed = true;
+        self.changed.notify_all();
+    }
+
+    /// A sender thread's body: writes batches to `writer` until the pool closes.
+    pub fn run_sender(&self, memory: &GuestMemory, writer: &SharedWriter, channel: usize) {
+        let mut entries: Vec<u8> = Vec::with_capacity(BATCH_PAGES * 8 + 8);
+        let mut data = vec![0u8; BATCH_PAGES * PAGE_SIZE as usize];
+        loop {
+            let (pass, pages) = {
+                let mut queue = self.queue();
+                loop {
+                    if queue.error.is_some() {
+                        return;
+                    }
+                    if let Some(batch) = queue.batches.pop_front() {
+                        queue.in_flight += 1;
+                        self.changed.notify_all();
+                        break batch;
+                    }
+                    if queue.closed {
+                        return;
+                    }
+                    queue = self.changed.wait(queue).unwrap_or_else(|e| e.into_inner());
+                }
+            };
+            let result = self.send_batch(memory, writer, pass, &pages, &mut entries, &mut data);
+            let mut queue = self.queue();
+            queue.in_flight -= 1;
+            if let Err(e) = result {
+                queue
+                    .error
+                    .get_or_insert(format!("sending pages on connection {channel}: {e}"));
+            }
+            self.changed.notify_all();
+        }
+    }
+
+    fn send_batch(
+        &self,
+        memory: &GuestMemory,
+        writer: &SharedWriter,
+        pass: u32,
+        pages: &[u64],
+        entries: &mut Vec<u8>,
+        data: &mut [u8],
+    ) -> io::Result<()> {
+        entries.clear();
+        entries.extend_from_slice(&pass.to_le_bytes());
+        entries.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+        let mut filled = 0usize;
+        let mut zero = 0u64;
+        for &page in pages {
+            let slot = &mut data[filled..filled + PAGE_SIZE as usize];
+            memory
+                .read(page * PAGE_SIZE, slot)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            if is_zero(slot) {
+                zero += 1;
+                entries.extend_from_slice(&(page | ZERO_PAGE).to_le_bytes());
+            } else {
+                filled += PAGE_SIZE as usize;
+                entries.extend_from_slice(&page.to_le_bytes());
+            }
+        }
+        let bytes = (entries.len() + filled) as u64;
+        self.limiter.take(bytes);
+        lock(writer).write(Kind::Pages, &[entries, &data[..filled]])?;
+        let c = &self.counters;
+        c.bytes
+            .fetch_add(bytes + crate::stream::HEADER_SIZE as u64, Ordering::Relaxed);
+        c.zero.fetch_add(zero, Ordering::Relaxed);
+        c.normal
+            .fetch_add(pages.len() as u64 - zero, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Whether a page is all zeros.
+pub fn is_zero(page: &[u8]) -> bool {
+    page.chunks_exact(16)
+        .all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0)
+}

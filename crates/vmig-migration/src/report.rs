@@ -1,0 +1,294 @@
+//! What a user asks of a migration ([`MigrationParams`]) and what it reports
+//! ([`MigrationReport`], the answer to `query-migrate` and `vmig demo --json`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::machine::RecordCheck;
+
+/// Default downtime limit (QEMU's and Cloud Hypervisor's).
+pub const DEFAULT_DOWNTIME_MS: u64 = 300;
+/// Default time a migration may take before it is cancelled.
+pub const DEFAULT_TIMEOUT_S: u64 = 600;
+/// Most parallel connections.
+pub const MAX_CONNECTIONS: u16 = 16;
+
+/// The `migrate` command's arguments.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MigrationParams {
+    /// `tcp:HOST:PORT` or `unix:PATH`.
+    pub uri: String,
+    /// Longest pause the guest may see, in milliseconds.
+    pub downtime_ms: u64,
+    /// Bytes per second the migration may use; 0 is unlimited.
+    pub max_bandwidth: u64,
+    /// Connections carrying pages in parallel (1 to 16).
+    pub connections: u16,
+    /// Seconds before the migration is cancelled.
+    pub timeout_s: u64,
+    /// Throttle the vCPUs when the guest dirties memory faster than the link drains it.
+    pub auto_converge: bool,
+    /// Track the pages devices dirty. Turning this off is for demonstrating that verification
+    /// catches the pages a migration loses without it; never for real use.
+    pub device_dirty_tracking: bool,
+}
+
+impl Default for MigrationParams {
+    fn default() -> Self {
+        Self {
+            uri: String::new(),
+            downtime_ms: DEFAULT_DOWNTIME_MS,
+            max_bandwidth: 0,
+            connections: 1,
+            timeout_s: DEFAULT_TIMEOUT_S,
+            auto_converge: true,
+            device_dirty_tracking: true,
+        }
+    }
+}
+
+impl MigrationParams {
+    /// An error naming the first parameter out of range.
+    pub fn check(&self) -> crate::Result<()> {
+        self.uri.parse::<crate::transport::Uri>()?;
+        let bad = |what: String| Err(crate::MigrationError::Invalid(what));
+        if !(1..=MAX_CONNECTIONS).contains(&self.connections) {
+            return bad(format!(
+                "connections={}: expected 1 to {MAX_CONNECTIONS}",
+                self.connections
+            ));
+        }
+        if !(1..=2_000_000).contains(&self.downtime_ms) {
+            return bad(format!(
+                "downtime_ms={}: expected 1 to 2000000",
+                self.downtime_ms
+            ));
+        }
+        if self.timeout_s == 0 {
+            return bad("timeout_s=0: expected at least 1 second".into());
+        }
+        if self.max_bandwidth != 0 && self.max_bandwidth < 1 << 20 {
+            return bad(format!(
+                "max_bandwidth={}: expected 0 (unlimited) or at least 1 MiB/s (1048576)",
+                self.max_bandwidth
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Where a migration is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    /// No migration has run.
+    #[default]
+    None,
+    /// Connecting, sending the configuration, starting dirty tracking.
+    Setup,
+    /// Pre-copy passes.
+    Active,
+    /// The VM is stopped; the rest is being copied.
+    Device,
+    /// Everything is sent; the destination verifies.
+    Verifying,
+    /// The destination runs the VM.
+    Completed,
+    /// Failed; the source runs as before (unless `committed` is set).
+    Failed,
+    /// Cancelled; the source runs as before.
+    Cancelled,
+}
+
+impl Status {
+    /// Whether the migration is over.
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// RAM figures.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RamStats {
+    /// Guest RAM in bytes.
+    pub total: u64,
+    /// Bytes of RAM records sent (headers, page numbers and data).
+    pub transferred: u64,
+    /// Bytes known dirty and not yet sent.
+    pub remaining: u64,
+    /// Pages sent as zero markers.
+    pub zero_pages: u64,
+    /// Pages sent with their data.
+    pub normal_pages: u64,
+    /// Pages the guest and devices dirtied per second, over the last pass.
+    pub dirty_pages_rate: u64,
+    /// Throughput of RAM so far, in megabits per second.
+    pub mbps: f64,
+}
+
+/// One device's state transfer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStats {
+    /// The device.
+    pub name: String,
+    /// "v1", "v2".
+    pub protocol: String,
+    /// Bytes of state sent while the VM ran.
+    pub precopy_bytes: u64,
+    /// Bytes of state sent while it was stopped.
+    pub stopcopy_bytes: u64,
+}
+
+/// Pages one dirty source reported.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceStats {
+    /// The source.
+    pub name: String,
+    /// Pages it reported dirty (summed over harvests).
+    pub pages: u64,
+}
+
+/// What the destination checked.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Verification {
+    /// Pages whose digests were compared before resuming.
+    pub pages_compared: u64,
+    /// Pages whose digests differed (the first few listed in `problems`).
+    pub pages_differing: u64,
+    /// Devices whose state digests were compared.
+    pub devices_compared: u64,
+    /// Working-set pages the guest's own verify checked after resuming.
+    pub guest_pages_checked: u64,
+    /// Pages the guest's verify found bad.
+    pub guest_bad_pages: u64,
+    /// The dma-engines' records.
+    pub device_records: Vec<RecordCheck>,
+    /// Everything that was wrong.
+    pub problems: Vec<String>,
+}
+
+impl Verification {
+    /// All checks held.
+    pub fn passed(&self) -> bool {
+        self.problems.is_empty()
+            && self.pages_differing == 0
+            && self.guest_bad_pages == 0
+            && self.device_records.iter().all(RecordCheck::passed)
+    }
+}
+
+/// The `query-migrate` answer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MigrationReport {
+    /// Where it is.
+    pub status: Status,
+    /// Milliseconds since `migrate` (until the end, once over).
+    pub total_ms: u64,
+    /// Milliseconds from `migrate` to the first page.
+    pub setup_ms: u64,
+    /// Milliseconds the guest was stopped (from the source's pause to the destination's
+    /// resume, as the source saw it).
+    pub downtime_ms: u64,
+    /// Downtime expected if the migration stopped now.
+    pub expected_downtime_ms: u64,
+    /// Passes over memory (the first full one included).
+    pub passes: u64,
+    /// RAM.
+    pub ram: RamStats,
+    /// Devices.
+    pub devices: Vec<DeviceStats>,
+    /// Dirty sources.
+    pub dirty_sources: Vec<SourceStats>,
+    /// vCPU throttle of auto-converge, in percent.
+    pub throttle_percent: u64,
+    /// True only when the destination found every page and device state equal before
+    /// resuming, and the guest's verify and the device records passed after.
+    pub verified: bool,
+    /// What the destination checked.
+    pub verification: Option<Verification>,
+    /// Whether the source handed the VM over (it will not resume it).
+    pub committed: bool,
+    /// Why it failed or was cancelled.
+    pub error: Option<String>,
+}
+
+/// The live report of one migration, shared between the engine and whoever queries it, plus
+/// the cancel request.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    inner: Arc<ProgressInner>,
+}
+
+#[derive(Debug)]
+struct ProgressInner {
+    report: Mutex<MigrationReport>,
+    started: Mutex<Option<Instant>>,
+    cancel: AtomicBool,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            inner: Arc::new(ProgressInner {
+                report: Mutex::new(MigrationReport::default()),
+                started: Mutex::new(None),
+                cancel: AtomicBool::new(false),
+            }),
+        }
+    }
+}
+
+impl Progress {
+    /// The report as of now.
+    pub fn report(&self) -> MigrationReport {
+        let mut report = self.lock().clone();
+        if !report.status.is_final() {
+            if let Some(started) = *self.inner.started.lock().unwrap_or_else(|e| e.into_inner()) {
+                report.total_ms = started.elapsed().as_millis() as u64;
+            }
+        }
+        report
+    }
+
+    /// Edits the report.
+    pub fn update(&self, f: impl FnOnce(&mut MigrationReport)) {
+        f(&mut self.lock());
+    }
+
+    fn lock(&self) -> MutexGuard<'_, MigrationReport> {
+        self.inner.report.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resets for a new migration starting now.
+    pub fn begin(&self) {
+        *self.lock() = MigrationReport {
+            status: Status::Setup,
+            ..MigrationReport::default()
+        };
+        *self.inner.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        self.inner.cancel.store(false, Ordering::Release);
+    }
+
+    /// Asks the running migration to stop (before it commits).
+    pub fn cancel(&self) {
+        self.inner.cancel.store(true, Ordering::Release);
+    }
+
+    /// Whether a cancel was asked.
+    pub fn cancel_requested(&self) -> bool {
+        self.inner.cancel.load(Ordering::Acquire)
+    }
+
+    /// Milliseconds since [`Self::begin`].
+    pub fn elapsed_ms(&self) -> u64 {
+        self.inner
+            .started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map_or(0, |s| s.elapsed().as_millis() as u64)
+    }
+}

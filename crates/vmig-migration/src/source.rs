@@ -1,0 +1,691 @@
+//! The sending side: setup, pre-copy passes until the rest fits the downtime limit,
+//! stop-and-copy, verification by the destination, commit, and the rollback that leaves the
+//! source running whenever anything fails before the commit.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vmig_dirty::DirtyBitmap;
+use vmig_kvm::{PAGE_SIZE, VcpuState, Vm, VmConfig};
+
+use crate::dirty::{DeviceLogKind, DeviceSource, DirtySource, KvmSource, Mapping, VmmSource};
+use crate::error::{MigrationError, Result, device_error, io_error};
+use crate::machine::Machine;
+use crate::pool::{BATCH_PAGES, PagePool, SharedWriter, lock};
+use crate::report::{DeviceStats, MigrationParams, Progress, SourceStats, Status, Verification};
+use crate::stream::{Hello, Kind, MAX_RECORD, RecordReader, RecordWriter};
+use crate::transport::{self, Conn, Uri};
+
+/// What the source tells the destination first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationConfig {
+    /// The VM.
+    pub vm: VmConfig,
+    /// The devices, in order.
+    pub devices: Vec<DeviceDescription>,
+}
+
+/// A device as the source has it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceDescription {
+    /// Its name.
+    pub name: String,
+    /// "v1" or "v2".
+    pub protocol: String,
+}
+
+/// Device state records: parts of one chunk carry this flag until the last.
+pub const MORE_PARTS: u32 = 1;
+/// How long the source waits for the destination's answers.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the destination's checks after resuming may take.
+const RESULT_TIMEOUT: Duration = Duration::from_secs(300);
+/// QEMU's auto-converge: start, step and cap of the throttle, in percent.
+const THROTTLE_INITIAL: u64 = 20;
+const THROTTLE_STEP: u64 = 10;
+const THROTTLE_MAX: u64 = 99;
+/// A vCPU throttle timeslice (QEMU's `CPU_THROTTLE_TIMESLICE_NS`).
+const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+
+/// The 64-bit digest of a page (XXH3).
+pub fn page_digest(page: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(page)
+}
+
+/// Runs one migration of `machine` to `params.uri`, reporting into `progress`. On success the
+/// VM stays paused here (it runs on the destination); on any failure before the commit the VM
+/// and its devices run again here as before and the error is returned.
+pub fn migrate(machine: &Machine, params: &MigrationParams, progress: &Progress) -> Result<()> {
+    progress.begin();
+    let outcome = Source::new(machine, params, progress).and_then(|mut s| s.run());
+    progress.update(|r| {
+        r.total_ms = progress.elapsed_ms();
+        match &outcome {
+            Ok(()) => r.status = Status::Completed,
+            Err(e) => {
+                r.status = if matches!(e, MigrationError::Cancelled(_)) {
+                    Status::Cancelled
+                } else {
+                    Status::Failed
+                };
+                r.error = Some(e.to_string());
+            }
+        }
+    });
+    outcome
+}
+
+struct Source<'a> {
+    machine: &'a Machine,
+    params: &'a MigrationParams,
+    progress: &'a Progress,
+    writers: Vec<SharedWriter>,
+    conns: Vec<Conn>,
+    reader: RecordReader<Conn>,
+    sources: Vec<Box<dyn DirtySource>>,
+    source_pages: Vec<u64>,
+    started_sources: usize,
+    devices_saving: bool,
+    paused: bool,
+    committed: bool,
+    deadline: Instant,
+}
+
+impl<'a> Source<'a> {
+    fn new(
+        machine: &'a Machine,
+        params: &'a MigrationParams,
+        progress: &'a Progress,
+    ) -> Result<Self> {
+        params.check()?;
+        for d in &machine.devices {
+            d.migration()?;
+        }
+        if machine.vm.is_paused() {
+            return Err(MigrationError::Invalid(
+                "the VM is stopped: `cont` it before migrating (a stopped VM's devices cannot start pre-copy)".into(),
+            ));
+        }
+        let uri: Uri = params.uri.parse()?;
+        let session = session_id();
+        let mut conns = Vec::new();
+        for channel in 0..params.connections {
+            let mut conn = transport::connect(&uri)?;
+            let hello = Hello {
+                channel,
+                channels: params.connections,
+                session,
+            };
+            std::io::Write::write_all(&mut conn, &hello.encode()).map_err(io_error(format!(
+                "sending the hello of connection {channel}"
+            )))?;
+            conns.push(conn);
+        }
+        let reader = RecordReader::new(
+            conns[0]
+                .try_clone()
+                .map_err(io_error("cloning the main connection"))?,
+            "from the destination",
+        );
+        let writers = conns
+            .iter()
+            .map(|c| {
+                c.try_clone()
+                    .map(|c| Arc::new(Mutex::new(RecordWriter::new(c))))
+                    .map_err(io_error("cloning a connection"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            machine,
+            params,
+            progress,
+            writers,
+            conns,
+            reader,
+            sources: Vec::new(),
+            source_pages: Vec::new(),
+            started_sources: 0,
+            devices_saving: false,
+            paused: false,
+            committed: false,
+            deadline: Instant::now() + Duration::from_secs(params.timeout_s),
+        })
+    }
+
+    fn run(&mut self) -> Result<()> {
+        let result = self.run_inner();
+        if let Err(e) = &result {
+            if !self.committed {
+                let reason = e.to_string();
+                let _ = lock(&self.writers[0]).write(Kind::Abort, &[reason.as_bytes()]);
+                self.rollback();
+            }
+        }
+        for c in &self.conns {
+            c.shutdown();
+        }
+        result
+    }
+
+    /// Leaves the source as it was before the migration: devices running, logging off, vCPUs
+    /// running. Every step is tried even if an earlier one failed.
+    fn rollback(&mut self) {
+        if self.devices_saving {
+            for d in &self.machine.devices {
+                if let Ok(m) = d.migration() {
+                    let _ = m.cancel();
+                }
+            }
+            self.devices_saving = false;
+        }
+        for source in self.sources.iter_mut().take(self.started_sources) {
+            let _ = source.stop();
+        }
+        self.started_sources = 0;
+        if self.paused {
+            let _ = self.machine.vm.resume();
+            self.paused = false;
+        }
+    }
+
+    fn check_cancel(&self) -> Result<()> {
+        if self.progress.cancel_requested() {
+            return Err(MigrationError::Cancelled("migrate-cancel".into()));
+        }
+        if Instant::now() > self.deadline {
+            return Err(MigrationError::Cancelled(format!(
+                "the migration did not finish within timeout_s={}",
+                self.params.timeout_s
+            )));
+        }
+        Ok(())
+    }
+
+    fn main(&self) -> std::sync::MutexGuard<'_, RecordWriter<Conn>> {
+        lock(&self.writers[0])
+    }
+
+    fn send(&self, kind: Kind, parts: &[&[u8]]) -> Result<()> {
+        self.main()
+            .write(kind, parts)
+            .map_err(io_error(format!("sending a {kind:?} record")))
+    }
+
+    fn run_inner(&mut self) -> Result<()> {
+        let machine = self.machine;
+        let vm = &machine.vm;
+        let config = MigrationConfig {
+            vm: vm.config().clone(),
+            devices: machine
+                .devices
+                .iter()
+                .map(|d| DeviceDescription {
+                    name: d.name.clone(),
+                    protocol: d.protocol_name().into(),
+                })
+                .collect(),
+        };
+        let json =
+            serde_json::to_vec(&config).map_err(|e| MigrationError::Invalid(e.to_string()))?;
+        self.send(Kind::Config, &[&json])?;
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(ANSWER_TIMEOUT))
+            .map_err(io_error("setting a timeout"))?;
+        self.reader.expect(Kind::Ready)?;
+
+        self.sources = self.dirty_sources();
+        self.source_pages = vec![0; self.sources.len()];
+        for i in 0..self.sources.len() {
+            self.sources[i].start()?;
+            self.started_sources = i + 1;
+        }
+        self.devices_saving = true;
+        for d in &machine.devices {
+            d.migration()?
+                .start_precopy()
+                .map_err(device_error(&d.name))?;
+        }
+        let memory = Arc::clone(vm.memory());
+        let layout = memory.layout().clone();
+        let dirty = DirtyBitmap::try_new(layout.top_page())
+            .map_err(|e| MigrationError::Invalid(e.to_string()))?;
+        for slot in &layout.slots {
+            let _ = dirty.set_range(slot.first_page(), slot.pages());
+        }
+        let total = layout.ram();
+        let devices: Vec<DeviceStats> = machine
+            .devices
+            .iter()
+            .map(|d| DeviceStats {
+                name: d.name.clone(),
+                protocol: d.protocol_name().into(),
+                ..DeviceStats::default()
+            })
+            .collect();
+        let setup_ms = self.progress.elapsed_ms();
+        self.progress.update(|r| {
+            r.status = Status::Active;
+            r.setup_ms = setup_ms;
+            r.ram.total = total;
+            r.ram.remaining = total;
+            r.devices = devices;
+        });
+
+        let pool = PagePool::new(self.writers.len(), self.params.max_bandwidth);
+        let throttle = AtomicU64::new(0);
+        let stop_throttle = Mutex::new(false);
+        let device_digests: Vec<Mutex<(u64, xxhash_rust::xxh3::Xxh3)>> = machine
+            .devices
+            .iter()
+            .map(|_| Mutex::new((0, xxhash_rust::xxh3::Xxh3::new())))
+            .collect();
+        let writers = self.writers.clone();
+        std::thread::scope(|scope| -> Result<()> {
+            let senders: Vec<_> = writers
+                .iter()
+                .enumerate()
+                .map(|(channel, writer)| {
+                    let pool = &pool;
+                    let memory = &memory;
+                    scope.spawn(move || pool.run_sender(memory, writer, channel))
+                })
+                .collect();
+            let throttler = self.params.auto_converge.then(|| {
+                let (throttle, stop) = (&throttle, &stop_throttle);
+                scope.spawn(move || throttle_vcpus(vm, throttle, stop))
+            });
+            let result =
+                self.precopy_and_stop(&pool, &dirty, &throttle, &stop_throttle, &device_digests);
+            *stop_throttle.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            if let Some(t) = throttler {
+                let _ = t.join();
+            }
+            match &result {
+                Ok(()) => pool.close(),
+                Err(e) => pool.fail(e.to_string()),
+            }
+            for s in senders {
+                let _ = s.join();
+            }
+            result
+        })?;
+        self.finish()
+    }
+
+    fn dirty_sources(&self) -> Vec<Box<dyn DirtySource>> {
+        let vm = &self.machine.vm;
+        let mut sources: Vec<Box<dyn DirtySource>> = vec![
+            Box::new(KvmSource(Arc::clone(vm.dirty_log()))),
+            Box::new(VmmSource(Arc::clone(vm.memory()))),
+        ];
+        if self.params.device_dirty_tracking {
+            let mappings: Vec<Mapping> = vm
+                .memory()
+                .layout()
+                .slots
+                .iter()
+                .map(|s| Mapping {
+                    iova: s.gpa,
+                    size: s.size,
+                    gpa: s.gpa,
+                })
+                .collect();
+            for d in &self.machine.devices {
+                let kind = match d.protocol_name() {
+                    "v1" => DeviceLogKind::DirtyPages,
+                    _ => DeviceLogKind::DmaLogging,
+                };
+                sources.push(Box::new(DeviceSource::new(
+                    &d.name,
+                    Arc::clone(&d.client),
+                    kind,
+                    mappings.clone(),
+                )));
+            }
+        }
+        sources
+    }
+
+    fn harvest(&mut self, into: &DirtyBitmap) -> Result<()> {
+        for (i, source) in self.sources.iter_mut().enumerate() {
+            self.source_pages[i] += source.harvest(into)?;
+        }
+        let stats: Vec<SourceStats> = self
+            .sources
+            .iter()
+            .zip(&self.source_pages)
+            .map(|(s, &pages)| SourceStats {
+                name: s.name(),
+                pages,
+            })
+            .collect();
+        self.progress.update(|r| r.dirty_sources = stats);
+        Ok(())
+    }
+
+    /// Sends the pages of `dirty` (clearing them) as pass `pass`, then ends the pass on every
+    /// connection.
+    fn send_pass(&self, pool: &PagePool, dirty: &DirtyBitmap, pass: u32, live: bool) -> Result<()> {
+        let mut batch = Vec::with_capacity(BATCH_PAGES);
+        let mut result = Ok(());
+        let mut last_check = Instant::now();
+        dirty.harvest_each_run(|first, count| {
+            for page in first..first + count {
+                if result.is_err() {
+                    // Keep the rest dirty for nobody: the migration is failing anyway.
+                    return;
+                }
+                batch.push(page);
+                if batch.len() == BATCH_PAGES {
+                    result = pool.submit(
+                        pass,
+                        std::mem::replace(&mut batch, Vec::with_capacity(BATCH_PAGES)),
+                    );
+                    if live && last_check.elapsed() > Duration::from_millis(50) {
+                        last_check = Instant::now();
+                        if result.is_ok() {
+                            result = self.check_cancel();
+                        }
+                        self.publish_counters(pool);
+                    }
+                }
+            }
+        });
+        result?;
+        if !batch.is_empty() {
+            pool.submit(pass, batch)?;
+        }
+        pool.wait_idle()?;
+        for w in &self.writers {
+            lock(w)
+                .write(Kind::PassEnd, &[&pass.to_le_bytes()])
+                .map_err(io_error("ending a pass"))?;
+        }
+        self.publish_counters(pool);
+        Ok(())
+    }
+
+    fn publish_counters(&self, pool: &PagePool) {
+        let c = &pool.counters;
+        let bytes = c.bytes.load(Ordering::Relaxed);
+        let elapsed = self.progress.elapsed_ms().max(1);
+        self.progress.update(|r| {
+            r.ram.transferred = bytes;
+            r.ram.zero_pages = c.zero.load(Ordering::Relaxed);
+            r.ram.normal_pages = c.normal.load(Ordering::Relaxed);
+            r.ram.mbps = bytes as f64 * 8.0 / 1000.0 / elapsed as f64;
+        });
+    }
+
+    /// Sends device state chunks, split into records that fit.
+    fn send_device_chunks(
+        &self,
+        index: usize,
+        chunks: &[Vec<u8>],
+        digest: &Mutex<(u64, xxhash_rust::xxh3::Xxh3)>,
+    ) -> Result<u64> {
+        let part_max = MAX_RECORD as usize - 8;
+        let mut bytes = 0;
+        let mut d = digest.lock().unwrap_or_else(|e| e.into_inner());
+        for chunk in chunks {
+            let parts: Vec<&[u8]> = if chunk.is_empty() {
+                vec![&[][..]]
+            } else {
+                chunk.chunks(part_max).collect()
+            };
+            for (i, part) in parts.iter().enumerate() {
+                let flags = if i + 1 < parts.len() { MORE_PARTS } else { 0 };
+                self.send(
+                    Kind::DeviceData,
+                    &[&(index as u32).to_le_bytes(), &flags.to_le_bytes(), part],
+                )?;
+            }
+            d.0 += chunk.len() as u64;
+            d.1.update(&(chunk.len() as u64).to_le_bytes());
+            d.1.update(chunk);
+            bytes += chunk.len() as u64;
+        }
+        Ok(bytes)
+    }
+
+    fn precopy_and_stop(
+        &mut self,
+        pool: &PagePool,
+        dirty: &DirtyBitmap,
+        throttle: &AtomicU64,
+        stop_throttle: &Mutex<bool>,
+        device_digests: &[Mutex<(u64, xxhash_rust::xxh3::Xxh3)>],
+    ) -> Result<()> {
+        let machine = self.machine;
+        let vm = &machine.vm;
+        let downtime = self.params.downtime_ms as f64;
+        let mut pass: u32 = 0;
+        let mut send_ms = 0f64;
+        let mut high_dirty_passes = 0;
+        loop {
+            self.check_cancel()?;
+            let pass_start = Instant::now();
+            let bytes_before = pool.counters.bytes.load(Ordering::Relaxed);
+            self.send_pass(pool, dirty, pass, true)?;
+            for (i, d) in machine.devices.iter().enumerate() {
+                let chunks = d
+                    .migration()?
+                    .read_precopy()
+                    .map_err(device_error(&d.name))?;
+                let bytes = self.send_device_chunks(i, &chunks, &device_digests[i])?;
+                self.progress
+                    .update(|r| r.devices[i].precopy_bytes += bytes);
+            }
+            let pass_ms = pass_start.elapsed().as_secs_f64() * 1000.0;
+            send_ms += pass_ms;
+            let pass_bytes = pool.counters.bytes.load(Ordering::Relaxed) - bytes_before;
+            self.harvest(dirty)?;
+            let remaining = dirty.count() * PAGE_SIZE;
+            let sent = pool.counters.bytes.load(Ordering::Relaxed) as f64;
+            let bandwidth = sent / send_ms.max(0.001); // bytes per ms
+            let expected = remaining as f64 / bandwidth.max(1.0);
+            let rate = (remaining / PAGE_SIZE) as f64 * 1000.0 / pass_ms.max(0.001);
+            pass += 1;
+            self.progress.update(|r| {
+                r.passes = u64::from(pass);
+                r.ram.remaining = remaining;
+                r.expected_downtime_ms = expected.ceil() as u64;
+                r.ram.dirty_pages_rate = rate as u64;
+            });
+            if expected <= downtime {
+                break;
+            }
+            // Auto-converge (QEMU's trigger): the guest dirtied more than half of what the
+            // pass sent, twice.
+            if self.params.auto_converge && pass > 1 {
+                if remaining as f64 > 0.5 * pass_bytes as f64 {
+                    high_dirty_passes += 1;
+                } else {
+                    high_dirty_passes = 0;
+                }
+                if high_dirty_passes >= 2 {
+                    high_dirty_passes = 0;
+                    let now = throttle.load(Ordering::Relaxed);
+                    let next = if now == 0 {
+                        THROTTLE_INITIAL
+                    } else {
+                        (now + THROTTLE_STEP).min(THROTTLE_MAX)
+                    };
+                    throttle.store(next, Ordering::Relaxed);
+                    self.progress.update(|r| r.throttle_percent = next);
+                }
+            }
+        }
+
+        // Stop-and-copy. Taking the gate waits for a throttle slice to end with the VM running.
+        *stop_throttle.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.progress.update(|r| r.status = Status::Device);
+        let paused_at = Instant::now();
+        self.paused = true;
+        vm.pause()?;
+        self.check_cancel()?;
+        let mut stop_chunks = Vec::new();
+        for d in &machine.devices {
+            stop_chunks.push(
+                d.migration()?
+                    .stop_and_copy()
+                    .map_err(device_error(&d.name))?,
+            );
+        }
+        // Both vCPUs and devices are stopped: this harvest is complete.
+        self.harvest(dirty)?;
+        for source in self.sources.iter_mut() {
+            source.stop()?;
+        }
+        self.started_sources = 0;
+        let memory = vm.memory();
+        std::thread::scope(|scope| -> Result<()> {
+            let digests = scope.spawn(|| digest_all(memory));
+            self.send_pass(pool, dirty, pass, false)?;
+            for (i, chunks) in stop_chunks.iter().enumerate() {
+                let bytes = self.send_device_chunks(i, chunks, &device_digests[i])?;
+                self.progress
+                    .update(|r| r.devices[i].stopcopy_bytes += bytes);
+                let d = device_digests[i].lock().unwrap_or_else(|e| e.into_inner());
+                self.send(
+                    Kind::DeviceEnd,
+                    &[
+                        &(i as u32).to_le_bytes(),
+                        &d.0.to_le_bytes(),
+                        &d.1.digest().to_le_bytes(),
+                    ],
+                )?;
+            }
+            let vcpus: Vec<VcpuState> = vm.save_vcpus()?;
+            let json =
+                serde_json::to_vec(&vcpus).map_err(|e| MigrationError::Invalid(e.to_string()))?;
+            self.send(Kind::VcpuState, &[&json])?;
+            let digests = digests
+                .join()
+                .map_err(|_| MigrationError::Invalid("the digest thread panicked".into()))??;
+            for (first, list) in digests {
+                for (n, chunk) in list.chunks(65536).enumerate() {
+                    let mut payload = Vec::with_capacity(12 + chunk.len() * 8);
+                    payload.extend_from_slice(&(first + n as u64 * 65536).to_le_bytes());
+                    payload.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
+                    for d in chunk {
+                        payload.extend_from_slice(&d.to_le_bytes());
+                    }
+                    self.send(Kind::Digests, &[&payload])?;
+                }
+            }
+            Ok(())
+        })?;
+        self.send(Kind::Complete, &[])?;
+        self.progress.update(|r| {
+            r.status = Status::Verifying;
+            r.ram.remaining = 0;
+        });
+        self.reader.expect(Kind::Accepted)?;
+        self.check_cancel()?;
+        // The point of no return: from here on the source never resumes.
+        self.committed = true;
+        self.progress.update(|r| r.committed = true);
+        self.send(Kind::Commit, &[])?;
+        self.reader.expect(Kind::Resumed)?;
+        let downtime_ms = paused_at.elapsed().as_millis() as u64;
+        self.progress.update(|r| r.downtime_ms = downtime_ms);
+        self.publish_counters(pool);
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        for d in &self.machine.devices {
+            if let Ok(m) = d.migration() {
+                let _ = m.finish_source();
+            }
+        }
+        self.devices_saving = false;
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(RESULT_TIMEOUT))
+            .map_err(io_error("setting a timeout"))?;
+        let payload = self.reader.expect(Kind::Result)?;
+        let verification: Verification = serde_json::from_slice(&payload).map_err(|e| {
+            MigrationError::Stream(format!(
+                "the destination's Result record is not valid JSON: {e}"
+            ))
+        })?;
+        let passed = verification.passed();
+        let problems = verification.problems.join("; ");
+        self.progress.update(|r| {
+            r.verified = passed;
+            r.verification = Some(verification);
+        });
+        if passed {
+            Ok(())
+        } else {
+            Err(MigrationError::Verification(format!(
+                "the VM runs on the destination, but the checks found: {problems}"
+            )))
+        }
+    }
+}
+
+/// Per-page digests of all RAM: for each slot, its first page number and its pages' digests.
+/// Two threads share the work.
+pub fn digest_all(memory: &vmig_kvm::GuestMemory) -> Result<Vec<(u64, Vec<u64>)>> {
+    let mut out = Vec::new();
+    for slot in &memory.layout().slots {
+        let pages = slot.pages();
+        let half = pages / 2;
+        let digest_range = |from: u64, to: u64| -> Result<Vec<u64>> {
+            let mut page = vec![0u8; PAGE_SIZE as usize];
+            let mut list = Vec::with_capacity((to - from) as usize);
+            for p in from..to {
+                memory.read(slot.gpa + p * PAGE_SIZE, &mut page)?;
+                list.push(page_digest(&page));
+            }
+            Ok(list)
+        };
+        let (low, high) = std::thread::scope(|s| {
+            let high = s.spawn(|| digest_range(half, pages));
+            (digest_range(0, half), high.join())
+        });
+        let mut list = low?;
+        list.extend(
+            high.map_err(|_| MigrationError::Invalid("the digest thread panicked".into()))??,
+        );
+        out.push((slot.first_page(), list));
+    }
+    Ok(out)
+}
+
+/// Auto-converge's vCPU throttle: in each 10 ms slice the vCPUs are paused for `percent` of it.
+/// A slice's pause holds `stopped`, so whoever sets it knows the VM was left running.
+fn throttle_vcpus(vm: &Vm, percent: &AtomicU64, stopped: &Mutex<bool>) {
+    loop {
+        let p = percent.load(Ordering::Relaxed).min(THROTTLE_MAX);
+        std::thread::sleep(THROTTLE_SLICE * (100 - p as u32) / 100);
+        let gate = stopped.lock().unwrap_or_else(|e| e.into_inner());
+        if *gate {
+            return;
+        }
+        if p == 0 {
+            continue;
+        }
+        if vm.pause().is_err() {
+            return;
+        }
+        std::thread::sleep(THROTTLE_SLICE * p as u32 / 100);
+        if vm.resume().is_err() {
+            return;
+        }
+        drop(gate);
+    }
+}
+
+fn session_id() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    page_digest(&[t.to_le_bytes(), u64::from(std::process::id()).to_le_bytes()].concat())
+}

@@ -1,0 +1,497 @@
+//! The migration stream: a hello on each connection, then typed, length-prefixed, sequenced and
+//! checksummed records.
+//!
+//! ```text
+//! hello (32 bytes, each connection, source → destination):
+//!   magic "VMIGSTRM" | version u32 | channel u16 | channels u16 | session u64 | reserved u64
+//! record (each direction):
+//!   kind u16 | flags u16 (0) | length u32 | sequence u64 | checksum u64 | payload[length]
+//! ```
+//!
+//! All integers are little-endian. `sequence` counts the records of one direction of one
+//! connection from 0, so a record lost, repeated or moved is found at once; `checksum` is XXH3
+//! over the header's first 16 bytes and the payload, so a flipped bit anywhere is found. A
+//! version other than [`VERSION`] is refused, as is an unknown kind, a length over
+//! [`MAX_RECORD`], a flag, and any record the protocol does not expect where it comes (the
+//! callers check that).
+
+use std::io::{self, Read, Write};
+
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::error::{MigrationError, Result, io_error};
+
+/// Hello magic.
+pub const MAGIC: [u8; 8] = *b"VMIGSTRM";
+/// The stream version this build speaks.
+pub const VERSION: u32 = 1;
+/// Largest record payload.
+pub const MAX_RECORD: u32 = 16 << 20;
+/// Bytes of a hello.
+pub const HELLO_SIZE: usize = 32;
+/// Bytes of a record header.
+pub const HEADER_SIZE: usize = 24;
+/// Bit 63 of a page entry: the page is all zeros and has no data in the record.
+pub const ZERO_PAGE: u64 = 1 << 63;
+
+/// The first bytes of every connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// This connection's index (0 is the main connection).
+    pub channel: u16,
+    /// Connections in this migration.
+    pub channels: u16,
+    /// Random number shared by the connections of one migration.
+    pub session: u64,
+}
+
+impl Hello {
+    /// The hello's bytes.
+    pub fn encode(&self) -> [u8; HELLO_SIZE] {
+        let mut b = [0u8; HELLO_SIZE];
+        b[0..8].copy_from_slice(&MAGIC);
+        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[12..14].copy_from_slice(&self.channel.to_le_bytes());
+        b[14..16].copy_from_slice(&self.channels.to_le_bytes());
+        b[16..24].copy_from_slice(&self.session.to_le_bytes());
+        b
+    }
+
+    /// Parses and checks a hello.
+    pub fn decode(b: &[u8; HELLO_SIZE]) -> Result<Self> {
+        if b[0..8] != MAGIC {
+            return Err(MigrationError::Stream(format!(
+                "the peer did not start with the vmig magic \"VMIGSTRM\" (got {:02x?}): not a vmig migration stream",
+                &b[0..8]
+            )));
+        }
+        let version = u32::from_le_bytes(b[8..12].try_into().unwrap_or_default());
+        if version != VERSION {
+            return Err(MigrationError::Stream(format!(
+                "stream version {version}: this vmig speaks version {VERSION} only"
+            )));
+        }
+        let hello = Self {
+            channel: u16::from_le_bytes([b[12], b[13]]),
+            channels: u16::from_le_bytes([b[14], b[15]]),
+            session: u64::from_le_bytes(b[16..24].try_into().unwrap_or_default()),
+        };
+        if hello.channels == 0 || hello.channel >= hello.channels || b[24..32] != [0; 8] {
+            return Err(MigrationError::Stream(format!(
+                "hello of channel {} of {} (reserved {:02x?}): expected a channel below a non-zero count and zero reserved bytes",
+                hello.channel,
+                hello.channels,
+                &b[24..32]
+            )));
+        }
+        Ok(hello)
+    }
+
+    /// Reads a hello from `r`.
+    pub fn read(r: &mut impl Read) -> Result<Self> {
+        let mut b = [0u8; HELLO_SIZE];
+        r.read_exact(&mut b)
+            .map_err(io_error("reading the connection's hello"))?;
+        Self::decode(&b)
+    }
+}
+
+/// Record kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Kind {
+    /// Source → destination: the VM's configuration and devices (JSON).
+    Config = 1,
+    /// Destination → source: the configuration is accepted, the destination is ready.
+    Ready = 2,
+    /// A batch of pages: pass u32, count u32, count entries u64 (page number | [`ZERO_PAGE`]),
+    /// then 4 KiB of data per non-zero page.
+    Pages = 3,
+    /// End of a pass over memory on this connection: pass u32.
+    PassEnd = 4,
+    /// Device state: device u32, then a chunk as the device produced it.
+    DeviceData = 5,
+    /// End of a device's state: device u32, bytes u64, XXH3 of all its chunks u64.
+    DeviceEnd = 6,
+    /// Every vCPU's state (JSON).
+    VcpuState = 7,
+    /// Page digests: first page u64, count u32, count digests u64.
+    Digests = 8,
+    /// Source → destination: everything is sent; verify and load.
+    Complete = 9,
+    /// Destination → source: verified and loaded; waiting for the commit.
+    Accepted = 10,
+    /// Source → destination: resume the VM; the source will never resume.
+    Commit = 11,
+    /// Destination → source: the VM runs on the destination.
+    Resumed = 12,
+    /// Destination → source: what the checks after resuming found (JSON).
+    Result = 13,
+    /// Either way: the migration stops; reason as UTF-8.
+    Abort = 14,
+}
+
+impl Kind {
+    fn from_u16(value: u16) -> Option<Self> {
+        use Kind::*;
+        [
+            Config, Ready, Pages, PassEnd, DeviceData, DeviceEnd, VcpuState, Digests, Complete,
+            Accepted, Commit, Resumed, Result, Abort,
+        ]
+        .into_iter()
+        .find(|k| *k as u16 == value)
+    }
+}
+
+fn checksum(header: &[u8], payload: &[&[u8]]) -> u64 {
+    let mut h = Xxh3::new();
+    h.update(&header[..16]);
+    for part in payload {
+        h.update(part);
+    }
+    h.digest()
+}
+
+/// Writes records on one connection (one direction).
+#[derive(Debug)]
+pub struct RecordWriter<W: Write> {
+    inner: W,
+    sequence: u64,
+    bytes: u64,
+}
+
+impl<W: Write> RecordWriter<W> {
+    /// A writer whose first record has sequence 0.
+    pub fn new(inner: W) -> Self {
+        Self {
+            inner,
+            sequence: 0,
+            bytes: 0,
+        }
+    }
+
+    /// Writes a record whose payload is the concatenation of `parts`.
+    pub fn write(&mut self, kind: Kind, parts: &[&[u8]]) -> io::Result<()> {
+        let length: usize = parts.iter().map(|p| p.len()).sum();
+        if length > MAX_RECORD as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("record of {length} bytes exceeds {MAX_RECORD}"),
+            ));
+        }
+        let mut header = [0u8; HEADER_SIZE];
+        header[0..2].copy_from_slice(&(kind as u16).to_le_bytes());
+        header[4..8].copy_from_slice(&(length as u32).to_le_bytes());
+        header[8..16].copy_from_slice(&self.sequence.to_le_bytes());
+        let sum = checksum(&header, parts);
+        header[16..24].copy_from_slice(&sum.to_le_bytes());
+        let mut slices = Vec::with_capacity(parts.len() + 1);
+        slices.push(io::IoSlice::new(&header));
+        slices.extend(parts.iter().map(|p| io::IoSlice::new(p)));
+        write_all_vectored(&mut self.inner, &mut slices)?;
+        self.sequence += 1;
+        self.bytes += (HEADER_SIZE + length) as u64;
+        Ok(())
+    }
+
+    /// Flushes the underlying writer.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+
+    /// Bytes written so far, headers included.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The underlying writer.
+    pub fn get_ref(&self) -> &W {
+        &self.inner
+    }
+}
+
+fn write_all_vectored(w: &mut impl Write, mut slices: &mut [io::IoSlice<'_>]) -> io::Result<()> {
+    io::IoSlice::advance_slices(&mut slices, 0);
+    while !slices.is_empty() {
+        match w.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => io::IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// A record as read.
+#[derive(Debug)]
+pub struct Record {
+    /// Its kind.
+    pub kind: Kind,
+    /// Its payload.
+    pub payload: Vec<u8>,
+}
+
+/// Reads records from one connection (one direction), checking sequence and checksum.
+#[derive(Debug)]
+pub struct RecordReader<R: Read> {
+    inner: R,
+    sequence: u64,
+    bytes: u64,
+    what: String,
+}
+
+impl<R: Read> RecordReader<R> {
+    /// A reader expecting sequence 0 first; `what` names the connection in errors.
+    pub fn new(inner: R, what: impl Into<String>) -> Self {
+        Self {
+            inner,
+            sequence: 0,
+            bytes: 0,
+            what: what.into(),
+        }
+    }
+
+    /// Reads the next record into `buf` (reused across calls), returning its kind and length.
+    pub fn read_into(&mut self, buf: &mut Vec<u8>) -> Result<Kind> {
+        let mut header = [0u8; HEADER_SIZE];
+        self.inner.read_exact(&mut header).map_err(|e| {
+            let what = format!(
+                "{}: reading record {} (the peer closed or the stream is truncated)",
+                self.what, self.sequence
+            );
+            io_error(what)(e)
+        })?;
+        let raw_kind = u16::from_le_bytes([header[0], header[1]]);
+        let flags = u16::from_le_bytes([header[2], header[3]]);
+        let length = u32::from_le_bytes(header[4..8].try_into().unwrap_or_default());
+        let sequence = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
+        let sum = u64::from_le_bytes(header[16..24].try_into().unwrap_or_default());
+        let bad = |why: String| MigrationError::Stream(format!("{}: {why}", self.what));
+        if sequence != self.sequence {
+            return Err(bad(format!(
+                "record with sequence {sequence} where {} was expected: records were lost, repeated or reordered",
+                self.sequence
+            )));
+        }
+        if flags != 0 || length > MAX_RECORD {
+            return Err(bad(format!(
+                "record {sequence} has flags {flags:#x} and length {length}: expected flags 0 and at most {MAX_RECORD} bytes"
+            )));
+        }
+        buf.clear();
+        buf.resize(length as usize, 0);
+        self.inner.read_exact(buf).map_err(|e| {
+            io_error(format!(
+                "{}: reading the {length} bytes of record {sequence} (the stream is truncated)",
+                self.what
+            ))(e)
+        })?;
+        if checksum(&header, &[buf]) != sum {
+            return Err(bad(format!(
+                "record {sequence} (kind {raw_kind}, {length} bytes) fails its checksum: the stream is corrupted"
+            )));
+        }
+        let kind = Kind::from_u16(raw_kind)
+            .ok_or_else(|| bad(format!("record {sequence} has unknown kind {raw_kind}")))?;
+        self.sequence += 1;
+        self.bytes += (HEADER_SIZE as u64) + u64::from(length);
+        Ok(kind)
+    }
+
+    /// Reads the next record.
+    pub fn read(&mut self) -> Result<Record> {
+        let mut payload = Vec::new();
+        let kind = self.read_into(&mut payload)?;
+        Ok(Record { kind, payload })
+    }
+
+    /// Reads the next record, which must be of `kind` (an `Abort` from the peer is reported as
+    /// a refusal with the peer's reason).
+    pub fn expect(&mut self, kind: Kind) -> Result<Vec<u8>> {
+        let record = self.read()?;
+        if record.kind == kind {
+            return Ok(record.payload);
+        }
+        if record.kind == Kind::Abort {
+            return Err(MigrationError::Refused(
+                String::from_utf8_lossy(&record.payload).into_owned(),
+            ));
+        }
+        Err(MigrationError::Stream(format!(
+            "{}: a {:?} record where {kind:?} was expected",
+            self.what, record.kind
+        )))
+    }
+
+    /// Bytes read so far, headers included.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The underlying reader.
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+}
+
+/// Reads little-endian integers from a payload, with errors naming the record.
+#[derive(Debug)]
+pub struct Fields<'a> {
+    data: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Fields<'a> {
+    /// Fields of `data`, a payload of record `what`.
+    pub fn new(data: &'a [u8], what: &'static str) -> Self {
+        Self { data, what }
+    }
+
+    /// The next `n` bytes.
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
+        if self.data.len() < n {
+            return Err(MigrationError::Stream(format!(
+                "{} record is {} bytes short",
+                self.what,
+                n - self.data.len()
+            )));
+        }
+        let (head, tail) = self.data.split_at(n);
+        self.data = tail;
+        Ok(head)
+    }
+
+    /// The next `u32`.
+    pub fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(
+            self.bytes(4)?.try_into().unwrap_or_default(),
+        ))
+    }
+
+    /// The next `u64`.
+    pub fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(
+            self.bytes(8)?.try_into().unwrap_or_default(),
+        ))
+    }
+
+    /// The rest.
+    pub fn rest(self) -> &'a [u8] {
+        self.data
+    }
+
+    /// An error unless every byte was read.
+    pub fn end(self) -> Result<()> {
+        if self.data.is_empty() {
+            Ok(())
+        } else {
+            Err(MigrationError::Stream(format!(
+                "{} record has {} bytes too many",
+                self.what,
+                self.data.len()
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(records: &[(Kind, &[u8])]) -> Vec<u8> {
+        let mut w = RecordWriter::new(Vec::new());
+        for (kind, payload) in records {
+            w.write(*kind, &[payload]).unwrap();
+        }
+        w.inner
+    }
+
+    #[test]
+    fn records_round_trip_with_sequence_and_length() {
+        let bytes = stream(&[(Kind::Config, b"{}"), (Kind::PassEnd, &[1, 0, 0, 0])]);
+        let mut r = RecordReader::new(&bytes[..], "test");
+        assert_eq!(r.expect(Kind::Config).unwrap(), b"{}");
+        assert_eq!(r.expect(Kind::PassEnd).unwrap(), [1, 0, 0, 0]);
+        assert_eq!(r.bytes(), bytes.len() as u64);
+    }
+
+    #[test]
+    fn every_flipped_bit_is_caught() {
+        let bytes = stream(&[(Kind::DeviceData, b"device state bytes")]);
+        for bit in 0..bytes.len() * 8 {
+            let mut copy = bytes.clone();
+            copy[bit / 8] ^= 1 << (bit % 8);
+            let mut r = RecordReader::new(&copy[..], "test");
+            assert!(r.read().is_err(), "bit {bit} flipped unnoticed");
+        }
+    }
+
+    #[test]
+    fn truncated_reordered_and_repeated_streams_are_refused() {
+        let a = stream(&[(Kind::Config, b"a"), (Kind::Ready, b"")]);
+        let first = HEADER_SIZE + 1;
+        let err = RecordReader::new(&a[..a.len() - 1], "t")
+            .read()
+            .and_then(|_| RecordReader::new(&a[first..first + 3], "t").read())
+            .unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+        // The second record alone: sequence 1 where 0 is expected.
+        let err = RecordReader::new(&a[first..], "t").read().unwrap_err();
+        assert!(err.to_string().contains("reordered"), "{err}");
+        // The first record twice.
+        let mut twice = a[..first].to_vec();
+        twice.extend_from_slice(&a[..first]);
+        let mut r = RecordReader::new(&twice[..], "t");
+        r.read().unwrap();
+        assert!(r.read().unwrap_err().to_string().contains("repeated"));
+    }
+
+    #[test]
+    fn unexpected_kind_and_abort_say_what_happened() {
+        let bytes = stream(&[(Kind::Ready, b""), (Kind::Abort, b"no room")]);
+        let mut r = RecordReader::new(&bytes[..], "main");
+        let err = r.expect(Kind::Config).unwrap_err().to_string();
+        assert!(err.contains("Ready record where Config"), "{err}");
+        let err = r.expect(Kind::Config).unwrap_err().to_string();
+        assert!(err.contains("refused") && err.contains("no room"), "{err}");
+    }
+
+    #[test]
+    fn hellos_check_magic_version_and_channel() {
+        let hello = Hello {
+            channel: 1,
+            channels: 2,
+            session: 7,
+        };
+        assert_eq!(Hello::decode(&hello.encode()).unwrap(), hello);
+        let mut b = hello.encode();
+        b[0] = b'X';
+        assert!(Hello::decode(&b).unwrap_err().to_string().contains("magic"));
+        let mut b = hello.encode();
+        b[8] = 9;
+        assert!(
+            Hello::decode(&b)
+                .unwrap_err()
+                .to_string()
+                .contains("version 9")
+        );
+        let bad = Hello {
+            channel: 2,
+            channels: 2,
+            session: 7,
+        };
+        assert!(Hello::decode(&bad.encode()).is_err());
+    }
+
+    #[test]
+    fn oversized_and_flagged_records_are_refused() {
+        let mut bytes = stream(&[(Kind::Ready, b"")]);
+        bytes[4..8].copy_from_slice(&(MAX_RECORD + 1).to_le_bytes());
+        let err = RecordReader::new(&bytes[..], "t").read().unwrap_err();
+        assert!(err.to_string().contains("at most"), "{err}");
+        let mut bytes = stream(&[(Kind::Ready, b"")]);
+        bytes[2] = 1;
+        assert!(RecordReader::new(&bytes[..], "t").read().is_err());
+    }
+}
