@@ -346,7 +346,7 @@ impl Destination {
                     if result.is_err() && !done.load(Ordering::Acquire) {
                         barrier.abort();
                         for c in conns {
-                            c.shutdown();
+                            c.shutdown_read();
                         }
                     }
                     result
@@ -359,8 +359,9 @@ impl Destination {
             if result.is_err() {
                 barrier.abort();
             }
-            // The page connections carry nothing more: wake their readers.
-            for c in conns.iter().skip(if result.is_err() { 0 } else { 1 }) {
+            // The page connections carry nothing more: wake their readers (the main one stays
+            // open for the Abort or the end of the Result).
+            for c in conns.iter().skip(1) {
                 c.shutdown();
             }
             for w in workers {

@@ -155,7 +155,13 @@ impl<'a> Source<'a> {
     }
 
     fn run(&mut self) -> Result<()> {
-        let result = self.run_inner();
+        let mut result = self.run_inner();
+        if let Err(MigrationError::Io { .. } | MigrationError::Stream(_)) = &result {
+            // A send that failed because the destination gave up: say why it did.
+            if let Some(reason) = self.pending_abort() {
+                result = Err(MigrationError::Refused(reason));
+            }
+        }
         if let Err(e) = &result {
             if !self.committed {
                 let reason = e.to_string();
@@ -167,6 +173,23 @@ impl<'a> Source<'a> {
             c.shutdown();
         }
         result
+    }
+
+    /// The destination's Abort, if it sent one.
+    fn pending_abort(&mut self) -> Option<String> {
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .ok()?;
+        loop {
+            match self.reader.read() {
+                Ok(r) if r.kind == Kind::Abort => {
+                    return Some(String::from_utf8_lossy(&r.payload).into_owned());
+                }
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
     }
 
     /// Leaves the source as it was before the migration: devices running, logging off, vCPUs

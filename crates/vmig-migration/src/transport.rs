@@ -80,6 +80,14 @@ impl Conn {
         };
     }
 
+    /// Closes the reading direction: a thread blocked reading wakes, writes still go out.
+    pub fn shutdown_read(&self) {
+        let _ = match self {
+            Self::Tcp(s) => s.shutdown(std::net::Shutdown::Read),
+            Self::Unix(s) => s.shutdown(std::net::Shutdown::Read),
+        };
+    }
+
     /// Sets the read timeout.
     pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         match self {

@@ -204,3 +204,241 @@ fn a_guest_and_two_dma_engines_migrate_with_every_page_and_record() {
     assert!(!arrived.machine.vm.is_paused());
     eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
 }
+
+#[test]
+fn every_cpu_dirty_log_mode_with_both_device_protocols_over_tcp_and_parallel_connections() {
+    require_kvm!();
+    for (mode, connections) in [
+        (DirtyLogMode::Bitmap, 2),
+        (DirtyLogMode::ClearLog, 1),
+        (DirtyLogMode::Ring, 3),
+    ] {
+        let scenario = Scenario::new(&format!("mode-{mode}"), &[Migration::V1, Migration::V2]);
+        let source = scenario.source(64 << 20, 8000, 3000, mode);
+        std::thread::sleep(Duration::from_millis(200));
+        let params = MigrationParams {
+            connections,
+            ..MigrationParams::default()
+        };
+        let uri = Uri::Tcp("127.0.0.1:0".into());
+        let (sent, arrived, progress) = run_migration(&scenario, &source, uri, params, Some(mode));
+        let report = progress.report();
+        sent.unwrap_or_else(|e| panic!("{mode}: {e}\n{report:#?}"));
+        let arrived = arrived.unwrap();
+        assert!(report.verified, "{mode}: {report:#?}");
+        assert_eq!(arrived.machine.vm.config().dirty_log, mode);
+        let cpu = &report.dirty_sources[0];
+        assert!(cpu.name.contains(&mode.to_string()) && cpu.pages > 0, "{report:#?}");
+        for device in &report.dirty_sources[2..] {
+            assert!(device.pages > 0, "{mode}: device DMA was tracked: {report:#?}");
+        }
+    }
+}
+
+/// A healthy source after a failed migration: running, devices running (records keep coming),
+/// no dirty logging, and the guest's verify passes.
+fn assert_healthy(source: &Machine) {
+    assert!(!source.vm.is_paused(), "the source runs again");
+    assert!(!source.vm.dirty_log().is_tracking(), "dirty logging is stopped");
+    let before = source.check_dma_records().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let after = source.check_dma_records().unwrap();
+    for (b, a) in before.iter().zip(&after) {
+        assert!(a.produced > b.produced, "device {} runs again", a.device);
+        assert!(a.passed(), "{a:?}");
+    }
+    let verify = source.vm.verify(Duration::from_secs(60)).unwrap();
+    assert!(verify.passed(), "{verify:?}");
+}
+
+#[test]
+fn verification_catches_the_pages_lost_without_device_dirty_tracking_and_the_source_goes_on() {
+    require_kvm!();
+    let scenario = Scenario::new("untracked", &[Migration::V1, Migration::V2]);
+    // Many device records, a guest that barely writes: the device's pages are what changes.
+    let source = scenario.source(64 << 20, 200, 20000, DirtyLogMode::Bitmap);
+    std::thread::sleep(Duration::from_millis(200));
+    let params = MigrationParams {
+        device_dirty_tracking: false,
+        // Slow the first pass so the devices rewrite pages already sent.
+        max_bandwidth: 64 << 20,
+        ..MigrationParams::default()
+    };
+    let uri = Uri::Unix(scenario.dir.join("m.sock"));
+    let (sent, arrived, progress) = run_migration(&scenario, &source, uri, params, None);
+    let err = sent.unwrap_err().to_string();
+    assert!(err.contains("differ"), "{err}");
+    let dest_err = arrived.unwrap_err().to_string();
+    assert!(dest_err.contains("page(s) differ from the source's"), "{dest_err}");
+    let report = progress.report();
+    assert_eq!(report.status, Status::Failed);
+    assert!(!report.verified && !report.committed);
+    assert_eq!(report.dirty_sources.len(), 2, "only CPU and VMM tracking: {report:#?}");
+    assert_healthy(&source);
+}
+
+/// What a proxy between source and destination does to the main connection's source-to-
+/// destination bytes.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Flips a bit of the byte at this offset.
+    FlipAt(u64),
+    /// Closes both connections at this offset (the destination died).
+    CloseAt(u64),
+}
+
+/// Listens on `front`, forwards every connection to `back`, applying `fault` to the first.
+fn proxy(front: PathBuf, back: PathBuf, fault: Fault) -> JoinHandle<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let listener = UnixListener::bind(&front).unwrap();
+    std::thread::spawn(move || {
+        let mut first = true;
+        listener.set_nonblocking(true).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            let Ok((client, _)) = listener.accept() else {
+                std::thread::sleep(Duration::from_millis(5));
+                continue;
+            };
+            client.set_nonblocking(false).unwrap();
+            let Ok(server) = UnixStream::connect(&back) else {
+                return;
+            };
+            let fault = first.then_some(fault);
+            first = false;
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s2, &mut c2);
+                let _ = c2.shutdown(std::net::Shutdown::Both);
+            });
+            let (mut client, mut server) = (client, server);
+            std::thread::spawn(move || {
+                let mut offset = 0u64;
+                let mut buf = vec![0u8; 65536];
+                loop {
+                    let n = match client.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let range = offset..offset + n as u64;
+                    match fault {
+                        Some(Fault::FlipAt(at)) if range.contains(&at) => {
+                            buf[(at - offset) as usize] ^= 0x10;
+                        }
+                        Some(Fault::CloseAt(at)) if range.contains(&at) => {
+                            let _ = client.shutdown(std::net::Shutdown::Both);
+                            let _ = server.shutdown(std::net::Shutdown::Both);
+                            return;
+                        }
+                        _ => {}
+                    }
+                    offset += n as u64;
+                    if server.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = server.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    })
+}
+
+fn failed_migration_leaves_a_healthy_source(name: &str, fault: Fault, expect_source: &str, expect_dest: &str) {
+    let scenario = Scenario::new(name, &[Migration::V1, Migration::V2]);
+    let source = scenario.source(64 << 20, 5000, 2000, DirtyLogMode::Bitmap);
+    std::thread::sleep(Duration::from_millis(200));
+    let back = scenario.dir.join("dest.sock");
+    let front = scenario.dir.join("proxy.sock");
+    let incoming = scenario.incoming(&Uri::Unix(back.clone()), None);
+    let _proxy = proxy(front.clone(), back, fault);
+    let dest = std::thread::spawn(move || receive(incoming, &Progress::default()));
+    let progress = Progress::default();
+    let params = MigrationParams {
+        uri: Uri::Unix(front).to_string(),
+        ..MigrationParams::default()
+    };
+    let err = migrate(&source, &params, &progress).unwrap_err().to_string();
+    assert!(err.contains(expect_source), "source: {err}");
+    let dest_err = dest.join().unwrap().unwrap_err().to_string();
+    assert!(dest_err.contains(expect_dest), "destination: {dest_err}");
+    assert_eq!(progress.report().status, Status::Failed);
+    assert_healthy(&source);
+}
+
+#[test]
+fn a_corrupted_stream_is_refused_and_the_source_goes_on() {
+    require_kvm!();
+    failed_migration_leaves_a_healthy_source(
+        "corrupt",
+        Fault::FlipAt(3 << 20),
+        "corrupted",
+        "fails its checksum",
+    );
+}
+
+#[test]
+fn a_destination_that_dies_during_precopy_leaves_the_source_running() {
+    require_kvm!();
+    failed_migration_leaves_a_healthy_source("dest-dies", Fault::CloseAt(5 << 20), "", "truncated");
+}
+
+#[test]
+fn cancel_during_precopy_leaves_the_source_running_and_the_destination_discards() {
+    require_kvm!();
+    let scenario = Scenario::new("cancel", &[Migration::V1, Migration::V2]);
+    let source = scenario.source(64 << 20, 5000, 2000, DirtyLogMode::Ring);
+    let uri = Uri::Unix(scenario.dir.join("m.sock"));
+    let incoming = scenario.incoming(&uri, None);
+    let dest = std::thread::spawn(move || receive(incoming, &Progress::default()));
+    let progress = Progress::default();
+    let params = MigrationParams {
+        uri: uri.to_string(),
+        max_bandwidth: 8 << 20,
+        ..MigrationParams::default()
+    };
+    let canceller = {
+        let progress = progress.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(700));
+            assert_eq!(progress.report().status, Status::Active);
+            progress.cancel();
+        })
+    };
+    let err = migrate(&source, &params, &progress).unwrap_err().to_string();
+    canceller.join().unwrap();
+    assert!(err.contains("migrate-cancel"), "{err}");
+    assert_eq!(progress.report().status, Status::Cancelled);
+    let dest_err = dest.join().unwrap().unwrap_err().to_string();
+    assert!(dest_err.contains("abandoned"), "{dest_err}");
+    assert_healthy(&source);
+}
+
+#[test]
+fn a_device_server_that_dies_fails_the_migration_and_the_guest_goes_on() {
+    require_kvm!();
+    let mut scenario = Scenario::new("device-dies", &[Migration::V1, Migration::V2]);
+    let source = scenario.source(64 << 20, 5000, 2000, DirtyLogMode::Bitmap);
+    let uri = Uri::Unix(scenario.dir.join("m.sock"));
+    let incoming = scenario.incoming(&uri, None);
+    let dest = std::thread::spawn(move || receive(incoming, &Progress::default()));
+    let progress = Progress::default();
+    let params = MigrationParams {
+        uri: uri.to_string(),
+        max_bandwidth: 16 << 20,
+        ..MigrationParams::default()
+    };
+    let killed = scenario.source_servers.remove(1);
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        drop(killed);
+    });
+    let err = migrate(&source, &params, &progress).unwrap_err().to_string();
+    killer.join().unwrap();
+    assert!(err.contains("src-1.sock"), "{err}");
+    assert!(dest.join().unwrap().is_err());
+    assert!(!source.vm.is_paused());
+    assert!(!source.vm.dirty_log().is_tracking());
+    let verify = source.vm.verify(Duration::from_secs(60)).unwrap();
+    assert!(verify.passed(), "{verify:?}");
+}
