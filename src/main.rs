@@ -3,9 +3,13 @@
 //! `vmig run` starts a VM on `/dev/kvm` with a self-checking guest workload and CPU dirty
 //! tracking, prints once a second what the guest wrote and what the tracker reported, and ends
 //! with the guest's own verify. `vmig device serve` serves a sample vfio-user device and
-//! `vmig device probe` describes any vfio-user server. The commands that migrate (`migrate`,
-//! `ctl`, `demo`, `bench`) arrive with the engine.
+//! `vmig device probe` describes any vfio-user server. `vmig run --api` takes commands from
+//! `vmig ctl`, `vmig migrate` follows a migration to a `vmig run --incoming`, and `vmig demo`
+//! does all of it in one command.
 
+mod api;
+mod ctl;
+mod demo;
 mod device;
 mod run;
 
@@ -29,6 +33,9 @@ struct Cli {
 enum Command {
     Run(run::RunArgs),
     Device(device::DeviceArgs),
+    Ctl(ctl::CtlArgs),
+    Migrate(ctl::MigrateArgs),
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +43,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run::run(&args),
         Command::Device(args) => device::run(&args),
+        Command::Ctl(args) => ctl::ctl(&args),
+        Command::Migrate(args) => ctl::migrate(&args),
+        Command::Demo(args) => demo::run(&args),
     };
     match result {
         Ok(code) => code,

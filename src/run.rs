@@ -1,23 +1,33 @@
-//! `vmig run`: one VM, its guest workload and CPU dirty tracking, reported once a second.
+//! `vmig run`: one VM with its guest workload and vfio-user devices, reported once a second;
+//! a migration source (`--api`) or destination (`--incoming`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use vmig_dirty::DirtyBitmap;
 use vmig_kvm::{DirtyLogMode, Vm, VmConfig, Workload, parse_size, snapshot};
+use vmig_migration::machine::device_area_bytes;
+use vmig_migration::transport::{Listener, Uri};
+use vmig_migration::{DeviceSpec, Incoming, Machine, Role, Status};
 
-/// Run a VM whose guest writes stamped pages, tracking the pages it dirties.
+use crate::api::{self, Shared, SocketGuard};
+
+/// Run a VM whose guest writes stamped pages, with vfio-user devices; migrate it.
 ///
 /// Prints once a second the pages the guest says it wrote and the pages the CPU dirty tracker
 /// reported, then runs the guest's verify (every working-set page checked against the guest's
-/// journal) and exits 0 only if it passed.
+/// journal) and exits 0 only if it passed. With `--api` it takes commands (`vmig ctl`) and runs
+/// until `quit`; with `--incoming` it waits for a migration, then runs the VM that arrived.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Guest RAM, e.g. 512M or 4G (16M to 256G).
-    #[arg(long, value_name = "SIZE", default_value = "512M")]
-    mem: String,
+    /// Guest RAM, e.g. 512M or 4G (16M to 256G; default 512M). With --incoming, RAM of this
+    /// size is allocated before the migration starts (the source's must match).
+    #[arg(long, value_name = "SIZE")]
+    mem: Option<String>,
     /// vCPUs (1 to 8).
     #[arg(long, value_name = "N", default_value_t = 1)]
     vcpus: usize,
@@ -32,36 +42,43 @@ pub struct RunArgs {
     /// Dirty-ring entries per vCPU, a power of two (ring modes; default 65536).
     #[arg(long, value_name = "N")]
     ring_entries: Option<u32>,
-    /// Seconds to run before the verify.
-    #[arg(
-        long,
-        value_name = "SECONDS",
-        default_value = "5",
-        allow_hyphen_values = true
-    )]
-    duration: String,
+    /// Seconds to run before the verify (default 5; with --api or --incoming: until `quit`).
+    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
+    duration: Option<String>,
+    /// A device: vfio-user,socket=PATH[,rate=RECORDS_PER_S] (repeatable, at most 8). Guest RAM
+    /// is DMA-mapped to it and its BARs appear in the guest; a dma-engine is started with a
+    /// ring in the top 2 MiB of RAM per device.
+    #[arg(long = "device", value_name = "SPEC")]
+    devices: Vec<String>,
+    /// Control socket taking JSON commands (see `vmig ctl --help`).
+    #[arg(long, value_name = "PATH")]
+    api: Option<PathBuf>,
+    /// Wait for a migration on tcp:HOST:PORT or unix:PATH instead of booting a VM.
+    #[arg(long, value_name = "URI", conflicts_with_all = ["restore", "save", "workload", "vcpus", "ring_entries"])]
+    incoming: Option<String>,
     /// After the verify, save the paused VM (vCPU state and memory) to this file.
     #[arg(long, value_name = "PATH")]
     save: Option<PathBuf>,
     /// Continue the VM saved in this file instead of booting a new one (its memory size,
     /// vCPUs and workload come from the file).
-    #[arg(long, value_name = "PATH", conflicts_with_all = ["mem", "vcpus", "workload", "ring_entries"])]
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["mem", "vcpus", "workload", "ring_entries", "devices"])]
     restore: Option<PathBuf>,
 }
 
 pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
     let text = |e: vmig_kvm::KvmError| e.to_string();
-    let duration: f64 = args
-        .duration
-        .parse()
-        .ok()
-        .filter(|d: &f64| d.is_finite() && *d >= 0.0 && *d <= 1e6)
-        .ok_or_else(|| {
-            format!(
-                "--duration `{}`: expected a number of seconds from 0 to 1000000",
-                args.duration
-            )
-        })?;
+    let duration: Option<f64> = match &args.duration {
+        None if args.api.is_some() || args.incoming.is_some() => None,
+        None => Some(5.0),
+        Some(d) => Some(
+            d.parse()
+                .ok()
+                .filter(|d: &f64| d.is_finite() && *d >= 0.0 && *d <= 1e6)
+                .ok_or_else(|| {
+                    format!("--duration `{d}`: expected a number of seconds from 0 to 1000000")
+                })?,
+        ),
+    };
     let chosen: Option<DirtyLogMode> = match &args.dirty_log {
         Some(mode) => Some(mode.parse().map_err(text)?),
         None => None,
@@ -72,31 +89,111 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
             "--ring-entries only applies to --dirty-log ring or ring-with-bitmap, not {mode}"
         ));
     }
-    let vm = match &args.restore {
-        Some(path) => {
-            let vm = snapshot::restore(path, chosen).map_err(text)?;
-            println!("restored {}: {}", path.display(), describe(&vm)?);
-            vm
-        }
-        None => {
-            let ram = parse_size(&args.mem).map_err(|e| format!("--mem: {e}"))?;
-            let workload: Workload = args
-                .workload
-                .parse()
-                .map_err(|e| format!("--workload: {e}"))?;
-            Vm::new(&VmConfig {
-                ram,
-                vcpus: args.vcpus,
-                workload,
-                dirty_log: mode,
-                ring_entries: args.ring_entries.unwrap_or(vmig_kvm::DEFAULT_RING_ENTRIES),
-            })
-            .map_err(text)?
-        }
+    let devices: Vec<DeviceSpec> = args
+        .devices
+        .iter()
+        .map(|d| {
+            d.parse()
+                .map_err(|e: vmig_migration::MigrationError| format!("--device: {e}"))
+        })
+        .collect::<Result<_, _>>()?;
+    let ram = match &args.mem {
+        Some(mem) => Some(parse_size(mem).map_err(|e| format!("--mem: {e}"))?),
+        None => None,
     };
+    let incoming_uri: Option<Uri> = match &args.incoming {
+        Some(uri) => Some(uri.parse().map_err(|e| format!("--incoming: {e}"))?),
+        None => None,
+    };
+    let shared = Shared::new(None, incoming_uri.is_some());
+    let _api_guard = match &args.api {
+        Some(path) => {
+            api::serve(path, Arc::clone(&shared))?;
+            Some(SocketGuard(path.clone()))
+        }
+        None => None,
+    };
+
+    let machine = if let Some(uri) = incoming_uri {
+        let listener = Listener::bind(&uri).map_err(|e| format!("--incoming: {e}"))?;
+        let prepared_memory = match ram {
+            Some(ram) => Some(Vm::prepare_memory(ram).map_err(text)?),
+            None => None,
+        };
+        println!(
+            "waiting for a migration on {}{}",
+            listener.uri().map_err(|e| e.to_string())?,
+            prepared_memory.as_ref().map_or(String::new(), |m| format!(
+                " ({} MiB of RAM ready)",
+                m.layout().ram() >> 20
+            ))
+        );
+        let incoming = Incoming {
+            listener,
+            prepared_memory,
+            devices,
+            dirty_log: chosen,
+        };
+        let arrived = vmig_migration::receive(incoming, &shared.progress)
+            .map_err(|e| format!("incoming migration failed: {e}"))?;
+        let report = shared.progress.report();
+        let v = &arrived.verification;
+        println!(
+            "migration arrived in {} ms: {} pages compared, {} device state(s) compared, guest verify {} ({} pages), device records {}",
+            report.total_ms,
+            v.pages_compared,
+            v.devices_compared,
+            if v.guest_bad_pages == 0 {
+                "passed"
+            } else {
+                "FAILED"
+            },
+            v.guest_pages_checked,
+            if v.device_records.iter().all(|r| r.passed()) {
+                "passed"
+            } else {
+                "FAILED"
+            },
+        );
+        Arc::new(arrived.machine)
+    } else {
+        let vm = match &args.restore {
+            Some(path) => {
+                let vm = snapshot::restore(path, chosen).map_err(text)?;
+                println!("restored {}: {}", path.display(), describe(&vm)?);
+                vm
+            }
+            None => {
+                let ram = ram.unwrap_or(512 << 20);
+                let mut workload: Workload = args
+                    .workload
+                    .parse()
+                    .map_err(|e| format!("--workload: {e}"))?;
+                if !devices.is_empty() && workload.wss.is_none() {
+                    // Keep the guest's writes out of the devices' DMA areas.
+                    let layout = vmig_kvm::guest::GuestLayout::new(ram, &workload).map_err(text)?;
+                    let data: u64 = layout.memory.data_slots().map(|s| s.size).sum();
+                    workload.wss = Some(data.saturating_sub(device_area_bytes(devices.len())));
+                }
+                Vm::new(&VmConfig {
+                    ram,
+                    vcpus: args.vcpus,
+                    workload,
+                    dirty_log: mode,
+                    ring_entries: args.ring_entries.unwrap_or(vmig_kvm::DEFAULT_RING_ENTRIES),
+                })
+                .map_err(text)?
+            }
+        };
+        let machine = Machine::attach(vm, &devices, Role::Source).map_err(|e| e.to_string())?;
+        machine.vm.resume().map_err(text)?;
+        Arc::new(machine)
+    };
+    *shared.machine.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&machine));
+    let vm = &machine.vm;
     let config = vm.config().clone();
     println!(
-        "vm: {} MiB, {} vCPU(s), workload {} over {} pages{}, dirty log {}",
+        "vm: {} MiB, {} vCPU(s), workload {} over {} pages{}, dirty log {}{}",
         config.ram >> 20,
         config.vcpus,
         config.workload.kind,
@@ -105,51 +202,122 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
             .workload
             .rate
             .map_or(String::new(), |r| format!(" at {r} pages/s")),
-        config.dirty_log
+        config.dirty_log,
+        machine
+            .devices
+            .iter()
+            .map(|d| format!(", device {} ({})", d.name, d.protocol_name()))
+            .collect::<String>()
     );
-    vm.dirty_log().start().map_err(text)?;
-    vm.resume().map_err(text)?;
+    // Without a control socket nothing can migrate this VM: the loop tracks dirty pages itself.
+    let tracking = args.api.is_none() && !shared.incoming;
+    if tracking {
+        vm.dirty_log().start().map_err(text)?;
+    }
     let dirty = DirtyBitmap::try_new(vm.memory().layout().top_page()).map_err(|e| e.to_string())?;
     let start = Instant::now();
     let mut last_writes = vm.guest_writes().map_err(text)?;
     let mut second = 1;
-    while start.elapsed().as_secs_f64() < duration {
-        let tick = Duration::from_secs_f64((second as f64).min(duration));
-        if let Some(wait) = tick.checked_sub(start.elapsed()) {
-            std::thread::sleep(wait);
+    let mut migrated_away = false;
+    let mut last_status = Status::None;
+    while duration.is_none_or(|d| start.elapsed().as_secs_f64() < d)
+        && !shared.quit.load(Ordering::Acquire)
+    {
+        let tick =
+            Duration::from_secs_f64(duration.map_or(second as f64, |d| (second as f64).min(d)));
+        while start.elapsed() < tick && !shared.quit.load(Ordering::Acquire) {
+            std::thread::sleep((tick - start.elapsed()).min(Duration::from_millis(50)));
+        }
+        second += 1;
+        let report = shared.progress.report();
+        if !shared.incoming && report.status != last_status && report.status.is_final() {
+            print_outcome(&report);
+        }
+        last_status = report.status;
+        if !shared.incoming && report.status == Status::Completed {
+            migrated_away = true;
+            continue;
+        }
+        if vm.is_paused() {
+            continue;
         }
         vm.check_vcpus().map_err(text)?;
-        vm.dirty_log().harvest(&dirty).map_err(text)?;
-        let reported = dirty.harvest().count();
         let writes = vm.guest_writes().map_err(text)?;
-        println!(
-            "{:>6.1}s  guest wrote {:>9} pages   tracker reported {:>9} pages",
-            start.elapsed().as_secs_f64(),
-            writes - last_writes,
-            reported
-        );
+        if tracking {
+            vm.dirty_log().harvest(&dirty).map_err(text)?;
+            println!(
+                "{:>6.1}s  guest wrote {:>9} pages   tracker reported {:>9} pages",
+                start.elapsed().as_secs_f64(),
+                writes - last_writes,
+                dirty.harvest().count()
+            );
+        } else {
+            println!(
+                "{:>6.1}s  guest wrote {:>9} pages   migration {}",
+                start.elapsed().as_secs_f64(),
+                writes - last_writes,
+                serde_json::to_value(report.status)
+                    .map_or_else(|_| "?".into(), |v| v.as_str().unwrap_or("?").to_string())
+            );
+        }
         last_writes = writes;
-        second += 1;
+    }
+    if shared.migrating() {
+        shared.progress.cancel();
+        while shared.migrating() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let report = shared.progress.report();
+        migrated_away = report.status == Status::Completed;
+        print_outcome(&report);
+    }
+    if migrated_away {
+        let report = shared.progress.report();
+        return Ok(if report.verified {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    if vm.is_paused() {
+        vm.resume().map_err(text)?;
     }
     let timeout = Duration::from_secs(30 + vm.layout().ws_pages / 20_000);
     let report = vm.verify(timeout).map_err(text)?;
     vm.pause().map_err(text)?;
-    let stats = vm.dirty_log().stats();
-    println!(
-        "tracker: {} harvests, {} pages reported{}",
-        stats.harvests,
-        stats.pages_reported,
-        if config.dirty_log.uses_ring() {
-            format!(
-                ", {} ring entries, {} ring-full exits, {} overflows",
-                stats.ring_entries, stats.ring_full_exits, stats.ring_overflows
-            )
-        } else if config.dirty_log == DirtyLogMode::ClearLog {
-            format!(", {} KVM_CLEAR_DIRTY_LOG calls", stats.clear_calls)
-        } else {
-            String::new()
-        }
-    );
+    if tracking {
+        let stats = vm.dirty_log().stats();
+        println!(
+            "tracker: {} harvests, {} pages reported{}",
+            stats.harvests,
+            stats.pages_reported,
+            if config.dirty_log.uses_ring() {
+                format!(
+                    ", {} ring entries, {} ring-full exits, {} overflows",
+                    stats.ring_entries, stats.ring_full_exits, stats.ring_overflows
+                )
+            } else if config.dirty_log == DirtyLogMode::ClearLog {
+                format!(", {} KVM_CLEAR_DIRTY_LOG calls", stats.clear_calls)
+            } else {
+                String::new()
+            }
+        );
+    }
+    let records = machine.check_dma_records().map_err(|e| e.to_string())?;
+    let records_ok = records.iter().all(|r| r.passed());
+    for r in &records {
+        println!(
+            "device {}: {} records produced, {} checked in the ring{}",
+            r.device,
+            r.produced,
+            r.checked,
+            if r.passed() {
+                String::new()
+            } else {
+                format!(", FAILED: {:?}", r.problems)
+            }
+        );
+    }
     if report.passed() {
         println!(
             "verify: passed, {} pages checked, guest wrote {} pages in all",
@@ -163,14 +331,29 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
         );
     }
     if let Some(path) = &args.save {
-        snapshot::save(&vm, path).map_err(text)?;
-        println!("saved {}: {}", path.display(), describe(&vm)?);
+        snapshot::save(vm, path).map_err(text)?;
+        println!("saved {}: {}", path.display(), describe(vm)?);
     }
-    Ok(if report.passed() {
+    Ok(if report.passed() && records_ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn print_outcome(report: &vmig_migration::MigrationReport) {
+    match report.status {
+        Status::Completed => println!(
+            "migrated in {} ms (downtime {} ms, {} passes), verified: {}; the VM runs on the destination",
+            report.total_ms, report.downtime_ms, report.passes, report.verified
+        ),
+        _ => println!(
+            "migration {}: {}; the VM runs here as before",
+            serde_json::to_value(report.status)
+                .map_or_else(|_| "?".into(), |v| v.as_str().unwrap_or("?").to_string()),
+            report.error.as_deref().unwrap_or("")
+        ),
+    }
 }
 
 /// Where each vCPU stands and a digest of memory: the same line before a save and after the

@@ -208,7 +208,11 @@ impl MmioHandler for DeviceBus {
         let (entry, offset) = self.find(addr, data.len())?;
         // A device that fails (its server died) reads as all ones and drops writes, as a PCI
         // device that stopped answering does: the guest goes on.
-        if entry.client.region_read(entry.region, offset, data).is_err() {
+        if entry
+            .client
+            .region_read(entry.region, offset, data)
+            .is_err()
+        {
             data.fill(0xff);
         }
         Ok(())

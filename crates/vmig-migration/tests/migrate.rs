@@ -228,9 +228,15 @@ fn every_cpu_dirty_log_mode_with_both_device_protocols_over_tcp_and_parallel_con
         assert!(report.verified, "{mode}: {report:#?}");
         assert_eq!(arrived.machine.vm.config().dirty_log, mode);
         let cpu = &report.dirty_sources[0];
-        assert!(cpu.name.contains(&mode.to_string()) && cpu.pages > 0, "{report:#?}");
+        assert!(
+            cpu.name.contains(&mode.to_string()) && cpu.pages > 0,
+            "{report:#?}"
+        );
         for device in &report.dirty_sources[2..] {
-            assert!(device.pages > 0, "{mode}: device DMA was tracked: {report:#?}");
+            assert!(
+                device.pages > 0,
+                "{mode}: device DMA was tracked: {report:#?}"
+            );
         }
     }
 }
@@ -239,7 +245,10 @@ fn every_cpu_dirty_log_mode_with_both_device_protocols_over_tcp_and_parallel_con
 /// no dirty logging, and the guest's verify passes.
 fn assert_healthy(source: &Machine) {
     assert!(!source.vm.is_paused(), "the source runs again");
-    assert!(!source.vm.dirty_log().is_tracking(), "dirty logging is stopped");
+    assert!(
+        !source.vm.dirty_log().is_tracking(),
+        "dirty logging is stopped"
+    );
     let before = source.check_dma_records().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let after = source.check_dma_records().unwrap();
@@ -269,11 +278,18 @@ fn verification_catches_the_pages_lost_without_device_dirty_tracking_and_the_sou
     let err = sent.unwrap_err().to_string();
     assert!(err.contains("differ"), "{err}");
     let dest_err = arrived.unwrap_err().to_string();
-    assert!(dest_err.contains("page(s) differ from the source's"), "{dest_err}");
+    assert!(
+        dest_err.contains("page(s) differ from the source's"),
+        "{dest_err}"
+    );
     let report = progress.report();
     assert_eq!(report.status, Status::Failed);
     assert!(!report.verified && !report.committed);
-    assert_eq!(report.dirty_sources.len(), 2, "only CPU and VMM tracking: {report:#?}");
+    assert_eq!(
+        report.dirty_sources.len(),
+        2,
+        "only CPU and VMM tracking: {report:#?}"
+    );
     assert_healthy(&source);
 }
 
@@ -344,7 +360,12 @@ fn proxy(front: PathBuf, back: PathBuf, fault: Fault) -> JoinHandle<()> {
     })
 }
 
-fn failed_migration_leaves_a_healthy_source(name: &str, fault: Fault, expect_source: &str, expect_dest: &str) {
+fn failed_migration_leaves_a_healthy_source(
+    name: &str,
+    fault: Fault,
+    expect_source: &str,
+    expect_dest: &str,
+) {
     let scenario = Scenario::new(name, &[Migration::V1, Migration::V2]);
     let source = scenario.source(64 << 20, 5000, 2000, DirtyLogMode::Bitmap);
     std::thread::sleep(Duration::from_millis(200));
@@ -358,7 +379,9 @@ fn failed_migration_leaves_a_healthy_source(name: &str, fault: Fault, expect_sou
         uri: Uri::Unix(front).to_string(),
         ..MigrationParams::default()
     };
-    let err = migrate(&source, &params, &progress).unwrap_err().to_string();
+    let err = migrate(&source, &params, &progress)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains(expect_source), "source: {err}");
     let dest_err = dest.join().unwrap().unwrap_err().to_string();
     assert!(dest_err.contains(expect_dest), "destination: {dest_err}");
@@ -405,7 +428,9 @@ fn cancel_during_precopy_leaves_the_source_running_and_the_destination_discards(
             progress.cancel();
         })
     };
-    let err = migrate(&source, &params, &progress).unwrap_err().to_string();
+    let err = migrate(&source, &params, &progress)
+        .unwrap_err()
+        .to_string();
     canceller.join().unwrap();
     assert!(err.contains("migrate-cancel"), "{err}");
     assert_eq!(progress.report().status, Status::Cancelled);
@@ -433,7 +458,9 @@ fn a_device_server_that_dies_fails_the_migration_and_the_guest_goes_on() {
         std::thread::sleep(Duration::from_millis(500));
         drop(killed);
     });
-    let err = migrate(&source, &params, &progress).unwrap_err().to_string();
+    let err = migrate(&source, &params, &progress)
+        .unwrap_err()
+        .to_string();
     killer.join().unwrap();
     assert!(err.contains("src-1.sock"), "{err}");
     assert!(dest.join().unwrap().is_err());

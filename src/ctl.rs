@@ -1,0 +1,230 @@
+//! `vmig ctl` (one command to a VM's control socket) and `vmig migrate` (start a migration and
+//! follow it to the end with a progress bar and a summary).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Map, Value, json};
+use vmig_migration::{MigrationReport, Status};
+
+use crate::api::ApiClient;
+
+/// Send one command to a VM's control socket (`vmig run --api PATH`) and print the reply.
+///
+/// Commands: migrate uri=URI [downtime_ms=N] [max_bandwidth=BYTES_PER_S] [connections=N]
+/// [timeout_s=N] [auto_converge=BOOL]; query-migrate; migrate-cancel; query-status; stop; cont;
+/// quit. Exits 1 when the VM answers with an error.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The control socket.
+    socket: PathBuf,
+    /// The command.
+    command: String,
+    /// Arguments as KEY=VALUE (numbers and true/false are sent as such).
+    #[arg(value_name = "KEY=VALUE")]
+    arguments: Vec<String>,
+}
+
+/// Migrate a VM (`vmig run --api PATH`) and follow the migration to its end.
+///
+/// Shows a progress bar while it runs, then a summary (or the report as JSON). Exits 0 only
+/// when the migration completed and the destination verified it.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The source VM's control socket.
+    socket: PathBuf,
+    /// Where to: tcp:HOST:PORT or unix:PATH (a `vmig run --incoming` there).
+    uri: String,
+    /// Longest pause the guest may see, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = vmig_migration::report::DEFAULT_DOWNTIME_MS)]
+    downtime_ms: u64,
+    /// Bytes per second the migration may use (0: unlimited).
+    #[arg(long, value_name = "BYTES_PER_S", default_value_t = 0)]
+    max_bandwidth: u64,
+    /// Connections carrying pages in parallel.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    connections: u16,
+    /// Print the final report as JSON instead of the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_argument(text: &str) -> Result<(String, Value), String> {
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("argument `{text}`: expected KEY=VALUE"))?;
+    let value = match serde_json::from_str::<Value>(value) {
+        Ok(v @ (Value::Number(_) | Value::Bool(_))) => v,
+        _ => Value::String(value.to_string()),
+    };
+    Ok((key.to_string(), value))
+}
+
+pub fn ctl(args: &CtlArgs) -> Result<ExitCode, String> {
+    let mut arguments = Map::new();
+    for a in &args.arguments {
+        let (k, v) = parse_argument(a)?;
+        arguments.insert(k, v);
+    }
+    let mut client = ApiClient::connect(&args.socket, Duration::ZERO)?;
+    let reply = client.call(&args.command, Value::Object(arguments))?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&reply).unwrap_or_default()
+    );
+    Ok(if reply.get("error").is_some() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+pub fn migrate(args: &MigrateArgs) -> Result<ExitCode, String> {
+    let mut client = ApiClient::connect(&args.socket, Duration::ZERO)?;
+    let report = follow_migration(
+        &mut client,
+        json!({
+            "uri": args.uri,
+            "downtime_ms": args.downtime_ms,
+            "max_bandwidth": args.max_bandwidth,
+            "connections": args.connections,
+        }),
+    )?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        print_summary(&report);
+    }
+    Ok(if report.status == Status::Completed && report.verified {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Starts a migration through `client` and polls it to the end, drawing a progress bar on a
+/// terminal; returns the final report.
+pub fn follow_migration(
+    client: &mut ApiClient,
+    arguments: Value,
+) -> Result<MigrationReport, String> {
+    client.execute("migrate", arguments)?;
+    let bar = ProgressBar::new(100);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] [{bar:32}] {percent:>3}% {msg}",
+        )
+        .map_err(|e| e.to_string())?
+        .progress_chars("=> "),
+    );
+    let report = loop {
+        let value = client.execute("query-migrate", json!({}))?;
+        let report: MigrationReport =
+            serde_json::from_value(value).map_err(|e| format!("query-migrate reply: {e}"))?;
+        let ram = &report.ram;
+        let done = if ram.total == 0 {
+            0
+        } else {
+            (ram.normal_pages + ram.zero_pages) * 4096 * 100 / ram.total.max(1)
+        };
+        bar.set_position(done.min(100));
+        bar.set_message(format!(
+            "{} · pass {} · {} MiB sent · {} MiB dirty · {:.0} Mbit/s{}",
+            status_name(report.status),
+            report.passes,
+            ram.transferred >> 20,
+            ram.remaining >> 20,
+            ram.mbps,
+            if report.throttle_percent > 0 {
+                format!(" · throttle {}%", report.throttle_percent)
+            } else {
+                String::new()
+            }
+        ));
+        if report.status.is_final() {
+            break report;
+        }
+        bar.tick();
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    bar.finish_and_clear();
+    Ok(report)
+}
+
+fn status_name(status: Status) -> String {
+    serde_json::to_value(status)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
+}
+
+/// Prints the report for a person.
+pub fn print_summary(report: &MigrationReport) {
+    let seconds = (report.total_ms as f64 / 1000.0).max(0.001);
+    println!("status        {}", status_name(report.status));
+    if let Some(error) = &report.error {
+        println!("error         {error}");
+    }
+    println!(
+        "total time    {} ms (setup {} ms)",
+        report.total_ms, report.setup_ms
+    );
+    println!(
+        "downtime      {} ms (expected {} ms)",
+        report.downtime_ms, report.expected_downtime_ms
+    );
+    println!("passes        {}", report.passes);
+    let ram = &report.ram;
+    println!(
+        "ram           {} sent of {} ({} pages with data, {} zero pages), {:.0} Mbit/s",
+        mib(ram.transferred),
+        mib(ram.total),
+        ram.normal_pages,
+        ram.zero_pages,
+        ram.mbps
+    );
+    for source in &report.dirty_sources {
+        println!(
+            "dirty pages   {:<36} {:>8} pages ({:.0} pages/s)",
+            source.name,
+            source.pages,
+            source.pages as f64 / seconds
+        );
+    }
+    for d in &report.devices {
+        println!(
+            "device state  {:<20} {}  pre-copy {} B, stop-and-copy {} B",
+            d.name, d.protocol, d.precopy_bytes, d.stopcopy_bytes
+        );
+    }
+    if report.throttle_percent > 0 {
+        println!(
+            "auto-converge throttled the vCPUs to {}%",
+            report.throttle_percent
+        );
+    }
+    if let Some(v) = &report.verification {
+        println!(
+            "verification  {} pages and {} device states compared before resuming; guest verify: {} pages, {} bad; {} device record rings checked",
+            v.pages_compared,
+            v.devices_compared,
+            v.guest_pages_checked,
+            v.guest_bad_pages,
+            v.device_records.len()
+        );
+        for p in &v.problems {
+            println!("  problem: {p}");
+        }
+    }
+    println!("verified      {}", report.verified);
+}

@@ -1,0 +1,270 @@
+//! `vmig demo`: a whole live migration on this machine in one command.
+//!
+//! It starts, as child processes of this binary, a dma-engine device server per device and side
+//! (one speaking migration v1, one v2), a destination `vmig run --incoming` with its RAM ready,
+//! and a source `vmig run` whose guest writes random pages while both devices DMA into its
+//! memory; lets the guest run a moment; migrates over loopback TCP with a progress bar; and
+//! prints the summary. Everything lives in a temporary directory removed at the end; the
+//! children's output goes to log files there, shown if something fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde_json::json;
+use vmig_migration::Status;
+
+use crate::api::ApiClient;
+use crate::ctl::{follow_migration, print_summary};
+
+/// Migrate a running VM with two DMA-ing vfio-user devices over loopback TCP and verify it.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Device migration protocols: v1 (migration region and DIRTY_PAGES), v2 (state machine and
+    /// DMA logging) or both (one device of each).
+    #[arg(long, value_name = "v1|v2|both", default_value = "both")]
+    migration: String,
+    /// CPU dirty tracking: bitmap, clear-log or ring.
+    #[arg(long, value_name = "MODE", default_value = "bitmap")]
+    dirty_log: String,
+    /// Guest RAM of both VMs.
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    mem: String,
+    /// Pages per second the guest writes (0: as fast as it can).
+    #[arg(long, value_name = "PAGES_PER_S", default_value_t = 20_000)]
+    rate: u64,
+    /// Records (pages) per second each device writes by DMA.
+    #[arg(long, value_name = "N", default_value_t = 2_000)]
+    dma_rate: u64,
+    /// Longest pause the guest may see, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = vmig_migration::report::DEFAULT_DOWNTIME_MS)]
+    downtime_ms: u64,
+    /// Print the report as JSON instead of the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The children, killed and reaped when dropped.
+struct Children {
+    dir: PathBuf,
+    children: Vec<(String, Child)>,
+}
+
+impl Children {
+    fn spawn(&mut self, name: &str, args: &[String]) -> Result<(), String> {
+        let exe = std::env::current_exe().map_err(|e| format!("finding this program: {e}"))?;
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))
+            .map_err(|e| format!("creating a log file: {e}"))?;
+        let err = log.try_clone().map_err(|e| e.to_string())?;
+        let child = Command::new(exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("starting {name}: {e}"))?;
+        self.children.push((name.to_string(), child));
+        Ok(())
+    }
+
+    fn check_alive(&mut self) -> Result<(), String> {
+        for (name, child) in &mut self.children {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("{name} exited early ({status})"));
+            }
+        }
+        Ok(())
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for (name, _) in &self.children {
+            let text =
+                std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(8).collect();
+            out.push_str(&format!("--- {name} (last lines) ---\n"));
+            for line in tail.iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        // Let each child finish on its own for a moment (the VMs quit, the servers take SIGTERM).
+        for (_, child) in &mut self.children {
+            // SAFETY: kill(2) on a child's pid is sound; a stale pid only gives an error.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (_, child) in &mut self.children {
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn wait_for(path: &Path, children: &mut Children) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !path.exists() {
+        children.check_alive()?;
+        if Instant::now() > deadline {
+            return Err(format!("{} did not appear in 30 s", path.display()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn free_port() -> Result<u16, String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+pub fn run(args: &DemoArgs) -> Result<ExitCode, String> {
+    vmig_kvm::kvm_available().map_err(|e| format!("the demo runs VMs on KVM: {e}"))?;
+    let protocols: &[&str] = match args.migration.as_str() {
+        "v1" => &["v1"],
+        "v2" => &["v2"],
+        "both" => &["v1", "v2"],
+        other => return Err(format!("--migration {other}: expected v1, v2 or both")),
+    };
+    let mode: vmig_kvm::DirtyLogMode = args
+        .dirty_log
+        .parse()
+        .map_err(|e: vmig_kvm::KvmError| e.to_string())?;
+    vmig_kvm::parse_size(&args.mem).map_err(|e| format!("--mem: {e}"))?;
+    let dir = std::env::temp_dir().join(format!("vmig-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut children = Children {
+        dir: dir.clone(),
+        children: Vec::new(),
+    };
+    let path = |name: &str| dir.join(name).display().to_string();
+    let mut source_devices = Vec::new();
+    let mut dest_devices = Vec::new();
+    for side in ["src", "dst"] {
+        for protocol in protocols {
+            let socket = path(&format!("{side}-dma-{protocol}.sock"));
+            children.spawn(
+                &format!("device-{side}-{protocol}"),
+                &[
+                    "device",
+                    "serve",
+                    "--socket",
+                    &socket,
+                    "--device",
+                    "dma-engine",
+                    "--migration",
+                    protocol,
+                ]
+                .map(String::from),
+            )?;
+            let list = if side == "src" {
+                &mut source_devices
+            } else {
+                &mut dest_devices
+            };
+            list.push(socket);
+        }
+    }
+    for socket in source_devices.iter().chain(&dest_devices) {
+        wait_for(Path::new(socket), &mut children)?;
+    }
+    let port = free_port()?;
+    let uri = format!("tcp:127.0.0.1:{port}");
+    let (src_api, dst_api) = (path("source.api"), path("destination.api"));
+    let mut dest_args: Vec<String> = [
+        "run",
+        "--incoming",
+        &uri,
+        "--mem",
+        &args.mem,
+        "--api",
+        &dst_api,
+        "--dirty-log",
+        &mode.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    for d in &dest_devices {
+        dest_args.extend(["--device".into(), format!("vfio-user,socket={d}")]);
+    }
+    children.spawn("destination", &dest_args)?;
+    let workload = format!("random,rate={}", args.rate);
+    let mut source_args: Vec<String> = [
+        "run",
+        "--mem",
+        &args.mem,
+        "--vcpus",
+        "2",
+        "--workload",
+        &workload,
+        "--api",
+        &src_api,
+        "--dirty-log",
+        &mode.to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    for d in &source_devices {
+        source_args.extend([
+            "--device".into(),
+            format!("vfio-user,socket={d},rate={}", args.dma_rate),
+        ]);
+    }
+    children.spawn("source", &source_args)?;
+    wait_for(Path::new(&src_api), &mut children)?;
+    wait_for(Path::new(&dst_api), &mut children)?;
+    let mut source = ApiClient::connect(Path::new(&src_api), Duration::from_secs(10))?;
+    let mut destination = ApiClient::connect(Path::new(&dst_api), Duration::from_secs(10))?;
+    if !args.json {
+        println!(
+            "source: {} RAM, 2 vCPUs writing {} random pages/s; devices {} each writing {} pages/s by DMA; migrating to {uri}",
+            args.mem,
+            args.rate,
+            protocols.join(" + "),
+            args.dma_rate
+        );
+    }
+    // Let the guest and the devices dirty memory for a moment first.
+    std::thread::sleep(Duration::from_secs(1));
+    children.check_alive()?;
+    let report = follow_migration(
+        &mut source,
+        json!({"uri": uri, "downtime_ms": args.downtime_ms}),
+    );
+    let _ = source.execute("quit", json!({}));
+    let _ = destination.execute("quit", json!({}));
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => return Err(format!("{e}\n{}", children.logs())),
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
+    } else {
+        print_summary(&report);
+    }
+    let ok = report.status == Status::Completed && report.verified;
+    if !ok && !args.json {
+        eprintln!("{}", children.logs());
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
