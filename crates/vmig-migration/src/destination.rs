@@ -271,14 +271,14 @@ impl Destination {
         if let Some(mode) = dirty_log {
             vm_config.dirty_log = mode;
         }
-        if let Some(memory) = &prepared {
-            if memory.layout().ram() != vm_config.ram {
-                return Err(MigrationError::Invalid(format!(
-                    "the source's VM has {} MiB of RAM; this destination prepared {} MiB (--mem)",
-                    vm_config.ram >> 20,
-                    memory.layout().ram() >> 20
-                )));
-            }
+        if let Some(memory) = &prepared
+            && memory.layout().ram() != vm_config.ram
+        {
+            return Err(MigrationError::Invalid(format!(
+                "the source's VM has {} MiB of RAM; this destination prepared {} MiB (--mem)",
+                vm_config.ram >> 20,
+                memory.layout().ram() >> 20
+            )));
         }
         if specs.len() != config.devices.len() {
             return Err(MigrationError::Invalid(format!(

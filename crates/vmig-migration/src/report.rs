@@ -246,10 +246,10 @@ impl Progress {
     /// The report as of now.
     pub fn report(&self) -> MigrationReport {
         let mut report = self.lock().clone();
-        if !report.status.is_final() {
-            if let Some(started) = *self.inner.started.lock().unwrap_or_else(|e| e.into_inner()) {
-                report.total_ms = started.elapsed().as_millis() as u64;
-            }
+        if !report.status.is_final()
+            && let Some(started) = *self.inner.started.lock().unwrap_or_else(|e| e.into_inner())
+        {
+            report.total_ms = started.elapsed().as_millis() as u64;
         }
         report
     }

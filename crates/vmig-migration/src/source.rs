@@ -162,12 +162,12 @@ impl<'a> Source<'a> {
                 result = Err(MigrationError::Refused(reason));
             }
         }
-        if let Err(e) = &result {
-            if !self.committed {
-                let reason = e.to_string();
-                let _ = lock(&self.writers[0]).write(Kind::Abort, &[reason.as_bytes()]);
-                self.rollback();
-            }
+        if let Err(e) = &result
+            && !self.committed
+        {
+            let reason = e.to_string();
+            let _ = lock(&self.writers[0]).write(Kind::Abort, &[reason.as_bytes()]);
+            self.rollback();
         }
         for c in &self.conns {
             c.shutdown();

@@ -1,0 +1,231 @@
+//! Migration as a user runs it: `vmig demo`, and `vmig run --api` / `--incoming` driven with
+//! `vmig ctl`, with a destination process killed during pre-copy.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn vmig() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vmig"))
+}
+
+macro_rules! require_kvm {
+    () => {
+        if let Err(why) = vmig_kvm::kvm_available() {
+            eprintln!("skipped: this test needs KVM ({why})");
+            return;
+        }
+    };
+}
+
+fn wait_for(path: &Path) {
+    let end = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(Instant::now() < end, "{} never appeared", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn ctl(api: &Path, args: &[&str]) -> (bool, Value) {
+    let out = vmig().arg("ctl").arg(api).args(args).output().unwrap();
+    let reply: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    (out.status.success(), reply)
+}
+
+struct Kill(Vec<Child>, PathBuf);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.1);
+    }
+}
+
+#[test]
+fn demo_migrates_both_protocols_and_reports_json() {
+    require_kvm!();
+    let out = vmig()
+        .args(["demo", "--mem", "128M", "--rate", "5000", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["status"], "completed");
+    assert_eq!(report["verified"], true);
+    assert_eq!(report["ram"]["total"], 128 << 20);
+    let protocols: Vec<&str> = report["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["protocol"].as_str().unwrap())
+        .collect();
+    assert_eq!(protocols, ["v1", "v2"]);
+    for field in [
+        "total_ms",
+        "setup_ms",
+        "downtime_ms",
+        "expected_downtime_ms",
+        "passes",
+    ] {
+        assert!(report[field].is_u64(), "{field} in {report}");
+    }
+    assert_eq!(report["dirty_sources"].as_array().unwrap().len(), 4);
+}
+
+#[test]
+fn a_killed_destination_process_leaves_the_source_running_and_its_guest_whole() {
+    require_kvm!();
+    let dir = std::env::temp_dir().join(format!("vmig-migrate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut children = Kill(Vec::new(), dir.clone());
+    let mut device = |name: &str, protocol: &str| {
+        let socket = dir.join(name);
+        children.0.push(
+            vmig()
+                .args([
+                    "device",
+                    "serve",
+                    "--device",
+                    "dma-engine",
+                    "--migration",
+                    protocol,
+                    "--socket",
+                ])
+                .arg(&socket)
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        wait_for(&socket);
+        format!("vfio-user,socket={}", socket.display())
+    };
+    let (src_dev, dst_dev) = (device("src.sock", "v2"), device("dst.sock", "v2"));
+    let (src_api, dst_api) = (dir.join("src.api"), dir.join("dst.api"));
+    let target = format!("unix:{}", dir.join("migrate.sock").display());
+    let mut destination = vmig()
+        .args([
+            "run",
+            "--mem",
+            "128M",
+            "--incoming",
+            &target,
+            "--device",
+            &dst_dev,
+            "--api",
+        ])
+        .arg(&dst_api)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let source = vmig()
+        .args([
+            "run",
+            "--mem",
+            "128M",
+            "--vcpus",
+            "2",
+            "--workload",
+            "random,rate=5000",
+            "--device",
+            &src_dev,
+            "--api",
+        ])
+        .arg(&src_api)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&src_api);
+    wait_for(&dst_api);
+    let (ok, status) = ctl(&dst_api, &["query-status"]);
+    assert!(ok && status["return"]["status"] == "inmigrate", "{status}");
+    let (ok, reply) = ctl(
+        &src_api,
+        &["migrate", &format!("uri={target}"), "max_bandwidth=8388608"],
+    );
+    assert!(ok, "{reply}");
+    std::thread::sleep(Duration::from_millis(800));
+    let (_, report) = ctl(&src_api, &["query-migrate"]);
+    assert_eq!(report["return"]["status"], "active", "{report}");
+    destination.kill().unwrap();
+    destination.wait().unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    let report = loop {
+        let (_, r) = ctl(&src_api, &["query-migrate"]);
+        if r["return"]["status"] == "failed" {
+            break r;
+        }
+        assert!(Instant::now() < end, "still {r}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(report["return"]["committed"], false);
+    let (_, status) = ctl(&src_api, &["query-status"]);
+    assert_eq!(status["return"]["status"], "running", "{status}");
+    // Bad commands are answered, and the VM goes on.
+    let (ok, reply) = ctl(&src_api, &["frobnicate"]);
+    assert!(
+        !ok && reply["error"]["class"] == "CommandNotFound",
+        "{reply}"
+    );
+    let (ok, reply) = ctl(&src_api, &["migrate", "uri=ftp:x"]);
+    assert!(
+        !ok && reply["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("tcp:HOST:PORT"),
+        "{reply}"
+    );
+    let (ok, _) = ctl(&src_api, &["quit"]);
+    assert!(ok);
+    let out = source.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the guest's verify and the device records pass: {stdout}"
+    );
+    assert!(stdout.contains("verify: passed"), "{stdout}");
+    assert!(stdout.contains("the VM runs here as before"), "{stdout}");
+}
+
+#[test]
+fn bad_device_and_incoming_arguments_give_one_line() {
+    for (args, expected) in [
+        (
+            vec!["--device", "virtio,socket=x"],
+            "only vfio-user devices",
+        ),
+        (vec!["--device", "vfio-user"], "socket=PATH is missing"),
+        (
+            vec!["--device", "vfio-user,socket=/nonexistent/x.sock"],
+            "connecting to /nonexistent/x.sock",
+        ),
+        (
+            vec!["--incoming", "carrier-pigeon:1"],
+            "tcp:HOST:PORT or unix:PATH",
+        ),
+    ] {
+        if args[1].contains("nonexistent") && vmig_kvm::kvm_available().is_err() {
+            continue;
+        }
+        let out = vmig()
+            .arg("run")
+            .args(&args)
+            .args(["--duration", "0"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
