@@ -8,6 +8,7 @@
 //! does all of it in one command.
 
 mod api;
+mod bench;
 mod ctl;
 mod demo;
 mod device;
@@ -36,6 +37,7 @@ enum Command {
     Ctl(ctl::CtlArgs),
     Migrate(ctl::MigrateArgs),
     Demo(demo::DemoArgs),
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
         Command::Ctl(args) => ctl::ctl(&args),
         Command::Migrate(args) => ctl::migrate(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Bench(args) => bench::run(&args),
     };
     match result {
         Ok(code) => code,

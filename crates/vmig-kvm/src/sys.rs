@@ -344,6 +344,22 @@ pub fn preallocate(fd: std::os::fd::BorrowedFd<'_>, len: u64) -> io::Result<()> 
     Ok(())
 }
 
+/// Populates the page tables of `memory` for writing (`MADV_POPULATE_WRITE`, Linux 5.14), so
+/// the first writes into it take no faults; older kernels answer `EINVAL`, which is ignored
+/// (the memory then faults in on first touch, as before).
+pub fn populate(memory: &HostMemory) -> io::Result<()> {
+    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    // SAFETY: the range is exactly our own live mapping; populating changes no contents.
+    let rc = unsafe { libc::madvise(memory.as_ptr().cast(), memory.len(), MADV_POPULATE_WRITE) };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EINVAL) {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
 /// The `u64` at byte `offset` of `memory`, as an atomic shared with the guest. `offset` must be
 /// 8-byte aligned and inside the mapping; otherwise `None`.
 pub fn atomic_u64(memory: &HostMemory, offset: usize) -> Option<&AtomicU64> {

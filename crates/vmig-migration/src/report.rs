@@ -186,7 +186,7 @@ impl Verification {
 pub struct MigrationReport {
     /// Where it is.
     pub status: Status,
-    /// Milliseconds since `migrate` (until the end, once over).
+    /// Milliseconds since `migrate`; once over, until the destination resumed (or the failure).
     pub total_ms: u64,
     /// Milliseconds from `migrate` to the first page.
     pub setup_ms: u64,
@@ -247,6 +247,7 @@ impl Progress {
     pub fn report(&self) -> MigrationReport {
         let mut report = self.lock().clone();
         if !report.status.is_final()
+            && !report.committed
             && let Some(started) = *self.inner.started.lock().unwrap_or_else(|e| e.into_inner())
         {
             report.total_ms = started.elapsed().as_millis() as u64;

@@ -61,7 +61,11 @@ pub fn migrate(machine: &Machine, params: &MigrationParams, progress: &Progress)
     progress.begin();
     let outcome = Source::new(machine, params, progress).and_then(|mut s| s.run());
     progress.update(|r| {
-        r.total_ms = progress.elapsed_ms();
+        // A completed migration's total ends at the destination's resume (set then); the
+        // checks after it are reported in `verification`.
+        if !r.committed {
+            r.total_ms = progress.elapsed_ms();
+        }
         match &outcome {
             Ok(()) => r.status = Status::Completed,
             Err(e) => {
@@ -615,7 +619,11 @@ impl<'a> Source<'a> {
         self.send(Kind::Commit, &[])?;
         self.reader.expect(Kind::Resumed)?;
         let downtime_ms = paused_at.elapsed().as_millis() as u64;
-        self.progress.update(|r| r.downtime_ms = downtime_ms);
+        let total_ms = self.progress.elapsed_ms();
+        self.progress.update(|r| {
+            r.downtime_ms = downtime_ms;
+            r.total_ms = total_ms;
+        });
         self.publish_counters(pool);
         Ok(())
     }
