@@ -203,8 +203,11 @@ fn pause_or_resume(stop: bool, shared: &Shared) -> Result<Value, String> {
     let machine = shared
         .machine()
         .ok_or("no VM yet: this destination waits for a migration")?;
-    if !shared.incoming && shared.progress.report().status == Status::Completed {
-        return Err("the VM migrated away; it runs on the destination".into());
+    if !shared.incoming && shared.progress.report().committed {
+        return Err(
+            "the VM was handed over to the destination (committed); it must not run here again"
+                .into(),
+        );
     }
     if stop {
         machine.vm.pause()
@@ -228,8 +231,8 @@ fn migrate(arguments: Value, shared: &Shared) -> Result<Value, String> {
     if shared.migrating() || slot.as_ref().is_some_and(|t| !t.is_finished()) {
         return Err("a migration is already under way".into());
     }
-    if shared.progress.report().status == Status::Completed {
-        return Err("the VM already migrated away".into());
+    if shared.progress.report().committed {
+        return Err("the VM was already handed over to a destination".into());
     }
     let progress = shared.progress.clone();
     progress.begin();

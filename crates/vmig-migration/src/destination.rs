@@ -25,6 +25,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const VERIFY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Pages with differing digests listed in a refusal.
 const LISTED_PAGES: usize = 8;
+/// Largest device state chunk reassembled from parts.
+const MAX_DEVICE_CHUNK: usize = 256 << 20;
+/// Longest silence from the source before the destination gives up.
+const READ_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What a destination starts with.
 #[derive(Debug)]
@@ -232,8 +236,8 @@ impl Destination {
         extra.sort_by_key(|(c, _)| *c);
         conns.extend(extra.into_iter().map(|(_, c)| c));
         for c in &conns {
-            c.set_read_timeout(None)
-                .map_err(io_error("clearing a timeout"))?;
+            c.set_read_timeout(Some(READ_TIMEOUT))
+                .map_err(io_error("setting a timeout"))?;
         }
         let reader = RecordReader::new(
             conns[0]
@@ -480,6 +484,12 @@ fn main_loop(
                         device.name
                     )));
                 }
+                if partial[index].len() + data.len() > MAX_DEVICE_CHUNK {
+                    return Err(MigrationError::Stream(format!(
+                        "a state chunk of device {} over {MAX_DEVICE_CHUNK} bytes",
+                        device.name
+                    )));
+                }
                 partial[index].extend_from_slice(data);
                 if flags & MORE_PARTS == 0 {
                     let chunk = std::mem::take(&mut partial[index]);
@@ -578,21 +588,30 @@ fn main_loop(
                     .write(Kind::Accepted, &[])
                     .map_err(io_error("answering Accepted"))?;
                 reader.expect(Kind::Commit)?;
+                // The source will never resume: from here on the VM lives here whatever
+                // fails, and failures are reported, not turned into an abort.
                 for d in devices {
-                    d.migration()?.run().map_err(device_error(&d.name))?;
+                    if let Err(e) = d
+                        .migration()
+                        .and_then(|m| m.run().map_err(device_error(&d.name)))
+                    {
+                        verification
+                            .problems
+                            .push(format!("starting device {}: {e}", d.name));
+                    }
                 }
                 // The pages written here were the migration's own: nothing to send again.
                 let _ = machine.vm.memory().vmm_dirty().harvest();
-                machine.vm.resume()?;
-                writer
-                    .write(Kind::Resumed, &[])
-                    .map_err(io_error("answering Resumed"))?;
-                check_after_resume(machine, &mut verification);
+                if let Err(e) = machine.vm.resume() {
+                    verification.problems.push(format!("resuming the VM: {e}"));
+                }
+                let _ = writer.write(Kind::Resumed, &[]);
+                if verification.problems.is_empty() {
+                    check_after_resume(machine, &mut verification);
+                }
                 let json = serde_json::to_vec(&verification)
                     .map_err(|e| MigrationError::Invalid(e.to_string()))?;
-                writer
-                    .write(Kind::Result, &[&json])
-                    .map_err(io_error("sending the Result"))?;
+                let _ = writer.write(Kind::Result, &[&json]);
                 progress.update(|r| {
                     r.verified = verification.passed();
                     r.verification = Some(verification.clone());

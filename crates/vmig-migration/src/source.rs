@@ -58,7 +58,11 @@ pub fn page_digest(page: &[u8]) -> u64 {
 /// VM stays paused here (it runs on the destination); on any failure before the commit the VM
 /// and its devices run again here as before and the error is returned.
 pub fn migrate(machine: &Machine, params: &MigrationParams, progress: &Progress) -> Result<()> {
-    progress.begin();
+    // A caller that already began the report (the control socket, so that a cancel sent
+    // right after `migrate` is not lost) is not reset.
+    if progress.report().status != Status::Setup {
+        progress.begin();
+    }
     let outcome = Source::new(machine, params, progress).and_then(|mut s| s.run());
     progress.update(|r| {
         // A completed migration's total ends at the destination's resume (set then); the
@@ -707,8 +711,12 @@ fn throttle_vcpus(vm: &Vm, percent: &AtomicU64, stopped: &Mutex<bool>) {
             return;
         }
         std::thread::sleep(THROTTLE_SLICE * p as u32 / 100);
-        if vm.resume().is_err() {
-            return;
+        // A resume that fails (a vCPU stopped on its own) is retried; the migration's own
+        // checks then find the failed vCPU.
+        let mut tries = 0;
+        while vm.resume().is_err() && tries < 100 {
+            tries += 1;
+            std::thread::sleep(Duration::from_millis(1));
         }
         drop(gate);
     }
