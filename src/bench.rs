@@ -8,7 +8,6 @@
 
 use std::io::{Read, Write};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -100,8 +99,7 @@ fn migrate_once(
         .map_err(|_| "destination panicked".to_string())?;
     let report = progress.report();
     sent.map_err(|e| format!("{e}: {report:?}"))?;
-    let arrived = Arc::new(arrived.map_err(|e| e.to_string())?);
-    drop(arrived);
+    arrived.map_err(|e| e.to_string())?;
     Ok(report)
 }
 

@@ -136,7 +136,7 @@ pub fn follow_migration(
         bar.set_position(done.min(100));
         bar.set_message(format!(
             "{} · pass {} · {} MiB sent · {} MiB dirty · {:.0} Mbit/s{}",
-            status_name(report.status),
+            report.status.name(),
             report.passes,
             ram.transferred >> 20,
             ram.remaining >> 20,
@@ -157,13 +157,6 @@ pub fn follow_migration(
     Ok(report)
 }
 
-fn status_name(status: Status) -> String {
-    serde_json::to_value(status)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
 }
@@ -171,7 +164,7 @@ fn mib(bytes: u64) -> String {
 /// Prints the report for a person.
 pub fn print_summary(report: &MigrationReport) {
     let seconds = (report.total_ms as f64 / 1000.0).max(0.001);
-    println!("status        {}", status_name(report.status));
+    println!("status        {}", report.status.name());
     if let Some(error) = &report.error {
         println!("error         {error}");
     }

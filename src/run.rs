@@ -256,8 +256,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
                 "{:>6.1}s  guest wrote {:>9} pages   migration {}",
                 start.elapsed().as_secs_f64(),
                 writes - last_writes,
-                serde_json::to_value(report.status)
-                    .map_or_else(|_| "?".into(), |v| v.as_str().unwrap_or("?").to_string())
+                report.status.name()
             );
         }
         last_writes = writes;
@@ -349,8 +348,7 @@ fn print_outcome(report: &vmig_migration::MigrationReport) {
         ),
         _ => println!(
             "migration {}: {}; the VM runs here as before",
-            serde_json::to_value(report.status)
-                .map_or_else(|_| "?".into(), |v| v.as_str().unwrap_or("?").to_string()),
+            report.status.name(),
             report.error.as_deref().unwrap_or("")
         ),
     }

@@ -16,7 +16,7 @@ use crate::error::{MigrationError, Result, device_error, io_error};
 use crate::machine::{DeviceSpec, Machine, Role};
 use crate::report::{Progress, Status, Verification};
 use crate::source::{MORE_PARTS, MigrationConfig, page_digest};
-use crate::stream::{Fields, Hello, Kind, RecordReader, RecordWriter, ZERO_PAGE};
+use crate::stream::{Fields, Hello, Kind, RecordReader, RecordWriter, StateDigest, ZERO_PAGE};
 use crate::transport::{Conn, Listener};
 
 /// How long the source has to open all its connections after the first.
@@ -441,10 +441,7 @@ fn main_loop(
     let mut pass = 0u32;
     let devices = &machine.devices;
     let mut partial: Vec<Vec<u8>> = vec![Vec::new(); devices.len()];
-    let mut device_digests: Vec<(u64, xxhash_rust::xxh3::Xxh3)> = devices
-        .iter()
-        .map(|_| (0, xxhash_rust::xxh3::Xxh3::new()))
-        .collect();
+    let mut device_digests = vec![StateDigest::default(); devices.len()];
     let mut device_ended = vec![false; devices.len()];
     let mut vcpus: Option<Vec<VcpuState>> = None;
     let mut verification = Verification::default();
@@ -497,10 +494,7 @@ fn main_loop(
                         .migration()?
                         .write_chunk(&chunk)
                         .map_err(device_error(&device.name))?;
-                    let d = &mut device_digests[index];
-                    d.0 += chunk.len() as u64;
-                    d.1.update(&(chunk.len() as u64).to_le_bytes());
-                    d.1.update(&chunk);
+                    device_digests[index].add(&chunk);
                 }
             }
             Kind::DeviceEnd => {
@@ -515,10 +509,11 @@ fn main_loop(
                     )));
                 };
                 let ours = &device_digests[index];
-                if !partial[index].is_empty() || ours.0 != bytes || ours.1.digest() != digest {
+                if !partial[index].is_empty() || ours.bytes() != bytes || ours.digest() != digest {
                     return Err(MigrationError::Verification(format!(
                         "device {}: {} bytes of state arrived, the source sent {bytes}, or their digests differ",
-                        device.name, ours.0
+                        device.name,
+                        ours.bytes()
                     )));
                 }
                 device_ended[index] = true;

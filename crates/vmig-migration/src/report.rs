@@ -105,6 +105,20 @@ pub enum Status {
 }
 
 impl Status {
+    /// The name `query-migrate` gives it ("active", "completed", ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Setup => "setup",
+            Self::Active => "active",
+            Self::Device => "device",
+            Self::Verifying => "verifying",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
     /// Whether the migration is over.
     pub fn is_final(self) -> bool {
         matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
@@ -291,5 +305,20 @@ impl Progress {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .map_or(0, |s| s.elapsed().as_millis() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names_are_the_reported_ones() {
+        use Status::*;
+        for status in [
+            None, Setup, Active, Device, Verifying, Completed, Failed, Cancelled,
+        ] {
+            assert_eq!(serde_json::to_value(status).unwrap(), status.name());
+        }
     }
 }

@@ -15,7 +15,7 @@ use crate::error::{MigrationError, Result, device_error, io_error};
 use crate::machine::Machine;
 use crate::pool::{BATCH_PAGES, PagePool, SharedWriter, lock};
 use crate::report::{DeviceStats, MigrationParams, Progress, SourceStats, Status, Verification};
-use crate::stream::{Hello, Kind, MAX_RECORD, RecordReader, RecordWriter};
+use crate::stream::{Hello, Kind, MAX_RECORD, RecordReader, RecordWriter, StateDigest};
 use crate::transport::{self, Conn, Uri};
 
 /// What the source tells the destination first.
@@ -308,11 +308,7 @@ impl<'a> Source<'a> {
         let pool = PagePool::new(self.writers.len(), self.params.max_bandwidth);
         let throttle = AtomicU64::new(0);
         let stop_throttle = Mutex::new(false);
-        let device_digests: Vec<Mutex<(u64, xxhash_rust::xxh3::Xxh3)>> = machine
-            .devices
-            .iter()
-            .map(|_| Mutex::new((0, xxhash_rust::xxh3::Xxh3::new())))
-            .collect();
+        let mut device_digests = vec![StateDigest::default(); machine.devices.len()];
         let writers = self.writers.clone();
         std::thread::scope(|scope| -> Result<()> {
             let senders: Vec<_> = writers
@@ -328,8 +324,13 @@ impl<'a> Source<'a> {
                 let (throttle, stop) = (&throttle, &stop_throttle);
                 scope.spawn(move || throttle_vcpus(vm, throttle, stop))
             });
-            let result =
-                self.precopy_and_stop(&pool, &dirty, &throttle, &stop_throttle, &device_digests);
+            let result = self.precopy_and_stop(
+                &pool,
+                &dirty,
+                &throttle,
+                &stop_throttle,
+                &mut device_digests,
+            );
             *stop_throttle.lock().unwrap_or_else(|e| e.into_inner()) = true;
             if let Some(t) = throttler {
                 let _ = t.join();
@@ -456,11 +457,10 @@ impl<'a> Source<'a> {
         &self,
         index: usize,
         chunks: &[Vec<u8>],
-        digest: &Mutex<(u64, xxhash_rust::xxh3::Xxh3)>,
+        digest: &mut StateDigest,
     ) -> Result<u64> {
         let part_max = MAX_RECORD as usize - 8;
         let mut bytes = 0;
-        let mut d = digest.lock().unwrap_or_else(|e| e.into_inner());
         for chunk in chunks {
             let parts: Vec<&[u8]> = if chunk.is_empty() {
                 vec![&[][..]]
@@ -474,9 +474,7 @@ impl<'a> Source<'a> {
                     &[&(index as u32).to_le_bytes(), &flags.to_le_bytes(), part],
                 )?;
             }
-            d.0 += chunk.len() as u64;
-            d.1.update(&(chunk.len() as u64).to_le_bytes());
-            d.1.update(chunk);
+            digest.add(chunk);
             bytes += chunk.len() as u64;
         }
         Ok(bytes)
@@ -488,7 +486,7 @@ impl<'a> Source<'a> {
         dirty: &DirtyBitmap,
         throttle: &AtomicU64,
         stop_throttle: &Mutex<bool>,
-        device_digests: &[Mutex<(u64, xxhash_rust::xxh3::Xxh3)>],
+        device_digests: &mut [StateDigest],
     ) -> Result<()> {
         let machine = self.machine;
         let vm = &machine.vm;
@@ -506,7 +504,7 @@ impl<'a> Source<'a> {
                     .migration()?
                     .read_precopy()
                     .map_err(device_error(&d.name))?;
-                let bytes = self.send_device_chunks(i, &chunks, &device_digests[i])?;
+                let bytes = self.send_device_chunks(i, &chunks, &mut device_digests[i])?;
                 self.progress
                     .update(|r| r.devices[i].precopy_bytes += bytes);
             }
@@ -577,16 +575,16 @@ impl<'a> Source<'a> {
             let digests = scope.spawn(|| digest_all(memory));
             self.send_pass(pool, dirty, pass, false)?;
             for (i, chunks) in stop_chunks.iter().enumerate() {
-                let bytes = self.send_device_chunks(i, chunks, &device_digests[i])?;
+                let bytes = self.send_device_chunks(i, chunks, &mut device_digests[i])?;
                 self.progress
                     .update(|r| r.devices[i].stopcopy_bytes += bytes);
-                let d = device_digests[i].lock().unwrap_or_else(|e| e.into_inner());
+                let d = &device_digests[i];
                 self.send(
                     Kind::DeviceEnd,
                     &[
                         &(i as u32).to_le_bytes(),
-                        &d.0.to_le_bytes(),
-                        &d.1.digest().to_le_bytes(),
+                        &d.bytes().to_le_bytes(),
+                        &d.digest().to_le_bytes(),
                     ],
                 )?;
             }

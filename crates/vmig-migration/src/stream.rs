@@ -335,6 +335,33 @@ impl<R: Read> RecordReader<R> {
     }
 }
 
+/// The byte count and XXH3 of a device's state, chunk by chunk (each chunk's length, then its
+/// bytes), as the source sends it in `DeviceEnd` and the destination recomputes it.
+#[derive(Clone, Default)]
+pub struct StateDigest {
+    bytes: u64,
+    hash: Xxh3,
+}
+
+impl StateDigest {
+    /// Adds one chunk.
+    pub fn add(&mut self, chunk: &[u8]) {
+        self.bytes += chunk.len() as u64;
+        self.hash.update(&(chunk.len() as u64).to_le_bytes());
+        self.hash.update(chunk);
+    }
+
+    /// Bytes added so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The digest of the chunks added so far.
+    pub fn digest(&self) -> u64 {
+        self.hash.digest()
+    }
+}
+
 /// Reads little-endian integers from a payload, with errors naming the record.
 #[derive(Debug)]
 pub struct Fields<'a> {

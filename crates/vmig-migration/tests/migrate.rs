@@ -140,6 +140,27 @@ impl Scenario {
     }
 }
 
+impl Scenario {
+    /// Starts a destination on a UNIX socket; returns it and the source's parameters for it.
+    fn start_destination(
+        &self,
+        max_bandwidth: u64,
+    ) -> (
+        JoinHandle<vmig_migration::Result<vmig_migration::Arrived>>,
+        MigrationParams,
+    ) {
+        let uri = Uri::Unix(self.dir.join("m.sock"));
+        let incoming = self.incoming(&uri, None);
+        let dest = std::thread::spawn(move || receive(incoming, &Progress::default()));
+        let params = MigrationParams {
+            uri: uri.to_string(),
+            max_bandwidth,
+            ..MigrationParams::default()
+        };
+        (dest, params)
+    }
+}
+
 impl Drop for Scenario {
     fn drop(&mut self) {
         self.source_servers.clear();
@@ -411,15 +432,8 @@ fn cancel_during_precopy_leaves_the_source_running_and_the_destination_discards(
     require_kvm!();
     let scenario = Scenario::new("cancel", &[Migration::V1, Migration::V2]);
     let source = scenario.source(64 << 20, 5000, 2000, DirtyLogMode::Ring);
-    let uri = Uri::Unix(scenario.dir.join("m.sock"));
-    let incoming = scenario.incoming(&uri, None);
-    let dest = std::thread::spawn(move || receive(incoming, &Progress::default()));
+    let (dest, params) = scenario.start_destination(8 << 20);
     let progress = Progress::default();
-    let params = MigrationParams {
-        uri: uri.to_string(),
-        max_bandwidth: 8 << 20,
-        ..MigrationParams::default()
-    };
     let canceller = {
         let progress = progress.clone();
         std::thread::spawn(move || {
@@ -444,15 +458,8 @@ fn a_device_server_that_dies_fails_the_migration_and_the_guest_goes_on() {
     require_kvm!();
     let mut scenario = Scenario::new("device-dies", &[Migration::V1, Migration::V2]);
     let source = scenario.source(64 << 20, 5000, 2000, DirtyLogMode::Bitmap);
-    let uri = Uri::Unix(scenario.dir.join("m.sock"));
-    let incoming = scenario.incoming(&uri, None);
-    let dest = std::thread::spawn(move || receive(incoming, &Progress::default()));
+    let (dest, params) = scenario.start_destination(16 << 20);
     let progress = Progress::default();
-    let params = MigrationParams {
-        uri: uri.to_string(),
-        max_bandwidth: 16 << 20,
-        ..MigrationParams::default()
-    };
     let killed = scenario.source_servers.remove(1);
     let killer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(500));
