@@ -226,7 +226,9 @@ fn migrate(arguments: Value, shared: &Shared) -> Result<Value, String> {
         format!("migrate arguments: {e}; expected uri, downtime_ms, max_bandwidth, connections, timeout_s, auto_converge")
     })?;
     params.check().map_err(|e| e.to_string())?;
-    let machine = shared.machine().ok_or("no VM")?;
+    let machine = shared
+        .machine()
+        .ok_or("the VM is still starting: try again once `query-status` says running")?;
     let mut slot = shared.migration.lock().unwrap_or_else(|e| e.into_inner());
     if shared.migrating() || slot.as_ref().is_some_and(|t| !t.is_finished()) {
         return Err("a migration is already under way".into());

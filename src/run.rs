@@ -106,12 +106,19 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
         None => None,
     };
     let shared = Shared::new(None, incoming_uri.is_some());
-    let _api_guard = match &args.api {
+    // A destination answers (`inmigrate`) while it waits; a source's socket appears only once
+    // its VM runs, so a client that sees the socket can migrate at once.
+    let serve_api = |shared: &Arc<Shared>| match &args.api {
         Some(path) => {
-            api::serve(path, Arc::clone(&shared))?;
-            Some(SocketGuard(path.clone()))
+            api::serve(path, Arc::clone(shared))?;
+            Ok::<_, String>(Some(SocketGuard(path.clone())))
         }
-        None => None,
+        None => Ok(None),
+    };
+    let mut _api_guard = if incoming_uri.is_some() {
+        serve_api(&shared)?
+    } else {
+        None
     };
 
     let machine = if let Some(uri) = incoming_uri {
@@ -190,6 +197,9 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
         Arc::new(machine)
     };
     *shared.machine.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&machine));
+    if !shared.incoming {
+        _api_guard = serve_api(&shared)?;
+    }
     let vm = &machine.vm;
     let config = vm.config().clone();
     println!(
