@@ -7,15 +7,16 @@
 //! prints the summary. Everything lives in a temporary directory removed at the end; the
 //! children's output goes to log files there, shown if something fails.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Args;
 use serde_json::json;
 use vmig_migration::Status;
 
 use crate::api::ApiClient;
+use crate::children::{Children, free_port};
 use crate::ctl::{follow_migration, print_summary};
 
 /// Migrate a running VM with two DMA-ing vfio-user devices over loopback TCP and verify it.
@@ -45,92 +46,6 @@ pub struct DemoArgs {
     json: bool,
 }
 
-/// The children, killed and reaped when dropped.
-struct Children {
-    dir: PathBuf,
-    children: Vec<(String, Child)>,
-}
-
-impl Children {
-    fn spawn(&mut self, name: &str, args: &[String]) -> Result<(), String> {
-        let exe = std::env::current_exe().map_err(|e| format!("finding this program: {e}"))?;
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))
-            .map_err(|e| format!("creating a log file: {e}"))?;
-        let err = log.try_clone().map_err(|e| e.to_string())?;
-        let child = Command::new(exe)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("starting {name}: {e}"))?;
-        self.children.push((name.to_string(), child));
-        Ok(())
-    }
-
-    fn check_alive(&mut self) -> Result<(), String> {
-        for (name, child) in &mut self.children {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!("{name} exited early ({status})"));
-            }
-        }
-        Ok(())
-    }
-
-    fn logs(&self) -> String {
-        let mut out = String::new();
-        for (name, _) in &self.children {
-            let text =
-                std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(8).collect();
-            out.push_str(&format!("--- {name} (last lines) ---\n"));
-            for line in tail.iter().rev() {
-                out.push_str(line);
-                out.push('\n');
-            }
-        }
-        out
-    }
-}
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        // Let each child finish on its own for a moment (the VMs quit, the servers take SIGTERM).
-        for (_, child) in &mut self.children {
-            // SAFETY: kill(2) on a child's pid is sound; a stale pid only gives an error.
-            unsafe {
-                libc::kill(child.id() as i32, libc::SIGTERM);
-            }
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for (_, child) in &mut self.children {
-            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn wait_for(path: &Path, children: &mut Children) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !path.exists() {
-        children.check_alive()?;
-        if Instant::now() > deadline {
-            return Err(format!("{} did not appear in 30 s", path.display()));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
-fn free_port() -> Result<u16, String> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
-}
-
 pub fn run(args: &DemoArgs) -> Result<ExitCode, String> {
     vmig_kvm::kvm_available().map_err(|e| format!("the demo runs VMs on KVM: {e}"))?;
     let protocols: &[&str] = match args.migration.as_str() {
@@ -144,12 +59,8 @@ pub fn run(args: &DemoArgs) -> Result<ExitCode, String> {
         .parse()
         .map_err(|e: vmig_kvm::KvmError| e.to_string())?;
     vmig_kvm::parse_size(&args.mem).map_err(|e| format!("--mem: {e}"))?;
-    let dir = std::env::temp_dir().join(format!("vmig-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut children = Children {
-        dir: dir.clone(),
-        children: Vec::new(),
-    };
+    let mut children = Children::new("demo")?;
+    let dir = children.dir().to_path_buf();
     let path = |name: &str| dir.join(name).display().to_string();
     let mut source_devices = Vec::new();
     let mut dest_devices = Vec::new();
@@ -179,7 +90,7 @@ pub fn run(args: &DemoArgs) -> Result<ExitCode, String> {
         }
     }
     for socket in source_devices.iter().chain(&dest_devices) {
-        wait_for(Path::new(socket), &mut children)?;
+        children.wait_for(Path::new(socket))?;
     }
     let port = free_port()?;
     let uri = format!("tcp:127.0.0.1:{port}");
@@ -224,8 +135,8 @@ pub fn run(args: &DemoArgs) -> Result<ExitCode, String> {
         ]);
     }
     children.spawn("source", &source_args)?;
-    wait_for(Path::new(&src_api), &mut children)?;
-    wait_for(Path::new(&dst_api), &mut children)?;
+    children.wait_for(Path::new(&src_api))?;
+    children.wait_for(Path::new(&dst_api))?;
     let mut source = ApiClient::connect(Path::new(&src_api), Duration::from_secs(10))?;
     let mut destination = ApiClient::connect(Path::new(&dst_api), Duration::from_secs(10))?;
     if !args.json {

@@ -9,6 +9,7 @@
 
 mod api;
 mod bench;
+mod children;
 mod ctl;
 mod demo;
 mod device;

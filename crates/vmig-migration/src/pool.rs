@@ -47,24 +47,26 @@ struct Queue {
 /// A token bucket in bytes per second (0: unlimited), 50 ms of burst.
 #[derive(Debug)]
 struct Limiter {
-    rate: u64,
+    /// Bytes per second; 0: unlimited.
+    rate: AtomicU64,
     state: Mutex<(f64, Instant)>,
 }
 
 impl Limiter {
     fn take(&self, bytes: u64) {
-        if self.rate == 0 {
+        let rate = self.rate.load(Ordering::Relaxed);
+        if rate == 0 {
             return;
         }
         let wait = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
-            let burst = self.rate as f64 * 0.05;
+            let burst = rate as f64 * 0.05;
             state.0 =
-                (state.0 + now.duration_since(state.1).as_secs_f64() * self.rate as f64).min(burst);
+                (state.0 + now.duration_since(state.1).as_secs_f64() * rate as f64).min(burst);
             state.1 = now;
             state.0 -= bytes as f64;
-            (state.0 < 0.0).then(|| Duration::from_secs_f64(-state.0 / self.rate as f64))
+            (state.0 < 0.0).then(|| Duration::from_secs_f64(-state.0 / rate as f64))
         };
         if let Some(wait) = wait {
             std::thread::sleep(wait);
@@ -90,12 +92,18 @@ impl PagePool {
             queue: Mutex::new(Queue::default()),
             changed: Condvar::new(),
             limiter: Limiter {
-                rate: max_bandwidth,
+                rate: AtomicU64::new(max_bandwidth),
                 state: Mutex::new((0.0, Instant::now())),
             },
             counters: PageCounters::default(),
             depth: senders * 4,
         }
+    }
+
+    /// Lifts the bandwidth limit: in stop-and-copy the guest waits for every byte, so the pages
+    /// go as fast as the link takes them (as QEMU's completion does).
+    pub fn lift_bandwidth_limit(&self) {
+        self.limiter.rate.store(0, Ordering::Relaxed);
     }
 
     fn queue(&self) -> MutexGuard<'_, Queue> {

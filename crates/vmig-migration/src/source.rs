@@ -555,6 +555,7 @@ impl<'a> Source<'a> {
         let paused_at = Instant::now();
         self.paused = true;
         vm.pause()?;
+        pool.lift_bandwidth_limit();
         self.check_cancel()?;
         let mut stop_chunks = Vec::new();
         for d in &machine.devices {

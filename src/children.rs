@@ -1,0 +1,121 @@
+//! Child processes of the commands that stage a whole scenario (`vmig demo`, `vmig bench`):
+//! started with their output in log files of a private temporary directory, watched while the
+//! parent waits for them, and stopped, reaped and cleaned up when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The children, killed and reaped when dropped, and their directory, then removed.
+pub struct Children {
+    dir: PathBuf,
+    children: Vec<(String, Child)>,
+}
+
+impl Children {
+    /// A fresh directory `vmig-{purpose}-{pid}` under the system's temporary directory.
+    pub fn new(purpose: &str) -> Result<Self, String> {
+        let dir = std::env::temp_dir().join(format!("vmig-{purpose}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(Self {
+            dir,
+            children: Vec::new(),
+        })
+    }
+
+    /// Where the children's sockets and logs go.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Starts this program with `args`, its output going to `{name}.log`.
+    pub fn spawn(&mut self, name: &str, args: &[String]) -> Result<(), String> {
+        let exe = std::env::current_exe().map_err(|e| format!("finding this program: {e}"))?;
+        let mut command = Command::new(exe);
+        command.args(args);
+        self.spawn_command(name, command)
+    }
+
+    /// Starts `command`, its output going to `{name}.log`.
+    pub fn spawn_command(&mut self, name: &str, mut command: Command) -> Result<(), String> {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log")))
+            .map_err(|e| format!("creating a log file: {e}"))?;
+        let err = log.try_clone().map_err(|e| e.to_string())?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("starting {name}: {e}"))?;
+        self.children.push((name.to_string(), child));
+        Ok(())
+    }
+
+    /// An error naming the first child that has exited.
+    pub fn check_alive(&mut self) -> Result<(), String> {
+        let exited = self
+            .children
+            .iter_mut()
+            .find_map(|(name, child)| Some((name.clone(), child.try_wait().ok()??)));
+        match exited {
+            Some((name, status)) => Err(format!("{name} exited early ({status})\n{}", self.logs())),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits up to 30 s for `path` (a socket a child creates), failing early if a child exits.
+    pub fn wait_for(&mut self, path: &Path) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !path.exists() {
+            self.check_alive()?;
+            if Instant::now() > deadline {
+                return Err(format!("{} did not appear in 30 s", path.display()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// The last lines of every child's log.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for (name, _) in &self.children {
+            let text =
+                std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(8).collect();
+            out.push_str(&format!("--- {name} (last lines) ---\n"));
+            for line in tail.iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        // Let each child finish on its own for a moment (the VMs quit, the servers take SIGTERM).
+        for (_, child) in &mut self.children {
+            // SAFETY: kill(2) on a child's pid is sound; a stale pid only gives an error.
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (_, child) in &mut self.children {
+            while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A loopback TCP port that was free a moment ago.
+pub fn free_port() -> Result<u16, String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
+}
