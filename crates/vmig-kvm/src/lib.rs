@@ -34,6 +34,7 @@
 mod dirty;
 mod error;
 pub mod guest;
+pub mod irq;
 pub mod memory;
 mod ports;
 pub mod snapshot;

@@ -8,7 +8,8 @@
 //! - the kick: a signal handler that sets `kvm_run.immediate_exit` for the vCPU of the thread it
 //!   interrupts, so a vCPU told to pause leaves `KVM_RUN` whether the signal lands before or
 //!   during the ioctl;
-//! - atomic loads and stores of `u64` words in guest memory shared with a running guest.
+//! - atomic loads and stores of `u64` words in guest memory shared with a running guest;
+//! - borrowing an `EventFd`'s descriptor (`vmm-sys-util` offers only the raw fd).
 
 use std::cell::Cell;
 use std::io;
@@ -371,4 +372,12 @@ pub fn atomic_u64(memory: &HostMemory, offset: usize) -> Option<&AtomicU64> {
     // only accessed by this process through atomics or raw copies, never through references to
     // non-atomic data, and the guest's own accesses are outside Rust's memory model.
     Some(unsafe { AtomicU64::from_ptr(memory.as_ptr().add(offset).cast()) })
+}
+
+/// The descriptor of `eventfd`, borrowed for as long as `eventfd` lives.
+pub fn borrow_eventfd(eventfd: &vmm_sys_util::eventfd::EventFd) -> std::os::fd::BorrowedFd<'_> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the EventFd owns the descriptor and closes it only when dropped, which the
+    // returned borrow's lifetime rules out.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(eventfd.as_raw_fd()) }
 }

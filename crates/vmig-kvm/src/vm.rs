@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MAX_CPUID_ENTRIES,
-    KVM_MP_STATE_RUNNABLE, kvm_enable_cap, kvm_mp_state,
+    KVM_MP_STATE_RUNNABLE, kvm_enable_cap, kvm_lapic_state, kvm_mp_state,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::dirty::{CpuDirtyLog, DirtyLogMode};
 use crate::error::{KvmError, Result, ioctl_error};
 use crate::guest::{self, GuestLayout, GuestProgram, MAX_VCPUS, Workload};
+use crate::irq::{IrqRoutes, MsiVector};
 use crate::memory::GuestMemory;
 use crate::ports::{GuestPorts, MmioHandler, VerifyReport};
 use crate::sys::{self, DirtyRing};
@@ -319,6 +320,7 @@ pub struct Vm {
     layout: GuestLayout,
     msrs: Vec<u32>,
     paused: std::sync::Mutex<bool>,
+    irq_routes: IrqRoutes,
     _vm: Arc<VmFd>,
 }
 
@@ -348,7 +350,13 @@ impl Vm {
                     fd.set_mp_state(kvm_mp_state {
                         mp_state: KVM_MP_STATE_RUNNABLE,
                     })
-                    .map_err(ioctl_error("KVM_SET_MP_STATE"))
+                    .map_err(ioctl_error("KVM_SET_MP_STATE"))?;
+                    // A local APIC leaves reset software-disabled and then drops fixed
+                    // interrupts; a device's MSIs must stay pending for the guest.
+                    let mut lapic = fd.get_lapic().map_err(ioctl_error("KVM_GET_LAPIC"))?;
+                    let svr = lapic_register(&lapic, APIC_SPURIOUS_VECTOR) | APIC_SOFTWARE_ENABLE;
+                    set_lapic_register(&mut lapic, APIC_SPURIOUS_VECTOR, svr);
+                    fd.set_lapic(&lapic).map_err(ioctl_error("KVM_SET_LAPIC"))
                 })?;
             }
             Ok(())
@@ -492,6 +500,7 @@ impl Vm {
             layout: layout.clone(),
             msrs,
             paused: std::sync::Mutex::new(true),
+            irq_routes: IrqRoutes::default(),
             _vm: vm,
         };
         load(&vm, &memory, &layout)?;
@@ -622,12 +631,69 @@ impl Vm {
             .collect()
     }
 
+    /// Wires an MSI with `vector` to vCPU `vcpu`'s local APIC: signalling the returned vector's
+    /// eventfd (a device's interrupt) makes it pending there.
+    pub fn connect_msi(&self, vcpu: usize, vector: u8) -> Result<MsiVector> {
+        let apic_id = u8::try_from(vcpu)
+            .ok()
+            .filter(|_| vcpu < self.vcpus.len())
+            .ok_or_else(|| KvmError::Invalid(format!("no vCPU {vcpu}")))?;
+        self.irq_routes.add_msi(&self._vm, apic_id, vector)
+    }
+
+    /// The interrupt vectors pending at vCPU `vcpu`'s local APIC (its IRR), which are then
+    /// cleared. The guest runs with interrupts off, so what devices signal accumulates there.
+    /// A running VM is paused for the moment this takes.
+    pub fn take_pending_interrupts(&self, vcpu: usize) -> Result<Vec<u8>> {
+        let running = !self.is_paused();
+        if running {
+            self.pause()?;
+        }
+        let pending = self.with_vcpu(vcpu, |fd| {
+            let mut lapic = fd.get_lapic().map_err(ioctl_error("KVM_GET_LAPIC"))?;
+            let mut pending = Vec::new();
+            for word in 0..8u32 {
+                let offset = APIC_IRR + word as usize * 0x10;
+                let bits = lapic_register(&lapic, offset);
+                pending.extend(
+                    (0..32)
+                        .filter(|b| bits >> b & 1 == 1)
+                        .map(|b| (word * 32 + b) as u8),
+                );
+                set_lapic_register(&mut lapic, offset, 0);
+            }
+            fd.set_lapic(&lapic).map_err(ioctl_error("KVM_SET_LAPIC"))?;
+            Ok(pending)
+        });
+        if running {
+            self.resume()?;
+        }
+        pending
+    }
+
     /// Runs `f` on vCPU `index`'s fd while the VM is paused (for tests and diagnostics).
     pub fn with_vcpu<T>(&self, index: usize, f: impl FnOnce(&VcpuFd) -> Result<T>) -> Result<T> {
         self.vcpus
             .get(index)
             .ok_or_else(|| KvmError::Invalid(format!("no vCPU {index}")))?
             .with_fd(f)
+    }
+}
+
+/// Local APIC register offsets (Intel SDM vol. 3, table 11-1) and the spurious-vector
+/// register's software-enable bit.
+const APIC_SPURIOUS_VECTOR: usize = 0xf0;
+const APIC_IRR: usize = 0x200;
+const APIC_SOFTWARE_ENABLE: u32 = 1 << 8;
+
+fn lapic_register(lapic: &kvm_lapic_state, offset: usize) -> u32 {
+    let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[offset + i] as u8);
+    u32::from_le_bytes(bytes)
+}
+
+fn set_lapic_register(lapic: &mut kvm_lapic_state, offset: usize, value: u32) {
+    for (i, byte) in value.to_le_bytes().into_iter().enumerate() {
+        lapic.regs[offset + i] = byte as _;
     }
 }
 

@@ -6,8 +6,12 @@
 //! 2. DMA-map every RAM slot by fd, IOVA = guest-physical address;
 //! 3. place BARs 0-5 in the guest's MMIO window, device *i* in the *i*-th 16 MiB slot, each BAR
 //!    aligned to its size; guest accesses there become region reads and writes;
-//! 4. find the migration protocol (v2 feature, else v1 region);
-//! 5. a `dma-engine` (its `ID` register says so) gets a driver: on a source the VMM sets up its
+//! 4. wire its interrupts: each MSI-X vector (else MSI; INTx is not wired), up to
+//!    [`MAX_VECTORS`], gets an eventfd that KVM delivers as an MSI to vCPU 0's local APIC
+//!    (irqfd), with IDT vector `0x40 + 8 * device + n`; the guest runs with interrupts off,
+//!    so they stay pending in the APIC's IRR, which migrates with the vCPU;
+//! 5. find the migration protocol (v2 feature, else v1 region);
+//! 6. a `dma-engine` (its `ID` register says so) gets a driver: on a source the VMM sets up its
 //!    ring in the device area (the top of RAM, outside the guest's working set) and starts
 //!    it, and the guest's vCPU 0 consumes records through a doorbell at every batch; on a
 //!    destination all of that arrives with the migration.
@@ -19,11 +23,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use vmig_devices::dma_engine::{self, reg};
 use vmig_kvm::guest::{self, MMIO_WINDOW_GPA};
+use vmig_kvm::irq::MsiVector;
 use vmig_kvm::{GuestMemory, MmioHandler, PAGE_SIZE, Vm};
 use vmig_vfio_user::client::{Client, DmaMemory};
 use vmig_vfio_user::device_migration::{DeviceMigration, Protocol};
 use vmig_vfio_user::wire::{
-    DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
+    DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, IRQ_INDEX_MSI, IRQ_INDEX_MSIX, REGION_INFO_FLAG_READ,
+    REGION_INFO_FLAG_WRITE,
 };
 
 use crate::error::{MigrationError, Result, device_error};
@@ -106,6 +112,8 @@ pub struct AttachedDevice {
     pub bars: Vec<Bar>,
     /// For a dma-engine: where its ring lives.
     pub dma_ring: Option<DmaRing>,
+    /// Its interrupt vectors wired into the guest (MSI-X or MSI vector n is `interrupts[n]`).
+    pub interrupts: Vec<MsiVector>,
 }
 
 impl std::fmt::Debug for AttachedDevice {
@@ -460,6 +468,10 @@ fn attach_one(
             client: Arc::clone(&client),
         });
     }
+    let interrupts = wire_interrupts(vm, index, &client).map_err(|e| MigrationError::Device {
+        device: name.clone(),
+        message: format!("wiring its interrupts: {e}"),
+    })?;
     let protocol = DeviceMigration::detect(&client)
         .map_err(device_error(&name))?
         .map(|m| m.protocol());
@@ -469,6 +481,7 @@ fn attach_one(
         protocol,
         bars,
         dma_ring: None,
+        interrupts,
     };
     let is_dma_engine = device
         .bars
@@ -484,6 +497,39 @@ fn attach_one(
         });
     }
     Ok(device)
+}
+
+/// Vectors wired per device, and the IDT vector of device 0's first.
+pub const MAX_VECTORS: u32 = 8;
+const FIRST_VECTOR: u8 = 0x40;
+
+/// The IDT vector the guest receives device `device`'s MSI-X / MSI vector `n` on.
+pub fn interrupt_vector(device: usize, n: u32) -> u8 {
+    FIRST_VECTOR + (device as u32 * MAX_VECTORS + n) as u8
+}
+
+/// Gives the device an irqfd for each of its MSI-X vectors (else MSI vectors), up to
+/// [`MAX_VECTORS`].
+fn wire_interrupts(vm: &Vm, device: usize, client: &Client) -> Result<Vec<MsiVector>> {
+    for index in [IRQ_INDEX_MSIX, IRQ_INDEX_MSI] {
+        // A server without this IRQ index answers with an error or no vectors.
+        let count = client
+            .irq_info(index)
+            .map_or(0, |info| info.count)
+            .min(MAX_VECTORS);
+        if count == 0 {
+            continue;
+        }
+        let vectors = (0..count)
+            .map(|n| Ok(vm.connect_msi(0, interrupt_vector(device, n))?))
+            .collect::<Result<Vec<_>>>()?;
+        let fds: Vec<_> = vectors.iter().map(MsiVector::eventfd).collect();
+        client
+            .set_irq_eventfds(index, 0, count, &fds)
+            .map_err(|e| MigrationError::Invalid(e.to_string()))?;
+        return Ok(vectors);
+    }
+    Ok(Vec::new())
 }
 
 /// The driver's setup of a dma-engine on a booting VM: the ring of buffer addresses in guest

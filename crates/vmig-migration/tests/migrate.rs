@@ -13,7 +13,7 @@ use std::time::Duration;
 use vmig_devices::DmaEngine;
 use vmig_devices::dma_engine::Migration;
 use vmig_kvm::{DirtyLogMode, Vm, VmConfig, Workload};
-use vmig_migration::machine::device_area_bytes;
+use vmig_migration::machine::{device_area_bytes, interrupt_vector};
 use vmig_migration::transport::{Listener, Uri};
 use vmig_migration::{
     DeviceSpec, Incoming, Machine, MigrationParams, Progress, Role, Status, migrate, receive,
@@ -199,6 +199,10 @@ fn a_guest_and_two_dma_engines_migrate_with_every_page_and_record() {
     let scenario = Scenario::new("basic", &[Migration::V1, Migration::V2]);
     let source = scenario.source(128 << 20, 5000, 2000, DirtyLogMode::Bitmap);
     std::thread::sleep(Duration::from_millis(300));
+    // Each record's MSI-X reaches vCPU 0's local APIC by irqfd, pending there (interrupts off).
+    let vectors = [interrupt_vector(0, 0), interrupt_vector(1, 0)];
+    let pending = source.vm.take_pending_interrupts(0).unwrap();
+    assert!(vectors.iter().all(|v| pending.contains(v)), "{pending:x?}");
     let uri = Uri::Unix(scenario.dir.join("migrate.sock"));
     let (sent, arrived, progress) =
         run_migration(&scenario, &source, uri, MigrationParams::default(), None);
@@ -223,6 +227,12 @@ fn a_guest_and_two_dma_engines_migrate_with_every_page_and_record() {
         "the source stays stopped after the commit"
     );
     assert!(!arrived.machine.vm.is_paused());
+    // The destination wired the devices' interrupts again: cleared, they come back.
+    let vm = &arrived.machine.vm;
+    vm.take_pending_interrupts(0).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let pending = vm.take_pending_interrupts(0).unwrap();
+    assert!(vectors.iter().all(|v| pending.contains(v)), "{pending:x?}");
     eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
 }
 
