@@ -23,6 +23,10 @@
 //! | 0x40 | `STALLS` (times the ring was full) | RO |
 //! | 0x48 | `DMA_ERRORS` (failed DMA) | RO |
 //!
+//! BAR2 (4 KiB, read-only, mmappable through one sparse area): the status page, whose word 0
+//! mirrors `PRODUCER`, so a driver that maps it polls for new records without an exit (as
+//! shadow doorbells do). It is derived state: a restored or reset engine rewrites it.
+//!
 //! A record (64 bytes): magic "DMAREC01", sequence, payload (5 words from a xorshift of the
 //! seed and the sequence), checksum of the 7 words before it.
 //!
@@ -34,6 +38,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use vmig_dma::HostMemory;
 use vmig_vfio_user::server::*;
 use vmig_vfio_user::wire::{IRQ_INDEX_MSIX, IRQ_INFO_EVENTFD, IRQ_INFO_MASKABLE};
 
@@ -45,6 +50,10 @@ pub const RECORD_MAGIC: u64 = u64::from_le_bytes(*b"DMAREC01");
 pub const RECORD_SIZE: usize = 64;
 /// BAR0 size.
 pub const BAR0_SIZE: u64 = 4096;
+/// The status page's region (BAR2) and size.
+pub const STATUS_REGION: u32 = 2;
+/// Bytes of the status page.
+pub const STATUS_SIZE: u64 = 4096;
 /// Register offsets.
 pub mod reg {
     /// `ID`.
@@ -244,6 +253,17 @@ struct Shared {
     idle: bool,
     ctx: Option<DeviceContext>,
     quit: bool,
+    /// The status page (absent if its memfd could not be made).
+    status: Option<HostMemory>,
+}
+
+impl Shared {
+    /// Mirrors `PRODUCER` into the status page.
+    fn publish(&self) {
+        if let Some(page) = &self.status {
+            let _ = page.write(0, &self.regs.producer.to_le_bytes());
+        }
+    }
 }
 
 struct Inner {
@@ -271,11 +291,17 @@ pub struct DmaEngine {
     inner: Arc<Inner>,
     worker: Option<JoinHandle<()>>,
     migration: Migration,
+    status_fd: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 impl DmaEngine {
     /// A stopped engine (CTRL 0) offering `migration`.
     pub fn new(migration: Migration) -> Self {
+        let status_fd = vmig_dma::memfd("dma-engine-status", STATUS_SIZE).ok();
+        let status = status_fd.as_ref().and_then(|fd| {
+            use std::os::fd::AsFd;
+            HostMemory::map_fd(fd.as_fd(), 0, STATUS_SIZE, true).ok()
+        });
         let inner = Arc::new(Inner {
             shared: Mutex::new(Shared {
                 regs: Registers::default(),
@@ -284,6 +310,7 @@ impl DmaEngine {
                 idle: true,
                 ctx: None,
                 quit: false,
+                status,
             }),
             changed: Condvar::new(),
         });
@@ -298,6 +325,7 @@ impl DmaEngine {
             inner,
             worker,
             migration,
+            status_fd: status_fd.map(Arc::new),
         }
     }
 
@@ -390,6 +418,7 @@ fn work(inner: &Inner) {
         match written {
             Ok(()) => {
                 s.regs.producer = s.regs.producer.wrapping_add(1);
+                s.publish();
                 ctx.trigger_irq(IRQ_INDEX_MSIX, 0);
             }
             Err(_) => s.regs.dma_errors = s.regs.dma_errors.wrapping_add(1),
@@ -408,13 +437,23 @@ impl Device for DmaEngine {
                 .map(|index| {
                     let size = match index {
                         0 => BAR0_SIZE,
+                        STATUS_REGION if self.status_fd.is_some() => STATUS_SIZE,
                         CONFIG_REGION => CONFIG_SIZE as u64,
                         _ => 0,
                     };
                     RegionSpec {
                         size,
                         readable: size > 0,
-                        writable: size > 0,
+                        writable: size > 0 && index != STATUS_REGION,
+                        mmap: self
+                            .status_fd
+                            .as_ref()
+                            .filter(|_| index == STATUS_REGION)
+                            .map(|fd| RegionMmap {
+                                fd: Arc::clone(fd),
+                                offset: 0,
+                                areas: vec![(0, STATUS_SIZE)],
+                            }),
                         ..RegionSpec::default()
                     }
                 })
@@ -442,9 +481,16 @@ impl Device for DmaEngine {
             data.copy_from_slice(&bytes[offset as usize..offset as usize + data.len()]);
             return Ok(());
         }
+        if index == STATUS_REGION {
+            let producer = self.inner.lock().regs.producer.to_le_bytes();
+            for (i, byte) in data.iter_mut().enumerate() {
+                *byte = producer.get(offset as usize + i).copied().unwrap_or(0);
+            }
+            return Ok(());
+        }
         if index != 0 {
             return Err(DeviceError::invalid(format!(
-                "region {index}: the dma-engine has BAR0 and config space"
+                "region {index}: the dma-engine has BAR0, BAR2 and config space"
             )));
         }
         let regs = self.inner.lock().regs;
@@ -504,6 +550,7 @@ impl Device for DmaEngine {
         s.regs = Registers::default();
         s.config = Config::default();
         s.running = true;
+        s.publish();
         drop(s);
         self.inner.changed.notify_all();
         Ok(())
@@ -572,6 +619,7 @@ impl Device for DmaEngine {
         let mut s = self.inner.lock();
         s.regs = regs;
         s.config = Config::from_word(words[Registers::WORDS]);
+        s.publish();
         Ok(())
     }
 }

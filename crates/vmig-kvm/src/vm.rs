@@ -12,12 +12,13 @@
 //! [`VmBuilder`] exposes the steps so an embedder can drive them, and refuses a step taken out of
 //! order with an error that names the order; [`Vm::new`] takes them in order.
 
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
     KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MAX_CPUID_ENTRIES,
-    KVM_MP_STATE_RUNNABLE, kvm_enable_cap, kvm_lapic_state, kvm_mp_state,
+    KVM_MEM_READONLY, KVM_MP_STATE_RUNNABLE, kvm_enable_cap, kvm_lapic_state, kvm_mp_state,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -26,10 +27,11 @@ use crate::dirty::{CpuDirtyLog, DirtyLogMode};
 use crate::error::{KvmError, Result, ioctl_error};
 use crate::guest::{self, GuestLayout, GuestProgram, MAX_VCPUS, Workload};
 use crate::irq::{IrqRoutes, MsiVector};
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::ports::{GuestPorts, MmioHandler, VerifyReport};
 use crate::sys::{self, DirtyRing};
 use crate::vcpu::{MIGRATED_MSRS, VcpuHandle, VcpuState, restore_state, save_state};
+use vmig_dma::HostMemory;
 
 const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: u32 = 168;
 const KVM_CAP_DIRTY_LOG_RING: u32 = 192;
@@ -321,6 +323,8 @@ pub struct Vm {
     msrs: Vec<u32>,
     paused: std::sync::Mutex<bool>,
     irq_routes: IrqRoutes,
+    /// Device memory mapped into the guest: memslot id and mapping.
+    device_slots: std::sync::Mutex<Vec<(u32, HostMemory)>>,
     _vm: Arc<VmFd>,
 }
 
@@ -501,6 +505,7 @@ impl Vm {
             msrs,
             paused: std::sync::Mutex::new(true),
             irq_routes: IrqRoutes::default(),
+            device_slots: std::sync::Mutex::new(Vec::new()),
             _vm: vm,
         };
         load(&vm, &memory, &layout)?;
@@ -641,6 +646,46 @@ impl Vm {
         self.irq_routes.add_msi(&self._vm, apic_id, vector)
     }
 
+    /// Maps `size` bytes of `fd` from `offset` (a device region's mmappable area) into the
+    /// guest at `gpa`: guest accesses there reach the device's memory without an exit. The range
+    /// must lie outside RAM and be page-aligned; `writable` false makes guest writes exits
+    /// (a read-only memslot).
+    pub fn map_device_memory(
+        &self,
+        gpa: u64,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        size: u64,
+        writable: bool,
+    ) -> Result<()> {
+        let aligned = [gpa, offset, size].iter().all(|v| v % PAGE_SIZE == 0) && size > 0;
+        let ram = self
+            .layout
+            .memory
+            .slots
+            .iter()
+            .any(|s| gpa < s.gpa + s.size && s.gpa < gpa + size);
+        if !aligned || ram {
+            return Err(KvmError::Invalid(format!(
+                "device memory of {size:#x} bytes at {gpa:#x} (file offset {offset:#x}): expected whole pages outside RAM"
+            )));
+        }
+        let host = HostMemory::map_fd(fd, offset, size, writable)?;
+        let mut slots = self.device_slots.lock().unwrap_or_else(|e| e.into_inner());
+        let id = FIRST_DEVICE_SLOT + slots.len() as u32;
+        let flags = if writable { 0 } else { KVM_MEM_READONLY };
+        sys::set_memory_slot(&self._vm, id, flags, gpa, &host).map_err(|source| {
+            KvmError::Ioctl {
+                call: format!(
+                    "KVM_SET_USER_MEMORY_REGION(device slot {id} at {gpa:#x}, {size} bytes)"
+                ),
+                source,
+            }
+        })?;
+        slots.push((id, host));
+        Ok(())
+    }
+
     /// The interrupt vectors pending at vCPU `vcpu`'s local APIC (its IRR), which are then
     /// cleared. The guest runs with interrupts off, so what devices signal accumulates there.
     /// A running VM is paused for the moment this takes.
@@ -680,6 +725,9 @@ impl Vm {
     }
 }
 
+/// Memslot ids of device memory start here, after RAM's.
+const FIRST_DEVICE_SLOT: u32 = 64;
+
 /// Local APIC register offsets (Intel SDM vol. 3, table 11-1) and the spurious-vector
 /// register's software-enable bit.
 const APIC_SPURIOUS_VECTOR: usize = 0xf0;
@@ -705,6 +753,14 @@ impl Drop for Vm {
         let _ = self.dirty.stop();
         for slot in self.memory.slots() {
             let _ = sys::delete_memory_slot(&self._vm, slot.layout.id);
+        }
+        for (id, _) in self
+            .device_slots
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = sys::delete_memory_slot(&self._vm, *id);
         }
     }
 }

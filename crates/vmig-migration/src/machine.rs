@@ -5,7 +5,9 @@
 //! 1. connect to its server (guest RAM is offered for message-based DMA as well);
 //! 2. DMA-map every RAM slot by fd, IOVA = guest-physical address;
 //! 3. place BARs 0-5 in the guest's MMIO window, device *i* in the *i*-th 16 MiB slot, each BAR
-//!    aligned to its size; guest accesses there become region reads and writes;
+//!    aligned to its size; the mmappable areas a region offers (sparse-mmap areas, or the whole
+//!    region) become guest memslots backed by the device's fd, and the rest traps: guest
+//!    accesses there become region reads and writes;
 //! 4. wire its interrupts: each MSI-X vector (else MSI; INTx is not wired), up to
 //!    [`MAX_VECTORS`], gets an eventfd that KVM delivers as an MSI to vCPU 0's local APIC
 //!    (irqfd), with IDT vector `0x40 + 8 * device + n`; the guest runs with interrupts off,
@@ -13,11 +15,14 @@
 //! 5. find the migration protocol (v2 feature, else v1 region);
 //! 6. a `dma-engine` (its `ID` register says so) gets a driver: on a source the VMM sets up its
 //!    ring in the device area (the top of RAM, outside the guest's working set) and starts
-//!    it, and the guest's vCPU 0 consumes records through a doorbell at every batch; on a
+//!    it, and the guest's vCPU 0 consumes records through a doorbell at every batch (reading
+//!    `PRODUCER` from the mapped status page, BAR2, when there is one, else from BAR0); on a
 //!    destination all of that arrives with the migration.
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -28,8 +33,8 @@ use vmig_kvm::{GuestMemory, MmioHandler, PAGE_SIZE, Vm};
 use vmig_vfio_user::client::{Client, DmaMemory};
 use vmig_vfio_user::device_migration::{DeviceMigration, Protocol};
 use vmig_vfio_user::wire::{
-    DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, IRQ_INDEX_MSI, IRQ_INDEX_MSIX, REGION_INFO_FLAG_READ,
-    REGION_INFO_FLAG_WRITE,
+    DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, IRQ_INDEX_MSI, IRQ_INDEX_MSIX, REGION_INFO_FLAG_MMAP,
+    REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
 };
 
 use crate::error::{MigrationError, Result, device_error};
@@ -114,6 +119,8 @@ pub struct AttachedDevice {
     pub dma_ring: Option<DmaRing>,
     /// Its interrupt vectors wired into the guest (MSI-X or MSI vector n is `interrupts[n]`).
     pub interrupts: Vec<MsiVector>,
+    /// Device memory mapped into the guest: (region, guest-physical address, bytes).
+    pub mapped: Vec<(u32, u64, u64)>,
 }
 
 impl std::fmt::Debug for AttachedDevice {
@@ -141,7 +148,8 @@ impl AttachedDevice {
         self.protocol.as_ref().map_or("none", Protocol::name)
     }
 
-    fn read_reg(&self, offset: u64) -> Result<u64> {
+    /// Reads a dma-engine register (BAR0) from the device, not through the guest.
+    pub fn read_reg(&self, offset: u64) -> Result<u64> {
         let mut b = [0u8; 8];
         self.client
             .region_read(0, offset, &mut b)
@@ -194,6 +202,8 @@ struct BusEntry {
     size: u64,
     region: u32,
     client: Arc<Client>,
+    /// Guest reads that trapped here.
+    reads: AtomicU64,
 }
 
 /// Routes guest MMIO to the device whose BAR holds the address.
@@ -214,6 +224,7 @@ impl DeviceBus {
 impl MmioHandler for DeviceBus {
     fn read(&self, addr: u64, data: &mut [u8]) -> std::result::Result<(), String> {
         let (entry, offset) = self.find(addr, data.len())?;
+        entry.reads.fetch_add(1, Ordering::Relaxed);
         // A device that fails (its server died) reads as all ones and drops writes, as a PCI
         // device that stopped answering does: the guest goes on.
         if entry
@@ -266,6 +277,7 @@ pub struct Machine {
     pub vm: Vm,
     /// Its devices, in `--device` order.
     pub devices: Vec<AttachedDevice>,
+    bus: Arc<DeviceBus>,
 }
 
 impl std::fmt::Debug for Machine {
@@ -332,8 +344,14 @@ impl Machine {
             let device = attach_one(&vm, index, spec, &mut bus)?;
             if let Some(ring) = device.dma_ring {
                 let bar0 = device.bars.iter().find(|b| b.index == 0).map(|b| b.gpa);
+                let status_page = device
+                    .mapped
+                    .iter()
+                    .find(|(region, _, _)| *region == dma_engine::STATUS_REGION)
+                    .map(|&(_, gpa, _)| gpa);
                 if let Some(bar0) = bar0 {
-                    doorbells.push((bar0 + reg::PRODUCER, bar0 + reg::CONSUMER));
+                    let producer = status_page.unwrap_or(bar0 + reg::PRODUCER);
+                    doorbells.push((producer, bar0 + reg::CONSUMER));
                 }
                 if role == Role::Source {
                     start_dma_engine(&vm, &device, ring, spec.dma_rate, index)?;
@@ -341,13 +359,28 @@ impl Machine {
             }
             devices.push(device);
         }
+        let bus = Arc::new(bus);
         if !bus.entries.is_empty() {
-            vm.set_mmio_handler(Some(Arc::new(bus)));
+            vm.set_mmio_handler(Some(Arc::clone(&bus) as _));
         }
         if role == Role::Source {
             guest::set_doorbells(vm.memory(), &doorbells)?;
         }
-        Ok(Self { vm, devices })
+        Ok(Self { vm, devices, bus })
+    }
+
+    /// Guest reads of device `device`'s region `region` that trapped to the VMM (reads of its
+    /// mapped areas do not).
+    pub fn trapped_reads(&self, device: usize, region: u32) -> u64 {
+        let Some(client) = self.devices.get(device).map(|d| &d.client) else {
+            return 0;
+        };
+        self.bus
+            .entries
+            .iter()
+            .filter(|e| e.region == region && Arc::ptr_eq(&e.client, client))
+            .map(|e| e.reads.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Checks every dma-engine's ring: each buffer must hold a whole record that is among the
@@ -438,6 +471,7 @@ fn attach_one(
     let slot_base = MMIO_WINDOW_GPA + index as u64 * DEVICE_MMIO_SLOT;
     let mut next = slot_base;
     let mut bars = Vec::new();
+    let mut mapped = Vec::new();
     for region in 0..regions.min(6) {
         let info = client.region_info(region).map_err(device_error(&name))?;
         let size = info.info.size;
@@ -466,7 +500,36 @@ fn attach_one(
             size,
             region,
             client: Arc::clone(&client),
+            reads: AtomicU64::new(0),
         });
+        if let Some(fd) = &info.fd
+            && info.info.flags & REGION_INFO_FLAG_MMAP != 0
+        {
+            let areas = if info.sparse_areas.is_empty() {
+                vec![(0, size)]
+            } else {
+                info.sparse_areas.clone()
+            };
+            let writable = info.info.flags & REGION_INFO_FLAG_WRITE != 0;
+            for (offset, bytes) in areas {
+                if offset.checked_add(bytes).is_none_or(|end| end > size) {
+                    return Err(MigrationError::Device {
+                        device: name,
+                        message: format!(
+                            "BAR{region}'s mmappable area {offset:#x}+{bytes:#x} lies outside its {size:#x} bytes"
+                        ),
+                    });
+                }
+                vm.map_device_memory(
+                    gpa + offset,
+                    fd.as_fd(),
+                    info.info.offset + offset,
+                    bytes,
+                    writable,
+                )?;
+                mapped.push((region, gpa + offset, bytes));
+            }
+        }
     }
     let interrupts = wire_interrupts(vm, index, &client).map_err(|e| MigrationError::Device {
         device: name.clone(),
@@ -482,6 +545,7 @@ fn attach_one(
         bars,
         dma_ring: None,
         interrupts,
+        mapped,
     };
     let is_dma_engine = device
         .bars

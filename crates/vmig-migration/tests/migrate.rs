@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use vmig_devices::DmaEngine;
-use vmig_devices::dma_engine::Migration;
+use vmig_devices::dma_engine::{self, Migration};
 use vmig_kvm::{DirtyLogMode, Vm, VmConfig, Workload};
 use vmig_migration::machine::{device_area_bytes, interrupt_vector};
 use vmig_migration::transport::{Listener, Uri};
@@ -203,6 +203,7 @@ fn a_guest_and_two_dma_engines_migrate_with_every_page_and_record() {
     let vectors = [interrupt_vector(0, 0), interrupt_vector(1, 0)];
     let pending = source.vm.take_pending_interrupts(0).unwrap();
     assert!(vectors.iter().all(|v| pending.contains(v)), "{pending:x?}");
+    assert_status_page_mapped(&source);
     let uri = Uri::Unix(scenario.dir.join("migrate.sock"));
     let (sent, arrived, progress) =
         run_migration(&scenario, &source, uri, MigrationParams::default(), None);
@@ -233,7 +234,28 @@ fn a_guest_and_two_dma_engines_migrate_with_every_page_and_record() {
     std::thread::sleep(Duration::from_millis(100));
     let pending = vm.take_pending_interrupts(0).unwrap();
     assert!(vectors.iter().all(|v| pending.contains(v)), "{pending:x?}");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_status_page_mapped(&arrived.machine);
     eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
+}
+
+/// The dma-engine's status page (BAR2, one sparse-mmap area) is a guest memslot: the guest
+/// consumed more records than the ring holds, so it saw `PRODUCER` move, yet none of its reads
+/// of BAR0 or BAR2 trapped.
+fn assert_status_page_mapped(machine: &Machine) {
+    for (i, device) in machine.devices.iter().enumerate() {
+        assert!(
+            device
+                .mapped
+                .iter()
+                .any(|&(region, _, bytes)| region == dma_engine::STATUS_REGION && bytes == 4096),
+            "{device:?}"
+        );
+        assert_eq!(machine.trapped_reads(i, 0), 0);
+        assert_eq!(machine.trapped_reads(i, dma_engine::STATUS_REGION), 0);
+        let consumer = device.read_reg(dma_engine::reg::CONSUMER).unwrap();
+        assert!(consumer > 256, "device {i}: the guest consumed {consumer}");
+    }
 }
 
 #[test]
