@@ -105,7 +105,9 @@ struct Pages<'a> {
 }
 
 impl Pages<'_> {
-    fn apply(&self, payload: &[u8], expected_pass: u32) -> Result<()> {
+    /// Writes a `Pages` record's pages into guest memory; `digests` are its pages' digests,
+    /// as the reader computed them checking the record.
+    fn apply(&self, payload: &[u8], digests: &[u64], expected_pass: u32) -> Result<()> {
         let mut f = Fields::new(payload, "Pages");
         let pass = f.u32()?;
         if pass != expected_pass {
@@ -147,7 +149,10 @@ impl Pages<'_> {
                     .write(page * PAGE_SIZE, bytes)
                     .map_err(|e| MigrationError::Stream(format!("page {page:#x}: {e}")))?;
                 let _ = self.written.set(page);
-                slot.store(page_digest(bytes), Ordering::Relaxed);
+                let digest = digests
+                    .get(offset / PAGE_SIZE as usize)
+                    .ok_or_else(|| MigrationError::Stream("a page without its digest".into()))?;
+                slot.store(*digest, Ordering::Relaxed);
                 offset += PAGE_SIZE as usize;
             }
         }
@@ -395,7 +400,7 @@ fn receive_pages(
     let mut pass = 0u32;
     loop {
         match reader.read_into(&mut buf)? {
-            Kind::Pages => pages.apply(&buf, pass)?,
+            Kind::Pages => pages.apply(&buf, reader.page_digests(), pass)?,
             Kind::PassEnd => {
                 end_pass(&buf, pass)?;
                 barrier.wait(pass, channels)?;
@@ -459,7 +464,7 @@ fn main_loop(
             });
         }
         match kind {
-            Kind::Pages => pages.apply(&buf, pass)?,
+            Kind::Pages => pages.apply(&buf, reader.page_digests(), pass)?,
             Kind::PassEnd => {
                 end_pass(&buf, pass)?;
                 barrier.wait(pass, channels)?;

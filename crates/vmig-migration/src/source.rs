@@ -49,10 +49,7 @@ const THROTTLE_MAX: u64 = 99;
 /// A vCPU throttle timeslice (QEMU's `CPU_THROTTLE_TIMESLICE_NS`).
 const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 
-/// The 64-bit digest of a page (XXH3).
-pub fn page_digest(page: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(page)
-}
+pub use crate::stream::page_digest;
 
 /// Runs one migration of `machine` to `params.uri`, reporting into `progress`. On success the
 /// VM stays paused here (it runs on the destination); on any failure before the commit the VM

@@ -10,7 +10,9 @@
 //!
 //! All integers are little-endian. `sequence` counts the records of one direction of one
 //! connection from 0, so a record lost, repeated or moved is found at once; `checksum` is XXH3
-//! over the header's first 16 bytes and the payload, so a flipped bit anywhere is found. A
+//! over the header's first 16 bytes and the payload, so a flipped bit anywhere is found. In a
+//! `Pages` record each page's data enters the checksum as its XXH3 digest: the destination
+//! keeps those digests for verification anyway, so it reads each page once for both. A
 //! version other than [`VERSION`] is refused, as is an unknown kind, a length over
 //! [`MAX_RECORD`], a flag, and any record the protocol does not expect where it comes (the
 //! callers check that).
@@ -23,8 +25,8 @@ use crate::error::{MigrationError, Result, io_error};
 
 /// Hello magic.
 pub const MAGIC: [u8; 8] = *b"VMIGSTRM";
-/// The stream version this build speaks.
-pub const VERSION: u32 = 1;
+/// The stream version this build speaks (2: `Pages` checksums cover page digests).
+pub const VERSION: u32 = 2;
 /// Largest record payload.
 pub const MAX_RECORD: u32 = 16 << 20;
 /// Bytes of a hello.
@@ -143,6 +145,40 @@ impl Kind {
     }
 }
 
+/// Bytes of a page in a `Pages` record.
+const PAGE_BYTES: usize = 4096;
+
+/// The 64-bit digest of a page (XXH3), as `Pages` checksums and verification use it.
+pub fn page_digest(page: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(page)
+}
+
+/// The checksum of a `Pages` record: its header, its entries, then each page's digest.
+fn pages_checksum(header: &[u8], entries: &[u8], digests: &[u64]) -> u64 {
+    let mut h = Xxh3::new();
+    h.update(&header[..16]);
+    h.update(entries);
+    for digest in digests {
+        h.update(&digest.to_le_bytes());
+    }
+    h.digest()
+}
+
+/// A `Pages` payload split into pass, count and entries, and the pages' data; `None` unless
+/// the data is whole pages.
+fn split_pages(payload: &[u8]) -> Option<(&[u8], &[u8])> {
+    let entries = entries_len(payload)?;
+    let data = payload.len().checked_sub(entries)?;
+    data.is_multiple_of(PAGE_BYTES)
+        .then(|| payload.split_at(entries))
+}
+
+/// Bytes of a `Pages` payload's pass, count and entries, from its count.
+fn entries_len(payload: &[u8]) -> Option<usize> {
+    let count = u32::from_le_bytes(payload.get(4..8)?.try_into().ok()?) as usize;
+    count.checked_mul(8)?.checked_add(8)
+}
+
 fn checksum(header: &[u8], payload: &[&[u8]]) -> u64 {
     let mut h = Xxh3::new();
     h.update(&header[..16]);
@@ -170,7 +206,8 @@ impl<W: Write> RecordWriter<W> {
         }
     }
 
-    /// Writes a record whose payload is the concatenation of `parts`.
+    /// Writes a record whose payload is the concatenation of `parts` (for `Pages`: the pass,
+    /// count and entries, then the pages' data).
     pub fn write(&mut self, kind: Kind, parts: &[&[u8]]) -> io::Result<()> {
         let length: usize = parts.iter().map(|p| p.len()).sum();
         if length > MAX_RECORD as usize {
@@ -183,7 +220,22 @@ impl<W: Write> RecordWriter<W> {
         header[0..2].copy_from_slice(&(kind as u16).to_le_bytes());
         header[4..8].copy_from_slice(&(length as u32).to_le_bytes());
         header[8..16].copy_from_slice(&self.sequence.to_le_bytes());
-        let sum = checksum(&header, parts);
+        let sum = match (kind, parts) {
+            (Kind::Pages, [entries, data])
+                if entries_len(entries) == Some(entries.len())
+                    && data.len().is_multiple_of(PAGE_BYTES) =>
+            {
+                let digests: Vec<u64> = data.chunks_exact(PAGE_BYTES).map(page_digest).collect();
+                pages_checksum(&header, entries, &digests)
+            }
+            (Kind::Pages, _) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "a Pages record is written as two parts: pass, count and entries; then whole pages",
+                ));
+            }
+            _ => checksum(&header, parts),
+        };
         header[16..24].copy_from_slice(&sum.to_le_bytes());
         let mut slices = Vec::with_capacity(parts.len() + 1);
         slices.push(io::IoSlice::new(&header));
@@ -239,6 +291,7 @@ pub struct RecordReader<R: Read> {
     sequence: u64,
     bytes: u64,
     what: String,
+    page_digests: Vec<u64>,
 }
 
 impl<R: Read> RecordReader<R> {
@@ -249,6 +302,7 @@ impl<R: Read> RecordReader<R> {
             sequence: 0,
             bytes: 0,
             what: what.into(),
+            page_digests: Vec::new(),
         }
     }
 
@@ -287,7 +341,17 @@ impl<R: Read> RecordReader<R> {
                 self.what
             ))(e)
         })?;
-        if checksum(&header, &[buf]) != sum {
+        let intact = if raw_kind == Kind::Pages as u16 {
+            self.page_digests.clear();
+            split_pages(buf).is_some_and(|(entries, data)| {
+                self.page_digests
+                    .extend(data.chunks_exact(PAGE_BYTES).map(page_digest));
+                pages_checksum(&header, entries, &self.page_digests) == sum
+            })
+        } else {
+            checksum(&header, &[buf]) == sum
+        };
+        if !intact {
             return Err(bad(format!(
                 "record {sequence} (kind {raw_kind}, {length} bytes) fails its checksum: the stream is corrupted"
             )));
@@ -297,6 +361,12 @@ impl<R: Read> RecordReader<R> {
         self.sequence += 1;
         self.bytes += (HEADER_SIZE as u64) + u64::from(length);
         Ok(kind)
+    }
+
+    /// The digest of each page of the last record read, when it was `Pages` (in the order of
+    /// its data).
+    pub fn page_digests(&self) -> &[u64] {
+        &self.page_digests
     }
 
     /// Reads the next record.
@@ -452,6 +522,46 @@ mod tests {
             let mut r = RecordReader::new(&copy[..], "test");
             assert!(r.read().is_err(), "bit {bit} flipped unnoticed");
         }
+    }
+
+    /// Pass 1, two entries (page 7 with data, page 9 zero), then one page of data.
+    fn pages_record() -> (Vec<u8>, Vec<u8>) {
+        let mut entries = Vec::new();
+        entries.extend_from_slice(&1u32.to_le_bytes());
+        entries.extend_from_slice(&2u32.to_le_bytes());
+        entries.extend_from_slice(&7u64.to_le_bytes());
+        entries.extend_from_slice(&(9 | ZERO_PAGE).to_le_bytes());
+        let data: Vec<u8> = (0..PAGE_BYTES).map(|i| (i * 7) as u8).collect();
+        (entries, data)
+    }
+
+    #[test]
+    fn a_pages_record_checks_its_pages_through_their_digests_and_every_flipped_bit_is_caught() {
+        let (entries, data) = pages_record();
+        let mut w = RecordWriter::new(Vec::new());
+        w.write(Kind::Pages, &[&entries, &data]).unwrap();
+        let bytes = w.inner;
+        let mut r = RecordReader::new(&bytes[..], "test");
+        let record = r.read().unwrap();
+        assert_eq!(record.payload, [entries.clone(), data.clone()].concat());
+        assert_eq!(r.page_digests(), [page_digest(&data)]);
+        // Every bit of the header and entries, and of the first and last 8 bytes of the data.
+        let header_and_entries = (HEADER_SIZE + entries.len()) * 8;
+        let bits = (0..header_and_entries + 64).chain(bytes.len() * 8 - 64..bytes.len() * 8);
+        for bit in bits {
+            let mut copy = bytes.clone();
+            copy[bit / 8] ^= 1 << (bit % 8);
+            let mut r = RecordReader::new(&copy[..], "test");
+            assert!(r.read().is_err(), "bit {bit} flipped unnoticed");
+        }
+        // A writer refuses a Pages record that is not entries then whole pages.
+        let mut w = RecordWriter::new(Vec::new());
+        assert!(w.write(Kind::Pages, &[&entries, &data[1..]]).is_err());
+        assert!(w.write(Kind::Pages, &[&entries[..16], &data]).is_err());
+        assert!(
+            w.write(Kind::Pages, &[&[&entries[..], &data[..]].concat()])
+                .is_err()
+        );
     }
 
     #[test]
