@@ -97,7 +97,12 @@ impl Drop for Children {
     fn drop(&mut self) {
         // Let each child finish on its own for a moment (the VMs quit, the servers take SIGTERM).
         for (_, child) in &mut self.children {
-            // SAFETY: kill(2) on a child's pid is sound; a stale pid only gives an error.
+            // A child already reaped (by `check_alive`) has a pid the system may reuse.
+            if !matches!(child.try_wait(), Ok(None)) {
+                continue;
+            }
+            // SAFETY: kill(2) takes no pointers; the pid is our unreaped child's, so it cannot
+            // name another process.
             unsafe {
                 libc::kill(child.id() as i32, libc::SIGTERM);
             }

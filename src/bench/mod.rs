@@ -10,7 +10,8 @@
 //!   is limited, so only auto-converge lets the migration finish within the downtime limit.
 //!
 //! QEMU's guest (see [`qemu`]) has one vCPU and no vfio-user device (Debian's QEMU has no
-//! vfio-user client), so in `dirty` it writes the devices' pages itself: 25 000 pages/s.
+//! vfio-user client), so in `dirty` it writes the devices' pages itself: 25 000 pages/s, every
+//! fifth into the same 512 pages, as the dma-engines' records land in their ring buffers.
 
 mod qemu;
 mod tsc;
@@ -54,6 +55,8 @@ pub struct BenchArgs {
 /// Guest pages per second written by the CPU and by the devices in `dirty`.
 const DIRTY_CPU_RATE: u64 = 20_000;
 const DIRTY_DMA_RATE: u64 = 5_000;
+/// Pages the dma-engines' records land in (their ring buffers).
+const DMA_RING_PAGES: u32 = 512;
 /// Working set of `converge`, and where QEMU's guest places it.
 const CONVERGE_WSS: u64 = 128 << 20;
 const CONVERGE_RAM: u64 = 512 << 20;
@@ -373,6 +376,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode, String> {
                 writes: qemu::Writes::Paced {
                     ws: (1 << 20, (ram - (1 << 20)) as u32),
                     tsc_cycles_per_write: (tsc_hz / pages_per_s) as u32,
+                    device_like: Some(((pages_per_s / DIRTY_DMA_RATE) as u32, DMA_RING_PAGES)),
                 },
                 max_bandwidth: None,
                 downtime_ms: DEFAULT_DOWNTIME_MS,

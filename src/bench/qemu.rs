@@ -48,6 +48,9 @@ pub enum Writes {
         ws: (u32, u32),
         /// TSC cycles between two writes.
         tsc_cycles_per_write: u32,
+        /// Every `.0`-th write goes to one of the first `.1` pages (a power of two) instead, as
+        /// a device's DMA into its few ring buffers would.
+        device_like: Option<(u32, u32)>,
     },
     /// Random pages of the working set as fast as it can.
     FlatOut {
@@ -115,6 +118,12 @@ pub fn boot_sector(ram: u64, writes: Writes) -> Result<Vec<u8>, String> {
     }
     let asm_error = |e: IcedError| format!("assembling the QEMU guest: {e}");
     let mut sector = real_mode_stub().map_err(asm_error)?;
+    if sector.len() > GDT_OFFSET {
+        return Err(format!(
+            "the QEMU guest's real-mode stub is {} bytes, past its GDT at {GDT_OFFSET:#x}",
+            sector.len()
+        ));
+    }
     sector.resize(GDT_OFFSET, 0);
     // Null, flat 4 GiB code (0x08), flat 4 GiB data (0x10).
     for descriptor in [0u64, 0x00cf_9a00_0000_ffff, 0x00cf_9200_0000_ffff] {
@@ -188,11 +197,13 @@ fn protected_mode_code(ram: u32, writes: Writes) -> Result<Vec<u8>, IcedError> {
         Writes::Paced {
             ws,
             tsc_cycles_per_write,
-        } => (ws, Some(tsc_cycles_per_write)),
+            device_like,
+        } => (ws, Some((tsc_cycles_per_write, device_like))),
         Writes::FlatOut { ws } => (ws, None),
     };
     let mut write = a.create_label();
     a.mov(ebx, 0x2545_f491u32)?; // xorshift32 state
+    a.xor(edi, edi)?; // writes since the last device-like one
     a.rdtsc()?;
     a.mov(esi, eax)?; // esi = the last write's slot in TSC cycles
     a.set_label(&mut write)?;
@@ -205,13 +216,26 @@ fn protected_mode_code(ram: u32, writes: Writes) -> Result<Vec<u8>, IcedError> {
     a.mov(eax, ebx)?;
     a.shl(eax, 5)?;
     a.xor(ebx, eax)?;
+    let mut store = a.create_label();
+    if let Some((_, Some((every, pages)))) = pace {
+        let mut random = a.create_label();
+        a.inc(edi)?;
+        a.cmp(edi, every)?;
+        a.jb(random)?;
+        a.xor(edi, edi)?;
+        a.mov(edx, ebx)?;
+        a.and(edx, pages.next_power_of_two() - 1)?;
+        a.jmp(store)?;
+        a.set_label(&mut random)?;
+    }
     a.mov(eax, ebx)?;
     a.xor(edx, edx)?;
     a.mov(ecx, ws.1 / 4096)?;
     a.div(ecx)?;
+    a.set_label(&mut store)?;
     a.shl(edx, 12)?;
     a.add(dword_ptr(edx + ws.0 + 8), 1)?;
-    if let Some(period) = pace {
+    if let Some((period, _)) = pace {
         let (mut spin, mut on_time) = (a.create_label(), a.create_label());
         a.set_label(&mut spin)?;
         a.rdtsc()?;
@@ -418,6 +442,12 @@ mod tests {
             Writes::Paced {
                 ws: (1 << 20, 64 << 20),
                 tsc_cycles_per_write: 100_000,
+                device_like: None,
+            },
+            Writes::Paced {
+                ws: (1 << 20, 64 << 20),
+                tsc_cycles_per_write: 100_000,
+                device_like: Some((5, 512)),
             },
             Writes::FlatOut {
                 ws: (16 << 20, 128 << 20),

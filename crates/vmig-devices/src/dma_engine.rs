@@ -261,7 +261,7 @@ impl Shared {
     /// Mirrors `PRODUCER` into the status page.
     fn publish(&self) {
         if let Some(page) = &self.status {
-            let _ = page.write(0, &self.regs.producer.to_le_bytes());
+            let _ = page.store_u64(0, self.regs.producer);
         }
     }
 }
@@ -297,11 +297,14 @@ pub struct DmaEngine {
 impl DmaEngine {
     /// A stopped engine (CTRL 0) offering `migration`.
     pub fn new(migration: Migration) -> Self {
-        let status_fd = vmig_dma::memfd("dma-engine-status", STATUS_SIZE).ok();
-        let status = status_fd.as_ref().and_then(|fd| {
-            use std::os::fd::AsFd;
-            HostMemory::map_fd(fd.as_fd(), 0, STATUS_SIZE, true).ok()
-        });
+        // The page is offered only with its mapping: both or neither.
+        let (status_fd, status) = vmig_dma::memfd("dma-engine-status", STATUS_SIZE)
+            .and_then(|fd| {
+                use std::os::fd::AsFd;
+                let page = HostMemory::map_fd(fd.as_fd(), 0, STATUS_SIZE, true)?;
+                Ok((fd, page))
+            })
+            .map_or((None, None), |(fd, page)| (Some(fd), Some(page)));
         let inner = Arc::new(Inner {
             shared: Mutex::new(Shared {
                 regs: Registers::default(),

@@ -160,6 +160,25 @@ impl HostMemory {
     }
 }
 
+impl HostMemory {
+    /// Stores `value` at the 8-byte aligned `offset` as one atomic store (release), so a
+    /// party reading the word while it runs (a guest polling a device's status) never sees it
+    /// torn.
+    pub fn store_u64(&self, offset: usize, value: u64) -> io::Result<()> {
+        self.check(offset, 8)?;
+        if !self.writable || !offset.is_multiple_of(8) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: the word is inside a writable mapping (checked) that lives as long as `self`,
+        // 8-byte aligned (checked; mappings are page-aligned), and only ever accessed by this
+        // process through raw copies or atomics, never through references to non-atomic data.
+        let word =
+            unsafe { std::sync::atomic::AtomicU64::from_ptr(self.ptr.as_ptr().add(offset).cast()) };
+        word.store(value, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+}
+
 impl Drop for HostMemory {
     fn drop(&mut self) {
         if self.owned && self.len != 0 {

@@ -60,7 +60,7 @@ const CTL_DOORBELLS: u64 = 56;
 /// Most devices the guest's driver serves.
 pub const MAX_DOORBELLS: usize = 8;
 /// Guest-physical window where device BARs go: below 4 GiB and above the highest low RAM,
-/// identity-mapped (uncached accesses exit to the VMM, as there is no memslot).
+/// identity-mapped: accesses exit to the VMM, except in device areas it maps as memslots.
 pub const MMIO_WINDOW_GPA: u64 = 0xe000_0000;
 /// Size of [`MMIO_WINDOW_GPA`]'s window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000_0000;
@@ -621,7 +621,8 @@ impl GuestProgram {
         a.set_label(&mut batch_end)?;
         a.mov(r9, batch)?;
         // vCPU 0 is the devices' driver: for each doorbell it reads what the device produced
-        // and writes it back as consumed (two MMIO exits per device and batch).
+        // and writes it back as consumed (one or two MMIO exits per device and batch: the
+        // read does not exit when it hits a mapped status page).
         let mut doorbells_done = a.create_label();
         let mut doorbell = a.create_label();
         a.test(r8, r8)?;

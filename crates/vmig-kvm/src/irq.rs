@@ -54,6 +54,13 @@ pub struct IrqRoutes {
     routes: Mutex<Vec<kvm_irq_routing_entry>>,
 }
 
+fn set_routes(vm: &VmFd, routes: &[kvm_irq_routing_entry]) -> Result<()> {
+    let table = KvmIrqRouting::from_entries(routes)
+        .map_err(|e| KvmError::Invalid(format!("the GSI routing table: {e:?}")))?;
+    vm.set_gsi_routing(&table)
+        .map_err(ioctl_error("KVM_SET_GSI_ROUTING"))
+}
+
 fn irqchip_route(gsi: u32, irqchip: u32, pin: u32) -> kvm_irq_routing_entry {
     kvm_irq_routing_entry {
         gsi,
@@ -102,6 +109,7 @@ impl IrqRoutes {
                 "more than {MAX_ROUTES} interrupt routes"
             )));
         }
+        let eventfd = EventFd::new(EFD_NONBLOCK).map_err(KvmError::Io)?;
         let gsi = routes.last().map_or(FIRST_MSI_GSI, |r| r.gsi + 1);
         let address = msi_address(apic_id);
         routes.push(kvm_irq_routing_entry {
@@ -117,15 +125,16 @@ impl IrqRoutes {
             },
             ..Default::default()
         });
-        let table = KvmIrqRouting::from_entries(&routes)
-            .map_err(|e| KvmError::Invalid(format!("the GSI routing table: {e:?}")))?;
-        if let Err(e) = vm.set_gsi_routing(&table) {
+        let installed = set_routes(vm, &routes).and_then(|()| {
+            vm.register_irqfd(&eventfd, gsi)
+                .map_err(ioctl_error("KVM_IRQFD"))
+        });
+        if let Err(e) = installed {
+            // Leave KVM's table as it was: no route without its eventfd.
             routes.pop();
-            return Err(ioctl_error("KVM_SET_GSI_ROUTING")(e));
+            let _ = set_routes(vm, &routes);
+            return Err(e);
         }
-        let eventfd = EventFd::new(EFD_NONBLOCK).map_err(KvmError::Io)?;
-        vm.register_irqfd(&eventfd, gsi)
-            .map_err(ioctl_error("KVM_IRQFD"))?;
         Ok(MsiVector {
             gsi,
             vector,

@@ -659,15 +659,21 @@ impl Vm {
         writable: bool,
     ) -> Result<()> {
         let aligned = [gpa, offset, size].iter().all(|v| v % PAGE_SIZE == 0) && size > 0;
-        let ram = self
-            .layout
-            .memory
-            .slots
-            .iter()
-            .any(|s| gpa < s.gpa + s.size && s.gpa < gpa + size);
+        let ram =
+            self.layout.memory.slots.iter().any(|s| {
+                gpa < s.gpa + s.size && gpa.checked_add(size).is_none_or(|end| s.gpa < end)
+            });
         if !aligned || ram {
             return Err(KvmError::Invalid(format!(
                 "device memory of {size:#x} bytes at {gpa:#x} (file offset {offset:#x}): expected whole pages outside RAM"
+            )));
+        }
+        // A file shorter than the area would fail the vCPU's access (EFAULT from KVM_RUN).
+        let file = std::fs::File::from(fd.try_clone_to_owned()?);
+        let file_len = file.metadata()?.len();
+        if offset.checked_add(size).is_none_or(|end| end > file_len) {
+            return Err(KvmError::Invalid(format!(
+                "device memory at file offset {offset:#x}, {size:#x} bytes: the file is shorter"
             )));
         }
         let host = HostMemory::map_fd(fd, offset, size, writable)?;
@@ -688,13 +694,9 @@ impl Vm {
 
     /// The interrupt vectors pending at vCPU `vcpu`'s local APIC (its IRR), which are then
     /// cleared. The guest runs with interrupts off, so what devices signal accumulates there.
-    /// A running VM is paused for the moment this takes.
+    /// The VM must be paused (by whoever owns its pauses: a migration may be one).
     pub fn take_pending_interrupts(&self, vcpu: usize) -> Result<Vec<u8>> {
-        let running = !self.is_paused();
-        if running {
-            self.pause()?;
-        }
-        let pending = self.with_vcpu(vcpu, |fd| {
+        self.with_vcpu(vcpu, |fd| {
             let mut lapic = fd.get_lapic().map_err(ioctl_error("KVM_GET_LAPIC"))?;
             let mut pending = Vec::new();
             for word in 0..8u32 {
@@ -709,11 +711,7 @@ impl Vm {
             }
             fd.set_lapic(&lapic).map_err(ioctl_error("KVM_SET_LAPIC"))?;
             Ok(pending)
-        });
-        if running {
-            self.resume()?;
-        }
-        pending
+        })
     }
 
     /// Runs `f` on vCPU `index`'s fd while the VM is paused (for tests and diagnostics).

@@ -30,11 +30,11 @@ use vmig_devices::dma_engine::{self, reg};
 use vmig_kvm::guest::{self, MMIO_WINDOW_GPA};
 use vmig_kvm::irq::MsiVector;
 use vmig_kvm::{GuestMemory, MmioHandler, PAGE_SIZE, Vm};
-use vmig_vfio_user::client::{Client, DmaMemory};
+use vmig_vfio_user::client::{Client, ClientError, DmaMemory};
 use vmig_vfio_user::device_migration::{DeviceMigration, Protocol};
 use vmig_vfio_user::wire::{
-    DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, IRQ_INDEX_MSI, IRQ_INDEX_MSIX, REGION_INFO_FLAG_MMAP,
-    REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
+    DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, IRQ_INDEX_MSI, IRQ_INDEX_MSIX, IRQ_INFO_EVENTFD,
+    REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
 };
 
 use crate::error::{MigrationError, Result, device_error};
@@ -226,7 +226,8 @@ impl MmioHandler for DeviceBus {
         let (entry, offset) = self.find(addr, data.len())?;
         entry.reads.fetch_add(1, Ordering::Relaxed);
         // A device that fails (its server died) reads as all ones and drops writes, as a PCI
-        // device that stopped answering does: the guest goes on.
+        // device that stopped answering does: the guest goes on. (Its mapped areas keep
+        // their last contents.)
         if entry
             .client
             .region_read(entry.region, offset, data)
@@ -512,21 +513,22 @@ fn attach_one(
             };
             let writable = info.info.flags & REGION_INFO_FLAG_WRITE != 0;
             for (offset, bytes) in areas {
-                if offset.checked_add(bytes).is_none_or(|end| end > size) {
-                    return Err(MigrationError::Device {
-                        device: name,
-                        message: format!(
-                            "BAR{region}'s mmappable area {offset:#x}+{bytes:#x} lies outside its {size:#x} bytes"
-                        ),
-                    });
+                // An area that is not whole pages inside the region, or that cannot be mapped,
+                // stays trapped: slower, and still correct.
+                let whole_pages = bytes > 0
+                    && offset.is_multiple_of(PAGE_SIZE)
+                    && bytes.is_multiple_of(PAGE_SIZE)
+                    && offset.checked_add(bytes).is_some_and(|end| end <= size);
+                let Some(file_offset) = info.info.offset.checked_add(offset) else {
+                    continue;
+                };
+                if !whole_pages
+                    || vm
+                        .map_device_memory(gpa + offset, fd.as_fd(), file_offset, bytes, writable)
+                        .is_err()
+                {
+                    continue;
                 }
-                vm.map_device_memory(
-                    gpa + offset,
-                    fd.as_fd(),
-                    info.info.offset + offset,
-                    bytes,
-                    writable,
-                )?;
                 mapped.push((region, gpa + offset, bytes));
             }
         }
@@ -575,23 +577,28 @@ pub fn interrupt_vector(device: usize, n: u32) -> u8 {
 /// Gives the device an irqfd for each of its MSI-X vectors (else MSI vectors), up to
 /// [`MAX_VECTORS`].
 fn wire_interrupts(vm: &Vm, device: usize, client: &Client) -> Result<Vec<MsiVector>> {
+    let transport = |e: ClientError| MigrationError::Invalid(e.to_string());
     for index in [IRQ_INDEX_MSIX, IRQ_INDEX_MSI] {
-        // A server without this IRQ index answers with an error or no vectors.
-        let count = client
-            .irq_info(index)
-            .map_or(0, |info| info.count)
-            .min(MAX_VECTORS);
-        if count == 0 {
+        // A server without this IRQ index answers with an error reply (an errno); anything
+        // else means the connection failed.
+        let info = match client.irq_info(index) {
+            Ok(info) => info,
+            Err(e) if e.remote_errno().is_some() => continue,
+            Err(e) => return Err(transport(e)),
+        };
+        let count = info.count.min(MAX_VECTORS);
+        if count == 0 || info.flags & IRQ_INFO_EVENTFD == 0 {
             continue;
         }
         let vectors = (0..count)
             .map(|n| Ok(vm.connect_msi(0, interrupt_vector(device, n))?))
             .collect::<Result<Vec<_>>>()?;
         let fds: Vec<_> = vectors.iter().map(MsiVector::eventfd).collect();
-        client
-            .set_irq_eventfds(index, 0, count, &fds)
-            .map_err(|e| MigrationError::Invalid(e.to_string()))?;
-        return Ok(vectors);
+        match client.set_irq_eventfds(index, 0, count, &fds) {
+            Ok(()) => return Ok(vectors),
+            Err(e) if e.remote_errno().is_some() => continue,
+            Err(e) => return Err(transport(e)),
+        }
     }
     Ok(Vec::new())
 }
