@@ -314,6 +314,12 @@ impl Destination {
                     theirs.protocol
                 )));
             }
+            if ours.bars != theirs.bars || ours.mapped != theirs.mapped {
+                return Err(MigrationError::Invalid(format!(
+                    "device {} here has BARs {:?} and mapped areas {:?}; the source's {} has {:?} and {:?}: the guest's driver would find other registers",
+                    ours.name, ours.bars, ours.mapped, theirs.name, theirs.bars, theirs.mapped
+                )));
+            }
         }
         for d in &machine.devices {
             d.migration()?

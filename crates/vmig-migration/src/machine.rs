@@ -95,7 +95,7 @@ impl std::str::FromStr for DeviceSpec {
 }
 
 /// A BAR placed in guest-physical space.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bar {
     /// Region index (0-5).
     pub index: u32,

@@ -12,7 +12,7 @@ use vmig_kvm::{PAGE_SIZE, VcpuState, Vm, VmConfig};
 
 use crate::dirty::{DeviceLogKind, DeviceSource, DirtySource, KvmSource, Mapping, VmmSource};
 use crate::error::{MigrationError, Result, device_error, io_error};
-use crate::machine::Machine;
+use crate::machine::{Bar, Machine};
 use crate::pool::{BATCH_PAGES, PagePool, SharedWriter, lock};
 use crate::report::{DeviceStats, MigrationParams, Progress, SourceStats, Status, Verification};
 use crate::stream::{Hello, Kind, MAX_RECORD, RecordReader, RecordWriter, StateDigest};
@@ -34,6 +34,11 @@ pub struct DeviceDescription {
     pub name: String,
     /// "v1" or "v2".
     pub protocol: String,
+    /// Its BARs in the guest: the guest's driver state (doorbell addresses) arrives with RAM
+    /// and needs the same layout on the destination.
+    pub bars: Vec<Bar>,
+    /// Its areas mapped into the guest: (region, guest-physical address, bytes).
+    pub mapped: Vec<(u32, u64, u64)>,
 }
 
 /// Device state records: parts of one chunk carry this flag until the last.
@@ -252,6 +257,8 @@ impl<'a> Source<'a> {
                 .map(|d| DeviceDescription {
                     name: d.name.clone(),
                     protocol: d.protocol_name().into(),
+                    bars: d.bars.clone(),
+                    mapped: d.mapped.clone(),
                 })
                 .collect(),
         };

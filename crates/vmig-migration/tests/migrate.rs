@@ -18,7 +18,9 @@ use vmig_migration::transport::{Listener, Uri};
 use vmig_migration::{
     DeviceSpec, Incoming, Machine, MigrationParams, Progress, Role, Status, migrate, receive,
 };
-use vmig_vfio_user::server::{Server, ServerConfig};
+use vmig_vfio_user::server::{
+    Device, DeviceContext, DeviceError, MigrationSupport, Server, ServerConfig,
+};
 
 macro_rules! require_kvm {
     () => {
@@ -37,10 +39,14 @@ struct DeviceServer {
 
 impl DeviceServer {
     fn start(dir: &std::path::Path, name: &str, migration: Migration) -> Self {
+        Self::serve(dir, name, DmaEngine::new(migration))
+    }
+
+    fn serve(dir: &std::path::Path, name: &str, device: impl Device + Send + 'static) -> Self {
         let socket = dir.join(name);
         let listener = UnixListener::bind(&socket).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let server = Server::new(DmaEngine::new(migration), ServerConfig::default());
+        let server = Server::new(device, ServerConfig::default());
         let thread = {
             let stop = Arc::clone(&stop);
             std::thread::spawn(move || {
@@ -517,4 +523,64 @@ fn a_device_server_that_dies_fails_the_migration_and_the_guest_goes_on() {
     assert!(!source.vm.dirty_log().is_tracking());
     let verify = source.vm.verify(Duration::from_secs(60)).unwrap();
     assert!(verify.passed(), "{verify:?}");
+}
+
+/// A dma-engine whose status page (BAR2) is gone: another device layout.
+struct WithoutStatusPage(DmaEngine);
+
+impl Device for WithoutStatusPage {
+    fn spec(&self) -> vmig_vfio_user::server::DeviceSpec {
+        let mut spec = self.0.spec();
+        spec.regions[dma_engine::STATUS_REGION as usize] = Default::default();
+        spec
+    }
+    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        self.0.region_read(index, offset, data)
+    }
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        self.0.region_write(index, offset, data)
+    }
+    fn reset(&mut self) -> Result<(), DeviceError> {
+        self.0.reset()
+    }
+    fn connect(&mut self, ctx: DeviceContext) {
+        self.0.connect(ctx)
+    }
+    fn disconnect(&mut self) {
+        self.0.disconnect()
+    }
+    fn migration(&self) -> MigrationSupport {
+        self.0.migration()
+    }
+    fn set_running(&mut self, running: bool) -> Result<(), DeviceError> {
+        self.0.set_running(running)
+    }
+    fn save(&mut self, last: bool) -> Result<Vec<u8>, DeviceError> {
+        self.0.save(last)
+    }
+    fn load(&mut self, record: &[u8]) -> Result<(), DeviceError> {
+        self.0.load(record)
+    }
+}
+
+#[test]
+fn a_destination_device_with_another_bar_layout_is_refused_and_the_source_goes_on() {
+    require_kvm!();
+    let mut scenario = Scenario::new("layout", &[Migration::V2]);
+    // The guest's driver polls the source device's status page; the destination's has none.
+    scenario.dest_servers = vec![DeviceServer::serve(
+        &scenario.dir,
+        "dst-other.sock",
+        WithoutStatusPage(DmaEngine::new(Migration::V2)),
+    )];
+    let source = scenario.source(64 << 20, 5000, 2000, DirtyLogMode::Bitmap);
+    let (dest, params) = scenario.start_destination(0);
+    let progress = Progress::default();
+    let err = migrate(&source, &params, &progress)
+        .unwrap_err()
+        .to_string();
+    let dest_err = dest.join().unwrap().unwrap_err().to_string();
+    assert!(dest_err.contains("mapped areas"), "{dest_err}");
+    assert!(err.contains("mapped areas"), "{err}");
+    assert_healthy(&source);
 }
