@@ -42,7 +42,7 @@ impl DeviceServer {
         Self::serve(dir, name, DmaEngine::new(migration))
     }
 
-    fn serve(dir: &std::path::Path, name: &str, device: impl Device + Send + 'static) -> Self {
+    fn serve(dir: &std::path::Path, name: &str, device: impl Device + 'static) -> Self {
         let socket = dir.join(name);
         let listener = UnixListener::bind(&socket).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
