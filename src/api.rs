@@ -11,7 +11,7 @@
 //! ```
 //!
 //! Commands: `migrate` {uri, downtime_ms, max_bandwidth, connections, timeout_s,
-//! auto_converge}, `query-migrate`, `migrate-cancel`, `query-status`, `stop`, `cont`, `quit`.
+//! auto_converge, verify_memory}, `query-migrate`, `migrate-cancel`, `query-status`, `stop`, `cont`, `quit`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -223,7 +223,7 @@ fn migrate(arguments: Value, shared: &Shared) -> Result<Value, String> {
         return Err("this VM is a migration destination; migrate from the source".into());
     }
     let params: MigrationParams = serde_json::from_value(arguments).map_err(|e| {
-        format!("migrate arguments: {e}; expected uri, downtime_ms, max_bandwidth, connections, timeout_s, auto_converge")
+        format!("migrate arguments: {e}; expected uri, downtime_ms, max_bandwidth, connections, timeout_s, auto_converge, verify_memory")
     })?;
     params.check().map_err(|e| e.to_string())?;
     let machine = shared

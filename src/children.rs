@@ -13,9 +13,11 @@ pub struct Children {
 }
 
 impl Children {
-    /// A fresh directory `vmig-{purpose}-{pid}` under the system's temporary directory.
+    /// A fresh directory `vmig-{purpose}-{pid}-{n}` under the system's temporary directory.
     pub fn new(purpose: &str) -> Result<Self, String> {
-        let dir = std::env::temp_dir().join(format!("vmig-{purpose}-{}", std::process::id()));
+        static INSTANCES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("vmig-{purpose}-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         Ok(Self {
             dir,

@@ -2,7 +2,9 @@
 //! `vmig-vfio-user` that a migration moves as one.
 //!
 //! Attaching a device (in `--device` order, the same on both sides of a migration):
-//! 1. connect to its server (guest RAM is offered for message-based DMA as well);
+//! 1. connect to its server (guest RAM is offered for message-based DMA as well) and reset
+//!    the device when it supports reset, so it starts as a booting VM expects whatever state
+//!    an earlier client left it in;
 //! 2. DMA-map every RAM slot by fd, IOVA = guest-physical address;
 //! 3. place BARs 0-5 in the guest's MMIO window, device *i* in the *i*-th 16 MiB slot, each BAR
 //!    aligned to its size; the mmappable areas a region offers (sparse-mmap areas, or the whole
@@ -33,8 +35,8 @@ use vmig_kvm::{GuestMemory, MmioHandler, PAGE_SIZE, Vm};
 use vmig_vfio_user::client::{Client, ClientError, DmaMemory};
 use vmig_vfio_user::device_migration::{DeviceMigration, Protocol};
 use vmig_vfio_user::wire::{
-    DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, IRQ_INDEX_MSI, IRQ_INDEX_MSIX, IRQ_INFO_EVENTFD,
-    REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
+    DEVICE_FLAGS_RESET, DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, IRQ_INDEX_MSI, IRQ_INDEX_MSIX,
+    IRQ_INFO_EVENTFD, REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
 };
 
 use crate::error::{MigrationError, Result, device_error};
@@ -455,6 +457,11 @@ fn attach_one(
             message: format!("connecting to {}: {e}", spec.socket.display()),
         })?;
     let client = Arc::new(client);
+    let info = client.device_info().map_err(device_error(&name))?;
+    // A new VM starts from a device at reset, whatever an earlier VMM (or migration) left it in.
+    if info.flags & DEVICE_FLAGS_RESET != 0 {
+        client.reset().map_err(device_error(&name))?;
+    }
     for slot in vm.memory().slots() {
         client
             .dma_map(
@@ -465,10 +472,7 @@ fn attach_one(
             )
             .map_err(device_error(&name))?;
     }
-    let regions = client
-        .device_info()
-        .map_err(device_error(&name))?
-        .num_regions;
+    let regions = info.num_regions;
     let slot_base = MMIO_WINDOW_GPA + index as u64 * DEVICE_MMIO_SLOT;
     let mut next = slot_base;
     let mut bars = Vec::new();

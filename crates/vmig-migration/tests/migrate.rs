@@ -584,3 +584,26 @@ fn a_destination_device_with_another_bar_layout_is_refused_and_the_source_goes_o
     assert!(err.contains("mapped areas"), "{err}");
     assert_healthy(&source);
 }
+
+#[test]
+fn without_verify_memory_the_migration_completes_unverified_and_the_other_checks_run() {
+    require_kvm!();
+    let scenario = Scenario::new("no-verify", &[Migration::V2]);
+    let source = scenario.source(64 << 20, 5000, 2000, DirtyLogMode::Bitmap);
+    std::thread::sleep(Duration::from_millis(200));
+    let params = MigrationParams {
+        verify_memory: false,
+        ..MigrationParams::default()
+    };
+    let uri = Uri::Unix(scenario.dir.join("m.sock"));
+    let (sent, arrived, progress) = run_migration(&scenario, &source, uri, params, None);
+    let report = progress.report();
+    sent.unwrap_or_else(|e| panic!("source: {e}\n{report:#?}"));
+    arrived.unwrap();
+    assert_eq!(report.status, Status::Completed);
+    assert!(!report.verified, "memory was not compared: {report:#?}");
+    let v = report.verification.as_ref().unwrap();
+    assert_eq!(v.pages_compared, 0);
+    assert!(v.checks_held(), "{v:#?}");
+    assert!(v.guest_pages_checked > 0 && v.device_records.iter().all(|r| r.checked > 0));
+}
