@@ -11,7 +11,8 @@
 //! ```
 //!
 //! Commands: `migrate` {uri, downtime_ms, max_bandwidth, connections, timeout_s,
-//! auto_converge, verify_memory}, `query-migrate`, `migrate-cancel`, `query-status`, `stop`, `cont`, `quit`.
+//! auto_converge, verify_memory}, `query-migrate`, `migrate-cancel`, `query-status`, `stop`,
+//! `cont`, `quit`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};

@@ -15,8 +15,8 @@ use crate::api::ApiClient;
 /// Send one command to a VM's control socket (`vmig run --api PATH`) and print the reply.
 ///
 /// Commands: migrate uri=URI [downtime_ms=N] [max_bandwidth=BYTES_PER_S] [connections=N]
-/// [timeout_s=N] [auto_converge=BOOL] [verify_memory=BOOL]; query-migrate; migrate-cancel; query-status; stop; cont;
-/// quit. Exits 1 when the VM answers with an error.
+/// [timeout_s=N] [auto_converge=BOOL] [verify_memory=BOOL]; query-migrate; migrate-cancel;
+/// query-status; stop; cont; quit. Exits 1 when the VM answers with an error.
 #[derive(Debug, Args)]
 pub struct CtlArgs {
     /// The control socket.
