@@ -38,6 +38,31 @@ impl Children {
         self.spawn_command(name, command)
     }
 
+    /// Starts `vmig device serve` with a dma-engine speaking migration `protocol` (v1 or v2) on
+    /// `socket`, its output going to `{name}.log`.
+    pub fn spawn_dma_engine(
+        &mut self,
+        name: &str,
+        socket: &Path,
+        protocol: &str,
+    ) -> Result<(), String> {
+        let socket = socket.display().to_string();
+        self.spawn(
+            name,
+            &[
+                "device",
+                "serve",
+                "--socket",
+                &socket,
+                "--device",
+                "dma-engine",
+                "--migration",
+                protocol,
+            ]
+            .map(String::from),
+        )
+    }
+
     /// Starts `command`, its output going to `{name}.log`.
     pub fn spawn_command(&mut self, name: &str, mut command: Command) -> Result<(), String> {
         let log = std::fs::File::create(self.dir.join(format!("{name}.log")))

@@ -67,19 +67,10 @@ pub fn run(args: &DemoArgs) -> Result<ExitCode, String> {
     for side in ["src", "dst"] {
         for protocol in protocols {
             let socket = path(&format!("{side}-dma-{protocol}.sock"));
-            children.spawn(
+            children.spawn_dma_engine(
                 &format!("device-{side}-{protocol}"),
-                &[
-                    "device",
-                    "serve",
-                    "--socket",
-                    &socket,
-                    "--device",
-                    "dma-engine",
-                    "--migration",
-                    protocol,
-                ]
-                .map(String::from),
+                Path::new(&socket),
+                protocol,
             )?;
             let list = if side == "src" {
                 &mut source_devices

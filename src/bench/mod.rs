@@ -131,18 +131,10 @@ impl Devices {
         for side in ["source", "destination"] {
             for protocol in ["v1", "v2"] {
                 let socket = servers.dir().join(format!("{side}-{protocol}.sock"));
-                servers.spawn(
+                servers.spawn_dma_engine(
                     &format!("device-{side}-{protocol}"),
-                    &[
-                        "device".into(),
-                        "serve".into(),
-                        "--device".into(),
-                        "dma-engine".into(),
-                        "--migration".into(),
-                        protocol.into(),
-                        "--socket".into(),
-                        socket.display().to_string(),
-                    ],
+                    &socket,
+                    protocol,
                 )?;
                 servers.wait_for(&socket)?;
                 let spec = DeviceSpec {
@@ -230,6 +222,38 @@ fn print_vmig(report: &MigrationReport) {
         report.ram.dirty_pages_rate,
         report.verified
     );
+}
+
+/// Migrates `config` with `params`, then again with `verify_memory=false` (what the digest of
+/// every page adds to the downtime), each time with fresh devices (a device server serves one
+/// VM's migration), and prints both against the downtime limit. Returns the verified report.
+fn migrate_with_and_without_verify(
+    config: &VmConfig,
+    devices: impl Fn() -> Result<Devices, String>,
+    params: &MigrationParams,
+    warm_up: impl Fn(&Vm),
+    goal: &str,
+) -> Result<MigrationReport, String> {
+    let limit = |report: &MigrationReport| report.downtime_ms as f64 / DEFAULT_DOWNTIME_MS as f64;
+    let report = migrate_once(config, &devices()?, params.clone(), &warm_up)?;
+    print_vmig(&report);
+    println!(
+        "  vmig  downtime {} ms = {:.2}x the limit of {DEFAULT_DOWNTIME_MS} ms{goal}",
+        report.downtime_ms,
+        limit(&report)
+    );
+    let unverified = MigrationParams {
+        verify_memory: false,
+        ..params.clone()
+    };
+    let unverified = migrate_once(config, &devices()?, unverified, &warm_up)?;
+    println!(
+        "  vmig  without verify_memory: total {} ms, downtime {} ms = {:.2}x the limit{goal}",
+        unverified.total_ms,
+        unverified.downtime_ms,
+        limit(&unverified)
+    );
+    Ok(report)
 }
 
 /// Runs QEMU's side of a scenario and prints it with the ratios to vmig's figures.
@@ -357,41 +381,20 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode, String> {
             },
             ..VmConfig::default()
         };
-        let devices = Devices::dma_engines(DIRTY_DMA_RATE)?;
-        let report = migrate_once(&config, &devices, params.clone(), |vm| {
-            fill_working_set(vm);
-            std::thread::sleep(Duration::from_secs(2))
-        })?;
         println!(
             "dirty ({} MiB, guest {DIRTY_CPU_RATE} random pages/s, devices v1 + v2 {DIRTY_DMA_RATE} pages/s by DMA):",
             ram >> 20
         );
-        print_vmig(&report);
-        println!(
-            "  vmig  downtime {} ms = {:.2}x the limit of {DEFAULT_DOWNTIME_MS} ms (goal: under 50 ms)",
-            report.downtime_ms,
-            report.downtime_ms as f64 / DEFAULT_DOWNTIME_MS as f64
-        );
-        // The same without the digest of every page (`verify_memory=false`): what the
-        // verification adds to the downtime.
-        let unverified = migrate_once(
+        let report = migrate_with_and_without_verify(
             &config,
-            &Devices::dma_engines(DIRTY_DMA_RATE)?,
-            MigrationParams {
-                verify_memory: false,
-                ..params.clone()
-            },
+            || Devices::dma_engines(DIRTY_DMA_RATE),
+            &params,
             |vm| {
                 fill_working_set(vm);
                 std::thread::sleep(Duration::from_secs(2))
             },
+            " (goal: under 50 ms)",
         )?;
-        println!(
-            "  vmig  without verify_memory: total {} ms, downtime {} ms = {:.2}x the limit (goal: under 50 ms)",
-            unverified.total_ms,
-            unverified.downtime_ms,
-            unverified.downtime_ms as f64 / DEFAULT_DOWNTIME_MS as f64
-        );
         if with_qemu {
             let pages_per_s = DIRTY_CPU_RATE + DIRTY_DMA_RATE;
             let scenario = qemu::Scenario {
@@ -424,33 +427,18 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode, String> {
             max_bandwidth: args.converge_bandwidth,
             ..params.clone()
         };
-        let report = migrate_once(&config, &Devices::none(), params.clone(), |_| {
-            std::thread::sleep(Duration::from_secs(1))
-        })?;
         println!(
             "converge ({} MiB working set written flat out by one vCPU, {} MiB/s limit):",
             CONVERGE_WSS >> 20,
             args.converge_bandwidth >> 20
         );
-        print_vmig(&report);
-        println!(
-            "  vmig  downtime {} ms = {:.2}x the limit of {DEFAULT_DOWNTIME_MS} ms",
-            report.downtime_ms,
-            report.downtime_ms as f64 / DEFAULT_DOWNTIME_MS as f64
-        );
-        let unverified = migrate_once(
+        let report = migrate_with_and_without_verify(
             &config,
-            &Devices::none(),
-            MigrationParams {
-                verify_memory: false,
-                ..params.clone()
-            },
+            || Ok(Devices::none()),
+            &params,
             |_| std::thread::sleep(Duration::from_secs(1)),
+            "",
         )?;
-        println!(
-            "  vmig  without verify_memory: total {} ms, downtime {} ms",
-            unverified.total_ms, unverified.downtime_ms
-        );
         if with_qemu {
             let scenario = qemu::Scenario {
                 ram: CONVERGE_RAM,

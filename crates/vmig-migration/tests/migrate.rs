@@ -207,9 +207,7 @@ fn a_guest_and_two_dma_engines_migrate_with_every_page_and_record() {
     std::thread::sleep(Duration::from_millis(300));
     // Each record's MSI-X reaches vCPU 0's local APIC by irqfd, pending there (interrupts off).
     let vectors = [interrupt_vector(0, 0), interrupt_vector(1, 0)];
-    source.vm.pause().unwrap();
-    let pending = source.vm.take_pending_interrupts(0).unwrap();
-    source.vm.resume().unwrap();
+    let pending = take_pending_interrupts(&source.vm);
     assert!(vectors.iter().all(|v| pending.contains(v)), "{pending:x?}");
     assert_status_page_mapped(&source);
     let uri = Uri::Unix(scenario.dir.join("migrate.sock"));
@@ -238,16 +236,20 @@ fn a_guest_and_two_dma_engines_migrate_with_every_page_and_record() {
     assert!(!arrived.machine.vm.is_paused());
     // The destination wired the devices' interrupts again: cleared, they come back.
     let vm = &arrived.machine.vm;
-    vm.pause().unwrap();
-    vm.take_pending_interrupts(0).unwrap();
-    vm.resume().unwrap();
+    take_pending_interrupts(vm);
     std::thread::sleep(Duration::from_millis(100));
-    vm.pause().unwrap();
-    let pending = vm.take_pending_interrupts(0).unwrap();
-    vm.resume().unwrap();
+    let pending = take_pending_interrupts(vm);
     assert!(vectors.iter().all(|v| pending.contains(v)), "{pending:x?}");
     assert_status_page_mapped(&arrived.machine);
     eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
+}
+
+/// The vectors pending at vCPU 0 of a running VM, cleared (paused for the moment it takes).
+fn take_pending_interrupts(vm: &Vm) -> Vec<u8> {
+    vm.pause().unwrap();
+    let pending = vm.take_pending_interrupts(0).unwrap();
+    vm.resume().unwrap();
+    pending
 }
 
 /// The dma-engine's status page (BAR2, one sparse-mmap area) is a guest memslot: while this
