@@ -1,0 +1,391 @@
+//! A type1 v2 container: the IOMMU domain the VMM maps guest RAM into and asks for the pages
+//! devices dirtied by DMA.
+//!
+//! The container keeps its own copy of the mapping table (every successful map and unmap goes
+//! through it under one lock, so it always equals the kernel's). That table is what hides the
+//! kernel's stale-bit quirk (`reference/kernel-vfio-type1-observed.md`: after a read whose
+//! range starts a mapping off a 64-page boundary, bits past the mapping's end stay set and
+//! come back in later reads): every bitmap is read into a zeroed buffer and then only the bits
+//! of pages that are mapped and inside the range asked for are kept.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vfio_ioctls::{VfioContainer, VfioDeviceFd, VfioOps};
+use vmig_dirty::words_for;
+use vmig_dma::HostMemory;
+use vmig_dma::uapi::{
+    VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP,
+    VFIO_IOMMU_DIRTY_PAGES_FLAG_START, VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP, VfioBitmap,
+    VfioIommuType1DirtyBitmap, VfioIommuType1DirtyBitmapGet, VfioIommuType1DmaUnmap,
+};
+
+use crate::device::Device;
+use crate::error::{Result, VfioError};
+use crate::info::ContainerInfo;
+use crate::mapping::{DmaMap, Section, plan};
+use crate::sys::{self, BitmapRequest, UserBitmap};
+
+/// Where the kernel's VFIO container lives.
+pub const CONTAINER_PATH: &str = "/dev/vfio/vfio";
+
+/// `argsz` of a GET_BITMAP request: the header and `vfio_iommu_type1_dirty_bitmap_get`.
+pub const GET_BITMAP_ARGSZ: u32 =
+    (size_of::<VfioIommuType1DirtyBitmap>() + size_of::<VfioIommuType1DirtyBitmapGet>()) as u32;
+/// `argsz` of an unmap that returns the dirty bitmap: the request and `vfio_bitmap`.
+pub const UNMAP_BITMAP_ARGSZ: u32 =
+    (size_of::<VfioIommuType1DmaUnmap>() + size_of::<VfioBitmap>()) as u32;
+/// `argsz` of a plain unmap.
+pub const UNMAP_ARGSZ: u32 = size_of::<VfioIommuType1DmaUnmap>() as u32;
+
+/// A mapping this container made: `[iova, last]`, and the memory it keeps alive.
+#[derive(Debug)]
+struct Mapping {
+    last: u64,
+    /// Memory handed over with [`Container::map_memory`], kept mapped while DMA may reach it.
+    _memory: Option<Arc<HostMemory>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    mappings: BTreeMap<u64, Mapping>,
+    tracking: bool,
+}
+
+/// A VFIO container with the type1 v2 IOMMU.
+pub struct Container {
+    inner: Arc<VfioContainer>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Container {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Container")
+            .field("fd", &self.inner.as_raw_fd())
+            .field("state", &self.state)
+            .finish()
+    }
+}
+
+/// Whether this machine's kernel offers VFIO at all, and if not, why.
+pub fn availability() -> std::result::Result<(), String> {
+    if Path::new(CONTAINER_PATH).exists() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{CONTAINER_PATH} does not exist: this kernel has no VFIO (load the vfio, \
+             vfio_iommu_type1 and vfio-pci modules, and boot with the IOMMU on, e.g. intel_iommu=on)"
+        ))
+    }
+}
+
+impl Container {
+    /// Opens a container. `kvm_device` is the VM's KVM VFIO device (`KVM_DEV_TYPE_VFIO`), which
+    /// groups are registered with so KVM knows about non-coherent DMA; `None` outside a VM.
+    ///
+    /// The IOMMU is set (type1 v2) when the first device is opened: until then only
+    /// [`Container::fd`] is of use.
+    pub fn open(kvm_device: Option<Arc<VfioDeviceFd>>) -> Result<Self> {
+        availability().map_err(VfioError::Unavailable)?;
+        let inner = VfioContainer::new(kvm_device)
+            .map_err(|e| VfioError::library(format!("opening {CONTAINER_PATH}"), e))?;
+        Ok(Self {
+            inner: Arc::new(inner),
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    /// The container's file descriptor (for calls this type does not make).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the descriptor belongs to `self.inner`, which outlives the borrow.
+        unsafe { BorrowedFd::borrow_raw(self.inner.as_raw_fd()) }
+    }
+
+    /// Opens the PCI device `bdf` (`0000:01:00.0`), which must be bound to vfio-pci or a
+    /// vfio-pci variant driver: its group joins this container (the first group sets the
+    /// IOMMU to type1 v2).
+    pub fn open_device(&self, bdf: &str) -> Result<Device> {
+        Device::open(self, bdf)
+    }
+
+    pub(crate) fn ops(&self) -> Arc<dyn VfioOps> {
+        self.inner.clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `VFIO_IOMMU_GET_INFO` with its capability chain.
+    pub fn info(&self) -> Result<ContainerInfo> {
+        let head = size_of::<vmig_dma::uapi::VfioIommuType1Info>();
+        let mut buf = vec![0u8; head];
+        buf[..4].copy_from_slice(&(head as u32).to_ne_bytes());
+        sys::iommu_get_info(self.fd(), &mut buf)
+            .map_err(|e| VfioError::ioctl("VFIO_IOMMU_GET_INFO (is a device open?)", e))?;
+        let need = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        if need > head {
+            if need > 1 << 20 {
+                return Err(VfioError::Kernel(format!(
+                    "VFIO_IOMMU_GET_INFO asks for {need} bytes"
+                )));
+            }
+            buf = vec![0u8; need];
+            buf[..4].copy_from_slice(&(need as u32).to_ne_bytes());
+            sys::iommu_get_info(self.fd(), &mut buf)
+                .map_err(|e| VfioError::ioctl("VFIO_IOMMU_GET_INFO with capabilities", e))?;
+        }
+        ContainerInfo::decode(&buf)
+    }
+
+    /// Maps `size` bytes of `memory` from `offset` at `iova`, readable and writable by devices;
+    /// the container keeps `memory` alive until the mapping is unmapped.
+    pub fn map_memory(
+        &self,
+        iova: u64,
+        memory: &Arc<HostMemory>,
+        offset: u64,
+        size: u64,
+    ) -> Result<()> {
+        let end = offset.checked_add(size);
+        if end.is_none_or(|end| end > memory.len() as u64) {
+            return Err(VfioError::Invalid(format!(
+                "map of {size:#x} bytes from offset {offset:#x}: the memory has only {:#x}",
+                memory.len()
+            )));
+        }
+        let vaddr = memory.as_ptr() as u64 + offset;
+        // SAFETY: `[vaddr, vaddr+size)` is inside `memory` (checked), which the mapping table
+        // keeps alive until the IOMMU mapping is gone; `HostMemory` is only accessed through
+        // raw copies and atomics, so device writes into it never race a Rust reference.
+        unsafe { self.map_locked(&mut self.lock(), iova, size, vaddr, Some(memory.clone())) }
+    }
+
+    /// Maps `[vaddr, vaddr+size)` of this process at `iova`, readable and writable by devices.
+    ///
+    /// # Safety
+    /// The memory must stay mapped until the range is unmapped from the container, and must
+    /// only be accessed in ways that tolerate a device writing it at any time (raw pointers,
+    /// atomics, system calls; no Rust references), as `vfio_ioctls::VfioOps::vfio_dma_map`
+    /// requires.
+    pub unsafe fn map_raw(&self, iova: u64, size: u64, vaddr: u64) -> Result<()> {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.map_locked(&mut self.lock(), iova, size, vaddr, None) }
+    }
+
+    /// # Safety
+    /// As [`Container::map_raw`].
+    unsafe fn map_locked(
+        &self,
+        state: &mut State,
+        iova: u64,
+        size: u64,
+        vaddr: u64,
+        memory: Option<Arc<HostMemory>>,
+    ) -> Result<()> {
+        let describe = || format!("VFIO_IOMMU_MAP_DMA of [{iova:#x}, +{size:#x}) from {vaddr:#x}");
+        let size_usize = usize::try_from(size).map_err(|_| VfioError::Invalid(describe()))?;
+        // SAFETY: forwarded to the caller of map_raw, or upheld by map_memory.
+        unsafe { self.inner.vfio_dma_map(iova, size_usize, vaddr as *mut u8) }.map_err(|e| {
+            let err = VfioError::library(describe(), e);
+            VfioError::ioctl(describe(), err.errno())
+        })?;
+        let last = iova + (size - 1); // the kernel refuses size 0 and wrapping ranges
+        state.mappings.insert(
+            iova,
+            Mapping {
+                last,
+                _memory: memory,
+            },
+        );
+        Ok(())
+    }
+
+    /// Unmaps the whole mappings inside `[iova, iova+size)` and returns how many bytes were
+    /// unmapped (0 when there were none). A range that splits a mapping is refused (`EINVAL`).
+    pub fn unmap(&self, iova: u64, size: u64) -> Result<u64> {
+        let mut state = self.lock();
+        let answer = sys::unmap_dma(self.fd(), UNMAP_ARGSZ, 0, iova, size, None);
+        answer.result.map_err(|e| {
+            VfioError::ioctl(format!("VFIO_IOMMU_UNMAP_DMA of [{iova:#x}, +{size:#x})"), e)
+        })?;
+        remove_mappings(&mut state, iova, size);
+        Ok(answer.unmapped)
+    }
+
+    /// Maps a guest RAM section (IOVA = guest-physical address) by the seed 003 rules: shrunk
+    /// to whole IOMMU pages, split when it does not fit one call, refused when it lies outside
+    /// the IOMMU's IOVA ranges. On failure nothing stays mapped. Returns the maps made.
+    ///
+    /// # Safety
+    /// As [`Container::map_raw`], for the section's host memory.
+    pub unsafe fn map_guest_memory(&self, section: Section) -> Result<Vec<DmaMap>> {
+        let info = self.info()?;
+        let maps = plan(section, info.min_page_size(), &info.iova_ranges)?;
+        let mut state = self.lock();
+        for (i, m) in maps.iter().enumerate() {
+            // SAFETY: forwarded to the caller.
+            if let Err(e) = unsafe { self.map_locked(&mut state, m.iova, m.size, m.vaddr, None) } {
+                for done in &maps[..i] {
+                    let _ = sys::unmap_dma(self.fd(), UNMAP_ARGSZ, 0, done.iova, done.size, None);
+                    remove_mappings(&mut state, done.iova, done.size);
+                }
+                return Err(e);
+            }
+        }
+        Ok(maps)
+    }
+
+    /// The mappings, as `(iova, last)`.
+    pub fn mappings(&self) -> Vec<(u64, u64)> {
+        self.lock()
+            .mappings
+            .iter()
+            .map(|(iova, m)| (*iova, m.last))
+            .collect()
+    }
+
+    /// Starts dirty tracking (`VFIO_IOMMU_DIRTY_PAGES_FLAG_START`).
+    pub fn start_dirty_tracking(&self) -> Result<()> {
+        let mut state = self.lock();
+        sys::dirty_pages_flags(
+            self.fd(),
+            size_of::<VfioIommuType1DirtyBitmap>() as u32,
+            VFIO_IOMMU_DIRTY_PAGES_FLAG_START,
+        )
+        .map_err(|e| VfioError::ioctl("VFIO_IOMMU_DIRTY_PAGES START", e))?;
+        state.tracking = true;
+        Ok(())
+    }
+
+    /// Stops dirty tracking.
+    pub fn stop_dirty_tracking(&self) -> Result<()> {
+        let mut state = self.lock();
+        sys::dirty_pages_flags(
+            self.fd(),
+            size_of::<VfioIommuType1DirtyBitmap>() as u32,
+            VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP,
+        )
+        .map_err(|e| VfioError::ioctl("VFIO_IOMMU_DIRTY_PAGES STOP", e))?;
+        state.tracking = false;
+        Ok(())
+    }
+
+    /// Whether dirty tracking is on.
+    pub fn is_tracking(&self) -> bool {
+        self.lock().tracking
+    }
+
+    /// The pages of `[iova, iova+size)` devices dirtied (bit *i* = page `iova + i * page`,
+    /// page = the migration capability's page size): only bits of mapped pages, never the
+    /// kernel's stale ones. The range must consist of whole mappings (holes are allowed).
+    pub fn dirty_bitmap(&self, iova: u64, size: u64) -> Result<Vec<u64>> {
+        let state = self.lock();
+        let page = self.bitmap_page_size()?;
+        let npages = size / page;
+        let bytes = words_for(npages) * 8;
+        let (result, mut bitmap) = sys::dirty_pages_get_bitmap(
+            self.fd(),
+            GET_BITMAP_ARGSZ,
+            VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP,
+            BitmapRequest {
+                iova,
+                size,
+                pgsize: page,
+                bitmap: UserBitmap::Buffer(bytes),
+            },
+        );
+        result.map_err(|e| {
+            VfioError::ioctl(
+                format!("VFIO_IOMMU_DIRTY_PAGES GET_BITMAP of [{iova:#x}, +{size:#x})"),
+                e,
+            )
+        })?;
+        keep_mapped_bits(&state, iova, page, npages, &mut bitmap);
+        Ok(bitmap)
+    }
+
+    /// Unmaps the whole mappings inside `[iova, iova+size)` and returns the bytes unmapped
+    /// and their dirty pages, read in the same call so no DMA between the two is lost.
+    pub fn unmap_with_dirty_bitmap(&self, iova: u64, size: u64) -> Result<(u64, Vec<u64>)> {
+        let mut state = self.lock();
+        let page = self.bitmap_page_size()?;
+        let npages = size / page;
+        let answer = sys::unmap_dma(
+            self.fd(),
+            UNMAP_BITMAP_ARGSZ,
+            VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP,
+            iova,
+            size,
+            Some((page, UserBitmap::Buffer(words_for(npages) * 8))),
+        );
+        answer.result.map_err(|e| {
+            VfioError::ioctl(
+                format!("VFIO_IOMMU_UNMAP_DMA with GET_DIRTY_BITMAP of [{iova:#x}, +{size:#x})"),
+                e,
+            )
+        })?;
+        let mut bitmap = answer.bitmap;
+        keep_mapped_bits(&state, iova, page, npages, &mut bitmap);
+        remove_mappings(&mut state, iova, size);
+        Ok((answer.unmapped, bitmap))
+    }
+
+    fn bitmap_page_size(&self) -> Result<u64> {
+        // The info call takes no lock of ours; the page size never changes once set.
+        match self.info()?.migration {
+            Some(m) if m.pgsize_bitmap != 0 => Ok(1 << m.pgsize_bitmap.trailing_zeros()),
+            _ => Err(VfioError::Unavailable(
+                "the container has no migration capability: this kernel's type1 IOMMU cannot \
+                 track dirty pages"
+                    .into(),
+            )),
+        }
+    }
+}
+
+/// Removes the table's mappings that lie inside `[iova, iova+size)`, as a successful v2
+/// unmap did in the kernel.
+fn remove_mappings(state: &mut State, iova: u64, size: u64) {
+    let Some(last) = size.checked_sub(1).and_then(|s| iova.checked_add(s)) else {
+        return;
+    };
+    let inside: Vec<u64> = state
+        .mappings
+        .range(iova..=last)
+        .filter(|(_, m)| m.last <= last)
+        .map(|(k, _)| *k)
+        .collect();
+    for k in inside {
+        state.mappings.remove(&k);
+    }
+}
+
+/// Clears every bit of `bitmap` that is not a mapped page of the `npages` pages from `iova`:
+/// the kernel's stale bits past a mapping's end, in holes, and past the range.
+fn keep_mapped_bits(state: &State, iova: u64, page: u64, npages: u64, bitmap: &mut [u64]) {
+    let mut mask = vec![0u64; bitmap.len()];
+    let last = iova.saturating_add((npages * page).saturating_sub(1));
+    if npages > 0 {
+        // A mapping that starts before `iova` cannot be in a valid request (no splitting).
+        for (start, m) in state.mappings.range(iova..=last) {
+            let first = (start - iova) / page;
+            let end = ((m.last.min(last) - iova) / page + 1).min(npages);
+            set_bits(&mut mask, first, end);
+        }
+    }
+    for (word, m) in bitmap.iter_mut().zip(&mask) {
+        *word &= m;
+    }
+}
+
+/// Sets bits `[first, end)` of `words`.
+fn set_bits(words: &mut [u64], first: u64, end: u64) {
+    for bit in first..end {
+        if let Some(w) = words.get_mut((bit / 64) as usize) {
+            *w |= 1 << (bit % 64);
+        }
+    }
+}

@@ -1,0 +1,507 @@
+//! A PCI device bound to vfio-pci (or a variant driver such as mlx5-vfio-pci): its regions
+//! (BARs, ROM, config space) read and written through the device fd or mapped, its interrupts
+//! through eventfds, reset, and the migration v2 interface (`VFIO_DEVICE_FEATURE_MIGRATION`,
+//! `MIG_DEVICE_STATE` with its data fd, `VFIO_MIG_GET_PRECOPY_INFO`) and device DMA logging
+//! (`DMA_LOGGING_START/STOP/REPORT`), which `vfio-ioctls` drives.
+//!
+//! ```text
+//!  source                                  destination
+//!  RUNNING ─► PRE_COPY (read data fd) ┐
+//!             STOP_COPY (read to EOF) ┴──► RESUMING (write data fd)
+//!  STOP                                    STOP ─► RUNNING
+//! ```
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use vfio_bindings::bindings::vfio::{
+    VFIO_DEVICE_FEATURE_DMA_LOGGING_START, VFIO_DEVICE_FEATURE_GET,
+    VFIO_DEVICE_FEATURE_MIGRATION, VFIO_DEVICE_FEATURE_SET, VFIO_DEVICE_FLAGS_RESET,
+    VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY, VFIO_PCI_CONFIG_REGION_INDEX,
+    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+};
+use vfio_ioctls::{DmaLoggingRange, PrecopyInfo, VfioDevice, VfioRegionInfoCap};
+use vmig_dma::HostMemory;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::container::Container;
+use crate::error::{Result, VfioError};
+use crate::sys;
+
+/// Where PCI devices appear in sysfs.
+pub const PCI_DEVICES: &str = "/sys/bus/pci/devices";
+
+/// One region of a device (a BAR, the ROM, config space, a device-specific region).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Region {
+    /// `VFIO_PCI_*_REGION_INDEX`.
+    pub index: u32,
+    /// `VFIO_REGION_INFO_FLAG_*`.
+    pub flags: u32,
+    /// Bytes (0: the device does not have it).
+    pub size: u64,
+    /// Offset of the region in the device fd.
+    pub offset: u64,
+    /// The parts that may be mapped, as `(offset in region, size)`: the sparse-mmap areas, or
+    /// the whole region when it is mappable without them; empty when it must be trapped.
+    pub mmap_areas: Vec<(u64, u64)>,
+}
+
+impl Region {
+    /// Whether the region can be read.
+    pub fn readable(&self) -> bool {
+        self.flags & VFIO_REGION_INFO_FLAG_READ != 0
+    }
+
+    /// Whether the region can be written.
+    pub fn writable(&self) -> bool {
+        self.flags & VFIO_REGION_INFO_FLAG_WRITE != 0
+    }
+}
+
+/// The v2 migration states (`enum vfio_device_mig_state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum MigState {
+    /// The device failed a transition; only a reset leaves it.
+    Error = 0,
+    /// Stopped, no data transfer.
+    Stop = 1,
+    /// Running.
+    Running = 2,
+    /// Stopped, its state readable from the data fd.
+    StopCopy = 3,
+    /// Stopped, taking state written to the data fd.
+    Resuming = 4,
+    /// Running without initiating peer-to-peer DMA.
+    RunningP2p = 5,
+    /// Running, an initial copy of its state readable (`VFIO_MIGRATION_PRE_COPY`).
+    PreCopy = 6,
+    /// As `PreCopy`, without peer-to-peer DMA.
+    PreCopyP2p = 7,
+}
+
+impl MigState {
+    fn from_raw(raw: u32) -> Option<Self> {
+        Some(match raw {
+            0 => Self::Error,
+            1 => Self::Stop,
+            2 => Self::Running,
+            3 => Self::StopCopy,
+            4 => Self::Resuming,
+            5 => Self::RunningP2p,
+            6 => Self::PreCopy,
+            7 => Self::PreCopyP2p,
+            _ => return None,
+        })
+    }
+}
+
+/// What a device offers for migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigrationSupport {
+    /// `VFIO_MIGRATION_*` flags (`STOP_COPY`, `P2P`, `PRE_COPY`).
+    pub flags: u64,
+    /// Whether it tracks the pages it writes itself (`DMA_LOGGING_START` probes as supported).
+    pub dma_logging: bool,
+}
+
+impl MigrationSupport {
+    /// Whether the device has an initial copy of its state to send while it runs.
+    pub fn pre_copy(&self) -> bool {
+        self.flags & u64::from(VFIO_MIGRATION_PRE_COPY) != 0
+    }
+}
+
+/// A VFIO PCI device.
+pub struct Device {
+    name: String,
+    inner: VfioDevice,
+    /// `VFIO_DEVICE_FLAGS_*`.
+    flags: u32,
+    /// A duplicate of the device fd for positioned reads and writes that report errors.
+    file: File,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device").field("name", &self.name).finish()
+    }
+}
+
+/// Checks the form `DDDD:BB:DD.F` (hex) so a name can never walk out of sysfs.
+fn check_bdf(bdf: &str) -> Result<()> {
+    let b = bdf.as_bytes();
+    let hex_at = |range: std::ops::Range<usize>| b[range].iter().all(u8::is_ascii_hexdigit);
+    if b.len() == 12 && b[4] == b':' && b[7] == b':' && b[10] == b'.' {
+        if hex_at(0..4) && hex_at(5..7) && hex_at(8..10) && (b'0'..=b'7').contains(&b[11]) {
+            return Ok(());
+        }
+    }
+    Err(VfioError::Invalid(format!(
+        "PCI address `{bdf}`: expected DOMAIN:BUS:SLOT.FUNCTION in hex, e.g. 0000:01:00.0"
+    )))
+}
+
+impl Device {
+    pub(crate) fn open(container: &Container, bdf: &str) -> Result<Self> {
+        check_bdf(bdf)?;
+        let path = PathBuf::from(PCI_DEVICES).join(bdf);
+        if !path.exists() {
+            return Err(VfioError::Unavailable(format!(
+                "there is no PCI device {bdf} ({} does not exist)",
+                path.display()
+            )));
+        }
+        let driver = std::fs::read_link(path.join("driver"))
+            .ok()
+            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()));
+        if !driver.as_deref().is_some_and(|d| d.contains("vfio")) {
+            return Err(VfioError::Unavailable(format!(
+                "{bdf} is bound to {}, not to vfio-pci: \
+                 `echo vfio-pci > {p}/driver_override; echo {bdf} > {p}/driver/unbind; \
+                 echo {bdf} > /sys/bus/pci/drivers_probe`",
+                driver.as_deref().unwrap_or("no driver"),
+                p = path.display()
+            )));
+        }
+        let inner = VfioDevice::new(&path, container.ops(), false)
+            .map_err(|e| VfioError::library(format!("opening VFIO device {bdf}"), e))?;
+        let file = File::from(sys::duplicate(inner.as_raw_fd()).map_err(|source| {
+            VfioError::Io {
+                context: format!("duplicating the fd of {bdf}"),
+                source,
+            }
+        })?);
+        let flags = sys::device_flags(file.as_fd())
+            .map_err(|e| VfioError::ioctl(format!("{bdf}: VFIO_DEVICE_GET_INFO"), e))?;
+        Ok(Self {
+            name: bdf.to_owned(),
+            inner,
+            flags,
+            file,
+        })
+    }
+
+    /// The PCI address it was opened by.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The device fd (regions are mapped from it at their offsets).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+
+    /// The library's device, for calls this type does not wrap.
+    pub fn vfio_device(&self) -> &VfioDevice {
+        &self.inner
+    }
+
+    /// Region `index`, or `None` when the device does not have it.
+    pub fn region(&self, index: u32) -> Option<Region> {
+        let size = self.inner.get_region_size(index);
+        if size == 0 {
+            return None;
+        }
+        let flags = self.inner.get_region_flags(index);
+        let mut mmap_areas = Vec::new();
+        if flags & VFIO_REGION_INFO_FLAG_MMAP != 0 {
+            let mut sparse = None;
+            for cap in self.inner.get_region_caps(index) {
+                if let VfioRegionInfoCap::SparseMmap(s) = cap {
+                    sparse = Some(s.areas.iter().map(|a| (a.offset, a.size)).collect());
+                }
+            }
+            mmap_areas = sparse.unwrap_or_else(|| vec![(0, size)]);
+        }
+        Some(Region {
+            index,
+            flags,
+            size,
+            offset: self.inner.get_region_offset(index),
+            mmap_areas,
+        })
+    }
+
+    fn region_span(&self, index: u32, offset: u64, len: usize, write: bool) -> Result<u64> {
+        let region = self.region(index).ok_or_else(|| {
+            VfioError::Invalid(format!("{}: there is no region {index}", self.name))
+        })?;
+        let allowed = if write {
+            region.writable()
+        } else {
+            region.readable()
+        };
+        let fits = offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= region.size);
+        if !allowed || !fits {
+            return Err(VfioError::Invalid(format!(
+                "{}: {} of {len} bytes at {offset:#x} of region {index} ({:#x} bytes, flags {:#x})",
+                self.name,
+                if write { "write" } else { "read" },
+                region.size,
+                region.flags
+            )));
+        }
+        Ok(region.offset + offset)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of region `index` (a trapped access: the driver
+    /// does it with accesses of that width).
+    pub fn read_region(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let at = self.region_span(index, offset, buf.len(), false)?;
+        self.file.read_exact_at(buf, at).map_err(|source| VfioError::Io {
+            context: format!("{}: read of region {index} at {offset:#x}", self.name),
+            source,
+        })
+    }
+
+    /// Writes `data` at `offset` of region `index`.
+    pub fn write_region(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
+        let at = self.region_span(index, offset, data.len(), true)?;
+        self.file.write_all_at(data, at).map_err(|source| VfioError::Io {
+            context: format!("{}: write of region {index} at {offset:#x}", self.name),
+            source,
+        })
+    }
+
+    /// Reads a 32-bit register of region `index`.
+    pub fn read_u32(&self, index: u32, offset: u64) -> Result<u32> {
+        let mut b = [0u8; 4];
+        self.read_region(index, offset, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    /// Writes a 32-bit register of region `index`.
+    pub fn write_u32(&self, index: u32, offset: u64, value: u32) -> Result<()> {
+        self.write_region(index, offset, &value.to_le_bytes())
+    }
+
+    /// Reads config space.
+    pub fn read_config(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read_region(VFIO_PCI_CONFIG_REGION_INDEX, offset, buf)
+    }
+
+    /// Writes config space.
+    pub fn write_config(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_region(VFIO_PCI_CONFIG_REGION_INDEX, offset, data)
+    }
+
+    /// Sets bits of the PCI command register (`PCI_COMMAND_MEMORY` 0x2, `_MASTER` 0x4) and
+    /// returns the new value.
+    pub fn set_command_bits(&self, bits: u16) -> Result<u16> {
+        let mut b = [0u8; 2];
+        self.read_config(4, &mut b)?;
+        let command = u16::from_le_bytes(b) | bits;
+        self.write_config(4, &command.to_le_bytes())?;
+        self.read_config(4, &mut b)?;
+        Ok(u16::from_le_bytes(b))
+    }
+
+    /// Maps the whole of region `index`, which must be mappable without sparse areas.
+    pub fn map_region(&self, index: u32) -> Result<Arc<HostMemory>> {
+        let region = self.region(index).ok_or_else(|| {
+            VfioError::Invalid(format!("{}: there is no region {index}", self.name))
+        })?;
+        if region.mmap_areas != [(0, region.size)] {
+            return Err(VfioError::Invalid(format!(
+                "{}: region {index} is not mappable as a whole (areas {:?})",
+                self.name, region.mmap_areas
+            )));
+        }
+        HostMemory::map_fd(self.fd(), region.offset, region.size, region.writable())
+            .map(Arc::new)
+            .map_err(|source| VfioError::Io {
+                context: format!("{}: mmap of region {index}", self.name),
+                source,
+            })
+    }
+
+    /// Interrupt index `index` (`VFIO_PCI_INTX/MSI/MSIX_IRQ_INDEX`): its flags and vector count.
+    pub fn irq(&self, index: u32) -> Option<vfio_ioctls::VfioIrq> {
+        self.inner.get_irq_info(index).copied()
+    }
+
+    /// Signals `eventfds[n]` when vector `n` of interrupt index `index` fires.
+    pub fn enable_irq(&self, index: u32, eventfds: &[&EventFd]) -> Result<()> {
+        self.inner
+            .enable_irq(index, eventfds.to_vec())
+            .map_err(|e| {
+                VfioError::library(
+                    format!("{}: enabling {} vectors of interrupt index {index}", self.name, eventfds.len()),
+                    e,
+                )
+            })
+    }
+
+    /// Stops signalling interrupt index `index`.
+    pub fn disable_irq(&self, index: u32) -> Result<()> {
+        self.inner.disable_irq(index).map_err(|e| {
+            VfioError::library(format!("{}: disabling interrupt index {index}", self.name), e)
+        })
+    }
+
+    /// Whether the device can be reset (`VFIO_DEVICE_FLAGS_RESET`).
+    pub fn can_reset(&self) -> bool {
+        self.flags & VFIO_DEVICE_FLAGS_RESET != 0
+    }
+
+    /// `VFIO_DEVICE_RESET`.
+    pub fn reset(&self) -> Result<()> {
+        if !self.can_reset() {
+            return Err(VfioError::Invalid(format!(
+                "{} offers no reset (VFIO_DEVICE_FLAGS_RESET is clear)",
+                self.name
+            )));
+        }
+        sys::device_reset(self.fd())
+            .map_err(|e| VfioError::ioctl(format!("{}: VFIO_DEVICE_RESET", self.name), e))
+    }
+
+    /// What the device offers for migration: `None` when it cannot migrate its state (plain
+    /// vfio-pci without a variant driver answers `ENOTTY`).
+    pub fn migration_support(&self) -> Result<Option<MigrationSupport>> {
+        let flags = self
+            .inner
+            .query_migration_support()
+            .map_err(|e| VfioError::library(format!("{}: VFIO_DEVICE_FEATURE_MIGRATION", self.name), e))?;
+        Ok(flags.map(|flags| MigrationSupport {
+            flags,
+            dma_logging: self.dma_logging_supported(),
+        }))
+    }
+
+    /// Why this device blocks a live migration, or `None` when it can migrate (v2 with
+    /// `STOP_COPY`).
+    pub fn migration_blocker(&self) -> Option<String> {
+        match self.migration_support() {
+            Ok(Some(s)) if s.flags & u64::from(VFIO_MIGRATION_STOP_COPY) != 0 => None,
+            Ok(Some(s)) => Some(format!(
+                "VFIO device {} cannot migrate: its migration flags {:#x} lack STOP_COPY",
+                self.name, s.flags
+            )),
+            Ok(None) => Some(format!(
+                "VFIO device {} cannot migrate: its driver has no migration support \
+                 (VFIO_DEVICE_FEATURE_MIGRATION is not offered; bind it to a variant driver \
+                 such as mlx5-vfio-pci)",
+                self.name
+            )),
+            Err(e) => Some(format!("VFIO device {} cannot migrate: {e}", self.name)),
+        }
+    }
+
+    /// Whether the device logs its own DMA writes (`DMA_LOGGING_START` probes as supported).
+    pub fn dma_logging_supported(&self) -> bool {
+        sys::device_feature_probe(
+            self.fd(),
+            VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
+            VFIO_DEVICE_FEATURE_SET,
+        )
+        .is_ok()
+    }
+
+    /// Probes `VFIO_DEVICE_FEATURE_MIGRATION` for GET: `Ok` or the kernel's errno.
+    pub fn probe_migration_feature(&self) -> std::result::Result<(), i32> {
+        sys::device_feature_probe(self.fd(), VFIO_DEVICE_FEATURE_MIGRATION, VFIO_DEVICE_FEATURE_GET)
+    }
+
+    /// Moves the device to `state` (the kernel walks the arcs in between); entering PRE_COPY,
+    /// STOP_COPY or RESUMING opens the data fd that [`Device::read_state`] and
+    /// [`Device::write_state`] use.
+    pub fn set_migration_state(&self, state: MigState) -> Result<()> {
+        self.inner.set_migration_state(state as u32).map_err(|e| {
+            VfioError::library(format!("{}: MIG_DEVICE_STATE to {state:?}", self.name), e)
+        })
+    }
+
+    /// The device's migration state.
+    pub fn migration_state(&self) -> Result<MigState> {
+        let raw = self.inner.get_migration_state().map_err(|e| {
+            VfioError::library(format!("{}: reading MIG_DEVICE_STATE", self.name), e)
+        })?;
+        MigState::from_raw(raw).ok_or_else(|| {
+            VfioError::Kernel(format!("{}: unknown migration state {raw}", self.name))
+        })
+    }
+
+    /// In PRE_COPY: how much of the initial state and of state dirtied since is still to read.
+    pub fn precopy_info(&self) -> Result<PrecopyInfo> {
+        self.inner.mig_get_precopy_info().map_err(|e| {
+            VfioError::library(format!("{}: VFIO_MIG_GET_PRECOPY_INFO", self.name), e)
+        })
+    }
+
+    /// Reads the next chunk of state from the data fd: `Ok(0)` at the end of what is there
+    /// now (end of file in STOP_COPY; `ENOMSG` in PRE_COPY).
+    pub fn read_state(&self, buf: &mut [u8]) -> Result<usize> {
+        match self.inner.read_migration_data(buf) {
+            Ok(n) => Ok(n),
+            Err(vfio_ioctls::VfioError::VfioMigrationDataIo(e))
+                if e.raw_os_error() == Some(libc::ENOMSG) =>
+            {
+                Ok(0)
+            }
+            Err(e) => Err(VfioError::library(format!("{}: reading device state", self.name), e)),
+        }
+    }
+
+    /// In STOP_COPY: all the remaining state.
+    pub fn read_state_to_end(&self) -> Result<Vec<u8>> {
+        self.inner.read_migration_data_to_end().map_err(|e| {
+            VfioError::library(format!("{}: reading the final device state", self.name), e)
+        })
+    }
+
+    /// In RESUMING: hands `data` to the device.
+    pub fn write_state(&self, data: &[u8]) -> Result<()> {
+        self.inner.write_migration_data(data).map_err(|e| {
+            VfioError::library(format!("{}: writing device state", self.name), e)
+        })
+    }
+
+    /// Starts the device's own DMA logging of `ranges` at `page_size` granularity; returns the
+    /// page size the device chose.
+    pub fn start_dma_logging(&self, page_size: u64, ranges: &[(u64, u64)]) -> Result<u64> {
+        let ranges: Vec<DmaLoggingRange> = ranges
+            .iter()
+            .map(|&(iova, length)| DmaLoggingRange { iova, length })
+            .collect();
+        self.inner
+            .start_dma_logging(page_size, &ranges)
+            .map_err(|e| VfioError::library(format!("{}: DMA_LOGGING_START", self.name), e))
+    }
+
+    /// The pages of `[iova, iova+length)` the device wrote since the last report.
+    pub fn report_dma_logging(&self, iova: u64, length: u64, page_size: u64) -> Result<Vec<u64>> {
+        self.inner
+            .report_dma_logging(DmaLoggingRange { iova, length }, page_size)
+            .map_err(|e| VfioError::library(format!("{}: DMA_LOGGING_REPORT", self.name), e))
+    }
+
+    /// Stops the device's DMA logging.
+    pub fn stop_dma_logging(&self) -> Result<()> {
+        self.inner
+            .stop_dma_logging()
+            .map_err(|e| VfioError::library(format!("{}: DMA_LOGGING_STOP", self.name), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pci_addresses_are_checked_before_they_touch_sysfs() {
+        assert!(check_bdf("0000:01:00.0").is_ok());
+        assert!(check_bdf("abcd:ef:1f.7").is_ok());
+        for bad in ["", "01:00.0", "0000:01:00.8", "../../../etc", "0000:01:00.0/..", "0000:0g:00.0"] {
+            let err = check_bdf(bad).unwrap_err().to_string();
+            assert!(err.contains("expected DOMAIN:BUS:SLOT.FUNCTION"), "{bad}: {err}");
+        }
+    }
+}
