@@ -179,6 +179,32 @@ impl HostMemory {
     }
 }
 
+impl HostMemory {
+    /// Reads the 4-byte aligned word at `offset` with one 32-bit load, as a device register
+    /// in a mapped BAR must be read (a copy might split or widen the access).
+    pub fn load_u32(&self, offset: usize) -> io::Result<u32> {
+        self.check(offset, 4)?;
+        if !offset.is_multiple_of(4) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: the word is inside the mapping (checked), 4-byte aligned (checked; mappings
+        // are page-aligned) and stays mapped while `self` lives; a volatile read creates no
+        // reference.
+        Ok(unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(offset).cast::<u32>()) })
+    }
+
+    /// Writes the 4-byte aligned word at `offset` with one 32-bit store.
+    pub fn store_u32(&self, offset: usize, value: u32) -> io::Result<()> {
+        self.check(offset, 4)?;
+        if !self.writable || !offset.is_multiple_of(4) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: as in `load_u32`, and the mapping is writable (checked).
+        unsafe { std::ptr::write_volatile(self.ptr.as_ptr().add(offset).cast::<u32>(), value) };
+        Ok(())
+    }
+}
+
 impl Drop for HostMemory {
     fn drop(&mut self) {
         if self.owned && self.len != 0 {

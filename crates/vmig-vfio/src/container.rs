@@ -209,25 +209,55 @@ impl Container {
         let mut state = self.lock();
         let answer = sys::unmap_dma(self.fd(), UNMAP_ARGSZ, 0, iova, size, None);
         answer.result.map_err(|e| {
-            VfioError::ioctl(format!("VFIO_IOMMU_UNMAP_DMA of [{iova:#x}, +{size:#x})"), e)
+            VfioError::ioctl(
+                format!("VFIO_IOMMU_UNMAP_DMA of [{iova:#x}, +{size:#x})"),
+                e,
+            )
         })?;
         remove_mappings(&mut state, iova, size);
         Ok(answer.unmapped)
     }
 
-    /// Maps a guest RAM section (IOVA = guest-physical address) by the seed 003 rules: shrunk
-    /// to whole IOMMU pages, split when it does not fit one call, refused when it lies outside
-    /// the IOMMU's IOVA ranges. On failure nothing stays mapped. Returns the maps made.
+    /// Maps guest RAM at guest-physical `gpa` backed by `memory` (IOVA = guest-physical
+    /// address) by the seed 003 rules ([`plan`]): shrunk to whole IOMMU pages, split when it
+    /// does not fit one call, refused when it lies outside the IOMMU's IOVA ranges. On failure
+    /// nothing stays mapped. Returns the maps made; the container keeps `memory` alive.
+    pub fn map_guest_memory(&self, gpa: u64, memory: &Arc<HostMemory>) -> Result<Vec<DmaMap>> {
+        let section = Section {
+            gpa,
+            size: memory.len() as u128,
+            host_addr: memory.as_ptr() as u64,
+        };
+        // SAFETY: the section is `memory`, which the mapping table keeps alive, and which is
+        // only accessed through raw copies and atomics.
+        unsafe { self.map_section(section, Some(memory)) }
+    }
+
+    /// As [`Container::map_guest_memory`], for memory this type cannot keep alive (a VMM's
+    /// own guest RAM mapping).
     ///
     /// # Safety
     /// As [`Container::map_raw`], for the section's host memory.
-    pub unsafe fn map_guest_memory(&self, section: Section) -> Result<Vec<DmaMap>> {
+    pub unsafe fn map_guest_section(&self, section: Section) -> Result<Vec<DmaMap>> {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.map_section(section, None) }
+    }
+
+    /// # Safety
+    /// As [`Container::map_raw`], unless `memory` is the section's memory.
+    unsafe fn map_section(
+        &self,
+        section: Section,
+        memory: Option<&Arc<HostMemory>>,
+    ) -> Result<Vec<DmaMap>> {
         let info = self.info()?;
         let maps = plan(section, info.min_page_size(), &info.iova_ranges)?;
         let mut state = self.lock();
         for (i, m) in maps.iter().enumerate() {
             // SAFETY: forwarded to the caller.
-            if let Err(e) = unsafe { self.map_locked(&mut state, m.iova, m.size, m.vaddr, None) } {
+            let mapped =
+                unsafe { self.map_locked(&mut state, m.iova, m.size, m.vaddr, memory.cloned()) };
+            if let Err(e) = mapped {
                 for done in &maps[..i] {
                     let _ = sys::unmap_dma(self.fd(), UNMAP_ARGSZ, 0, done.iova, done.size, None);
                     remove_mappings(&mut state, done.iova, done.size);
@@ -381,11 +411,32 @@ fn keep_mapped_bits(state: &State, iova: u64, page: u64, npages: u64, bitmap: &m
     }
 }
 
-/// Sets bits `[first, end)` of `words`.
+/// Sets bits `[first, end)` of `words`, a word at a time.
 fn set_bits(words: &mut [u64], first: u64, end: u64) {
-    for bit in first..end {
-        if let Some(w) = words.get_mut((bit / 64) as usize) {
-            *w |= 1 << (bit % 64);
-        }
+    let mut bit = first;
+    while bit < end {
+        let Some(word) = words.get_mut((bit / 64) as usize) else {
+            return;
+        };
+        let offset = bit % 64;
+        let count = (64 - offset).min(end - bit);
+        *word |= (u64::MAX >> (64 - count)) << offset;
+        bit += count;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_bits_fills_partial_and_whole_words() {
+        let mut w = [0u64; 3];
+        set_bits(&mut w, 3, 8);
+        assert_eq!(w, [0xf8, 0, 0]);
+        set_bits(&mut w, 60, 130);
+        assert_eq!(w, [0xf000_0000_0000_00f8, u64::MAX, 0x3]);
+        set_bits(&mut w, 190, 400); // past the end: stops at the last word
+        assert_eq!(w[2], 0xc000_0000_0000_0003);
     }
 }

@@ -18,10 +18,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::{
-    VFIO_DEVICE_FEATURE_DMA_LOGGING_START, VFIO_DEVICE_FEATURE_GET,
-    VFIO_DEVICE_FEATURE_MIGRATION, VFIO_DEVICE_FEATURE_SET, VFIO_DEVICE_FLAGS_RESET,
-    VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY, VFIO_PCI_CONFIG_REGION_INDEX,
-    VFIO_REGION_INFO_FLAG_MMAP, VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    VFIO_DEVICE_FEATURE_DMA_LOGGING_START, VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MIGRATION,
+    VFIO_DEVICE_FEATURE_SET, VFIO_DEVICE_FLAGS_RESET, VFIO_MIGRATION_PRE_COPY,
+    VFIO_MIGRATION_STOP_COPY, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
+    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 use vfio_ioctls::{DmaLoggingRange, PrecopyInfo, VfioDevice, VfioRegionInfoCap};
 use vmig_dma::HostMemory;
@@ -170,12 +170,13 @@ impl Device {
         }
         let inner = VfioDevice::new(&path, container.ops(), false)
             .map_err(|e| VfioError::library(format!("opening VFIO device {bdf}"), e))?;
-        let file = File::from(sys::duplicate(inner.as_raw_fd()).map_err(|source| {
-            VfioError::Io {
-                context: format!("duplicating the fd of {bdf}"),
-                source,
-            }
-        })?);
+        let file =
+            File::from(
+                sys::duplicate(inner.as_raw_fd()).map_err(|source| VfioError::Io {
+                    context: format!("duplicating the fd of {bdf}"),
+                    source,
+                })?,
+            );
         let flags = sys::device_flags(file.as_fd())
             .map_err(|e| VfioError::ioctl(format!("{bdf}: VFIO_DEVICE_GET_INFO"), e))?;
         Ok(Self {
@@ -255,19 +256,23 @@ impl Device {
     /// does it with accesses of that width).
     pub fn read_region(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
         let at = self.region_span(index, offset, buf.len(), false)?;
-        self.file.read_exact_at(buf, at).map_err(|source| VfioError::Io {
-            context: format!("{}: read of region {index} at {offset:#x}", self.name),
-            source,
-        })
+        self.file
+            .read_exact_at(buf, at)
+            .map_err(|source| VfioError::Io {
+                context: format!("{}: read of region {index} at {offset:#x}", self.name),
+                source,
+            })
     }
 
     /// Writes `data` at `offset` of region `index`.
     pub fn write_region(&self, index: u32, offset: u64, data: &[u8]) -> Result<()> {
         let at = self.region_span(index, offset, data.len(), true)?;
-        self.file.write_all_at(data, at).map_err(|source| VfioError::Io {
-            context: format!("{}: write of region {index} at {offset:#x}", self.name),
-            source,
-        })
+        self.file
+            .write_all_at(data, at)
+            .map_err(|source| VfioError::Io {
+                context: format!("{}: write of region {index} at {offset:#x}", self.name),
+                source,
+            })
     }
 
     /// Reads a 32-bit register of region `index`.
@@ -333,7 +338,11 @@ impl Device {
             .enable_irq(index, eventfds.to_vec())
             .map_err(|e| {
                 VfioError::library(
-                    format!("{}: enabling {} vectors of interrupt index {index}", self.name, eventfds.len()),
+                    format!(
+                        "{}: enabling {} vectors of interrupt index {index}",
+                        self.name,
+                        eventfds.len()
+                    ),
                     e,
                 )
             })
@@ -342,7 +351,10 @@ impl Device {
     /// Stops signalling interrupt index `index`.
     pub fn disable_irq(&self, index: u32) -> Result<()> {
         self.inner.disable_irq(index).map_err(|e| {
-            VfioError::library(format!("{}: disabling interrupt index {index}", self.name), e)
+            VfioError::library(
+                format!("{}: disabling interrupt index {index}", self.name),
+                e,
+            )
         })
     }
 
@@ -366,10 +378,9 @@ impl Device {
     /// What the device offers for migration: `None` when it cannot migrate its state (plain
     /// vfio-pci without a variant driver answers `ENOTTY`).
     pub fn migration_support(&self) -> Result<Option<MigrationSupport>> {
-        let flags = self
-            .inner
-            .query_migration_support()
-            .map_err(|e| VfioError::library(format!("{}: VFIO_DEVICE_FEATURE_MIGRATION", self.name), e))?;
+        let flags = self.inner.query_migration_support().map_err(|e| {
+            VfioError::library(format!("{}: VFIO_DEVICE_FEATURE_MIGRATION", self.name), e)
+        })?;
         Ok(flags.map(|flags| MigrationSupport {
             flags,
             dma_logging: self.dma_logging_supported(),
@@ -407,7 +418,11 @@ impl Device {
 
     /// Probes `VFIO_DEVICE_FEATURE_MIGRATION` for GET: `Ok` or the kernel's errno.
     pub fn probe_migration_feature(&self) -> std::result::Result<(), i32> {
-        sys::device_feature_probe(self.fd(), VFIO_DEVICE_FEATURE_MIGRATION, VFIO_DEVICE_FEATURE_GET)
+        sys::device_feature_probe(
+            self.fd(),
+            VFIO_DEVICE_FEATURE_MIGRATION,
+            VFIO_DEVICE_FEATURE_GET,
+        )
     }
 
     /// Moves the device to `state` (the kernel walks the arcs in between); entering PRE_COPY,
@@ -431,9 +446,9 @@ impl Device {
 
     /// In PRE_COPY: how much of the initial state and of state dirtied since is still to read.
     pub fn precopy_info(&self) -> Result<PrecopyInfo> {
-        self.inner.mig_get_precopy_info().map_err(|e| {
-            VfioError::library(format!("{}: VFIO_MIG_GET_PRECOPY_INFO", self.name), e)
-        })
+        self.inner
+            .mig_get_precopy_info()
+            .map_err(|e| VfioError::library(format!("{}: VFIO_MIG_GET_PRECOPY_INFO", self.name), e))
     }
 
     /// Reads the next chunk of state from the data fd: `Ok(0)` at the end of what is there
@@ -446,7 +461,10 @@ impl Device {
             {
                 Ok(0)
             }
-            Err(e) => Err(VfioError::library(format!("{}: reading device state", self.name), e)),
+            Err(e) => Err(VfioError::library(
+                format!("{}: reading device state", self.name),
+                e,
+            )),
         }
     }
 
@@ -459,9 +477,9 @@ impl Device {
 
     /// In RESUMING: hands `data` to the device.
     pub fn write_state(&self, data: &[u8]) -> Result<()> {
-        self.inner.write_migration_data(data).map_err(|e| {
-            VfioError::library(format!("{}: writing device state", self.name), e)
-        })
+        self.inner
+            .write_migration_data(data)
+            .map_err(|e| VfioError::library(format!("{}: writing device state", self.name), e))
     }
 
     /// Starts the device's own DMA logging of `ranges` at `page_size` granularity; returns the
@@ -499,9 +517,19 @@ mod tests {
     fn pci_addresses_are_checked_before_they_touch_sysfs() {
         assert!(check_bdf("0000:01:00.0").is_ok());
         assert!(check_bdf("abcd:ef:1f.7").is_ok());
-        for bad in ["", "01:00.0", "0000:01:00.8", "../../../etc", "0000:01:00.0/..", "0000:0g:00.0"] {
+        for bad in [
+            "",
+            "01:00.0",
+            "0000:01:00.8",
+            "../../../etc",
+            "0000:01:00.0/..",
+            "0000:0g:00.0",
+        ] {
             let err = check_bdf(bad).unwrap_err().to_string();
-            assert!(err.contains("expected DOMAIN:BUS:SLOT.FUNCTION"), "{bad}: {err}");
+            assert!(
+                err.contains("expected DOMAIN:BUS:SLOT.FUNCTION"),
+                "{bad}: {err}"
+            );
         }
     }
 }

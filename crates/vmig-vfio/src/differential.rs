@@ -15,7 +15,7 @@ use vmig_dma::uapi::{
     VFIO_IOMMU_DIRTY_PAGES_FLAG_START, VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP, VfioBitmap,
     VfioIommuType1DirtyBitmap, VfioIommuType1DirtyBitmapGet, VfioIommuType1DmaUnmap,
 };
-use vmig_dma::{Backing, GroupKind, HostMemory, IovaRange, Iommu, IommuConfig, Prot};
+use vmig_dma::{Backing, GroupKind, HostMemory, Iommu, IommuConfig, IovaRange, Prot};
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::container::{Container, GET_BITMAP_ARGSZ, UNMAP_ARGSZ, UNMAP_BITMAP_ARGSZ};
@@ -170,7 +170,10 @@ pub fn sequence(seed: u64, len: usize) -> Vec<Call> {
             let a = mapped[rng.below(mapped.len() as u64) as usize];
             let b = mapped[rng.below(mapped.len() as u64) as usize];
             let (lo, hi) = if a.0 <= b.0 { (a, b) } else { (b, a) };
-            (lo.0, hi.0.saturating_add(hi.1).saturating_sub(lo.0).max(lo.1))
+            (
+                lo.0,
+                hi.0.saturating_add(hi.1).saturating_sub(lo.0).max(lo.1),
+            )
         };
         let call = match rng.below(100) {
             0..=29 => {
@@ -190,7 +193,8 @@ pub fn sequence(seed: u64, len: usize) -> Vec<Call> {
                 } else {
                     (iova, size)
                 };
-                mapped.retain(|&(i, s)| i < iova || i.saturating_add(s) > iova.saturating_add(size));
+                mapped
+                    .retain(|&(i, s)| i < iova || i.saturating_add(s) > iova.saturating_add(size));
                 Call::Unmap { iova, size }
             }
             42..=49 => Call::Start,
@@ -218,7 +222,8 @@ pub fn sequence(seed: u64, len: usize) -> Vec<Call> {
                     (iova, size)
                 };
                 let (pgsize, bitmap_bytes) = bitmap_bytes(&mut rng, size);
-                mapped.retain(|&(i, s)| i < iova || i.saturating_add(s) > iova.saturating_add(size));
+                mapped
+                    .retain(|&(i, s)| i < iova || i.saturating_add(s) > iova.saturating_add(size));
                 Call::UnmapWithBitmap {
                     iova,
                     size,
@@ -242,7 +247,11 @@ fn answer_of<T>(result: Result<T, i32>) -> Answer {
 /// Runs `calls` against the kernel, as raw requests on `container`'s fd (which must have a
 /// device open and no mappings; its own mapping table is not used), mapping from `backing`
 /// ([`BACKING`] bytes); unmaps everything afterwards.
-pub fn run_on_kernel(container: &Container, backing: &Arc<HostMemory>, calls: &[Call]) -> Vec<Answer> {
+pub fn run_on_kernel(
+    container: &Container,
+    backing: &Arc<HostMemory>,
+    calls: &[Call],
+) -> Vec<Answer> {
     let fd = container.fd();
     let mut answers = Vec::with_capacity(calls.len());
     for call in calls {
@@ -260,9 +269,7 @@ pub fn run_on_kernel(container: &Container, backing: &Arc<HostMemory>, calls: &[
                     // SAFETY: `[vaddr, vaddr+size)` lies inside `backing` (checked), which the
                     // caller keeps alive until this function has unmapped everything; no
                     // device does DMA during the run.
-                    answer_of(unsafe {
-                        sys::map_dma(fd, MAP_READ_WRITE, iova, size, vaddr)
-                    })
+                    answer_of(unsafe { sys::map_dma(fd, MAP_READ_WRITE, iova, size, vaddr) })
                 }
             }
             Call::Unmap { iova, size } => {
@@ -323,7 +330,11 @@ pub fn run_on_kernel(container: &Container, backing: &Arc<HostMemory>, calls: &[
                 Answer {
                     errno: a.result.err().unwrap_or(0),
                     unmapped: a.result.is_ok().then_some(a.unmapped),
-                    bitmap: if a.result.is_ok() { a.bitmap } else { Vec::new() },
+                    bitmap: if a.result.is_ok() {
+                        a.bitmap
+                    } else {
+                        Vec::new()
+                    },
                 }
             }
         };
@@ -474,7 +485,11 @@ pub fn run_on_vmig_dma(
 fn user_bitmap(bytes: u64) -> UserBuffers {
     let mut user = UserBuffers::new();
     // The kernel side allocates whole words; so does this one.
-    user.insert(USER_BITMAP_ADDR, vec![0u8; (bytes.div_ceil(8) * 8) as usize], true);
+    user.insert(
+        USER_BITMAP_ADDR,
+        vec![0u8; (bytes.div_ceil(8) * 8) as usize],
+        true,
+    );
     user
 }
 
@@ -526,7 +541,10 @@ pub fn compare(
         let (k, o) = (&kernel[i], &ours[i]);
         let mut differ = |what: String| c.differences.push(format!("call {i} {call:?}: {what}"));
         if k.errno != o.errno {
-            differ(format!("kernel errno {}, vmig-dma errno {}", k.errno, o.errno));
+            differ(format!(
+                "kernel errno {}, vmig-dma errno {}",
+                k.errno, o.errno
+            ));
             continue;
         }
         if k.errno != 0 {
@@ -614,7 +632,9 @@ mod tests {
             .position(|(c, a)| {
                 matches!(c, Call::GetBitmap { .. })
                     && a.errno == 0
-                    && a.bitmap.first().is_some_and(|w| w & 1 == 1 && *w != u64::MAX)
+                    && a.bitmap
+                        .first()
+                        .is_some_and(|w| w & 1 == 1 && *w != u64::MAX)
             })
             .expect("a successful read with a mapped first page and an unmapped one");
         let mut kernel = ours.clone();
@@ -624,6 +644,9 @@ mod tests {
         let w = ours[i].bitmap[0];
         kernel[i].bitmap[0] = w | (1 << (!w).trailing_zeros());
         let quirk = compare(&calls, &kernel, &ours, &before);
-        assert!(quirk.differences.is_empty() && quirk.quirk_bits == 1, "{quirk:?}");
+        assert!(
+            quirk.differences.is_empty() && quirk.quirk_bits == 1,
+            "{quirk:?}"
+        );
     }
 }

@@ -1,0 +1,567 @@
+//! The real kernel's VFIO on a machine without it (`reference/kernel-vfio-type1-observed.md`):
+//! Debian's kernel boots under QEMU's TCG (q35, an emulated Intel IOMMU, QEMU's `edu` DMA
+//! device) from an initramfs that holds busybox, the kernel's VFIO modules and a statically
+//! linked test binary of this crate; its init binds edu to vfio-pci, runs the binary, prints
+//! its exit code on the console and powers off. About 7 s a boot.
+//!
+//! Everything comes from Debian's packages (`linux-image-amd64`'s kernel, `busybox-static`,
+//! `qemu-system-x86`), fetched once into `target/kernel-vfio-guest/`. When they cannot be had
+//! (no apt, no network, not root for installing QEMU) [`Guest::prepare`] says why, and the
+//! caller skips.
+//!
+//! The guest reports on two serial ports: the console (`ttyS0`: kernel messages and the test
+//! binary's output, ending in `VMIG-GUEST-EXIT=<code>`) and a report port (`ttyS1`, which the
+//! binary finds in `VMIG_GUEST_REPORT`) for machine-readable lines.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Set to `1` in the guest, so the in-guest tests run there and skip elsewhere.
+pub const IN_GUEST_ENV: &str = "VMIG_KERNEL_VFIO_GUEST";
+/// The PCI address of the edu device, bound to vfio-pci, in the guest.
+pub const EDU_BDF_ENV: &str = "VMIG_EDU_BDF";
+/// The path of the report port in the guest.
+pub const REPORT_ENV: &str = "VMIG_GUEST_REPORT";
+/// The console line that carries the test binary's exit code.
+pub const EXIT_MARKER: &str = "VMIG-GUEST-EXIT=";
+
+/// The VFIO modules the guest loads (with their dependencies, in dependency order).
+const MODULES: &[&str] = &["vfio_iommu_type1", "vfio-pci"];
+
+/// Whether this process runs inside the test guest.
+pub fn in_guest() -> bool {
+    std::env::var(IN_GUEST_ENV).as_deref() == Ok("1")
+}
+
+/// What a boot needs: QEMU, the kernel and its modules, busybox.
+#[derive(Debug, Clone)]
+pub struct Guest {
+    qemu: PathBuf,
+    kernel: PathBuf,
+    /// Module name (as in `depends=`, with `_`) → file.
+    modules: BTreeMap<String, PathBuf>,
+    busybox: PathBuf,
+    work: PathBuf,
+}
+
+/// What one boot produced.
+#[derive(Debug, Clone)]
+pub struct GuestRun {
+    /// Everything the console printed.
+    pub console: String,
+    /// Everything the binary wrote to the report port.
+    pub report: String,
+    /// The binary's exit code, `None` when the console never printed it (the guest crashed or
+    /// timed out).
+    pub exit_code: Option<i32>,
+    /// Wall time of the boot.
+    pub duration: Duration,
+}
+
+impl GuestRun {
+    /// The report lines that start with `prefix`, without it.
+    pub fn report_lines<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.report
+            .lines()
+            .filter_map(move |l| l.trim_end_matches('\r').strip_prefix(prefix))
+    }
+}
+
+fn run(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{cmd:?}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
+/// The workspace's target directory.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"))
+}
+
+/// Downloads `package` (a `.deb`) into `dir` unless it is there; returns its path.
+fn download(package: &str, dir: &Path) -> Result<PathBuf, String> {
+    let find = || {
+        std::fs::read_dir(dir).ok().and_then(|entries| {
+            entries.flatten().map(|e| e.path()).find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
+            })
+        })
+    };
+    if let Some(deb) = find() {
+        return Ok(deb);
+    }
+    let fetch = || {
+        run(Command::new("apt-get")
+            .arg("download")
+            .arg(package)
+            .current_dir(dir))
+    };
+    if fetch().is_err() {
+        // The package lists may be missing on a fresh machine.
+        if crate::sys::is_root() {
+            let _ = run(Command::new("apt-get").args(["update", "-qq"]));
+        }
+        fetch()?;
+    }
+    find().ok_or_else(|| {
+        format!(
+            "apt-get download {package} left no .deb in {}",
+            dir.display()
+        )
+    })
+}
+
+/// Extracts `deb` into `dir` once.
+fn extract(deb: &Path, dir: &Path) -> Result<(), String> {
+    let done = dir.join(".extracted");
+    if done.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(dir))?;
+    std::fs::write(&done, b"").map_err(|e| format!("{}: {e}", done.display()))
+}
+
+/// The `depends=` list of a kernel module file (from its `.modinfo` strings).
+fn module_depends(ko: &[u8]) -> Vec<String> {
+    let key = b"depends=";
+    ko.windows(key.len())
+        .position(|w| w == key)
+        .map(|at| {
+            let rest = &ko[at + key.len()..];
+            let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+            String::from_utf8_lossy(&rest[..end])
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(|s| s.replace('-', "_"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `names` and everything they depend on, dependencies first.
+fn load_order(
+    names: &[&str],
+    files: &BTreeMap<String, PathBuf>,
+) -> Result<Vec<(String, PathBuf)>, String> {
+    fn visit(
+        name: &str,
+        files: &BTreeMap<String, PathBuf>,
+        order: &mut Vec<(String, PathBuf)>,
+        depth: usize,
+    ) -> Result<(), String> {
+        if order.iter().any(|(n, _)| n == name) {
+            return Ok(());
+        }
+        if depth > 16 {
+            return Err(format!("module dependencies loop at {name}"));
+        }
+        let file = files
+            .get(name)
+            .ok_or_else(|| format!("the kernel package has no module {name}"))?;
+        let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+        for dep in module_depends(&bytes) {
+            visit(&dep, files, order, depth + 1)?;
+        }
+        order.push((name.to_owned(), file.clone()));
+        Ok(())
+    }
+    let mut order = Vec::new();
+    for name in names {
+        visit(&name.replace('-', "_"), files, &mut order, 0)?;
+    }
+    Ok(order)
+}
+
+fn find_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                find_files(&p, out);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+}
+
+impl Guest {
+    /// Finds or fetches QEMU, the kernel and busybox: `Err` says why the guest cannot run here.
+    pub fn prepare() -> Result<Self, String> {
+        let work = target_dir().join("kernel-vfio-guest");
+        let debs = work.join("debs");
+        std::fs::create_dir_all(&debs).map_err(|e| format!("{}: {e}", debs.display()))?;
+        if which("apt-get").is_none() || which("dpkg-deb").is_none() {
+            return Err("apt-get and dpkg-deb are needed to fetch Debian's kernel".into());
+        }
+        let qemu = match which("qemu-system-x86_64") {
+            Some(q) => q,
+            None if crate::sys::is_root() => {
+                let install = || {
+                    run(Command::new("apt-get")
+                        .args([
+                            "install",
+                            "-y",
+                            "-qq",
+                            "--no-install-recommends",
+                            "qemu-system-x86",
+                        ])
+                        .env("DEBIAN_FRONTEND", "noninteractive"))
+                };
+                if install().is_err() {
+                    let _ = run(Command::new("apt-get").args(["update", "-qq"]));
+                    install()?;
+                }
+                which("qemu-system-x86_64")
+                    .ok_or("qemu-system-x86 installed no qemu-system-x86_64")?
+            }
+            None => {
+                return Err(
+                    "qemu-system-x86_64 is missing and installing it needs root \
+                            (apt-get install qemu-system-x86)"
+                        .into(),
+                );
+            }
+        };
+        // The current kernel flavour: linux-image-amd64 depends on linux-image-<version>-amd64.
+        let depends = run(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))
+            .or_else(|_| {
+                if crate::sys::is_root() {
+                    let _ = run(Command::new("apt-get").args(["update", "-qq"]));
+                }
+                run(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))
+            })?;
+        let kernel_package = depends
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("Depends: "))
+            .find(|p| p.starts_with("linux-image-"))
+            .ok_or("apt-cache depends linux-image-amd64 names no linux-image package")?
+            .to_owned();
+        let kernel_root = work.join(&kernel_package);
+        extract(&download(&kernel_package, &debs)?, &kernel_root)?;
+        let busybox_root = work.join("busybox-static");
+        extract(&download("busybox-static", &debs)?, &busybox_root)?;
+
+        let mut files = Vec::new();
+        find_files(&kernel_root.join("boot"), &mut files);
+        let kernel = files
+            .iter()
+            .find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("vmlinuz-"))
+            })
+            .cloned()
+            .ok_or_else(|| format!("{kernel_package} has no /boot/vmlinuz-*"))?;
+        let mut files = Vec::new();
+        find_files(&kernel_root.join("lib/modules"), &mut files);
+        let modules = files
+            .into_iter()
+            .filter_map(|p| {
+                let name = p
+                    .file_name()?
+                    .to_str()?
+                    .strip_suffix(".ko")?
+                    .replace('-', "_");
+                Some((name, p))
+            })
+            .collect();
+        let busybox = busybox_root.join("bin/busybox");
+        if !busybox.is_file() {
+            return Err(format!("{} is missing", busybox.display()));
+        }
+        Ok(Self {
+            qemu,
+            kernel,
+            modules,
+            busybox,
+            work,
+        })
+    }
+
+    /// Builds test target `test` of this crate as a static binary for the guest (a separate
+    /// target directory, so the host's build is untouched) and returns its path.
+    pub fn build_test_binary(&self, test: &str) -> Result<PathBuf, String> {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let target_dir = self.work.join("target");
+        let out = run(Command::new(cargo)
+            .args([
+                "test",
+                "--no-run",
+                "--message-format=json",
+                "-p",
+                "vmig-vfio",
+                "--test",
+                test,
+            ])
+            .args(["--target", "x86_64-unknown-linux-gnu"])
+            .env("CARGO_TARGET_DIR", &target_dir)
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .current_dir(env!("CARGO_MANIFEST_DIR")))?;
+        out.lines()
+            .filter(|l| l.contains("\"executable\":\"") && l.contains("compiler-artifact"))
+            .filter_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                (v["target"]["name"] == test)
+                    .then(|| v["executable"].as_str().map(PathBuf::from))
+                    .flatten()
+            })
+            .next_back()
+            .ok_or_else(|| format!("cargo built no executable for test {test}"))
+    }
+
+    /// Boots the guest with `binary` run as `binary args...`, with `memory_mib` of RAM, and
+    /// waits at most `timeout` for it.
+    pub fn boot(
+        &self,
+        binary: &Path,
+        args: &[&str],
+        memory_mib: u32,
+        timeout: Duration,
+    ) -> Result<GuestRun, String> {
+        let run_dir = self.work.join(format!("run-{}", std::process::id()));
+        std::fs::create_dir_all(&run_dir).map_err(|e| format!("{}: {e}", run_dir.display()))?;
+        let initramfs = run_dir.join("initramfs.cpio");
+        std::fs::write(&initramfs, self.initramfs(binary, args)?)
+            .map_err(|e| format!("{}: {e}", initramfs.display()))?;
+        let console = run_dir.join("console.log");
+        let report = run_dir.join("report.log");
+        let _ = std::fs::remove_file(&console);
+        let _ = std::fs::remove_file(&report);
+        let start = Instant::now();
+        let mut child = Command::new(&self.qemu)
+            .args(["-accel", "tcg", "-machine", "q35,kernel-irqchip=split"])
+            .args(["-m", &memory_mib.to_string(), "-smp", "1"])
+            .args([
+                "-device",
+                "intel-iommu,intremap=on,caching-mode=on",
+                "-device",
+                "edu",
+            ])
+            .args([
+                "-display",
+                "none",
+                "-no-reboot",
+                "-nic",
+                "none",
+                "-monitor",
+                "none",
+            ])
+            .arg("-serial")
+            .arg(format!("file:{}", console.display()))
+            .arg("-serial")
+            .arg(format!("file:{}", report.display()))
+            .arg("-kernel")
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(&initramfs)
+            .args([
+                "-append",
+                "console=ttyS0 intel_iommu=on panic=-1 quiet loglevel=4",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("{}: {e}", self.qemu.display()))?;
+        let status = loop {
+            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                break Some(status);
+            }
+            if start.elapsed() > timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let duration = start.elapsed();
+        let console = std::fs::read_to_string(&console).unwrap_or_default();
+        let report = std::fs::read_to_string(&report).unwrap_or_default();
+        let mut stderr = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut stderr);
+        }
+        if status.is_some_and(|s| !s.success()) {
+            return Err(format!("QEMU failed: {}", stderr.trim()));
+        }
+        let exit_code = console
+            .lines()
+            .filter_map(|l| l.trim_end_matches('\r').strip_prefix(EXIT_MARKER))
+            .filter_map(|c| c.trim().parse().ok())
+            .next_back();
+        let _ = std::fs::remove_dir_all(&run_dir);
+        Ok(GuestRun {
+            console,
+            report,
+            exit_code,
+            duration,
+        })
+    }
+
+    /// The initramfs (newc cpio): busybox, the modules, the binary and the init script.
+    fn initramfs(&self, binary: &Path, args: &[&str]) -> Result<Vec<u8>, String> {
+        let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        let modules = load_order(MODULES, &self.modules)?;
+        let mut insmod = String::new();
+        for (name, _) in &modules {
+            insmod.push_str(&format!(
+                "insmod /lib/modules/{name}.ko || echo \"insmod {name} failed\"\n"
+            ));
+        }
+        let quoted: Vec<String> = args
+            .iter()
+            .map(|a| format!("'{}'", a.replace('\'', "")))
+            .collect();
+        let init = format!(
+            "#!/bin/busybox sh\n\
+             /bin/busybox --install -s /bin\n\
+             mount -t proc proc /proc\n\
+             mount -t sysfs sys /sys\n\
+             mount -t devtmpfs dev /dev\n\
+             {insmod}\
+             for d in /sys/bus/pci/devices/*; do\n\
+               if [ \"$(cat $d/vendor)\" = 0x1234 ] && [ \"$(cat $d/device)\" = 0x11e8 ]; then\n\
+                 EDU=${{d##*/}}\n\
+                 echo vfio-pci > $d/driver_override\n\
+                 echo $EDU > /sys/bus/pci/drivers_probe\n\
+               fi\n\
+             done\n\
+             stty -F /dev/ttyS1 raw -echo 2>/dev/null\n\
+             export {IN_GUEST_ENV}=1 {EDU_BDF_ENV}=$EDU {REPORT_ENV}=/dev/ttyS1 RUST_BACKTRACE=1\n\
+             /bin/vmig-guest-test {args}\n\
+             echo \"{EXIT_MARKER}$?\"\n\
+             poweroff -f\n",
+            args = quoted.join(" ")
+        );
+        let mut cpio = Cpio::default();
+        for dir in ["bin", "proc", "sys", "dev", "tmp", "lib", "lib/modules"] {
+            cpio.dir(dir);
+        }
+        cpio.file("bin/busybox", &read(&self.busybox)?, 0o755);
+        cpio.file("bin/vmig-guest-test", &read(binary)?, 0o755);
+        for (name, path) in &modules {
+            cpio.file(&format!("lib/modules/{name}.ko"), &read(path)?, 0o644);
+        }
+        cpio.file("init", init.as_bytes(), 0o755);
+        Ok(cpio.finish())
+    }
+}
+
+/// A `newc` cpio archive, the format the kernel unpacks an initramfs from.
+#[derive(Default)]
+struct Cpio {
+    out: Vec<u8>,
+    inode: u32,
+}
+
+impl Cpio {
+    fn entry(&mut self, name: &str, mode: u32, data: &[u8]) {
+        self.inode += 1;
+        let header = format!(
+            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
+            self.inode,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len(),
+            0,
+            0,
+            0,
+            0,
+            name.len() + 1,
+            0
+        );
+        self.out.extend_from_slice(header.as_bytes());
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.push(0);
+        self.pad();
+        self.out.extend_from_slice(data);
+        self.pad();
+    }
+
+    fn pad(&mut self) {
+        while !self.out.len().is_multiple_of(4) {
+            self.out.push(0);
+        }
+    }
+
+    fn dir(&mut self, name: &str) {
+        self.entry(name, 0o040_755, &[]);
+    }
+
+    fn file(&mut self, name: &str, data: &[u8], perm: u32) {
+        self.entry(name, 0o100_000 | perm, data);
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.entry("TRAILER!!!", 0, &[]);
+        self.out
+    }
+}
+
+/// Writes one line to the report port (in the guest), or to stdout elsewhere.
+pub fn report_line(line: &str) {
+    match std::env::var(REPORT_ENV) {
+        Ok(path) => {
+            if let Ok(mut port) = std::fs::OpenOptions::new().write(true).open(path) {
+                let _ = writeln!(port, "{line}");
+                return;
+            }
+            println!("{line}");
+        }
+        Err(_) => println!("{line}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_dependencies_come_from_the_modinfo_string() {
+        let ko = b"\x7fELF...license=GPL\0depends=vfio-pci-core,vfio\0retpoline=Y\0";
+        assert_eq!(module_depends(ko), ["vfio_pci_core", "vfio"]);
+        assert!(module_depends(b"depends=\0").is_empty());
+    }
+
+    #[test]
+    fn newc_entries_are_padded_to_four_bytes() {
+        let mut cpio = Cpio::default();
+        cpio.file("init", b"abc", 0o755);
+        let out = cpio.finish();
+        assert!(out.starts_with(b"070701"));
+        assert_eq!(out.len() % 4, 0);
+        // header 110 bytes + "init\0" = 115 → padded to 116, then 3 data bytes → 120.
+        assert_eq!(&out[116..119], b"abc");
+        assert!(out.windows(10).any(|w| w == b"TRAILER!!!"));
+    }
+}

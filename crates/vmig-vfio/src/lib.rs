@@ -14,6 +14,7 @@
 //! - [`sys`]: the calls `vfio-ioctls` lacks, the crate's only `unsafe` code;
 //! - [`differential`]: seeded random sequences of type1 calls, run against the kernel (in a
 //!   guest) and against `vmig-dma`, and the rule that compares the two;
+//! - [`bench`]: mapping 1 GiB and fetching its bitmap, backend against bare ioctls;
 //! - [`kernel_guest`]: how tests and benchmarks reach the real kernel's VFIO on a machine
 //!   without it: Debian's kernel under QEMU's TCG with an emulated IOMMU and the `edu` device.
 //!
@@ -29,6 +30,7 @@
 //!  device.set_migration_state(PreCopy/StopCopy) ─► data fd ─► read_state ─► stream
 //! ```
 
+pub mod bench;
 pub mod container;
 pub mod device;
 pub mod differential;

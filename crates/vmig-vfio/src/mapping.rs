@@ -75,7 +75,10 @@ pub fn plan(section: Section, page_size: u64, ranges: &[IovaRange]) -> Result<Ve
     // Rule 3: a size that does not fit 64 bits is split in two page-aligned halves.
     let pieces = if size > u128::from(u64::MAX) {
         let half = (size / 2) / page * page;
-        vec![(iova, half as u64), (iova + half as u64, (size - half) as u64)]
+        vec![
+            (iova, half as u64),
+            (iova + half as u64, (size - half) as u64),
+        ]
     } else {
         vec![(iova, size as u64)]
     };
@@ -148,7 +151,11 @@ mod tests {
 
     #[test]
     fn t3_3_a_section_without_a_whole_page_is_skipped() {
-        assert!(plan(section(0x1000, 0x800), PAGE, &whole_space()).unwrap().is_empty());
+        assert!(
+            plan(section(0x1000, 0x800), PAGE, &whole_space())
+                .unwrap()
+                .is_empty()
+        );
         // Shrunk inward on both sides.
         let maps = plan(section(0x800, 0x3000), PAGE, &whole_space()).unwrap();
         assert_eq!((maps[0].iova, maps[0].size), (0x1000, 0x2000));
@@ -166,7 +173,10 @@ mod tests {
         assert!(plan(section(max + 1 - 0x2000, 0x2000), PAGE, &ranges).is_ok());
         // T3-5: last == max_iova + 1 is refused with QEMU's message.
         let err = plan(section(max + 1 - 0x1000, 0x2000), PAGE, &ranges).unwrap_err();
-        assert!(err.to_string().contains("can't map guest IOVA region"), "{err}");
+        assert!(
+            err.to_string().contains("can't map guest IOVA region"),
+            "{err}"
+        );
         // T3-6: iova < min_iova.
         assert!(plan(section(0, 0x2000), PAGE, &ranges).is_err());
         // The top of the 64-bit space against the kernel's 39-bit ranges: refused, not wrapped.

@@ -15,9 +15,9 @@
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use vmig_dma::uapi::{
-    VFIO_DEVICE_RESET, VFIO_IOMMU_DIRTY_PAGES,
-    VFIO_IOMMU_GET_INFO, VFIO_IOMMU_UNMAP_DMA, VFIO_SET_IOMMU, VfioBitmap,
-    VfioIommuType1DirtyBitmap, VfioIommuType1DirtyBitmapGet, VfioIommuType1DmaUnmap,
+    VFIO_DEVICE_RESET, VFIO_IOMMU_DIRTY_PAGES, VFIO_IOMMU_GET_INFO, VFIO_IOMMU_UNMAP_DMA,
+    VFIO_SET_IOMMU, VfioBitmap, VfioIommuType1DirtyBitmap, VfioIommuType1DirtyBitmapGet,
+    VfioIommuType1DmaUnmap,
 };
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -45,7 +45,9 @@ pub const VFIO_GROUP_FLAGS_VIABLE: u32 = 1;
 pub const KERNEL_ADDRESS: u64 = 0xffff_8000_0000_0000;
 
 fn last_errno() -> Errno {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 fn check(ret: libc::c_int) -> Result<libc::c_int, Errno> {
@@ -196,8 +198,8 @@ pub fn group_unset_container(group: BorrowedFd<'_>) -> Result<(), Errno> {
 /// refused). The request is followed by a zeroed range, so a `GET_BITMAP` flag sent this way
 /// points the kernel at `NULL`, which it refuses.
 pub fn dirty_pages_flags(container: BorrowedFd<'_>, argsz: u32, flags: u32) -> Result<(), Errno> {
-    let mut buf = [0u8; size_of::<VfioIommuType1DirtyBitmap>()
-        + size_of::<VfioIommuType1DirtyBitmapGet>()];
+    let mut buf =
+        [0u8; size_of::<VfioIommuType1DirtyBitmap>() + size_of::<VfioIommuType1DirtyBitmapGet>()];
     VfioIommuType1DirtyBitmap { argsz, flags }
         .write_to_prefix(&mut buf[..])
         .map_err(|_| libc::EINVAL)?;
@@ -374,7 +376,11 @@ pub fn device_reset(device: BorrowedFd<'_>) -> Result<(), Errno> {
 
 /// `VFIO_DEVICE_FEATURE` with `PROBE` and `access` (`VFIO_DEVICE_FEATURE_GET` or `_SET`) for
 /// `feature`: `Ok` when the device has it.
-pub fn device_feature_probe(device: BorrowedFd<'_>, feature: u32, access: u32) -> Result<(), Errno> {
+pub fn device_feature_probe(
+    device: BorrowedFd<'_>,
+    feature: u32,
+    access: u32,
+) -> Result<(), Errno> {
     let mut buf = [0u8; 8];
     buf[..4].copy_from_slice(&8u32.to_ne_bytes());
     let flags = feature | access | vfio_bindings::bindings::vfio::VFIO_DEVICE_FEATURE_PROBE;
@@ -393,4 +399,10 @@ pub fn duplicate(fd: RawFd) -> std::io::Result<OwnedFd> {
     }
     // SAFETY: `new` was just created by fcntl and is owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// Whether this process runs as root (may install packages).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and touches no memory.
+    unsafe { libc::geteuid() == 0 }
 }

@@ -1,0 +1,96 @@
+//! Boots the real kernel's VFIO (Debian's kernel under QEMU's TCG, emulated VT-d, QEMU's edu
+//! device; see `vmig_vfio::kernel_guest`) with `tests/in_guest.rs` built as a static binary,
+//! checks that every in-guest test passed, and replays the guest's differential sequences
+//! against `vmig-dma` here on the host. Skips, saying why, where Debian's packages cannot be
+//! fetched or QEMU cannot be installed.
+
+use std::time::Duration;
+
+use vmig_vfio::differential::{self, KernelRun};
+use vmig_vfio::kernel_guest::Guest;
+
+#[test]
+fn the_backend_against_the_real_kernel_in_an_emulated_guest() {
+    let guest = match Guest::prepare() {
+        Ok(g) => g,
+        Err(why) => {
+            println!("skipped: the kernel-VFIO guest cannot run here: {why}");
+            return;
+        }
+    };
+    let binary = guest
+        .build_test_binary("in_guest")
+        .expect("static in-guest test binary");
+    let run = guest
+        .boot(
+            &binary,
+            &["--test-threads=1"],
+            768,
+            Duration::from_secs(600),
+        )
+        .expect("the guest boots");
+    println!("guest ran in {:.1} s", run.duration.as_secs_f64());
+    for line in run.console.lines().filter(|l| l.starts_with("test ")) {
+        println!("  guest: {}", line.trim_end());
+    }
+    let tail: String = run
+        .console
+        .lines()
+        .rev()
+        .take(80)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_eq!(
+        run.exit_code,
+        Some(0),
+        "in-guest tests failed; console:\n{tail}"
+    );
+    // Every test ran (none skipped for a missing device): libtest's summary, and no skip line.
+    let sources = include_str!("in_guest.rs");
+    let expected = sources.matches("#[test]").count() - sources.matches("#[ignore").count();
+    assert!(
+        run.console
+            .contains(&format!("test result: ok. {expected} passed")),
+        "expected {expected} in-guest tests to pass; console:\n{tail}"
+    );
+    assert!(!run.console.contains("skipped:"), "{tail}");
+    if let Some(quirk) = run.report_lines("VMIG-QUIRK ").next() {
+        println!("kernel quirk observed: {quirk}");
+    }
+
+    // The differential: the kernel's answers against vmig-dma's, call by call.
+    let runs: Vec<KernelRun> = run
+        .report_lines("VMIG-DIFF ")
+        .map(|l| serde_json::from_str(l).expect("a differential line"))
+        .collect();
+    assert_eq!(runs.len(), 12, "one line per seed");
+    let (mut calls_total, mut succeeded, mut failed, mut quirk_bits) = (0, 0, 0, 0);
+    for kernel in &runs {
+        let calls = differential::sequence(kernel.seed, kernel.answers.len());
+        let (ours, before) =
+            differential::run_on_vmig_dma(kernel.iova_pgsizes, &kernel.iova_ranges, &calls);
+        let c = differential::compare(&calls, &kernel.answers, &ours, &before);
+        assert!(
+            c.differences.is_empty(),
+            "seed {}: the kernel and vmig-dma differ:\n{}",
+            kernel.seed,
+            c.differences.join("\n")
+        );
+        calls_total += calls.len();
+        succeeded += c.succeeded;
+        failed += c.failed;
+        quirk_bits += c.quirk_bits;
+    }
+    println!(
+        "differential: {calls_total} calls in {} sequences agree ({succeeded} succeeded, {failed} \
+         refused with the same errno); {quirk_bits} stale bits from the kernel's quirk ignored",
+        runs.len()
+    );
+    assert!(
+        succeeded > calls_total / 4 && failed > calls_total / 20,
+        "too few calls of each kind"
+    );
+}
