@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use vfio_ioctls::{VfioContainer, VfioDeviceFd, VfioOps};
 use vmig_dirty::words_for;
@@ -58,6 +58,8 @@ struct State {
 pub struct Container {
     inner: Arc<VfioContainer>,
     state: Mutex<State>,
+    /// The dirty bitmap's page size, once the migration capability has been read.
+    bitmap_page: OnceLock<u64>,
 }
 
 impl std::fmt::Debug for Container {
@@ -94,6 +96,7 @@ impl Container {
         Ok(Self {
             inner: Arc::new(inner),
             state: Mutex::new(State::default()),
+            bitmap_page: OnceLock::new(),
         })
     }
 
@@ -364,9 +367,14 @@ impl Container {
     }
 
     fn bitmap_page_size(&self) -> Result<u64> {
-        // The info call takes no lock of ours; the page size never changes once set.
+        // The page size never changes once the IOMMU is set.
+        if let Some(page) = self.bitmap_page.get() {
+            return Ok(*page);
+        }
         match self.info()?.migration {
-            Some(m) if m.pgsize_bitmap != 0 => Ok(1 << m.pgsize_bitmap.trailing_zeros()),
+            Some(m) if m.pgsize_bitmap != 0 => Ok(*self
+                .bitmap_page
+                .get_or_init(|| 1 << m.pgsize_bitmap.trailing_zeros())),
             _ => Err(VfioError::Unavailable(
                 "the container has no migration capability: this kernel's type1 IOMMU cannot \
                  track dirty pages"
@@ -394,25 +402,33 @@ fn remove_mappings(state: &mut State, iova: u64, size: u64) {
 }
 
 /// Clears every bit of `bitmap` that is not a mapped page of the `npages` pages from `iova`:
-/// the kernel's stale bits past a mapping's end, in holes, and past the range.
+/// the kernel's stale bits past a mapping's end, in holes, and past the range. Only the gaps
+/// between mappings are touched.
 fn keep_mapped_bits(state: &State, iova: u64, page: u64, npages: u64, bitmap: &mut [u64]) {
-    let mut mask = vec![0u64; bitmap.len()];
-    let last = iova.saturating_add((npages * page).saturating_sub(1));
+    let all_bits = bitmap.len() as u64 * 64;
+    let mut cursor = 0;
     if npages > 0 {
+        let last = iova.saturating_add((npages * page).saturating_sub(1));
         // A mapping that starts before `iova` cannot be in a valid request (no splitting).
         for (start, m) in state.mappings.range(iova..=last) {
             let first = (start - iova) / page;
             let end = ((m.last.min(last) - iova) / page + 1).min(npages);
-            set_bits(&mut mask, first, end);
+            update_bits(bitmap, cursor, first, |w, mask| *w &= !mask);
+            cursor = cursor.max(end);
         }
     }
-    for (word, m) in bitmap.iter_mut().zip(&mask) {
-        *word &= m;
-    }
+    update_bits(bitmap, cursor, all_bits, |w, mask| *w &= !mask);
 }
 
 /// Sets bits `[first, end)` of `words`, a word at a time.
+#[cfg(test)]
 fn set_bits(words: &mut [u64], first: u64, end: u64) {
+    update_bits(words, first, end, |w, mask| *w |= mask);
+}
+
+/// Applies `apply(word, mask)` to the words holding bits `[first, end)`, with the mask of the
+/// bits in range.
+fn update_bits(words: &mut [u64], first: u64, end: u64, apply: impl Fn(&mut u64, u64)) {
     let mut bit = first;
     while bit < end {
         let Some(word) = words.get_mut((bit / 64) as usize) else {
@@ -420,7 +436,7 @@ fn set_bits(words: &mut [u64], first: u64, end: u64) {
         };
         let offset = bit % 64;
         let count = (64 - offset).min(end - bit);
-        *word |= (u64::MAX >> (64 - count)) << offset;
+        apply(word, (u64::MAX >> (64 - count)) << offset);
         bit += count;
     }
 }
@@ -438,5 +454,31 @@ mod tests {
         assert_eq!(w, [0xf000_0000_0000_00f8, u64::MAX, 0x3]);
         set_bits(&mut w, 190, 400); // past the end: stops at the last word
         assert_eq!(w[2], 0xc000_0000_0000_0003);
+    }
+
+    #[test]
+    fn only_bits_of_mapped_pages_survive() {
+        let mut state = State::default();
+        for (iova, pages) in [(0x10_0000u64, 3u64), (0x10_3000, 5), (0x20_0000, 2)] {
+            state.mappings.insert(
+                iova,
+                Mapping {
+                    last: iova + pages * 4096 - 1,
+                    _memory: None,
+                },
+            );
+        }
+        // The kernel's answer for A..C with stale bits past B and in the hole (observed 0x7ff).
+        let mut bitmap = vec![0x7ff, 0x10, 0, 0, 0xff];
+        keep_mapped_bits(&state, 0x10_0000, 4096, 258, &mut bitmap);
+        assert_eq!(bitmap, [0xff, 0, 0, 0, 0x3]);
+        // F alone after G+F (observed 0xff for 5 pages).
+        let mut bitmap = vec![0xff];
+        keep_mapped_bits(&state, 0x10_3000, 4096, 5, &mut bitmap);
+        assert_eq!(bitmap, [0x1f]);
+        // A range with no mapping keeps nothing.
+        let mut bitmap = vec![u64::MAX; 2];
+        keep_mapped_bits(&state, 0x40_0000, 4096, 100, &mut bitmap);
+        assert_eq!(bitmap, [0, 0]);
     }
 }

@@ -305,8 +305,9 @@ impl Guest {
     }
 
     /// Builds test target `test` of this crate as a static binary for the guest (a separate
-    /// target directory, so the host's build is untouched) and returns its path.
-    pub fn build_test_binary(&self, test: &str) -> Result<PathBuf, String> {
+    /// target directory, so the host's build is untouched), with the release profile when
+    /// `release`, and returns its path.
+    pub fn build_test_binary(&self, test: &str, release: bool) -> Result<PathBuf, String> {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let target_dir = self.work.join("target");
         let out = run(Command::new(cargo)
@@ -320,6 +321,7 @@ impl Guest {
                 test,
             ])
             .args(["--target", "x86_64-unknown-linux-gnu"])
+            .args(release.then_some("--release"))
             .env("CARGO_TARGET_DIR", &target_dir)
             .env("RUSTFLAGS", "-C target-feature=+crt-static")
             .current_dir(env!("CARGO_MANIFEST_DIR")))?;

@@ -698,7 +698,7 @@ fn bench_map_1gib_and_fetch_its_bitmap() {
     for offset in (0..1usize << 30).step_by(PAGE as usize) {
         ram.store_u64(offset, 1).unwrap();
     }
-    for round in vmig_vfio::bench::map_and_bitmap(&container, &ram, 4).unwrap() {
+    for round in vmig_vfio::bench::map_and_bitmap(&container, &ram, 9).unwrap() {
         kernel_guest::report_line(&format!(
             "VMIG-BENCH {}",
             serde_json::to_string(&round).unwrap()

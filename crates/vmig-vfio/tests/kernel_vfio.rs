@@ -19,7 +19,7 @@ fn the_backend_against_the_real_kernel_in_an_emulated_guest() {
         }
     };
     let binary = guest
-        .build_test_binary("in_guest")
+        .build_test_binary("in_guest", false)
         .expect("static in-guest test binary");
     let run = guest
         .boot(
