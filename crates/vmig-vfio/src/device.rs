@@ -136,10 +136,16 @@ impl std::fmt::Debug for Device {
 fn check_bdf(bdf: &str) -> Result<()> {
     let b = bdf.as_bytes();
     let hex_at = |range: std::ops::Range<usize>| b[range].iter().all(u8::is_ascii_hexdigit);
-    if b.len() == 12 && b[4] == b':' && b[7] == b':' && b[10] == b'.' {
-        if hex_at(0..4) && hex_at(5..7) && hex_at(8..10) && (b'0'..=b'7').contains(&b[11]) {
-            return Ok(());
-        }
+    if b.len() == 12
+        && b[4] == b':'
+        && b[7] == b':'
+        && b[10] == b'.'
+        && hex_at(0..4)
+        && hex_at(5..7)
+        && hex_at(8..10)
+        && (b'0'..=b'7').contains(&b[11])
+    {
+        return Ok(());
     }
     Err(VfioError::Invalid(format!(
         "PCI address `{bdf}`: expected DOMAIN:BUS:SLOT.FUNCTION in hex, e.g. 0000:01:00.0"

@@ -577,22 +577,21 @@ pub fn compare(
                 }
             }
         }
-        for w in 0..words {
+        for (w, &mapped) in mask.iter().enumerate() {
             let kw = k.bitmap.get(w).copied().unwrap_or(0);
             let ow = o.bitmap.get(w).copied().unwrap_or(0);
-            if kw & mask[w] != ow & mask[w] {
+            if kw & mapped != ow & mapped {
                 differ(format!(
-                    "bitmap word {w}: kernel {kw:#x}, vmig-dma {ow:#x} on mapped pages {:#x}",
-                    mask[w]
+                    "bitmap word {w}: kernel {kw:#x}, vmig-dma {ow:#x} on mapped pages {mapped:#x}"
                 ));
             }
-            if ow & !mask[w] != 0 {
+            if ow & !mapped != 0 {
                 differ(format!(
                     "bitmap word {w}: vmig-dma set {:#x} outside the mapped pages",
-                    ow & !mask[w]
+                    ow & !mapped
                 ));
             }
-            c.quirk_bits += u64::from((kw & !mask[w]).count_ones());
+            c.quirk_bits += u64::from((kw & !mapped).count_ones());
         }
     }
     c
