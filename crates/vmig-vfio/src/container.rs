@@ -26,10 +26,9 @@ use crate::device::Device;
 use crate::error::{Result, VfioError};
 use crate::info::ContainerInfo;
 use crate::mapping::{DmaMap, Section, plan};
-use crate::sys::{self, BitmapRequest, UserBitmap};
+use crate::sys::{self, BitmapRequest, ContainerFd, UserBitmap};
 
-/// Where the kernel's VFIO container lives.
-pub const CONTAINER_PATH: &str = "/dev/vfio/vfio";
+pub use crate::sys::CONTAINER_PATH;
 
 /// `argsz` of a GET_BITMAP request: the header and `vfio_iommu_type1_dirty_bitmap_get`.
 pub const GET_BITMAP_ARGSZ: u32 =
@@ -60,6 +59,8 @@ pub struct Container {
     state: Mutex<State>,
     /// The dirty bitmap's page size, once the migration capability has been read.
     bitmap_page: OnceLock<u64>,
+    /// `max_dirty_bitmap_size`, read with the page size.
+    max_bitmap_bytes: OnceLock<u64>,
 }
 
 impl std::fmt::Debug for Container {
@@ -97,13 +98,15 @@ impl Container {
             inner: Arc::new(inner),
             state: Mutex::new(State::default()),
             bitmap_page: OnceLock::new(),
+            max_bitmap_bytes: OnceLock::new(),
         })
     }
 
-    /// The container's file descriptor (for calls this type does not make).
-    pub fn fd(&self) -> BorrowedFd<'_> {
+    /// The container's file descriptor (for calls this type does not make; mappings made
+    /// through it are not in this container's table, and its bitmaps drop their bits).
+    pub fn fd(&self) -> ContainerFd<'_> {
         // SAFETY: the descriptor belongs to `self.inner`, which outlives the borrow.
-        unsafe { BorrowedFd::borrow_raw(self.inner.as_raw_fd()) }
+        ContainerFd::new(unsafe { BorrowedFd::borrow_raw(self.inner.as_raw_fd()) })
     }
 
     /// Opens the PCI device `bdf` (`0000:01:00.0`), which must be bound to vfio-pci or a
@@ -123,24 +126,31 @@ impl Container {
 
     /// `VFIO_IOMMU_GET_INFO` with its capability chain.
     pub fn info(&self) -> Result<ContainerInfo> {
-        let head = size_of::<vmig_dma::uapi::VfioIommuType1Info>();
-        let mut buf = vec![0u8; head];
-        buf[..4].copy_from_slice(&(head as u32).to_ne_bytes());
-        sys::iommu_get_info(self.fd(), &mut buf)
-            .map_err(|e| VfioError::ioctl("VFIO_IOMMU_GET_INFO (is a device open?)", e))?;
-        let need = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
-        if need > head {
+        let mut argsz = size_of::<vmig_dma::uapi::VfioIommuType1Info>();
+        // The chain could grow between the sizing call and the full one: ask again then.
+        for _ in 0..4 {
+            let mut buf = vec![0u8; argsz];
+            buf[..4].copy_from_slice(&(argsz as u32).to_ne_bytes());
+            sys::iommu_get_info(self.fd(), &mut buf).map_err(|e| {
+                VfioError::ioctl(
+                    "VFIO_IOMMU_GET_INFO (a container has an IOMMU only once a device is open)",
+                    e,
+                )
+            })?;
+            let need = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+            if need <= argsz {
+                return ContainerInfo::decode(&buf);
+            }
             if need > 1 << 20 {
                 return Err(VfioError::Kernel(format!(
                     "VFIO_IOMMU_GET_INFO asks for {need} bytes"
                 )));
             }
-            buf = vec![0u8; need];
-            buf[..4].copy_from_slice(&(need as u32).to_ne_bytes());
-            sys::iommu_get_info(self.fd(), &mut buf)
-                .map_err(|e| VfioError::ioctl("VFIO_IOMMU_GET_INFO with capabilities", e))?;
+            argsz = need;
         }
-        ContainerInfo::decode(&buf)
+        Err(VfioError::Kernel(
+            "VFIO_IOMMU_GET_INFO kept asking for a larger buffer".into(),
+        ))
     }
 
     /// Maps `size` bytes of `memory` from `offset` at `iova`, readable and writable by devices;
@@ -208,8 +218,16 @@ impl Container {
 
     /// Unmaps the whole mappings inside `[iova, iova+size)` and returns how many bytes were
     /// unmapped (0 when there were none). A range that splits a mapping is refused (`EINVAL`).
+    /// While dirty tracking is on it is refused too (the kernel would allow it, and the pages
+    /// devices dirtied there would be lost): use [`Container::unmap_with_dirty_bitmap`].
     pub fn unmap(&self, iova: u64, size: u64) -> Result<u64> {
         let mut state = self.lock();
+        if state.tracking {
+            return Err(VfioError::Invalid(format!(
+                "unmap of [{iova:#x}, +{size:#x}) while dirty tracking is on would lose the pages \
+                 devices dirtied there: use unmap_with_dirty_bitmap, or stop tracking first"
+            )));
+        }
         let answer = sys::unmap_dma(self.fd(), UNMAP_ARGSZ, 0, iova, size, None);
         answer.result.map_err(|e| {
             VfioError::ioctl(
@@ -262,8 +280,12 @@ impl Container {
                 unsafe { self.map_locked(&mut state, m.iova, m.size, m.vaddr, memory.cloned()) };
             if let Err(e) = mapped {
                 for done in &maps[..i] {
-                    let _ = sys::unmap_dma(self.fd(), UNMAP_ARGSZ, 0, done.iova, done.size, None);
-                    remove_mappings(&mut state, done.iova, done.size);
+                    let undone =
+                        sys::unmap_dma(self.fd(), UNMAP_ARGSZ, 0, done.iova, done.size, None);
+                    // A mapping the kernel kept keeps its memory in the table.
+                    if undone.result.is_ok() {
+                        remove_mappings(&mut state, done.iova, done.size);
+                    }
                 }
                 return Err(e);
             }
@@ -318,7 +340,7 @@ impl Container {
         let state = self.lock();
         let page = self.bitmap_page_size()?;
         let npages = size / page;
-        let bytes = words_for(npages) * 8;
+        let bytes = self.check_bitmap_bytes(npages)?;
         let (result, mut bitmap) = sys::dirty_pages_get_bitmap(
             self.fd(),
             GET_BITMAP_ARGSZ,
@@ -346,13 +368,14 @@ impl Container {
         let mut state = self.lock();
         let page = self.bitmap_page_size()?;
         let npages = size / page;
+        let bytes = self.check_bitmap_bytes(npages)?;
         let answer = sys::unmap_dma(
             self.fd(),
             UNMAP_BITMAP_ARGSZ,
             VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP,
             iova,
             size,
-            Some((page, UserBitmap::Buffer(words_for(npages) * 8))),
+            Some((page, UserBitmap::Buffer(bytes))),
         );
         answer.result.map_err(|e| {
             VfioError::ioctl(
@@ -364,6 +387,24 @@ impl Container {
         keep_mapped_bits(&state, iova, page, npages, &mut bitmap);
         remove_mappings(&mut state, iova, size);
         Ok((answer.unmapped, bitmap))
+    }
+
+    /// The bytes of a bitmap of `npages` pages, refused above the kernel's limit before
+    /// anything is allocated.
+    fn check_bitmap_bytes(&self, npages: u64) -> Result<u64> {
+        let bytes = words_for(npages) * 8;
+        let max = self
+            .max_bitmap_bytes
+            .get()
+            .copied()
+            .unwrap_or(sys::MAX_BITMAP_BUFFER);
+        if bytes > max {
+            return Err(VfioError::Invalid(format!(
+                "a dirty bitmap of {npages} pages needs {bytes} bytes, more than the kernel's \
+                 max_dirty_bitmap_size of {max}: ask for a smaller range"
+            )));
+        }
+        Ok(bytes)
     }
 
     fn bitmap_page_size(&self) -> Result<u64> {
@@ -380,6 +421,33 @@ impl Container {
                  track dirty pages"
                     .into(),
             )),
+        }
+    }
+}
+
+impl Drop for Container {
+    /// Unmaps everything the table holds before the memory it keeps alive is released: a
+    /// device may outlive the container value (its group keeps the kernel's container), and
+    /// must not reach memory that is gone.
+    fn drop(&mut self) {
+        let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        let fd = ContainerFd::new(
+            // SAFETY: the descriptor belongs to `self.inner`, alive until after this body.
+            unsafe { BorrowedFd::borrow_raw(self.inner.as_raw_fd()) },
+        );
+        let mut kept = BTreeMap::new();
+        for (iova, m) in std::mem::take(&mut state.mappings) {
+            let size = m.last - iova + 1;
+            if sys::unmap_dma(fd, UNMAP_ARGSZ, 0, iova, size, None)
+                .result
+                .is_err()
+            {
+                kept.insert(iova, m);
+            }
+        }
+        // Memory of a mapping the kernel refused to drop must never be released.
+        for (_, m) in kept {
+            std::mem::forget(m);
         }
     }
 }

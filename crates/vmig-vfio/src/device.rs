@@ -117,13 +117,18 @@ impl MigrationSupport {
 }
 
 /// A VFIO PCI device.
+///
+/// Dropping the last device of a group detaches the group, and the kernel then drops every
+/// mapping of a container it was the last group of.
 pub struct Device {
     name: String,
+    /// A duplicate of the device fd for positioned reads and writes that report errors. It is
+    /// declared before `inner` so it is closed first: the group can only leave its container
+    /// once no device fd is open.
+    file: File,
     inner: VfioDevice,
     /// `VFIO_DEVICE_FLAGS_*`.
     flags: u32,
-    /// A duplicate of the device fd for positioned reads and writes that report errors.
-    file: File,
 }
 
 impl std::fmt::Debug for Device {

@@ -26,6 +26,9 @@ pub enum VfioError {
     /// A request this crate refuses before asking the kernel.
     #[error("{0}")]
     Invalid(String),
+    /// Guest RAM that lies outside the IOMMU's IOVA ranges (QEMU answers `-EFAULT`, seed 003).
+    #[error("{0}")]
+    OutsideIovaRanges(String),
     /// The kernel answered something this crate cannot use.
     #[error("{0}")]
     Kernel(String),
@@ -48,6 +51,7 @@ impl VfioError {
             Self::Ioctl { errno, .. } => *errno,
             Self::Library { source, .. } => library_errno(source).unwrap_or(libc::EIO),
             Self::Invalid(_) => libc::EINVAL,
+            Self::OutsideIovaRanges(_) => libc::EFAULT,
             Self::Unavailable(_) => libc::ENODEV,
             Self::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Self::Kernel(_) => libc::EIO,

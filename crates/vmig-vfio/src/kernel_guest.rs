@@ -41,8 +41,8 @@ pub fn in_guest() -> bool {
 pub struct Guest {
     qemu: PathBuf,
     kernel: PathBuf,
-    /// Module name (as in `depends=`, with `_`) → file.
-    modules: BTreeMap<String, PathBuf>,
+    /// The VFIO modules and their dependencies, in load order: (name, file).
+    modules: Vec<(String, PathBuf)>,
     busybox: PathBuf,
     work: PathBuf,
 }
@@ -57,6 +57,8 @@ pub struct GuestRun {
     /// The binary's exit code, `None` when the console never printed it (the guest crashed or
     /// timed out).
     pub exit_code: Option<i32>,
+    /// Whether the guest was killed at the timeout.
+    pub timed_out: bool,
     /// Wall time of the boot.
     pub duration: Duration,
 }
@@ -142,7 +144,11 @@ fn extract(deb: &Path, dir: &Path) -> Result<(), String> {
         return Ok(());
     }
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(dir))?;
+    if let Err(e) = run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(dir)) {
+        // A damaged download must not be reused by the next attempt.
+        let _ = std::fs::remove_file(deb);
+        return Err(e);
+    }
     std::fs::write(&done, b"").map_err(|e| format!("{}: {e}", done.display()))
 }
 
@@ -280,7 +286,7 @@ impl Guest {
             .ok_or_else(|| format!("{kernel_package} has no /boot/vmlinuz-*"))?;
         let mut files = Vec::new();
         find_files(&kernel_root.join("lib/modules"), &mut files);
-        let modules = files
+        let by_name: BTreeMap<String, PathBuf> = files
             .into_iter()
             .filter_map(|p| {
                 let name = p
@@ -291,6 +297,11 @@ impl Guest {
                 Some((name, p))
             })
             .collect();
+        // Compressed modules (.ko.xz, in later Debian kernels) are not found here: busybox's
+        // insmod cannot load them.
+        let modules = load_order(MODULES, &by_name).map_err(|e| {
+            format!("{e} (the guest needs uncompressed .ko files from {kernel_package})")
+        })?;
         let busybox = busybox_root.join("bin/busybox");
         if !busybox.is_file() {
             return Err(format!("{} is missing", busybox.display()));
@@ -324,6 +335,7 @@ impl Guest {
             .args(release.then_some("--release"))
             .env("CARGO_TARGET_DIR", &target_dir)
             .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS")
             .current_dir(env!("CARGO_MANIFEST_DIR")))?;
         out.lines()
             .filter(|l| l.contains("\"executable\":\"") && l.contains("compiler-artifact"))
@@ -346,15 +358,21 @@ impl Guest {
         memory_mib: u32,
         timeout: Duration,
     ) -> Result<GuestRun, String> {
-        let run_dir = self.work.join(format!("run-{}", std::process::id()));
+        static BOOTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let boot = BOOTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let run_dir = self.work.join(format!("run-{}-{boot}", std::process::id()));
         std::fs::create_dir_all(&run_dir).map_err(|e| format!("{}: {e}", run_dir.display()))?;
         let initramfs = run_dir.join("initramfs.cpio");
         std::fs::write(&initramfs, self.initramfs(binary, args)?)
             .map_err(|e| format!("{}: {e}", initramfs.display()))?;
         let console = run_dir.join("console.log");
         let report = run_dir.join("report.log");
+        let qemu_log = run_dir.join("qemu.log");
         let _ = std::fs::remove_file(&console);
         let _ = std::fs::remove_file(&report);
+        // QEMU's own messages go to a file: a pipe nobody reads while it runs could fill up.
+        let stderr =
+            std::fs::File::create(&qemu_log).map_err(|e| format!("{}: {e}", qemu_log.display()))?;
         let start = Instant::now();
         let mut child = Command::new(&self.qemu)
             .args(["-accel", "tcg", "-machine", "q35,kernel-irqchip=split"])
@@ -388,7 +406,7 @@ impl Guest {
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(stderr)
             .spawn()
             .map_err(|e| format!("{}: {e}", self.qemu.display()))?;
         let status = loop {
@@ -405,11 +423,7 @@ impl Guest {
         let duration = start.elapsed();
         let console = std::fs::read_to_string(&console).unwrap_or_default();
         let report = std::fs::read_to_string(&report).unwrap_or_default();
-        let mut stderr = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            use std::io::Read;
-            let _ = e.read_to_string(&mut stderr);
-        }
+        let stderr = std::fs::read_to_string(&qemu_log).unwrap_or_default();
         if status.is_some_and(|s| !s.success()) {
             return Err(format!("QEMU failed: {}", stderr.trim()));
         }
@@ -423,6 +437,7 @@ impl Guest {
             console,
             report,
             exit_code,
+            timed_out: status.is_none(),
             duration,
         })
     }
@@ -430,9 +445,9 @@ impl Guest {
     /// The initramfs (newc cpio): busybox, the modules, the binary and the init script.
     fn initramfs(&self, binary: &Path, args: &[&str]) -> Result<Vec<u8>, String> {
         let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
-        let modules = load_order(MODULES, &self.modules)?;
+        let modules = &self.modules;
         let mut insmod = String::new();
-        for (name, _) in &modules {
+        for (name, _) in modules {
             insmod.push_str(&format!(
                 "insmod /lib/modules/{name}.ko || echo \"insmod {name} failed\"\n"
             ));
@@ -468,7 +483,7 @@ impl Guest {
         }
         cpio.file("bin/busybox", &read(&self.busybox)?, 0o755);
         cpio.file("bin/vmig-guest-test", &read(binary)?, 0o755);
-        for (name, path) in &modules {
+        for (name, path) in modules {
             cpio.file(&format!("lib/modules/{name}.ko"), &read(path)?, 0o644);
         }
         cpio.file("init", init.as_bytes(), 0o755);

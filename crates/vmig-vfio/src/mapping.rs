@@ -13,7 +13,7 @@ use crate::error::{Result, VfioError};
 pub struct Section {
     /// Guest-physical address of the first byte (the IOVA it gets).
     pub gpa: u64,
-    /// Bytes; up to 2^64.
+    /// Bytes; more than 2^64 is refused.
     pub size: u128,
     /// Host address of the first byte.
     pub host_addr: u64,
@@ -49,7 +49,12 @@ pub fn plan(section: Section, page_size: u64, ranges: &[IovaRange]) -> Result<Ve
     }
     let page = u128::from(page_size);
     let start = u128::from(section.gpa);
-    let end = start + section.size; // at most 2^65 - 1: no overflow in 128 bits
+    let end = start.checked_add(section.size).ok_or_else(|| {
+        VfioError::Invalid(format!(
+            "guest RAM section at {:#x}: its size {:#x} overflows",
+            section.gpa, section.size
+        ))
+    })?;
     let iova = start.div_ceil(page) * page;
     let end = end / page * page;
     if iova >= end {
@@ -57,7 +62,7 @@ pub fn plan(section: Section, page_size: u64, ranges: &[IovaRange]) -> Result<Ve
     }
     // Rule 1-2: the inclusive last byte, only once start < end is known.
     let last = end - 1;
-    if last > u128::from(u64::MAX) {
+    if last > u128::from(u64::MAX) || section.size > 1u128 << 64 {
         return Err(VfioError::Invalid(format!(
             "guest RAM section at {:#x} of {:#x} bytes ends past the 64-bit address space",
             section.gpa, section.size
@@ -66,7 +71,7 @@ pub fn plan(section: Section, page_size: u64, ranges: &[IovaRange]) -> Result<Ve
     let (iova, last) = (iova as u64, last as u64);
     // Rule 4: inclusive compare, inside one allowed range.
     if !ranges.is_empty() && !ranges.iter().any(|r| iova >= r.start && last <= r.last) {
-        return Err(VfioError::Invalid(format!(
+        return Err(VfioError::OutsideIovaRanges(format!(
             "vfio: IOMMU container can't map guest IOVA region {iova:#x}..{last:#x}: it is not inside one of the IOMMU's IOVA ranges ({})",
             describe(ranges)
         )));

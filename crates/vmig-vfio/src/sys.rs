@@ -8,9 +8,11 @@
 //! from the C layouts in [`vmig_dma::uapi`] (checked there against the kernel's structs), and
 //! each answer is `Ok` or the errno the kernel gave.
 //!
-//! Every function is safe to call with any values: where a request carries a user pointer
-//! (the dirty bitmap) the pointer is built here from a buffer at least as large as the size
-//! the request declares, or is one the kernel refuses before touching it ([`UserBitmap`]).
+//! Every function is safe to call with any values: container requests go only to a
+//! [`ContainerFd`] (a number means something else on another kind of VFIO fd: 17 is
+//! `VFIO_DEVICE_FEATURE` on a device), and where a request carries a user pointer (the dirty
+//! bitmap) the pointer is built here from a buffer at least as large as the size the request
+//! declares, or is one the kernel refuses before writing anywhere ([`UserBitmap`]).
 
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
@@ -23,6 +25,54 @@ use zerocopy::{FromBytes, IntoBytes};
 
 /// An errno from the kernel.
 pub type Errno = i32;
+
+/// Where the kernel's VFIO container lives.
+pub const CONTAINER_PATH: &str = "/dev/vfio/vfio";
+
+/// A file descriptor known to be a VFIO container (opened from [`CONTAINER_PATH`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ContainerFd<'a>(BorrowedFd<'a>);
+
+impl<'a> ContainerFd<'a> {
+    /// Only code that opened the fd from `/dev/vfio/vfio` may say so.
+    pub(crate) fn new(fd: BorrowedFd<'a>) -> Self {
+        Self(fd)
+    }
+
+    /// The descriptor.
+    pub fn as_fd(&self) -> BorrowedFd<'a> {
+        self.0
+    }
+}
+
+/// A container opened without `vfio-ioctls`, for setting it up by hand (a type1 v1 IOMMU, a
+/// group attached and detached explicitly).
+#[derive(Debug)]
+pub struct RawContainer(std::fs::File);
+
+impl RawContainer {
+    /// Opens [`CONTAINER_PATH`].
+    pub fn open() -> std::io::Result<Self> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(CONTAINER_PATH)
+            .map(Self)
+    }
+
+    /// Its descriptor.
+    pub fn fd(&self) -> ContainerFd<'_> {
+        use std::os::fd::AsFd;
+        ContainerFd(self.0.as_fd())
+    }
+}
+
+/// The largest bitmap buffer this module allocates: twice the kernel's maximum
+/// (`DIRTY_BITMAP_SIZE_MAX`, 256 MiB), so requests just past the kernel's limit still reach it.
+pub const MAX_BITMAP_BUFFER: u64 = 512 << 20;
+/// The largest size a `NULL` bitmap may declare: its writes, should the kernel make any, land
+/// at `NULL + offset < 4096`, in the page that is never mapped.
+pub const MAX_NULL_BITMAP: u64 = 4096;
 
 const fn vfio_io(nr: u32) -> u32 {
     (vmig_dma::uapi::VFIO_TYPE << 8) | (vmig_dma::uapi::VFIO_BASE + nr)
@@ -90,7 +140,8 @@ pub enum UserBitmap {
         /// Bytes really there.
         allocated: u64,
     },
-    /// `NULL` with this declared size (the kernel answers `EFAULT` before writing).
+    /// `NULL` with this declared size, at most [`MAX_NULL_BITMAP`] (the kernel answers
+    /// `EFAULT` at its first write).
     Null(u64),
     /// [`KERNEL_ADDRESS`] with this declared size (fails `access_ok`: `EINVAL`).
     KernelAddress(u64),
@@ -106,7 +157,12 @@ impl UserBitmap {
 
     /// The buffer to hand over, in whole words, and the pointer to put in the request.
     fn allocate(self) -> Result<(Vec<u64>, u64), Errno> {
-        let words = |bytes: u64| usize::try_from(bytes.div_ceil(8)).map_err(|_| libc::EINVAL);
+        let words = |bytes: u64| {
+            if bytes > MAX_BITMAP_BUFFER {
+                return Err(libc::EINVAL);
+            }
+            usize::try_from(bytes.div_ceil(8)).map_err(|_| libc::EINVAL)
+        };
         Ok(match self {
             Self::Buffer(n) => {
                 let buf = vec![0u64; words(n)?];
@@ -124,7 +180,8 @@ impl UserBitmap {
                 let ptr = buf.as_ptr() as u64;
                 (buf, ptr)
             }
-            Self::Null(_) => (Vec::new(), 0),
+            Self::Null(n) if n <= MAX_NULL_BITMAP => (Vec::new(), 0),
+            Self::Null(_) => return Err(libc::EINVAL),
             Self::KernelAddress(_) => (Vec::new(), KERNEL_ADDRESS),
         })
     }
@@ -144,27 +201,27 @@ pub struct BitmapRequest {
 }
 
 /// `VFIO_IOMMU_GET_INFO` into `buf`, whose first `u32` is `argsz`.
-pub fn iommu_get_info(container: BorrowedFd<'_>, buf: &mut [u8]) -> Result<(), Errno> {
-    ioctl_buffer(container, VFIO_IOMMU_GET_INFO, buf).map(drop)
+pub fn iommu_get_info(container: ContainerFd<'_>, buf: &mut [u8]) -> Result<(), Errno> {
+    ioctl_buffer(container.0, VFIO_IOMMU_GET_INFO, buf).map(drop)
 }
 
 /// `VFIO_SET_IOMMU`.
-pub fn set_iommu(container: BorrowedFd<'_>, iommu_type: u32) -> Result<(), Errno> {
-    ioctl_value(container, VFIO_SET_IOMMU, iommu_type.into()).map(drop)
+pub fn set_iommu(container: ContainerFd<'_>, iommu_type: u32) -> Result<(), Errno> {
+    ioctl_value(container.0, VFIO_SET_IOMMU, iommu_type.into()).map(drop)
 }
 
 /// `VFIO_CHECK_EXTENSION`: 1 when the container supports `extension`.
-pub fn check_extension(container: BorrowedFd<'_>, extension: u32) -> Result<i32, Errno> {
+pub fn check_extension(container: ContainerFd<'_>, extension: u32) -> Result<i32, Errno> {
     ioctl_value(
-        container,
+        container.0,
         vmig_dma::uapi::VFIO_CHECK_EXTENSION,
         extension.into(),
     )
 }
 
 /// `VFIO_GET_API_VERSION`.
-pub fn api_version(container: BorrowedFd<'_>) -> Result<i32, Errno> {
-    ioctl_value(container, vmig_dma::uapi::VFIO_GET_API_VERSION, 0)
+pub fn api_version(container: ContainerFd<'_>) -> Result<i32, Errno> {
+    ioctl_value(container.0, vmig_dma::uapi::VFIO_GET_API_VERSION, 0)
 }
 
 /// `VFIO_GROUP_GET_STATUS`: the group's flags.
@@ -176,8 +233,8 @@ pub fn group_status(group: BorrowedFd<'_>) -> Result<u32, Errno> {
 }
 
 /// `VFIO_GROUP_SET_CONTAINER`.
-pub fn group_set_container(group: BorrowedFd<'_>, container: BorrowedFd<'_>) -> Result<(), Errno> {
-    let container_fd: RawFd = container.as_raw_fd();
+pub fn group_set_container(group: BorrowedFd<'_>, container: ContainerFd<'_>) -> Result<(), Errno> {
+    let container_fd: RawFd = container.0.as_raw_fd();
     // SAFETY: the argument points at a live `int` the kernel only reads.
     check(unsafe {
         libc::ioctl(
@@ -197,7 +254,7 @@ pub fn group_unset_container(group: BorrowedFd<'_>) -> Result<(), Errno> {
 /// `VFIO_IOMMU_DIRTY_PAGES` with only the header (`START`, `STOP`, or any flags a test wants
 /// refused). The request is followed by a zeroed range, so a `GET_BITMAP` flag sent this way
 /// points the kernel at `NULL`, which it refuses.
-pub fn dirty_pages_flags(container: BorrowedFd<'_>, argsz: u32, flags: u32) -> Result<(), Errno> {
+pub fn dirty_pages_flags(container: ContainerFd<'_>, argsz: u32, flags: u32) -> Result<(), Errno> {
     let mut buf =
         [0u8; size_of::<VfioIommuType1DirtyBitmap>() + size_of::<VfioIommuType1DirtyBitmapGet>()];
     VfioIommuType1DirtyBitmap { argsz, flags }
@@ -207,7 +264,7 @@ pub fn dirty_pages_flags(container: BorrowedFd<'_>, argsz: u32, flags: u32) -> R
     // most those 48 bytes for DIRTY_PAGES and writes nothing back into the request.
     check(unsafe {
         libc::ioctl(
-            container.as_raw_fd(),
+            container.0.as_raw_fd(),
             VFIO_IOMMU_DIRTY_PAGES as libc::c_ulong,
             buf.as_mut_ptr(),
         )
@@ -218,7 +275,7 @@ pub fn dirty_pages_flags(container: BorrowedFd<'_>, argsz: u32, flags: u32) -> R
 /// `VFIO_IOMMU_DIRTY_PAGES` with `GET_BITMAP` (and any extra `flags`): the kernel's answer and
 /// the bitmap buffer as the kernel left it. `argsz` is what the request declares.
 pub fn dirty_pages_get_bitmap(
-    container: BorrowedFd<'_>,
+    container: ContainerFd<'_>,
     argsz: u32,
     flags: u32,
     request: BitmapRequest,
@@ -246,7 +303,7 @@ pub fn dirty_pages_get_bitmap(
     // references during the call.
     let ret = check(unsafe {
         libc::ioctl(
-            container.as_raw_fd(),
+            container.0.as_raw_fd(),
             VFIO_IOMMU_DIRTY_PAGES as libc::c_ulong,
             buf.as_mut_ptr(),
         )
@@ -255,8 +312,9 @@ pub fn dirty_pages_get_bitmap(
     (ret.map(drop), bitmap)
 }
 
-/// The answer to an unmap: the kernel's result, the bytes it says it unmapped (written back
-/// on success and on failure), and the bitmap buffer when one was asked for.
+/// The answer to an unmap: the kernel's result, the bytes it unmapped (meaningful on success;
+/// on failure Linux 6.1 leaves the requested size there), and the bitmap buffer when one was
+/// asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnmapAnswer {
     /// `Ok` or the errno.
@@ -270,7 +328,7 @@ pub struct UnmapAnswer {
 /// `VFIO_IOMMU_UNMAP_DMA` of `[iova, iova+size)` with `flags`; with `bitmap`, the request
 /// carries a `vfio_bitmap` (put `VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP` in `flags` to use it).
 pub fn unmap_dma(
-    container: BorrowedFd<'_>,
+    container: ContainerFd<'_>,
     argsz: u32,
     flags: u32,
     iova: u64,
@@ -312,7 +370,7 @@ pub fn unmap_dma(
     // the declared size that nothing else references during the call.
     let ret = check(unsafe {
         libc::ioctl(
-            container.as_raw_fd(),
+            container.0.as_raw_fd(),
             VFIO_IOMMU_UNMAP_DMA as libc::c_ulong,
             buf.as_mut_ptr(),
         )
@@ -329,13 +387,15 @@ pub fn unmap_dma(
 
 /// `VFIO_IOMMU_MAP_DMA` of `[iova, iova+size)` to `vaddr` with `flags`, exactly as given (the
 /// backend maps through `vfio-ioctls`; this is for sending the kernel any request a test wants).
+/// A mapping made here is not in any [`crate::Container`]'s table, so the container's bitmaps
+/// drop its bits.
 ///
 /// # Safety
 /// When the kernel accepts the request, `[vaddr, vaddr+size)` must be memory of this process
 /// that stays mapped until the range is unmapped and is only accessed in ways that tolerate a
 /// device writing it at any time (raw pointers, atomics, system calls).
 pub unsafe fn map_dma(
-    container: BorrowedFd<'_>,
+    container: ContainerFd<'_>,
     flags: u32,
     iova: u64,
     size: u64,
@@ -352,7 +412,7 @@ pub unsafe fn map_dma(
     // caller's promise.
     check(unsafe {
         libc::ioctl(
-            container.as_raw_fd(),
+            container.0.as_raw_fd(),
             vmig_dma::uapi::VFIO_IOMMU_MAP_DMA as libc::c_ulong,
             map.as_mut_bytes().as_mut_ptr(),
         )
@@ -361,7 +421,7 @@ pub unsafe fn map_dma(
 }
 
 /// `VFIO_DEVICE_GET_INFO`: the device's flags (`VFIO_DEVICE_FLAGS_*`).
-pub fn device_flags(device: BorrowedFd<'_>) -> Result<u32, Errno> {
+pub(crate) fn device_flags(device: BorrowedFd<'_>) -> Result<u32, Errno> {
     // struct vfio_device_info: argsz, flags, num_regions, num_irqs, cap_offset, pad.
     let mut buf = [0u8; 24];
     buf[..4].copy_from_slice(&24u32.to_ne_bytes());
@@ -370,13 +430,13 @@ pub fn device_flags(device: BorrowedFd<'_>) -> Result<u32, Errno> {
 }
 
 /// `VFIO_DEVICE_RESET`.
-pub fn device_reset(device: BorrowedFd<'_>) -> Result<(), Errno> {
+pub(crate) fn device_reset(device: BorrowedFd<'_>) -> Result<(), Errno> {
     ioctl_value(device, VFIO_DEVICE_RESET, 0).map(drop)
 }
 
 /// `VFIO_DEVICE_FEATURE` with `PROBE` and `access` (`VFIO_DEVICE_FEATURE_GET` or `_SET`) for
 /// `feature`: `Ok` when the device has it.
-pub fn device_feature_probe(
+pub(crate) fn device_feature_probe(
     device: BorrowedFd<'_>,
     feature: u32,
     access: u32,
@@ -390,7 +450,7 @@ pub fn device_feature_probe(
 
 /// A new descriptor for the file behind `fd` (so reads and writes of a device's regions can
 /// go through `std`'s positioned I/O, which reports every error).
-pub fn duplicate(fd: RawFd) -> std::io::Result<OwnedFd> {
+pub(crate) fn duplicate(fd: RawFd) -> std::io::Result<OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC creates a new descriptor and touches no memory; a bad `fd` is
     // refused with EBADF.
     let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };

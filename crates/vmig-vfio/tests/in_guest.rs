@@ -409,8 +409,18 @@ fn dirty_tracking_reports_what_linux_6_1_reports() {
     );
     // Nothing above unmapped anything.
     assert_eq!(container.mappings().len(), 5);
-    // "A plain UNMAP (no bitmap) while tracking is allowed."
-    assert_eq!(container.unmap(0x50_0000, 4 * PAGE).unwrap(), 4 * PAGE);
+    // The backend refuses a bitmap larger than max_dirty_bitmap_size before allocating it.
+    let err = container.dirty_bitmap(0, 1 << 48).unwrap_err().to_string();
+    assert!(err.contains("max_dirty_bitmap_size"), "{err}");
+    // "A plain UNMAP (no bitmap) while tracking is allowed." The backend refuses it, since
+    // the dirty pages there would be lost; the kernel takes it.
+    let err = container
+        .unmap(0x50_0000, 4 * PAGE)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unmap_with_dirty_bitmap"), "{err}");
+    let plain = sys::unmap_dma(container.fd(), UNMAP_ARGSZ, 0, 0x50_0000, 4 * PAGE, None);
+    assert_eq!((plain.result, plain.unmapped), (Ok(()), 4 * PAGE));
     // "STOP while stopped returns 0"; "After STOP, GET_BITMAP and UNMAP+GET_DIRTY_BITMAP fail
     // with EINVAL."
     container.stop_dirty_tracking().unwrap();
@@ -492,24 +502,19 @@ fn the_stale_bit_quirk_reaches_raw_callers_but_not_the_backend() {
 #[test]
 fn a_type1_v1_container_refuses_dirty_tracking_with_eacces() {
     let Some(bdf) = edu_bdf() else { return };
-    let rw = |p: &str| {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(p)
-            .unwrap()
-    };
-    let container = rw("/dev/vfio/vfio");
+    let container = sys::RawContainer::open().unwrap();
     let link = std::fs::read_link(format!("/sys/bus/pci/devices/{bdf}/iommu_group")).unwrap();
-    let group = rw(&format!(
-        "/dev/vfio/{}",
-        link.file_name().unwrap().to_string_lossy()
-    ));
-    sys::group_set_container(group.as_fd(), container.as_fd()).unwrap();
-    sys::set_iommu(container.as_fd(), 1).unwrap(); // VFIO_TYPE1_IOMMU
+    let group_path = format!("/dev/vfio/{}", link.file_name().unwrap().to_string_lossy());
+    let group = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(group_path)
+        .unwrap();
+    sys::group_set_container(group.as_fd(), container.fd()).unwrap();
+    sys::set_iommu(container.fd(), 1).unwrap(); // VFIO_TYPE1_IOMMU
     // "A type1 v1 container (VFIO_TYPE1_IOMMU): DIRTY_PAGES START → EACCES"
     assert_eq!(
-        sys::dirty_pages_flags(container.as_fd(), 8, VFIO_IOMMU_DIRTY_PAGES_FLAG_START),
+        sys::dirty_pages_flags(container.fd(), 8, VFIO_IOMMU_DIRTY_PAGES_FLAG_START),
         Err(libc::EACCES)
     );
     sys::group_unset_container(group.as_fd()).unwrap();
