@@ -1,5 +1,5 @@
 //! `vmig device serve` and `vmig device probe`: serve a sample device over vfio-user, and
-//! describe any vfio-user server.
+//! describe any vfio-user server or a device bound to the kernel's vfio-pci.
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -33,11 +33,16 @@ enum DeviceCommand {
         #[arg(long, value_name = "VERSION", default_value = "v2")]
         migration: String,
     },
-    /// Connect to a vfio-user server and describe its device.
+    /// Describe a device: a vfio-user server's (--socket), or a PCI device bound to vfio-pci
+    /// through the kernel's VFIO (--vfio-pci).
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["socket", "vfio_pci"])))]
     Probe {
         /// The server's socket.
         #[arg(long, value_name = "PATH")]
-        socket: PathBuf,
+        socket: Option<PathBuf>,
+        /// The PCI address of a device bound to vfio-pci (or a variant driver).
+        #[arg(long, value_name = "DOMAIN:BUS:SLOT.FN")]
+        vfio_pci: Option<String>,
     },
 }
 
@@ -48,7 +53,15 @@ pub fn run(args: &DeviceArgs) -> Result<ExitCode, String> {
             device,
             migration,
         } => serve(socket, device, migration),
-        DeviceCommand::Probe { socket } => probe(socket),
+        DeviceCommand::Probe {
+            socket: Some(socket),
+            ..
+        } => probe(socket),
+        DeviceCommand::Probe {
+            vfio_pci: Some(bdf),
+            ..
+        } => probe_kernel_device(bdf),
+        DeviceCommand::Probe { .. } => Err("give --socket PATH or --vfio-pci ADDRESS".into()),
     }
 }
 
@@ -213,6 +226,17 @@ fn probe(socket: &Path) -> Result<ExitCode, String> {
         }
     );
     client.close();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Describes a PCI device through the kernel's VFIO.
+fn probe_kernel_device(bdf: &str) -> Result<ExitCode, String> {
+    let container = vmig_vfio::Container::open(None).map_err(|e| e.to_string())?;
+    let device = container.open_device(bdf).map_err(|e| e.to_string())?;
+    print!(
+        "{}",
+        vmig_vfio::describe(&container, &device).map_err(|e| e.to_string())?
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -520,6 +520,106 @@ impl Device {
     }
 }
 
+/// A description of `device` and its `container` for people: regions, interrupts, what it
+/// offers for migration and dirty tracking, and why it cannot migrate when it cannot.
+pub fn describe(container: &Container, device: &Device) -> Result<String> {
+    use std::fmt::Write;
+    const REGION_NAMES: [&str; 9] = [
+        "BAR0", "BAR1", "BAR2", "BAR3", "BAR4", "BAR5", "ROM", "config", "VGA",
+    ];
+    const IRQ_NAMES: [&str; 5] = ["INTx", "MSI", "MSI-X", "ERR", "REQ"];
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "VFIO PCI device {}{}",
+        device.name(),
+        if device.can_reset() { ", reset" } else { "" }
+    );
+    for index in 0..16 {
+        let Some(r) = device.region(index) else {
+            continue;
+        };
+        let access = format!(
+            "{}{}",
+            if r.readable() { "r" } else { "-" },
+            if r.writable() { "w" } else { "-" }
+        );
+        let mmap = if r.mmap_areas.is_empty() {
+            "trapped".to_owned()
+        } else if r.mmap_areas == [(0, r.size)] {
+            "mmap".to_owned()
+        } else {
+            let areas: Vec<String> = r
+                .mmap_areas
+                .iter()
+                .map(|(o, s)| format!("[{o:#x}, +{s:#x})"))
+                .collect();
+            format!("mmap areas {}", areas.join(" "))
+        };
+        let _ = writeln!(
+            out,
+            "  region {index} ({}): {:#x} bytes, {access}, {mmap}",
+            REGION_NAMES
+                .get(index as usize)
+                .unwrap_or(&"device-specific"),
+            r.size
+        );
+    }
+    for index in 0..8 {
+        if let Some(irq) = device.irq(index).filter(|i| i.count > 0) {
+            let _ = writeln!(
+                out,
+                "  irq {index} ({}): {} vector(s)",
+                IRQ_NAMES.get(index as usize).unwrap_or(&"other"),
+                irq.count
+            );
+        }
+    }
+    match device.migration_support()? {
+        Some(m) => {
+            let _ = writeln!(
+                out,
+                "migration: v2 (flags {:#x}{}), device DMA logging {}",
+                m.flags,
+                if m.pre_copy() { ", PRE_COPY" } else { "" },
+                if m.dma_logging { "yes" } else { "no" }
+            );
+        }
+        None => {
+            let _ = writeln!(out, "migration: none");
+        }
+    }
+    if let Some(why) = device.migration_blocker() {
+        let _ = writeln!(out, "blocker: {why}");
+    }
+    let info = container.info()?;
+    let ranges: Vec<String> = info
+        .iova_ranges
+        .iter()
+        .map(|r| format!("[{:#x}, {:#x}]", r.start, r.last))
+        .collect();
+    let _ = writeln!(
+        out,
+        "container: type1 v2, page sizes {:#x}, IOVA ranges {}, {} mappings available",
+        info.iova_pgsizes,
+        ranges.join(" "),
+        info.dma_avail.map_or("?".into(), |d| d.to_string())
+    );
+    match info.migration {
+        Some(m) => {
+            let _ = writeln!(
+                out,
+                "dirty tracking: type1 (page {:#x}, bitmaps up to {} bytes)",
+                m.pgsize_bitmap, m.max_dirty_bitmap_size
+            );
+        }
+        None => {
+            let _ = writeln!(out, "dirty tracking: none (no migration capability)");
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,7 +41,7 @@ pub mod mapping;
 pub mod sys;
 
 pub use container::{Container, availability};
-pub use device::{Device, MigState, MigrationSupport, Region};
+pub use device::{Device, MigState, MigrationSupport, Region, describe};
 pub use error::{Result, VfioError};
 pub use info::ContainerInfo;
 pub use mapping::{DmaMap, Section};

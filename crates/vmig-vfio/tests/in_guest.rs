@@ -660,6 +660,23 @@ fn a_device_without_migration_support_blocks_migration_by_name() {
         blocker.contains(edu.name()) && blocker.contains("cannot migrate"),
         "{blocker}"
     );
+    // What `vmig device probe --vfio-pci` prints.
+    let text = vmig_vfio::describe(&_container, &edu).unwrap();
+    println!("{text}");
+    for expected in [
+        "region 0 (BAR0): 0x100000 bytes, rw, mmap",
+        "region 7 (config)",
+        "irq 1 (MSI): 1 vector(s)",
+        "migration: none",
+        "blocker: VFIO device",
+        "dirty tracking: type1 (page 0x1000",
+        "IOVA ranges [0x0, 0xfedfffff] [0xfef00000, 0x7fffffffff]",
+    ] {
+        assert!(
+            text.contains(expected),
+            "{expected:?} missing from:\n{text}"
+        );
+    }
     // The state machine is not there either: the device stays as it was.
     assert!(edu.set_migration_state(vmig_vfio::MigState::Stop).is_err());
     assert_eq!(edu.read_u32(0, edu::IDENT).unwrap(), 0x0100_00ed);
