@@ -9,7 +9,7 @@
 //! of pages that are mapped and inside the range asked for are kept.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
@@ -105,8 +105,7 @@ impl Container {
     /// The container's file descriptor (for calls this type does not make; mappings made
     /// through it are not in this container's table, and its bitmaps drop their bits).
     pub fn fd(&self) -> ContainerFd<'_> {
-        // SAFETY: the descriptor belongs to `self.inner`, which outlives the borrow.
-        ContainerFd::new(unsafe { BorrowedFd::borrow_raw(self.inner.as_raw_fd()) })
+        sys::container_fd(&self.inner)
     }
 
     /// Opens the PCI device `bdf` (`0000:01:00.0`), which must be bound to vfio-pci or a
@@ -431,10 +430,7 @@ impl Drop for Container {
     /// must not reach memory that is gone.
     fn drop(&mut self) {
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
-        let fd = ContainerFd::new(
-            // SAFETY: the descriptor belongs to `self.inner`, alive until after this body.
-            unsafe { BorrowedFd::borrow_raw(self.inner.as_raw_fd()) },
-        );
+        let fd = sys::container_fd(&self.inner);
         let mut kept = BTreeMap::new();
         for (iova, m) in std::mem::take(&mut state.mappings) {
             let size = m.last - iova + 1;

@@ -34,15 +34,16 @@ pub const CONTAINER_PATH: &str = "/dev/vfio/vfio";
 pub struct ContainerFd<'a>(BorrowedFd<'a>);
 
 impl<'a> ContainerFd<'a> {
-    /// Only code that opened the fd from `/dev/vfio/vfio` may say so.
-    pub(crate) fn new(fd: BorrowedFd<'a>) -> Self {
-        Self(fd)
-    }
-
     /// The descriptor.
     pub fn as_fd(&self) -> BorrowedFd<'a> {
         self.0
     }
+}
+
+/// The descriptor of a `vfio-ioctls` container (which opened it from [`CONTAINER_PATH`]).
+pub(crate) fn container_fd(container: &vfio_ioctls::VfioContainer) -> ContainerFd<'_> {
+    // SAFETY: the descriptor belongs to `container`, which outlives the borrow.
+    ContainerFd(unsafe { BorrowedFd::borrow_raw(container.as_raw_fd()) })
 }
 
 /// A container opened without `vfio-ioctls`, for setting it up by hand (a type1 v1 IOMMU, a
