@@ -25,6 +25,7 @@ use vfio_bindings::bindings::vfio::{
 };
 use vfio_ioctls::{DmaLoggingRange, PrecopyInfo, VfioDevice, VfioRegionInfoCap};
 use vmig_dma::HostMemory;
+pub use vmig_vfio_user::migration::MigState;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::container::Container;
@@ -59,44 +60,6 @@ impl Region {
     /// Whether the region can be written.
     pub fn writable(&self) -> bool {
         self.flags & VFIO_REGION_INFO_FLAG_WRITE != 0
-    }
-}
-
-/// The v2 migration states (`enum vfio_device_mig_state`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub enum MigState {
-    /// The device failed a transition; only a reset leaves it.
-    Error = 0,
-    /// Stopped, no data transfer.
-    Stop = 1,
-    /// Running.
-    Running = 2,
-    /// Stopped, its state readable from the data fd.
-    StopCopy = 3,
-    /// Stopped, taking state written to the data fd.
-    Resuming = 4,
-    /// Running without initiating peer-to-peer DMA.
-    RunningP2p = 5,
-    /// Running, an initial copy of its state readable (`VFIO_MIGRATION_PRE_COPY`).
-    PreCopy = 6,
-    /// As `PreCopy`, without peer-to-peer DMA.
-    PreCopyP2p = 7,
-}
-
-impl MigState {
-    fn from_raw(raw: u32) -> Option<Self> {
-        Some(match raw {
-            0 => Self::Error,
-            1 => Self::Stop,
-            2 => Self::Running,
-            3 => Self::StopCopy,
-            4 => Self::Resuming,
-            5 => Self::RunningP2p,
-            6 => Self::PreCopy,
-            7 => Self::PreCopyP2p,
-            _ => return None,
-        })
     }
 }
 
@@ -450,7 +413,7 @@ impl Device {
         let raw = self.inner.get_migration_state().map_err(|e| {
             VfioError::library(format!("{}: reading MIG_DEVICE_STATE", self.name), e)
         })?;
-        MigState::from_raw(raw).ok_or_else(|| {
+        MigState::from_u32(raw).ok_or_else(|| {
             VfioError::Kernel(format!("{}: unknown migration state {raw}", self.name))
         })
     }
