@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use vmig_vfio::bench::Round;
-use vmig_vfio::kernel_guest::Guest;
+use vmig_vfio::kernel_guest::{Guest, GuestBinary};
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -14,28 +14,14 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn main() {
-    let guest = match Guest::prepare() {
-        Ok(g) => g,
-        Err(why) => {
-            println!("skipped: the kernel-VFIO guest cannot run here: {why}");
-            return;
-        }
+    let Some(guest) = Guest::prepare_or_skip() else {
+        return;
     };
     let binary = guest
-        .build_test_binary("in_guest", true)
-        .expect("static in-guest test binary");
+        .build_binary(GuestBinary::Example("guest_bench"), true)
+        .expect("static guest benchmark");
     let run = guest
-        .boot(
-            &binary,
-            &[
-                "--ignored",
-                "--exact",
-                "bench_map_1gib_and_fetch_its_bitmap",
-                "--test-threads=1",
-            ],
-            2048,
-            Duration::from_secs(900),
-        )
+        .boot(&binary, &[], 2048, Duration::from_secs(900))
         .expect("the guest boots");
     let rounds: Vec<Round> = run
         .report_lines("VMIG-BENCH ")

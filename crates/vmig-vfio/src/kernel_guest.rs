@@ -31,6 +31,15 @@ pub const EXIT_MARKER: &str = "VMIG-GUEST-EXIT=";
 /// The VFIO modules the guest loads (with their dependencies, in dependency order).
 const MODULES: &[&str] = &["vfio_iommu_type1", "vfio-pci"];
 
+/// A program of this crate to run in the guest.
+#[derive(Debug, Clone, Copy)]
+pub enum GuestBinary<'a> {
+    /// A test target (`tests/NAME.rs`).
+    Test(&'a str),
+    /// An example (`examples/NAME.rs`).
+    Example(&'a str),
+}
+
 /// Whether this process runs inside the test guest.
 pub fn in_guest() -> bool {
     std::env::var(IN_GUEST_ENV).as_deref() == Ok("1")
@@ -315,22 +324,34 @@ impl Guest {
         })
     }
 
-    /// Builds test target `test` of this crate as a static binary for the guest (a separate
-    /// target directory, so the host's build is untouched), with the release profile when
-    /// `release`, and returns its path.
-    pub fn build_test_binary(&self, test: &str, release: bool) -> Result<PathBuf, String> {
+    /// As [`Guest::prepare`], printing why and returning `None` when the guest cannot run
+    /// here (the caller skips).
+    pub fn prepare_or_skip() -> Option<Self> {
+        Self::prepare()
+            .map_err(|why| println!("skipped: the kernel-VFIO guest cannot run here: {why}"))
+            .ok()
+    }
+
+    /// Builds `binary` of this crate statically for the guest (a separate target directory,
+    /// so the host's build is untouched), with the release profile when `release`, and
+    /// returns its path.
+    pub fn build_binary(&self, binary: GuestBinary, release: bool) -> Result<PathBuf, String> {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let target_dir = self.work.join("target");
+        let (command, kind, name) = match binary {
+            GuestBinary::Test(name) => ("test", "--test", name),
+            GuestBinary::Example(name) => ("build", "--example", name),
+        };
         let out = run(Command::new(cargo)
             .args([
-                "test",
-                "--no-run",
+                command,
                 "--message-format=json",
                 "-p",
                 "vmig-vfio",
-                "--test",
-                test,
+                kind,
+                name,
             ])
+            .args((command == "test").then_some("--no-run"))
             .args(["--target", "x86_64-unknown-linux-gnu"])
             .args(release.then_some("--release"))
             .env("CARGO_TARGET_DIR", &target_dir)
@@ -341,12 +362,12 @@ impl Guest {
             .filter(|l| l.contains("\"executable\":\"") && l.contains("compiler-artifact"))
             .filter_map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).ok()?;
-                (v["target"]["name"] == test)
+                (v["target"]["name"] == name)
                     .then(|| v["executable"].as_str().map(PathBuf::from))
                     .flatten()
             })
             .next_back()
-            .ok_or_else(|| format!("cargo built no executable for test {test}"))
+            .ok_or_else(|| format!("cargo built no executable for {kind} {name}"))
     }
 
     /// Boots the guest with `binary` run as `binary args...`, with `memory_mib` of RAM, and

@@ -83,6 +83,20 @@ fn get_raw(container: &Container, iova: u64, size: u64) -> Result<Vec<u64>, i32>
     get(container, iova, size, PAGE, UserBitmap::Buffer(bytes))
 }
 
+/// The reference's mappings: A = 0x100000, 3 pages; B = 0x103000, 5 pages (adjacent to A);
+/// C = 0x200000, 2 pages; D = 0x1000000, 32 MiB. Keep the memory while they are mapped.
+fn map_reference_layout(container: &Container) -> Vec<Arc<HostMemory>> {
+    [
+        (0x10_0000, 3),
+        (0x10_3000, 5),
+        (0x20_0000, 2),
+        (0x100_0000, 8192),
+    ]
+    .into_iter()
+    .map(|(iova, pages)| map(container, iova, pages))
+    .collect()
+}
+
 fn dirty_flags(container: &Container, argsz: u32, flags: u32) -> Result<(), i32> {
     sys::dirty_pages_flags(container.fd(), argsz, flags)
 }
@@ -234,10 +248,7 @@ fn dirty_tracking_reports_what_linux_6_1_reports() {
     let Some((container, _edu)) = open_edu() else {
         return;
     };
-    let _a = map(&container, 0x10_0000, 3);
-    let _b = map(&container, 0x10_3000, 5);
-    let _c = map(&container, 0x20_0000, 2);
-    let _d = map(&container, 0x100_0000, 8192);
+    let _memory = map_reference_layout(&container);
     // "GET_BITMAP while tracking is stopped (before START ...) → EINVAL"
     assert_eq!(get_raw(&container, 0x10_0000, 3 * PAGE), Err(EINVAL));
     // "a second START returns 0"
@@ -438,10 +449,7 @@ fn unmap_with_bitmap_returns_what_it_removed() {
     let Some((container, _edu)) = open_edu() else {
         return;
     };
-    let _a = map(&container, 0x10_0000, 3);
-    let _b = map(&container, 0x10_3000, 5);
-    let _c = map(&container, 0x20_0000, 2);
-    let _d = map(&container, 0x100_0000, 8192);
+    let _memory = map_reference_layout(&container);
     container.start_dirty_tracking().unwrap();
     // "A+B → size=0x8000, bits 0–7 set; hole+C → size=0x2000, bits 2–3 set"
     assert_eq!(
@@ -705,25 +713,6 @@ fn differential_sequences_run_against_the_kernel() {
         kernel_guest::report_line(&format!(
             "VMIG-DIFF {}",
             serde_json::to_string(&run).unwrap()
-        ));
-    }
-}
-
-#[test]
-#[ignore = "a benchmark: `cargo bench -p vmig-vfio` boots the guest for it"]
-fn bench_map_1gib_and_fetch_its_bitmap() {
-    let Some((container, _edu)) = open_edu() else {
-        return;
-    };
-    let ram = memory(1 << 30);
-    // Touch every page once, so both paths pin resident memory and first-touch cost is out.
-    for offset in (0..1usize << 30).step_by(PAGE as usize) {
-        ram.store_u64(offset, 1).unwrap();
-    }
-    for round in vmig_vfio::bench::map_and_bitmap(&container, &ram, 9).unwrap() {
-        kernel_guest::report_line(&format!(
-            "VMIG-BENCH {}",
-            serde_json::to_string(&round).unwrap()
         ));
     }
 }
