@@ -1,4 +1,4 @@
-//! `vmig run`: one VM with its guest workload and vfio-user devices, reported once a second;
+//! `vmig run`: one VM with its guest workload and devices (vfio-user or kernel VFIO), reported once a second;
 //! a migration source (`--api`) or destination (`--incoming`).
 
 use std::path::PathBuf;
@@ -45,9 +45,10 @@ pub struct RunArgs {
     /// Seconds to run before the verify (default 5; with --api or --incoming: until `quit`).
     #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
     duration: Option<String>,
-    /// A device: vfio-user,socket=PATH[,rate=RECORDS_PER_S] (repeatable, at most 8). Guest RAM
-    /// is DMA-mapped to it and its BARs appear in the guest; a dma-engine is started with a
-    /// ring in the top 2 MiB of RAM per device.
+    /// A device: vfio-user,socket=PATH[,rate=RECORDS_PER_S], or vfio-pci,host=DDDD:BB:DD.F for
+    /// a PCI device bound to vfio-pci (repeatable, at most 8). Guest RAM is DMA-mapped to it
+    /// and its BARs appear in the guest; a dma-engine is started with a ring in the top 2 MiB
+    /// of RAM per device.
     #[arg(long = "device", value_name = "SPEC")]
     devices: Vec<String>,
     /// Control socket taking JSON commands (see `vmig ctl --help`).

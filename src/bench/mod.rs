@@ -137,10 +137,7 @@ impl Devices {
                     protocol,
                 )?;
                 servers.wait_for(&socket)?;
-                let spec = DeviceSpec {
-                    socket,
-                    dma_rate: pages_per_s / 2,
-                };
+                let spec = DeviceSpec::vfio_user(socket, pages_per_s / 2);
                 if side == "source" {
                     devices.source.push(spec);
                 } else {

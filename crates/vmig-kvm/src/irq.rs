@@ -46,6 +46,12 @@ impl MsiVector {
     pub fn eventfd(&self) -> BorrowedFd<'_> {
         sys::borrow_eventfd(&self.eventfd)
     }
+
+    /// The same eventfd, for interfaces that take `vmm-sys-util`'s type (kernel VFIO's
+    /// `SET_IRQS` through `vfio-ioctls`).
+    pub fn event_fd(&self) -> &EventFd {
+        &self.eventfd
+    }
 }
 
 /// The VM's GSI routing table.

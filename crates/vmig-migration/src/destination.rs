@@ -79,7 +79,7 @@ pub fn receive(incoming: Incoming, progress: &Progress) -> Result<Arrived> {
         let _ = dest.writer.write(Kind::Abort, &[e.to_string().as_bytes()]);
         if let Some(machine) = &dest.machine {
             for d in &machine.devices {
-                let _ = d.client.reset();
+                let _ = d.handle.reset();
             }
         }
     }

@@ -7,6 +7,7 @@
 //! | [`VmmSource`] (the VMM's own writes) | forget earlier writes | read-and-clear `vmm_dirty` | — |
 //! | [`DeviceSource`] v2 | `DMA_LOGGING_START` | `DMA_LOGGING_REPORT` per mapping | `DMA_LOGGING_STOP` |
 //! | [`DeviceSource`] v1 | `DIRTY_PAGES` START | `DIRTY_PAGES` GET_BITMAP per mapping | STOP |
+//! | [`DeviceSource`] kernel VFIO | `DMA_LOGGING_START`, else the container's `DIRTY_PAGES` START | its report, or GET_BITMAP per mapping | its stop |
 //!
 //! Device bitmaps are by IOVA at the device's page size; they are translated through the DMA
 //! mappings to guest-physical 4 KiB pages (a coarser device page dirties all its 4 KiB pages).
@@ -16,8 +17,7 @@ use std::sync::Arc;
 
 use vmig_dirty::DirtyBitmap;
 use vmig_kvm::{CpuDirtyLog, GuestMemory, PAGE_SIZE};
-use vmig_vfio_user::client::Client;
-
+use crate::device::{DeviceHandle, DeviceOpError};
 use crate::error::{MigrationError, Result, device_error};
 
 /// A producer of dirty guest pages.
@@ -87,7 +87,8 @@ impl DirtySource for VmmSource {
 pub enum DeviceLogKind {
     /// v2 `DMA_LOGGING_*` device features.
     DmaLogging,
-    /// v1 `DIRTY_PAGES` (type1 semantics, seed 000).
+    /// `DIRTY_PAGES` (type1 semantics, seed 000): a vfio-user v1 server's, or the kernel
+    /// container's (which reports every page a device without its own tracking has pinned).
     DirtyPages,
 }
 
@@ -105,7 +106,7 @@ pub struct Mapping {
 /// A device's DMA dirty log.
 pub struct DeviceSource {
     name: String,
-    client: Arc<Client>,
+    handle: DeviceHandle,
     kind: DeviceLogKind,
     mappings: Vec<Mapping>,
     page_size: u64,
@@ -125,13 +126,13 @@ impl DeviceSource {
     /// The log of device `name` over `mappings`.
     pub fn new(
         name: &str,
-        client: Arc<Client>,
+        handle: DeviceHandle,
         kind: DeviceLogKind,
         mappings: Vec<Mapping>,
     ) -> Self {
         Self {
             name: name.to_string(),
-            client,
+            handle,
             kind,
             mappings,
             page_size: PAGE_SIZE,
@@ -149,47 +150,62 @@ impl DirtySource for DeviceSource {
     }
 
     fn start(&mut self) -> Result<()> {
-        match self.kind {
-            DeviceLogKind::DmaLogging => {
-                let ranges: Vec<(u64, u64)> =
-                    self.mappings.iter().map(|m| (m.iova, m.size)).collect();
-                let page_size = self
-                    .client
-                    .dma_logging_start(PAGE_SIZE, &ranges)
-                    .map_err(device_error(&self.name))?;
-                if !page_size.is_power_of_two() || page_size < PAGE_SIZE {
-                    let _ = self.client.dma_logging_stop();
-                    return Err(MigrationError::Device {
-                        device: self.name.clone(),
-                        message: format!(
-                            "DMA logging at a page size of {page_size}: expected a power of two of at least 4096"
-                        ),
-                    });
-                }
-                self.page_size = page_size;
-            }
-            DeviceLogKind::DirtyPages => self
-                .client
+        let ranges: Vec<(u64, u64)> = self.mappings.iter().map(|m| (m.iova, m.size)).collect();
+        let page_size = match (&self.handle, self.kind) {
+            (DeviceHandle::User(c), DeviceLogKind::DmaLogging) => c
+                .dma_logging_start(PAGE_SIZE, &ranges)
+                .map_err(DeviceOpError::from),
+            (DeviceHandle::Kernel(k), DeviceLogKind::DmaLogging) => k
+                .device
+                .start_dma_logging(PAGE_SIZE, &ranges)
+                .map_err(DeviceOpError::from),
+            (DeviceHandle::User(c), DeviceLogKind::DirtyPages) => c
                 .dirty_pages_log(true)
-                .map_err(device_error(&self.name))?,
+                .map(|()| PAGE_SIZE)
+                .map_err(DeviceOpError::from),
+            (DeviceHandle::Kernel(k), DeviceLogKind::DirtyPages) => k
+                .container
+                .bitmap_page_size()
+                .and_then(|page| k.container.start_dirty_tracking().map(|()| page))
+                .map_err(DeviceOpError::from),
         }
-        let _ = self.client.take_dma_written_pages();
+        .map_err(device_error(&self.name))?;
+        if !page_size.is_power_of_two() || page_size < PAGE_SIZE {
+            let _ = self.stop();
+            return Err(MigrationError::Device {
+                device: self.name.clone(),
+                message: format!(
+                    "dirty tracking at a page size of {page_size}: expected a power of two of at least 4096"
+                ),
+            });
+        }
+        self.page_size = page_size;
+        if let DeviceHandle::User(c) = &self.handle {
+            let _ = c.take_dma_written_pages();
+        }
         Ok(())
     }
 
     fn harvest(&mut self, into: &DirtyBitmap) -> Result<u64> {
         let mut count = 0;
         for m in &self.mappings {
-            let words = match self.kind {
-                DeviceLogKind::DmaLogging => self
-                    .client
+            let words = match (&self.handle, self.kind) {
+                (DeviceHandle::User(c), DeviceLogKind::DmaLogging) => c
                     .dma_logging_report(m.iova, m.size, self.page_size)
-                    .map_err(device_error(&self.name))?,
-                DeviceLogKind::DirtyPages => self
-                    .client
+                    .map_err(DeviceOpError::from),
+                (DeviceHandle::Kernel(k), DeviceLogKind::DmaLogging) => k
+                    .device
+                    .report_dma_logging(m.iova, m.size, self.page_size)
+                    .map_err(DeviceOpError::from),
+                (DeviceHandle::User(c), DeviceLogKind::DirtyPages) => c
                     .dirty_pages_bitmap(m.iova, m.size, self.page_size)
-                    .map_err(device_error(&self.name))?,
-            };
+                    .map_err(DeviceOpError::from),
+                (DeviceHandle::Kernel(k), DeviceLogKind::DirtyPages) => k
+                    .container
+                    .dirty_bitmap(m.iova, m.size)
+                    .map_err(DeviceOpError::from),
+            }
+            .map_err(device_error(&self.name))?;
             let device_pages = m.size.div_ceil(self.page_size);
             let shift = (self.page_size / PAGE_SIZE).trailing_zeros();
             let first = m.gpa / PAGE_SIZE;
@@ -208,7 +224,11 @@ impl DirtySource for DeviceSource {
                 });
             }
         }
-        for iova_page in self.client.take_dma_written_pages() {
+        let written = match &self.handle {
+            DeviceHandle::User(c) => c.take_dma_written_pages(),
+            DeviceHandle::Kernel(_) => Vec::new(),
+        };
+        for iova_page in written {
             let iova = iova_page * PAGE_SIZE;
             if let Some(m) = self
                 .mappings
@@ -223,9 +243,19 @@ impl DirtySource for DeviceSource {
     }
 
     fn stop(&mut self) -> Result<()> {
-        match self.kind {
-            DeviceLogKind::DmaLogging => self.client.dma_logging_stop(),
-            DeviceLogKind::DirtyPages => self.client.dirty_pages_log(false),
+        match (&self.handle, self.kind) {
+            (DeviceHandle::User(c), DeviceLogKind::DmaLogging) => {
+                c.dma_logging_stop().map_err(DeviceOpError::from)
+            }
+            (DeviceHandle::Kernel(k), DeviceLogKind::DmaLogging) => {
+                k.device.stop_dma_logging().map_err(DeviceOpError::from)
+            }
+            (DeviceHandle::User(c), DeviceLogKind::DirtyPages) => {
+                c.dirty_pages_log(false).map_err(DeviceOpError::from)
+            }
+            (DeviceHandle::Kernel(k), DeviceLogKind::DirtyPages) => {
+                k.container.stop_dirty_tracking().map_err(DeviceOpError::from)
+            }
         }
         .map_err(device_error(&self.name))
     }

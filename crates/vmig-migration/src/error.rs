@@ -23,7 +23,7 @@ pub enum MigrationError {
     /// The VM failed (KVM, vCPU state, guest memory).
     #[error("VM: {0}")]
     Vm(#[from] vmig_kvm::KvmError),
-    /// A device failed (vfio-user).
+    /// A device failed (vfio-user or kernel VFIO).
     #[error("device {device}: {message}")]
     Device {
         /// The device's name.
@@ -51,10 +51,8 @@ pub(crate) fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> Mig
     move |source| MigrationError::Io { what, source }
 }
 
-/// Maps a vfio-user client error of device `name`.
-pub(crate) fn device_error(
-    name: &str,
-) -> impl FnOnce(vmig_vfio_user::client::ClientError) -> MigrationError + '_ {
+/// Maps an error of device `name` (a vfio-user client's or kernel VFIO's).
+pub(crate) fn device_error<E: std::fmt::Display>(name: &str) -> impl FnOnce(E) -> MigrationError + '_ {
     move |e| MigrationError::Device {
         device: name.to_string(),
         message: e.to_string(),

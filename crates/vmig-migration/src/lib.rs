@@ -1,7 +1,8 @@
 //! `vmig-migration`: the live-migration engine.
 //!
 //! It owns the path of a migration from the first page to the destination's resume:
-//! - a VM with its vfio-user devices attached, DMA-mapped and routed ([`machine`]);
+//! - a VM with its devices attached, DMA-mapped and routed ([`machine`]), each reached over
+//!   vfio-user or through the kernel's VFIO ([`device`]);
 //! - every dirty-page producer behind [`dirty::DirtySource`]: KVM (every mode), device DMA
 //!   logging (v2), `DIRTY_PAGES` (v1), the VMM's own writes;
 //! - the sending side ([`source`]): pre-copy passes, convergence, auto-converge, stop-and-copy,
@@ -11,7 +12,8 @@
 //! - the receiving side ([`destination`]) and its verification;
 //! - the report ([`report`]).
 //!
-//! It leaves KVM to `vmig-kvm`, the vfio-user protocol to `vmig-vfio-user`, and the command
+//! It leaves KVM to `vmig-kvm`, the vfio-user protocol to `vmig-vfio-user`, kernel VFIO to
+//! `vmig-vfio`, and the command
 //! line to the `vmig` binary.
 //!
 //! ```text
@@ -41,8 +43,10 @@
 //! resets its devices.
 
 pub mod destination;
+pub mod device;
 pub mod dirty;
 mod error;
+mod kernel_device;
 pub mod machine;
 pub mod pool;
 pub mod report;

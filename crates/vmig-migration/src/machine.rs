@@ -1,11 +1,14 @@
-//! A VM with its vfio-user devices attached: the glue between `vmig-kvm` and
-//! `vmig-vfio-user` that a migration moves as one.
+//! A VM with its devices attached: the glue between `vmig-kvm` and the devices
+//! (`vmig-vfio-user` servers, or PCI devices through the kernel's VFIO with `vmig-vfio`) that a
+//! migration moves as one.
 //!
 //! Attaching a device (in `--device` order, the same on both sides of a migration):
-//! 1. connect to its server (guest RAM is offered for message-based DMA as well) and reset
-//!    the device when it supports reset, so it starts as a booting VM expects whatever state
-//!    an earlier client left it in;
-//! 2. DMA-map every RAM slot by fd, IOVA = guest-physical address;
+//! 1. connect to its server (guest RAM is offered for message-based DMA as well), or open
+//!    the PCI device in a type1 container of its own and enable its memory decoding and bus
+//!    mastering; reset the device when it supports reset, so it starts as a booting VM
+//!    expects whatever state an earlier user left it in;
+//! 2. DMA-map every RAM slot, IOVA = guest-physical address (a vfio-user server gets the
+//!    slot's fd; the kernel pins the VMM's mapping, split and aligned by the seed 003 rules);
 //! 3. place BARs 0-5 in the guest's MMIO window, device *i* in the *i*-th 16 MiB slot, each BAR
 //!    aligned to its size; the mmappable areas a region offers (sparse-mmap areas, or the whole
 //!    region) become guest memslots backed by the device's fd, and the rest traps: guest
@@ -14,14 +17,15 @@
 //!    [`MAX_VECTORS`], gets an eventfd that KVM delivers as an MSI to vCPU 0's local APIC
 //!    (irqfd), with IDT vector `0x40 + 8 * device + n`; the guest runs with interrupts off,
 //!    so they stay pending in the APIC's IRR, which migrates with the vCPU;
-//! 5. find the migration protocol (v2 feature, else v1 region);
+//! 5. find the migration protocol (v2 feature, else v1 region; a kernel device needs v2 with
+//!    `STOP_COPY`), or why the device blocks migration;
 //! 6. a `dma-engine` (its `ID` register says so) gets a driver: on a source the VMM sets up its
 //!    ring in the device area (the top of RAM, outside the guest's working set) and starts
 //!    it, and the guest's vCPU 0 consumes records through a doorbell at every batch (reading
 //!    `PRODUCER` from the mapped status page, BAR2, when there is one, else from BAR0); on a
 //!    destination all of that arrives with the migration.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +43,7 @@ use vmig_vfio_user::wire::{
     IRQ_INFO_EVENTFD, REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
 };
 
+use crate::device::{DeviceHandle, DeviceMigrator, KernelDevice};
 use crate::error::{MigrationError, Result, device_error};
 
 /// Guest-physical span of each device's BARs.
@@ -52,27 +57,60 @@ pub const DMA_RING_ENTRIES: u64 = 256;
 /// Records per second a dma-engine writes unless told otherwise.
 pub const DEFAULT_DMA_RATE: u64 = 1000;
 
-/// `--device vfio-user,socket=PATH[,rate=N]`.
+/// A `--device`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeviceSpec {
-    /// The server's socket.
-    pub socket: PathBuf,
-    /// Records per second for a dma-engine.
-    pub dma_rate: u64,
+pub enum DeviceSpec {
+    /// `vfio-user,socket=PATH[,rate=N]`: a device served over vfio-user.
+    VfioUser {
+        /// The server's socket.
+        socket: PathBuf,
+        /// Records per second for a dma-engine.
+        dma_rate: u64,
+    },
+    /// `vfio-pci,host=DDDD:BB:DD.F`: a PCI device of this host bound to vfio-pci (or a
+    /// variant driver), through the kernel's VFIO.
+    VfioPci {
+        /// Its PCI address.
+        host: String,
+    },
 }
+
+impl DeviceSpec {
+    /// A vfio-user device at `socket`, a dma-engine writing `dma_rate` records per second.
+    pub fn vfio_user(socket: impl Into<PathBuf>, dma_rate: u64) -> Self {
+        Self::VfioUser {
+            socket: socket.into(),
+            dma_rate,
+        }
+    }
+}
+
+const DEVICE_SPEC_FORMS: &str =
+    "expected vfio-user,socket=PATH[,rate=RECORDS_PER_S] or vfio-pci,host=DDDD:BB:DD.F";
 
 impl std::str::FromStr for DeviceSpec {
     type Err = MigrationError;
 
     fn from_str(spec: &str) -> Result<Self> {
         let bad = |why: String| {
-            MigrationError::Invalid(format!(
-                "device `{spec}`: {why}; expected vfio-user,socket=PATH[,rate=RECORDS_PER_S]"
-            ))
+            MigrationError::Invalid(format!("device `{spec}`: {why}; {DEVICE_SPEC_FORMS}"))
         };
         let mut parts = spec.split(',');
-        if parts.next() != Some("vfio-user") {
-            return Err(bad("only vfio-user devices are supported".into()));
+        match parts.next() {
+            Some("vfio-user") => {}
+            Some("vfio-pci") => {
+                let mut host = None;
+                for part in parts {
+                    match part.split_once('=') {
+                        Some(("host", bdf)) if !bdf.is_empty() => host = Some(bdf.to_string()),
+                        _ => return Err(bad(format!("unknown option `{part}`"))),
+                    }
+                }
+                let host = host.ok_or_else(|| bad("host=DDDD:BB:DD.F is missing".into()))?;
+                return Ok(Self::VfioPci { host });
+            }
+            Some(kind) => return Err(bad(format!("unknown device kind `{kind}`"))),
+            None => return Err(bad("empty".into())),
         }
         let mut socket = None;
         let mut dma_rate = DEFAULT_DMA_RATE;
@@ -89,7 +127,7 @@ impl std::str::FromStr for DeviceSpec {
                 _ => return Err(bad(format!("unknown option `{part}`"))),
             }
         }
-        Ok(Self {
+        Ok(Self::VfioUser {
             socket: socket.ok_or_else(|| bad("socket=PATH is missing".into()))?,
             dma_rate,
         })
@@ -109,12 +147,14 @@ pub struct Bar {
 
 /// One attached device.
 pub struct AttachedDevice {
-    /// A name for reports (the socket's file name).
+    /// A name for reports (the socket's file name, or the PCI address).
     pub name: String,
-    /// The connection to its server.
-    pub client: Arc<Client>,
+    /// The device.
+    pub handle: DeviceHandle,
     /// How its state migrates (`None`: it cannot migrate).
     pub protocol: Option<Protocol>,
+    /// Why it cannot migrate, naming it, when `protocol` is `None`.
+    pub blocker: String,
     /// Its BARs in the guest.
     pub bars: Vec<Bar>,
     /// For a dma-engine: where its ring lives.
@@ -136,13 +176,13 @@ impl std::fmt::Debug for AttachedDevice {
 }
 
 impl AttachedDevice {
-    /// The device's migration driver.
-    pub fn migration(&self) -> Result<DeviceMigration<'_>> {
+    /// The device's migration driver, or why it cannot migrate.
+    pub fn migration(&self) -> Result<DeviceMigrator<'_>> {
         let protocol = self.protocol.ok_or_else(|| MigrationError::Device {
             device: self.name.clone(),
-            message: "the device has no migration support (neither the v2 MIGRATION feature nor a v1 migration region)".into(),
+            message: self.blocker.clone(),
         })?;
-        Ok(DeviceMigration::with_protocol(&self.client, protocol))
+        Ok(self.handle.migration(protocol))
     }
 
     /// "v1", "v2" or "none".
@@ -150,17 +190,26 @@ impl AttachedDevice {
         self.protocol.as_ref().map_or("none", Protocol::name)
     }
 
+    /// Whether the device is a `vmig-devices` dma-engine (its BAR0 is big enough and its `ID`
+    /// register says so).
+    fn is_dma_engine(&self) -> bool {
+        self.bars
+            .iter()
+            .any(|b| b.index == 0 && b.size >= dma_engine::BAR0_SIZE)
+            && self.read_reg(reg::ID).ok() == Some(dma_engine::ID)
+    }
+
     /// Reads a dma-engine register (BAR0) from the device, not through the guest.
     pub fn read_reg(&self, offset: u64) -> Result<u64> {
         let mut b = [0u8; 8];
-        self.client
+        self.handle
             .region_read(0, offset, &mut b)
             .map_err(device_error(&self.name))?;
         Ok(u64::from_le_bytes(b))
     }
 
     fn write_reg(&self, offset: u64, value: u64) -> Result<()> {
-        self.client
+        self.handle
             .region_write(0, offset, &value.to_le_bytes())
             .map_err(device_error(&self.name))
     }
@@ -203,7 +252,9 @@ struct BusEntry {
     start: u64,
     size: u64,
     region: u32,
-    client: Arc<Client>,
+    /// The device's index in the machine.
+    device: usize,
+    handle: DeviceHandle,
     /// Guest reads that trapped here.
     reads: AtomicU64,
 }
@@ -231,7 +282,7 @@ impl MmioHandler for DeviceBus {
         // device that stopped answering does: the guest goes on. (Its mapped areas keep
         // their last contents.)
         if entry
-            .client
+            .handle
             .region_read(entry.region, offset, data)
             .is_err()
         {
@@ -242,7 +293,7 @@ impl MmioHandler for DeviceBus {
 
     fn write(&self, addr: u64, data: &[u8]) -> std::result::Result<(), String> {
         let (entry, offset) = self.find(addr, data.len())?;
-        let _ = entry.client.region_write(entry.region, offset, data);
+        let _ = entry.handle.region_write(entry.region, offset, data);
         Ok(())
     }
 }
@@ -344,7 +395,18 @@ impl Machine {
         };
         let mut doorbells = Vec::new();
         for (index, spec) in specs.iter().enumerate() {
-            let device = attach_one(&vm, index, spec, &mut bus)?;
+            let mut device = match spec {
+                DeviceSpec::VfioUser { socket, .. } => attach_user(&vm, index, socket, &mut bus)?,
+                DeviceSpec::VfioPci { host } => attach_kernel(&vm, index, host, &mut bus)?,
+            };
+            if device.is_dma_engine() {
+                let area = device_area_gpa(&vm, index)?;
+                device.dma_ring = Some(DmaRing {
+                    ring_gpa: area,
+                    buffers_gpa: area + PAGE_SIZE,
+                    entries: DMA_RING_ENTRIES,
+                });
+            }
             if let Some(ring) = device.dma_ring {
                 let bar0 = device.bars.iter().find(|b| b.index == 0).map(|b| b.gpa);
                 let status_page = device
@@ -357,7 +419,11 @@ impl Machine {
                     doorbells.push((producer, bar0 + reg::CONSUMER));
                 }
                 if role == Role::Source {
-                    start_dma_engine(&vm, &device, ring, spec.dma_rate, index)?;
+                    let rate = match spec {
+                        DeviceSpec::VfioUser { dma_rate, .. } => *dma_rate,
+                        DeviceSpec::VfioPci { .. } => DEFAULT_DMA_RATE,
+                    };
+                    start_dma_engine(&vm, &device, ring, rate, index)?;
                 }
             }
             devices.push(device);
@@ -375,13 +441,10 @@ impl Machine {
     /// Guest reads of device `device`'s region `region` that trapped to the VMM (reads of its
     /// mapped areas do not).
     pub fn trapped_reads(&self, device: usize, region: u32) -> u64 {
-        let Some(client) = self.devices.get(device).map(|d| &d.client) else {
-            return 0;
-        };
         self.bus
             .entries
             .iter()
-            .filter(|e| e.region == region && Arc::ptr_eq(&e.client, client))
+            .filter(|e| e.region == region && e.device == device)
             .map(|e| e.reads.load(Ordering::Relaxed))
             .sum()
     }
@@ -440,22 +503,100 @@ impl Machine {
     }
 }
 
-fn attach_one(
+/// A region as BAR placement sees it, from either transport.
+struct RegionView<'a> {
+    index: u32,
+    size: u64,
+    /// The fd its mappable areas are mapped from, and the region's offset in it.
+    mmap: Option<(BorrowedFd<'a>, u64)>,
+    /// Mappable areas, as (offset in the region, bytes).
+    areas: Vec<(u64, u64)>,
+    writable: bool,
+}
+
+/// Places device `index`'s BARs in its slot of the guest's MMIO window, maps what can be
+/// mapped and routes the rest to `bus`; returns the BARs and the mapped areas.
+fn place_bars(
     vm: &Vm,
     index: usize,
-    spec: &DeviceSpec,
+    name: &str,
+    handle: &DeviceHandle,
+    regions: &[RegionView<'_>],
+    bus: &mut DeviceBus,
+) -> Result<(Vec<Bar>, Vec<(u32, u64, u64)>)> {
+    let slot_base = MMIO_WINDOW_GPA + index as u64 * DEVICE_MMIO_SLOT;
+    let mut next = slot_base;
+    let mut bars = Vec::new();
+    let mut mapped = Vec::new();
+    for region in regions {
+        let size = region.size;
+        let align = size.next_power_of_two().max(PAGE_SIZE);
+        let gpa = next.next_multiple_of(align);
+        if gpa + size > slot_base + DEVICE_MMIO_SLOT {
+            return Err(MigrationError::Device {
+                device: name.to_string(),
+                message: format!(
+                    "BAR{} of {size:#x} bytes does not fit the device's {} MiB of guest MMIO space",
+                    region.index,
+                    DEVICE_MMIO_SLOT >> 20
+                ),
+            });
+        }
+        next = gpa + size;
+        bars.push(Bar {
+            index: region.index,
+            gpa,
+            size,
+        });
+        bus.entries.push(BusEntry {
+            start: gpa,
+            size,
+            region: region.index,
+            device: index,
+            handle: handle.clone(),
+            reads: AtomicU64::new(0),
+        });
+        let Some((fd, region_offset)) = region.mmap else {
+            continue;
+        };
+        for &(offset, bytes) in &region.areas {
+            // An area that is not whole pages inside the region, or that cannot be mapped,
+            // stays trapped: slower, and still correct.
+            let whole_pages = bytes > 0
+                && offset.is_multiple_of(PAGE_SIZE)
+                && bytes.is_multiple_of(PAGE_SIZE)
+                && offset.checked_add(bytes).is_some_and(|end| end <= size);
+            let Some(file_offset) = region_offset.checked_add(offset) else {
+                continue;
+            };
+            if !whole_pages
+                || vm
+                    .map_device_memory(gpa + offset, fd, file_offset, bytes, region.writable)
+                    .is_err()
+            {
+                continue;
+            }
+            mapped.push((region.index, gpa + offset, bytes));
+        }
+    }
+    Ok((bars, mapped))
+}
+
+fn attach_user(
+    vm: &Vm,
+    index: usize,
+    socket: &std::path::Path,
     bus: &mut DeviceBus,
 ) -> Result<AttachedDevice> {
-    let name = spec.socket.file_name().map_or_else(
-        || spec.socket.display().to_string(),
+    let name = socket.file_name().map_or_else(
+        || socket.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
     );
     let memory: Arc<dyn DmaMemory> = Arc::new(GuestDma(Arc::clone(vm.memory())));
-    let client =
-        Client::connect(&spec.socket, Some(memory)).map_err(|e| MigrationError::Device {
-            device: name.clone(),
-            message: format!("connecting to {}: {e}", spec.socket.display()),
-        })?;
+    let client = Client::connect(socket, Some(memory)).map_err(|e| MigrationError::Device {
+        device: name.clone(),
+        message: format!("connecting to {}: {e}", socket.display()),
+    })?;
     let client = Arc::new(client);
     let info = client.device_info().map_err(device_error(&name))?;
     // A new VM starts from a device at reset, whatever an earlier VMM (or migration) left it in.
@@ -472,71 +613,35 @@ fn attach_one(
             )
             .map_err(device_error(&name))?;
     }
-    let regions = info.num_regions;
-    let slot_base = MMIO_WINDOW_GPA + index as u64 * DEVICE_MMIO_SLOT;
-    let mut next = slot_base;
-    let mut bars = Vec::new();
-    let mut mapped = Vec::new();
-    for region in 0..regions.min(6) {
+    let mut infos = Vec::new();
+    for region in 0..info.num_regions.min(6) {
         let info = client.region_info(region).map_err(device_error(&name))?;
-        let size = info.info.size;
-        if size == 0 || info.info.flags & (REGION_INFO_FLAG_READ | REGION_INFO_FLAG_WRITE) == 0 {
-            continue;
-        }
-        let align = size.next_power_of_two().max(PAGE_SIZE);
-        let gpa = next.next_multiple_of(align);
-        if gpa + size > slot_base + DEVICE_MMIO_SLOT {
-            return Err(MigrationError::Device {
-                device: name,
-                message: format!(
-                    "BAR{region} of {size:#x} bytes does not fit the device's {} MiB of guest MMIO space",
-                    DEVICE_MMIO_SLOT >> 20
-                ),
-            });
-        }
-        next = gpa + size;
-        bars.push(Bar {
-            index: region,
-            gpa,
-            size,
-        });
-        bus.entries.push(BusEntry {
-            start: gpa,
-            size,
-            region,
-            client: Arc::clone(&client),
-            reads: AtomicU64::new(0),
-        });
-        if let Some(fd) = &info.fd
-            && info.info.flags & REGION_INFO_FLAG_MMAP != 0
+        if info.info.size != 0
+            && info.info.flags & (REGION_INFO_FLAG_READ | REGION_INFO_FLAG_WRITE) != 0
         {
-            let areas = if info.sparse_areas.is_empty() {
-                vec![(0, size)]
-            } else {
-                info.sparse_areas.clone()
-            };
-            let writable = info.info.flags & REGION_INFO_FLAG_WRITE != 0;
-            for (offset, bytes) in areas {
-                // An area that is not whole pages inside the region, or that cannot be mapped,
-                // stays trapped: slower, and still correct.
-                let whole_pages = bytes > 0
-                    && offset.is_multiple_of(PAGE_SIZE)
-                    && bytes.is_multiple_of(PAGE_SIZE)
-                    && offset.checked_add(bytes).is_some_and(|end| end <= size);
-                let Some(file_offset) = info.info.offset.checked_add(offset) else {
-                    continue;
-                };
-                if !whole_pages
-                    || vm
-                        .map_device_memory(gpa + offset, fd.as_fd(), file_offset, bytes, writable)
-                        .is_err()
-                {
-                    continue;
-                }
-                mapped.push((region, gpa + offset, bytes));
-            }
+            infos.push((region, info));
         }
     }
+    let regions: Vec<RegionView<'_>> = infos
+        .iter()
+        .map(|(region, info)| RegionView {
+            index: *region,
+            size: info.info.size,
+            mmap: info
+                .fd
+                .as_ref()
+                .filter(|_| info.info.flags & REGION_INFO_FLAG_MMAP != 0)
+                .map(|fd| (fd.as_fd(), info.info.offset)),
+            areas: if info.sparse_areas.is_empty() {
+                vec![(0, info.info.size)]
+            } else {
+                info.sparse_areas.clone()
+            },
+            writable: info.info.flags & REGION_INFO_FLAG_WRITE != 0,
+        })
+        .collect();
+    let handle = DeviceHandle::User(Arc::clone(&client));
+    let (bars, mapped) = place_bars(vm, index, &name, &handle, &regions, bus)?;
     let interrupts = wire_interrupts(vm, index, &client).map_err(|e| MigrationError::Device {
         device: name.clone(),
         message: format!("wiring its interrupts: {e}"),
@@ -544,29 +649,76 @@ fn attach_one(
     let protocol = DeviceMigration::detect(&client)
         .map_err(device_error(&name))?
         .map(|m| m.protocol());
-    let mut device = AttachedDevice {
+    Ok(AttachedDevice {
         name,
-        client,
+        handle,
         protocol,
+        blocker: "the device has no migration support (neither the v2 MIGRATION feature nor a v1 migration region)".into(),
         bars,
         dma_ring: None,
         interrupts,
         mapped,
-    };
-    let is_dma_engine = device
-        .bars
-        .iter()
-        .any(|b| b.index == 0 && b.size >= dma_engine::BAR0_SIZE)
-        && device.read_reg(reg::ID).ok() == Some(dma_engine::ID);
-    if is_dma_engine {
-        let area = device_area_gpa(vm, index)?;
-        device.dma_ring = Some(DmaRing {
-            ring_gpa: area,
-            buffers_gpa: area + PAGE_SIZE,
-            entries: DMA_RING_ENTRIES,
-        });
+    })
+}
+
+/// `PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER`: BARs decode, and the device may DMA.
+const PCI_COMMAND_MEMORY_AND_MASTER: u16 = 0x2 | 0x4;
+
+fn attach_kernel(vm: &Vm, index: usize, host: &str, bus: &mut DeviceBus) -> Result<AttachedDevice> {
+    let name = host.to_string();
+    let kernel = Arc::new(KernelDevice::open(host, vm.memory()).map_err(device_error(&name))?);
+    let device = &kernel.device;
+    if device.can_reset() {
+        device.reset().map_err(device_error(&name))?;
     }
-    Ok(device)
+    device
+        .set_command_bits(PCI_COMMAND_MEMORY_AND_MASTER)
+        .map_err(device_error(&name))?;
+    let regions: Vec<RegionView<'_>> = (0..6)
+        .filter_map(|i| device.region(i))
+        .filter(|r| r.readable() || r.writable())
+        .map(|r| RegionView {
+            index: r.index,
+            size: r.size,
+            mmap: (!r.mmap_areas.is_empty()).then(|| (device.fd(), r.offset)),
+            writable: r.writable(),
+            areas: r.mmap_areas,
+        })
+        .collect();
+    let handle = DeviceHandle::Kernel(Arc::clone(&kernel));
+    let (bars, mapped) = place_bars(vm, index, &name, &handle, &regions, bus)?;
+    drop(regions);
+    let interrupts =
+        wire_kernel_interrupts(vm, index, &kernel).map_err(|e| MigrationError::Device {
+            device: name.clone(),
+            message: format!("wiring its interrupts: {e}"),
+        })?;
+    let blocker = device.migration_blocker();
+    let protocol = match &blocker {
+        None => {
+            let support = device
+                .migration_support()
+                .map_err(device_error(&name))?
+                .ok_or_else(|| MigrationError::Device {
+                    device: name.clone(),
+                    message: "its migration support vanished while it was attached".into(),
+                })?;
+            Some(Protocol::V2 {
+                pre_copy: support.pre_copy(),
+            })
+        }
+        Some(_) => None,
+    };
+    Ok(AttachedDevice {
+        name,
+        handle,
+        protocol,
+        blocker: blocker.unwrap_or_default(),
+        bars,
+        dma_ring: None,
+        interrupts,
+        mapped,
+    })
 }
 
 /// Vectors wired per device, and the IDT vector of device 0's first.
@@ -602,6 +754,29 @@ fn wire_interrupts(vm: &Vm, device: usize, client: &Client) -> Result<Vec<MsiVec
             Ok(()) => return Ok(vectors),
             Err(e) if e.remote_errno().is_some() => continue,
             Err(e) => return Err(transport(e)),
+        }
+    }
+    Ok(Vec::new())
+}
+
+/// As [`wire_interrupts`], for a kernel VFIO device: `VFIO_DEVICE_SET_IRQS` with the
+/// irqfds' eventfds.
+fn wire_kernel_interrupts(vm: &Vm, device: usize, kernel: &KernelDevice) -> Result<Vec<MsiVector>> {
+    use vmig_vfio::device::{IRQ_INDEX_MSI as MSI, IRQ_INDEX_MSIX as MSIX, IRQ_INFO_EVENTFD as EVENTFD};
+    for index in [MSIX, MSI] {
+        let Some(irq) = kernel.device.irq(index) else {
+            continue;
+        };
+        let count = irq.count.min(MAX_VECTORS);
+        if count == 0 || irq.flags & EVENTFD == 0 {
+            continue;
+        }
+        let vectors = (0..count)
+            .map(|n| Ok(vm.connect_msi(0, interrupt_vector(device, n))?))
+            .collect::<Result<Vec<_>>>()?;
+        let fds: Vec<_> = vectors.iter().map(MsiVector::event_fd).collect();
+        if kernel.device.enable_irq(index, &fds).is_ok() {
+            return Ok(vectors);
         }
     }
     Ok(Vec::new())

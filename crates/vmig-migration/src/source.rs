@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use vmig_dirty::DirtyBitmap;
 use vmig_kvm::{PAGE_SIZE, VcpuState, Vm, VmConfig};
 
+use crate::device::DeviceHandle;
 use crate::dirty::{DeviceLogKind, DeviceSource, DirtySource, KvmSource, Mapping, VmmSource};
 use crate::error::{MigrationError, Result, device_error, io_error};
 use crate::machine::{Bar, Machine};
@@ -373,13 +374,14 @@ impl<'a> Source<'a> {
                 })
                 .collect();
             for d in &self.machine.devices {
-                let kind = match d.protocol_name() {
-                    "v1" => DeviceLogKind::DirtyPages,
+                let kind = match (&d.handle, d.protocol_name()) {
+                    (DeviceHandle::Kernel(k), _) if !k.dma_logging => DeviceLogKind::DirtyPages,
+                    (DeviceHandle::User(_), "v1") => DeviceLogKind::DirtyPages,
                     _ => DeviceLogKind::DmaLogging,
                 };
                 sources.push(Box::new(DeviceSource::new(
                     &d.name,
-                    Arc::clone(&d.client),
+                    d.handle.clone(),
                     kind,
                     mappings.clone(),
                 )));

@@ -61,10 +61,7 @@ impl DeviceServer {
     }
 
     fn spec(&self, rate: u64) -> DeviceSpec {
-        DeviceSpec {
-            socket: self.socket.clone(),
-            dma_rate: rate,
-        }
+        DeviceSpec::vfio_user(self.socket.clone(), rate)
     }
 }
 

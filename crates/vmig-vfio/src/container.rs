@@ -406,7 +406,9 @@ impl Container {
         Ok(bytes)
     }
 
-    fn bitmap_page_size(&self) -> Result<u64> {
+    /// The page size of dirty bitmaps (bit *i* is page `iova + i * page`): the smallest the
+    /// migration capability offers.
+    pub fn bitmap_page_size(&self) -> Result<u64> {
         // The page size never changes once the IOMMU is set.
         if let Some(page) = self.bitmap_page.get() {
             return Ok(*page);

@@ -32,6 +32,13 @@ use crate::container::Container;
 use crate::error::{Result, VfioError};
 use crate::sys;
 
+/// Interrupt index of MSI (`VFIO_PCI_MSI_IRQ_INDEX`).
+pub const IRQ_INDEX_MSI: u32 = vfio_bindings::bindings::vfio::VFIO_PCI_MSI_IRQ_INDEX;
+/// Interrupt index of MSI-X (`VFIO_PCI_MSIX_IRQ_INDEX`).
+pub const IRQ_INDEX_MSIX: u32 = vfio_bindings::bindings::vfio::VFIO_PCI_MSIX_IRQ_INDEX;
+/// The interrupt index can signal eventfds (`VFIO_IRQ_INFO_EVENTFD`).
+pub const IRQ_INFO_EVENTFD: u32 = vfio_bindings::bindings::vfio::VFIO_IRQ_INFO_EVENTFD;
+
 /// Where PCI devices appear in sysfs.
 pub const PCI_DEVICES: &str = "/sys/bus/pci/devices";
 

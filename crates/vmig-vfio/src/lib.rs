@@ -11,6 +11,7 @@
 //!   interrupts through eventfds, reset, migration v2 (`MIG_DEVICE_STATE` with the data fd,
 //!   `PRE_COPY`, precopy info) and device DMA logging, and [`Device::migration_blocker`], why a
 //!   device cannot migrate;
+//! - [`migration`]: a device's v2 migration in the steps the engine takes for every device;
 //! - [`sys`]: the calls `vfio-ioctls` lacks, the crate's only `unsafe` code;
 //! - [`differential`]: seeded random sequences of type1 calls, run against the kernel (in a
 //!   guest) and against `vmig-dma`, and the rule that compares the two;
@@ -38,6 +39,7 @@ mod error;
 pub mod info;
 pub mod kernel_guest;
 pub mod mapping;
+pub mod migration;
 pub mod sys;
 
 pub use container::{Container, availability};
@@ -45,3 +47,4 @@ pub use device::{Device, MigState, MigrationSupport, Region, describe};
 pub use error::{Result, VfioError};
 pub use info::ContainerInfo;
 pub use mapping::{DmaMap, Section};
+pub use migration::KernelMigration;
