@@ -237,6 +237,11 @@ fn migrate(arguments: Value, shared: &Shared) -> Result<Value, String> {
     if shared.progress.report().committed {
         return Err("the VM was already handed over to a destination".into());
     }
+    // Refused at once, the VM untouched, as QEMU's migration blockers do.
+    let blockers = machine.migration_blockers();
+    if !blockers.is_empty() {
+        return Err(format!("the VM cannot migrate: {}", blockers.join("; ")));
+    }
     let progress = shared.progress.clone();
     progress.begin();
     *slot = Some(std::thread::spawn(move || {

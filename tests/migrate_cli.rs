@@ -202,9 +202,14 @@ fn bad_device_and_incoming_arguments_give_one_line() {
     for (args, expected) in [
         (
             vec!["--device", "virtio,socket=x"],
-            "only vfio-user devices",
+            "unknown device kind `virtio`",
         ),
         (vec!["--device", "vfio-user"], "socket=PATH is missing"),
+        (vec!["--device", "vfio-pci"], "host=DDDD:BB:DD.F is missing"),
+        (
+            vec!["--device", "vfio-pci,host=01:00.0"],
+            "PCI address `01:00.0`: expected DOMAIN:BUS:SLOT.FUNCTION",
+        ),
         (
             vec!["--device", "vfio-user,socket=/nonexistent/x.sock"],
             "connecting to /nonexistent/x.sock",
@@ -228,4 +233,27 @@ fn bad_device_and_incoming_arguments_give_one_line() {
         assert_eq!(stderr.lines().count(), 1, "{stderr}");
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
+}
+
+#[test]
+fn a_kernel_vfio_device_that_cannot_be_opened_is_named_in_one_line() {
+    if let Err(why) = vmig_kvm::kvm_available() {
+        println!("skipped: {why}");
+        return;
+    }
+    // No such device here: either this kernel has no VFIO at all (this machine), or the
+    // address names nothing.
+    let out = vmig()
+        .args(["run", "--device", "vfio-pci,host=0000:ff:1f.7", "--duration", "0"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("device 0000:ff:1f.7"), "{stderr}");
+    assert!(
+        stderr.contains("this kernel has no VFIO")
+            || stderr.contains("there is no PCI device 0000:ff:1f.7"),
+        "{stderr}"
+    );
 }

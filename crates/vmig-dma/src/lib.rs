@@ -55,7 +55,7 @@ mod iommu;
 pub mod uapi;
 
 pub use error::{DmaError, Result};
-pub use host_memory::{HostMemory, memfd};
+pub use host_memory::{HostMemory, memfd, regular_file_size};
 pub use iommu::{
     Backing, DEFAULT_DMA_ENTRY_LIMIT, DIRTY_BITMAP_PAGES_MAX, DIRTY_BITMAP_SIZE_MAX, DirtyRead,
     GroupId, GroupKind, HostSlice, Iommu, IommuConfig, IommuInfo, IommuType, IovaRange,

@@ -646,6 +646,20 @@ impl Vm {
         self.irq_routes.add_msi(&self._vm, apic_id, vector)
     }
 
+    /// Creates the VM's KVM VFIO pseudo-device (`KVM_DEV_TYPE_VFIO`; at most one per VM), with
+    /// which the VFIO groups of the VM's passthrough devices are registered, so KVM knows of
+    /// their (possibly non-coherent) DMA, as QEMU does for every VFIO device.
+    pub fn create_vfio_device(&self) -> Result<kvm_ioctls::DeviceFd> {
+        let mut device = kvm_bindings::kvm_create_device {
+            type_: kvm_bindings::kvm_device_type_KVM_DEV_TYPE_VFIO,
+            fd: 0,
+            flags: 0,
+        };
+        self._vm
+            .create_device(&mut device)
+            .map_err(ioctl_error("KVM_CREATE_DEVICE (KVM_DEV_TYPE_VFIO)"))
+    }
+
     /// Maps `size` bytes of `fd` from `offset` (a device region's mmappable area) into the
     /// guest at `gpa`: guest accesses there reach the device's memory without an exit. The range
     /// must lie outside RAM and be page-aligned; `writable` false makes guest writes exits
@@ -668,10 +682,12 @@ impl Vm {
                 "device memory of {size:#x} bytes at {gpa:#x} (file offset {offset:#x}): expected whole pages outside RAM"
             )));
         }
-        // A file shorter than the area would fail the vCPU's access (EFAULT from KVM_RUN).
-        let file = std::fs::File::from(fd.try_clone_to_owned()?);
-        let file_len = file.metadata()?.len();
-        if offset.checked_add(size).is_none_or(|end| end > file_len) {
+        // A file shorter than the area would fail the vCPU's access (EFAULT from KVM_RUN). A
+        // device fd (kernel VFIO: an anonymous inode, no size) checks its own offsets.
+        let file_len = vmig_dma::regular_file_size(fd)?;
+        if let Some(file_len) = file_len
+            && offset.checked_add(size).is_none_or(|end| end > file_len)
+        {
             return Err(KvmError::Invalid(format!(
                 "device memory at file offset {offset:#x}, {size:#x} bytes: the file is shorter"
             )));

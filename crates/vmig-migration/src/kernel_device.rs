@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use vmig_kvm::GuestMemory;
-use vmig_vfio::{Container, Device, Section, VfioError};
+use vmig_vfio::{Container, Device, Section, VfioDeviceFd, VfioError};
 
 /// A kernel VFIO device, its container and the guest RAM mapped into it.
 pub struct KernelDevice {
@@ -31,9 +31,14 @@ impl std::fmt::Debug for KernelDevice {
 }
 
 impl KernelDevice {
-    /// Opens PCI device `bdf` in a new container and maps every slot of `memory` into it.
-    pub fn open(bdf: &str, memory: &Arc<GuestMemory>) -> Result<Self, VfioError> {
-        let container = Container::open(None)?;
+    /// Opens PCI device `bdf` in a new container, its group registered with the VM's KVM VFIO
+    /// device `kvm_vfio`, and maps every slot of `memory` into it.
+    pub fn open(
+        bdf: &str,
+        memory: &Arc<GuestMemory>,
+        kvm_vfio: Arc<VfioDeviceFd>,
+    ) -> Result<Self, VfioError> {
+        let container = Container::open(Some(kvm_vfio))?;
         let device = container.open_device(bdf)?;
         for slot in memory.slots() {
             let section = Section {

@@ -36,6 +36,7 @@ use vmig_devices::dma_engine::{self, reg};
 use vmig_kvm::guest::{self, MMIO_WINDOW_GPA};
 use vmig_kvm::irq::MsiVector;
 use vmig_kvm::{GuestMemory, MmioHandler, PAGE_SIZE, Vm};
+use vmig_vfio::VfioDeviceFd;
 use vmig_vfio_user::client::{Client, ClientError, DmaMemory};
 use vmig_vfio_user::device_migration::{DeviceMigration, Protocol};
 use vmig_vfio_user::wire::{
@@ -107,6 +108,7 @@ impl std::str::FromStr for DeviceSpec {
                     }
                 }
                 let host = host.ok_or_else(|| bad("host=DDDD:BB:DD.F is missing".into()))?;
+                vmig_vfio::device::check_bdf(&host).map_err(|e| bad(e.to_string()))?;
                 return Ok(Self::VfioPci { host });
             }
             Some(kind) => return Err(bad(format!("unknown device kind `{kind}`"))),
@@ -394,10 +396,24 @@ impl Machine {
             entries: Vec::new(),
         };
         let mut doorbells = Vec::new();
+        let mut kvm_vfio = None;
         for (index, spec) in specs.iter().enumerate() {
             let mut device = match spec {
                 DeviceSpec::VfioUser { socket, .. } => attach_user(&vm, index, socket, &mut bus)?,
-                DeviceSpec::VfioPci { host } => attach_kernel(&vm, index, host, &mut bus)?,
+                DeviceSpec::VfioPci { host } => {
+                    let kvm_vfio = match &kvm_vfio {
+                        Some(fd) => Arc::clone(fd),
+                        None => {
+                            vmig_vfio::availability().map_err(|why| MigrationError::Device {
+                                device: host.clone(),
+                                message: why,
+                            })?;
+                            let fd = Arc::new(VfioDeviceFd::new_from_kvm(vm.create_vfio_device()?));
+                            Arc::clone(kvm_vfio.insert(fd))
+                        }
+                    };
+                    attach_kernel(&vm, index, host, kvm_vfio, &mut bus)?
+                }
             };
             if device.is_dma_engine() {
                 let area = device_area_gpa(&vm, index)?;
@@ -436,6 +452,15 @@ impl Machine {
             guest::set_doorbells(vm.memory(), &doorbells)?;
         }
         Ok(Self { vm, devices, bus })
+    }
+
+    /// Why the VM cannot migrate: one line per device that cannot, naming it (QEMU's
+    /// migration blockers); empty when it can.
+    pub fn migration_blockers(&self) -> Vec<String> {
+        self.devices
+            .iter()
+            .filter_map(|d| d.migration().err().map(|e| e.to_string()))
+            .collect()
     }
 
     /// Guest reads of device `device`'s region `region` that trapped to the VMM (reads of its
@@ -627,10 +652,15 @@ fn attach_user(
         .map(|(region, info)| RegionView {
             index: *region,
             size: info.info.size,
+            // Only a regular file (a memfd) has a size that bounds what the server may map; a
+            // mapping past the end of anything else would fail the vCPU's access.
             mmap: info
                 .fd
                 .as_ref()
-                .filter(|_| info.info.flags & REGION_INFO_FLAG_MMAP != 0)
+                .filter(|fd| {
+                    info.info.flags & REGION_INFO_FLAG_MMAP != 0
+                        && vmig_dma::regular_file_size(fd.as_fd()).is_ok_and(|s| s.is_some())
+                })
                 .map(|fd| (fd.as_fd(), info.info.offset)),
             areas: if info.sparse_areas.is_empty() {
                 vec![(0, info.info.size)]
@@ -653,7 +683,7 @@ fn attach_user(
         name,
         handle,
         protocol,
-        blocker: "the device has no migration support (neither the v2 MIGRATION feature nor a v1 migration region)".into(),
+        blocker: "cannot migrate: the device has no migration support (neither the v2 MIGRATION feature nor a v1 migration region)".into(),
         bars,
         dma_ring: None,
         interrupts,
@@ -664,9 +694,16 @@ fn attach_user(
 /// `PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER`: BARs decode, and the device may DMA.
 const PCI_COMMAND_MEMORY_AND_MASTER: u16 = 0x2 | 0x4;
 
-fn attach_kernel(vm: &Vm, index: usize, host: &str, bus: &mut DeviceBus) -> Result<AttachedDevice> {
+fn attach_kernel(
+    vm: &Vm,
+    index: usize,
+    host: &str,
+    kvm_vfio: Arc<VfioDeviceFd>,
+    bus: &mut DeviceBus,
+) -> Result<AttachedDevice> {
     let name = host.to_string();
-    let kernel = Arc::new(KernelDevice::open(host, vm.memory()).map_err(device_error(&name))?);
+    let kernel = KernelDevice::open(host, vm.memory(), kvm_vfio).map_err(device_error(&name))?;
+    let kernel = Arc::new(kernel);
     let device = &kernel.device;
     if device.can_reset() {
         device.reset().map_err(device_error(&name))?;
@@ -693,7 +730,7 @@ fn attach_kernel(vm: &Vm, index: usize, host: &str, bus: &mut DeviceBus) -> Resu
             device: name.clone(),
             message: format!("wiring its interrupts: {e}"),
         })?;
-    let blocker = device.migration_blocker();
+    let blocker = device.migration_blocker_reason();
     let protocol = match &blocker {
         None => {
             let support = device

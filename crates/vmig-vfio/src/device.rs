@@ -108,7 +108,7 @@ impl std::fmt::Debug for Device {
 }
 
 /// Checks the form `DDDD:BB:DD.F` (hex) so a name can never walk out of sysfs.
-fn check_bdf(bdf: &str) -> Result<()> {
+pub fn check_bdf(bdf: &str) -> Result<()> {
     let b = bdf.as_bytes();
     let hex_at = |range: std::ops::Range<usize>| b[range].iter().all(u8::is_ascii_hexdigit);
     if b.len() == 12
@@ -149,8 +149,17 @@ impl Device {
                 p = path.display()
             )));
         }
-        let inner = VfioDevice::new(&path, container.ops(), false)
-            .map_err(|e| VfioError::library(format!("opening VFIO device {bdf}"), e))?;
+        let inner = VfioDevice::new(&path, container.ops(), false).map_err(|e| match &e {
+            vfio_ioctls::VfioError::OpenGroup(io, group)
+                if io.raw_os_error() == Some(libc::EBUSY) =>
+            {
+                VfioError::Unavailable(format!(
+                    "{bdf}: its IOMMU group /dev/vfio/{group} is open in another process \
+                     (another VMM, or a migration destination on this host, has the device)"
+                ))
+            }
+            _ => VfioError::library(format!("opening VFIO device {bdf}"), e),
+        })?;
         let file =
             File::from(
                 sys::duplicate(inner.as_raw_fd()).map_err(|source| VfioError::Io {
@@ -368,22 +377,28 @@ impl Device {
         }))
     }
 
-    /// Why this device blocks a live migration, or `None` when it can migrate (v2 with
-    /// `STOP_COPY`).
+    /// Why this device blocks a live migration, naming it, or `None` when it can migrate (v2
+    /// with `STOP_COPY`).
     pub fn migration_blocker(&self) -> Option<String> {
+        self.migration_blocker_reason()
+            .map(|why| format!("VFIO device {} {why}", self.name))
+    }
+
+    /// As [`Device::migration_blocker`], without the device's name ("cannot migrate: ...").
+    pub fn migration_blocker_reason(&self) -> Option<String> {
         match self.migration_support() {
             Ok(Some(s)) if s.flags & u64::from(VFIO_MIGRATION_STOP_COPY) != 0 => None,
             Ok(Some(s)) => Some(format!(
-                "VFIO device {} cannot migrate: its migration flags {:#x} lack STOP_COPY",
-                self.name, s.flags
+                "cannot migrate: its migration flags {:#x} lack STOP_COPY",
+                s.flags
             )),
-            Ok(None) => Some(format!(
-                "VFIO device {} cannot migrate: its driver has no migration support \
+            Ok(None) => Some(
+                "cannot migrate: its driver has no migration support \
                  (VFIO_DEVICE_FEATURE_MIGRATION is not offered; bind it to a variant driver \
-                 such as mlx5-vfio-pci)",
-                self.name
-            )),
-            Err(e) => Some(format!("VFIO device {} cannot migrate: {e}", self.name)),
+                 such as mlx5-vfio-pci)"
+                    .into(),
+            ),
+            Err(e) => Some(format!("cannot migrate: {e}")),
         }
     }
 

@@ -28,16 +28,34 @@ pub const REPORT_ENV: &str = "VMIG_GUEST_REPORT";
 /// The console line that carries the test binary's exit code.
 pub const EXIT_MARKER: &str = "VMIG-GUEST-EXIT=";
 
-/// The VFIO modules the guest loads (with their dependencies, in dependency order).
-const MODULES: &[&str] = &["vfio_iommu_type1", "vfio-pci"];
+/// The modules the guest loads (with their dependencies, in dependency order): VFIO, and KVM
+/// on QEMU's emulated AMD-V, so a VMM can run VMs with passthrough devices in the guest.
+const MODULES: &[&str] = &["vfio_iommu_type1", "vfio-pci", "kvm-amd"];
 
-/// A program of this crate to run in the guest.
+/// A program of this workspace to build for the guest.
 #[derive(Debug, Clone, Copy)]
 pub enum GuestBinary<'a> {
-    /// A test target (`tests/NAME.rs`).
-    Test(&'a str),
-    /// An example (`examples/NAME.rs`).
-    Example(&'a str),
+    /// A test target of `package` (`tests/NAME.rs`).
+    Test {
+        /// The package.
+        package: &'a str,
+        /// The test target.
+        name: &'a str,
+    },
+    /// An example of `package` (`examples/NAME.rs`).
+    Example {
+        /// The package.
+        package: &'a str,
+        /// The example.
+        name: &'a str,
+    },
+    /// A binary of `package`.
+    Bin {
+        /// The package.
+        package: &'a str,
+        /// The binary.
+        name: &'a str,
+    },
 }
 
 /// Whether this process runs inside the test guest.
@@ -332,22 +350,23 @@ impl Guest {
             .ok()
     }
 
-    /// Builds `binary` of this crate statically for the guest (a separate target directory,
+    /// Builds `binary` statically for the guest (a separate target directory,
     /// so the host's build is untouched), with the release profile when `release`, and
     /// returns its path.
     pub fn build_binary(&self, binary: GuestBinary, release: bool) -> Result<PathBuf, String> {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let target_dir = self.work.join("target");
-        let (command, kind, name) = match binary {
-            GuestBinary::Test(name) => ("test", "--test", name),
-            GuestBinary::Example(name) => ("build", "--example", name),
+        let (command, kind, package, name) = match binary {
+            GuestBinary::Test { package, name } => ("test", "--test", package, name),
+            GuestBinary::Example { package, name } => ("build", "--example", package, name),
+            GuestBinary::Bin { package, name } => ("build", "--bin", package, name),
         };
         let out = run(Command::new(cargo)
             .args([
                 command,
                 "--message-format=json",
                 "-p",
-                "vmig-vfio",
+                package,
                 kind,
                 name,
             ])
@@ -379,12 +398,24 @@ impl Guest {
         memory_mib: u32,
         timeout: Duration,
     ) -> Result<GuestRun, String> {
+        self.boot_with(binary, &[], args, memory_mib, timeout)
+    }
+
+    /// As [`Guest::boot`], with `programs` (name, host path) in the guest's `/bin` too.
+    pub fn boot_with(
+        &self,
+        binary: &Path,
+        programs: &[(&str, &Path)],
+        args: &[&str],
+        memory_mib: u32,
+        timeout: Duration,
+    ) -> Result<GuestRun, String> {
         static BOOTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let boot = BOOTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let run_dir = self.work.join(format!("run-{}-{boot}", std::process::id()));
         std::fs::create_dir_all(&run_dir).map_err(|e| format!("{}: {e}", run_dir.display()))?;
         let initramfs = run_dir.join("initramfs.cpio");
-        std::fs::write(&initramfs, self.initramfs(binary, args)?)
+        std::fs::write(&initramfs, self.initramfs(binary, programs, args)?)
             .map_err(|e| format!("{}: {e}", initramfs.display()))?;
         let console = run_dir.join("console.log");
         let report = run_dir.join("report.log");
@@ -396,7 +427,7 @@ impl Guest {
             std::fs::File::create(&qemu_log).map_err(|e| format!("{}: {e}", qemu_log.display()))?;
         let start = Instant::now();
         let mut child = Command::new(&self.qemu)
-            .args(["-accel", "tcg", "-machine", "q35,kernel-irqchip=split"])
+            .args(["-accel", "tcg", "-cpu", "max", "-machine", "q35,kernel-irqchip=split"])
             .args(["-m", &memory_mib.to_string(), "-smp", "1"])
             .args([
                 "-device",
@@ -464,7 +495,12 @@ impl Guest {
     }
 
     /// The initramfs (newc cpio): busybox, the modules, the binary and the init script.
-    fn initramfs(&self, binary: &Path, args: &[&str]) -> Result<Vec<u8>, String> {
+    fn initramfs(
+        &self,
+        binary: &Path,
+        programs: &[(&str, &Path)],
+        args: &[&str],
+    ) -> Result<Vec<u8>, String> {
         let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
         let modules = &self.modules;
         let mut insmod = String::new();
@@ -504,6 +540,12 @@ impl Guest {
         }
         cpio.file("bin/busybox", &read(&self.busybox)?, 0o755);
         cpio.file("bin/vmig-guest-test", &read(binary)?, 0o755);
+        for (name, path) in programs {
+            if name.contains('/') || name.is_empty() {
+                return Err(format!("program name `{name}`: expected a file name"));
+            }
+            cpio.file(&format!("bin/{name}"), &read(path)?, 0o755);
+        }
         for (name, path) in modules {
             cpio.file(&format!("lib/modules/{name}.ko"), &read(path)?, 0o644);
         }

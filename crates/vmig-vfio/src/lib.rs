@@ -48,3 +48,5 @@ pub use error::{Result, VfioError};
 pub use info::ContainerInfo;
 pub use mapping::{DmaMap, Section};
 pub use migration::KernelMigration;
+/// The VM's KVM VFIO device that [`Container::open`] registers groups with.
+pub use vfio_ioctls::VfioDeviceFd;
