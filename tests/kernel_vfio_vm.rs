@@ -57,8 +57,9 @@ fn a_vm_with_a_kernel_vfio_device_in_an_emulated_guest() {
     println!("guest ran in {:.1} s", run.duration.as_secs_f64());
     let console: Vec<&str> = run.console.lines().collect();
     let tail = console[console.len().saturating_sub(60)..].join("\n");
-    for line in console.iter().filter(|l| l.starts_with("vmig-vm: ")) {
-        println!("  guest: {line}");
+    // libtest may print a line's start ("test NAME ... ") before the test's own output.
+    for line in console.iter().filter_map(|l| l.split_once("vmig-vm: ")) {
+        println!("  guest: {}", line.1);
     }
     assert!(!run.timed_out, "the guest timed out; console:\n{tail}");
     assert_eq!(run.exit_code, Some(0), "the in-guest test failed:\n{tail}");
@@ -94,7 +95,9 @@ fn read_u32(device: &DeviceHandle, offset: u64) -> u32 {
 }
 
 fn write_u32(device: &DeviceHandle, offset: u64, value: u32) {
-    device.region_write(0, offset, &value.to_le_bytes()).unwrap();
+    device
+        .region_write(0, offset, &value.to_le_bytes())
+        .unwrap();
 }
 
 /// Has edu copy `count` bytes from `src` to `dst` (one of them its buffer) and waits.
@@ -105,7 +108,10 @@ fn edu_dma(device: &DeviceHandle, src: u64, dst: u64, count: u32, cmd: u32) {
     write_u32(device, edu::DMA_CMD, edu::CMD_START | cmd);
     let start = Instant::now();
     while read_u32(device, edu::DMA_CMD) & edu::CMD_START != 0 {
-        assert!(start.elapsed() < Duration::from_secs(10), "edu DMA did not finish");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "edu DMA did not finish"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -124,9 +130,7 @@ fn ctl(api: &Path, args: &[&str]) -> (bool, serde_json::Value) {
 #[test]
 fn in_guest_a_vm_with_edu_through_kernel_vfio() {
     if !kernel_guest::in_guest() {
-        println!(
-            "skipped: runs only inside the kernel-VFIO test guest (the test above boots it)"
-        );
+        println!("skipped: runs only inside the kernel-VFIO test guest (the test above boots it)");
         return;
     }
     let bdf = std::env::var(EDU_BDF_ENV).expect("the guest's init exports the edu address");
@@ -202,7 +206,9 @@ fn in_guest_a_vm_with_edu_through_kernel_vfio() {
         DeviceLogKind::DirtyPages,
         mappings,
     );
-    tracking.start().expect("the container's dirty tracking starts");
+    tracking
+        .start()
+        .expect("the container's dirty tracking starts");
     let first = DirtyBitmap::try_new(memory.layout().top_page()).unwrap();
     tracking.harvest(&first).unwrap();
     edu_dma(&device.handle, src, edu::BUFFER, 1024, 0);
@@ -276,7 +282,10 @@ fn in_guest_a_vm_with_edu_through_kernel_vfio() {
     let started = Instant::now();
     let (ok, reply) = ctl(api, &["migrate", "uri=unix:/tmp/nowhere.sock"]);
     let refused_in = started.elapsed();
-    let message = reply["error"]["desc"].as_str().unwrap_or_default().to_string();
+    let message = reply["error"]["desc"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     assert!(!ok, "{reply}");
     assert!(
         message.contains(&format!("device {bdf}")) && message.contains("cannot migrate"),

@@ -244,7 +244,13 @@ fn a_kernel_vfio_device_that_cannot_be_opened_is_named_in_one_line() {
     // No such device here: either this kernel has no VFIO at all (this machine), or the
     // address names nothing.
     let out = vmig()
-        .args(["run", "--device", "vfio-pci,host=0000:ff:1f.7", "--duration", "0"])
+        .args([
+            "run",
+            "--device",
+            "vfio-pci,host=0000:ff:1f.7",
+            "--duration",
+            "0",
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -15,10 +15,10 @@
 
 use std::sync::Arc;
 
-use vmig_dirty::DirtyBitmap;
-use vmig_kvm::{CpuDirtyLog, GuestMemory, PAGE_SIZE};
 use crate::device::{DeviceHandle, DeviceOpError};
 use crate::error::{MigrationError, Result, device_error};
+use vmig_dirty::DirtyBitmap;
+use vmig_kvm::{CpuDirtyLog, GuestMemory, PAGE_SIZE};
 
 /// A producer of dirty guest pages.
 pub trait DirtySource: Send {
@@ -253,9 +253,10 @@ impl DirtySource for DeviceSource {
             (DeviceHandle::User(c), DeviceLogKind::DirtyPages) => {
                 c.dirty_pages_log(false).map_err(DeviceOpError::from)
             }
-            (DeviceHandle::Kernel(k), DeviceLogKind::DirtyPages) => {
-                k.container.stop_dirty_tracking().map_err(DeviceOpError::from)
-            }
+            (DeviceHandle::Kernel(k), DeviceLogKind::DirtyPages) => k
+                .container
+                .stop_dirty_tracking()
+                .map_err(DeviceOpError::from),
         }
         .map_err(device_error(&self.name))
     }

@@ -52,7 +52,9 @@ pub(crate) fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> Mig
 }
 
 /// Maps an error of device `name` (a vfio-user client's or kernel VFIO's).
-pub(crate) fn device_error<E: std::fmt::Display>(name: &str) -> impl FnOnce(E) -> MigrationError + '_ {
+pub(crate) fn device_error<E: std::fmt::Display>(
+    name: &str,
+) -> impl FnOnce(E) -> MigrationError + '_ {
     move |e| MigrationError::Device {
         device: name.to_string(),
         message: e.to_string(),

@@ -147,6 +147,9 @@ pub struct Bar {
     pub size: u64,
 }
 
+/// Device memory mapped into the guest: (region, guest-physical address, bytes).
+pub type MappedArea = (u32, u64, u64);
+
 /// One attached device.
 pub struct AttachedDevice {
     /// A name for reports (the socket's file name, or the PCI address).
@@ -163,8 +166,8 @@ pub struct AttachedDevice {
     pub dma_ring: Option<DmaRing>,
     /// Its interrupt vectors wired into the guest (MSI-X or MSI vector n is `interrupts[n]`).
     pub interrupts: Vec<MsiVector>,
-    /// Device memory mapped into the guest: (region, guest-physical address, bytes).
-    pub mapped: Vec<(u32, u64, u64)>,
+    /// Device memory mapped into the guest.
+    pub mapped: Vec<MappedArea>,
 }
 
 impl std::fmt::Debug for AttachedDevice {
@@ -548,7 +551,7 @@ fn place_bars(
     handle: &DeviceHandle,
     regions: &[RegionView<'_>],
     bus: &mut DeviceBus,
-) -> Result<(Vec<Bar>, Vec<(u32, u64, u64)>)> {
+) -> Result<(Vec<Bar>, Vec<MappedArea>)> {
     let slot_base = MMIO_WINDOW_GPA + index as u64 * DEVICE_MMIO_SLOT;
     let mut next = slot_base;
     let mut bars = Vec::new();
@@ -799,7 +802,9 @@ fn wire_interrupts(vm: &Vm, device: usize, client: &Client) -> Result<Vec<MsiVec
 /// As [`wire_interrupts`], for a kernel VFIO device: `VFIO_DEVICE_SET_IRQS` with the
 /// irqfds' eventfds.
 fn wire_kernel_interrupts(vm: &Vm, device: usize, kernel: &KernelDevice) -> Result<Vec<MsiVector>> {
-    use vmig_vfio::device::{IRQ_INDEX_MSI as MSI, IRQ_INDEX_MSIX as MSIX, IRQ_INFO_EVENTFD as EVENTFD};
+    use vmig_vfio::device::{
+        IRQ_INDEX_MSI as MSI, IRQ_INDEX_MSIX as MSIX, IRQ_INFO_EVENTFD as EVENTFD,
+    };
     for index in [MSIX, MSI] {
         let Some(irq) = kernel.device.irq(index) else {
             continue;

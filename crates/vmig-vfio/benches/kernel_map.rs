@@ -18,10 +18,13 @@ fn main() {
         return;
     };
     let binary = guest
-        .build_binary(GuestBinary::Example {
-            package: "vmig-vfio",
-            name: "guest_bench",
-        }, true)
+        .build_binary(
+            GuestBinary::Example {
+                package: "vmig-vfio",
+                name: "guest_bench",
+            },
+            true,
+        )
         .expect("static guest benchmark");
     let run = guest
         .boot(&binary, &[], 2048, Duration::from_secs(900))

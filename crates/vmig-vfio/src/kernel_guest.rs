@@ -362,14 +362,7 @@ impl Guest {
             GuestBinary::Bin { package, name } => ("build", "--bin", package, name),
         };
         let out = run(Command::new(cargo)
-            .args([
-                command,
-                "--message-format=json",
-                "-p",
-                package,
-                kind,
-                name,
-            ])
+            .args([command, "--message-format=json", "-p", package, kind, name])
             .args((command == "test").then_some("--no-run"))
             .args(["--target", "x86_64-unknown-linux-gnu"])
             .args(release.then_some("--release"))
@@ -427,7 +420,14 @@ impl Guest {
             std::fs::File::create(&qemu_log).map_err(|e| format!("{}: {e}", qemu_log.display()))?;
         let start = Instant::now();
         let mut child = Command::new(&self.qemu)
-            .args(["-accel", "tcg", "-cpu", "max", "-machine", "q35,kernel-irqchip=split"])
+            .args([
+                "-accel",
+                "tcg",
+                "-cpu",
+                "max",
+                "-machine",
+                "q35,kernel-irqchip=split",
+            ])
             .args(["-m", &memory_mib.to_string(), "-smp", "1"])
             .args([
                 "-device",

@@ -15,10 +15,13 @@ fn the_backend_against_the_real_kernel_in_an_emulated_guest() {
         return;
     };
     let binary = guest
-        .build_binary(GuestBinary::Test {
-            package: "vmig-vfio",
-            name: "in_guest",
-        }, false)
+        .build_binary(
+            GuestBinary::Test {
+                package: "vmig-vfio",
+                name: "in_guest",
+            },
+            false,
+        )
         .expect("static in-guest test binary");
     let run = guest
         .boot(
