@@ -307,6 +307,13 @@ impl Destination {
         let vm = Vm::incoming(&vm_config, prepared)?;
         let machine = Machine::attach(vm, specs, Role::Destination)?;
         for (ours, theirs) in machine.devices.iter().zip(&config.devices) {
+            let kind = ours.handle.kind();
+            if kind != theirs.kind {
+                return Err(MigrationError::Invalid(format!(
+                    "device {} here is {kind}, the source's {} is {}: its state would not load",
+                    ours.name, theirs.name, theirs.kind
+                )));
+            }
             if ours.protocol_name() != theirs.protocol {
                 return Err(MigrationError::Invalid(format!(
                     "device {} here speaks migration {}, the source's {} speaks {}",

@@ -64,12 +64,22 @@ impl DeviceHandle {
         }
     }
 
-    /// Whether both handles are the same device.
-    pub fn same(&self, other: &Self) -> bool {
-        match (self, other) {
-            (Self::User(a), Self::User(b)) => Arc::ptr_eq(a, b),
-            (Self::Kernel(a), Self::Kernel(b)) => Arc::ptr_eq(a, b),
-            _ => false,
+    /// How it is reached and what it is: "vfio-user", or "vfio-pci VVVV:DDDD" with its PCI
+    /// vendor and device IDs.
+    pub fn kind(&self) -> String {
+        match self {
+            Self::User(_) => "vfio-user".into(),
+            Self::Kernel(k) => {
+                let mut id = [0u8; 4];
+                match k.device.read_config(0, &mut id) {
+                    Ok(()) => format!(
+                        "vfio-pci {:04x}:{:04x}",
+                        u16::from_le_bytes([id[0], id[1]]),
+                        u16::from_le_bytes([id[2], id[3]])
+                    ),
+                    Err(_) => "vfio-pci".into(),
+                }
+            }
         }
     }
 

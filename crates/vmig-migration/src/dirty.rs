@@ -31,6 +31,11 @@ pub trait DirtySource: Send {
     fn harvest(&mut self, into: &DirtyBitmap) -> Result<u64>;
     /// Stops tracking.
     fn stop(&mut self) -> Result<()>;
+    /// Whether it reports every page it covers at every harvest, whatever was written (type1
+    /// for a device without tracking of its own): slowing the vCPUs cannot shrink that.
+    fn reports_everything(&self) -> bool {
+        false
+    }
 }
 
 /// KVM's tracking of CPU writes, in whatever mode the VM was built with.
@@ -259,6 +264,14 @@ impl DirtySource for DeviceSource {
                 .map_err(DeviceOpError::from),
         }
         .map_err(device_error(&self.name))
+    }
+
+    fn reports_everything(&self) -> bool {
+        // "for vfio-pci every mapped page is always reported dirty" (kernel-vfio-type1-observed).
+        matches!(
+            (&self.handle, self.kind),
+            (DeviceHandle::Kernel(_), DeviceLogKind::DirtyPages)
+        )
     }
 }
 

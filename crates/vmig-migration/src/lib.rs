@@ -4,7 +4,8 @@
 //! - a VM with its devices attached, DMA-mapped and routed ([`machine`]), each reached over
 //!   vfio-user or through the kernel's VFIO ([`device`]);
 //! - every dirty-page producer behind [`dirty::DirtySource`]: KVM (every mode), device DMA
-//!   logging (v2), `DIRTY_PAGES` (v1), the VMM's own writes;
+//!   logging (v2), `DIRTY_PAGES` (v1, or a kernel device's type1 container), the VMM's own
+//!   writes;
 //! - the sending side ([`source`]): pre-copy passes, convergence, auto-converge, stop-and-copy,
 //!   commit, and rollback;
 //! - the stream ([`stream`]) over one or more connections ([`transport`]), with page senders

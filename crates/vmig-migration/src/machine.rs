@@ -4,15 +4,17 @@
 //!
 //! Attaching a device (in `--device` order, the same on both sides of a migration):
 //! 1. connect to its server (guest RAM is offered for message-based DMA as well), or open
-//!    the PCI device in a type1 container of its own and enable its memory decoding and bus
-//!    mastering; reset the device when it supports reset, so it starts as a booting VM
-//!    expects whatever state an earlier user left it in;
+//!    the PCI device in a type1 container of its own (its group registered with the VM's KVM
+//!    VFIO device); reset the device when it supports reset, so it starts as a booting VM
+//!    expects whatever state an earlier user left it in, then enable a PCI device's memory
+//!    decoding and bus mastering;
 //! 2. DMA-map every RAM slot, IOVA = guest-physical address (a vfio-user server gets the
 //!    slot's fd; the kernel pins the VMM's mapping, split and aligned by the seed 003 rules);
 //! 3. place BARs 0-5 in the guest's MMIO window, device *i* in the *i*-th 16 MiB slot, each BAR
 //!    aligned to its size; the mmappable areas a region offers (sparse-mmap areas, or the whole
 //!    region) become guest memslots backed by the device's fd, and the rest traps: guest
-//!    accesses there become region reads and writes;
+//!    accesses there become region reads and writes (a PCI device's MSI-X table and pending
+//!    bits always trap);
 //! 4. wire its interrupts: each MSI-X vector (else MSI; INTx is not wired), up to
 //!    [`MAX_VECTORS`], gets an eventfd that KVM delivers as an MSI to vCPU 0's local APIC
 //!    (irqfd), with IDT vector `0x40 + 8 * device + n`; the guest runs with interrupts off,
@@ -107,7 +109,10 @@ impl std::str::FromStr for DeviceSpec {
                         _ => return Err(bad(format!("unknown option `{part}`"))),
                     }
                 }
-                let host = host.ok_or_else(|| bad("host=DDDD:BB:DD.F is missing".into()))?;
+                // sysfs names devices in lower case.
+                let host = host
+                    .ok_or_else(|| bad("host=DDDD:BB:DD.F is missing".into()))?
+                    .to_ascii_lowercase();
                 vmig_vfio::device::check_bdf(&host).map_err(|e| bad(e.to_string()))?;
                 return Ok(Self::VfioPci { host });
             }
@@ -158,7 +163,7 @@ pub struct AttachedDevice {
     pub handle: DeviceHandle,
     /// How its state migrates (`None`: it cannot migrate).
     pub protocol: Option<Protocol>,
-    /// Why it cannot migrate, naming it, when `protocol` is `None`.
+    /// Why it cannot migrate ("cannot migrate: ..."), when `protocol` is `None`.
     pub blocker: String,
     /// Its BARs in the guest.
     pub bars: Vec<Bar>,
@@ -198,9 +203,12 @@ impl AttachedDevice {
     /// Whether the device is a `vmig-devices` dma-engine (its BAR0 is big enough and its `ID`
     /// register says so).
     fn is_dma_engine(&self) -> bool {
-        self.bars
-            .iter()
-            .any(|b| b.index == 0 && b.size >= dma_engine::BAR0_SIZE)
+        // Never probe real hardware: a read of an unknown register may have side effects.
+        matches!(self.handle, DeviceHandle::User(_))
+            && self
+                .bars
+                .iter()
+                .any(|b| b.index == 0 && b.size >= dma_engine::BAR0_SIZE)
             && self.read_reg(reg::ID).ok() == Some(dma_engine::ID)
     }
 
@@ -404,15 +412,23 @@ impl Machine {
             let mut device = match spec {
                 DeviceSpec::VfioUser { socket, .. } => attach_user(&vm, index, socket, &mut bus)?,
                 DeviceSpec::VfioPci { host } => {
+                    let named = |message: String| MigrationError::Device {
+                        device: host.clone(),
+                        message,
+                    };
+                    if specs[..index]
+                        .iter()
+                        .any(|s| matches!(s, DeviceSpec::VfioPci { host: h } if h == host))
+                    {
+                        return Err(named("given twice".into()));
+                    }
+                    vmig_vfio::availability().map_err(named)?;
+                    vmig_vfio::device::check_bound(host).map_err(|e| named(e.to_string()))?;
                     let kvm_vfio = match &kvm_vfio {
                         Some(fd) => Arc::clone(fd),
                         None => {
-                            vmig_vfio::availability().map_err(|why| MigrationError::Device {
-                                device: host.clone(),
-                                message: why,
-                            })?;
-                            let fd = Arc::new(VfioDeviceFd::new_from_kvm(vm.create_vfio_device()?));
-                            Arc::clone(kvm_vfio.insert(fd))
+                            let fd = vm.create_vfio_device().map_err(|e| named(e.to_string()))?;
+                            Arc::clone(kvm_vfio.insert(Arc::new(VfioDeviceFd::new_from_kvm(fd))))
                         }
                     };
                     attach_kernel(&vm, index, host, kvm_vfio, &mut bus)?
@@ -610,6 +626,29 @@ fn place_bars(
     Ok((bars, mapped))
 }
 
+/// `areas` (offset, bytes) less the page-aligned `holes`.
+fn without_holes(areas: &[(u64, u64)], holes: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = areas.to_vec();
+    for &(hole, hole_bytes) in holes {
+        let hole_end = hole + hole_bytes;
+        out = out
+            .into_iter()
+            .flat_map(|(offset, bytes)| {
+                let end = offset + bytes;
+                if hole_end <= offset || end <= hole {
+                    return vec![(offset, bytes)];
+                }
+                [(offset, hole.max(offset)), (hole_end.min(end), end)]
+                    .into_iter()
+                    .filter(|(a, b)| b > a)
+                    .map(|(a, b)| (a, b - a))
+                    .collect()
+            })
+            .collect();
+    }
+    out
+}
+
 fn attach_user(
     vm: &Vm,
     index: usize,
@@ -714,15 +753,38 @@ fn attach_kernel(
     device
         .set_command_bits(PCI_COMMAND_MEMORY_AND_MASTER)
         .map_err(device_error(&name))?;
+    // The MSI-X table and pending bits stay trapped (vfio-pci ignores guest accesses there):
+    // the host's table holds the vectors `SET_IRQS` programmed.
+    let msix = device.msix_layout().map_err(device_error(&name))?;
+    let msix_pages: Vec<(u32, u64, u64)> = msix
+        .map(|m| [m.table, m.pba])
+        .into_iter()
+        .flatten()
+        .map(|(bar, offset, bytes)| {
+            let first = offset / PAGE_SIZE * PAGE_SIZE;
+            (
+                bar,
+                first,
+                (offset + bytes).next_multiple_of(PAGE_SIZE) - first,
+            )
+        })
+        .collect();
     let regions: Vec<RegionView<'_>> = (0..6)
         .filter_map(|i| device.region(i))
         .filter(|r| r.readable() || r.writable())
-        .map(|r| RegionView {
-            index: r.index,
-            size: r.size,
-            mmap: (!r.mmap_areas.is_empty()).then(|| (device.fd(), r.offset)),
-            writable: r.writable(),
-            areas: r.mmap_areas,
+        .map(|r| {
+            let holes: Vec<(u64, u64)> = msix_pages
+                .iter()
+                .filter(|(bar, _, _)| *bar == r.index)
+                .map(|&(_, offset, bytes)| (offset, bytes))
+                .collect();
+            RegionView {
+                index: r.index,
+                size: r.size,
+                mmap: (!r.mmap_areas.is_empty()).then(|| (device.fd(), r.offset)),
+                writable: r.writable(),
+                areas: without_holes(&r.mmap_areas, &holes),
+            }
         })
         .collect();
     let handle = DeviceHandle::Kernel(Arc::clone(&kernel));
@@ -733,7 +795,16 @@ fn attach_kernel(
             device: name.clone(),
             message: format!("wiring its interrupts: {e}"),
         })?;
-    let blocker = device.migration_blocker_reason();
+    let mut blocker = device.migration_blocker_reason();
+    // Without DMA logging its DMA is tracked by the container, if the container can.
+    if blocker.is_none()
+        && !kernel.dma_logging
+        && let Err(e) = kernel.container.bitmap_page_size()
+    {
+        blocker = Some(format!(
+            "cannot migrate: it has no DMA logging and its container cannot track dirty pages ({e})"
+        ));
+    }
     let protocol = match &blocker {
         None => {
             let support = device
@@ -853,4 +924,62 @@ fn start_dma_engine(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msix_pages_are_cut_out_of_mappable_areas() {
+        // A 64 KiB BAR mappable whole, its MSI-X table in the page at 0x2000.
+        assert_eq!(
+            without_holes(&[(0, 0x10000)], &[(0x2000, 0x1000)]),
+            [(0, 0x2000), (0x3000, 0xd000)]
+        );
+        // Holes at either end, one covering an area, one outside every area.
+        assert_eq!(
+            without_holes(
+                &[(0, 0x2000), (0x4000, 0x1000), (0x8000, 0x2000)],
+                &[
+                    (0, 0x1000),
+                    (0x4000, 0x1000),
+                    (0x9000, 0x1000),
+                    (0x20000, 0x1000)
+                ]
+            ),
+            [(0x1000, 0x1000), (0x8000, 0x1000)]
+        );
+        assert_eq!(without_holes(&[(0, 0x1000)], &[]), [(0, 0x1000)]);
+    }
+
+    #[test]
+    fn vfio_pci_specs_parse_strictly() {
+        let spec: DeviceSpec = "vfio-pci,host=0000:0A:00.1".parse().unwrap();
+        assert_eq!(
+            spec,
+            DeviceSpec::VfioPci {
+                host: "0000:0a:00.1".into()
+            }
+        );
+        for (bad, why) in [
+            ("vfio-pci", "host=DDDD:BB:DD.F is missing"),
+            ("vfio-pci,host=0a:00.1", "expected DOMAIN:BUS:SLOT.FUNCTION"),
+            (
+                "vfio-pci,host=0000:0a:00.8",
+                "expected DOMAIN:BUS:SLOT.FUNCTION",
+            ),
+            (
+                "vfio-pci,host=0000:0a:00.1,rate=5",
+                "unknown option `rate=5`",
+            ),
+            ("virtio,host=x", "unknown device kind `virtio`"),
+        ] {
+            let e = bad.parse::<DeviceSpec>().unwrap_err().to_string();
+            assert!(
+                e.contains(why) && e.contains(DEVICE_SPEC_FORMS),
+                "{bad}: {e}"
+            );
+        }
+    }
 }

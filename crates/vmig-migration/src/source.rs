@@ -42,6 +42,10 @@ pub struct DeviceDescription {
     pub bars: Vec<Bar>,
     /// Its areas mapped into the guest: (region, guest-physical address, bytes).
     pub mapped: Vec<(u32, u64, u64)>,
+    /// How it is reached and what it is ("vfio-user", "vfio-pci 15b3:101e"): a device's
+    /// state only loads into the same kind of device.
+    #[serde(default)]
+    pub kind: String,
 }
 
 /// Device state records: parts of one chunk carry this flag until the last.
@@ -263,6 +267,7 @@ impl<'a> Source<'a> {
                     protocol: d.protocol_name().into(),
                     bars: d.bars.clone(),
                     mapped: d.mapped.clone(),
+                    kind: d.handle.kind(),
                 })
                 .collect(),
         };
@@ -537,8 +542,10 @@ impl<'a> Source<'a> {
                 break;
             }
             // Auto-converge (QEMU's trigger): the guest dirtied more than half of what the
-            // pass sent, twice.
-            if self.params.auto_converge && pass > 1 {
+            // pass sent, twice. Not when a source reports all of RAM at every pass: that is
+            // not the guest's doing, and throttling it would only slow it down.
+            let throttling_helps = !self.sources.iter().any(|s| s.reports_everything());
+            if self.params.auto_converge && throttling_helps && pass > 1 {
                 if remaining as f64 > 0.5 * pass_bytes as f64 {
                     high_dirty_passes += 1;
                 } else {

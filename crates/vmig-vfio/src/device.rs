@@ -127,35 +127,52 @@ pub fn check_bdf(bdf: &str) -> Result<()> {
     )))
 }
 
+/// Checks that PCI device `bdf` exists and is bound to vfio-pci or a variant driver, saying
+/// how to bind it when it is not; returns its sysfs path.
+pub fn check_bound(bdf: &str) -> Result<PathBuf> {
+    check_bdf(bdf)?;
+    let path = PathBuf::from(PCI_DEVICES).join(bdf);
+    if !path.exists() {
+        return Err(VfioError::Unavailable(format!(
+            "there is no PCI device {bdf} ({} does not exist)",
+            path.display()
+        )));
+    }
+    let driver = std::fs::read_link(path.join("driver"))
+        .ok()
+        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()));
+    if !driver.as_deref().is_some_and(|d| d.contains("vfio")) {
+        return Err(VfioError::Unavailable(format!(
+            "{bdf} is bound to {}, not to vfio-pci: \
+             `echo vfio-pci > {p}/driver_override; echo {bdf} > {p}/driver/unbind; \
+             echo {bdf} > /sys/bus/pci/drivers_probe`",
+            driver.as_deref().unwrap_or("no driver"),
+            p = path.display()
+        )));
+    }
+    Ok(path)
+}
+
+/// Where a device's MSI-X table and pending-bit array are (from its MSI-X capability).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MsixLayout {
+    /// The table: (BAR, offset, bytes).
+    pub table: (u32, u64, u64),
+    /// The pending-bit array: (BAR, offset, bytes).
+    pub pba: (u32, u64, u64),
+}
+
 impl Device {
     pub(crate) fn open(container: &Container, bdf: &str) -> Result<Self> {
-        check_bdf(bdf)?;
-        let path = PathBuf::from(PCI_DEVICES).join(bdf);
-        if !path.exists() {
-            return Err(VfioError::Unavailable(format!(
-                "there is no PCI device {bdf} ({} does not exist)",
-                path.display()
-            )));
-        }
-        let driver = std::fs::read_link(path.join("driver"))
-            .ok()
-            .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()));
-        if !driver.as_deref().is_some_and(|d| d.contains("vfio")) {
-            return Err(VfioError::Unavailable(format!(
-                "{bdf} is bound to {}, not to vfio-pci: \
-                 `echo vfio-pci > {p}/driver_override; echo {bdf} > {p}/driver/unbind; \
-                 echo {bdf} > /sys/bus/pci/drivers_probe`",
-                driver.as_deref().unwrap_or("no driver"),
-                p = path.display()
-            )));
-        }
+        let path = check_bound(bdf)?;
         let inner = VfioDevice::new(&path, container.ops(), false).map_err(|e| match &e {
             vfio_ioctls::VfioError::OpenGroup(io, group)
                 if io.raw_os_error() == Some(libc::EBUSY) =>
             {
                 VfioError::Unavailable(format!(
-                    "{bdf}: its IOMMU group /dev/vfio/{group} is open in another process \
-                     (another VMM, or a migration destination on this host, has the device)"
+                    "{bdf}: its IOMMU group /dev/vfio/{group} is already open (by another \
+                     VMM or migration destination on this host, or by another device of the \
+                     same group in this VM: each device gets a container of its own)"
                 ))
             }
             _ => VfioError::library(format!("opening VFIO device {bdf}"), e),
@@ -296,6 +313,42 @@ impl Device {
         self.write_config(4, &command.to_le_bytes())?;
         self.read_config(4, &mut b)?;
         Ok(u16::from_le_bytes(b))
+    }
+
+    /// Where the MSI-X table and pending-bit array are, or `None` without an MSI-X
+    /// capability. A guest must not reach them through a mapping: vfio-pci programs the table
+    /// for the interrupts it was given, and lets a mapping through (`MSIX_MAPPABLE`).
+    pub fn msix_layout(&self) -> Result<Option<MsixLayout>> {
+        let read = |offset: u64, bytes: usize| -> Result<u32> {
+            let mut b = [0u8; 4];
+            self.read_config(offset, &mut b[..bytes])?;
+            Ok(u32::from_le_bytes(b))
+        };
+        const STATUS_CAP_LIST: u32 = 0x10;
+        const CAP_ID_MSIX: u32 = 0x11;
+        if read(0x06, 2)? & STATUS_CAP_LIST == 0 {
+            return Ok(None);
+        }
+        let mut cap = u64::from(read(0x34, 1)? & 0xfc);
+        // At most 48 capabilities fit the 192 bytes after the header: a longer chain loops.
+        for _ in 0..48 {
+            if cap < 0x40 {
+                return Ok(None);
+            }
+            let header = read(cap, 2)?;
+            if header & 0xff == CAP_ID_MSIX {
+                let control = read(cap + 2, 2)?;
+                let entries = u64::from(control & 0x7ff) + 1;
+                let table = read(cap + 4, 4)?;
+                let pba = read(cap + 8, 4)?;
+                return Ok(Some(MsixLayout {
+                    table: (table & 7, u64::from(table & !7), entries * 16),
+                    pba: (pba & 7, u64::from(pba & !7), entries.div_ceil(64) * 8),
+                }));
+            }
+            cap = u64::from((header >> 8) & 0xfc);
+        }
+        Ok(None)
     }
 
     /// Maps the whole of region `index`, which must be mappable without sparse areas.

@@ -8,7 +8,7 @@
 //! | `read_precopy` | — | read until `ENOMSG` (nothing more for now) |
 //! | `stop_and_copy` | STOP_COPY | PRE_COPY's fd, or a new one; read to end of file |
 //! | `finish_source` | STOP | closed |
-//! | `cancel` | RUNNING | closed |
+//! | `cancel` | RUNNING (else a reset) | closed |
 //! | `start_resume` | RESUMING | opened |
 //! | `write_chunk` | — | written |
 //! | `load` | STOP (the device loads what it was given) | closed |
@@ -65,6 +65,7 @@ impl<'a> KernelMigration<'a> {
                 break;
             }
             chunk.truncate(n);
+            chunk.shrink_to_fit();
             total += n;
             chunks.push(chunk);
         }
@@ -91,7 +92,9 @@ impl<'a> KernelMigration<'a> {
     pub fn stop_and_copy(&self) -> Result<Vec<Vec<u8>>> {
         self.set(MigState::StopCopy)?;
         let chunks = self.read(MAX_STOP_COPY_STATE)?;
-        if chunks.iter().map(Vec::len).sum::<usize>() >= MAX_STOP_COPY_STATE {
+        if chunks.iter().map(Vec::len).sum::<usize>() == MAX_STOP_COPY_STATE
+            && self.device.read_state(&mut [0u8; 1])? != 0
+        {
             return Err(VfioError::Kernel(format!(
                 "{}: the device's state goes on past {} GiB",
                 self.device.name(),
@@ -106,9 +109,21 @@ impl<'a> KernelMigration<'a> {
         self.set(MigState::Stop)
     }
 
-    /// Abandons a migration: the device runs again and saved data is dropped.
+    /// Abandons a migration: the device runs again and saved data is dropped. A device the
+    /// kernel cannot bring back to RUNNING (a failed arc leaves it in ERROR, which only a
+    /// reset leaves) is reset, and the error says so: its state is then the reset state.
     pub fn cancel(&self) -> Result<()> {
-        self.set(MigState::Running)
+        match self.set(MigState::Running) {
+            Ok(()) => Ok(()),
+            Err(e) if self.device.can_reset() => {
+                self.device.reset()?;
+                Err(VfioError::Kernel(format!(
+                    "{}: it could not return to RUNNING ({e}), so it was reset",
+                    self.device.name()
+                )))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Prepares the destination device to receive state.
