@@ -190,21 +190,11 @@ fn in_guest_a_vm_with_edu_through_kernel_vfio() {
     let memory = machine.vm.memory();
     let pattern: Vec<u8> = (0..=255u8).cycle().take(1024).collect();
     memory.write(src, &pattern).unwrap();
-    let mappings: Vec<Mapping> = memory
-        .layout()
-        .slots
-        .iter()
-        .map(|s| Mapping {
-            iova: s.gpa,
-            size: s.size,
-            gpa: s.gpa,
-        })
-        .collect();
     let mut tracking = DeviceSource::new(
         &bdf,
         device.handle.clone(),
         DeviceLogKind::DirtyPages,
-        mappings,
+        Mapping::guest_ram(memory),
     );
     tracking
         .start()

@@ -108,6 +108,23 @@ pub struct Mapping {
     pub gpa: u64,
 }
 
+impl Mapping {
+    /// Every RAM slot of `memory` as the engine maps it for devices: IOVA = guest-physical
+    /// address.
+    pub fn guest_ram(memory: &GuestMemory) -> Vec<Self> {
+        memory
+            .layout()
+            .slots
+            .iter()
+            .map(|s| Self {
+                iova: s.gpa,
+                size: s.size,
+                gpa: s.gpa,
+            })
+            .collect()
+    }
+}
+
 /// A device's DMA dirty log.
 pub struct DeviceSource {
     name: String,

@@ -367,17 +367,7 @@ impl<'a> Source<'a> {
             Box::new(VmmSource(Arc::clone(vm.memory()))),
         ];
         if self.params.device_dirty_tracking {
-            let mappings: Vec<Mapping> = vm
-                .memory()
-                .layout()
-                .slots
-                .iter()
-                .map(|s| Mapping {
-                    iova: s.gpa,
-                    size: s.size,
-                    gpa: s.gpa,
-                })
-                .collect();
+            let mappings = Mapping::guest_ram(vm.memory());
             for d in &self.machine.devices {
                 let kind = match (&d.handle, d.protocol_name()) {
                     (DeviceHandle::Kernel(k), _) if !k.dma_logging => DeviceLogKind::DirtyPages,
