@@ -23,7 +23,7 @@ use vmig_migration::device::DeviceHandle;
 use vmig_migration::dirty::{DeviceLogKind, DeviceSource, DirtySource, Mapping};
 use vmig_migration::machine::{device_area_bytes, interrupt_vector};
 use vmig_migration::{DeviceSpec, Machine, Role};
-use vmig_vfio::kernel_guest::{self, EDU_BDF_ENV, Guest, GuestBinary};
+use vmig_vfio::kernel_guest::{self, EDU_BDF_ENV, Guest, GuestBinary, edu};
 
 /// The in-guest test this file's host test runs.
 const IN_GUEST_TEST: &str = "in_guest_a_vm_with_edu_through_kernel_vfio";
@@ -68,24 +68,6 @@ fn a_vm_with_a_kernel_vfio_device_in_an_emulated_guest() {
         "the in-guest test did not run:\n{tail}"
     );
     assert!(!run.console.contains("skipped:"), "{tail}");
-}
-
-/// edu's registers (QEMU `hw/misc/edu.c`).
-mod edu {
-    pub const IDENT: u64 = 0x00;
-    pub const IRQ_STATUS: u64 = 0x24;
-    pub const IRQ_ACK: u64 = 0x64;
-    pub const DMA_SRC: u64 = 0x80;
-    pub const DMA_DST: u64 = 0x88;
-    pub const DMA_COUNT: u64 = 0x90;
-    pub const DMA_CMD: u64 = 0x98;
-    pub const BUFFER: u64 = 0x40000;
-    /// `DMA_CMD` bits: start, direction edu → RAM, raise an interrupt when done.
-    pub const CMD_START: u32 = 1;
-    pub const CMD_TO_RAM: u32 = 2;
-    pub const CMD_IRQ: u32 = 4;
-    /// The interrupt status bit of a finished DMA.
-    pub const DMA_IRQ: u32 = 0x100;
 }
 
 fn read_u32(device: &DeviceHandle, offset: u64) -> u32 {

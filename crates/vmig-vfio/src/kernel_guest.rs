@@ -58,6 +58,38 @@ pub enum GuestBinary<'a> {
     },
 }
 
+/// The registers of QEMU's `edu` device (`hw/misc/edu.c`), BAR0, which the guest's tests drive.
+pub mod edu {
+    /// Identification, `0x010000ed`.
+    pub const IDENT: u64 = 0x00;
+    /// Reads back the inverse of what was written.
+    pub const LIVENESS: u64 = 0x04;
+    /// Interrupt status.
+    pub const IRQ_STATUS: u64 = 0x24;
+    /// Raises an interrupt with the written status bits.
+    pub const IRQ_RAISE: u64 = 0x60;
+    /// Acknowledges the written status bits.
+    pub const IRQ_ACK: u64 = 0x64;
+    /// DMA source address.
+    pub const DMA_SRC: u64 = 0x80;
+    /// DMA destination address.
+    pub const DMA_DST: u64 = 0x88;
+    /// DMA byte count.
+    pub const DMA_COUNT: u64 = 0x90;
+    /// DMA command.
+    pub const DMA_CMD: u64 = 0x98;
+    /// The device's 4 KiB DMA buffer, as a DMA address.
+    pub const BUFFER: u64 = 0x40000;
+    /// `DMA_CMD`: start (clear again when the transfer is done).
+    pub const CMD_START: u32 = 1;
+    /// `DMA_CMD`: direction edu → RAM.
+    pub const CMD_TO_RAM: u32 = 2;
+    /// `DMA_CMD`: raise an interrupt when done.
+    pub const CMD_IRQ: u32 = 4;
+    /// The interrupt status bit of a finished DMA.
+    pub const DMA_IRQ: u32 = 0x100;
+}
+
 /// Whether this process runs inside the test guest.
 pub fn in_guest() -> bool {
     std::env::var(IN_GUEST_ENV).as_deref() == Ok("1")

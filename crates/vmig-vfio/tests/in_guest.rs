@@ -18,7 +18,7 @@ use vmig_dma::uapi::{
     VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP,
 };
 use vmig_vfio::container::{GET_BITMAP_ARGSZ, UNMAP_ARGSZ, UNMAP_BITMAP_ARGSZ};
-use vmig_vfio::kernel_guest::{self, EDU_BDF_ENV};
+use vmig_vfio::kernel_guest::{self, EDU_BDF_ENV, edu};
 use vmig_vfio::sys::{self, BitmapRequest, UserBitmap};
 use vmig_vfio::{Container, Device, differential};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -528,20 +528,6 @@ fn a_type1_v1_container_refuses_dirty_tracking_with_eacces() {
     sys::group_unset_container(group.as_fd()).unwrap();
 }
 
-/// edu's registers (QEMU `hw/misc/edu.c`).
-mod edu {
-    pub const IDENT: u64 = 0x00;
-    pub const LIVENESS: u64 = 0x04;
-    pub const IRQ_STATUS: u64 = 0x24;
-    pub const IRQ_RAISE: u64 = 0x60;
-    pub const IRQ_ACK: u64 = 0x64;
-    pub const DMA_SRC: u64 = 0x80;
-    pub const DMA_DST: u64 = 0x88;
-    pub const DMA_COUNT: u64 = 0x90;
-    pub const DMA_CMD: u64 = 0x98;
-    pub const BUFFER: u64 = 0x40000;
-}
-
 fn edu_dma(device: &Device, src: u64, dst: u64, count: u64, to_ram: bool) {
     let bar = VFIO_PCI_BAR0_REGION_INDEX;
     let w64 = |off, v: u64| {
@@ -552,10 +538,14 @@ fn edu_dma(device: &Device, src: u64, dst: u64, count: u64, to_ram: bool) {
     w64(edu::DMA_DST, dst);
     w64(edu::DMA_COUNT, count);
     device
-        .write_u32(bar, edu::DMA_CMD, 1 | if to_ram { 2 } else { 0 })
+        .write_u32(
+            bar,
+            edu::DMA_CMD,
+            edu::CMD_START | if to_ram { edu::CMD_TO_RAM } else { 0 },
+        )
         .unwrap();
     let start = Instant::now();
-    while device.read_u32(bar, edu::DMA_CMD).unwrap() & 1 != 0 {
+    while device.read_u32(bar, edu::DMA_CMD).unwrap() & edu::CMD_START != 0 {
         assert!(
             start.elapsed() < Duration::from_secs(10),
             "edu DMA did not finish"
