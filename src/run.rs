@@ -328,17 +328,13 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
             }
         );
     }
-    if report.passed() {
-        println!(
+    match report.failure() {
+        None => println!(
             "verify: passed, {} pages checked, guest wrote {} pages in all",
             report.pages_checked,
             vm.guest_writes().map_err(text)?
-        );
-    } else {
-        println!(
-            "verify: FAILED, {} of {} pages inconsistent (first: {:?})",
-            report.bad_count, report.pages_checked, report.bad_pages
-        );
+        ),
+        Some(why) => println!("verify: FAILED, {why}"),
     }
     if let Some(path) = &args.save {
         snapshot::save(vm, path).map_err(text)?;

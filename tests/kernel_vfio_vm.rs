@@ -11,7 +11,8 @@
 //!   once naming the device (edu cannot migrate: plain vfio-pci has no migration feature), and
 //!   the VM runs on and passes its verify.
 //!
-//! Skips, saying why, where Debian's packages or QEMU cannot be installed.
+//! Skips, saying why, where Debian's packages or QEMU cannot be had (no apt, no network, not
+//! root); fails on anything else that goes wrong preparing the guest.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -29,11 +30,9 @@ use vmig_vfio::kernel_guest::{self, EDU_BDF_ENV, Guest, GuestBinary, edu};
 const IN_GUEST_TEST: &str = "in_guest_a_vm_with_edu_through_kernel_vfio";
 
 #[test]
+#[cfg_attr(vmig_in_guest, ignore = "boots the guest: runs on the host")]
 fn a_vm_with_a_kernel_vfio_device_in_an_emulated_guest() {
-    if kernel_guest::in_guest() {
-        return;
-    }
-    let Some(guest) = Guest::prepare_or_skip() else {
+    let Some(guest) = Guest::prepare_or_skip(vmig_test_support::skip) else {
         return;
     };
     let build = |binary| guest.build_binary(binary, false).expect("a static build");
@@ -110,11 +109,15 @@ fn ctl(api: &Path, args: &[&str]) -> (bool, serde_json::Value) {
 }
 
 #[test]
+#[cfg_attr(
+    not(vmig_in_guest),
+    ignore = "runs only in the kernel-VFIO guest, which the test above boots"
+)]
 fn in_guest_a_vm_with_edu_through_kernel_vfio() {
-    if !kernel_guest::in_guest() {
-        println!("skipped: runs only inside the kernel-VFIO test guest (the test above boots it)");
-        return;
-    }
+    assert!(
+        kernel_guest::in_guest(),
+        "runs only inside the kernel-VFIO test guest (the test above boots it)"
+    );
     let bdf = std::env::var(EDU_BDF_ENV).expect("the guest's init exports the edu address");
     assert!(
         Path::new("/dev/kvm").exists(),

@@ -12,14 +12,10 @@ fn vmig(args: &[&str]) -> Output {
 }
 
 fn kvm_missing() -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => false,
-        Err(e) => {
-            eprintln!("skipped: this test needs KVM (/dev/kvm: {e})");
+    match vmig_test_support::kvm_available() {
+        Ok(()) => false,
+        Err(why) => {
+            vmig_test_support::skip(format_args!("this test needs KVM ({why})"));
             true
         }
     }
@@ -192,7 +188,7 @@ fn bad_inputs_end_with_one_clear_line_and_a_nonzero_exit() {
 fn a_missing_dev_kvm_is_one_clear_line() {
     let probe = Command::new("unshare").args(["-m", "true"]).output();
     if !probe.is_ok_and(|o| o.status.success()) {
-        eprintln!("skipped: cannot create a mount namespace (unshare -m) to hide /dev/kvm");
+        vmig_test_support::skip("cannot create a mount namespace (unshare -m) to hide /dev/kvm");
         return;
     }
     let script = format!(

@@ -8,10 +8,11 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vmig_devices::DmaEngine;
 use vmig_devices::dma_engine::{self, Migration, reg};
+use vmig_test_support::wait_until;
 use vmig_vfio_user::client::Client;
 use vmig_vfio_user::device_migration::DeviceMigration;
 use vmig_vfio_user::server::{Server, ServerConfig};
@@ -21,6 +22,8 @@ const RING_IOVA: u64 = 0x1000;
 const BUFFERS_IOVA: u64 = 1 << 20;
 const RING: u64 = 32;
 const SEED: u64 = 0xfeed;
+/// How long a test waits for what takes milliseconds on an idle machine.
+const PATIENCE: Duration = Duration::from_secs(30);
 
 struct Served {
     client: Client,
@@ -88,14 +91,17 @@ fn consume(client: &Client, ram: &std::fs::File, next: &mut u64) -> u64 {
     consumed
 }
 
-fn run_for(client: &Client, ram: &std::fs::File, next: &mut u64, time: Duration) -> u64 {
-    let end = Instant::now() + time;
+/// Consumes records, as the guest's driver would, until more than `records` arrived.
+fn consume_more_than(client: &Client, ram: &std::fs::File, next: &mut u64, records: u64) {
     let mut consumed = 0;
-    while Instant::now() < end {
+    wait_until("records to arrive", PATIENCE, || {
         consumed += consume(client, ram, next);
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    consumed
+        if consumed > records {
+            Ok(())
+        } else {
+            Err(format!("{consumed} records consumed"))
+        }
+    });
 }
 
 fn migrate_without_losing_a_record(migration: Migration) {
@@ -118,8 +124,7 @@ fn migrate_without_losing_a_record(migration: Migration) {
     write_reg(c, reg::SEED, SEED);
     write_reg(c, reg::CTRL, 1);
     let mut next = 0;
-    let before = run_for(c, &ram, &mut next, Duration::from_millis(150));
-    assert!(before > 50, "{before} records before migration");
+    consume_more_than(c, &ram, &mut next, 50);
     // The device's writes are in its dirty log: every buffer page it wrote.
     let bitmap = match migration {
         Migration::V2 => c.dma_logging_report(0, RAM, 4096).unwrap(),
@@ -137,7 +142,7 @@ fn migrate_without_losing_a_record(migration: Migration) {
     let out = DeviceMigration::detect(c).unwrap().unwrap();
     out.start_precopy().unwrap();
     let mut chunks = out.read_precopy().unwrap();
-    run_for(c, &ram, &mut next, Duration::from_millis(50));
+    consume_more_than(c, &ram, &mut next, 10);
     chunks.extend(out.stop_and_copy().unwrap());
     let frozen: Vec<u64> = (0..0x50).step_by(8).map(|r| read_reg(c, r)).collect();
     std::thread::sleep(Duration::from_millis(50));
@@ -163,8 +168,7 @@ fn migrate_without_losing_a_record(migration: Migration) {
     );
     into.run().unwrap();
     drop(source);
-    let after = run_for(d, &ram, &mut next, Duration::from_millis(150));
-    assert!(after > 50, "{after} records after migration");
+    consume_more_than(d, &ram, &mut next, 50);
 }
 
 #[test]
@@ -192,13 +196,21 @@ fn a_full_ring_stalls_instead_of_overwriting() {
     write_reg(c, reg::RATE, 5000);
     write_reg(c, reg::SEED, SEED);
     write_reg(c, reg::CTRL, 1);
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until("the engine to stall on a full ring", PATIENCE, || {
+        let stalls = read_reg(c, reg::STALLS);
+        (stalls > 0)
+            .then_some(())
+            .ok_or_else(|| format!("{stalls} stalls"))
+    });
     assert_eq!(read_reg(c, reg::PRODUCER), 4, "four buffers, none consumed");
-    assert!(read_reg(c, reg::STALLS) > 0);
     let mut next = 0;
     assert_eq!(consume(c, &ram, &mut next), 4);
-    std::thread::sleep(Duration::from_millis(50));
-    assert!(read_reg(c, reg::PRODUCER) > 4, "consuming makes room");
+    wait_until("consuming to make room", PATIENCE, || {
+        let producer = read_reg(c, reg::PRODUCER);
+        (producer > 4)
+            .then_some(())
+            .ok_or_else(|| format!("producer at {producer}"))
+    });
     // Bad register writes are refused without effect.
     assert!(
         c.region_write(0, reg::PRODUCER, &9u64.to_le_bytes())

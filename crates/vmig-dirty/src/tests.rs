@@ -2,7 +2,6 @@
 
 use super::*;
 use proptest::prelude::*;
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 fn model_runs(model: &[bool]) -> Vec<(u64, u64)> {
@@ -268,58 +267,149 @@ fn unaligned_merge_spans_word_boundaries() {
     assert_eq!(bitmap.collect_runs(), vec![(0, 193)]);
 }
 
-#[test]
-fn concurrent_marking_during_harvest_never_loses_a_bit() {
-    const PAGES: u64 = 1 << 14;
-    const WRITERS: u64 = 4;
-    const ROUNDS: u64 = 20_000;
-    let bitmap = Arc::new(DirtyBitmap::new(PAGES));
-    let stop = Arc::new(AtomicBool::new(false));
-    // Each writer marks pages and counts how often it marked each page; the harvester counts
-    // how often it saw each page. A page marked k times is seen at least once if k > 0 and
-    // the last mark is seen after the last harvest.
-    let writers: Vec<_> = (0..WRITERS)
-        .map(|t| {
-            let bitmap = Arc::clone(&bitmap);
-            std::thread::spawn(move || {
-                let mut marked = vec![false; PAGES as usize];
-                let mut x = t.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-                for _ in 0..ROUNDS {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let page = x % PAGES;
-                    bitmap.set(page).unwrap();
-                    marked[page as usize] = true;
-                }
-                marked
-            })
-        })
-        .collect();
-    let harvester = {
-        let bitmap = Arc::clone(&bitmap);
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || {
-            let mut seen = vec![false; PAGES as usize];
-            while !stop.load(Ordering::Acquire) {
-                bitmap.harvest_each_run(|first, count| {
-                    seen[first as usize..(first + count) as usize].fill(true);
-                });
-            }
-            seen
-        })
-    };
-    let marked: Vec<Vec<bool>> = writers.into_iter().map(|w| w.join().unwrap()).collect();
-    stop.store(true, Ordering::Release);
-    let mut seen = harvester.join().unwrap();
-    bitmap.harvest_each_run(|first, count| {
-        seen[first as usize..(first + count) as usize].fill(true);
-    });
-    for page in 0..PAGES as usize {
-        if marked.iter().any(|m| m[page]) {
-            assert!(seen[page], "page {page} was marked but never harvested");
+/// The harvester's side of [`concurrent_marking_during_harvest_never_loses_a_mark`]: the
+/// epoch of the latest mark of each page that a harvest is known to have reported.
+struct MarkAudit {
+    /// Per page: a harvest reported the page after its marks up to this epoch had set its bit.
+    covered: Vec<u64>,
+    /// Per page: the epoch of its latest mark complete before this harvest started.
+    complete: Vec<u64>,
+    reported: Vec<bool>,
+    out: Vec<u64>,
+}
+
+impl MarkAudit {
+    fn new(pages: u64) -> Self {
+        Self {
+            covered: vec![0; pages as usize],
+            complete: vec![0; pages as usize],
+            reported: vec![false; pages as usize],
+            out: vec![0; words_for(pages) as usize],
         }
     }
+
+    /// Harvest `round` (by `harvest_each_run`, `harvest` or `harvest_range_into` in turn),
+    /// then the check: a page whose mark of epoch `e` was complete (`done[page] >= e`) before
+    /// the harvest started was set before it read the page's word, so this harvest or an
+    /// earlier one since that mark reported the page. A harvest that reports a page covers
+    /// the epochs of the marks whose tag (`pending`, stored before the bit is set) it can see
+    /// afterwards; no harvest covers a mark whose bit was lost.
+    fn round(
+        &mut self,
+        round: u64,
+        bitmap: &DirtyBitmap,
+        pending: &[AtomicU64],
+        done: &[AtomicU64],
+    ) {
+        for (complete, done) in self.complete.iter_mut().zip(done) {
+            *complete = done.load(Ordering::Acquire);
+        }
+        self.reported.fill(false);
+        let pages = bitmap.pages();
+        let mut report = |first: u64, count: u64| {
+            self.reported[first as usize..(first + count) as usize].fill(true);
+        };
+        match round % 3 {
+            0 => bitmap.harvest_each_run(&mut report),
+            1 => bitmap.harvest().for_each_run(&mut report),
+            _ => {
+                // Two ranges split inside a word: the masked read-and-clear too.
+                let split = pages / 2 + 13;
+                self.out.fill(0);
+                bitmap
+                    .harvest_range_into(0, split, &mut self.out, 0)
+                    .unwrap();
+                bitmap
+                    .harvest_range_into(split, pages - split, &mut self.out, split)
+                    .unwrap();
+                DirtySnapshot::from_words(self.out.clone(), pages)
+                    .unwrap()
+                    .for_each_run(&mut report);
+            }
+        }
+        for (page, tag) in pending.iter().enumerate() {
+            if self.reported[page] {
+                let tag = tag.load(Ordering::Acquire);
+                self.covered[page] = self.covered[page].max(tag);
+            }
+            assert!(
+                self.complete[page] <= self.covered[page],
+                "harvest {round}: page {page} was marked in epoch {} before the harvest started, \
+                 but no harvest since reported it (the latest report covers epoch {}): a mark \
+                 was lost",
+                self.complete[page],
+                self.covered[page]
+            );
+        }
+    }
+}
+
+/// Sets its flag when dropped, on a panic too.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// No mark is ever lost while writers mark and a harvester reads and clears concurrently, not
+/// just a page's first one (the check of KVM's `dirty_log_test`). Each mark is tagged with the
+/// harvester's epoch, which advances before every harvest: a writer records the epoch for the
+/// page (`pending`), sets the bit, then records it again (`done`). After each harvest, every
+/// page with a mark complete before that harvest started must have been reported by it or by
+/// an earlier harvest that came after that mark's bit was set.
+#[test]
+fn concurrent_marking_during_harvest_never_loses_a_mark() {
+    const PAGES: u64 = 1 << 12;
+    const WRITERS: u64 = 4;
+    const HARVESTS: u64 = 50_000;
+    let bitmap = DirtyBitmap::new(PAGES);
+    let tags = || -> Vec<AtomicU64> { (0..PAGES).map(|_| AtomicU64::new(0)).collect() };
+    let (pending, done) = (tags(), tags());
+    let epoch = AtomicU64::new(1);
+    let stop = AtomicBool::new(false);
+    let started = std::sync::Barrier::new(WRITERS as usize + 1);
+    let mut audit = MarkAudit::new(PAGES);
+    let marks: u64 = std::thread::scope(|s| {
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|t| {
+                let (bitmap, pending, done) = (&bitmap, &pending, &done);
+                let (epoch, stop, started) = (&epoch, &stop, &started);
+                s.spawn(move || {
+                    let mut x = (t + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+                    let mut marks = 0u64;
+                    started.wait();
+                    while !stop.load(Ordering::Relaxed) {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let page = (x % PAGES) as usize;
+                        let e = epoch.load(Ordering::Acquire);
+                        pending[page].fetch_max(e, Ordering::Release);
+                        bitmap.set(page as u64).unwrap();
+                        done[page].fetch_max(e, Ordering::Release);
+                        marks += 1;
+                    }
+                    marks
+                })
+            })
+            .collect();
+        {
+            // Stops the writers however the harvests end: a failed check cannot hang the test.
+            let _stop = SetOnDrop(&stop);
+            started.wait();
+            for round in 1..=HARVESTS {
+                epoch.store(round + 1, Ordering::Release);
+                audit.round(round, &bitmap, &pending, &done);
+            }
+        }
+        writers.into_iter().map(|w| w.join().unwrap()).sum()
+    });
+    // Every mark is complete now: the last harvest reports every page not yet reported since.
+    audit.round(HARVESTS + 1, &bitmap, &pending, &done);
+    assert!(bitmap.is_clean());
+    assert!(marks >= HARVESTS, "{marks} marks in {HARVESTS} harvests");
 }
 
 #[test]

@@ -70,6 +70,8 @@ const VB_WRITES: u64 = 0;
 const VB_SEEN_SEQ: u64 = 8;
 const VB_VERIFY_CHECKED: u64 = 16;
 const VB_VERIFY_BAD: u64 = 24;
+/// Pages the verify in progress has checked so far.
+const VB_VERIFY_PAGES: u64 = 32;
 // ...and by the VMM before boot.
 const VB_RANGE_LO: u64 = 64;
 const VB_RANGE_PAGES: u64 = 72;
@@ -84,7 +86,8 @@ const VB_SEQ_START: u64 = 120;
 pub const PORT_PACE: u16 = 0x510;
 /// Guest → VMM: working-set page `eax` failed verification.
 pub const PORT_BAD_PAGE: u16 = 0x511;
-/// Guest → VMM: this vCPU finished verifying; `eax` = pages that failed.
+/// Guest → VMM: this vCPU finished verifying; `eax` = pages it checked (counted page by page,
+/// so a verify that skipped pages cannot pass for a complete one).
 pub const PORT_VERIFY_DONE: u16 = 0x512;
 /// Guest → VMM: spinning in a barrier; let another vCPU thread run.
 pub const PORT_YIELD: u16 = 0x513;
@@ -673,6 +676,7 @@ impl GuestProgram {
         a.mov(rdi, qword_ptr(r15 + VB_SLICE_PAGES))?;
         a.add(rdi, rcx)?; // rdi = end
         a.xor(ebx, ebx)?; // rbx = bad pages
+        a.mov(qword_ptr(r15 + VB_VERIFY_PAGES), 0)?;
         a.set_label(&mut check_loop)?;
         a.cmp(rcx, rdi)?;
         a.jae(checked)?;
@@ -711,16 +715,17 @@ impl GuestProgram {
         a.mov(dx, PORT_BAD_PAGE as u32)?;
         a.out(dx, eax)?;
         a.set_label(&mut next)?;
+        a.inc(qword_ptr(r15 + VB_VERIFY_PAGES))?;
         a.inc(rcx)?;
         a.jmp(check_loop)?;
         a.set_label(&mut checked)?;
-        a.mov(rax, qword_ptr(r15 + VB_SLICE_PAGES))?;
+        a.mov(rax, qword_ptr(r15 + VB_VERIFY_PAGES))?;
         a.add(qword_ptr(r15 + VB_VERIFY_CHECKED), rax)?;
         a.add(qword_ptr(r15 + VB_VERIFY_BAD), rbx)?;
         self.barrier(&mut a, CTL_BARRIER_B)?;
         // Report only once past the second barrier: when the VMM has every report, no vCPU is
         // still inside this verify, so the next one cannot catch a vCPU half way.
-        a.mov(eax, ebx)?;
+        a.mov(rax, qword_ptr(r15 + VB_VERIFY_PAGES))?;
         a.mov(dx, PORT_VERIFY_DONE as u32)?;
         a.out(dx, eax)?;
         a.mov(rbx, qword_ptr(r15 + VB_SEQ_START))?; // sequential writers start their slice again

@@ -52,7 +52,9 @@ impl Pacer {
 /// What one verify found.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct VerifyReport {
-    /// Working-set pages checked.
+    /// Pages of the working set.
+    pub working_set_pages: u64,
+    /// Working-set pages the guest says it checked (the sum of every vCPU's count).
     pub pages_checked: u64,
     /// Pages whose stamp was inconsistent.
     pub bad_count: u64,
@@ -61,17 +63,44 @@ pub struct VerifyReport {
 }
 
 impl VerifyReport {
-    /// Whether every page was consistent.
+    /// Whether the guest checked every page of the working set and found each consistent: a
+    /// verify that checked fewer pages than that (none, or one vCPU's slice) has not passed.
     pub fn passed(&self) -> bool {
         self.bad_count == 0
+            && self.working_set_pages > 0
+            && self.pages_checked == self.working_set_pages
     }
+
+    /// What kept the verify from passing, in words; `None` when it passed.
+    pub fn failure(&self) -> Option<String> {
+        if self.bad_count > 0 {
+            Some(format!(
+                "{} of {} pages inconsistent (first: {:?})",
+                self.bad_count, self.pages_checked, self.bad_pages
+            ))
+        } else if !self.passed() {
+            Some(format!(
+                "the guest checked {} of the working set's {} pages",
+                self.pages_checked, self.working_set_pages
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// What the vCPUs reported of the verify in progress.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct VerifyTally {
+    pub(crate) pages_checked: u64,
+    pub(crate) bad_count: u64,
+    pub(crate) bad_pages: Vec<u64>,
 }
 
 #[derive(Debug, Default)]
 struct VerifyProgress {
     done: Vec<bool>,
-    bad_count: u64,
-    bad_pages: Vec<u64>,
+    tally: VerifyTally,
 }
 
 /// The guest's ports, and the route for its MMIO accesses.
@@ -141,17 +170,16 @@ impl GuestPorts {
     pub(crate) fn begin_verify(&self) {
         let mut progress = self.progress();
         progress.done.iter_mut().for_each(|d| *d = false);
-        progress.bad_count = 0;
-        progress.bad_pages.clear();
+        progress.tally = VerifyTally::default();
     }
 
     /// Waits until every vCPU reported the end of its verify, or `deadline`; `failed` is polled
-    /// for a vCPU that stopped. Returns the bad pages.
+    /// for a vCPU that stopped. Returns what they reported.
     pub(crate) fn wait_verify(
         &self,
         deadline: Instant,
         failed: impl Fn() -> Option<String>,
-    ) -> Result<(u64, Vec<u64>)> {
+    ) -> Result<VerifyTally> {
         let mut progress = self.progress();
         while !progress.done.iter().all(|&d| d) {
             if let Some(why) = failed() {
@@ -172,7 +200,7 @@ impl GuestPorts {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        Ok((progress.bad_count, progress.bad_pages.clone()))
+        Ok(progress.tally.clone())
     }
 
     /// Pacing exits taken so far.
@@ -196,16 +224,17 @@ impl ExitHandler for GuestPorts {
                 self.pacer.take(word(data), ctx);
             }
             PORT_BAD_PAGE => {
-                let mut progress = self.progress();
-                progress.bad_count += 1;
-                if progress.bad_pages.len() < MAX_LISTED_BAD_PAGES {
-                    progress.bad_pages.push(word(data));
+                let tally = &mut self.progress().tally;
+                tally.bad_count += 1;
+                if tally.bad_pages.len() < MAX_LISTED_BAD_PAGES {
+                    tally.bad_pages.push(word(data));
                 }
             }
             PORT_VERIFY_DONE => {
                 let mut progress = self.progress();
                 if let Some(done) = progress.done.get_mut(ctx.vcpu) {
                     *done = true;
+                    progress.tally.pages_checked += word(data);
                 }
                 self.verify_changed.notify_all();
             }
@@ -247,5 +276,47 @@ impl ExitHandler for GuestPorts {
         };
         bus.write(addr, data)
             .map_err(|why| KvmError::Guest(format!("vCPU {} wrote {addr:#x}: {why}", ctx.vcpu)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::VerifyReport;
+
+    fn report(working_set_pages: u64, pages_checked: u64, bad_count: u64) -> VerifyReport {
+        VerifyReport {
+            working_set_pages,
+            pages_checked,
+            bad_count,
+            bad_pages: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_verify_passes_only_when_it_checked_the_whole_working_set_and_found_nothing_bad() {
+        assert!(report(2048, 2048, 0).passed());
+        assert_eq!(report(2048, 2048, 0).failure(), None);
+        for (checked, bad, why) in [
+            (0, 0, "the guest checked 0 of the working set's 2048 pages"),
+            (
+                1024,
+                0,
+                "the guest checked 1024 of the working set's 2048 pages",
+            ),
+            (
+                2049,
+                0,
+                "the guest checked 2049 of the working set's 2048 pages",
+            ),
+            (2048, 1, "1 of 2048 pages inconsistent (first: [])"),
+        ] {
+            let r = report(2048, checked, bad);
+            assert!(!r.passed(), "{r:?}");
+            assert_eq!(r.failure().as_deref(), Some(why));
+        }
+        assert!(
+            !report(0, 0, 0).passed(),
+            "an empty working set proves nothing"
+        );
     }
 }

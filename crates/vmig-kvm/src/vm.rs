@@ -617,13 +617,14 @@ impl Vm {
         }
         self.ports.begin_verify();
         guest::post_verify(&self.memory)?;
-        let (bad_count, bad_pages) = self.ports.wait_verify(Instant::now() + timeout, || {
+        let tally = self.ports.wait_verify(Instant::now() + timeout, || {
             self.vcpus.iter().find_map(VcpuHandle::failure)
         })?;
         Ok(VerifyReport {
-            pages_checked: self.layout.ws_pages,
-            bad_count,
-            bad_pages,
+            working_set_pages: self.layout.ws_pages,
+            pages_checked: tally.pages_checked,
+            bad_count: tally.bad_count,
+            bad_pages: tally.bad_pages,
         })
     }
 

@@ -110,12 +110,10 @@ fn every_workload_kind_passes_its_own_verify() {
     ] {
         let vm = Vm::new(&config(DirtyLogMode::Bitmap, vcpus, workload)).unwrap();
         vm.resume().unwrap();
-        std::thread::sleep(Duration::from_millis(200));
+        common::wait_for_writes(&vm, 1000);
         let report = vm.verify(Duration::from_secs(30)).unwrap();
-        let writes = vm.guest_writes().unwrap();
         vm.pause().unwrap();
         assert!(report.passed(), "{workload}: {report:?}");
-        assert!(writes > 1000, "{workload}: {writes} writes");
         assert_eq!(report.pages_checked, vm.layout().ws_pages);
     }
 }

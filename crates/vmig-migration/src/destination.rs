@@ -657,12 +657,16 @@ fn check_after_resume(machine: &Machine, verification: &mut Verification) {
         Ok(report) => {
             verification.guest_pages_checked = report.pages_checked;
             verification.guest_bad_pages = report.bad_count;
-            if !report.passed() {
+            if report.bad_count > 0 {
                 verification.problems.push(format!(
                     "the guest's verify found {} bad page(s), first {:?}",
                     report.bad_count,
                     &report.bad_pages[..report.bad_pages.len().min(LISTED_PAGES)]
                 ));
+            } else if let Some(why) = report.failure() {
+                verification
+                    .problems
+                    .push(format!("the guest's verify is incomplete: {why}"));
             }
         }
         Err(e) => verification

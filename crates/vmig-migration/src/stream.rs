@@ -513,15 +513,159 @@ mod tests {
         assert_eq!(r.bytes(), bytes.len() as u64);
     }
 
+    /// How a reader named "t" refuses a stream, as the tests expect it.
+    #[derive(Clone, Copy, Debug)]
+    enum Refusal {
+        /// The stream ends inside (or right at the start of) record `record`'s header.
+        ShortHeader { record: u64 },
+        /// The stream ends inside the `length` payload bytes of record `record`.
+        ShortPayload { record: u64, length: u32 },
+        /// A record carries sequence `got` where `expected` was due.
+        Sequence { got: u64, expected: u64 },
+        /// Record `record`'s header has these flags and this length, one of them out of range.
+        FlagsOrLength {
+            record: u64,
+            flags: u16,
+            length: u32,
+        },
+        /// Record `record` with this kind and length fails its checksum.
+        Checksum { record: u64, kind: u16, length: u32 },
+    }
+
+    /// Asserts that `err` is exactly `expected`: the I/O error of a cut stream (with its
+    /// message and `UnexpectedEof`), or the stream error with its whole message.
+    fn assert_refusal(err: &MigrationError, expected: Refusal, context: &str) {
+        let stream_says = |why: String| match err {
+            MigrationError::Stream(message) => {
+                assert_eq!(message, &format!("t: {why}"), "{context}")
+            }
+            other => panic!("{context}: `{other}` ({other:?}) where {expected:?} was expected"),
+        };
+        let io_says = |doing: String| match err {
+            MigrationError::Io { what, source } => {
+                assert_eq!(what, &format!("t: {doing}"), "{context}");
+                assert_eq!(source.kind(), io::ErrorKind::UnexpectedEof, "{context}");
+            }
+            other => panic!("{context}: `{other}` ({other:?}) where {expected:?} was expected"),
+        };
+        match expected {
+            Refusal::ShortHeader { record } => io_says(format!(
+                "reading record {record} (the peer closed or the stream is truncated)"
+            )),
+            Refusal::ShortPayload { record, length } => io_says(format!(
+                "reading the {length} bytes of record {record} (the stream is truncated)"
+            )),
+            Refusal::Sequence { got, expected } => stream_says(format!(
+                "record with sequence {got} where {expected} was expected: records were lost, repeated or reordered"
+            )),
+            Refusal::FlagsOrLength {
+                record,
+                flags,
+                length,
+            } => stream_says(format!(
+                "record {record} has flags {flags:#x} and length {length}: expected flags 0 and at most {MAX_RECORD} bytes"
+            )),
+            Refusal::Checksum {
+                record,
+                kind,
+                length,
+            } => stream_says(format!(
+                "record {record} (kind {kind}, {length} bytes) fails its checksum: the stream is corrupted"
+            )),
+        }
+    }
+
+    /// The refusal of a stream holding one record (sequence 0, `kind`, `length` payload bytes)
+    /// with bit `bit` flipped, by the field the bit lands in: the sequence is checked first,
+    /// then flags and length, then the checksum, which covers the kind, the length, the
+    /// sequence and the payload. A flipped length bit that makes the record longer than the
+    /// stream cuts it short, one that makes it longer than [`MAX_RECORD`] is refused as such,
+    /// and one that makes it shorter fails the checksum (over the shorter record).
+    fn flipped_bit_refusal(kind: Kind, length: u32, bit: usize) -> Refusal {
+        let (kind, record) = (kind as u16, 0);
+        match bit {
+            0..16 => Refusal::Checksum {
+                record,
+                kind: kind ^ (1 << bit),
+                length,
+            },
+            16..32 => Refusal::FlagsOrLength {
+                record,
+                flags: 1 << (bit - 16),
+                length,
+            },
+            32..64 => match length ^ (1 << (bit - 32)) {
+                flipped if flipped > MAX_RECORD => Refusal::FlagsOrLength {
+                    record,
+                    flags: 0,
+                    length: flipped,
+                },
+                flipped if flipped > length => Refusal::ShortPayload {
+                    record,
+                    length: flipped,
+                },
+                flipped => Refusal::Checksum {
+                    record,
+                    kind,
+                    length: flipped,
+                },
+            },
+            64..128 => Refusal::Sequence {
+                got: 1 << (bit - 64),
+                expected: 0,
+            },
+            _ => Refusal::Checksum {
+                record,
+                kind,
+                length,
+            },
+        }
+    }
+
+    /// Flips each bit of `bits` in `bytes` (one record) in turn and asserts the reader's exact
+    /// refusal; returns how many flips gave each class (header cut short never happens).
+    fn assert_flips_refused(
+        bytes: &mut [u8],
+        kind: Kind,
+        bits: impl Iterator<Item = usize>,
+    ) -> [usize; 4] {
+        let length = (bytes.len() - HEADER_SIZE) as u32;
+        let mut classes = [0; 4];
+        for bit in bits {
+            bytes[bit / 8] ^= 1 << (bit % 8);
+            let read = RecordReader::new(&bytes[..], "t").read();
+            bytes[bit / 8] ^= 1 << (bit % 8);
+            let err = match read {
+                Ok(record) => panic!(
+                    "bit {bit} flipped unnoticed: read as {:?} of {} bytes",
+                    record.kind,
+                    record.payload.len()
+                ),
+                Err(err) => err,
+            };
+            let expected = flipped_bit_refusal(kind, length, bit);
+            assert_refusal(&err, expected, &format!("bit {bit} flipped"));
+            classes[match expected {
+                Refusal::Checksum { .. } => 0,
+                Refusal::Sequence { .. } => 1,
+                Refusal::FlagsOrLength { .. } => 2,
+                Refusal::ShortPayload { .. } | Refusal::ShortHeader { .. } => 3,
+            }] += 1;
+        }
+        classes
+    }
+
+    /// Every single flipped bit of a record is refused with the error of the field it lands
+    /// in: a payload, kind or checksum bit fails the checksum, a sequence bit is a sequence
+    /// error, a flag bit a flags error, a length bit whichever its new length gives.
     #[test]
     fn every_flipped_bit_is_caught() {
-        let bytes = stream(&[(Kind::DeviceData, b"device state bytes")]);
-        for bit in 0..bytes.len() * 8 {
-            let mut copy = bytes.clone();
-            copy[bit / 8] ^= 1 << (bit % 8);
-            let mut r = RecordReader::new(&copy[..], "test");
-            assert!(r.read().is_err(), "bit {bit} flipped unnoticed");
-        }
+        let mut bytes = stream(&[(Kind::DeviceData, b"device state bytes")]);
+        let bits = 0..bytes.len() * 8;
+        let classes = assert_flips_refused(&mut bytes, Kind::DeviceData, bits);
+        // Checksum: 16 kind, 2 length (18 -> 16, 2), 64 checksum and 144 payload bits;
+        // 64 sequence and 16 flag bits; 8 length bits past MAX_RECORD; 22 past the stream.
+        assert_eq!(classes, [16 + 2 + 64 + 144, 64, 16 + 8, 22]);
     }
 
     /// Pass 1, two entries (page 7 with data, page 9 zero), then one page of data.
@@ -535,53 +679,116 @@ mod tests {
         (entries, data)
     }
 
+    /// A `Pages` record's checksum covers its pages through their digests: every flipped bit
+    /// of header, entries and page data is refused with the error of the field it lands in
+    /// (the checksum for every entry and data bit), and a writer refuses a `Pages` record that
+    /// is not entries then whole pages.
     #[test]
     fn a_pages_record_checks_its_pages_through_their_digests_and_every_flipped_bit_is_caught() {
         let (entries, data) = pages_record();
         let mut w = RecordWriter::new(Vec::new());
         w.write(Kind::Pages, &[&entries, &data]).unwrap();
-        let bytes = w.inner;
-        let mut r = RecordReader::new(&bytes[..], "test");
+        let mut bytes = w.inner;
+        let mut r = RecordReader::new(&bytes[..], "t");
         let record = r.read().unwrap();
         assert_eq!(record.payload, [entries.clone(), data.clone()].concat());
         assert_eq!(r.page_digests(), [page_digest(&data)]);
-        // Every bit of the header and entries, and of the first and last 8 bytes of the data.
-        let header_and_entries = (HEADER_SIZE + entries.len()) * 8;
-        let bits = (0..header_and_entries + 64).chain(bytes.len() * 8 - 64..bytes.len() * 8);
-        for bit in bits {
-            let mut copy = bytes.clone();
-            copy[bit / 8] ^= 1 << (bit % 8);
-            let mut r = RecordReader::new(&copy[..], "test");
-            assert!(r.read().is_err(), "bit {bit} flipped unnoticed");
-        }
+        let bits = 0..bytes.len() * 8;
+        let classes = assert_flips_refused(&mut bytes, Kind::Pages, bits);
+        // Length 4120 = 0x1018: bits 3, 4 and 12 shorten it (to 4112, 4104 and 24).
+        let payload_bits = (entries.len() + data.len()) * 8;
+        assert_eq!(classes, [16 + 3 + 64 + payload_bits, 64, 16 + 8, 21]);
         // A writer refuses a Pages record that is not entries then whole pages.
         let mut w = RecordWriter::new(Vec::new());
-        assert!(w.write(Kind::Pages, &[&entries, &data[1..]]).is_err());
-        assert!(w.write(Kind::Pages, &[&entries[..16], &data]).is_err());
-        assert!(
-            w.write(Kind::Pages, &[&[&entries[..], &data[..]].concat()])
-                .is_err()
-        );
+        let refusals = [
+            w.write(Kind::Pages, &[&entries, &data[1..]]),
+            w.write(Kind::Pages, &[&entries[..16], &data]),
+            w.write(Kind::Pages, &[&[&entries[..], &data[..]].concat()]),
+        ];
+        for err in refusals.map(io::Result::unwrap_err) {
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+            assert_eq!(
+                err.to_string(),
+                "a Pages record is written as two parts: pass, count and entries; then whole pages"
+            );
+        }
+        assert_eq!(w.bytes(), 0);
     }
 
+    /// A stream cut at any byte, inside a header or inside a payload (one byte short of a
+    /// whole record included), yields the records before the cut and then the I/O error that
+    /// says which record and which part was cut; records lost or repeated are sequence errors.
     #[test]
     fn truncated_reordered_and_repeated_streams_are_refused() {
+        let (entries, data) = pages_record();
+        let records: [(Kind, Vec<u8>); 4] = [
+            (Kind::Config, br#"{"cpus":2}"#.to_vec()),
+            (Kind::Ready, Vec::new()),
+            (Kind::DeviceData, b"device state bytes".to_vec()),
+            (Kind::Pages, [&entries[..], &data[..]].concat()),
+        ];
+        let mut w = RecordWriter::new(Vec::new());
+        let mut ends = Vec::new();
+        for (kind, payload) in &records {
+            match kind {
+                Kind::Pages => w.write(*kind, &[&entries, &data]).unwrap(),
+                _ => w.write(*kind, &[payload]).unwrap(),
+            }
+            ends.push(w.bytes() as usize);
+        }
+        let bytes = w.inner;
+        for cut in 0..=bytes.len() {
+            let context = format!("cut at {cut} of {}", bytes.len());
+            let mut r = RecordReader::new(&bytes[..cut], "t");
+            let mut start = 0;
+            // Cut after the last record: the next header is missing.
+            let mut expected = Refusal::ShortHeader {
+                record: records.len() as u64,
+            };
+            for (record, ((kind, payload), &end)) in (0..).zip(records.iter().zip(&ends)) {
+                if cut < end {
+                    expected = if cut < start + HEADER_SIZE {
+                        Refusal::ShortHeader { record }
+                    } else {
+                        let length = payload.len() as u32;
+                        Refusal::ShortPayload { record, length }
+                    };
+                    break;
+                }
+                let got = r
+                    .read()
+                    .unwrap_or_else(|e| panic!("{context}: record {record}: {e}"));
+                assert_eq!((got.kind, &got.payload), (*kind, payload), "{context}");
+                start = end;
+            }
+            assert_refusal(&r.read().unwrap_err(), expected, &context);
+        }
         let a = stream(&[(Kind::Config, b"a"), (Kind::Ready, b"")]);
         let first = HEADER_SIZE + 1;
-        let err = RecordReader::new(&a[..a.len() - 1], "t")
-            .read()
-            .and_then(|_| RecordReader::new(&a[first..first + 3], "t").read())
-            .unwrap_err();
-        assert!(err.to_string().contains("truncated"), "{err}");
         // The second record alone: sequence 1 where 0 is expected.
         let err = RecordReader::new(&a[first..], "t").read().unwrap_err();
-        assert!(err.to_string().contains("reordered"), "{err}");
+        assert_refusal(
+            &err,
+            Refusal::Sequence {
+                got: 1,
+                expected: 0,
+            },
+            "reordered",
+        );
         // The first record twice.
         let mut twice = a[..first].to_vec();
         twice.extend_from_slice(&a[..first]);
         let mut r = RecordReader::new(&twice[..], "t");
         r.read().unwrap();
-        assert!(r.read().unwrap_err().to_string().contains("repeated"));
+        let err = r.read().unwrap_err();
+        assert_refusal(
+            &err,
+            Refusal::Sequence {
+                got: 0,
+                expected: 1,
+            },
+            "repeated",
+        );
     }
 
     #[test]
@@ -626,9 +833,20 @@ mod tests {
         let mut bytes = stream(&[(Kind::Ready, b"")]);
         bytes[4..8].copy_from_slice(&(MAX_RECORD + 1).to_le_bytes());
         let err = RecordReader::new(&bytes[..], "t").read().unwrap_err();
-        assert!(err.to_string().contains("at most"), "{err}");
+        let oversized = Refusal::FlagsOrLength {
+            record: 0,
+            flags: 0,
+            length: MAX_RECORD + 1,
+        };
+        assert_refusal(&err, oversized, "a record one byte over the limit");
         let mut bytes = stream(&[(Kind::Ready, b"")]);
         bytes[2] = 1;
-        assert!(RecordReader::new(&bytes[..], "t").read().is_err());
+        let err = RecordReader::new(&bytes[..], "t").read().unwrap_err();
+        let flagged = Refusal::FlagsOrLength {
+            record: 0,
+            flags: 1,
+            length: 0,
+        };
+        assert_refusal(&err, flagged, "a record with a flag set");
     }
 }

@@ -14,22 +14,18 @@ use vmig_devices::DmaEngine;
 use vmig_devices::dma_engine::{self, Migration};
 use vmig_kvm::{DirtyLogMode, Vm, VmConfig, Workload};
 use vmig_migration::machine::{device_area_bytes, interrupt_vector};
+use vmig_migration::report::MigrationReport;
 use vmig_migration::transport::{Listener, Uri};
 use vmig_migration::{
     DeviceSpec, Incoming, Machine, MigrationParams, Progress, Role, Status, migrate, receive,
 };
+use vmig_test_support::{require_kvm, wait_until};
 use vmig_vfio_user::server::{
     Device, DeviceContext, DeviceError, MigrationSupport, Server, ServerConfig,
 };
 
-macro_rules! require_kvm {
-    () => {
-        if let Err(why) = vmig_kvm::kvm_available() {
-            eprintln!("skipped: this test needs KVM ({why})");
-            return;
-        }
-    };
-}
+/// How long a test waits for something that takes milliseconds when the machine is idle.
+const PATIENCE: Duration = Duration::from_secs(30);
 
 struct DeviceServer {
     socket: PathBuf,
@@ -201,11 +197,9 @@ fn a_guest_and_two_dma_engines_migrate_with_every_page_and_record() {
     require_kvm!();
     let scenario = Scenario::new("basic", &[Migration::V1, Migration::V2]);
     let source = scenario.source(128 << 20, 5000, 2000, DirtyLogMode::Bitmap);
-    std::thread::sleep(Duration::from_millis(300));
     // Each record's MSI-X reaches vCPU 0's local APIC by irqfd, pending there (interrupts off).
     let vectors = [interrupt_vector(0, 0), interrupt_vector(1, 0)];
-    let pending = take_pending_interrupts(&source.vm);
-    assert!(vectors.iter().all(|v| pending.contains(v)), "{pending:x?}");
+    wait_for_interrupts(&source.vm, &vectors);
     assert_status_page_mapped(&source);
     let uri = Uri::Unix(scenario.dir.join("migrate.sock"));
     let (sent, arrived, progress) =
@@ -234,9 +228,7 @@ fn a_guest_and_two_dma_engines_migrate_with_every_page_and_record() {
     // The destination wired the devices' interrupts again: cleared, they come back.
     let vm = &arrived.machine.vm;
     take_pending_interrupts(vm);
-    std::thread::sleep(Duration::from_millis(100));
-    let pending = take_pending_interrupts(vm);
-    assert!(vectors.iter().all(|v| pending.contains(v)), "{pending:x?}");
+    wait_for_interrupts(vm, &vectors);
     assert_status_page_mapped(&arrived.machine);
     eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
 }
@@ -249,6 +241,19 @@ fn take_pending_interrupts(vm: &Vm) -> Vec<u8> {
     pending
 }
 
+/// Waits until every one of `vectors` has been pending at vCPU 0 (clearing them as it looks).
+fn wait_for_interrupts(vm: &Vm, vectors: &[u8]) {
+    let mut seen = Vec::new();
+    wait_until("every device's MSI-X at vCPU 0", PATIENCE, || {
+        seen.extend(take_pending_interrupts(vm));
+        if vectors.iter().all(|v| seen.contains(v)) {
+            Ok(())
+        } else {
+            Err(format!("pending {seen:x?}, expected {vectors:x?}"))
+        }
+    });
+}
+
 /// The dma-engine's status page (BAR2, one sparse-mmap area) is a guest memslot: while this
 /// watches, the guest consumes more records than the ring holds, so it sees `PRODUCER` move,
 /// yet none of its reads of BAR0 or BAR2 trap.
@@ -257,7 +262,6 @@ fn assert_status_page_mapped(machine: &Machine) {
         device.read_reg(dma_engine::reg::CONSUMER).unwrap()
     };
     let before: Vec<u64> = machine.devices.iter().map(consumed).collect();
-    std::thread::sleep(Duration::from_millis(300));
     for (i, device) in machine.devices.iter().enumerate() {
         assert!(
             device
@@ -266,26 +270,38 @@ fn assert_status_page_mapped(machine: &Machine) {
                 .any(|&(region, _, bytes)| region == dma_engine::STATUS_REGION && bytes == 4096),
             "{device:?}"
         );
+        wait_until("the guest to consume more than a ring", PATIENCE, || {
+            let consumer = consumed(device) - before[i];
+            if consumer > 256 {
+                Ok(())
+            } else {
+                Err(format!("device {i}: the guest consumed {consumer}"))
+            }
+        });
         assert_eq!(machine.trapped_reads(i, 0), 0);
         assert_eq!(machine.trapped_reads(i, dma_engine::STATUS_REGION), 0);
-        let consumer = consumed(device) - before[i];
-        assert!(consumer > 256, "device {i}: the guest consumed {consumer}");
     }
 }
 
+/// Every CPU dirty-log mode, with a v1 and a v2 device: pre-copy is slowed (64 MiB/s for a
+/// 64 MiB guest, a 50 ms downtime limit) so the guest and the devices dirty pages already sent,
+/// and the migration must send them again in later passes, from every source, and lose none.
 #[test]
 fn every_cpu_dirty_log_mode_with_both_device_protocols_over_tcp_and_parallel_connections() {
     require_kvm!();
+    let ram: u64 = 64 << 20;
     for (mode, connections) in [
         (DirtyLogMode::Bitmap, 2),
         (DirtyLogMode::ClearLog, 1),
         (DirtyLogMode::Ring, 3),
     ] {
         let scenario = Scenario::new(&format!("mode-{mode}"), &[Migration::V1, Migration::V2]);
-        let source = scenario.source(64 << 20, 8000, 3000, mode);
+        let source = scenario.source(ram, 8000, 3000, mode);
         std::thread::sleep(Duration::from_millis(200));
         let params = MigrationParams {
             connections,
+            max_bandwidth: 64 << 20,
+            downtime_ms: 50,
             ..MigrationParams::default()
         };
         let uri = Uri::Tcp("127.0.0.1:0".into());
@@ -295,18 +311,50 @@ fn every_cpu_dirty_log_mode_with_both_device_protocols_over_tcp_and_parallel_con
         let arrived = arrived.unwrap();
         assert!(report.verified, "{mode}: {report:#?}");
         assert_eq!(arrived.machine.vm.config().dirty_log, mode);
-        let cpu = &report.dirty_sources[0];
-        assert!(
-            cpu.name.contains(&mode.to_string()) && cpu.pages > 0,
-            "{report:#?}"
-        );
-        for device in &report.dirty_sources[2..] {
-            assert!(
-                device.pages > 0,
-                "{mode}: device DMA was tracked: {report:#?}"
-            );
-        }
+        assert_every_source_reported(&report, &mode.to_string());
+        assert!(report.passes > 1, "{mode}: {report:#?}");
+        assert_pages_were_sent_again(&report, ram);
     }
+}
+
+/// The report names four dirty sources, in order — the CPU's (in `cpu_mode`), the VMM's own
+/// writes, then one per device (v1's `DIRTY_PAGES`, v2's DMA logging) — and the CPU and every
+/// device reported pages.
+fn assert_every_source_reported(report: &MigrationReport, cpu_mode: &str) {
+    let names: Vec<&str> = report
+        .dirty_sources
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(names.len(), 4, "CPU, VMM and two devices: {report:#?}");
+    assert_eq!(names[0], format!("cpu (kvm {cpu_mode})"));
+    assert_eq!(names[1], "vmm");
+    assert!(
+        names[2].contains("src-0.sock") && names[2].ends_with("(dirty pages)"),
+        "v1: {names:?}"
+    );
+    assert!(
+        names[3].contains("src-1.sock") && names[3].ends_with("(dma logging)"),
+        "v2: {names:?}"
+    );
+    for source in [0, 2, 3] {
+        assert!(
+            report.dirty_sources[source].pages > 0,
+            "{}: no pages reported: {report:#?}",
+            names[source]
+        );
+    }
+}
+
+/// More pages were sent than the guest has: pages dirtied after they were sent went again.
+fn assert_pages_were_sent_again(report: &MigrationReport, ram: u64) {
+    let sent = report.ram.normal_pages + report.ram.zero_pages;
+    assert!(
+        sent > ram / 4096,
+        "{} passes sent {sent} pages of {}: {report:#?}",
+        report.passes,
+        ram / 4096
+    );
 }
 
 /// A healthy source after a failed migration: running, devices running (records keep coming),
@@ -318,31 +366,55 @@ fn assert_healthy(source: &Machine) {
         "dirty logging is stopped"
     );
     let before = source.check_dma_records().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let after = source.check_dma_records().unwrap();
-    for (b, a) in before.iter().zip(&after) {
-        assert!(a.produced > b.produced, "device {} runs again", a.device);
+    assert_eq!(before.len(), source.devices.len(), "one check per device");
+    for (i, b) in before.iter().enumerate() {
+        let a = wait_until("the device to produce records again", PATIENCE, || {
+            let a = source.check_dma_records().unwrap().remove(i);
+            if a.produced > b.produced {
+                Ok(a)
+            } else {
+                Err(format!("{a:?}"))
+            }
+        });
+        assert_eq!(a.device, b.device);
         assert!(a.passed(), "{a:?}");
     }
     let verify = source.vm.verify(Duration::from_secs(60)).unwrap();
     assert!(verify.passed(), "{verify:?}");
 }
 
-#[test]
-fn verification_catches_the_pages_lost_without_device_dirty_tracking_and_the_source_goes_on() {
-    require_kvm!();
-    let scenario = Scenario::new("untracked", &[Migration::V1, Migration::V2]);
-    // Many device records, a guest that barely writes: the device's pages are what changes.
+/// The negative control and its twin share this scenario: many device records and a guest
+/// that barely writes (the devices' pages are what changes), and a first pass slowed so the
+/// devices rewrite pages already sent.
+fn migrate_while_devices_write(
+    name: &str,
+    device_dirty_tracking: bool,
+) -> (
+    Scenario,
+    Machine,
+    vmig_migration::Result<()>,
+    vmig_migration::Result<vmig_migration::Arrived>,
+    MigrationReport,
+) {
+    let scenario = Scenario::new(name, &[Migration::V1, Migration::V2]);
     let source = scenario.source(64 << 20, 200, 20000, DirtyLogMode::Bitmap);
     std::thread::sleep(Duration::from_millis(200));
     let params = MigrationParams {
-        device_dirty_tracking: false,
-        // Slow the first pass so the devices rewrite pages already sent.
+        device_dirty_tracking,
         max_bandwidth: 64 << 20,
         ..MigrationParams::default()
     };
     let uri = Uri::Unix(scenario.dir.join("m.sock"));
     let (sent, arrived, progress) = run_migration(&scenario, &source, uri, params, None);
+    let report = progress.report();
+    (scenario, source, sent, arrived, report)
+}
+
+#[test]
+fn verification_catches_the_pages_lost_without_device_dirty_tracking_and_the_source_goes_on() {
+    require_kvm!();
+    let (_scenario, source, sent, arrived, report) =
+        migrate_while_devices_write("untracked", false);
     let err = sent.unwrap_err().to_string();
     assert!(err.contains("differ"), "{err}");
     let dest_err = arrived.unwrap_err().to_string();
@@ -350,7 +422,6 @@ fn verification_catches_the_pages_lost_without_device_dirty_tracking_and_the_sou
         dest_err.contains("page(s) differ from the source's"),
         "{dest_err}"
     );
-    let report = progress.report();
     assert_eq!(report.status, Status::Failed);
     assert!(!report.verified && !report.committed);
     assert_eq!(
@@ -359,6 +430,21 @@ fn verification_catches_the_pages_lost_without_device_dirty_tracking_and_the_sou
         "only CPU and VMM tracking: {report:#?}"
     );
     assert_healthy(&source);
+}
+
+/// The negative control's positive twin: the same rates and bandwidth with the devices' dirty
+/// tracking on verify, so the control fails because the devices' pages went untracked and for
+/// no other reason. The pages the devices rewrote after the first pass sent them went again.
+#[test]
+fn with_device_dirty_tracking_the_same_device_writes_migrate_verified() {
+    require_kvm!();
+    let (_scenario, _source, sent, arrived, report) = migrate_while_devices_write("tracked", true);
+    sent.unwrap_or_else(|e| panic!("source: {e}\n{report:#?}"));
+    arrived.unwrap();
+    assert_eq!(report.status, Status::Completed);
+    assert!(report.verified && report.committed, "{report:#?}");
+    assert_every_source_reported(&report, "bitmap");
+    assert_pages_were_sent_again(&report, 64 << 20);
 }
 
 /// What a proxy between source and destination does to the main connection's source-to-
@@ -471,7 +557,25 @@ fn a_corrupted_stream_is_refused_and_the_source_goes_on() {
 #[test]
 fn a_destination_that_dies_during_precopy_leaves_the_source_running() {
     require_kvm!();
-    failed_migration_leaves_a_healthy_source("dest-dies", Fault::CloseAt(5 << 20), "", "truncated");
+    failed_migration_leaves_a_healthy_source(
+        "dest-dies",
+        Fault::CloseAt(5 << 20),
+        // The proxy shut the socket down: the source's next write of pages gets EPIPE.
+        "migration stream: sending pages on connection 0: Broken pipe",
+        "truncated",
+    );
+}
+
+/// Waits until the migration is in pre-copy and has sent pages.
+fn wait_for_precopy(progress: &Progress) {
+    wait_until("pre-copy to send pages", PATIENCE, || {
+        let report = progress.report();
+        if report.status == Status::Active && report.ram.transferred > 0 {
+            Ok(())
+        } else {
+            Err(format!("{report:?}"))
+        }
+    });
 }
 
 #[test]
@@ -484,8 +588,7 @@ fn cancel_during_precopy_leaves_the_source_running_and_the_destination_discards(
     let canceller = {
         let progress = progress.clone();
         std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(700));
-            assert_eq!(progress.report().status, Status::Active);
+            wait_for_precopy(&progress);
             progress.cancel();
         })
     };
@@ -508,10 +611,13 @@ fn a_device_server_that_dies_fails_the_migration_and_the_guest_goes_on() {
     let (dest, params) = scenario.start_destination(16 << 20);
     let progress = Progress::default();
     let killed = scenario.source_servers.remove(1);
-    let killer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(500));
-        drop(killed);
-    });
+    let killer = {
+        let progress = progress.clone();
+        std::thread::spawn(move || {
+            wait_for_precopy(&progress);
+            drop(killed);
+        })
+    };
     let err = migrate(&source, &params, &progress)
         .unwrap_err()
         .to_string();

@@ -2,7 +2,7 @@
 //! device: regions (trapped and sparse-mmapped), IRQs, DMA through fds and through messages,
 //! v2 migration and DMA logging, v1 `DIRTY_PAGES`, disconnects, and malformed input.
 
-use std::io::Read;
+use std::io::{ErrorKind, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::AtomicBool;
@@ -620,15 +620,22 @@ fn a_disconnect_drops_mappings_and_keeps_device_state() {
     first.region_write(BAR0, 0x800, b"kept").unwrap();
     first.set_mig_state(MigState::Stop).unwrap();
     first.close();
-    // A raw peer that sends garbage is dropped; the server goes on.
+    // A raw peer that sends garbage (a header whose msg_size 3 is shorter than the header) is
+    // dropped without a reply: the server closes the connection, and then goes on.
     {
         use std::io::Write;
         let mut raw = UnixStream::connect(&path).unwrap();
         raw.write_all(&[1, 0, 1, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
             .unwrap();
-        let mut sink = Vec::new();
+        let mut reply = Vec::new();
         raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let _ = raw.read_to_end(&mut sink);
+        match raw.read_to_end(&mut reply) {
+            Ok(_) => assert!(reply.is_empty(), "a reply to broken framing: {reply:02x?}"),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!("the server did not close the garbage peer's connection within 5 s: {e}")
+            }
+            Err(e) => panic!("the garbage peer's connection failed instead of closing: {e}"),
+        }
     }
     let second = Client::connect(&path, None).unwrap();
     let mut kept = [0u8; 4];

@@ -14,7 +14,7 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn main() {
-    let Some(guest) = Guest::prepare_or_skip() else {
+    let Some(guest) = Guest::prepare_or_skip(|why| println!("skipped: {why}")) else {
         return;
     };
     let binary = guest

@@ -5,9 +5,11 @@
 //! its exit code on the console and powers off. About 7 s a boot.
 //!
 //! Everything comes from Debian's packages (`linux-image-amd64`'s kernel, `busybox-static`,
-//! `qemu-system-x86`), fetched once into `target/kernel-vfio-guest/`. When they cannot be had
-//! (no apt, no network, not root for installing QEMU) [`Guest::prepare`] says why, and the
-//! caller skips.
+//! `qemu-system-x86`), fetched once into `target/kernel-vfio-guest/`. [`Guest::prepare`] tells
+//! apart what is truly absent here (no apt, no network, not root for installing QEMU:
+//! [`PrepareError::Unavailable`], the caller skips) from everything else that goes wrong (a
+//! damaged package, a kernel without a module it needs: [`PrepareError::Failed`], the caller
+//! fails).
 //!
 //! The guest reports on two serial ports: the console (`ttyS0`: kernel messages and the test
 //! binary's output, ending in `VMIG-GUEST-EXIT=<code>`) and a report port (`ttyS1`, which the
@@ -19,8 +21,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Set to `1` in the guest, so the in-guest tests run there and skip elsewhere.
+/// Set to `1` in the guest.
 pub const IN_GUEST_ENV: &str = "VMIG_KERNEL_VFIO_GUEST";
+/// The `cfg` that [`Guest::build_binary`] sets: tests that run only in the guest are marked
+/// `#[cfg_attr(not(vmig_in_guest), ignore = "...")]`, so elsewhere libtest lists them as
+/// ignored, with the reason, instead of running them as passes that checked nothing.
+pub const IN_GUEST_CFG: &str = "vmig_in_guest";
 /// The PCI address of the edu device, bound to vfio-pci, in the guest.
 pub const EDU_BDF_ENV: &str = "VMIG_EDU_BDF";
 /// The path of the report port in the guest.
@@ -131,6 +137,75 @@ impl GuestRun {
     }
 }
 
+/// Why [`Guest::prepare`] gave no guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrepareError {
+    /// What the guest needs is absent here (no apt, no network, QEMU missing and not root):
+    /// tests skip, saying this.
+    Unavailable(String),
+    /// Something that is here went wrong: tests fail, saying this.
+    Failed(String),
+}
+
+impl std::fmt::Display for PrepareError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unavailable(why) | Self::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+impl From<String> for PrepareError {
+    fn from(why: String) -> Self {
+        Self::Failed(why)
+    }
+}
+
+impl From<&str> for PrepareError {
+    fn from(why: &str) -> Self {
+        Self::Failed(why.to_owned())
+    }
+}
+
+/// What apt says when it cannot reach its mirror.
+const UNREACHABLE: &[&str] = &[
+    "Temporary failure resolving",
+    "Could not resolve",
+    "Failed to fetch",
+    "Unable to connect",
+    "Could not connect",
+    "Connection failed",
+    "Connection timed out",
+    "Network is unreachable",
+    "No route to host",
+];
+
+/// An apt step's failure: `Unavailable` when the network is out of reach, or when the package
+/// lists are missing and only root could fetch them; `Failed` otherwise.
+fn apt_failure(why: String) -> PrepareError {
+    if UNREACHABLE.iter().any(|m| why.contains(m)) {
+        PrepareError::Unavailable(format!("Debian's mirror cannot be reached: {why}"))
+    } else if !crate::sys::is_root() && why.contains("Unable to locate package") {
+        PrepareError::Unavailable(format!(
+            "apt has no package lists and updating them needs root: {why}"
+        ))
+    } else {
+        PrepareError::Failed(why)
+    }
+}
+
+/// Runs `apt-get update`; only a failure to reach the mirror is worth reporting, as the step
+/// that needed the lists says what it missed.
+fn apt_update() -> Result<(), PrepareError> {
+    if !crate::sys::is_root() {
+        return Ok(());
+    }
+    match run(Command::new("apt-get").args(["update", "-qq"])) {
+        Err(why) if UNREACHABLE.iter().any(|m| why.contains(m)) => Err(apt_failure(why)),
+        _ => Ok(()),
+    }
+}
+
 fn run(cmd: &mut Command) -> Result<String, String> {
     let out = cmd
         .stdin(Stdio::null())
@@ -162,7 +237,7 @@ pub fn target_dir() -> PathBuf {
 }
 
 /// Downloads `package` (a `.deb`) into `dir` unless it is there; returns its path.
-fn download(package: &str, dir: &Path) -> Result<PathBuf, String> {
+fn download(package: &str, dir: &Path) -> Result<PathBuf, PrepareError> {
     let find = || {
         std::fs::read_dir(dir).ok().and_then(|entries| {
             entries.flatten().map(|e| e.path()).find(|p| {
@@ -183,16 +258,14 @@ fn download(package: &str, dir: &Path) -> Result<PathBuf, String> {
     };
     if fetch().is_err() {
         // The package lists may be missing on a fresh machine.
-        if crate::sys::is_root() {
-            let _ = run(Command::new("apt-get").args(["update", "-qq"]));
-        }
-        fetch()?;
+        apt_update()?;
+        fetch().map_err(apt_failure)?;
     }
     find().ok_or_else(|| {
-        format!(
+        PrepareError::Failed(format!(
             "apt-get download {package} left no .deb in {}",
             dir.display()
-        )
+        ))
     })
 }
 
@@ -276,13 +349,16 @@ fn find_files(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 impl Guest {
-    /// Finds or fetches QEMU, the kernel and busybox: `Err` says why the guest cannot run here.
-    pub fn prepare() -> Result<Self, String> {
+    /// Finds or fetches QEMU, the kernel and busybox: `Err` says why the guest cannot run here,
+    /// and whether that is because something is absent or because something failed.
+    pub fn prepare() -> Result<Self, PrepareError> {
         let work = target_dir().join("kernel-vfio-guest");
         let debs = work.join("debs");
         std::fs::create_dir_all(&debs).map_err(|e| format!("{}: {e}", debs.display()))?;
         if which("apt-get").is_none() || which("dpkg-deb").is_none() {
-            return Err("apt-get and dpkg-deb are needed to fetch Debian's kernel".into());
+            return Err(PrepareError::Unavailable(
+                "apt-get and dpkg-deb are needed to fetch Debian's kernel".into(),
+            ));
         }
         let qemu = match which("qemu-system-x86_64") {
             Some(q) => q,
@@ -299,28 +375,29 @@ impl Guest {
                         .env("DEBIAN_FRONTEND", "noninteractive"))
                 };
                 if install().is_err() {
-                    let _ = run(Command::new("apt-get").args(["update", "-qq"]));
-                    install()?;
+                    apt_update()?;
+                    install().map_err(apt_failure)?;
                 }
                 which("qemu-system-x86_64")
                     .ok_or("qemu-system-x86 installed no qemu-system-x86_64")?
             }
             None => {
-                return Err(
+                return Err(PrepareError::Unavailable(
                     "qemu-system-x86_64 is missing and installing it needs root \
-                            (apt-get install qemu-system-x86)"
+                     (apt-get install qemu-system-x86)"
                         .into(),
-                );
+                ));
             }
         };
         // The current kernel flavour: linux-image-amd64 depends on linux-image-<version>-amd64.
-        let depends = run(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))
-            .or_else(|_| {
-                if crate::sys::is_root() {
-                    let _ = run(Command::new("apt-get").args(["update", "-qq"]));
-                }
+        let depends = match run(Command::new("apt-cache").args(["depends", "linux-image-amd64"])) {
+            Ok(depends) => depends,
+            Err(_) => {
+                apt_update()?;
                 run(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))
-            })?;
+                    .map_err(apt_failure)?
+            }
+        };
         let kernel_package = depends
             .lines()
             .filter_map(|l| l.trim().strip_prefix("Depends: "))
@@ -363,7 +440,7 @@ impl Guest {
         })?;
         let busybox = busybox_root.join("bin/busybox");
         if !busybox.is_file() {
-            return Err(format!("{} is missing", busybox.display()));
+            return Err(format!("{} is missing", busybox.display()).into());
         }
         Ok(Self {
             qemu,
@@ -374,12 +451,17 @@ impl Guest {
         })
     }
 
-    /// As [`Guest::prepare`], printing why and returning `None` when the guest cannot run
-    /// here (the caller skips).
-    pub fn prepare_or_skip() -> Option<Self> {
-        Self::prepare()
-            .map_err(|why| println!("skipped: the kernel-VFIO guest cannot run here: {why}"))
-            .ok()
+    /// As [`Guest::prepare`], for a test: what is absent here goes to `skip` (with why) and
+    /// gives `None`, so the caller returns; any other failure panics, failing the test.
+    pub fn prepare_or_skip(skip: impl FnOnce(String)) -> Option<Self> {
+        match Self::prepare() {
+            Ok(guest) => Some(guest),
+            Err(PrepareError::Unavailable(why)) => {
+                skip(format!("the kernel-VFIO guest cannot run here: {why}"));
+                None
+            }
+            Err(PrepareError::Failed(why)) => panic!("preparing the kernel-VFIO guest: {why}"),
+        }
     }
 
     /// Builds `binary` statically for the guest (a separate target directory,
@@ -399,7 +481,10 @@ impl Guest {
             .args(["--target", "x86_64-unknown-linux-gnu"])
             .args(release.then_some("--release"))
             .env("CARGO_TARGET_DIR", &target_dir)
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .env(
+                "RUSTFLAGS",
+                format!("-C target-feature=+crt-static --cfg {IN_GUEST_CFG}"),
+            )
             .env_remove("CARGO_ENCODED_RUSTFLAGS")
             .current_dir(env!("CARGO_MANIFEST_DIR")))?;
         out.lines()
@@ -663,6 +748,29 @@ mod tests {
         let ko = b"\x7fELF...license=GPL\0depends=vfio-pci-core,vfio\0retpoline=Y\0";
         assert_eq!(module_depends(ko), ["vfio_pci_core", "vfio"]);
         assert!(module_depends(b"depends=\0").is_empty());
+    }
+
+    #[test]
+    fn only_an_unreachable_mirror_or_missing_rights_make_the_guest_unavailable() {
+        let offline = "\"apt-get\" \"download\" \"busybox-static\" failed (exit status: 100): \
+            E: Failed to fetch http://deb.example/busybox-static.deb  Temporary failure resolving";
+        assert!(matches!(
+            apt_failure(offline.into()),
+            PrepareError::Unavailable(why) if why.starts_with("Debian's mirror cannot be reached")
+        ));
+        let damaged = "\"dpkg-deb\" \"-x\" failed (exit status: 2): dpkg-deb: error: \
+            archive has premature member 'control.tar.xz'";
+        assert_eq!(
+            apt_failure(damaged.into()),
+            PrepareError::Failed(damaged.into())
+        );
+        let unknown = "E: Unable to locate package linux-image-9.9.9-amd64";
+        let as_root = matches!(apt_failure(unknown.into()), PrepareError::Failed(_));
+        assert_eq!(
+            as_root,
+            crate::sys::is_root(),
+            "only root could have fetched the lists"
+        );
     }
 
     #[test]

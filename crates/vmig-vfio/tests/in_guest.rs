@@ -1,7 +1,7 @@
 //! The kernel-VFIO backend against the real kernel: these tests run inside the test guest
 //! (Debian's kernel under QEMU's TCG, emulated VT-d, QEMU's `edu` bound to vfio-pci), which
-//! `tests/kernel_vfio.rs` boots with this file built as a static binary. Anywhere else they
-//! skip. Expected values and errnos quote `reference/kernel-vfio-type1-observed.md`.
+//! `tests/kernel_vfio.rs` boots with this file built as a static binary (with `--cfg
+//! vmig_in_guest`). Anywhere else libtest lists them as ignored. Expected values and errnos quote `reference/kernel-vfio-type1-observed.md`.
 
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -27,22 +27,20 @@ const PAGE: u64 = 4096;
 const MIB: u64 = 1 << 20;
 const EINVAL: i32 = libc::EINVAL;
 
-/// The edu device's address, or `None` (and a printed reason) outside the guest.
-fn edu_bdf() -> Option<String> {
-    if !kernel_guest::in_guest() {
-        println!(
-            "skipped: runs only inside the kernel-VFIO test guest (tests/kernel_vfio.rs boots it)"
-        );
-        return None;
-    }
-    Some(std::env::var(EDU_BDF_ENV).expect("the guest's init exports the edu address"))
+/// The edu device's address, which the guest's init exports.
+fn edu_bdf() -> String {
+    assert!(
+        kernel_guest::in_guest(),
+        "runs only inside the kernel-VFIO test guest (tests/kernel_vfio.rs boots it)"
+    );
+    std::env::var(EDU_BDF_ENV).expect("the guest's init exports the edu address")
 }
 
-fn open_edu() -> Option<(Container, Device)> {
-    let bdf = edu_bdf()?;
+fn open_edu() -> (Container, Device) {
+    let bdf = edu_bdf();
     let container = Container::open(None).expect("container");
     let device = container.open_device(&bdf).expect("edu bound to vfio-pci");
-    Some((container, device))
+    (container, device)
 }
 
 fn memory(bytes: u64) -> Arc<HostMemory> {
@@ -102,8 +100,12 @@ fn dirty_flags(container: &Container, argsz: u32, flags: u32) -> Result<(), i32>
 }
 
 #[test]
+#[cfg_attr(
+    not(vmig_in_guest),
+    ignore = "runs only in the kernel-VFIO guest, which tests/kernel_vfio.rs boots"
+)]
 fn container_setup_and_capabilities() {
-    let Some(bdf) = edu_bdf() else { return };
+    let bdf = edu_bdf();
     // The group is viable before it joins a container.
     let link = std::fs::read_link(format!("/sys/bus/pci/devices/{bdf}/iommu_group")).unwrap();
     let group_path = format!("/dev/vfio/{}", link.file_name().unwrap().to_string_lossy());
@@ -148,10 +150,12 @@ fn container_setup_and_capabilities() {
 }
 
 #[test]
+#[cfg_attr(
+    not(vmig_in_guest),
+    ignore = "runs only in the kernel-VFIO guest, which tests/kernel_vfio.rs boots"
+)]
 fn map_and_unmap_follow_the_type1_v2_rules() {
-    let Some((container, _edu)) = open_edu() else {
-        return;
-    };
+    let (container, _edu) = open_edu();
     let _a = map(&container, 0x10_0000, 3);
     let _b = map(&container, 0x10_3000, 5);
     let m = memory(8 * PAGE);
@@ -211,10 +215,12 @@ fn map_and_unmap_follow_the_type1_v2_rules() {
 }
 
 #[test]
+#[cfg_attr(
+    not(vmig_in_guest),
+    ignore = "runs only in the kernel-VFIO guest, which tests/kernel_vfio.rs boots"
+)]
 fn guest_ram_is_mapped_by_the_seed_003_rules() {
-    let Some((container, _edu)) = open_edu() else {
-        return;
-    };
+    let (container, _edu) = open_edu();
     // Guest RAM [0, 8 MiB) maps as one piece at IOVA = guest-physical address.
     let ram = memory(8 * MIB);
     let maps = container.map_guest_memory(0, &ram).unwrap();
@@ -244,10 +250,12 @@ fn guest_ram_is_mapped_by_the_seed_003_rules() {
 }
 
 #[test]
+#[cfg_attr(
+    not(vmig_in_guest),
+    ignore = "runs only in the kernel-VFIO guest, which tests/kernel_vfio.rs boots"
+)]
 fn dirty_tracking_reports_what_linux_6_1_reports() {
-    let Some((container, _edu)) = open_edu() else {
-        return;
-    };
+    let (container, _edu) = open_edu();
     let _memory = map_reference_layout(&container);
     // "GET_BITMAP while tracking is stopped (before START ...) → EINVAL"
     assert_eq!(get_raw(&container, 0x10_0000, 3 * PAGE), Err(EINVAL));
@@ -445,10 +453,12 @@ fn dirty_tracking_reports_what_linux_6_1_reports() {
 }
 
 #[test]
+#[cfg_attr(
+    not(vmig_in_guest),
+    ignore = "runs only in the kernel-VFIO guest, which tests/kernel_vfio.rs boots"
+)]
 fn unmap_with_bitmap_returns_what_it_removed() {
-    let Some((container, _edu)) = open_edu() else {
-        return;
-    };
+    let (container, _edu) = open_edu();
     let _memory = map_reference_layout(&container);
     container.start_dirty_tracking().unwrap();
     // "A+B → size=0x8000, bits 0–7 set; hole+C → size=0x2000, bits 2–3 set"
@@ -476,10 +486,12 @@ fn unmap_with_bitmap_returns_what_it_removed() {
 }
 
 #[test]
+#[cfg_attr(
+    not(vmig_in_guest),
+    ignore = "runs only in the kernel-VFIO guest, which tests/kernel_vfio.rs boots"
+)]
 fn the_stale_bit_quirk_reaches_raw_callers_but_not_the_backend() {
-    let Some((container, _edu)) = open_edu() else {
-        return;
-    };
+    let (container, _edu) = open_edu();
     // G (3 pages) then F (5 pages) adjacent: F sits at bit 3 of a G+F read.
     let _g = map(&container, 0x10_0000, 3);
     let _f = map(&container, 0x10_3000, 5);
@@ -508,8 +520,12 @@ fn the_stale_bit_quirk_reaches_raw_callers_but_not_the_backend() {
 }
 
 #[test]
+#[cfg_attr(
+    not(vmig_in_guest),
+    ignore = "runs only in the kernel-VFIO guest, which tests/kernel_vfio.rs boots"
+)]
 fn a_type1_v1_container_refuses_dirty_tracking_with_eacces() {
-    let Some(bdf) = edu_bdf() else { return };
+    let bdf = edu_bdf();
     let container = sys::RawContainer::open().unwrap();
     let link = std::fs::read_link(format!("/sys/bus/pci/devices/{bdf}/iommu_group")).unwrap();
     let group_path = format!("/dev/vfio/{}", link.file_name().unwrap().to_string_lossy());
@@ -555,10 +571,12 @@ fn edu_dma(device: &Device, src: u64, dst: u64, count: u64, to_ram: bool) {
 }
 
 #[test]
+#[cfg_attr(
+    not(vmig_in_guest),
+    ignore = "runs only in the kernel-VFIO guest, which tests/kernel_vfio.rs boots"
+)]
 fn edu_does_real_dma_into_memory_mapped_through_the_backend() {
-    let Some((container, edu)) = open_edu() else {
-        return;
-    };
+    let (container, edu) = open_edu();
     // "Config space is at region offset 0x70000000000 and BAR0 is 1 MiB at offset 0."
     let config = edu.region(VFIO_PCI_CONFIG_REGION_INDEX).unwrap();
     assert_eq!(config.offset, 0x700_0000_0000);
@@ -599,10 +617,12 @@ fn edu_does_real_dma_into_memory_mapped_through_the_backend() {
 }
 
 #[test]
+#[cfg_attr(
+    not(vmig_in_guest),
+    ignore = "runs only in the kernel-VFIO guest, which tests/kernel_vfio.rs boots"
+)]
 fn interrupts_arrive_through_an_eventfd() {
-    let Some((_container, edu)) = open_edu() else {
-        return;
-    };
+    let (_container, edu) = open_edu();
     let msi = edu.irq(VFIO_PCI_MSI_IRQ_INDEX).expect("edu has MSI");
     assert!(
         msi.count >= 1 && msi.flags & VFIO_IRQ_INFO_EVENTFD != 0,
@@ -630,10 +650,12 @@ fn interrupts_arrive_through_an_eventfd() {
 }
 
 #[test]
+#[cfg_attr(
+    not(vmig_in_guest),
+    ignore = "runs only in the kernel-VFIO guest, which tests/kernel_vfio.rs boots"
+)]
 fn reset_works_or_says_the_device_has_none() {
-    let Some((_container, edu)) = open_edu() else {
-        return;
-    };
+    let (_container, edu) = open_edu();
     if edu.can_reset() {
         edu.write_u32(0, edu::LIVENESS, 7).unwrap();
         edu.reset().unwrap();
@@ -645,10 +667,12 @@ fn reset_works_or_says_the_device_has_none() {
 }
 
 #[test]
+#[cfg_attr(
+    not(vmig_in_guest),
+    ignore = "runs only in the kernel-VFIO guest, which tests/kernel_vfio.rs boots"
+)]
 fn a_device_without_migration_support_blocks_migration_by_name() {
-    let Some((_container, edu)) = open_edu() else {
-        return;
-    };
+    let (_container, edu) = open_edu();
     // "VFIO_DEVICE_FEATURE probes of MIGRATION and DMA_LOGGING_START on the edu device → ENOTTY"
     assert_eq!(edu.probe_migration_feature(), Err(libc::ENOTTY));
     assert!(!edu.dma_logging_supported());
@@ -685,10 +709,12 @@ const DIFFERENTIAL_SEEDS: std::ops::RangeInclusive<u64> = 1..=12;
 const DIFFERENTIAL_CALLS: usize = 300;
 
 #[test]
+#[cfg_attr(
+    not(vmig_in_guest),
+    ignore = "runs only in the kernel-VFIO guest, which tests/kernel_vfio.rs boots"
+)]
 fn differential_sequences_run_against_the_kernel() {
-    let Some((container, _edu)) = open_edu() else {
-        return;
-    };
+    let (container, _edu) = open_edu();
     let info = container.info().unwrap();
     let backing = memory(differential::BACKING);
     for seed in DIFFERENTIAL_SEEDS {

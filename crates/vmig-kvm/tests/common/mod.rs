@@ -7,15 +7,25 @@ use vmig_dirty::DirtyBitmap;
 use vmig_kvm::guest::Stamp;
 use vmig_kvm::{DirtyLogMode, PAGE_SIZE, Vm};
 
-/// Returns early (printing why) when `/dev/kvm` cannot be opened.
+/// Returns early, recording a skip (see `vmig_test_support::skip`), when `/dev/kvm` cannot be
+/// opened.
 #[macro_export]
 macro_rules! require_kvm {
     () => {
-        if let Err(why) = vmig_kvm::kvm_available() {
-            eprintln!("skipped: this test needs KVM ({why})");
-            return;
-        }
+        vmig_test_support::require_kvm!()
     };
+}
+
+/// Waits until the running guest has written more than `pages` pages in all.
+pub fn wait_for_writes(vm: &Vm, pages: u64) {
+    vmig_test_support::wait_until("the guest to write", Duration::from_secs(30), || {
+        let writes = vm.guest_writes().unwrap();
+        if writes > pages {
+            Ok(())
+        } else {
+            Err(format!("{writes} of {pages} pages written"))
+        }
+    });
 }
 
 /// What the dirty-log method found over all iterations.
