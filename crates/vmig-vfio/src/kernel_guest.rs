@@ -185,7 +185,9 @@ const UNREACHABLE: &[&str] = &[
 fn apt_failure(why: String) -> PrepareError {
     if UNREACHABLE.iter().any(|m| why.contains(m)) {
         PrepareError::Unavailable(format!("Debian's mirror cannot be reached: {why}"))
-    } else if !crate::sys::is_root() && why.contains("Unable to locate package") {
+    } else if !crate::sys::is_root()
+        && (why.contains("Unable to locate package") || why.contains("No packages found"))
+    {
         PrepareError::Unavailable(format!(
             "apt has no package lists and updating them needs root: {why}"
         ))
