@@ -1,5 +1,5 @@
-//! `vmig ctl` (one command to a VM's control socket) and `vmig migrate` (start a migration and
-//! follow it to the end with a progress bar and a summary).
+//! `vmig ctl` (one QMP command to a VM's control socket) and `vmig migrate` (start a migration
+//! and follow it to the end with a progress bar and a summary), both over QMP.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,20 +10,26 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Map, Value, json};
 use vmig_migration::{MigrationReport, Status};
 
-use crate::api::ApiClient;
+use crate::qmp::QmpClient;
+use crate::qmp::names::qmp_status;
 
-/// Send one command to a VM's control socket (`vmig run --api PATH`) and print the reply.
+/// Send one QMP command to a VM's control socket (`vmig run --api PATH`, or QEMU's `-qmp`)
+/// and print the reply.
 ///
-/// Commands: migrate uri=URI [downtime_ms=N] [max_bandwidth=BYTES_PER_S] [connections=N]
-/// [timeout_s=N] [auto_converge=BOOL] [verify_memory=BOOL]; query-migrate; migrate-cancel;
-/// query-status; stop; cont; quit. Exits 1 when the VM answers with an error.
+/// Commands (QEMU's names): migrate uri=URI; migrate-incoming uri=URI; migrate_cancel;
+/// migrate-set-parameters [downtime-limit=MS] [max-bandwidth=BYTES_PER_S] [multifd-channels=N]
+/// [x-vmig-timeout=S] [x-vmig-verify-memory=BOOL] [x-vmig-device-dirty-tracking=BOOL];
+/// query-migrate-parameters; migrate-set-capabilities '{"capabilities": [{"capability":
+/// "auto-converge", "state": true}]}' (capabilities auto-converge, events, multifd);
+/// query-migrate-capabilities; query-migrate; query-status; stop; cont; quit; query-version;
+/// query-commands. Exits 1 when the VM answers with an error.
 #[derive(Debug, Args)]
 pub struct CtlArgs {
     /// The control socket.
     socket: PathBuf,
     /// The command.
     command: String,
-    /// Arguments as KEY=VALUE (numbers and true/false are sent as such).
+    /// Arguments as KEY=VALUE (numbers and true/false are sent as such), or one JSON object.
     #[arg(value_name = "KEY=VALUE")]
     arguments: Vec<String>,
 }
@@ -63,14 +69,27 @@ fn parse_argument(text: &str) -> Result<(String, Value), String> {
     Ok((key.to_string(), value))
 }
 
-pub fn ctl(args: &CtlArgs) -> Result<ExitCode, String> {
+fn parse_arguments(texts: &[String]) -> Result<Value, String> {
+    if let [text] = texts
+        && text.trim_start().starts_with('{')
+    {
+        return match serde_json::from_str::<Value>(text) {
+            Ok(object @ Value::Object(_)) => Ok(object),
+            _ => Err(format!("arguments `{text}`: expected one JSON object")),
+        };
+    }
     let mut arguments = Map::new();
-    for a in &args.arguments {
+    for a in texts {
         let (k, v) = parse_argument(a)?;
         arguments.insert(k, v);
     }
-    let mut client = ApiClient::connect(&args.socket, Duration::ZERO)?;
-    let reply = client.call(&args.command, Value::Object(arguments))?;
+    Ok(Value::Object(arguments))
+}
+
+pub fn ctl(args: &CtlArgs) -> Result<ExitCode, String> {
+    let arguments = parse_arguments(&args.arguments)?;
+    let mut client = QmpClient::connect(&args.socket, Duration::ZERO)?;
+    let reply = client.call(&args.command, arguments)?;
     println!(
         "{}",
         serde_json::to_string_pretty(&reply).unwrap_or_default()
@@ -83,14 +102,14 @@ pub fn ctl(args: &CtlArgs) -> Result<ExitCode, String> {
 }
 
 pub fn migrate(args: &MigrateArgs) -> Result<ExitCode, String> {
-    let mut client = ApiClient::connect(&args.socket, Duration::ZERO)?;
+    let mut client = QmpClient::connect(&args.socket, Duration::ZERO)?;
     let report = follow_migration(
         &mut client,
+        &args.uri,
         json!({
-            "uri": args.uri,
-            "downtime_ms": args.downtime_ms,
-            "max_bandwidth": args.max_bandwidth,
-            "connections": args.connections,
+            "downtime-limit": args.downtime_ms,
+            "max-bandwidth": args.max_bandwidth,
+            "multifd-channels": args.connections,
         }),
     )?;
     if args.json {
@@ -108,13 +127,21 @@ pub fn migrate(args: &MigrateArgs) -> Result<ExitCode, String> {
     })
 }
 
-/// Starts a migration through `client` and polls it to the end, drawing a progress bar on a
-/// terminal; returns the final report.
+/// Sets `parameters` (`migrate-set-parameters`; more than one `multifd-channels` turns on
+/// the `multifd` capability), starts a migration to `uri` through `client` and polls it to
+/// the end, drawing a progress bar on a terminal; returns the final report.
 pub fn follow_migration(
-    client: &mut ApiClient,
-    arguments: Value,
+    client: &mut QmpClient,
+    uri: &str,
+    parameters: Value,
 ) -> Result<MigrationReport, String> {
-    client.execute("migrate", arguments)?;
+    let multifd = parameters["multifd-channels"].as_u64().unwrap_or(1) > 1;
+    client.execute("migrate-set-parameters", parameters)?;
+    client.execute(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "multifd", "state": multifd}]}),
+    )?;
+    client.execute("migrate", json!({ "uri": uri }))?;
     let bar = ProgressBar::new(100);
     bar.set_style(
         ProgressStyle::with_template(
@@ -125,8 +152,9 @@ pub fn follow_migration(
     );
     let report = loop {
         let value = client.execute("query-migrate", json!({}))?;
-        let report: MigrationReport =
-            serde_json::from_value(value).map_err(|e| format!("query-migrate reply: {e}"))?;
+        let report = crate::qmp::names::from_query_migrate(&value)?;
+        // Events are not needed here: the polling sees every state the bar shows.
+        client.take_events();
         let ram = &report.ram;
         let done = if ram.total == 0 {
             0
@@ -136,7 +164,7 @@ pub fn follow_migration(
         bar.set_position(done.min(100));
         bar.set_message(format!(
             "{} · pass {} · {} MiB sent · {} MiB dirty · {:.0} Mbit/s{}",
-            report.status.name(),
+            qmp_status(report.status),
             report.passes,
             ram.transferred >> 20,
             ram.remaining >> 20,

@@ -15,9 +15,9 @@ use clap::Args;
 use serde_json::json;
 use vmig_migration::Status;
 
-use crate::api::ApiClient;
 use crate::children::{Children, free_port};
 use crate::ctl::{follow_migration, print_summary};
+use crate::qmp::QmpClient;
 
 /// Migrate a running VM with two DMA-ing vfio-user devices over loopback TCP and verify it.
 #[derive(Debug, Args)]
@@ -128,8 +128,8 @@ pub fn run(args: &DemoArgs) -> Result<ExitCode, String> {
     children.spawn("source", &source_args)?;
     children.wait_for(Path::new(&src_api))?;
     children.wait_for(Path::new(&dst_api))?;
-    let mut source = ApiClient::connect(Path::new(&src_api), Duration::from_secs(10))?;
-    let mut destination = ApiClient::connect(Path::new(&dst_api), Duration::from_secs(10))?;
+    let mut source = QmpClient::connect(Path::new(&src_api), Duration::from_secs(10))?;
+    let mut destination = QmpClient::connect(Path::new(&dst_api), Duration::from_secs(10))?;
     if !args.json {
         println!(
             "source: {} RAM, 2 vCPUs writing {} random pages/s; devices {} each writing {} pages/s by DMA; migrating to {uri}",
@@ -144,7 +144,8 @@ pub fn run(args: &DemoArgs) -> Result<ExitCode, String> {
     children.check_alive()?;
     let report = follow_migration(
         &mut source,
-        json!({"uri": uri, "downtime_ms": args.downtime_ms}),
+        &uri,
+        json!({"downtime-limit": args.downtime_ms}),
     );
     let _ = source.execute("quit", json!({}));
     let _ = destination.execute("quit", json!({}));

@@ -3,16 +3,16 @@
 //! `vmig run` starts a VM on `/dev/kvm` with a self-checking guest workload and CPU dirty
 //! tracking, prints once a second what the guest wrote and what the tracker reported, and ends
 //! with the guest's own verify. `vmig device serve` serves a sample vfio-user device and
-//! `vmig device probe` describes any vfio-user server. `vmig run --api` takes commands from
-//! `vmig ctl`, `vmig migrate` follows a migration to a `vmig run --incoming`, and `vmig demo`
+//! `vmig device probe` describes any vfio-user server. `vmig run --api` speaks QMP to
+//! `vmig ctl` and to QEMU's own tools, `vmig migrate` follows a migration to a `vmig run --incoming`, and `vmig demo`
 //! does all of it in one command.
 
-mod api;
 mod bench;
 mod children;
 mod ctl;
 mod demo;
 mod device;
+mod qmp;
 mod run;
 
 use std::process::ExitCode;

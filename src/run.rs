@@ -14,7 +14,7 @@ use vmig_migration::machine::device_area_bytes;
 use vmig_migration::transport::{Listener, Uri};
 use vmig_migration::{DeviceSpec, Incoming, Machine, Role, Status};
 
-use crate::api::{self, Shared, SocketGuard};
+use crate::qmp::{self, Shared, SocketGuard};
 
 /// Run a VM whose guest writes stamped pages, with vfio-user devices; migrate it.
 ///
@@ -51,10 +51,11 @@ pub struct RunArgs {
     /// of RAM per device.
     #[arg(long = "device", value_name = "SPEC")]
     devices: Vec<String>,
-    /// Control socket taking JSON commands (see `vmig ctl --help`).
+    /// QMP control socket (QEMU's protocol: `vmig ctl`, `qmp-shell`, `qemu.qmp` drive it).
     #[arg(long, value_name = "PATH")]
     api: Option<PathBuf>,
-    /// Wait for a migration on tcp:HOST:PORT or unix:PATH instead of booting a VM.
+    /// Wait for a migration on tcp:HOST:PORT or unix:PATH instead of booting a VM (`defer`:
+    /// where QMP's `migrate-incoming` says, once it does).
     #[arg(long, value_name = "URI", conflicts_with_all = ["restore", "save", "workload", "vcpus", "ring_entries"])]
     incoming: Option<String>,
     /// After the verify, save the paused VM (vCPU state and memory) to this file.
@@ -102,24 +103,39 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
         Some(mem) => Some(parse_size(mem).map_err(|e| format!("--mem: {e}"))?),
         None => None,
     };
+    // `--incoming defer` (QEMU's word): listen where `migrate-incoming` says, once it does.
+    let deferred = args.incoming.as_deref() == Some("defer");
+    if deferred && args.api.is_none() {
+        return Err("--incoming defer waits for migrate-incoming: give --api PATH too".into());
+    }
     let incoming_uri: Option<Uri> = match &args.incoming {
+        Some(_) if deferred => None,
         Some(uri) => Some(uri.parse().map_err(|e| format!("--incoming: {e}"))?),
         None => None,
     };
-    let shared = Shared::new(None, incoming_uri.is_some());
+    let shared = Shared::new(None, args.incoming.is_some(), deferred);
     // A destination answers (`inmigrate`) while it waits; a source's socket appears only once
     // its VM runs, so a client that sees the socket can migrate at once.
     let serve_api = |shared: &Arc<Shared>| match &args.api {
         Some(path) => {
-            api::serve(path, Arc::clone(shared))?;
+            qmp::serve(path, Arc::clone(shared))?;
             Ok::<_, String>(Some(SocketGuard(path.clone())))
         }
         None => Ok(None),
     };
-    let mut _api_guard = if incoming_uri.is_some() {
+    let mut _api_guard = if shared.incoming {
         serve_api(&shared)?
     } else {
         None
+    };
+    let incoming_uri = if deferred {
+        println!("waiting for migrate-incoming on the QMP socket");
+        match shared.wait_for_incoming_uri() {
+            Some(uri) => Some(uri),
+            None => return Ok(ExitCode::SUCCESS),
+        }
+    } else {
+        incoming_uri
     };
 
     let machine = if let Some(uri) = incoming_uri {

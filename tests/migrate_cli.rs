@@ -143,8 +143,10 @@ fn a_killed_destination_process_leaves_the_source_running_and_its_guest_whole() 
     assert!(ok && status["return"]["status"] == "inmigrate", "{status}");
     let (ok, reply) = ctl(
         &src_api,
-        &["migrate", &format!("uri={target}"), "max_bandwidth=8388608"],
+        &["migrate-set-parameters", "max-bandwidth=8388608"],
     );
+    assert!(ok, "{reply}");
+    let (ok, reply) = ctl(&src_api, &["migrate", &format!("uri={target}")]);
     assert!(ok, "{reply}");
     // Killed while pre-copy is sending pages (128 MiB at 8 MiB/s: 16 s of it).
     wait_until("pre-copy to send pages", Duration::from_secs(30), || {
@@ -163,7 +165,13 @@ fn a_killed_destination_process_leaves_the_source_running_and_its_guest_whole() 
             Err(r.to_string())
         }
     });
-    assert_eq!(report["return"]["committed"], false);
+    assert_eq!(report["return"]["x-vmig-committed"], false);
+    assert!(
+        report["return"]["error-desc"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty()),
+        "{report}"
+    );
     let (_, status) = ctl(&src_api, &["query-status"]);
     assert_eq!(status["return"]["status"], "running", "{status}");
     // Bad commands are answered, and the VM goes on.

@@ -36,8 +36,12 @@ use crate::children::Children;
 /// Measure whole migrations against memcpy, loopback TCP and QEMU, all measured in the same run.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// What to measure: migrate.
+    /// What to measure: migrate; or qemu-guest, which writes QEMU's bench guest (a floppy
+    /// image that writes every page of `--mem` RAM, then idles) to `--image`.
     what: String,
+    /// Where `qemu-guest` writes the image.
+    #[arg(long, value_name = "PATH")]
+    image: Option<std::path::PathBuf>,
     /// Guest RAM of the `full` scenario.
     #[arg(long, value_name = "SIZE", default_value = "1G")]
     mem: String,
@@ -278,8 +282,21 @@ fn compare_with_qemu(scenario: &qemu::Scenario, ours: &MigrationReport, total_go
 }
 
 pub fn run(args: &BenchArgs) -> Result<ExitCode, String> {
+    if args.what == "qemu-guest" {
+        let image = args
+            .image
+            .as_ref()
+            .ok_or("bench qemu-guest writes the image to --image PATH: give it")?;
+        let ram = parse_size(&args.mem).map_err(|e| format!("--mem: {e}"))?;
+        let sector = qemu::boot_sector(ram, qemu::Writes::Idle)?;
+        std::fs::write(image, sector).map_err(|e| format!("{}: {e}", image.display()))?;
+        return Ok(ExitCode::SUCCESS);
+    }
     if args.what != "migrate" {
-        return Err(format!("bench {}: expected migrate", args.what));
+        return Err(format!(
+            "bench {}: expected migrate or qemu-guest",
+            args.what
+        ));
     }
     vmig_kvm::kvm_available().map_err(|e| format!("bench migrate runs VMs: {e}"))?;
     let ram = parse_size(&args.mem).map_err(|e| format!("--mem: {e}"))?;

@@ -8,8 +8,6 @@
 //! working set: at a pace counted in TSC cycles (the host's TSC rate, which KVM gives the
 //! guest), or flat out.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -19,6 +17,7 @@ use iced_x86::code_asm::*;
 use serde_json::{Value, json};
 
 use crate::children::{Children, free_port};
+use crate::qmp::QmpClient;
 
 /// The QEMU binary looked for on `PATH`.
 pub const QEMU: &str = "qemu-system-x86_64";
@@ -255,53 +254,6 @@ fn protected_mode_code(ram: u32, writes: Writes) -> Result<Vec<u8>, IcedError> {
     a.assemble(u64::from(LOAD_ADDRESS) + CODE32_OFFSET as u64)
 }
 
-/// A QMP connection.
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Qmp {
-    fn connect(path: &Path, children: &mut Children) -> Result<Self, String> {
-        children.wait_for(path)?;
-        let stream = UnixStream::connect(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(|e| e.to_string())?;
-        let mut qmp = Self {
-            writer: stream.try_clone().map_err(|e| e.to_string())?,
-            reader: BufReader::new(stream),
-        };
-        qmp.read()?; // the greeting
-        qmp.execute("qmp_capabilities", json!({}))?;
-        Ok(qmp)
-    }
-
-    fn read(&mut self) -> Result<Value, String> {
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => Err("QEMU closed its QMP socket".into()),
-            Ok(_) => serde_json::from_str(&line).map_err(|e| format!("QMP said `{line}`: {e}")),
-            Err(e) => Err(format!("reading QMP: {e}")),
-        }
-    }
-
-    fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
-        let request = json!({"execute": command, "arguments": arguments});
-        writeln!(self.writer, "{request}").map_err(|e| format!("QMP {command}: {e}"))?;
-        loop {
-            let reply = self.read()?;
-            if let Some(value) = reply.get("return") {
-                return Ok(value.clone());
-            }
-            if let Some(error) = reply.get("error") {
-                return Err(format!("QMP {command}: {error}"));
-            }
-            // An event: skip it.
-        }
-    }
-}
-
 fn qemu_command(dir: &Path, side: &str, ram: u64, image: &Path) -> (Command, PathBuf) {
     let qmp = dir.join(format!("qemu-{side}.qmp"));
     let console = dir.join(format!("qemu-{side}.console"));
@@ -350,8 +302,10 @@ pub fn migrate(scenario: &Scenario, timeout: Duration) -> Result<QemuReport, Str
         .arg("-incoming")
         .arg(format!("tcp:127.0.0.1:{port}"));
     children.spawn_command("qemu-destination", command)?;
-    let mut source = Qmp::connect(&source_qmp, &mut children)?;
-    let mut destination = Qmp::connect(&dest_qmp, &mut children)?;
+    children.wait_for(&source_qmp)?;
+    children.wait_for(&dest_qmp)?;
+    let mut source = QmpClient::connect(&source_qmp, Duration::from_secs(5))?;
+    let mut destination = QmpClient::connect(&dest_qmp, Duration::from_secs(5))?;
     let console = dir.join("qemu-source.console");
     let deadline = Instant::now() + Duration::from_secs(120);
     while !std::fs::read(&console).unwrap_or_default().contains(&READY) {

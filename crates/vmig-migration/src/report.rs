@@ -247,11 +247,25 @@ pub struct Progress {
     inner: Arc<ProgressInner>,
 }
 
-#[derive(Debug)]
+/// Called with the report after every change of its status or pass count (QMP's `MIGRATION`
+/// and `MIGRATION_PASS` events come from here). It runs on the migration's thread: it should
+/// hand the report on, not block.
+pub type ProgressListener = Arc<dyn Fn(&MigrationReport) + Send + Sync>;
+
 struct ProgressInner {
     report: Mutex<MigrationReport>,
     started: Mutex<Option<Instant>>,
     cancel: AtomicBool,
+    listeners: Mutex<Vec<ProgressListener>>,
+}
+
+impl std::fmt::Debug for ProgressInner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProgressInner")
+            .field("report", &self.report)
+            .field("cancel", &self.cancel)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Progress {
@@ -261,6 +275,7 @@ impl Default for Progress {
                 report: Mutex::new(MigrationReport::default()),
                 started: Mutex::new(None),
                 cancel: AtomicBool::new(false),
+                listeners: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -279,9 +294,38 @@ impl Progress {
         report
     }
 
-    /// Edits the report.
+    /// Edits the report; a change of status or pass count goes to the listeners.
     pub fn update(&self, f: impl FnOnce(&mut MigrationReport)) {
-        f(&mut self.lock());
+        let changed = {
+            let mut report = self.lock();
+            let before = (report.status, report.passes);
+            f(&mut report);
+            (before != (report.status, report.passes)).then(|| report.clone())
+        };
+        if let Some(report) = changed {
+            self.notify(&report);
+        }
+    }
+
+    /// Adds a listener for changes of status and pass count.
+    pub fn on_change(&self, listener: ProgressListener) {
+        self.inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(listener);
+    }
+
+    fn notify(&self, report: &MigrationReport) {
+        let listeners = self
+            .inner
+            .listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for listener in listeners {
+            listener(report);
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, MigrationReport> {
@@ -290,12 +334,14 @@ impl Progress {
 
     /// Resets for a new migration starting now.
     pub fn begin(&self) {
-        *self.lock() = MigrationReport {
-            status: Status::Setup,
-            ..MigrationReport::default()
-        };
         *self.inner.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         self.inner.cancel.store(false, Ordering::Release);
+        self.update(|r| {
+            *r = MigrationReport {
+                status: Status::Setup,
+                ..MigrationReport::default()
+            }
+        });
     }
 
     /// Asks the running migration to stop (before it commits).
@@ -321,6 +367,31 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listeners_hear_every_change_of_status_and_pass_count_and_nothing_else() {
+        let progress = Progress::default();
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&heard);
+        progress.on_change(Arc::new(move |r: &MigrationReport| {
+            sink.lock().unwrap().push((r.status, r.passes));
+        }));
+        progress.begin();
+        progress.update(|r| r.ram.transferred = 5);
+        progress.update(|r| r.status = Status::Active);
+        progress.update(|r| r.passes = 1);
+        progress.update(|r| r.passes = 1);
+        progress.update(|r| r.status = Status::Completed);
+        assert_eq!(
+            *heard.lock().unwrap(),
+            [
+                (Status::Setup, 0),
+                (Status::Active, 0),
+                (Status::Active, 1),
+                (Status::Completed, 1)
+            ]
+        );
+    }
 
     #[test]
     fn status_names_are_the_reported_ones() {

@@ -208,6 +208,37 @@ fn apt_update() -> Result<(), PrepareError> {
     }
 }
 
+/// QEMU's `qemu-system-x86_64`, installed from Debian's `qemu-system-x86` when it is missing
+/// and this process is root (`Unavailable` when it cannot be had).
+pub fn qemu_system() -> Result<PathBuf, PrepareError> {
+    if let Some(qemu) = which("qemu-system-x86_64") {
+        return Ok(qemu);
+    }
+    if which("apt-get").is_none() || !crate::sys::is_root() {
+        return Err(PrepareError::Unavailable(
+            "qemu-system-x86_64 is missing and installing it needs apt-get and root \
+             (apt-get install qemu-system-x86)"
+                .into(),
+        ));
+    }
+    let install = || {
+        run(Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "qemu-system-x86",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    if install().is_err() {
+        apt_update()?;
+        install().map_err(apt_failure)?;
+    }
+    Ok(which("qemu-system-x86_64").ok_or("qemu-system-x86 installed no qemu-system-x86_64")?)
+}
+
 fn run(cmd: &mut Command) -> Result<String, String> {
     let out = cmd
         .stdin(Stdio::null())
@@ -362,35 +393,7 @@ impl Guest {
                 "apt-get and dpkg-deb are needed to fetch Debian's kernel".into(),
             ));
         }
-        let qemu = match which("qemu-system-x86_64") {
-            Some(q) => q,
-            None if crate::sys::is_root() => {
-                let install = || {
-                    run(Command::new("apt-get")
-                        .args([
-                            "install",
-                            "-y",
-                            "-qq",
-                            "--no-install-recommends",
-                            "qemu-system-x86",
-                        ])
-                        .env("DEBIAN_FRONTEND", "noninteractive"))
-                };
-                if install().is_err() {
-                    apt_update()?;
-                    install().map_err(apt_failure)?;
-                }
-                which("qemu-system-x86_64")
-                    .ok_or("qemu-system-x86 installed no qemu-system-x86_64")?
-            }
-            None => {
-                return Err(PrepareError::Unavailable(
-                    "qemu-system-x86_64 is missing and installing it needs root \
-                     (apt-get install qemu-system-x86)"
-                        .into(),
-                ));
-            }
-        };
+        let qemu = qemu_system()?;
         // The current kernel flavour: linux-image-amd64 depends on linux-image-<version>-amd64.
         let depends = match run(Command::new("apt-cache").args(["depends", "linux-image-amd64"])) {
             Ok(depends) => depends,
