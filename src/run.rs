@@ -128,18 +128,20 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
     } else {
         None
     };
-    let incoming_uri = if deferred {
+    let listener = if deferred {
         println!("waiting for migrate-incoming on the QMP socket");
-        match shared.wait_for_incoming_uri() {
-            Some(uri) => Some(uri),
+        match shared.wait_for_incoming() {
+            Some(listener) => Some(listener),
             None => return Ok(ExitCode::SUCCESS),
         }
     } else {
-        incoming_uri
+        match &incoming_uri {
+            Some(uri) => Some(Listener::bind(uri).map_err(|e| format!("--incoming: {e}"))?),
+            None => None,
+        }
     };
 
-    let machine = if let Some(uri) = incoming_uri {
-        let listener = Listener::bind(&uri).map_err(|e| format!("--incoming: {e}"))?;
+    let machine = if let Some(listener) = listener {
         let prepared_memory = match ram {
             Some(ram) => Some(Vm::prepare_memory(ram).map_err(text)?),
             None => None,

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 
 use serde_json::{Map, Value, json};
 use vmig_migration::Status;
+use vmig_migration::report::MAX_CONNECTIONS;
 use vmig_migration::transport::Uri;
 
 use super::names::{self, CAPABILITIES, PARAMETERS};
@@ -132,7 +133,8 @@ pub fn negotiate(arguments: Map<String, Value>) -> Result<(), QmpError> {
     let enable = arguments.array("enable")?.unwrap_or_default();
     match enable.first() {
         Some(capability) => Err(QmpError::generic(format!(
-            "Capability {capability} not available: vmig offers none"
+            "Capability '{}' not available: vmig offers none",
+            capability.as_str().unwrap_or("?")
         ))),
         None => Ok(()),
     }
@@ -290,11 +292,9 @@ fn refuse_while_migrating(shared: &Shared) -> Result<(), QmpError> {
 
 fn set_parameters(arguments: &mut Arguments, shared: &Shared) -> Result<Value, QmpError> {
     refuse_while_migrating(shared)?;
-    let mut next = shared
-        .settings
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    // Edited under the lock: two clients setting parameters at once lose neither's.
+    let mut settings = shared.settings.lock().unwrap_or_else(|e| e.into_inner());
+    let mut next = settings.clone();
     if let Some(ms) = arguments.number("downtime-limit")? {
         next.downtime_ms = ms;
     }
@@ -302,7 +302,14 @@ fn set_parameters(arguments: &mut Arguments, shared: &Shared) -> Result<Value, Q
         next.max_bandwidth = bytes;
     }
     if let Some(channels) = arguments.number("multifd-channels")? {
-        next.multifd_channels = u16::try_from(channels).unwrap_or(u16::MAX);
+        next.multifd_channels = u16::try_from(channels)
+            .ok()
+            .filter(|c| (1..=MAX_CONNECTIONS).contains(c))
+            .ok_or_else(|| {
+                QmpError::generic(format!(
+                    "multifd-channels {channels}: expected 1 to {MAX_CONNECTIONS}"
+                ))
+            })?;
     }
     if let Some(seconds) = arguments.number("x-vmig-timeout")? {
         next.timeout_s = seconds;
@@ -317,7 +324,7 @@ fn set_parameters(arguments: &mut Arguments, shared: &Shared) -> Result<Value, Q
     next.params("unix:/check".into())
         .check()
         .map_err(|e| QmpError::generic(e.to_string()))?;
-    *shared.settings.lock().unwrap_or_else(|e| e.into_inner()) = next;
+    *settings = next;
     Ok(json!({}))
 }
 
@@ -334,11 +341,8 @@ fn set_capabilities(arguments: &mut Arguments, shared: &Shared) -> Result<Value,
     let list = arguments
         .array("capabilities")?
         .ok_or_else(|| QmpError::generic("Parameter 'capabilities' is missing"))?;
-    let mut next = shared
-        .settings
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone();
+    let mut settings = shared.settings.lock().unwrap_or_else(|e| e.into_inner());
+    let mut next = settings.clone();
     for entry in &list {
         let name = entry.get("capability").and_then(Value::as_str);
         let state = entry.get("state").and_then(Value::as_bool);
@@ -355,7 +359,7 @@ fn set_capabilities(arguments: &mut Arguments, shared: &Shared) -> Result<Value,
         })?;
         *flag = state;
     }
-    *shared.settings.lock().unwrap_or_else(|e| e.into_inner()) = next;
+    *settings = next;
     Ok(json!({}))
 }
 

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value, json};
-use vmig_migration::transport::Uri;
+use vmig_migration::transport::{Listener, Uri};
 use vmig_migration::{Machine, MigrationReport, Progress, Status};
 
 use super::commands::{self, QmpError};
@@ -36,7 +36,7 @@ pub struct Shared {
     pub(super) settings: Mutex<Settings>,
     /// The running outgoing migration.
     pub(super) migration: Mutex<Option<JoinHandle<()>>>,
-    /// A destination started with `--incoming defer`: what `migrate-incoming` said.
+    /// A destination started with `--incoming defer`: what `migrate-incoming` set up.
     deferred: Option<(Mutex<Deferred>, Condvar)>,
     events: Mutex<Sender<Value>>,
     clients: Arc<Mutex<Vec<Arc<Connection>>>>,
@@ -44,25 +44,51 @@ pub struct Shared {
 
 /// One client's connection.
 pub(super) struct Connection {
-    writer: Mutex<UnixStream>,
-    negotiated: AtomicBool,
+    /// The socket, and whether the client has negotiated: one lock, so that no event can slip
+    /// in between the `qmp_capabilities` reply and the moment events start.
+    writer: Mutex<(UnixStream, bool)>,
 }
 
 impl Connection {
-    /// Writes one message; `false` when the client is gone or stuck.
-    fn send(&self, message: &Value) -> bool {
+    /// Writes a reply; `negotiates` marks the client negotiated once its reply is out. `false`
+    /// when the client is gone or stuck.
+    fn reply(&self, message: &Value, negotiates: bool) -> bool {
         let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        writer
+        let sent = writer
+            .0
             .write_all(format!("{message}\r\n").as_bytes())
-            .is_ok()
+            .is_ok();
+        writer.1 |= sent && negotiates;
+        sent
+    }
+
+    /// Writes an event if the client has negotiated; `false` when it is gone or stuck, and
+    /// then its socket is shut down (a half-written event must not be followed by more).
+    fn event(&self, event: &Value) -> bool {
+        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if !writer.1 {
+            return true;
+        }
+        let sent = writer
+            .0
+            .write_all(format!("{event}\r\n").as_bytes())
+            .is_ok();
+        if !sent {
+            let _ = writer.0.shutdown(std::net::Shutdown::Both);
+        }
+        sent
+    }
+
+    fn negotiated(&self) -> bool {
+        self.writer.lock().unwrap_or_else(|e| e.into_inner()).1
     }
 }
 
 /// A deferred destination's `migrate-incoming`.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Deferred {
-    /// Where to listen, until the destination takes it.
-    uri: Option<Uri>,
+    /// The listener it bound, until the destination takes it.
+    listener: Option<Listener>,
     /// Whether `migrate-incoming` was accepted (it is, once).
     started: bool,
 }
@@ -151,15 +177,15 @@ impl Shared {
         let status = qmp_status(report.status);
         if status != state.status {
             state.status = status;
+            // The source stops the VM as it enters `device`: QEMU's STOP comes first.
+            if report.status == Status::Device && !self.incoming {
+                state.stopped_by_migration = true;
+                self.emit("STOP", None);
+            }
             if events {
                 self.emit("MIGRATION", Some(json!({ "status": status })));
             }
             let resumed = match report.status {
-                Status::Device if !self.incoming => {
-                    state.stopped_by_migration = true;
-                    self.emit("STOP", None);
-                    false
-                }
                 Status::Failed | Status::Cancelled => {
                     !self.incoming && state.stopped_by_migration && !report.committed
                 }
@@ -173,21 +199,22 @@ impl Shared {
                 state.stopped_by_migration = false;
             }
         }
+        // Passes are the source's (QEMU's destination reports none).
         if report.passes != state.passes {
             state.passes = report.passes;
-            if events && report.passes > 0 {
+            if events && report.passes > 0 && !self.incoming {
                 self.emit("MIGRATION_PASS", Some(json!({ "pass": report.passes })));
             }
         }
     }
 
-    /// For `--incoming defer`: waits until `migrate-incoming` names the URI, or `quit`.
-    pub fn wait_for_incoming_uri(&self) -> Option<Uri> {
+    /// For `--incoming defer`: waits until `migrate-incoming` has bound a listener, or `quit`.
+    pub fn wait_for_incoming(&self) -> Option<Listener> {
         let (deferred, changed) = self.deferred.as_ref()?;
         let mut deferred = deferred.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(uri) = deferred.uri.take() {
-                return Some(uri);
+            if let Some(listener) = deferred.listener.take() {
+                return Some(listener);
             }
             if self.quit.load(Ordering::Acquire) {
                 return None;
@@ -199,7 +226,8 @@ impl Shared {
         }
     }
 
-    /// `migrate-incoming`: hands the URI to a deferred destination, once.
+    /// `migrate-incoming`: binds `uri` and hands the listener to a deferred destination, once;
+    /// a URI that cannot be bound is refused here, and the destination waits on.
     pub(super) fn start_incoming(&self, uri: Uri) -> Result<(), QmpError> {
         let Some((deferred, changed)) = &self.deferred else {
             return Err(QmpError::generic(if self.incoming {
@@ -216,8 +244,10 @@ impl Shared {
                 "The incoming migration has already been started",
             ));
         }
+        let listener = Listener::bind(&uri)
+            .map_err(|e| QmpError::generic(format!("migrate-incoming {uri}: {e}")))?;
         *deferred = Deferred {
-            uri: Some(uri),
+            listener: Some(listener),
             started: true,
         };
         changed.notify_all();
@@ -225,11 +255,21 @@ impl Shared {
     }
 }
 
+/// Sends each event to every client, in order. The client list is not locked while sending,
+/// so connecting and leaving go on; a client that does not read for [`WRITE_TIMEOUT`] is
+/// dropped.
 fn spawn_broadcaster(events: Receiver<Value>, clients: Arc<Mutex<Vec<Arc<Connection>>>>) {
     std::thread::spawn(move || {
         for event in events {
-            let mut clients = clients.lock().unwrap_or_else(|e| e.into_inner());
-            clients.retain(|c| !c.negotiated.load(Ordering::Acquire) || c.send(&event));
+            let targets = clients.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            for client in targets {
+                if !client.event(&event) {
+                    clients
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .retain(|c| !Arc::ptr_eq(c, &client));
+                }
+            }
         }
     });
 }
@@ -281,10 +321,9 @@ fn serve_client(mut stream: UnixStream, shared: &Shared) {
     };
     let _ = writer.set_write_timeout(Some(WRITE_TIMEOUT));
     let connection = Arc::new(Connection {
-        writer: Mutex::new(writer),
-        negotiated: AtomicBool::new(false),
+        writer: Mutex::new((writer, false)),
     });
-    if !connection.send(&greeting()) {
+    if !connection.reply(&greeting(), false) {
         return;
     }
     shared
@@ -294,18 +333,18 @@ fn serve_client(mut stream: UnixStream, shared: &Shared) {
         .push(Arc::clone(&connection));
     let mut framer = Framer::default();
     let mut buf = vec![0u8; 64 << 10];
-    loop {
+    'connection: loop {
         let n = match stream.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
         for frame in framer.feed(&buf[..n]) {
-            let reply = match frame {
+            let (reply, negotiates) = match frame {
                 Frame::Text(text) => request(&text, &connection, shared),
-                Frame::Invalid(why) => QmpError::generic(why).reply(None),
+                Frame::Invalid(why) => (QmpError::generic(why).reply(None), false),
             };
-            if !connection.send(&reply) {
-                return;
+            if !connection.reply(&reply, negotiates) {
+                break 'connection;
             }
         }
     }
@@ -313,22 +352,31 @@ fn serve_client(mut stream: UnixStream, shared: &Shared) {
     clients.retain(|c| !Arc::ptr_eq(c, &connection));
 }
 
-/// One request's reply (`{"return": ...}` or `{"error": ...}`, with the request's `id`).
-fn request(text: &[u8], connection: &Connection, shared: &Shared) -> Value {
+/// One request's reply (`{"return": ...}` or `{"error": ...}`, with the request's `id`), and
+/// whether it completes the negotiation.
+fn request(text: &[u8], connection: &Connection, shared: &Shared) -> (Value, bool) {
     let value: Value = match serde_json::from_slice(text) {
         Ok(value) => value,
-        Err(e) => return QmpError::generic(format!("JSON parse error, {e}")).reply(None),
+        Err(e) => {
+            return (
+                QmpError::generic(format!("JSON parse error, {e}")).reply(None),
+                false,
+            );
+        }
     };
     let Value::Object(mut request) = value else {
-        return QmpError::generic("QMP input must be a JSON object").reply(None);
+        return (
+            QmpError::generic("QMP input must be a JSON object").reply(None),
+            false,
+        );
     };
     let id = request.remove("id");
+    let mut negotiates = false;
     let result = parse_command(&mut request).and_then(|(name, arguments)| {
-        let negotiated = connection.negotiated.load(Ordering::Acquire);
-        match (name.as_str(), negotiated) {
+        match (name.as_str(), connection.negotiated()) {
             ("qmp_capabilities", false) => {
                 commands::negotiate(arguments)?;
-                connection.negotiated.store(true, Ordering::Release);
+                negotiates = true;
                 Ok(json!({}))
             }
             ("qmp_capabilities", true) => Err(QmpError::command_not_found(
@@ -340,7 +388,7 @@ fn request(text: &[u8], connection: &Connection, shared: &Shared) -> Value {
             (name, true) => commands::execute(name, arguments, shared),
         }
     });
-    match result {
+    let reply = match result {
         Ok(value) => {
             let mut reply = json!({ "return": value });
             if let (Some(id), Some(map)) = (id, reply.as_object_mut()) {
@@ -349,7 +397,8 @@ fn request(text: &[u8], connection: &Connection, shared: &Shared) -> Value {
             reply
         }
         Err(e) => e.reply(id),
-    }
+    };
+    (reply, negotiates)
 }
 
 /// `execute` and `arguments` out of a request object, refusing any other member.
