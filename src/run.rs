@@ -160,7 +160,23 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
             devices,
             dirty_log: chosen,
         };
-        let arrived = vmig_migration::receive(incoming, &shared.progress)
+        // Received on a thread so that `quit` ends a destination that is still waiting (QEMU's
+        // does); leaving drops the half-received VM, and the source goes on as after any
+        // failure.
+        let receiving = {
+            let progress = shared.progress.clone();
+            std::thread::spawn(move || vmig_migration::receive(incoming, &progress))
+        };
+        while !receiving.is_finished() {
+            if shared.quit.load(Ordering::Acquire) {
+                println!("quit before a migration arrived");
+                return Ok(ExitCode::SUCCESS);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let arrived = receiving
+            .join()
+            .map_err(|_| "the incoming migration's thread panicked".to_string())?
             .map_err(|e| format!("incoming migration failed: {e}"))?;
         let report = shared.progress.report();
         let v = &arrived.verification;

@@ -708,3 +708,35 @@ fn qemu_qmp_drives_vmig_and_qemu_with_the_same_script() {
         let _ = vmig().arg("ctl").arg(qmp).arg("quit").output();
     }
 }
+
+/// `quit` on a destination still waiting for its migration ends it, as QEMU's `quit` does,
+/// with the `SHUTDOWN` event first; both `--incoming URI` and `--incoming defer`.
+#[test]
+fn quit_ends_a_destination_that_is_still_waiting() {
+    require_kvm!();
+    let mut scene = Scene::new("quit");
+    for incoming in [
+        format!("unix:{}", scene.dir.join("m.sock").display()),
+        "defer".to_string(),
+    ] {
+        let api = scene.dir.join(format!("dst-{}.qmp", scene.children.len()));
+        let mut command = vmig();
+        command
+            .args(["run", "--incoming", &incoming, "--mem", "32M", "--api"])
+            .arg(&api);
+        scene.spawn(command, &api);
+        let mut qmp = Raw::connect(&api);
+        qmp.read();
+        qmp.call(json!({"execute": "qmp_capabilities"}));
+        assert_eq!(qmp.call(json!({"execute": "quit"})), json!({"return": {}}));
+        qmp.event("SHUTDOWN");
+        let child = scene.children.last_mut().unwrap();
+        let status = wait_until("the destination to exit", PATIENCE, || {
+            child
+                .try_wait()
+                .unwrap()
+                .ok_or_else(|| format!("--incoming {incoming} still runs"))
+        });
+        assert!(status.success(), "--incoming {incoming}: {status}");
+    }
+}
