@@ -378,6 +378,9 @@ fn query_migrate(_: &mut Arguments, shared: &Shared) -> Result<Value, QmpError> 
 fn query_status(_: &mut Arguments, shared: &Shared) -> Result<Value, QmpError> {
     let migration = shared.progress.report().status;
     let state = match shared.machine() {
+        // The VM that arrived runs from the moment the migration completed, a moment before
+        // `vmig run` takes it over.
+        None if shared.incoming && migration == Status::Completed => "running",
         None => "inmigrate",
         Some(_) if shared.incoming && migration != Status::Completed => "inmigrate",
         Some(_) if !shared.incoming && migration == Status::Completed => "postmigrate",
