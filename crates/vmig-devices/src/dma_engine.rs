@@ -38,7 +38,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vmig_dma::HostMemory;
+use vmig_primitives::HostMemory;
 use vmig_vfio_user::server::*;
 use vmig_vfio_user::wire::{IRQ_INDEX_MSIX, IRQ_INFO_EVENTFD, IRQ_INFO_MASKABLE};
 
@@ -298,7 +298,7 @@ impl DmaEngine {
     /// A stopped engine (CTRL 0) offering `migration`.
     pub fn new(migration: Migration) -> Self {
         // The page is offered only with its mapping: both or neither.
-        let (status_fd, status) = vmig_dma::memfd("dma-engine-status", STATUS_SIZE)
+        let (status_fd, status) = vmig_primitives::memfd("dma-engine-status", STATUS_SIZE)
             .and_then(|fd| {
                 use std::os::fd::AsFd;
                 let page = HostMemory::map_fd(fd.as_fd(), 0, STATUS_SIZE, true)?;

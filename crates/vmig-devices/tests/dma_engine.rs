@@ -105,7 +105,7 @@ fn consume_more_than(client: &Client, ram: &std::fs::File, next: &mut u64, recor
 }
 
 fn migrate_without_losing_a_record(migration: Migration) {
-    let ram_fd = vmig_dma::memfd("guest-ram", RAM).unwrap();
+    let ram_fd = vmig_primitives::memfd("guest-ram", RAM).unwrap();
     let ram = std::fs::File::from(ram_fd.try_clone().unwrap());
     for i in 0..RING {
         ram.write_all_at(&(BUFFERS_IOVA + i * 4096).to_le_bytes(), RING_IOVA + i * 8)
@@ -183,7 +183,7 @@ fn v1_migration_loses_and_repeats_no_record() {
 
 #[test]
 fn a_full_ring_stalls_instead_of_overwriting() {
-    let ram_fd = vmig_dma::memfd("guest-ram", RAM).unwrap();
+    let ram_fd = vmig_primitives::memfd("guest-ram", RAM).unwrap();
     let ram = std::fs::File::from(ram_fd.try_clone().unwrap());
     for i in 0..4 {
         ram.write_all_at(&(BUFFERS_IOVA + i * 4096).to_le_bytes(), RING_IOVA + i * 8)
@@ -232,7 +232,7 @@ fn a_full_ring_stalls_instead_of_overwriting() {
 
 #[test]
 fn config_space_identifies_the_device_and_sizes_bar0() {
-    let ram_fd = vmig_dma::memfd("guest-ram", RAM).unwrap();
+    let ram_fd = vmig_primitives::memfd("guest-ram", RAM).unwrap();
     let served = serve(Migration::V2, &ram_fd);
     let c = &served.client;
     let mut id = [0u8; 4];

@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use vmig_dma::{Backing, DirtyRead, HostMemory, Iommu, IommuConfig, Prot, UnmapScope};
+use vmig_dma::{Backing, DirtyRead, Iommu, IommuConfig, Prot, UnmapScope};
+use vmig_primitives::HostMemory;
 
 const PG: u64 = 4096;
 const GIB: u64 = 1 << 30;

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use vmig_dirty::{DirtyBitmap, bitmap_bytes, words_for};
 
 use crate::error::{DmaError, Result, invalid};
-use crate::host_memory::{HostMemory, regular_file_size};
+use vmig_primitives::{HostMemory, regular_file_size};
 
 /// Largest number of pages one mapping may have while dirty tracking is on: the kernel's
 /// `DIRTY_BITMAP_PAGES_MAX` (`INT_MAX`).

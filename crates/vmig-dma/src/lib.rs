@@ -39,7 +39,7 @@
 //! use vmig_dma::{Backing, DirtyRead, Iommu, IommuConfig, Prot};
 //!
 //! let iommu = Iommu::new(IommuConfig::default())?;  // type1 v2, 4K/2M/1G, 65535 mappings
-//! let ram = vmig_dma::memfd("guest-ram", 1 << 30)?; // the VMM shares guest RAM by fd
+//! let ram = vmig_primitives::memfd("guest-ram", 1 << 30)?; // the VMM shares guest RAM by fd
 //! iommu.map(0, 1 << 30, Backing::Fd { fd: ram.as_fd(), offset: 0 }, Prot::READ_WRITE)?;
 //! iommu.start_dirty_tracking()?;
 //! iommu.write(0x1000, b"a packet")?; // device DMA: lands, then marks its page dirty
@@ -50,12 +50,10 @@
 //! ```
 
 mod error;
-pub mod host_memory;
 mod iommu;
 pub mod uapi;
 
 pub use error::{DmaError, Result};
-pub use host_memory::{HostMemory, memfd, regular_file_size};
 pub use iommu::{
     Backing, DEFAULT_DMA_ENTRY_LIMIT, DIRTY_BITMAP_PAGES_MAX, DIRTY_BITMAP_SIZE_MAX, DirtyRead,
     GroupId, GroupKind, HostSlice, Iommu, IommuConfig, IommuInfo, IommuType, IovaRange,

@@ -7,7 +7,8 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use vmig_dma::{Backing, DirtyRead, GroupKind, HostMemory, Iommu, IommuConfig, Prot};
+use vmig_dma::{Backing, DirtyRead, GroupKind, Iommu, IommuConfig, Prot};
+use vmig_primitives::HostMemory;
 
 const PG: u64 = 4096;
 

@@ -6,9 +6,11 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use vmig_dma::{
-    Backing, DirtyRead, DmaError, GroupKind, HostMemory, Iommu, IommuConfig, IommuType, IovaRange,
-    Prot, UnmapScope, memfd,
+    Backing, DirtyRead, DmaError, GroupKind, Iommu, IommuConfig, IommuType, IovaRange, Prot,
+    UnmapScope,
 };
+
+use vmig_primitives::{HostMemory, memfd};
 
 const PG: u64 = 4096;
 

@@ -22,9 +22,10 @@ use vmig_dma::uapi::{
     VfioIovaRange,
 };
 use vmig_dma::{
-    Backing, DmaError, GroupId, GroupKind, HostMemory, Iommu, IommuConfig, IommuType, IovaRange,
-    PIN_PAGES_MAX, Prot, UnmapNotifier,
+    Backing, DmaError, GroupId, GroupKind, Iommu, IommuConfig, IommuType, IovaRange, PIN_PAGES_MAX,
+    Prot, UnmapNotifier,
 };
+use vmig_primitives::HostMemory;
 use zerocopy::{FromBytes, IntoBytes};
 
 // ---------------------------------------------------------------------------------------------

@@ -17,13 +17,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 use vmig_dirty::DirtyBitmap;
-use vmig_dma::HostMemory;
+use vmig_primitives::HostMemory;
+pub use vmig_primitives::{PAGE_SIZE, page_digest};
 
 use crate::error::{KvmError, Result};
 use crate::sys;
 
-/// Guest page size.
-pub const PAGE_SIZE: u64 = 4096;
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 /// Smallest RAM a VM may have.
@@ -194,7 +193,7 @@ impl GuestMemory {
     pub fn new(layout: &MemoryLayout) -> Result<Self> {
         let mut slots = Vec::with_capacity(layout.slots.len());
         for slot in &layout.slots {
-            let fd = vmig_dma::memfd(&format!("vmig-ram-slot{}", slot.id), slot.size)?;
+            let fd = vmig_primitives::memfd(&format!("vmig-ram-slot{}", slot.id), slot.size)?;
             let host = HostMemory::map_fd(fd.as_fd(), 0, slot.size, true)?;
             slots.push(Slot {
                 layout: *slot,
@@ -314,22 +313,6 @@ fn mix(mut x: u64) -> u64 {
     x ^= x >> 33;
     x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     x ^ (x >> 33)
-}
-
-/// A 64-bit digest of a buffer (a multiple of 8 bytes long), fast enough to run over every page
-/// of a VM; it detects corruption, it is not cryptographic.
-pub fn page_digest(bytes: &[u8]) -> u64 {
-    let mut lanes = [DIGEST_SEED, !DIGEST_SEED, DIGEST_SEED.rotate_left(17), 1];
-    for chunk in bytes.chunks(32) {
-        for (lane, word) in lanes.iter_mut().zip(chunk.chunks(8)) {
-            let mut w = [0u8; 8];
-            w[..word.len()].copy_from_slice(word);
-            *lane = (*lane ^ u64::from_le_bytes(w))
-                .wrapping_mul(0x9fb2_1c65_1e98_df25)
-                .rotate_left(29);
-        }
-    }
-    mix(lanes[0] ^ mix(lanes[1] ^ mix(lanes[2] ^ mix(lanes[3] ^ bytes.len() as u64))))
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use kvm_bindings::{
     kvm_userspace_memory_region, kvm_xsave,
 };
 use kvm_ioctls::{VcpuFd, VmFd};
-use vmig_dma::HostMemory;
+use vmig_primitives::HostMemory;
 
 /// `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`.
 const KVM_CLEAR_DIRTY_LOG: libc::c_ulong = ioc(3, 0xc0, size_of::<kvm_clear_dirty_log>());

@@ -31,7 +31,7 @@ use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::ports::{GuestPorts, MmioHandler, VerifyReport};
 use crate::sys::{self, DirtyRing};
 use crate::vcpu::{MIGRATED_MSRS, VcpuHandle, VcpuState, restore_state, save_state};
-use vmig_dma::HostMemory;
+use vmig_primitives::HostMemory;
 
 const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: u32 = 168;
 const KVM_CAP_DIRTY_LOG_RING: u32 = 192;
@@ -685,7 +685,7 @@ impl Vm {
         }
         // A file shorter than the area would fail the vCPU's access (EFAULT from KVM_RUN). A
         // device fd (kernel VFIO: an anonymous inode, no size) checks its own offsets.
-        let file_len = vmig_dma::regular_file_size(fd)?;
+        let file_len = vmig_primitives::regular_file_size(fd)?;
         if let Some(file_len) = file_len
             && offset.checked_add(size).is_none_or(|end| end > file_len)
         {

@@ -701,7 +701,7 @@ fn attach_user(
                 .as_ref()
                 .filter(|fd| {
                     info.info.flags & REGION_INFO_FLAG_MMAP != 0
-                        && vmig_dma::regular_file_size(fd.as_fd()).is_ok_and(|s| s.is_some())
+                        && vmig_primitives::regular_file_size(fd.as_fd()).is_ok_and(|s| s.is_some())
                 })
                 .map(|fd| (fd.as_fd(), info.info.offset)),
             areas: if info.sparse_areas.is_empty() {

@@ -148,10 +148,7 @@ impl Kind {
 /// Bytes of a page in a `Pages` record.
 const PAGE_BYTES: usize = 4096;
 
-/// The 64-bit digest of a page (XXH3), as `Pages` checksums and verification use it.
-pub fn page_digest(page: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(page)
-}
+pub use vmig_primitives::page_digest;
 
 /// The checksum of a `Pages` record: its header, its entries, then each page's digest.
 fn pages_checksum(header: &[u8], entries: &[u8], digests: &[u64]) -> u64 {

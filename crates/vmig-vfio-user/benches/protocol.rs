@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use vmig_primitives::mig_state::MigState;
 use vmig_vfio_user::client::Client;
-use vmig_vfio_user::migration::MigState;
 use vmig_vfio_user::server::*;
 
 const STATE: usize = 256 << 20;
@@ -171,7 +171,7 @@ fn migration_stream(_: &mut Criterion) {
 
 fn logging_report(c: &mut Criterion) {
     let (client, ctx) = connect();
-    let ram = vmig_dma::memfd("bench-ram", 1 << 30).unwrap();
+    let ram = vmig_primitives::memfd("bench-ram", 1 << 30).unwrap();
     client
         .dma_map(0, 1 << 30, 3, Some((ram.as_fd(), 0)))
         .unwrap();

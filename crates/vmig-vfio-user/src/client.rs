@@ -17,9 +17,9 @@ use zerocopy::IntoBytes;
 
 use crate::caps::{self, Capabilities};
 use crate::endpoint::{DEFAULT_TIMEOUT, Endpoint, EndpointError};
-use crate::migration::MigState;
 use crate::transport::{Channel, Message};
 use crate::wire::*;
+use vmig_primitives::mig_state::MigState;
 
 /// Guest memory by IOVA, for the server's message-based DMA.
 pub trait DmaMemory: Send + Sync {

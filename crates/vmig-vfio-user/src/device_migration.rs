@@ -19,8 +19,8 @@
 use vmig_dma::uapi::device_state;
 
 use crate::client::{Client, ClientError};
-use crate::migration::MigState;
 use crate::wire::{Command, MIGRATION_PRE_COPY, REGION_SUBTYPE_MIGRATION, REGION_TYPE_MIGRATION};
+use vmig_primitives::mig_state::MigState;
 
 type Result<T> = std::result::Result<T, ClientError>;
 

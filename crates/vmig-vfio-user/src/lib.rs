@@ -21,7 +21,6 @@ pub mod caps;
 pub mod client;
 pub mod device_migration;
 pub mod endpoint;
-pub mod migration;
 pub mod request;
 pub mod server;
 mod sys;

@@ -24,12 +24,12 @@ use zerocopy::IntoBytes;
 
 use crate::caps::{self, Capabilities};
 use crate::endpoint::{DEFAULT_TIMEOUT, Endpoint};
-use crate::migration::{MigState, path};
 use crate::request::{self, Request};
 use crate::transport::Channel;
 use crate::v1_region;
 use crate::wire::*;
 use vmig_dma::uapi::device_state;
+use vmig_primitives::mig_state::{MigState, path};
 
 /// A refusal from the device or the framework: the errno of the error reply, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -369,7 +369,7 @@ struct Migration {
     /// v1: the size of the chunk `data_offset` prepared, until `pending_bytes` consumes it.
     v1_prepared: Option<u64>,
     /// v1: the memfd behind the migration region (the header page, then the data section).
-    v1_region: Option<(Arc<OwnedFd>, vmig_dma::HostMemory)>,
+    v1_region: Option<(Arc<OwnedFd>, vmig_primitives::HostMemory)>,
 }
 
 impl Migration {
@@ -421,8 +421,8 @@ impl<D: Device> Server<D> {
         let size = v1_region::DATA_OFFSET + v1_region::DATA_SIZE;
         let v1_region = (device.migration() == MigrationSupport::V1)
             .then(|| {
-                let fd = vmig_dma::memfd("vfio-user-migration", size).ok()?;
-                let memory = vmig_dma::HostMemory::map_fd(fd.as_fd(), 0, size, true).ok()?;
+                let fd = vmig_primitives::memfd("vfio-user-migration", size).ok()?;
+                let memory = vmig_primitives::HostMemory::map_fd(fd.as_fd(), 0, size, true).ok()?;
                 Some((Arc::new(fd), memory))
             })
             .flatten();
@@ -1259,7 +1259,7 @@ impl<D: Device> Server<D> {
 fn v1_data<T>(
     m: &Migration,
     offset: u64,
-    f: impl FnOnce(&vmig_dma::HostMemory, usize) -> std::io::Result<T>,
+    f: impl FnOnce(&vmig_primitives::HostMemory, usize) -> std::io::Result<T>,
 ) -> Result<T, DeviceError> {
     if device_state::is_error(m.v1_state) {
         return Err(DeviceError::invalid(

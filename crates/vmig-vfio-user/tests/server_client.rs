@@ -9,8 +9,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use vmig_primitives::mig_state::MigState;
 use vmig_vfio_user::client::{Client, DmaMemory};
-use vmig_vfio_user::migration::MigState;
 use vmig_vfio_user::server::*;
 use vmig_vfio_user::wire::*;
 
@@ -36,7 +36,7 @@ impl TestDevice {
         Self {
             bar0: vec![0; 4096],
             big: vec![0; BIG_SIZE as usize],
-            bar1: Arc::new(vmig_dma::memfd("bar1", 16384).unwrap()),
+            bar1: Arc::new(vmig_primitives::memfd("bar1", 16384).unwrap()),
             ctx: None,
             running: true,
             saves: 0,
@@ -322,7 +322,7 @@ fn region_accesses_are_split_at_the_transfer_limit_and_checked() {
 #[test]
 fn device_dma_through_an_fd_is_logged_and_reported() {
     let (_h, client, _) = Harness::new(ServerConfig::default());
-    let ram = vmig_dma::memfd("ram", 2 << 20).unwrap();
+    let ram = vmig_primitives::memfd("ram", 2 << 20).unwrap();
     client
         .dma_map(0, 1 << 20, 3, Some((ram.as_fd(), 0)))
         .unwrap();
@@ -375,7 +375,7 @@ fn device_dma_through_an_fd_is_logged_and_reported() {
 #[test]
 fn logging_refuses_a_second_start_and_reports_it_cannot_size() {
     let (_h, client, _) = Harness::new(ServerConfig::default());
-    let ram = vmig_dma::memfd("ram", 1 << 20).unwrap();
+    let ram = vmig_primitives::memfd("ram", 1 << 20).unwrap();
     client
         .dma_map(0, 1 << 20, 3, Some((ram.as_fd(), 0)))
         .unwrap();
@@ -568,7 +568,7 @@ fn a_broken_stream_fails_resuming_into_error_and_reset_recovers() {
 #[test]
 fn v1_dirty_pages_and_unmap_with_bitmap() {
     let (_h, client, _) = Harness::new(ServerConfig::default());
-    let ram = vmig_dma::memfd("ram", 1 << 20).unwrap();
+    let ram = vmig_primitives::memfd("ram", 1 << 20).unwrap();
     client
         .dma_map(0, 1 << 20, 3, Some((ram.as_fd(), 0)))
         .unwrap();
@@ -612,7 +612,7 @@ fn a_disconnect_drops_mappings_and_keeps_device_state() {
         let stop = Arc::clone(&stop);
         std::thread::spawn(move || server.run(&listener, &stop))
     };
-    let ram = vmig_dma::memfd("ram", 1 << 20).unwrap();
+    let ram = vmig_primitives::memfd("ram", 1 << 20).unwrap();
     let first = Client::connect(&path, None).unwrap();
     first
         .dma_map(0, 1 << 20, 3, Some((ram.as_fd(), 0)))
@@ -699,7 +699,7 @@ fn raw_malformed_requests_get_error_replies_and_the_server_goes_on() {
     assert_eq!(errno(ask(77, 0, &[], &[])), Some(libc::ENOSYS));
     assert_eq!(errno(ask(1, 0, &[&version], &[])), Some(libc::EINVAL));
     // DMA_MAP with two fds; GET_INFO with a file descriptor it does not take.
-    let ram = vmig_dma::memfd("ram", 1 << 20).unwrap();
+    let ram = vmig_primitives::memfd("ram", 1 << 20).unwrap();
     let map = DmaMap {
         argsz: 32,
         flags: 3,

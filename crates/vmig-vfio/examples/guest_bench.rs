@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use vmig_dma::HostMemory;
+use vmig_primitives::HostMemory;
 use vmig_vfio::Container;
 use vmig_vfio::kernel_guest::{self, EDU_BDF_ENV};
 

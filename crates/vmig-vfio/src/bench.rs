@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use vmig_dma::HostMemory;
 use vmig_dma::uapi::{
     VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP,
     VFIO_IOMMU_DIRTY_PAGES_FLAG_START, VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP,
 };
+use vmig_primitives::HostMemory;
 
 use crate::container::{Container, GET_BITMAP_ARGSZ, UNMAP_ARGSZ};
 use crate::error::{Result, VfioError};

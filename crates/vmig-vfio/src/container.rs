@@ -15,12 +15,12 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use vfio_ioctls::{VfioContainer, VfioDeviceFd, VfioOps};
 use vmig_dirty::words_for;
-use vmig_dma::HostMemory;
 use vmig_dma::uapi::{
     VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP,
     VFIO_IOMMU_DIRTY_PAGES_FLAG_START, VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP, VfioBitmap,
     VfioIommuType1DirtyBitmap, VfioIommuType1DirtyBitmapGet, VfioIommuType1DmaUnmap,
 };
+use vmig_primitives::HostMemory;
 
 use crate::device::Device;
 use crate::error::{Result, VfioError};

@@ -24,8 +24,8 @@ use vfio_bindings::bindings::vfio::{
     VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 use vfio_ioctls::{DmaLoggingRange, PrecopyInfo, VfioDevice, VfioRegionInfoCap};
-use vmig_dma::HostMemory;
-pub use vmig_vfio_user::migration::MigState;
+use vmig_primitives::HostMemory;
+pub use vmig_primitives::mig_state::MigState;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::container::Container;

@@ -15,7 +15,8 @@ use vmig_dma::uapi::{
     VFIO_IOMMU_DIRTY_PAGES_FLAG_START, VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP, VfioBitmap,
     VfioIommuType1DirtyBitmap, VfioIommuType1DirtyBitmapGet, VfioIommuType1DmaUnmap,
 };
-use vmig_dma::{Backing, GroupKind, HostMemory, Iommu, IommuConfig, IovaRange, Prot};
+use vmig_dma::{Backing, GroupKind, Iommu, IommuConfig, IovaRange, Prot};
+use vmig_primitives::HostMemory;
 use zerocopy::{FromBytes, IntoBytes};
 
 use crate::container::{Container, GET_BITMAP_ARGSZ, UNMAP_ARGSZ, UNMAP_BITMAP_ARGSZ};

@@ -11,12 +11,12 @@ use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_INFO_EVENTFD, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
     VFIO_PCI_MSI_IRQ_INDEX,
 };
-use vmig_dma::HostMemory;
 use vmig_dma::uapi::{
     VFIO_DMA_UNMAP_FLAG_ALL, VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP,
     VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP, VFIO_IOMMU_DIRTY_PAGES_FLAG_START,
     VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP,
 };
+use vmig_primitives::HostMemory;
 use vmig_vfio::container::{GET_BITMAP_ARGSZ, UNMAP_ARGSZ, UNMAP_BITMAP_ARGSZ};
 use vmig_vfio::kernel_guest::{self, EDU_BDF_ENV, edu};
 use vmig_vfio::sys::{self, BitmapRequest, UserBitmap};

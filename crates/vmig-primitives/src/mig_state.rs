@@ -1,5 +1,6 @@
-//! The v2 device migration state machine (`enum vfio_device_mig_state`) as vfio-user uses it:
-//! the direct arcs a device implements, and the walk a requested state takes through them.
+//! The v2 device migration state machine (`enum vfio_device_mig_state`), shared by vfio-user and
+//! the kernel's VFIO: the direct arcs a device implements, and the walk a requested state takes
+//! through them, as a next-state table.
 //!
 //! ```text
 //!            ┌──────────── RUNNING ◄──────────┐
@@ -82,24 +83,38 @@ impl fmt::Display for MigState {
     }
 }
 
-const DIRECT_ARCS: [(MigState, MigState); 9] = [
-    (MigState::Running, MigState::Stop),
-    (MigState::StopCopy, MigState::Stop),
-    (MigState::Resuming, MigState::Stop),
-    (MigState::PreCopy, MigState::Running),
-    (MigState::Stop, MigState::Running),
-    (MigState::Running, MigState::PreCopy),
-    (MigState::Stop, MigState::StopCopy),
-    (MigState::PreCopy, MigState::StopCopy),
-    (MigState::Stop, MigState::Resuming),
-];
+/// `NEXT_STATE[from][to]`: the first direct arc a device in `from` takes towards `to`, for a
+/// device with PRE_COPY and without the P2P states; [`MigState::Error`] where no walk exists.
+/// Rows and columns are the uAPI values (0..=7). It is the kernel's `vfio_mig_get_next_state`
+/// table with the P2P states removed, and libvfio-user's `next_state` in `lib/migration.c`:
+/// every walk follows the direct arcs of vfio-user-spec.rst ("Direct State Transitions") and no
+/// saving state (PRE_COPY, STOP_COPY) lies inside one.
+const NEXT_STATE: [[MigState; 8]; 8] = {
+    use MigState::{
+        Error as E, PreCopy as P, Resuming as R, Running as G, Stop as S, StopCopy as C,
+    };
+    [
+        //  to: ERROR STOP RUNNING STOP_COPY RESUMING RUNNING_P2P PRE_COPY PRE_COPY_P2P
+        /* ERROR */
+        [E, E, E, E, E, E, E, E],
+        /* STOP */ [E, S, G, C, R, E, G, E],
+        /* RUNNING */ [E, S, G, S, S, E, P, E],
+        /* STOP_COPY */ [E, S, S, C, S, E, E, E],
+        /* RESUMING */ [E, S, S, S, R, E, S, E],
+        /* RUNNING_P2P */ [E, E, E, E, E, E, E, E],
+        /* PRE_COPY */ [E, G, G, C, G, E, P, E],
+        /* PRE_COPY_P2P */ [E, E, E, E, E, E, E, E],
+    ]
+};
 
 /// A state change the machine refuses.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct ArcError(pub String);
 
-/// The arcs, in order, that take a device from `from` to `to` (empty when they are equal).
+/// The arcs, in order, that take a device from `from` to `to` (empty when they are equal):
+/// [`NEXT_STATE`] followed one hop at a time. Without PRE_COPY support its arcs do not exist, and
+/// since no walk passes through PRE_COPY, that only removes it as an end.
 pub fn path(from: MigState, to: MigState, pre_copy: bool) -> Result<Vec<MigState>, ArcError> {
     let usable = |s: MigState| {
         matches!(
@@ -131,50 +146,37 @@ pub fn path(from: MigState, to: MigState, pre_copy: bool) -> Result<Vec<MigState
     if from == MigState::StopCopy && to == MigState::PreCopy {
         return Err(ArcError("STOP_COPY -> PRE_COPY is not allowed".into()));
     }
-    if from == to {
-        return Ok(Vec::new());
-    }
-    // Breadth-first over the direct arcs, never passing through a saving state.
-    let mut previous: Vec<(MigState, MigState)> = Vec::new();
-    let mut frontier = vec![from];
-    let mut seen = vec![from];
-    while !frontier.is_empty() {
-        let mut next = Vec::new();
-        for &state in &frontier {
-            if state != from && state.is_saving() {
-                continue;
-            }
-            for &(a, b) in &DIRECT_ARCS {
-                if a != state || !usable(b) || seen.contains(&b) {
-                    continue;
-                }
-                seen.push(b);
-                previous.push((b, a));
-                if b == to {
-                    let mut walk = vec![to];
-                    let mut at = to;
-                    while let Some(&(_, before)) = previous.iter().find(|(s, _)| *s == at) {
-                        if before == from {
-                            break;
-                        }
-                        walk.push(before);
-                        at = before;
-                    }
-                    walk.reverse();
-                    return Ok(walk);
-                }
-                next.push(b);
-            }
+    let mut walk = Vec::new();
+    let mut at = from;
+    while at != to {
+        at = NEXT_STATE[at as usize][to as usize];
+        // The table has no cycle and no walk longer than three arcs; this bound only keeps a
+        // wrong table from looping.
+        if at == MigState::Error || walk.len() == NEXT_STATE.len() {
+            return Err(ArcError(format!("no path from {from} to {to}")));
         }
-        frontier = next;
+        walk.push(at);
     }
-    Err(ArcError(format!("no path from {from} to {to}")))
+    Ok(walk)
 }
 
 #[cfg(test)]
 mod tests {
     use super::MigState::*;
     use super::*;
+
+    /// The direct arcs of vfio-user-spec.rst ("Direct State Transitions").
+    const DIRECT_ARCS: [(MigState, MigState); 9] = [
+        (Running, Stop),
+        (StopCopy, Stop),
+        (Resuming, Stop),
+        (PreCopy, Running),
+        (Stop, Running),
+        (Running, PreCopy),
+        (Stop, StopCopy),
+        (PreCopy, StopCopy),
+        (Stop, Resuming),
+    ];
 
     /// Every walk for a device with PRE_COPY and without P2P, as the kernel's
     /// `vfio_mig_get_next_state` table (drivers/vfio/vfio_main.c) steps it, skipping the

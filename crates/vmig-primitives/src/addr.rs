@@ -1,0 +1,155 @@
+//! The page size and the address spaces vmig moves pages between, as newtypes so that a
+//! guest-physical address, an IOVA and a page number cannot be mixed up across crates.
+
+use std::fmt;
+
+/// The page size of guest memory, of dirty bitmaps and of the migration stream (x86-64's 4 KiB).
+pub const PAGE_SIZE: u64 = 4096;
+/// `log2(PAGE_SIZE)`.
+pub const PAGE_SHIFT: u32 = PAGE_SIZE.trailing_zeros();
+
+macro_rules! address {
+    ($(#[$doc:meta])* $name:ident, $show:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        #[derive(serde::Serialize, serde::Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub u64);
+
+        impl $name {
+            /// The raw value.
+            pub const fn raw(self) -> u64 {
+                self.0
+            }
+
+            /// The address `bytes` further on, or `None` past the end of the 64-bit space.
+            pub const fn checked_add(self, bytes: u64) -> Option<Self> {
+                match self.0.checked_add(bytes) {
+                    Some(v) => Some(Self(v)),
+                    None => None,
+                }
+            }
+
+            /// The page this address is in.
+            pub const fn page(self) -> PageNumber {
+                PageNumber(self.0 >> PAGE_SHIFT)
+            }
+
+            /// Whether the address is at the start of a page.
+            pub const fn is_page_aligned(self) -> bool {
+                self.0 % PAGE_SIZE == 0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, concat!($show, " {:#x}"), self.0)
+            }
+        }
+    };
+}
+
+address!(
+    /// A guest-physical address.
+    GuestAddress,
+    "guest address"
+);
+address!(
+    /// An I/O virtual address: what a device puts on the bus, translated by an IOMMU. vmig maps
+    /// guest RAM with IOVA = guest-physical address, but the two stay distinct types.
+    Iova,
+    "IOVA"
+);
+
+/// A page number in some address space (an address divided by [`PAGE_SIZE`]); dirty bitmaps are
+/// indexed by it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PageNumber(pub u64);
+
+impl PageNumber {
+    /// The guest-physical address of the page's first byte.
+    pub const fn guest_address(self) -> GuestAddress {
+        GuestAddress(self.0 << PAGE_SHIFT)
+    }
+}
+
+impl fmt::Display for PageNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "page {}", self.0)
+    }
+}
+
+/// A range of guest-physical memory: `len` bytes from `start`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GuestRange {
+    /// The first byte.
+    pub start: GuestAddress,
+    /// Its length in bytes.
+    pub len: u64,
+}
+
+impl GuestRange {
+    /// `len` bytes from `start`.
+    pub const fn new(start: GuestAddress, len: u64) -> Self {
+        Self { start, len }
+    }
+
+    /// Whether `addr` lies in the range.
+    pub const fn contains(&self, addr: GuestAddress) -> bool {
+        addr.0 >= self.start.0 && addr.0 - self.start.0 < self.len
+    }
+
+    /// The number of pages the range covers, counting partial pages at either end.
+    pub const fn pages(&self) -> u64 {
+        if self.len == 0 {
+            return 0;
+        }
+        let first = self.start.0 >> PAGE_SHIFT;
+        let last = (self.start.0 + (self.len - 1)) >> PAGE_SHIFT;
+        last - first + 1
+    }
+}
+
+impl fmt::Display for GuestRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "guest [{:#x}, +{:#x})", self.start.0, self.len)
+    }
+}
+
+/// The 64-bit digest of a page or any buffer (XXH3): what the stream's checksums, snapshots and
+/// verification compare. It detects corruption; it is not cryptographic.
+pub fn page_digest(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_of_a_range_count_partial_pages() {
+        assert_eq!(GuestRange::new(GuestAddress(0), 0).pages(), 0);
+        assert_eq!(GuestRange::new(GuestAddress(0), 1).pages(), 1);
+        assert_eq!(GuestRange::new(GuestAddress(4095), 2).pages(), 2);
+        assert_eq!(GuestRange::new(GuestAddress(4096), 8192).pages(), 2);
+        assert!(GuestRange::new(GuestAddress(4096), 4096).contains(GuestAddress(8191)));
+        assert!(!GuestRange::new(GuestAddress(4096), 4096).contains(GuestAddress(8192)));
+    }
+
+    #[test]
+    fn addresses_know_their_page() {
+        assert_eq!(GuestAddress(0x3fff).page(), PageNumber(3));
+        assert_eq!(PageNumber(3).guest_address(), GuestAddress(0x3000));
+        assert!(Iova(0x2000).is_page_aligned());
+        assert_eq!(GuestAddress(u64::MAX).checked_add(1), None);
+        assert_eq!(GuestAddress(1).to_string(), "guest address 0x1");
+    }
+
+    #[test]
+    fn digests_tell_pages_apart() {
+        let mut page = [0u8; PAGE_SIZE as usize];
+        let a = page_digest(&page);
+        page[4095] = 1;
+        assert_ne!(a, page_digest(&page));
+    }
+}
