@@ -12,6 +12,7 @@ mod children;
 mod ctl;
 mod demo;
 mod device;
+mod drivers;
 mod qmp;
 mod run;
 

@@ -159,6 +159,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
             prepared_memory,
             devices,
             dirty_log: chosen,
+            drivers: crate::drivers::all(),
         };
         // Received on a thread so that `quit` ends a destination that is still waiting (QEMU's
         // does); leaving drops the half-received VM, and the source goes on as after any
@@ -227,7 +228,9 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
                 .map_err(text)?
             }
         };
-        let machine = Machine::attach(vm, &devices, Role::Source).map_err(|e| e.to_string())?;
+        let machine =
+            Machine::attach_with_drivers(vm, &devices, Role::Source, &crate::drivers::all())
+                .map_err(|e| e.to_string())?;
         machine.vm.resume().map_err(text)?;
         Arc::new(machine)
     };
@@ -347,7 +350,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
             }
         );
     }
-    let records = machine.check_dma_records().map_err(|e| e.to_string())?;
+    let records = machine.check_devices().map_err(|e| e.to_string())?;
     let records_ok = records.iter().all(|r| r.passed());
     for r in &records {
         println!(

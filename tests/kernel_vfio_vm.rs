@@ -16,12 +16,13 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmig_dirty::DirtyBitmap;
 use vmig_kvm::{DirtyLogMode, PAGE_SIZE, Vm, VmConfig, Workload};
-use vmig_migration::device::DeviceHandle;
-use vmig_migration::dirty::{DeviceLogKind, DeviceSource, DirtySource, Mapping};
+use vmig_migration::device::{DirtyLogKind, MigratableDevice};
+use vmig_migration::dirty::{DeviceSource, DirtySource, Mapping};
 use vmig_migration::machine::{device_area_bytes, interrupt_vector};
 use vmig_migration::{DeviceSpec, Machine, Role};
 use vmig_vfio::kernel_guest::{self, EDU_BDF_ENV, Guest, GuestBinary, edu};
@@ -69,20 +70,20 @@ fn a_vm_with_a_kernel_vfio_device_in_an_emulated_guest() {
     assert!(!run.console.contains("skipped:"), "{tail}");
 }
 
-fn read_u32(device: &DeviceHandle, offset: u64) -> u32 {
+fn read_u32(device: &dyn MigratableDevice, offset: u64) -> u32 {
     let mut b = [0u8; 4];
     device.region_read(0, offset, &mut b).unwrap();
     u32::from_le_bytes(b)
 }
 
-fn write_u32(device: &DeviceHandle, offset: u64, value: u32) {
+fn write_u32(device: &dyn MigratableDevice, offset: u64, value: u32) {
     device
         .region_write(0, offset, &value.to_le_bytes())
         .unwrap();
 }
 
 /// Has edu copy `count` bytes from `src` to `dst` (one of them its buffer) and waits.
-fn edu_dma(device: &DeviceHandle, src: u64, dst: u64, count: u32, cmd: u32) {
+fn edu_dma(device: &dyn MigratableDevice, src: u64, dst: u64, count: u32, cmd: u32) {
     write_u32(device, edu::DMA_SRC, src as u32);
     write_u32(device, edu::DMA_DST, dst as u32);
     write_u32(device, edu::DMA_COUNT, count);
@@ -145,7 +146,7 @@ fn in_guest_a_vm_with_edu_through_kernel_vfio() {
     machine.vm.resume().unwrap();
     let device = &machine.devices[0];
     assert_eq!(device.name, bdf);
-    assert_eq!(device.handle.kind(), "vfio-pci 1234:11e8");
+    assert_eq!(device.device.kind().to_string(), "vfio-pci 1234:11e8");
     // BAR0 (1 MiB) is placed and mapped into the guest whole; edu has one MSI vector.
     assert_eq!(device.bars.len(), 1, "{:?}", device.bars);
     let bar0 = device.bars[0];
@@ -156,11 +157,11 @@ fn in_guest_a_vm_with_edu_through_kernel_vfio() {
         "vmig-vm: edu {bdf}: BAR0 at {:#x} mapped into the guest, 1 MSI vector wired",
         bar0.gpa
     );
-    assert_eq!(read_u32(&device.handle, edu::IDENT), 0x0100_00ed);
+    assert_eq!(read_u32(device.device.as_ref(), edu::IDENT), 0x0100_00ed);
 
     // "A device that cannot migrate its state makes `migrate` refuse at once with a message
     // naming the device" (the issue): plain vfio-pci offers no migration feature.
-    assert_eq!(device.protocol, None);
+    assert_eq!(device.protocol(), None);
     let blockers = machine.migration_blockers();
     assert_eq!(blockers.len(), 1);
     assert!(
@@ -175,20 +176,18 @@ fn in_guest_a_vm_with_edu_through_kernel_vfio() {
     let memory = machine.vm.memory();
     let pattern: Vec<u8> = (0..=255u8).cycle().take(1024).collect();
     memory.write(src, &pattern).unwrap();
-    let mut tracking = DeviceSource::new(
-        &bdf,
-        device.handle.clone(),
-        DeviceLogKind::DirtyPages,
-        Mapping::guest_ram(memory),
-    );
+    // edu has no DMA logging: the container's type1 tracking is its log.
+    assert_eq!(device.device.dirty_log_kind(), DirtyLogKind::DirtyPages);
+    let mut tracking =
+        DeviceSource::new(&bdf, Arc::clone(&device.device), Mapping::guest_ram(memory));
     tracking
         .start()
         .expect("the container's dirty tracking starts");
     let first = DirtyBitmap::try_new(memory.layout().top_page()).unwrap();
     tracking.harvest(&first).unwrap();
-    edu_dma(&device.handle, src, edu::BUFFER, 1024, 0);
+    edu_dma(device.device.as_ref(), src, edu::BUFFER, 1024, 0);
     edu_dma(
-        &device.handle,
+        device.device.as_ref(),
         edu::BUFFER,
         dst,
         1024,
@@ -212,8 +211,11 @@ fn in_guest_a_vm_with_edu_through_kernel_vfio() {
     );
 
     // The DMA's MSI went through vfio-pci's eventfd and KVM's irqfd to the vCPU's APIC.
-    assert_ne!(read_u32(&device.handle, edu::IRQ_STATUS) & edu::DMA_IRQ, 0);
-    write_u32(&device.handle, edu::IRQ_ACK, edu::DMA_IRQ);
+    assert_ne!(
+        read_u32(device.device.as_ref(), edu::IRQ_STATUS) & edu::DMA_IRQ,
+        0
+    );
+    write_u32(device.device.as_ref(), edu::IRQ_ACK, edu::DMA_IRQ);
     machine.vm.pause().unwrap();
     let pending = machine.vm.take_pending_interrupts(0).unwrap();
     assert!(

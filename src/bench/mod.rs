@@ -172,7 +172,9 @@ fn migrate_once(
         ));
     }
     let vm = Vm::new(&config).map_err(text)?;
-    let source = Machine::attach(vm, &devices.source, Role::Source).map_err(|e| e.to_string())?;
+    let source =
+        Machine::attach_with_drivers(vm, &devices.source, Role::Source, &crate::drivers::all())
+            .map_err(|e| e.to_string())?;
     source.vm.resume().map_err(text)?;
     warm_up(&source.vm);
     let prepared = Vm::prepare_memory(config.ram).map_err(text)?;
@@ -183,6 +185,7 @@ fn migrate_once(
         prepared_memory: Some(prepared),
         devices: devices.destination.clone(),
         dirty_log: None,
+        drivers: crate::drivers::all(),
     };
     let dest = std::thread::spawn(move || vmig_migration::receive(incoming, &Progress::default()));
     let progress = Progress::default();

@@ -34,6 +34,8 @@
 //! the command register (memory space, bus master), and BAR0, a 32-bit memory BAR of 4 KiB
 //! that answers the usual all-ones size probe.
 
+pub mod driver;
+
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use vmig_dirty::DirtyBitmap;
 use vmig_kvm::{DirtyLogMode, GuestMemory, PAGE_SIZE, VcpuState, Vm};
 
+use crate::driver::GuestDrivers;
 use crate::error::{MigrationError, Result, device_error, io_error};
 use crate::machine::{DeviceSpec, Machine, Role};
 use crate::report::{Progress, Status, Verification};
@@ -41,6 +42,8 @@ pub struct Incoming {
     pub devices: Vec<DeviceSpec>,
     /// CPU dirty tracking of the arriving VM (`None`: the source's mode).
     pub dirty_log: Option<DirtyLogMode>,
+    /// The guest drivers its devices are offered to (as on the source).
+    pub drivers: GuestDrivers,
 }
 
 /// A migration that arrived: the VM runs.
@@ -60,11 +63,12 @@ pub fn receive(incoming: Incoming, progress: &Progress) -> Result<Arrived> {
         prepared_memory,
         devices,
         dirty_log,
+        drivers,
     } = incoming;
     let main = listener.accept(None)?;
     progress.begin();
     let mut dest = Destination::new(main, &listener)?;
-    let result = dest.receive(prepared_memory, &devices, dirty_log, progress);
+    let result = dest.receive(prepared_memory, (&devices, &drivers), dirty_log, progress);
     progress.update(|r| {
         r.total_ms = progress.elapsed_ms();
         match &result {
@@ -79,7 +83,7 @@ pub fn receive(incoming: Incoming, progress: &Progress) -> Result<Arrived> {
         let _ = dest.writer.write(Kind::Abort, &[e.to_string().as_bytes()]);
         if let Some(machine) = &dest.machine {
             for d in &machine.devices {
-                let _ = d.handle.reset();
+                let _ = d.device.reset();
             }
         }
     }
@@ -268,7 +272,7 @@ impl Destination {
     fn receive(
         &mut self,
         prepared: Option<GuestMemory>,
-        specs: &[DeviceSpec],
+        (specs, drivers): (&[DeviceSpec], &GuestDrivers),
         dirty_log: Option<DirtyLogMode>,
         progress: &Progress,
     ) -> Result<Verification> {
@@ -305,9 +309,9 @@ impl Destination {
             )));
         }
         let vm = Vm::incoming(&vm_config, prepared)?;
-        let machine = Machine::attach(vm, specs, Role::Destination)?;
+        let machine = Machine::attach_with_drivers(vm, specs, Role::Destination, drivers)?;
         for (ours, theirs) in machine.devices.iter().zip(&config.devices) {
-            let kind = ours.handle.kind();
+            let kind = ours.device.kind().to_string();
             if kind != theirs.kind {
                 return Err(MigrationError::Invalid(format!(
                     "device {} here is {kind}, the source's {} is {}: its state would not load",
@@ -673,16 +677,16 @@ fn check_after_resume(machine: &Machine, verification: &mut Verification) {
             .problems
             .push(format!("the guest's verify failed: {e}")),
     }
-    match machine.check_dma_records() {
+    match machine.check_devices() {
         Ok(checks) => {
             for c in &checks {
                 for p in &c.problems {
                     verification.problems.push(format!("{}: {p}", c.device));
                 }
-                if c.dma_errors != 0 {
+                if c.device_errors != 0 {
                     verification
                         .problems
-                        .push(format!("{}: {} DMA errors", c.device, c.dma_errors));
+                        .push(format!("{}: {} DMA errors", c.device, c.device_errors));
                 }
             }
             verification.device_records = checks;

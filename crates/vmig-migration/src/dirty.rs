@@ -15,7 +15,7 @@
 
 use std::sync::Arc;
 
-use crate::device::{DeviceHandle, DeviceOpError};
+use crate::device::MigratableDevice;
 use crate::error::{MigrationError, Result, device_error};
 use vmig_dirty::DirtyBitmap;
 use vmig_kvm::{CpuDirtyLog, GuestMemory, PAGE_SIZE};
@@ -87,16 +87,6 @@ impl DirtySource for VmmSource {
     }
 }
 
-/// How a device reports the pages its DMA dirtied.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DeviceLogKind {
-    /// v2 `DMA_LOGGING_*` device features.
-    DmaLogging,
-    /// `DIRTY_PAGES` (type1 semantics, seed 000): a vfio-user v1 server's, or the kernel
-    /// container's (which reports every page a device without its own tracking has pinned).
-    DirtyPages,
-}
-
 /// One DMA mapping: IOVA range and the guest-physical address it maps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mapping {
@@ -125,11 +115,10 @@ impl Mapping {
     }
 }
 
-/// A device's DMA dirty log.
+/// A device's DMA dirty log, in whichever way the device keeps it ([`DirtyLogKind`]).
 pub struct DeviceSource {
     name: String,
-    handle: DeviceHandle,
-    kind: DeviceLogKind,
+    device: Arc<dyn MigratableDevice>,
     mappings: Vec<Mapping>,
     page_size: u64,
 }
@@ -138,7 +127,7 @@ impl std::fmt::Debug for DeviceSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceSource")
             .field("name", &self.name)
-            .field("kind", &self.kind)
+            .field("kind", &self.device.dirty_log_kind())
             .field("page_size", &self.page_size)
             .finish_non_exhaustive()
     }
@@ -146,16 +135,10 @@ impl std::fmt::Debug for DeviceSource {
 
 impl DeviceSource {
     /// The log of device `name` over `mappings`.
-    pub fn new(
-        name: &str,
-        handle: DeviceHandle,
-        kind: DeviceLogKind,
-        mappings: Vec<Mapping>,
-    ) -> Self {
+    pub fn new(name: &str, device: Arc<dyn MigratableDevice>, mappings: Vec<Mapping>) -> Self {
         Self {
             name: name.to_string(),
-            handle,
-            kind,
+            device,
             mappings,
             page_size: PAGE_SIZE,
         }
@@ -164,70 +147,39 @@ impl DeviceSource {
 
 impl DirtySource for DeviceSource {
     fn name(&self) -> String {
-        let how = match self.kind {
-            DeviceLogKind::DmaLogging => "dma logging",
-            DeviceLogKind::DirtyPages => "dirty pages",
-        };
-        format!("device {} ({how})", self.name)
+        format!(
+            "device {} ({})",
+            self.name,
+            self.device.dirty_log_kind().name()
+        )
     }
 
     fn start(&mut self) -> Result<()> {
         let ranges: Vec<(u64, u64)> = self.mappings.iter().map(|m| (m.iova, m.size)).collect();
-        let page_size = match (&self.handle, self.kind) {
-            (DeviceHandle::User(c), DeviceLogKind::DmaLogging) => c
-                .dma_logging_start(PAGE_SIZE, &ranges)
-                .map_err(DeviceOpError::from),
-            (DeviceHandle::Kernel(k), DeviceLogKind::DmaLogging) => k
-                .device
-                .start_dma_logging(PAGE_SIZE, &ranges)
-                .map_err(DeviceOpError::from),
-            (DeviceHandle::User(c), DeviceLogKind::DirtyPages) => c
-                .dirty_pages_log(true)
-                .map(|()| PAGE_SIZE)
-                .map_err(DeviceOpError::from),
-            (DeviceHandle::Kernel(k), DeviceLogKind::DirtyPages) => k
-                .container
-                .bitmap_page_size()
-                .and_then(|page| k.container.start_dirty_tracking().map(|()| page))
-                .map_err(DeviceOpError::from),
-        }
-        .map_err(device_error(&self.name))?;
+        let page_size = self
+            .device
+            .dirty_log_start(PAGE_SIZE, &ranges)
+            .map_err(device_error(&self.name))?;
         if !page_size.is_power_of_two() || page_size < PAGE_SIZE {
             let _ = self.stop();
-            return Err(MigrationError::Device {
-                device: self.name.clone(),
-                message: format!(
+            return Err(MigrationError::device(
+                self.name.clone(),
+                format!(
                     "dirty tracking at a page size of {page_size}: expected a power of two of at least 4096"
                 ),
-            });
+            ));
         }
         self.page_size = page_size;
-        if let DeviceHandle::User(c) = &self.handle {
-            let _ = c.take_dma_written_pages();
-        }
         Ok(())
     }
 
     fn harvest(&mut self, into: &DirtyBitmap) -> Result<u64> {
         let mut count = 0;
         for m in &self.mappings {
-            let words = match (&self.handle, self.kind) {
-                (DeviceHandle::User(c), DeviceLogKind::DmaLogging) => c
-                    .dma_logging_report(m.iova, m.size, self.page_size)
-                    .map_err(DeviceOpError::from),
-                (DeviceHandle::Kernel(k), DeviceLogKind::DmaLogging) => k
-                    .device
-                    .report_dma_logging(m.iova, m.size, self.page_size)
-                    .map_err(DeviceOpError::from),
-                (DeviceHandle::User(c), DeviceLogKind::DirtyPages) => c
-                    .dirty_pages_bitmap(m.iova, m.size, self.page_size)
-                    .map_err(DeviceOpError::from),
-                (DeviceHandle::Kernel(k), DeviceLogKind::DirtyPages) => k
-                    .container
-                    .dirty_bitmap(m.iova, m.size)
-                    .map_err(DeviceOpError::from),
-            }
-            .map_err(device_error(&self.name))?;
+            let words = self
+                .device
+                .dirty_log_report(m.iova, m.size, self.page_size)
+                .map_err(device_error(&self.name))?;
             let device_pages = m.size.div_ceil(self.page_size);
             let shift = (self.page_size / PAGE_SIZE).trailing_zeros();
             let first = m.gpa / PAGE_SIZE;
@@ -246,11 +198,7 @@ impl DirtySource for DeviceSource {
                 });
             }
         }
-        let written = match &self.handle {
-            DeviceHandle::User(c) => c.take_dma_written_pages(),
-            DeviceHandle::Kernel(_) => Vec::new(),
-        };
-        for iova_page in written {
+        for iova_page in self.device.take_message_dma_pages() {
             let iova = iova_page * PAGE_SIZE;
             if let Some(m) = self
                 .mappings
@@ -265,30 +213,13 @@ impl DirtySource for DeviceSource {
     }
 
     fn stop(&mut self) -> Result<()> {
-        match (&self.handle, self.kind) {
-            (DeviceHandle::User(c), DeviceLogKind::DmaLogging) => {
-                c.dma_logging_stop().map_err(DeviceOpError::from)
-            }
-            (DeviceHandle::Kernel(k), DeviceLogKind::DmaLogging) => {
-                k.device.stop_dma_logging().map_err(DeviceOpError::from)
-            }
-            (DeviceHandle::User(c), DeviceLogKind::DirtyPages) => {
-                c.dirty_pages_log(false).map_err(DeviceOpError::from)
-            }
-            (DeviceHandle::Kernel(k), DeviceLogKind::DirtyPages) => k
-                .container
-                .stop_dirty_tracking()
-                .map_err(DeviceOpError::from),
-        }
-        .map_err(device_error(&self.name))
+        self.device
+            .dirty_log_stop()
+            .map_err(device_error(&self.name))
     }
 
     fn reports_everything(&self) -> bool {
-        // "for vfio-pci every mapped page is always reported dirty" (kernel-vfio-type1-observed).
-        matches!(
-            (&self.handle, self.kind),
-            (DeviceHandle::Kernel(_), DeviceLogKind::DirtyPages)
-        )
+        self.device.dirty_log_reports_everything()
     }
 }
 

@@ -23,13 +23,14 @@ pub enum MigrationError {
     /// The VM failed (KVM, vCPU state, guest memory).
     #[error("VM: {0}")]
     Vm(#[from] vmig_kvm::KvmError),
-    /// A device failed (vfio-user or kernel VFIO).
-    #[error("device {device}: {message}")]
+    /// A device failed (vfio-user or kernel VFIO), or cannot do what was asked.
+    #[error("device {device}: {source}")]
     Device {
         /// The device's name.
         device: String,
         /// What went wrong.
-        message: String,
+        #[source]
+        source: DeviceFailure,
     },
     /// What the source and the destination hold differs after the final copy.
     #[error("verification failed: {0}")]
@@ -42,6 +43,59 @@ pub enum MigrationError {
     Invalid(String),
 }
 
+/// What went wrong with a device.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceFailure {
+    /// A call to the device failed.
+    #[error(transparent)]
+    Op(#[from] crate::device::DeviceOpError),
+    /// Connecting to a vfio-user device, or its setup, failed.
+    #[error(transparent)]
+    Attach(#[from] crate::device::AttachError),
+    /// Its interrupts could not be wired into the guest.
+    #[error("wiring its interrupts: {0}")]
+    Interrupts(#[source] InterruptError),
+    /// Its guest driver failed.
+    #[error(transparent)]
+    Driver(Box<dyn std::error::Error + Send + Sync>),
+    /// The engine's own finding (it cannot migrate, it is given twice, its answer is out of
+    /// range).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Why a device's interrupts could not be wired.
+#[derive(Debug, thiserror::Error)]
+pub enum InterruptError {
+    /// The device refused or failed.
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceOpError),
+    /// KVM could not make the irqfd.
+    #[error(transparent)]
+    Vm(#[from] vmig_kvm::KvmError),
+}
+
+impl MigrationError {
+    /// Device `device` cannot do what was asked, for the reason `message`.
+    pub fn device(device: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Device {
+            device: device.into(),
+            source: DeviceFailure::Refused(message.into()),
+        }
+    }
+
+    /// Device `device`'s guest driver failed with `error`.
+    pub fn driver(
+        device: impl Into<String>,
+        error: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self::Device {
+            device: device.into(),
+            source: DeviceFailure::Driver(error.into()),
+        }
+    }
+}
+
 /// The engine's result type.
 pub type Result<T> = std::result::Result<T, MigrationError>;
 
@@ -51,12 +105,24 @@ pub(crate) fn io_error(what: impl Into<String>) -> impl FnOnce(io::Error) -> Mig
     move |source| MigrationError::Io { what, source }
 }
 
-/// Maps an error of device `name` (a vfio-user client's or kernel VFIO's).
-pub(crate) fn device_error<E: std::fmt::Display>(
+/// Maps an error of device `name` (a vfio-user client's or kernel VFIO's), keeping it.
+pub(crate) fn device_error<E: Into<DeviceFailure>>(
     name: &str,
 ) -> impl FnOnce(E) -> MigrationError + '_ {
     move |e| MigrationError::Device {
         device: name.to_string(),
-        message: e.to_string(),
+        source: e.into(),
+    }
+}
+
+impl From<vmig_vfio_user::client::ClientError> for DeviceFailure {
+    fn from(e: vmig_vfio_user::client::ClientError) -> Self {
+        Self::Op(e.into())
+    }
+}
+
+impl From<vmig_vfio::VfioError> for DeviceFailure {
+    fn from(e: vmig_vfio::VfioError) -> Self {
+        Self::Op(e.into())
     }
 }

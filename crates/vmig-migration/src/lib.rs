@@ -46,8 +46,8 @@
 pub mod destination;
 pub mod device;
 pub mod dirty;
+pub mod driver;
 mod error;
-mod kernel_device;
 pub mod machine;
 pub mod pool;
 pub mod report;
@@ -56,7 +56,7 @@ pub mod stream;
 pub mod transport;
 
 pub use destination::{Arrived, Incoming, receive};
-pub use error::{MigrationError, Result};
+pub use error::{DeviceFailure, InterruptError, MigrationError, Result};
 pub use machine::{DeviceSpec, Machine, Role};
 pub use report::{MigrationParams, MigrationReport, Progress, Status};
 pub use source::migrate;

@@ -21,33 +21,32 @@
 //!    so they stay pending in the APIC's IRR, which migrates with the vCPU;
 //! 5. find the migration protocol (v2 feature, else v1 region; a kernel device needs v2 with
 //!    `STOP_COPY`), or why the device blocks migration;
-//! 6. a `dma-engine` (its `ID` register says so) gets a driver: on a source the VMM sets up its
-//!    ring in the device area (the top of RAM, outside the guest's working set) and starts
-//!    it, and the guest's vCPU 0 consumes records through a doorbell at every batch (reading
-//!    `PRODUCER` from the mapped status page, BAR2, when there is one, else from BAR0); on a
+//! 6. offer the device to the registered guest drivers ([`crate::driver`]): the one that takes
+//!    it may set it up on a source (in the device area, the top of RAM outside the guest's
+//!    working set) and give the guest a doorbell its vCPU 0 serves at every batch; on a
 //!    destination all of that arrives with the migration.
+//!
+//! Steps 1 and 5 are each kind's own ([`UserDevice::attach`], [`KernelDevice::attach`]);
+//! the rest is one path over [`MigratableDevice`].
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use vmig_devices::dma_engine::{self, reg};
 use vmig_kvm::guest::{self, MMIO_WINDOW_GPA};
 use vmig_kvm::irq::MsiVector;
-use vmig_kvm::{GuestMemory, MmioHandler, PAGE_SIZE, Vm};
+use vmig_kvm::{MmioHandler, PAGE_SIZE, Vm};
+use vmig_primitives::GuestAddress;
 use vmig_vfio::VfioDeviceFd;
-use vmig_vfio_user::client::{Client, ClientError, DmaMemory};
-use vmig_vfio_user::device_migration::{DeviceMigration, Protocol};
-use vmig_vfio_user::wire::{
-    DEVICE_FLAGS_RESET, DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, IRQ_INDEX_MSI, IRQ_INDEX_MSIX,
-    IRQ_INFO_EVENTFD, REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
-};
 
-use crate::device::{DeviceHandle, DeviceMigrator, KernelDevice};
-use crate::error::{MigrationError, Result, device_error};
+use crate::device::{
+    InterruptKind, KernelDevice, MigratableDevice, MigrationProtocol, MigrationSteps, RegionView,
+    UserDevice,
+};
+use crate::driver::{BoundDriver, DeviceCheck, DriverContext, GuestDrivers};
+use crate::error::{DeviceFailure, InterruptError, MigrationError, Result, device_error};
 
 /// Guest-physical span of each device's BARs.
 pub const DEVICE_MMIO_SLOT: u64 = 16 << 20;
@@ -55,9 +54,7 @@ pub const DEVICE_MMIO_SLOT: u64 = 16 << 20;
 pub const MAX_DEVICES: usize = guest::MAX_DOORBELLS;
 /// RAM reserved per device at the top of guest RAM for its DMA (ring and buffers).
 pub const DEVICE_AREA: u64 = 2 << 20;
-/// Entries in a dma-engine's ring (one buffer page each).
-pub const DMA_RING_ENTRIES: u64 = 256;
-/// Records per second a dma-engine writes unless told otherwise.
+/// The `rate=N` a `--device` has unless told otherwise (records per second, for a dma-engine).
 pub const DEFAULT_DMA_RATE: u64 = 1000;
 
 /// A `--device`.
@@ -160,104 +157,49 @@ pub struct AttachedDevice {
     /// A name for reports (the socket's file name, or the PCI address).
     pub name: String,
     /// The device.
-    pub handle: DeviceHandle,
-    /// How its state migrates (`None`: it cannot migrate).
-    pub protocol: Option<Protocol>,
-    /// Why it cannot migrate ("cannot migrate: ..."), when `protocol` is `None`.
-    pub blocker: String,
+    pub device: Arc<dyn MigratableDevice>,
     /// Its BARs in the guest.
     pub bars: Vec<Bar>,
-    /// For a dma-engine: where its ring lives.
-    pub dma_ring: Option<DmaRing>,
     /// Its interrupt vectors wired into the guest (MSI-X or MSI vector n is `interrupts[n]`).
     pub interrupts: Vec<MsiVector>,
     /// Device memory mapped into the guest.
     pub mapped: Vec<MappedArea>,
+    /// The guest driver that took it, if one did.
+    pub driver: Option<Box<dyn BoundDriver>>,
 }
 
 impl std::fmt::Debug for AttachedDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AttachedDevice")
             .field("name", &self.name)
-            .field("protocol", &self.protocol)
+            .field("kind", &self.device.kind())
+            .field("protocol", &self.protocol())
             .field("bars", &self.bars)
+            .field("driver", &self.driver)
             .finish_non_exhaustive()
     }
 }
 
 impl AttachedDevice {
-    /// The device's migration driver, or why it cannot migrate.
-    pub fn migration(&self) -> Result<DeviceMigrator<'_>> {
-        let protocol = self.protocol.ok_or_else(|| MigrationError::Device {
-            device: self.name.clone(),
-            message: self.blocker.clone(),
-        })?;
-        Ok(self.handle.migration(protocol))
+    /// The device's migration steps, or why it cannot migrate.
+    pub fn migration(&self) -> Result<Box<dyn MigrationSteps + '_>> {
+        let blocked = |message: String| MigrationError::device(self.name.clone(), message);
+        self.device.migration_protocol().map_err(blocked)?;
+        self.device
+            .migration()
+            .ok_or_else(|| blocked("cannot migrate".into()))
+    }
+
+    /// The protocol its state migrates by; `None` when it cannot migrate.
+    pub fn protocol(&self) -> Option<MigrationProtocol> {
+        self.device.migration_protocol().ok()
     }
 
     /// "v1", "v2" or "none".
     pub fn protocol_name(&self) -> &'static str {
-        self.protocol.as_ref().map_or("none", Protocol::name)
-    }
-
-    /// Whether the device is a `vmig-devices` dma-engine (its BAR0 is big enough and its `ID`
-    /// register says so).
-    fn is_dma_engine(&self) -> bool {
-        // Never probe real hardware: a read of an unknown register may have side effects.
-        matches!(self.handle, DeviceHandle::User(_))
-            && self
-                .bars
-                .iter()
-                .any(|b| b.index == 0 && b.size >= dma_engine::BAR0_SIZE)
-            && self.read_reg(reg::ID).ok() == Some(dma_engine::ID)
-    }
-
-    /// Reads a dma-engine register (BAR0) from the device, not through the guest.
-    pub fn read_reg(&self, offset: u64) -> Result<u64> {
-        let mut b = [0u8; 8];
-        self.handle
-            .region_read(0, offset, &mut b)
-            .map_err(device_error(&self.name))?;
-        Ok(u64::from_le_bytes(b))
-    }
-
-    fn write_reg(&self, offset: u64, value: u64) -> Result<()> {
-        self.handle
-            .region_write(0, offset, &value.to_le_bytes())
-            .map_err(device_error(&self.name))
-    }
-}
-
-/// Where a dma-engine's ring and buffers are in guest memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DmaRing {
-    /// The ring of buffer addresses.
-    pub ring_gpa: u64,
-    /// Buffer *i* is at `buffers_gpa + i × 4096`.
-    pub buffers_gpa: u64,
-    /// Entries.
-    pub entries: u64,
-}
-
-/// What checking a dma-engine's records after a migration found.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecordCheck {
-    /// The device.
-    pub device: String,
-    /// Records the device had produced.
-    pub produced: u64,
-    /// Records found whole and recent in the ring.
-    pub checked: u64,
-    /// What was wrong, if anything.
-    pub problems: Vec<String>,
-    /// `DMA_ERRORS` of the device.
-    pub dma_errors: u64,
-}
-
-impl RecordCheck {
-    /// No problem found.
-    pub fn passed(&self) -> bool {
-        self.problems.is_empty() && self.dma_errors == 0
+        self.protocol()
+            .as_ref()
+            .map_or("none", MigrationProtocol::name)
     }
 }
 
@@ -267,7 +209,7 @@ struct BusEntry {
     region: u32,
     /// The device's index in the machine.
     device: usize,
-    handle: DeviceHandle,
+    handle: Arc<dyn MigratableDevice>,
     /// Guest reads that trapped here.
     reads: AtomicU64,
 }
@@ -309,24 +251,6 @@ impl MmioHandler for DeviceBus {
         let _ = entry.handle.region_write(entry.region, offset, data);
         Ok(())
     }
-}
-
-/// Guest RAM by IOVA (= guest-physical address) for a server's message-based DMA; writes are
-/// recorded as the VMM's, so migration sees them.
-struct GuestDma(Arc<GuestMemory>);
-
-impl DmaMemory for GuestDma {
-    fn read(&self, iova: u64, buf: &mut [u8]) -> std::result::Result<(), i32> {
-        self.0.read(iova, buf).map_err(|_| libc_efault())
-    }
-
-    fn write(&self, iova: u64, data: &[u8]) -> std::result::Result<(), i32> {
-        self.0.write(iova, data).map_err(|_| libc_efault())
-    }
-}
-
-fn libc_efault() -> i32 {
-    14
 }
 
 /// Which side of a migration a machine is on, which decides who programs the devices.
@@ -393,9 +317,19 @@ fn device_area_gpa(vm: &Vm, index: usize) -> Result<u64> {
 }
 
 impl Machine {
-    /// Attaches the devices of `specs` to `vm` (see the module doc); `role` says whether to
-    /// start them.
+    /// Attaches the devices of `specs` to `vm` (see the module doc) with no guest driver;
+    /// `role` says whether the VM boots here.
     pub fn attach(vm: Vm, specs: &[DeviceSpec], role: Role) -> Result<Self> {
+        Self::attach_with_drivers(vm, specs, role, &GuestDrivers::none())
+    }
+
+    /// As [`Self::attach`], offering every device to `drivers`.
+    pub fn attach_with_drivers(
+        vm: Vm,
+        specs: &[DeviceSpec],
+        role: Role,
+        drivers: &GuestDrivers,
+    ) -> Result<Self> {
         if specs.len() > MAX_DEVICES {
             return Err(MigrationError::Invalid(format!(
                 "{} devices: a VM takes at most {MAX_DEVICES}",
@@ -409,59 +343,44 @@ impl Machine {
         let mut doorbells = Vec::new();
         let mut kvm_vfio = None;
         for (index, spec) in specs.iter().enumerate() {
-            let mut device = match spec {
-                DeviceSpec::VfioUser { socket, .. } => attach_user(&vm, index, socket, &mut bus)?,
-                DeviceSpec::VfioPci { host } => {
-                    let named = |message: String| MigrationError::Device {
-                        device: host.clone(),
-                        message,
-                    };
-                    if specs[..index]
-                        .iter()
-                        .any(|s| matches!(s, DeviceSpec::VfioPci { host: h } if h == host))
-                    {
-                        return Err(named("given twice".into()));
-                    }
-                    vmig_vfio::availability().map_err(named)?;
-                    vmig_vfio::device::check_bound(host).map_err(|e| named(e.to_string()))?;
-                    let kvm_vfio = match &kvm_vfio {
-                        Some(fd) => Arc::clone(fd),
-                        None => {
-                            let fd = vm.create_vfio_device().map_err(|e| named(e.to_string()))?;
-                            Arc::clone(kvm_vfio.insert(Arc::new(VfioDeviceFd::new_from_kvm(fd))))
-                        }
-                    };
-                    attach_kernel(&vm, index, host, kvm_vfio, &mut bus)?
+            let (name, device) = open_device(&vm, specs, index, &mut kvm_vfio)?;
+            let regions = device.bar_regions().map_err(device_error(&name))?;
+            let (bars, mapped) = place_bars(&vm, index, &name, &device, &regions, &mut bus)?;
+            drop(regions);
+            let interrupts = wire_interrupts(&vm, index, device.as_ref()).map_err(|e| {
+                MigrationError::Device {
+                    device: name.clone(),
+                    source: DeviceFailure::Interrupts(e),
                 }
+            })?;
+            let ctx = DriverContext {
+                index,
+                name: &name,
+                device: device.as_ref(),
+                bars: &bars,
+                mapped: &mapped,
+                memory: vm.memory(),
+                dma_area: device_area_gpa(&vm, index)
+                    .map(GuestAddress)
+                    .map_err(|e| e.to_string()),
+                role,
+                rate: match spec {
+                    DeviceSpec::VfioUser { dma_rate, .. } => *dma_rate,
+                    DeviceSpec::VfioPci { .. } => DEFAULT_DMA_RATE,
+                },
             };
-            if device.is_dma_engine() {
-                let area = device_area_gpa(&vm, index)?;
-                device.dma_ring = Some(DmaRing {
-                    ring_gpa: area,
-                    buffers_gpa: area + PAGE_SIZE,
-                    entries: DMA_RING_ENTRIES,
-                });
+            let driver = drivers.bind(&ctx)?;
+            if let Some(bell) = driver.as_ref().and_then(|d| d.doorbell()) {
+                doorbells.push((bell.producer.raw(), bell.consumer.raw()));
             }
-            if let Some(ring) = device.dma_ring {
-                let bar0 = device.bars.iter().find(|b| b.index == 0).map(|b| b.gpa);
-                let status_page = device
-                    .mapped
-                    .iter()
-                    .find(|(region, _, _)| *region == dma_engine::STATUS_REGION)
-                    .map(|&(_, gpa, _)| gpa);
-                if let Some(bar0) = bar0 {
-                    let producer = status_page.unwrap_or(bar0 + reg::PRODUCER);
-                    doorbells.push((producer, bar0 + reg::CONSUMER));
-                }
-                if role == Role::Source {
-                    let rate = match spec {
-                        DeviceSpec::VfioUser { dma_rate, .. } => *dma_rate,
-                        DeviceSpec::VfioPci { .. } => DEFAULT_DMA_RATE,
-                    };
-                    start_dma_engine(&vm, &device, ring, rate, index)?;
-                }
-            }
-            devices.push(device);
+            devices.push(AttachedDevice {
+                name,
+                device,
+                bars,
+                interrupts,
+                mapped,
+                driver,
+            });
         }
         let bus = Arc::new(bus);
         if !bus.entries.is_empty() {
@@ -493,69 +412,61 @@ impl Machine {
             .sum()
     }
 
-    /// Checks every dma-engine's ring: each buffer must hold a whole record that is among the
-    /// last ring-full the device produced (or nothing, if the device has not reached it). A
-    /// record that a migration lost shows as an older record, or as an empty buffer.
-    pub fn check_dma_records(&self) -> Result<Vec<RecordCheck>> {
+    /// What each device's guest driver finds when it checks its device (devices without a
+    /// driver are not checked).
+    pub fn check_devices(&self) -> Result<Vec<DeviceCheck>> {
         let mut checks = Vec::new();
         for device in &self.devices {
-            let Some(ring) = device.dma_ring else {
+            let Some(driver) = &device.driver else {
                 continue;
             };
-            let seed = device.read_reg(reg::SEED)?;
-            let before = device.read_reg(reg::PRODUCER)?;
-            let mut buffers = Vec::with_capacity(ring.entries as usize);
-            for i in 0..ring.entries {
-                let mut record = [0u8; dma_engine::RECORD_SIZE];
-                self.vm
-                    .memory()
-                    .read(ring.buffers_gpa + i * PAGE_SIZE, &mut record)?;
-                buffers.push(record);
-            }
-            let after = device.read_reg(reg::PRODUCER)?;
-            let mut check = RecordCheck {
-                device: device.name.clone(),
-                produced: after,
-                dma_errors: device.read_reg(reg::DMA_ERRORS)?,
-                ..RecordCheck::default()
-            };
-            for (i, record) in buffers.iter().enumerate() {
-                let i = i as u64;
-                if record.iter().all(|&b| b == 0) {
-                    if i < before {
-                        check
-                            .problems
-                            .push(format!("buffer {i} is empty, but the device wrote it"));
-                    }
-                    continue;
-                }
-                match dma_engine::check_record(record, seed) {
-                    Ok(seq) if seq % ring.entries == i && seq < after && seq + ring.entries >= before => {
-                        check.checked += 1;
-                    }
-                    Ok(seq) => check.problems.push(format!(
-                        "buffer {i} holds record {seq}, but records {}..{before} should be there: a record written before the switch-over was lost",
-                        before.saturating_sub(ring.entries)
-                    )),
-                    Err(why) => check.problems.push(format!("buffer {i}: {why}")),
-                }
-            }
-            check.problems.truncate(8);
+            let mut check = driver.check(device.device.as_ref(), self.vm.memory())?;
+            check.device.clone_from(&device.name);
             checks.push(check);
         }
         Ok(checks)
     }
 }
 
-/// A region as BAR placement sees it, from either transport.
-struct RegionView<'a> {
-    index: u32,
-    size: u64,
-    /// The fd its mappable areas are mapped from, and the region's offset in it.
-    mmap: Option<(BorrowedFd<'a>, u64)>,
-    /// Mappable areas, as (offset in the region, bytes).
-    areas: Vec<(u64, u64)>,
-    writable: bool,
+/// Opens `specs[index]` as its kind does (steps 1 and 5 of the module doc): its name and the
+/// device.
+fn open_device(
+    vm: &Vm,
+    specs: &[DeviceSpec],
+    index: usize,
+    kvm_vfio: &mut Option<Arc<VfioDeviceFd>>,
+) -> Result<(String, Arc<dyn MigratableDevice>)> {
+    match &specs[index] {
+        DeviceSpec::VfioUser { socket, .. } => {
+            let name = socket.file_name().map_or_else(
+                || socket.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            let device = UserDevice::attach(socket, vm.memory()).map_err(device_error(&name))?;
+            Ok((name, Arc::new(device)))
+        }
+        DeviceSpec::VfioPci { host } => {
+            let named = |message: String| MigrationError::device(host.clone(), message);
+            if specs[..index]
+                .iter()
+                .any(|s| matches!(s, DeviceSpec::VfioPci { host: h } if h == host))
+            {
+                return Err(named("given twice".into()));
+            }
+            vmig_vfio::availability().map_err(named)?;
+            vmig_vfio::device::check_bound(host).map_err(|e| named(e.to_string()))?;
+            let kvm_vfio = match kvm_vfio {
+                Some(fd) => Arc::clone(fd),
+                None => {
+                    let fd = vm.create_vfio_device().map_err(|e| named(e.to_string()))?;
+                    Arc::clone(kvm_vfio.insert(Arc::new(VfioDeviceFd::new_from_kvm(fd))))
+                }
+            };
+            let device =
+                KernelDevice::attach(host, vm.memory(), kvm_vfio).map_err(device_error(host))?;
+            Ok((host.clone(), Arc::new(device)))
+        }
+    }
 }
 
 /// Places device `index`'s BARs in its slot of the guest's MMIO window, maps what can be
@@ -564,8 +475,8 @@ fn place_bars(
     vm: &Vm,
     index: usize,
     name: &str,
-    handle: &DeviceHandle,
-    regions: &[RegionView<'_>],
+    handle: &Arc<dyn MigratableDevice>,
+    regions: &[RegionView],
     bus: &mut DeviceBus,
 ) -> Result<(Vec<Bar>, Vec<MappedArea>)> {
     let slot_base = MMIO_WINDOW_GPA + index as u64 * DEVICE_MMIO_SLOT;
@@ -577,14 +488,14 @@ fn place_bars(
         let align = size.next_power_of_two().max(PAGE_SIZE);
         let gpa = next.next_multiple_of(align);
         if gpa + size > slot_base + DEVICE_MMIO_SLOT {
-            return Err(MigrationError::Device {
-                device: name.to_string(),
-                message: format!(
+            return Err(MigrationError::device(
+                name.to_string(),
+                format!(
                     "BAR{} of {size:#x} bytes does not fit the device's {} MiB of guest MMIO space",
                     region.index,
                     DEVICE_MMIO_SLOT >> 20
                 ),
-            });
+            ));
         }
         next = gpa + size;
         bars.push(Bar {
@@ -597,10 +508,10 @@ fn place_bars(
             size,
             region: region.index,
             device: index,
-            handle: handle.clone(),
+            handle: Arc::clone(handle),
             reads: AtomicU64::new(0),
         });
-        let Some((fd, region_offset)) = region.mmap else {
+        let Some((fd, region_offset)) = &region.mmap else {
             continue;
         };
         for &(offset, bytes) in &region.areas {
@@ -615,7 +526,13 @@ fn place_bars(
             };
             if !whole_pages
                 || vm
-                    .map_device_memory(gpa + offset, fd, file_offset, bytes, region.writable)
+                    .map_device_memory(
+                        gpa + offset,
+                        fd.as_fd(),
+                        file_offset,
+                        bytes,
+                        region.writable,
+                    )
                     .is_err()
             {
                 continue;
@@ -624,212 +541,6 @@ fn place_bars(
         }
     }
     Ok((bars, mapped))
-}
-
-/// `areas` (offset, bytes) less the page-aligned `holes`.
-fn without_holes(areas: &[(u64, u64)], holes: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    let mut out = areas.to_vec();
-    for &(hole, hole_bytes) in holes {
-        let hole_end = hole + hole_bytes;
-        out = out
-            .into_iter()
-            .flat_map(|(offset, bytes)| {
-                let end = offset + bytes;
-                if hole_end <= offset || end <= hole {
-                    return vec![(offset, bytes)];
-                }
-                [(offset, hole.max(offset)), (hole_end.min(end), end)]
-                    .into_iter()
-                    .filter(|(a, b)| b > a)
-                    .map(|(a, b)| (a, b - a))
-                    .collect()
-            })
-            .collect();
-    }
-    out
-}
-
-fn attach_user(
-    vm: &Vm,
-    index: usize,
-    socket: &std::path::Path,
-    bus: &mut DeviceBus,
-) -> Result<AttachedDevice> {
-    let name = socket.file_name().map_or_else(
-        || socket.display().to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    );
-    let memory: Arc<dyn DmaMemory> = Arc::new(GuestDma(Arc::clone(vm.memory())));
-    let client = Client::connect(socket, Some(memory)).map_err(|e| MigrationError::Device {
-        device: name.clone(),
-        message: format!("connecting to {}: {e}", socket.display()),
-    })?;
-    let client = Arc::new(client);
-    let info = client.device_info().map_err(device_error(&name))?;
-    // A new VM starts from a device at reset, whatever an earlier VMM (or migration) left it in.
-    if info.flags & DEVICE_FLAGS_RESET != 0 {
-        client.reset().map_err(device_error(&name))?;
-    }
-    for slot in vm.memory().slots() {
-        client
-            .dma_map(
-                slot.layout.gpa,
-                slot.layout.size,
-                DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE,
-                Some((slot.fd(), 0)),
-            )
-            .map_err(device_error(&name))?;
-    }
-    let mut infos = Vec::new();
-    for region in 0..info.num_regions.min(6) {
-        let info = client.region_info(region).map_err(device_error(&name))?;
-        if info.info.size != 0
-            && info.info.flags & (REGION_INFO_FLAG_READ | REGION_INFO_FLAG_WRITE) != 0
-        {
-            infos.push((region, info));
-        }
-    }
-    let regions: Vec<RegionView<'_>> = infos
-        .iter()
-        .map(|(region, info)| RegionView {
-            index: *region,
-            size: info.info.size,
-            // Only a regular file (a memfd) has a size that bounds what the server may map; a
-            // mapping past the end of anything else would fail the vCPU's access.
-            mmap: info
-                .fd
-                .as_ref()
-                .filter(|fd| {
-                    info.info.flags & REGION_INFO_FLAG_MMAP != 0
-                        && vmig_primitives::regular_file_size(fd.as_fd()).is_ok_and(|s| s.is_some())
-                })
-                .map(|fd| (fd.as_fd(), info.info.offset)),
-            areas: if info.sparse_areas.is_empty() {
-                vec![(0, info.info.size)]
-            } else {
-                info.sparse_areas.clone()
-            },
-            writable: info.info.flags & REGION_INFO_FLAG_WRITE != 0,
-        })
-        .collect();
-    let handle = DeviceHandle::User(Arc::clone(&client));
-    let (bars, mapped) = place_bars(vm, index, &name, &handle, &regions, bus)?;
-    let interrupts = wire_interrupts(vm, index, &client).map_err(|e| MigrationError::Device {
-        device: name.clone(),
-        message: format!("wiring its interrupts: {e}"),
-    })?;
-    let protocol = DeviceMigration::detect(&client)
-        .map_err(device_error(&name))?
-        .map(|m| m.protocol());
-    Ok(AttachedDevice {
-        name,
-        handle,
-        protocol,
-        blocker: "cannot migrate: the device has no migration support (neither the v2 MIGRATION feature nor a v1 migration region)".into(),
-        bars,
-        dma_ring: None,
-        interrupts,
-        mapped,
-    })
-}
-
-/// `PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER`: BARs decode, and the device may DMA.
-const PCI_COMMAND_MEMORY_AND_MASTER: u16 = 0x2 | 0x4;
-
-fn attach_kernel(
-    vm: &Vm,
-    index: usize,
-    host: &str,
-    kvm_vfio: Arc<VfioDeviceFd>,
-    bus: &mut DeviceBus,
-) -> Result<AttachedDevice> {
-    let name = host.to_string();
-    let kernel = KernelDevice::open(host, vm.memory(), kvm_vfio).map_err(device_error(&name))?;
-    let kernel = Arc::new(kernel);
-    let device = &kernel.device;
-    if device.can_reset() {
-        device.reset().map_err(device_error(&name))?;
-    }
-    device
-        .set_command_bits(PCI_COMMAND_MEMORY_AND_MASTER)
-        .map_err(device_error(&name))?;
-    // The MSI-X table and pending bits stay trapped (vfio-pci ignores guest accesses there):
-    // the host's table holds the vectors `SET_IRQS` programmed.
-    let msix = device.msix_layout().map_err(device_error(&name))?;
-    let msix_pages: Vec<(u32, u64, u64)> = msix
-        .map(|m| [m.table, m.pba])
-        .into_iter()
-        .flatten()
-        .map(|(bar, offset, bytes)| {
-            let first = offset / PAGE_SIZE * PAGE_SIZE;
-            (
-                bar,
-                first,
-                (offset + bytes).next_multiple_of(PAGE_SIZE) - first,
-            )
-        })
-        .collect();
-    let regions: Vec<RegionView<'_>> = (0..6)
-        .filter_map(|i| device.region(i))
-        .filter(|r| r.readable() || r.writable())
-        .map(|r| {
-            let holes: Vec<(u64, u64)> = msix_pages
-                .iter()
-                .filter(|(bar, _, _)| *bar == r.index)
-                .map(|&(_, offset, bytes)| (offset, bytes))
-                .collect();
-            RegionView {
-                index: r.index,
-                size: r.size,
-                mmap: (!r.mmap_areas.is_empty()).then(|| (device.fd(), r.offset)),
-                writable: r.writable(),
-                areas: without_holes(&r.mmap_areas, &holes),
-            }
-        })
-        .collect();
-    let handle = DeviceHandle::Kernel(Arc::clone(&kernel));
-    let (bars, mapped) = place_bars(vm, index, &name, &handle, &regions, bus)?;
-    drop(regions);
-    let interrupts =
-        wire_kernel_interrupts(vm, index, &kernel).map_err(|e| MigrationError::Device {
-            device: name.clone(),
-            message: format!("wiring its interrupts: {e}"),
-        })?;
-    let mut blocker = device.migration_blocker_reason();
-    // Without DMA logging its DMA is tracked by the container, if the container can.
-    if blocker.is_none()
-        && !kernel.dma_logging
-        && let Err(e) = kernel.container.bitmap_page_size()
-    {
-        blocker = Some(format!(
-            "cannot migrate: it has no DMA logging and its container cannot track dirty pages ({e})"
-        ));
-    }
-    let protocol = match &blocker {
-        None => {
-            let support = device
-                .migration_support()
-                .map_err(device_error(&name))?
-                .ok_or_else(|| MigrationError::Device {
-                    device: name.clone(),
-                    message: "its migration support vanished while it was attached".into(),
-                })?;
-            Some(Protocol::V2 {
-                pre_copy: support.pre_copy(),
-            })
-        }
-        Some(_) => None,
-    };
-    Ok(AttachedDevice {
-        name,
-        handle,
-        protocol,
-        blocker: blocker.unwrap_or_default(),
-        bars,
-        dma_ring: None,
-        interrupts,
-        mapped,
-    })
 }
 
 /// Vectors wired per device, and the IDT vector of device 0's first.
@@ -843,115 +554,32 @@ pub fn interrupt_vector(device: usize, n: u32) -> u8 {
 
 /// Gives the device an irqfd for each of its MSI-X vectors (else MSI vectors), up to
 /// [`MAX_VECTORS`].
-fn wire_interrupts(vm: &Vm, device: usize, client: &Client) -> Result<Vec<MsiVector>> {
-    let transport = |e: ClientError| MigrationError::Invalid(e.to_string());
-    for index in [IRQ_INDEX_MSIX, IRQ_INDEX_MSI] {
-        // A server without this IRQ index answers with an error reply (an errno); anything
-        // else means the connection failed.
-        let info = match client.irq_info(index) {
-            Ok(info) => info,
-            Err(e) if e.remote_errno().is_some() => continue,
-            Err(e) => return Err(transport(e)),
+fn wire_interrupts(
+    vm: &Vm,
+    index: usize,
+    device: &dyn MigratableDevice,
+) -> std::result::Result<Vec<MsiVector>, InterruptError> {
+    for kind in [InterruptKind::Msix, InterruptKind::Msi] {
+        let Some(info) = device.interrupt_info(kind)? else {
+            continue;
         };
         let count = info.count.min(MAX_VECTORS);
-        if count == 0 || info.flags & IRQ_INFO_EVENTFD == 0 {
+        if count == 0 || !info.eventfd {
             continue;
         }
         let vectors = (0..count)
-            .map(|n| Ok(vm.connect_msi(0, interrupt_vector(device, n))?))
-            .collect::<Result<Vec<_>>>()?;
-        let fds: Vec<_> = vectors.iter().map(MsiVector::eventfd).collect();
-        match client.set_irq_eventfds(index, 0, count, &fds) {
-            Ok(()) => return Ok(vectors),
-            Err(e) if e.remote_errno().is_some() => continue,
-            Err(e) => return Err(transport(e)),
-        }
-    }
-    Ok(Vec::new())
-}
-
-/// As [`wire_interrupts`], for a kernel VFIO device: `VFIO_DEVICE_SET_IRQS` with the
-/// irqfds' eventfds.
-fn wire_kernel_interrupts(vm: &Vm, device: usize, kernel: &KernelDevice) -> Result<Vec<MsiVector>> {
-    use vmig_vfio::device::{
-        IRQ_INDEX_MSI as MSI, IRQ_INDEX_MSIX as MSIX, IRQ_INFO_EVENTFD as EVENTFD,
-    };
-    for index in [MSIX, MSI] {
-        let Some(irq) = kernel.device.irq(index) else {
-            continue;
-        };
-        let count = irq.count.min(MAX_VECTORS);
-        if count == 0 || irq.flags & EVENTFD == 0 {
-            continue;
-        }
-        let vectors = (0..count)
-            .map(|n| Ok(vm.connect_msi(0, interrupt_vector(device, n))?))
-            .collect::<Result<Vec<_>>>()?;
-        let fds: Vec<_> = vectors.iter().map(MsiVector::event_fd).collect();
-        if kernel.device.enable_irq(index, &fds).is_ok() {
+            .map(|n| vm.connect_msi(0, interrupt_vector(index, n)))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        if device.set_interrupts(kind, &vectors)? {
             return Ok(vectors);
         }
     }
     Ok(Vec::new())
 }
 
-/// The driver's setup of a dma-engine on a booting VM: the ring of buffer addresses in guest
-/// memory, then the registers, then enable.
-fn start_dma_engine(
-    vm: &Vm,
-    device: &AttachedDevice,
-    ring: DmaRing,
-    rate: u64,
-    index: usize,
-) -> Result<()> {
-    let mut table = Vec::with_capacity(ring.entries as usize * 8);
-    for i in 0..ring.entries {
-        table.extend_from_slice(&(ring.buffers_gpa + i * PAGE_SIZE).to_le_bytes());
-    }
-    vm.memory().write(ring.ring_gpa, &table)?;
-    device.write_reg(reg::CTRL, 0)?;
-    device.write_reg(reg::RING_BASE, ring.ring_gpa)?;
-    device.write_reg(reg::RING_SIZE, ring.entries)?;
-    device.write_reg(reg::SEED, 0x5eed_0000 + index as u64)?;
-    device.write_reg(reg::RATE, rate)?;
-    device.write_reg(reg::CTRL, 1)?;
-    // A device that refuses the setup shows it in its registers.
-    std::thread::sleep(Duration::from_millis(1));
-    if device.read_reg(reg::RING_SIZE)? != ring.entries {
-        return Err(MigrationError::Device {
-            device: device.name.clone(),
-            message: "the dma-engine did not take its ring size".into(),
-        });
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn msix_pages_are_cut_out_of_mappable_areas() {
-        // A 64 KiB BAR mappable whole, its MSI-X table in the page at 0x2000.
-        assert_eq!(
-            without_holes(&[(0, 0x10000)], &[(0x2000, 0x1000)]),
-            [(0, 0x2000), (0x3000, 0xd000)]
-        );
-        // Holes at either end, one covering an area, one outside every area.
-        assert_eq!(
-            without_holes(
-                &[(0, 0x2000), (0x4000, 0x1000), (0x8000, 0x2000)],
-                &[
-                    (0, 0x1000),
-                    (0x4000, 0x1000),
-                    (0x9000, 0x1000),
-                    (0x20000, 0x1000)
-                ]
-            ),
-            [(0x1000, 0x1000), (0x8000, 0x1000)]
-        );
-        assert_eq!(without_holes(&[(0, 0x1000)], &[]), [(0, 0x1000)]);
-    }
 
     #[test]
     fn vfio_pci_specs_parse_strictly() {

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::machine::RecordCheck;
+use crate::driver::DeviceCheck;
 
 /// Default downtime limit (QEMU's and Cloud Hypervisor's).
 pub const DEFAULT_DOWNTIME_MS: u64 = 300;
@@ -185,7 +185,7 @@ pub struct Verification {
     /// Pages the guest's verify found bad.
     pub guest_bad_pages: u64,
     /// The dma-engines' records.
-    pub device_records: Vec<RecordCheck>,
+    pub device_records: Vec<DeviceCheck>,
     /// Everything that was wrong.
     pub problems: Vec<String>,
 }
@@ -201,7 +201,7 @@ impl Verification {
         self.problems.is_empty()
             && self.pages_differing == 0
             && self.guest_bad_pages == 0
-            && self.device_records.iter().all(RecordCheck::passed)
+            && self.device_records.iter().all(DeviceCheck::passed)
     }
 }
 

@@ -10,8 +10,7 @@ use serde::{Deserialize, Serialize};
 use vmig_dirty::DirtyBitmap;
 use vmig_kvm::{PAGE_SIZE, VcpuState, Vm, VmConfig};
 
-use crate::device::DeviceHandle;
-use crate::dirty::{DeviceLogKind, DeviceSource, DirtySource, KvmSource, Mapping, VmmSource};
+use crate::dirty::{DeviceSource, DirtySource, KvmSource, Mapping, VmmSource};
 use crate::error::{MigrationError, Result, device_error, io_error};
 use crate::machine::{Bar, Machine};
 use crate::pool::{BATCH_PAGES, PagePool, SharedWriter, lock};
@@ -267,7 +266,7 @@ impl<'a> Source<'a> {
                     protocol: d.protocol_name().into(),
                     bars: d.bars.clone(),
                     mapped: d.mapped.clone(),
-                    kind: d.handle.kind(),
+                    kind: d.device.kind().to_string(),
                 })
                 .collect(),
         };
@@ -369,15 +368,9 @@ impl<'a> Source<'a> {
         if self.params.device_dirty_tracking {
             let mappings = Mapping::guest_ram(vm.memory());
             for d in &self.machine.devices {
-                let kind = match (&d.handle, d.protocol_name()) {
-                    (DeviceHandle::Kernel(k), _) if !k.dma_logging => DeviceLogKind::DirtyPages,
-                    (DeviceHandle::User(_), "v1") => DeviceLogKind::DirtyPages,
-                    _ => DeviceLogKind::DmaLogging,
-                };
                 sources.push(Box::new(DeviceSource::new(
                     &d.name,
-                    d.handle.clone(),
-                    kind,
+                    Arc::clone(&d.device),
                     mappings.clone(),
                 )));
             }

@@ -20,6 +20,10 @@ use vmig_migration::{
     DeviceSpec, Incoming, Machine, MigrationParams, Progress, Role, Status, migrate, receive,
 };
 use vmig_test_support::{require_kvm, wait_until};
+
+/// The guest drivers, exactly as the `vmig` binary registers them.
+#[path = "../src/drivers.rs"]
+mod drivers;
 use vmig_vfio_user::server::{
     Device, DeviceContext, DeviceError, MigrationSupport, Server, ServerConfig,
 };
@@ -124,7 +128,8 @@ impl Scenario {
             .iter()
             .map(|s| s.spec(dma_rate))
             .collect();
-        let machine = Machine::attach(vm, &specs, Role::Source).unwrap();
+        let machine =
+            Machine::attach_with_drivers(vm, &specs, Role::Source, &drivers::all()).unwrap();
         machine.vm.resume().unwrap();
         machine
     }
@@ -134,6 +139,7 @@ impl Scenario {
             listener: Listener::bind(uri).unwrap(),
             prepared_memory: None,
             devices: self.dest_servers.iter().map(|s| s.spec(0)).collect(),
+            drivers: drivers::all(),
             dirty_log: mode,
         }
     }
@@ -259,7 +265,12 @@ fn wait_for_interrupts(vm: &Vm, vectors: &[u8]) {
 /// yet none of its reads of BAR0 or BAR2 trap.
 fn assert_status_page_mapped(machine: &Machine) {
     let consumed = |device: &vmig_migration::machine::AttachedDevice| {
-        device.read_reg(dma_engine::reg::CONSUMER).unwrap()
+        let mut bytes = [0u8; 8];
+        (device
+            .device
+            .region_read(0, dma_engine::reg::CONSUMER, &mut bytes))
+        .unwrap();
+        u64::from_le_bytes(bytes)
     };
     let before: Vec<u64> = machine.devices.iter().map(consumed).collect();
     for (i, device) in machine.devices.iter().enumerate() {
@@ -365,11 +376,11 @@ fn assert_healthy(source: &Machine) {
         !source.vm.dirty_log().is_tracking(),
         "dirty logging is stopped"
     );
-    let before = source.check_dma_records().unwrap();
+    let before = source.check_devices().unwrap();
     assert_eq!(before.len(), source.devices.len(), "one check per device");
     for (i, b) in before.iter().enumerate() {
         let a = wait_until("the device to produce records again", PATIENCE, || {
-            let a = source.check_dma_records().unwrap().remove(i);
+            let a = source.check_devices().unwrap().remove(i);
             if a.produced > b.produced {
                 Ok(a)
             } else {

@@ -1,0 +1,318 @@
+//! A PCI device bound to vfio-pci (or a variant driver), in a type1 container of its own with
+//! all of a VM's guest RAM mapped for DMA, IOVA = guest-physical address, as a
+//! [`MigratableDevice`]. This module owns the one `unsafe` call the engine makes, mapping guest
+//! RAM the container cannot keep alive by itself.
+
+use std::sync::Arc;
+
+use vmig_kvm::GuestMemory;
+use vmig_kvm::irq::MsiVector;
+use vmig_primitives::PAGE_SIZE;
+use vmig_vfio::device::{IRQ_INDEX_MSI, IRQ_INDEX_MSIX, IRQ_INFO_EVENTFD};
+use vmig_vfio::{Container, Device, KernelMigration, Section, VfioDeviceFd, VfioError};
+
+use super::{
+    DeviceKind, DirtyLogKind, InterruptInfo, InterruptKind, MigratableDevice, MigrationProtocol,
+    MigrationSteps, OpResult, RegionView, migration_steps,
+};
+
+/// `PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER`: BARs decode, and the device may DMA.
+const PCI_COMMAND_MEMORY_AND_MASTER: u16 = 0x2 | 0x4;
+
+/// A kernel VFIO device, its container and the guest RAM mapped into it.
+pub struct KernelDevice {
+    /// The device; declared first so it closes first and its group leaves the container
+    /// before the container unmaps.
+    pub device: Device,
+    /// The container: guest RAM is mapped here, and its dirty tracking sees the device's DMA.
+    pub container: Container,
+    /// Whether the device logs its own DMA (`DMA_LOGGING_*`), checked once at attach.
+    pub dma_logging: bool,
+    /// How it migrates, or why it cannot, found once at attach.
+    migration: Result<MigrationProtocol, String>,
+    /// Keeps guest RAM alive as long as it is mapped: dropped last.
+    _memory: Arc<GuestMemory>,
+}
+
+impl std::fmt::Debug for KernelDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelDevice")
+            .field("device", &self.device)
+            .field("dma_logging", &self.dma_logging)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KernelDevice {
+    /// Opens PCI device `bdf` in a new container, its group registered with the VM's KVM VFIO
+    /// device `kvm_vfio`, and maps every slot of `memory` into it.
+    fn open(
+        bdf: &str,
+        memory: &Arc<GuestMemory>,
+        kvm_vfio: Arc<VfioDeviceFd>,
+    ) -> Result<Self, VfioError> {
+        let container = Container::open(Some(kvm_vfio))?;
+        let device = container.open_device(bdf)?;
+        for slot in memory.slots() {
+            let section = Section {
+                gpa: slot.layout.gpa,
+                size: u128::from(slot.layout.size),
+                host_addr: slot.host().as_ptr() as u64,
+            };
+            // SAFETY: the section is exactly the host mapping of this slot, which lives as long
+            // as `memory`; the struct keeps `memory` and drops it after the container, which
+            // unmaps everything when dropped (on an error here, the container is dropped while
+            // the caller still holds `memory`). Guest RAM is only accessed through raw copies
+            // and atomics, so device writes into it break no Rust aliasing rule.
+            unsafe { container.map_guest_section(section) }?;
+        }
+        let dma_logging = device.dma_logging_supported();
+        Ok(Self {
+            device,
+            container,
+            dma_logging,
+            migration: Err(String::new()),
+            _memory: Arc::clone(memory),
+        })
+    }
+
+    /// Opens `bdf` as [`Self::open`] does, then gives it the start a booting VM expects: a
+    /// reset when it supports one, memory decoding and bus mastering on.
+    pub fn attach(
+        bdf: &str,
+        memory: &Arc<GuestMemory>,
+        kvm_vfio: Arc<VfioDeviceFd>,
+    ) -> Result<Self, VfioError> {
+        let kernel = Self::open(bdf, memory, kvm_vfio)?;
+        if kernel.device.can_reset() {
+            kernel.device.reset()?;
+        }
+        kernel
+            .device
+            .set_command_bits(PCI_COMMAND_MEMORY_AND_MASTER)?;
+        let mut kernel = kernel;
+        kernel.migration = kernel.find_migration()?;
+        Ok(kernel)
+    }
+
+    fn find_migration(&self) -> Result<Result<MigrationProtocol, String>, VfioError> {
+        if let Some(reason) = self.device.migration_blocker_reason() {
+            return Ok(Err(reason));
+        }
+        // Without DMA logging its DMA is tracked by the container, if the container can.
+        if !self.dma_logging
+            && let Err(e) = self.container.bitmap_page_size()
+        {
+            return Ok(Err(format!(
+                "cannot migrate: it has no DMA logging and its container cannot track dirty pages ({e})"
+            )));
+        }
+        let support = self.device.migration_support()?.ok_or_else(|| {
+            VfioError::Kernel("its migration support vanished while it was attached".into())
+        })?;
+        Ok(Ok(MigrationProtocol::V2 {
+            pre_copy: support.pre_copy(),
+        }))
+    }
+
+    fn irq_index(kind: InterruptKind) -> u32 {
+        match kind {
+            InterruptKind::Msix => IRQ_INDEX_MSIX,
+            InterruptKind::Msi => IRQ_INDEX_MSI,
+        }
+    }
+}
+
+impl MigratableDevice for KernelDevice {
+    fn kind(&self) -> DeviceKind {
+        let mut id = [0u8; 4];
+        let ids = self.device.read_config(0, &mut id).ok().map(|()| {
+            (
+                u16::from_le_bytes([id[0], id[1]]),
+                u16::from_le_bytes([id[2], id[3]]),
+            )
+        });
+        DeviceKind::VfioPci { ids }
+    }
+
+    fn region_read(&self, region: u32, offset: u64, buf: &mut [u8]) -> OpResult<()> {
+        Ok(self.device.read_region(region, offset, buf)?)
+    }
+
+    fn region_write(&self, region: u32, offset: u64, data: &[u8]) -> OpResult<()> {
+        Ok(self.device.write_region(region, offset, data)?)
+    }
+
+    fn reset(&self) -> OpResult<()> {
+        Ok(self.device.reset()?)
+    }
+
+    fn bar_regions(&self) -> OpResult<Vec<RegionView>> {
+        let device = &self.device;
+        // The MSI-X table and pending bits stay trapped (vfio-pci ignores guest accesses
+        // there): the host's table holds the vectors `SET_IRQS` programmed.
+        let msix = device.msix_layout()?;
+        let msix_pages: Vec<(u32, u64, u64)> = msix
+            .map(|m| [m.table, m.pba])
+            .into_iter()
+            .flatten()
+            .map(|(bar, offset, bytes)| {
+                let first = offset / PAGE_SIZE * PAGE_SIZE;
+                (
+                    bar,
+                    first,
+                    (offset + bytes).next_multiple_of(PAGE_SIZE) - first,
+                )
+            })
+            .collect();
+        let mut regions = Vec::new();
+        for r in (0..6).filter_map(|i| device.region(i)) {
+            if !(r.readable() || r.writable()) {
+                continue;
+            }
+            let holes: Vec<(u64, u64)> = msix_pages
+                .iter()
+                .filter(|(bar, _, _)| *bar == r.index)
+                .map(|&(_, offset, bytes)| (offset, bytes))
+                .collect();
+            let mmap = match r.mmap_areas.is_empty() {
+                true => None,
+                false => {
+                    let fd = device
+                        .fd()
+                        .try_clone_to_owned()
+                        .map_err(|source| VfioError::Io {
+                            context: "duplicating the device fd to map its BARs".into(),
+                            source,
+                        })?;
+                    Some((fd, r.offset))
+                }
+            };
+            regions.push(RegionView {
+                index: r.index,
+                size: r.size,
+                mmap,
+                writable: r.writable(),
+                areas: without_holes(&r.mmap_areas, &holes),
+            });
+        }
+        Ok(regions)
+    }
+
+    fn interrupt_info(&self, kind: InterruptKind) -> OpResult<Option<InterruptInfo>> {
+        Ok(self
+            .device
+            .irq(Self::irq_index(kind))
+            .map(|irq| InterruptInfo {
+                count: irq.count,
+                eventfd: irq.flags & IRQ_INFO_EVENTFD != 0,
+            }))
+    }
+
+    fn set_interrupts(&self, kind: InterruptKind, vectors: &[MsiVector]) -> OpResult<bool> {
+        let fds: Vec<_> = vectors.iter().map(MsiVector::event_fd).collect();
+        // A kernel that refuses this kind leaves the next kind to try.
+        Ok(self.device.enable_irq(Self::irq_index(kind), &fds).is_ok())
+    }
+
+    fn migration_protocol(&self) -> Result<MigrationProtocol, String> {
+        self.migration.clone()
+    }
+
+    fn migration(&self) -> Option<Box<dyn MigrationSteps + '_>> {
+        let pre_copy = matches!(self.migration, Ok(MigrationProtocol::V2 { pre_copy: true }));
+        self.migration
+            .is_ok()
+            .then(|| Box::new(KernelMigration::new(&self.device, pre_copy)) as _)
+    }
+
+    fn dirty_log_kind(&self) -> DirtyLogKind {
+        if self.dma_logging {
+            DirtyLogKind::DmaLogging
+        } else {
+            DirtyLogKind::DirtyPages
+        }
+    }
+
+    fn dirty_log_start(&self, page_size: u64, ranges: &[(u64, u64)]) -> OpResult<u64> {
+        Ok(match self.dirty_log_kind() {
+            DirtyLogKind::DmaLogging => self.device.start_dma_logging(page_size, ranges)?,
+            DirtyLogKind::DirtyPages => {
+                let page = self.container.bitmap_page_size()?;
+                self.container.start_dirty_tracking()?;
+                page
+            }
+        })
+    }
+
+    fn dirty_log_report(&self, iova: u64, size: u64, page_size: u64) -> OpResult<Vec<u64>> {
+        Ok(match self.dirty_log_kind() {
+            DirtyLogKind::DmaLogging => self.device.report_dma_logging(iova, size, page_size)?,
+            DirtyLogKind::DirtyPages => self.container.dirty_bitmap(iova, size)?,
+        })
+    }
+
+    fn dirty_log_stop(&self) -> OpResult<()> {
+        Ok(match self.dirty_log_kind() {
+            DirtyLogKind::DmaLogging => self.device.stop_dma_logging()?,
+            DirtyLogKind::DirtyPages => self.container.stop_dirty_tracking()?,
+        })
+    }
+
+    fn dirty_log_reports_everything(&self) -> bool {
+        self.dirty_log_kind() == DirtyLogKind::DirtyPages
+    }
+}
+
+migration_steps!(KernelMigration<'_>);
+
+/// `areas` (offset, bytes) less the page-aligned `holes`.
+fn without_holes(areas: &[(u64, u64)], holes: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = areas.to_vec();
+    for &(hole, hole_bytes) in holes {
+        let hole_end = hole + hole_bytes;
+        out = out
+            .into_iter()
+            .flat_map(|(offset, bytes)| {
+                let end = offset + bytes;
+                if hole_end <= offset || end <= hole {
+                    return vec![(offset, bytes)];
+                }
+                [(offset, hole.max(offset)), (hole_end.min(end), end)]
+                    .into_iter()
+                    .filter(|(a, b)| b > a)
+                    .map(|(a, b)| (a, b - a))
+                    .collect()
+            })
+            .collect();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msix_pages_are_cut_out_of_mappable_areas() {
+        // A 64 KiB BAR mappable whole, its MSI-X table in the page at 0x2000.
+        assert_eq!(
+            without_holes(&[(0, 0x10000)], &[(0x2000, 0x1000)]),
+            [(0, 0x2000), (0x3000, 0xd000)]
+        );
+        // Holes at either end, one covering an area, one outside every area.
+        assert_eq!(
+            without_holes(
+                &[(0, 0x2000), (0x4000, 0x1000), (0x8000, 0x2000)],
+                &[
+                    (0, 0x1000),
+                    (0x4000, 0x1000),
+                    (0x9000, 0x1000),
+                    (0x20000, 0x1000)
+                ]
+            ),
+            [(0x1000, 0x1000), (0x8000, 0x1000)]
+        );
+        assert_eq!(without_holes(&[(0, 0x1000)], &[]), [(0, 0x1000)]);
+    }
+}

@@ -1,0 +1,249 @@
+//! What the engine needs of a device, whichever way it is reached: one trait,
+//! [`MigratableDevice`], implemented for a vfio-user server over its socket ([`UserDevice`])
+//! and for a PCI device through the kernel's VFIO ([`KernelDevice`]). A third kind of device is
+//! one more implementation of it; nothing else in the engine branches on the kind.
+//!
+//! | | vfio-user ([`UserDevice`]) | kernel VFIO ([`KernelDevice`]) |
+//! |---|---|---|
+//! | region access | `REGION_READ/WRITE` messages | `pread`/`pwrite` on the device fd |
+//! | interrupts | `SET_IRQS` with eventfds | `VFIO_DEVICE_SET_IRQS` with eventfds |
+//! | migration | v2 `MIG_DEVICE_STATE` + `MIG_DATA_*`, or v1 region | v2 `MIG_DEVICE_STATE` + data fd |
+//! | DMA dirty log | `DMA_LOGGING_*`, or v1 `DIRTY_PAGES` | `DMA_LOGGING_*`, or the container's `DIRTY_PAGES` |
+//!
+//! Opening a device (connecting, mapping guest RAM for its DMA, the reset a booting VM expects)
+//! is each kind's own constructor; everything after it (placing BARs, wiring interrupts, the
+//! migration steps, the dirty log) goes through the trait.
+
+mod kernel;
+mod vfio_user;
+
+use std::fmt;
+use std::os::fd::OwnedFd;
+
+use serde::{Deserialize, Serialize};
+use vmig_kvm::irq::MsiVector;
+
+pub use kernel::KernelDevice;
+pub use vfio_user::{AttachError, UserDevice};
+
+/// A device call's failure, from either transport.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceOpError {
+    /// The vfio-user server's (or the connection's).
+    #[error(transparent)]
+    User(#[from] vmig_vfio_user::client::ClientError),
+    /// The kernel's.
+    #[error(transparent)]
+    Kernel(#[from] vmig_vfio::VfioError),
+}
+
+/// The result of a device call.
+pub type OpResult<T> = std::result::Result<T, DeviceOpError>;
+
+/// How a device is reached and what it is; it travels in the stream's Config record, and a
+/// destination refuses a device of another kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceKind {
+    /// Served by a vfio-user server.
+    VfioUser,
+    /// A PCI device of this host bound to vfio-pci, with its vendor and device IDs when its
+    /// config space could be read.
+    VfioPci {
+        /// `(vendor, device)`.
+        ids: Option<(u16, u16)>,
+    },
+}
+
+impl fmt::Display for DeviceKind {
+    /// "vfio-user", or "vfio-pci VVVV:DDDD".
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::VfioUser => f.write_str("vfio-user"),
+            Self::VfioPci {
+                ids: Some((vendor, device)),
+            } => write!(f, "vfio-pci {vendor:04x}:{device:04x}"),
+            Self::VfioPci { ids: None } => f.write_str("vfio-pci"),
+        }
+    }
+}
+
+/// The VFIO migration protocol a device speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationProtocol {
+    /// v1: the migration region (`device_state`, `pending_bytes`, `data_offset`, `data_size`).
+    V1,
+    /// v2: the `MIG_DEVICE_STATE` state machine, with or without PRE_COPY.
+    V2 {
+        /// PRE_COPY supported.
+        pre_copy: bool,
+    },
+}
+
+impl MigrationProtocol {
+    /// "v1" or "v2".
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::V1 => "v1",
+            Self::V2 { .. } => "v2",
+        }
+    }
+}
+
+/// How a device reports the pages its DMA wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirtyLogKind {
+    /// The device logs its own DMA (`DMA_LOGGING_*`).
+    DmaLogging,
+    /// The IOMMU beneath it does (`DIRTY_PAGES`: v1 vfio-user, or a kernel type1 container).
+    DirtyPages,
+}
+
+impl DirtyLogKind {
+    /// "dma logging" or "dirty pages", as reports name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::DmaLogging => "dma logging",
+            Self::DirtyPages => "dirty pages",
+        }
+    }
+}
+
+/// A region as BAR placement sees it.
+#[derive(Debug)]
+pub struct RegionView {
+    /// Region index (0-5 for BARs).
+    pub index: u32,
+    /// Bytes.
+    pub size: u64,
+    /// The fd its mappable areas are mapped from, and the region's offset in it.
+    pub mmap: Option<(OwnedFd, u64)>,
+    /// Mappable areas, as (offset in the region, bytes).
+    pub areas: Vec<(u64, u64)>,
+    /// Whether the guest may write it.
+    pub writable: bool,
+}
+
+/// The two interrupt kinds the engine wires, in the order it tries them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InterruptKind {
+    /// MSI-X.
+    Msix,
+    /// MSI.
+    Msi,
+}
+
+/// What a device says of one interrupt kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InterruptInfo {
+    /// Vectors.
+    pub count: u32,
+    /// Whether they can signal eventfds.
+    pub eventfd: bool,
+}
+
+/// A device the engine can attach, run and migrate (see the module doc).
+pub trait MigratableDevice: Send + Sync + fmt::Debug {
+    /// How it is reached and what it is.
+    fn kind(&self) -> DeviceKind;
+    /// Reads `buf.len()` bytes at `offset` of region `region`.
+    fn region_read(&self, region: u32, offset: u64, buf: &mut [u8]) -> OpResult<()>;
+    /// Writes `data` at `offset` of region `region`.
+    fn region_write(&self, region: u32, offset: u64, data: &[u8]) -> OpResult<()>;
+    /// Resets the device.
+    fn reset(&self) -> OpResult<()>;
+    /// Its BARs (regions 0-5) that the guest may access, with what of them can be mapped.
+    fn bar_regions(&self) -> OpResult<Vec<RegionView>>;
+    /// What it has of interrupt kind `kind`; `None` when it has none of that kind.
+    fn interrupt_info(&self, kind: InterruptKind) -> OpResult<Option<InterruptInfo>>;
+    /// Connects vectors `0..vectors.len()` of `kind` to `vectors`' eventfds; `false` when the
+    /// device refuses (the engine then tries the next kind).
+    fn set_interrupts(&self, kind: InterruptKind, vectors: &[MsiVector]) -> OpResult<bool>;
+    /// The protocol its state migrates by (found when it was opened), or why it cannot migrate
+    /// ("cannot migrate: ...").
+    fn migration_protocol(&self) -> std::result::Result<MigrationProtocol, String>;
+    /// Its migration steps in that protocol; `None` when it cannot migrate.
+    fn migration(&self) -> Option<Box<dyn MigrationSteps + '_>>;
+    /// How it reports the pages its DMA wrote.
+    fn dirty_log_kind(&self) -> DirtyLogKind;
+    /// Starts logging DMA over the IOVA `ranges` (start, bytes) at `page_size` or coarser;
+    /// returns the page size of the reports.
+    fn dirty_log_start(&self, page_size: u64, ranges: &[(u64, u64)]) -> OpResult<u64>;
+    /// The pages written in `[iova, iova + size)` since the last report, one bit per
+    /// `page_size` bytes, and forgets them.
+    fn dirty_log_report(&self, iova: u64, size: u64, page_size: u64) -> OpResult<Vec<u64>>;
+    /// Stops logging.
+    fn dirty_log_stop(&self) -> OpResult<()>;
+    /// IOVA pages the device wrote through the VMM rather than by DMA (vfio-user's
+    /// `DMA_WRITE` messages) since the last call.
+    fn take_message_dma_pages(&self) -> Vec<u64> {
+        Vec::new()
+    }
+    /// Whether the log reports every mapped page at every harvest, whatever was written (the
+    /// type1 container of a vfio-pci device: "every mapped page is always reported dirty",
+    /// kernel-vfio-type1-observed); auto-converge cannot help such a source.
+    fn dirty_log_reports_everything(&self) -> bool {
+        false
+    }
+}
+
+/// One device's migration steps, the same for every protocol (see
+/// `vmig_vfio_user::device_migration` for what each does in v1 and v2).
+pub trait MigrationSteps {
+    /// Starts saving while the device runs.
+    fn start_precopy(&self) -> OpResult<()>;
+    /// The state the device has ready now (pre-copy; more may follow).
+    fn read_precopy(&self) -> OpResult<Vec<Vec<u8>>>;
+    /// Stops the device and reads the rest of its state.
+    fn stop_and_copy(&self) -> OpResult<Vec<Vec<u8>>>;
+    /// The source is done: the device stays stopped.
+    fn finish_source(&self) -> OpResult<()>;
+    /// Abandons a migration: the device runs again.
+    fn cancel(&self) -> OpResult<()>;
+    /// Prepares the destination device to receive state.
+    fn start_resume(&self) -> OpResult<()>;
+    /// Gives the destination device one chunk, as the source produced it.
+    fn write_chunk(&self, chunk: &[u8]) -> OpResult<()>;
+    /// The device loads what it was given and stays stopped.
+    fn load(&self) -> OpResult<()>;
+    /// Starts the device (after `load`).
+    fn run(&self) -> OpResult<()>;
+}
+
+/// Implements [`MigrationSteps`] for a protocol driver whose methods have the same names and
+/// return its own error type.
+macro_rules! migration_steps {
+    ($driver:ty) => {
+        impl $crate::device::MigrationSteps for $driver {
+            fn start_precopy(&self) -> $crate::device::OpResult<()> {
+                Ok(<$driver>::start_precopy(self)?)
+            }
+            fn read_precopy(&self) -> $crate::device::OpResult<Vec<Vec<u8>>> {
+                Ok(<$driver>::read_precopy(self)?)
+            }
+            fn stop_and_copy(&self) -> $crate::device::OpResult<Vec<Vec<u8>>> {
+                Ok(<$driver>::stop_and_copy(self)?)
+            }
+            fn finish_source(&self) -> $crate::device::OpResult<()> {
+                Ok(<$driver>::finish_source(self)?)
+            }
+            fn cancel(&self) -> $crate::device::OpResult<()> {
+                Ok(<$driver>::cancel(self)?)
+            }
+            fn start_resume(&self) -> $crate::device::OpResult<()> {
+                Ok(<$driver>::start_resume(self)?)
+            }
+            fn write_chunk(&self, chunk: &[u8]) -> $crate::device::OpResult<()> {
+                Ok(<$driver>::write_chunk(self, chunk)?)
+            }
+            fn load(&self) -> $crate::device::OpResult<()> {
+                Ok(<$driver>::load(self)?)
+            }
+            fn run(&self) -> $crate::device::OpResult<()> {
+                Ok(<$driver>::run(self)?)
+            }
+        }
+    };
+}
+use migration_steps;

@@ -1,0 +1,236 @@
+//! A device served over vfio-user, as a [`MigratableDevice`]: the engine's side of the
+//! `vmig_vfio_user` client, with guest RAM offered to the server for DMA by fd and by message.
+
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use vmig_kvm::GuestMemory;
+use vmig_kvm::irq::MsiVector;
+use vmig_vfio_user::client::{Client, ClientError, DmaMemory};
+use vmig_vfio_user::device_migration::{DeviceMigration, Protocol};
+use vmig_vfio_user::wire::{
+    DEVICE_FLAGS_RESET, DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, IRQ_INDEX_MSI, IRQ_INDEX_MSIX,
+    IRQ_INFO_EVENTFD, REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
+};
+
+use super::{
+    DeviceKind, DirtyLogKind, InterruptInfo, InterruptKind, MigratableDevice, MigrationProtocol,
+    MigrationSteps, OpResult, RegionView, migration_steps,
+};
+
+/// `EFAULT`: the errno a DMA message outside guest RAM gets.
+const EFAULT: i32 = 14;
+
+/// A vfio-user device: the connection to its server and the protocol it migrates by.
+#[derive(Debug)]
+pub struct UserDevice {
+    client: Client,
+    protocol: Option<Protocol>,
+}
+
+/// Guest RAM by IOVA (= guest-physical address) for a server's message-based DMA; writes are
+/// recorded as the VMM's, so migration sees them.
+struct GuestDma(Arc<GuestMemory>);
+
+impl DmaMemory for GuestDma {
+    fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), i32> {
+        self.0.read(iova, buf).map_err(|_| EFAULT)
+    }
+
+    fn write(&self, iova: u64, data: &[u8]) -> Result<(), i32> {
+        self.0.write(iova, data).map_err(|_| EFAULT)
+    }
+}
+
+impl UserDevice {
+    /// Connects to the server at `socket`, resets the device when it supports reset (a new VM
+    /// starts from a device at reset, whatever an earlier VMM or migration left it in), maps
+    /// every slot of `memory` for its DMA (by fd, and by message for what it cannot map), and
+    /// finds its migration protocol.
+    pub fn attach(socket: &Path, memory: &Arc<GuestMemory>) -> Result<Self, AttachError> {
+        let dma: Arc<dyn DmaMemory> = Arc::new(GuestDma(Arc::clone(memory)));
+        let client = Client::connect(socket, Some(dma)).map_err(|source| AttachError::Connect {
+            socket: socket.display().to_string(),
+            source,
+        })?;
+        let info = client.device_info()?;
+        if info.flags & DEVICE_FLAGS_RESET != 0 {
+            client.reset()?;
+        }
+        for slot in memory.slots() {
+            client.dma_map(
+                slot.layout.gpa,
+                slot.layout.size,
+                DMA_MAP_FLAG_READ | DMA_MAP_FLAG_WRITE,
+                Some((slot.fd(), 0)),
+            )?;
+        }
+        let protocol = DeviceMigration::detect(&client)?.map(|m| m.protocol());
+        Ok(Self { client, protocol })
+    }
+
+    /// The client, for what only vfio-user has.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    fn irq_index(kind: InterruptKind) -> u32 {
+        match kind {
+            InterruptKind::Msix => IRQ_INDEX_MSIX,
+            InterruptKind::Msi => IRQ_INDEX_MSI,
+        }
+    }
+}
+
+/// Why a vfio-user device could not be attached.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// Nothing answered at the socket, or it did not speak vfio-user.
+    #[error("connecting to {socket}: {source}")]
+    Connect {
+        /// The server's socket.
+        socket: String,
+        /// Why.
+        #[source]
+        source: ClientError,
+    },
+    /// A request of the setup failed.
+    #[error(transparent)]
+    Request(#[from] ClientError),
+}
+
+impl MigratableDevice for UserDevice {
+    fn kind(&self) -> DeviceKind {
+        DeviceKind::VfioUser
+    }
+
+    fn region_read(&self, region: u32, offset: u64, buf: &mut [u8]) -> OpResult<()> {
+        Ok(self.client.region_read(region, offset, buf)?)
+    }
+
+    fn region_write(&self, region: u32, offset: u64, data: &[u8]) -> OpResult<()> {
+        Ok(self.client.region_write(region, offset, data)?)
+    }
+
+    fn reset(&self) -> OpResult<()> {
+        Ok(self.client.reset()?)
+    }
+
+    fn bar_regions(&self) -> OpResult<Vec<RegionView>> {
+        let info = self.client.device_info()?;
+        let mut regions = Vec::new();
+        for region in 0..info.num_regions.min(6) {
+            let info = self.client.region_info(region)?;
+            if info.info.size == 0
+                || info.info.flags & (REGION_INFO_FLAG_READ | REGION_INFO_FLAG_WRITE) == 0
+            {
+                continue;
+            }
+            // Only a regular file (a memfd) has a size that bounds what the server may map; a
+            // mapping past the end of anything else would fail the vCPU's access.
+            let mappable = info.info.flags & REGION_INFO_FLAG_MMAP != 0;
+            let mmap = info
+                .fd
+                .filter(|fd| {
+                    mappable
+                        && vmig_primitives::regular_file_size(fd.as_fd()).is_ok_and(|s| s.is_some())
+                })
+                .map(|fd| (fd, info.info.offset));
+            regions.push(RegionView {
+                index: region,
+                size: info.info.size,
+                mmap,
+                areas: if info.sparse_areas.is_empty() {
+                    vec![(0, info.info.size)]
+                } else {
+                    info.sparse_areas
+                },
+                writable: info.info.flags & REGION_INFO_FLAG_WRITE != 0,
+            });
+        }
+        Ok(regions)
+    }
+
+    fn interrupt_info(&self, kind: InterruptKind) -> OpResult<Option<InterruptInfo>> {
+        // A server without this IRQ index answers with an error reply (an errno); anything
+        // else means the connection failed.
+        match self.client.irq_info(Self::irq_index(kind)) {
+            Ok(info) => Ok(Some(InterruptInfo {
+                count: info.count,
+                eventfd: info.flags & IRQ_INFO_EVENTFD != 0,
+            })),
+            Err(e) if e.remote_errno().is_some() => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn set_interrupts(&self, kind: InterruptKind, vectors: &[MsiVector]) -> OpResult<bool> {
+        let fds: Vec<_> = vectors.iter().map(MsiVector::eventfd).collect();
+        let count = u32::try_from(fds.len()).unwrap_or(u32::MAX);
+        match self
+            .client
+            .set_irq_eventfds(Self::irq_index(kind), 0, count, &fds)
+        {
+            Ok(()) => Ok(true),
+            Err(e) if e.remote_errno().is_some() => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn migration_protocol(&self) -> Result<MigrationProtocol, String> {
+        match self.protocol {
+            Some(Protocol::V1 { .. }) => Ok(MigrationProtocol::V1),
+            Some(Protocol::V2 { pre_copy }) => Ok(MigrationProtocol::V2 { pre_copy }),
+            None => Err("cannot migrate: the device has no migration support (neither the v2 MIGRATION feature nor a v1 migration region)".into()),
+        }
+    }
+
+    fn migration(&self) -> Option<Box<dyn MigrationSteps + '_>> {
+        let protocol = self.protocol?;
+        Some(Box::new(DeviceMigration::with_protocol(
+            &self.client,
+            protocol,
+        )))
+    }
+
+    fn dirty_log_kind(&self) -> DirtyLogKind {
+        match self.protocol {
+            Some(Protocol::V1 { .. }) => DirtyLogKind::DirtyPages,
+            _ => DirtyLogKind::DmaLogging,
+        }
+    }
+
+    fn dirty_log_start(&self, page_size: u64, ranges: &[(u64, u64)]) -> OpResult<u64> {
+        let page_size = match self.dirty_log_kind() {
+            DirtyLogKind::DmaLogging => self.client.dma_logging_start(page_size, ranges)?,
+            DirtyLogKind::DirtyPages => {
+                self.client.dirty_pages_log(true)?;
+                page_size
+            }
+        };
+        // Pages written by message before tracking started are not dirty.
+        let _ = self.client.take_dma_written_pages();
+        Ok(page_size)
+    }
+
+    fn dirty_log_report(&self, iova: u64, size: u64, page_size: u64) -> OpResult<Vec<u64>> {
+        Ok(match self.dirty_log_kind() {
+            DirtyLogKind::DmaLogging => self.client.dma_logging_report(iova, size, page_size)?,
+            DirtyLogKind::DirtyPages => self.client.dirty_pages_bitmap(iova, size, page_size)?,
+        })
+    }
+
+    fn dirty_log_stop(&self) -> OpResult<()> {
+        Ok(match self.dirty_log_kind() {
+            DirtyLogKind::DmaLogging => self.client.dma_logging_stop()?,
+            DirtyLogKind::DirtyPages => self.client.dirty_pages_log(false)?,
+        })
+    }
+
+    fn take_message_dma_pages(&self) -> Vec<u64> {
+        self.client.take_dma_written_pages()
+    }
+}
+
+migration_steps!(DeviceMigration<'_>);

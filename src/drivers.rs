@@ -1,0 +1,113 @@
+//! The guest drivers `vmig` plugs into the engine: the sample devices' drivers from
+//! `vmig-devices`, adapted to the engine's [`GuestDriver`] hook. (The in-process migration
+//! tests include this file too, so that they drive devices exactly as the binary does.)
+
+use vmig_devices::dma_engine::{self, driver};
+use vmig_kvm::GuestMemory;
+use vmig_migration::device::{DeviceKind, MigratableDevice};
+use vmig_migration::driver::{
+    BoundDriver, DeviceCheck, Doorbell, DriverContext, GuestDriver, GuestDrivers,
+};
+use vmig_migration::machine::Role;
+use vmig_migration::{MigrationError, Result};
+use vmig_primitives::GuestAddress;
+
+/// Every driver `vmig` knows.
+pub fn all() -> GuestDrivers {
+    GuestDrivers::none().with(DmaEngineDriver)
+}
+
+/// A device's BAR0 through the engine's region access.
+struct Bar0<'a>(&'a dyn MigratableDevice);
+
+impl driver::Bar0 for Bar0<'_> {
+    fn read_reg(&self, offset: u64) -> std::result::Result<u64, driver::AccessError> {
+        let mut bytes = [0u8; 8];
+        self.0.region_read(0, offset, &mut bytes)?;
+        Ok(u64::from_le_bytes(bytes))
+    }
+
+    fn write_reg(&self, offset: u64, value: u64) -> std::result::Result<(), driver::AccessError> {
+        Ok(self.0.region_write(0, offset, &value.to_le_bytes())?)
+    }
+}
+
+/// Guest RAM as the driver reaches it.
+struct Ram<'a>(&'a GuestMemory);
+
+impl driver::GuestRam for Ram<'_> {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> std::result::Result<(), driver::AccessError> {
+        Ok(self.0.read(gpa, buf)?)
+    }
+
+    fn write(&self, gpa: u64, data: &[u8]) -> std::result::Result<(), driver::AccessError> {
+        Ok(self.0.write(gpa, data)?)
+    }
+}
+
+/// The dma-engine's driver (`vmig_devices::dma_engine::driver`).
+struct DmaEngineDriver;
+
+#[derive(Debug)]
+struct BoundDmaEngine {
+    name: String,
+    ring: driver::Ring,
+    doorbell: Option<Doorbell>,
+}
+
+impl GuestDriver for DmaEngineDriver {
+    fn bind(&self, ctx: &DriverContext<'_>) -> Result<Option<Box<dyn BoundDriver>>> {
+        // Never probe real hardware: a read of an unknown register may have side effects.
+        if ctx.device.kind() != DeviceKind::VfioUser {
+            return Ok(None);
+        }
+        let Some(bar0) = ctx.bars.iter().find(|b| b.index == 0) else {
+            return Ok(None);
+        };
+        if !driver::is_dma_engine(&Bar0(ctx.device), bar0.size) {
+            return Ok(None);
+        }
+        let area = ctx
+            .dma_area
+            .clone()
+            .map_err(|why| MigrationError::device(ctx.name, why))?;
+        let ring = driver::Ring::in_area(area.raw());
+        let status_page = ctx
+            .mapped
+            .iter()
+            .find(|(region, _, _)| *region == dma_engine::STATUS_REGION)
+            .map(|&(_, gpa, _)| gpa);
+        let (producer, consumer) = driver::doorbell(bar0.gpa, status_page);
+        if ctx.role == Role::Source {
+            let seed = 0x5eed_0000 + ctx.index as u64;
+            driver::start(&Bar0(ctx.device), &Ram(ctx.memory), ring, ctx.rate, seed)
+                .map_err(|e| MigrationError::driver(ctx.name, e))?;
+        }
+        Ok(Some(Box::new(BoundDmaEngine {
+            name: ctx.name.to_string(),
+            ring,
+            doorbell: Some(Doorbell {
+                producer: GuestAddress(producer),
+                consumer: GuestAddress(consumer),
+            }),
+        })))
+    }
+}
+
+impl BoundDriver for BoundDmaEngine {
+    fn doorbell(&self) -> Option<Doorbell> {
+        self.doorbell
+    }
+
+    fn check(&self, device: &dyn MigratableDevice, memory: &GuestMemory) -> Result<DeviceCheck> {
+        let check = driver::check_records(&Bar0(device), &Ram(memory), self.ring)
+            .map_err(|e| MigrationError::driver(self.name.clone(), e))?;
+        Ok(DeviceCheck {
+            device: self.name.clone(),
+            produced: check.produced,
+            checked: check.checked,
+            problems: check.problems,
+            device_errors: check.dma_errors,
+        })
+    }
+}
