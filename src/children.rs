@@ -128,10 +128,14 @@ impl Drop for Children {
             if !matches!(child.try_wait(), Ok(None)) {
                 continue;
             }
+            // Linux pids fit an i32 (pid_max is at most 2^22).
+            let Ok(pid) = libc::pid_t::try_from(child.id()) else {
+                continue;
+            };
             // SAFETY: kill(2) takes no pointers; the pid is our unreaped child's, so it cannot
             // name another process.
             unsafe {
-                libc::kill(child.id() as i32, libc::SIGTERM);
+                libc::kill(pid, libc::SIGTERM);
             }
         }
         let deadline = Instant::now() + Duration::from_secs(5);

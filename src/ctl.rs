@@ -185,11 +185,13 @@ pub fn follow_migration(
     Ok(report)
 }
 
+#[expect(clippy::cast_precision_loss, reason = "a figure to print")]
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
 }
 
 /// Prints the report for a person.
+#[expect(clippy::cast_precision_loss, reason = "figures to print")]
 pub fn print_summary(report: &MigrationReport) {
     let seconds = (report.total_ms as f64 / 1000.0).max(0.001);
     println!("status        {}", report.status.name());

@@ -271,8 +271,9 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
     while duration.is_none_or(|d| start.elapsed().as_secs_f64() < d)
         && !shared.quit.load(Ordering::Acquire)
     {
-        let tick =
-            Duration::from_secs_f64(duration.map_or(second as f64, |d| (second as f64).min(d)));
+        let tick = Duration::from_secs_f64(
+            duration.map_or(f64::from(second), |d| f64::from(second).min(d)),
+        );
         while start.elapsed() < tick && !shared.quit.load(Ordering::Acquire) {
             std::thread::sleep((tick - start.elapsed()).min(Duration::from_millis(50)));
         }

@@ -84,8 +84,16 @@ fn write_u32(device: &dyn MigratableDevice, offset: u64, value: u32) {
 
 /// Has edu copy `count` bytes from `src` to `dst` (one of them its buffer) and waits.
 fn edu_dma(device: &dyn MigratableDevice, src: u64, dst: u64, count: u32, cmd: u32) {
-    write_u32(device, edu::DMA_SRC, src as u32);
-    write_u32(device, edu::DMA_DST, dst as u32);
+    write_u32(
+        device,
+        edu::DMA_SRC,
+        u32::try_from(src).expect("edu DMAs below 4 GiB"),
+    );
+    write_u32(
+        device,
+        edu::DMA_DST,
+        u32::try_from(dst).expect("edu DMAs below 4 GiB"),
+    );
     write_u32(device, edu::DMA_COUNT, count);
     write_u32(device, edu::DMA_CMD, edu::CMD_START | cmd);
     let start = Instant::now();

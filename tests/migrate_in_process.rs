@@ -505,7 +505,7 @@ fn proxy(front: PathBuf, back: PathBuf, fault: Fault) -> JoinHandle<()> {
                     let range = offset..offset + n as u64;
                     match fault {
                         Some(Fault::FlipAt(at)) if range.contains(&at) => {
-                            buf[(at - offset) as usize] ^= 0x10;
+                            buf[usize::try_from(at - offset).unwrap()] ^= 0x10;
                         }
                         Some(Fault::CloseAt(at)) if range.contains(&at) => {
                             let _ = client.shutdown(std::net::Shutdown::Both);

@@ -70,13 +70,21 @@ const CONVERGE_RAM: u64 = 512 << 20;
 /// Longest a QEMU migration may take before it is cancelled and reported as not converging.
 const QEMU_TIMEOUT: Duration = Duration::from_secs(180);
 
+/// `numerator / denominator` as a figure to print.
+#[expect(clippy::cast_precision_loss, reason = "a figure to print")]
+fn ratio(numerator: u64, denominator: u64) -> f64 {
+    numerator as f64 / denominator as f64
+}
+
+#[expect(clippy::cast_precision_loss, reason = "a figure to print")]
 fn gbps(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / elapsed.as_secs_f64() / 1e9
 }
 
 fn memcpy_rate(bytes: u64) -> f64 {
-    let src = vec![1u8; bytes as usize];
-    let mut dst = vec![0u8; bytes as usize];
+    let len = usize::try_from(bytes).expect("a buffer this host can allocate");
+    let src = vec![1u8; len];
+    let mut dst = vec![0u8; len];
     dst.copy_from_slice(&src); // touch the destination first: reused memory, as a VM's is
     let start = Instant::now();
     dst.copy_from_slice(&src);
@@ -238,7 +246,7 @@ fn migrate_with_and_without_verify(
     warm_up: impl Fn(&Vm),
     goal: &str,
 ) -> Result<MigrationReport, String> {
-    let limit = |report: &MigrationReport| report.downtime_ms as f64 / DEFAULT_DOWNTIME_MS as f64;
+    let limit = |report: &MigrationReport| ratio(report.downtime_ms, DEFAULT_DOWNTIME_MS);
     let report = migrate_once(config, &devices()?, params.clone(), &warm_up)?;
     print_vmig(&report);
     println!(
@@ -273,8 +281,8 @@ fn compare_with_qemu(scenario: &qemu::Scenario, ours: &MigrationReport, total_go
                 theirs.throttle_percent,
                 theirs.dirty_pages_rate
             );
-            let speedup = theirs.total_ms as f64 / ours.total_ms.max(1) as f64;
-            let downtime = ours.downtime_ms as f64 / theirs.downtime_ms.max(1) as f64;
+            let speedup = ratio(theirs.total_ms, ours.total_ms.max(1));
+            let downtime = ratio(ours.downtime_ms, theirs.downtime_ms.max(1));
             println!(
                 "  vmig against qemu: total time {speedup:.2}x faster{}, downtime {downtime:.2}x qemu's (goal: below 1x)",
                 total_goal.map_or(String::new(), |g| format!(" (goal: {g}x)")),
@@ -366,7 +374,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode, String> {
             }
             let _ = vm.set_rate(Some(1));
         })?;
-        let rate = report.ram.transferred as f64 / (report.total_ms.max(1) as f64 / 1000.0) / 1e9;
+        let rate = ratio(report.ram.transferred, report.total_ms.max(1)) / 1e6;
         println!("full ({} MiB, every page written, then idle):", ram >> 20);
         print_vmig(&report);
         println!(
@@ -417,9 +425,16 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode, String> {
             let scenario = qemu::Scenario {
                 ram,
                 writes: qemu::Writes::Paced {
-                    ws: (1 << 20, (ram - (1 << 20)) as u32),
-                    tsc_cycles_per_write: (tsc_hz / pages_per_s) as u32,
-                    device_like: Some(((pages_per_s / DIRTY_DMA_RATE) as u32, DMA_RING_PAGES)),
+                    ws: (
+                        1 << 20,
+                        u32::try_from(ram - (1 << 20))
+                            .map_err(|_| "the QEMU guest takes under 4 GiB")?,
+                    ),
+                    tsc_cycles_per_write: u32::try_from(tsc_hz / pages_per_s).unwrap_or(u32::MAX),
+                    device_like: Some((
+                        u32::try_from(pages_per_s / DIRTY_DMA_RATE).unwrap_or(u32::MAX),
+                        DMA_RING_PAGES,
+                    )),
                 },
                 max_bandwidth: None,
                 downtime_ms: DEFAULT_DOWNTIME_MS,
@@ -460,7 +475,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode, String> {
             let scenario = qemu::Scenario {
                 ram: CONVERGE_RAM,
                 writes: qemu::Writes::FlatOut {
-                    ws: (16 << 20, CONVERGE_WSS as u32),
+                    ws: (16 << 20, u32::try_from(CONVERGE_WSS).unwrap_or(u32::MAX)),
                 },
                 max_bandwidth: Some(args.converge_bandwidth),
                 downtime_ms: DEFAULT_DOWNTIME_MS,

@@ -25,9 +25,11 @@ pub const QEMU: &str = "qemu-system-x86_64";
 /// Where SeaBIOS loads the boot sector.
 const LOAD_ADDRESS: u32 = 0x7c00;
 /// Offsets in the boot sector: the GDT, its descriptor, and the 32-bit code.
-const GDT_OFFSET: usize = 0x40;
+const GDT_OFFSET_U32: u32 = 0x40;
+const GDT_OFFSET: usize = GDT_OFFSET_U32 as usize;
 const GDT_DESCRIPTOR_OFFSET: usize = 0x58;
-const CODE32_OFFSET: usize = 0x80;
+const CODE32_OFFSET_U32: u32 = 0x80;
+const CODE32_OFFSET: usize = CODE32_OFFSET_U32 as usize;
 /// The guest's debug console port, and the byte it sends once every page holds data.
 const CONSOLE_PORT: u8 = 0xe9;
 const READY: u8 = b'R';
@@ -129,9 +131,11 @@ pub fn boot_sector(ram: u64, writes: Writes) -> Result<Vec<u8>, String> {
         sector.extend_from_slice(&descriptor.to_le_bytes());
     }
     sector.extend_from_slice(&23u16.to_le_bytes());
-    sector.extend_from_slice(&(LOAD_ADDRESS + GDT_OFFSET as u32).to_le_bytes());
+    sector.extend_from_slice(&(LOAD_ADDRESS + GDT_OFFSET_U32).to_le_bytes());
     sector.resize(CODE32_OFFSET, 0);
-    sector.extend(protected_mode_code(ram as u32, writes).map_err(asm_error)?);
+    let ram = u32::try_from(ram)
+        .map_err(|_| format!("the QEMU guest's RAM of {ram} bytes is over 4 GiB"))?;
+    sector.extend(protected_mode_code(ram, writes).map_err(asm_error)?);
     if sector.len() > 510 {
         return Err(format!(
             "the QEMU guest is {} bytes, more than a boot sector",
@@ -160,7 +164,9 @@ fn real_mode_stub() -> Result<Vec<u8>, IcedError> {
     a.or(eax, 1)?;
     a.mov(cr0, eax)?;
     let mut code = a.assemble(u64::from(LOAD_ADDRESS))?;
-    let target = (LOAD_ADDRESS + CODE32_OFFSET as u32) as u16;
+    // The boot sector sits below 64 KiB, so the target is a 16-bit offset.
+    let target =
+        u16::try_from(LOAD_ADDRESS + CODE32_OFFSET_U32).expect("the boot sector is below 64 KiB");
     code.push(0xea); // jmp far 0x08:target
     code.extend_from_slice(&target.to_le_bytes());
     code.extend_from_slice(&0x08u16.to_le_bytes());

@@ -9,6 +9,12 @@ fn read_tsc() -> u64 {
 }
 
 /// TSC cycles per second, measured over 100 ms.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_precision_loss,
+    reason = "a positive rate far below 2^52, rounded down"
+)]
 pub fn cycles_per_second() -> u64 {
     let (start, first) = (Instant::now(), read_tsc());
     std::thread::sleep(Duration::from_millis(100));

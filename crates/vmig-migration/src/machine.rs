@@ -548,8 +548,18 @@ pub const MAX_VECTORS: u32 = 8;
 const FIRST_VECTOR: u8 = 0x40;
 
 /// The IDT vector the guest receives device `device`'s MSI-X / MSI vector `n` on.
+///
+/// `device` is below [`MAX_DEVICES`] and `n` below [`MAX_VECTORS`], so the vector stays below
+/// `0x40 + MAX_DEVICES × 8`; a larger pair is clamped to the last vector.
 pub fn interrupt_vector(device: usize, n: u32) -> u8 {
-    FIRST_VECTOR + (device as u32 * MAX_VECTORS + n) as u8
+    let offset = u64::try_from(device)
+        .unwrap_or(u64::MAX)
+        .saturating_mul(u64::from(MAX_VECTORS))
+        .saturating_add(u64::from(n));
+    u8::try_from(offset)
+        .ok()
+        .and_then(|o| FIRST_VECTOR.checked_add(o))
+        .unwrap_or(u8::MAX)
 }
 
 /// Gives the device an irqfd for each of its MSI-X vectors (else MSI vectors), up to

@@ -9,6 +9,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vmig_kvm::{GuestMemory, PAGE_SIZE};
+use vmig_primitives::PAGE_BYTES;
 
 use crate::error::{MigrationError, Result};
 use crate::stream::{Kind, RecordWriter, ZERO_PAGE};
@@ -58,6 +59,10 @@ impl Limiter {
         if rate == 0 {
             return;
         }
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "a token bucket in f64: bytes and rates far below 2^52 are exact"
+        )]
         let wait = {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let now = Instant::now();
@@ -156,7 +161,7 @@ impl PagePool {
     /// A sender thread's body: writes batches to `writer` until the pool closes.
     pub fn run_sender(&self, memory: &GuestMemory, writer: &SharedWriter, channel: usize) {
         let mut entries: Vec<u8> = Vec::with_capacity(BATCH_PAGES * 8 + 8);
-        let mut data = vec![0u8; BATCH_PAGES * PAGE_SIZE as usize];
+        let mut data = vec![0u8; BATCH_PAGES * PAGE_BYTES];
         loop {
             let (pass, pages) = {
                 let mut queue = self.queue();
@@ -198,19 +203,21 @@ impl PagePool {
     ) -> io::Result<()> {
         entries.clear();
         entries.extend_from_slice(&pass.to_le_bytes());
-        entries.extend_from_slice(&(pages.len() as u32).to_le_bytes());
+        let count = u32::try_from(pages.len())
+            .map_err(|_| io::Error::other(format!("{} pages in one batch", pages.len())))?;
+        entries.extend_from_slice(&count.to_le_bytes());
         let mut filled = 0usize;
         let mut zero = 0u64;
         for &page in pages {
-            let slot = &mut data[filled..filled + PAGE_SIZE as usize];
+            let slot = &mut data[filled..filled + PAGE_BYTES];
             memory
                 .read(page * PAGE_SIZE, slot)
-                .map_err(|e| io::Error::other(e.to_string()))?;
+                .map_err(io::Error::other)?;
             if is_zero(slot) {
                 zero += 1;
                 entries.extend_from_slice(&(page | ZERO_PAGE).to_le_bytes());
             } else {
-                filled += PAGE_SIZE as usize;
+                filled += PAGE_BYTES;
                 entries.extend_from_slice(&page.to_le_bytes());
             }
         }

@@ -289,7 +289,7 @@ impl Progress {
             && !report.committed
             && let Some(started) = *self.inner.started.lock().unwrap_or_else(|e| e.into_inner())
         {
-            report.total_ms = started.elapsed().as_millis() as u64;
+            report.total_ms = millis(started.elapsed());
         }
         report
     }
@@ -360,7 +360,7 @@ impl Progress {
             .started
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .map_or(0, |s| s.elapsed().as_millis() as u64)
+            .map_or(0, |s| millis(s.elapsed()))
     }
 }
 
@@ -402,4 +402,9 @@ mod tests {
             assert_eq!(serde_json::to_value(status).unwrap(), status.name());
         }
     }
+}
+
+/// Whole milliseconds of `elapsed` (saturating: 2^64 ms is 584 million years).
+pub fn millis(elapsed: std::time::Duration) -> u64 {
+    u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
 }

@@ -7,6 +7,8 @@ use std::fmt;
 pub const PAGE_SIZE: u64 = 4096;
 /// `log2(PAGE_SIZE)`.
 pub const PAGE_SHIFT: u32 = PAGE_SIZE.trailing_zeros();
+/// [`PAGE_SIZE`] as a buffer length.
+pub const PAGE_BYTES: usize = 1 << PAGE_SHIFT;
 
 macro_rules! address {
     ($(#[$doc:meta])* $name:ident, $show:literal) => {
@@ -147,7 +149,7 @@ mod tests {
 
     #[test]
     fn digests_tell_pages_apart() {
-        let mut page = [0u8; PAGE_SIZE as usize];
+        let mut page = [0u8; PAGE_BYTES];
         let a = page_digest(&page);
         page[4095] = 1;
         assert_ne!(a, page_digest(&page));

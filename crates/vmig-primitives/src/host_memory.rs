@@ -252,7 +252,9 @@ pub fn regular_file_size(fd: BorrowedFd<'_>) -> io::Result<Option<u64>> {
     }
     // SAFETY: fstat succeeded, so it initialized the buffer.
     let stat = unsafe { stat.assume_init() };
-    Ok(((stat.st_mode & libc::S_IFMT) == libc::S_IFREG).then_some(stat.st_size as u64))
+    // A regular file's size is never negative.
+    Ok(((stat.st_mode & libc::S_IFMT) == libc::S_IFREG)
+        .then(|| u64::try_from(stat.st_size).unwrap_or(0)))
 }
 
 #[cfg(test)]

@@ -19,6 +19,8 @@ pub mod host_memory;
 pub mod mig_state;
 pub mod uapi;
 
-pub use addr::{GuestAddress, GuestRange, Iova, PAGE_SHIFT, PAGE_SIZE, PageNumber, page_digest};
+pub use addr::{
+    GuestAddress, GuestRange, Iova, PAGE_BYTES, PAGE_SHIFT, PAGE_SIZE, PageNumber, page_digest,
+};
 pub use host_memory::{HostMemory, memfd, regular_file_size};
 pub use mig_state::{ArcError, MigState};
