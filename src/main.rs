@@ -42,7 +42,20 @@ enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// Library logs (`tracing`) to stderr, filtered by `RUST_LOG` (for example
+/// `RUST_LOG=vmig_migration=debug`); only warnings and errors without it.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(true)
+        .init();
+}
+
 fn main() -> ExitCode {
+    init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(&args),

@@ -170,6 +170,7 @@ impl DirtySource for DeviceSource {
             ));
         }
         self.page_size = page_size;
+        tracing::debug!(device = %self.name, kind = self.device.dirty_log_kind().name(), page_size, "device dirty log started");
         Ok(())
     }
 

@@ -373,6 +373,16 @@ impl Machine {
             if let Some(bell) = driver.as_ref().and_then(|d| d.doorbell()) {
                 doorbells.push((bell.producer.raw(), bell.consumer.raw()));
             }
+            tracing::debug!(
+                device = %name,
+                kind = %device.kind(),
+                protocol = device.migration_protocol().as_ref().map_or("none", MigrationProtocol::name),
+                bars = bars.len(),
+                mapped = mapped.len(),
+                vectors = interrupts.len(),
+                driver = driver.is_some(),
+                "device attached"
+            );
             devices.push(AttachedDevice {
                 name,
                 device,
