@@ -80,6 +80,7 @@ pub fn receive(incoming: Incoming, progress: &Progress) -> Result<Arrived> {
         }
     });
     if let Err(e) = &result {
+        tracing::debug!(error = %e, "the migration failed here; telling the source");
         let _ = dest.writer.send(&Record::Abort(e.to_string().into()));
         if let Some(machine) = &dest.machine {
             for d in &machine.devices {
@@ -240,6 +241,11 @@ impl Destination {
             extra.push((h.channel, conn));
         }
         extra.sort_by_key(|(c, _)| *c);
+        tracing::debug!(
+            channels,
+            session = hello.session,
+            "every connection of the migration said hello"
+        );
         conns.extend(extra.into_iter().map(|(_, c)| c));
         for c in &conns {
             c.set_read_timeout(Some(READ_TIMEOUT))

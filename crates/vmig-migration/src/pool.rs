@@ -204,7 +204,7 @@ impl PagePool {
             let slot = &mut data[filled..filled + PAGE_BYTES];
             memory
                 .read(page * PAGE_SIZE, slot)
-                .map_err(|e| io::Error::other(e.to_string()))?;
+                .map_err(io::Error::other)?;
             let is_zero = is_zero(slot);
             if is_zero {
                 zero += 1;

@@ -266,8 +266,7 @@ impl<'a> Source<'a> {
         }
         let memory = Arc::clone(vm.memory());
         let layout = memory.layout().clone();
-        let dirty = DirtyBitmap::try_new(layout.top_page())
-            .map_err(|e| MigrationError::Invalid(e.to_string()))?;
+        let dirty = DirtyBitmap::try_new(layout.top_page())?;
         for slot in &layout.slots {
             let _ = dirty.set_range(slot.first_page(), slot.pages());
         }
