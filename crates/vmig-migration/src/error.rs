@@ -17,6 +17,27 @@ pub enum MigrationError {
     /// protocol expects at this point.
     #[error("migration stream: {0}")]
     Stream(String),
+    /// A record's JSON payload could not be encoded or decoded.
+    #[error("migration stream: {what}: {source}")]
+    Json {
+        /// Which record, and what was wrong with it.
+        what: &'static str,
+        /// The JSON error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Guest memory refused a page the stream carried.
+    #[error("migration stream: {what}: {source}")]
+    Memory {
+        /// Which page, and what was done with it.
+        what: String,
+        /// The VM's error.
+        #[source]
+        source: vmig_kvm::KvmError,
+    },
+    /// A dirty bitmap could not be made.
+    #[error(transparent)]
+    Bitmap(#[from] vmig_dirty::DirtyError),
     /// The destination refused the migration (the reason is the destination's).
     #[error("the destination refused the migration: {0}")]
     Refused(String),

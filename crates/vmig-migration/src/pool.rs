@@ -9,10 +9,10 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use vmig_kvm::{GuestMemory, PAGE_SIZE};
-use vmig_primitives::PAGE_BYTES;
+use vmig_primitives::PageNumber;
 
 use crate::error::{MigrationError, Result};
-use crate::stream::{Kind, RecordWriter, ZERO_PAGE};
+use crate::stream::{PAGE_BYTES, PageEntry, Pages, Record, RecordWriter};
 use crate::transport::Conn;
 
 /// Pages per `Pages` record.
@@ -160,7 +160,7 @@ impl PagePool {
 
     /// A sender thread's body: writes batches to `writer` until the pool closes.
     pub fn run_sender(&self, memory: &GuestMemory, writer: &SharedWriter, channel: usize) {
-        let mut entries: Vec<u8> = Vec::with_capacity(BATCH_PAGES * 8 + 8);
+        let mut entries: Vec<PageEntry> = Vec::with_capacity(BATCH_PAGES);
         let mut data = vec![0u8; BATCH_PAGES * PAGE_BYTES];
         loop {
             let (pass, pages) = {
@@ -198,14 +198,10 @@ impl PagePool {
         writer: &SharedWriter,
         pass: u32,
         pages: &[u64],
-        entries: &mut Vec<u8>,
+        entries: &mut Vec<PageEntry>,
         data: &mut [u8],
     ) -> io::Result<()> {
         entries.clear();
-        entries.extend_from_slice(&pass.to_le_bytes());
-        let count = u32::try_from(pages.len())
-            .map_err(|_| io::Error::other(format!("{} pages in one batch", pages.len())))?;
-        entries.extend_from_slice(&count.to_le_bytes());
         let mut filled = 0usize;
         let mut zero = 0u64;
         for &page in pages {
@@ -213,17 +209,22 @@ impl PagePool {
             memory
                 .read(page * PAGE_SIZE, slot)
                 .map_err(io::Error::other)?;
-            if is_zero(slot) {
+            let is_zero = is_zero(slot);
+            if is_zero {
                 zero += 1;
-                entries.extend_from_slice(&(page | ZERO_PAGE).to_le_bytes());
             } else {
                 filled += PAGE_BYTES;
-                entries.extend_from_slice(&page.to_le_bytes());
             }
+            entries.push(PageEntry::new(PageNumber(page), is_zero));
         }
-        let bytes = (entries.len() + filled) as u64;
+        let bytes = (8 + entries.len() * 8 + filled) as u64;
         self.limiter.take(bytes);
-        lock(writer).write(Kind::Pages, &[entries, &data[..filled]])?;
+        let record = Record::Pages(Pages {
+            pass,
+            entries,
+            data: &data[..filled],
+        });
+        lock(writer).send(&record)?;
         let c = &self.counters;
         c.bytes
             .fetch_add(bytes + crate::stream::HEADER_SIZE as u64, Ordering::Relaxed);

@@ -6,49 +6,24 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
 use vmig_dirty::DirtyBitmap;
-use vmig_kvm::{PAGE_SIZE, VcpuState, Vm, VmConfig};
+use vmig_kvm::{PAGE_SIZE, VcpuState, Vm};
+use vmig_primitives::PageNumber;
+use zerocopy::little_endian::U64;
 
 use crate::dirty::{DeviceSource, DirtySource, KvmSource, Mapping, VmmSource};
 use crate::error::{MigrationError, Result, device_error, io_error};
-use crate::machine::{Bar, Machine};
+use crate::machine::Machine;
 use crate::pool::{BATCH_PAGES, PagePool, SharedWriter, lock};
-use crate::report::{DeviceStats, MigrationParams, Progress, SourceStats, Status, Verification};
-use crate::stream::{Hello, Kind, MAX_RECORD, RecordReader, RecordWriter, StateDigest};
+use crate::report::{DeviceStats, MigrationParams, Progress, SourceStats, Status};
+use crate::stream::{
+    DeviceData, DeviceDescription, DeviceEnd, Digests, Hello, Kind, MAX_RECORD, MigrationConfig,
+    Record, RecordReader, RecordWriter, StateDigest,
+};
 use crate::transport::{self, Conn, Uri};
 
-/// What the source tells the destination first.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MigrationConfig {
-    /// The VM.
-    pub vm: VmConfig,
-    /// The devices, in order.
-    pub devices: Vec<DeviceDescription>,
-    /// Whether digests of every page follow the last pages (`verify_memory`).
-    pub verify_memory: bool,
-}
-
-/// A device as the source has it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceDescription {
-    /// Its name.
-    pub name: String,
-    /// "v1" or "v2".
-    pub protocol: String,
-    /// Its BARs in the guest: the guest's driver state (doorbell addresses) arrives with RAM
-    /// and needs the same layout on the destination.
-    pub bars: Vec<Bar>,
-    /// Its areas mapped into the guest: (region, guest-physical address, bytes).
-    pub mapped: Vec<(u32, u64, u64)>,
-    /// How it is reached and what it is ("vfio-user", "vfio-pci 15b3:101e"): a device's
-    /// state only loads into the same kind of device.
-    #[serde(default)]
-    pub kind: String,
-}
-
-/// Device state records: parts of one chunk carry this flag until the last.
-pub const MORE_PARTS: u32 = 1;
+/// Page digests per `Digests` record.
+const DIGESTS_PER_RECORD: usize = 65536;
 /// How long the source waits for the destination's answers.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the destination's checks after resuming may take.
@@ -182,7 +157,7 @@ impl<'a> Source<'a> {
             && !self.committed
         {
             let reason = e.to_string();
-            let _ = lock(&self.writers[0]).write(Kind::Abort, &[reason.as_bytes()]);
+            let _ = lock(&self.writers[0]).send(&Record::Abort(reason.as_str().into()));
             self.rollback();
         }
         for c in &self.conns {
@@ -198,10 +173,9 @@ impl<'a> Source<'a> {
             .set_read_timeout(Some(Duration::from_millis(500)))
             .ok()?;
         loop {
-            match self.reader.read() {
-                Ok(r) if r.kind == Kind::Abort => {
-                    return Some(String::from_utf8_lossy(&r.payload).into_owned());
-                }
+            let mut buf = Vec::new();
+            match self.reader.receive(&mut buf) {
+                Ok(Record::Abort(reason)) => return Some(reason.into_owned()),
                 Ok(_) => {}
                 Err(_) => return None,
             }
@@ -246,10 +220,10 @@ impl<'a> Source<'a> {
         lock(&self.writers[0])
     }
 
-    fn send(&self, kind: Kind, parts: &[&[u8]]) -> Result<()> {
+    fn send(&self, record: &Record<'_>) -> Result<()> {
         self.main()
-            .write(kind, parts)
-            .map_err(io_error(format!("sending a {kind:?} record")))
+            .send(record)
+            .map_err(io_error(format!("sending a {:?} record", record.kind())))
     }
 
     fn run_inner(&mut self) -> Result<()> {
@@ -270,9 +244,7 @@ impl<'a> Source<'a> {
                 })
                 .collect(),
         };
-        let json =
-            serde_json::to_vec(&config).map_err(|e| MigrationError::Invalid(e.to_string()))?;
-        self.send(Kind::Config, &[&json])?;
+        self.send(&Record::Config(Box::new(config)))?;
         self.reader
             .get_ref()
             .set_read_timeout(Some(ANSWER_TIMEOUT))
@@ -293,8 +265,7 @@ impl<'a> Source<'a> {
         }
         let memory = Arc::clone(vm.memory());
         let layout = memory.layout().clone();
-        let dirty = DirtyBitmap::try_new(layout.top_page())
-            .map_err(|e| MigrationError::Invalid(e.to_string()))?;
+        let dirty = DirtyBitmap::try_new(layout.top_page())?;
         for slot in &layout.slots {
             let _ = dirty.set_range(slot.first_page(), slot.pages());
         }
@@ -430,7 +401,7 @@ impl<'a> Source<'a> {
         pool.wait_idle()?;
         for w in &self.writers {
             lock(w)
-                .write(Kind::PassEnd, &[&pass.to_le_bytes()])
+                .send(&Record::PassEnd { pass })
                 .map_err(io_error("ending a pass"))?;
         }
         self.publish_counters(pool);
@@ -456,7 +427,8 @@ impl<'a> Source<'a> {
         chunks: &[Vec<u8>],
         digest: &mut StateDigest,
     ) -> Result<u64> {
-        let part_max = MAX_RECORD as usize - 8;
+        let device = device_number(index)?;
+        let part_max = usize::try_from(MAX_RECORD).unwrap_or(usize::MAX) - 8;
         let mut bytes = 0;
         for chunk in chunks {
             let parts: Vec<&[u8]> = if chunk.is_empty() {
@@ -465,11 +437,11 @@ impl<'a> Source<'a> {
                 chunk.chunks(part_max).collect()
             };
             for (i, part) in parts.iter().enumerate() {
-                let flags = if i + 1 < parts.len() { MORE_PARTS } else { 0 };
-                self.send(
-                    Kind::DeviceData,
-                    &[&(index as u32).to_le_bytes(), &flags.to_le_bytes(), part],
-                )?;
+                self.send(&Record::DeviceData(DeviceData {
+                    device,
+                    more: i + 1 < parts.len(),
+                    data: part,
+                }))?;
             }
             digest.add(chunk);
             bytes += chunk.len() as u64;
@@ -586,36 +558,31 @@ impl<'a> Source<'a> {
                 self.progress
                     .update(|r| r.devices[i].stopcopy_bytes += bytes);
                 let d = &device_digests[i];
-                self.send(
-                    Kind::DeviceEnd,
-                    &[
-                        &(i as u32).to_le_bytes(),
-                        &d.bytes().to_le_bytes(),
-                        &d.digest().to_le_bytes(),
-                    ],
-                )?;
+                self.send(&Record::DeviceEnd(DeviceEnd {
+                    device: device_number(i)?,
+                    bytes: d.bytes(),
+                    digest: d.digest(),
+                }))?;
             }
             let vcpus: Vec<VcpuState> = vm.save_vcpus()?;
-            let json =
-                serde_json::to_vec(&vcpus).map_err(|e| MigrationError::Invalid(e.to_string()))?;
-            self.send(Kind::VcpuState, &[&json])?;
+            self.send(&Record::VcpuState(vcpus))?;
             let digests = digests
                 .join()
                 .map_err(|_| MigrationError::Invalid("the digest thread panicked".into()))??;
             for (first, list) in digests {
-                for (n, chunk) in list.chunks(65536).enumerate() {
-                    let mut payload = Vec::with_capacity(12 + chunk.len() * 8);
-                    payload.extend_from_slice(&(first + n as u64 * 65536).to_le_bytes());
-                    payload.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
-                    for d in chunk {
-                        payload.extend_from_slice(&d.to_le_bytes());
-                    }
-                    self.send(Kind::Digests, &[&payload])?;
+                let mut page = first;
+                for chunk in list.chunks(DIGESTS_PER_RECORD) {
+                    let digests: Vec<U64> = chunk.iter().map(|&d| U64::new(d)).collect();
+                    self.send(&Record::Digests(Digests {
+                        first: PageNumber(page),
+                        digests: &digests,
+                    }))?;
+                    page += digests.len() as u64;
                 }
             }
             Ok(())
         })?;
-        self.send(Kind::Complete, &[])?;
+        self.send(&Record::Complete)?;
         self.progress.update(|r| {
             r.status = Status::Verifying;
             r.ram.remaining = 0;
@@ -625,7 +592,7 @@ impl<'a> Source<'a> {
         // The point of no return: from here on the source never resumes.
         self.committed = true;
         self.progress.update(|r| r.committed = true);
-        self.send(Kind::Commit, &[])?;
+        self.send(&Record::Commit)?;
         self.reader.expect(Kind::Resumed)?;
         let downtime_ms = paused_at.elapsed().as_millis() as u64;
         let total_ms = self.progress.elapsed_ms();
@@ -648,12 +615,14 @@ impl<'a> Source<'a> {
             .get_ref()
             .set_read_timeout(Some(RESULT_TIMEOUT))
             .map_err(io_error("setting a timeout"))?;
-        let payload = self.reader.expect(Kind::Result)?;
-        let verification: Verification = serde_json::from_slice(&payload).map_err(|e| {
-            MigrationError::Stream(format!(
-                "the destination's Result record is not valid JSON: {e}"
-            ))
-        })?;
+        let mut buf = Vec::new();
+        let Record::Result(verification) = self.reader.expect_record(Kind::Result, &mut buf)?
+        else {
+            return Err(MigrationError::Stream(
+                "a Result record decoded as another".into(),
+            ));
+        };
+        let verification = *verification;
         let verified = verification.passed();
         let held = if self.params.verify_memory {
             verified
@@ -740,6 +709,16 @@ fn throttle_vcpus(vm: &Vm, percent: &AtomicU64, stopped: &Mutex<bool>) {
         }
         drop(gate);
     }
+}
+
+/// A device's index as records carry it.
+fn device_number(index: usize) -> Result<u32> {
+    u32::try_from(index).map_err(|_| {
+        MigrationError::Invalid(format!(
+            "device {index}: a stream carries at most {} devices",
+            u32::MAX
+        ))
+    })
 }
 
 fn session_id() -> u64 {

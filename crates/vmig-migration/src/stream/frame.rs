@@ -1,161 +1,39 @@
-//! The migration stream: a hello on each connection, then typed, length-prefixed, sequenced and
-//! checksummed records.
-//!
-//! ```text
-//! hello (32 bytes, each connection, source → destination):
-//!   magic "VMIGSTRM" | version u32 | channel u16 | channels u16 | session u64 | reserved u64
-//! record (each direction):
-//!   kind u16 | flags u16 (0) | length u32 | sequence u64 | checksum u64 | payload[length]
-//! ```
-//!
-//! All integers are little-endian. `sequence` counts the records of one direction of one
-//! connection from 0, so a record lost, repeated or moved is found at once; `checksum` is XXH3
-//! over the header's first 16 bytes and the payload, so a flipped bit anywhere is found. In a
-//! `Pages` record each page's data enters the checksum as its XXH3 digest: the destination
-//! keeps those digests for verification anyway, so it reads each page once for both. A
-//! version other than [`VERSION`] is refused, as is an unknown kind, a length over
-//! [`MAX_RECORD`], a flag, and any record the protocol does not expect where it comes (the
-//! callers check that).
+//! The framing of records: the 24-byte header with its kind, length, sequence and checksum,
+//! written and read on one connection in one direction.
 
 use std::io::{self, Read, Write};
 
 use xxhash_rust::xxh3::Xxh3;
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
+use super::record::Payload;
+use super::{HEADER_SIZE, Kind, MAX_RECORD, PAGE_BYTES, Record, page_digest};
 use crate::error::{MigrationError, Result, io_error};
 
-/// Hello magic.
-pub const MAGIC: [u8; 8] = *b"VMIGSTRM";
-/// The stream version this build speaks (2: `Pages` checksums cover page digests).
-pub const VERSION: u32 = 2;
-/// Largest record payload.
-pub const MAX_RECORD: u32 = 16 << 20;
-/// Bytes of a hello.
-pub const HELLO_SIZE: usize = 32;
-/// Bytes of a record header.
-pub const HEADER_SIZE: usize = 24;
-/// Bit 63 of a page entry: the page is all zeros and has no data in the record.
-pub const ZERO_PAGE: u64 = 1 << 63;
-
-/// The first bytes of every connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Hello {
-    /// This connection's index (0 is the main connection).
-    pub channel: u16,
-    /// Connections in this migration.
-    pub channels: u16,
-    /// Random number shared by the connections of one migration.
-    pub session: u64,
+/// A record header as it is on the wire; the checksum covers the first 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+struct RecordHead {
+    kind: U16,
+    flags: U16,
+    length: U32,
+    sequence: U64,
+    checksum: U64,
 }
 
-impl Hello {
-    /// The hello's bytes.
-    pub fn encode(&self) -> [u8; HELLO_SIZE] {
-        let mut b = [0u8; HELLO_SIZE];
-        b[0..8].copy_from_slice(&MAGIC);
-        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        b[12..14].copy_from_slice(&self.channel.to_le_bytes());
-        b[14..16].copy_from_slice(&self.channels.to_le_bytes());
-        b[16..24].copy_from_slice(&self.session.to_le_bytes());
-        b
-    }
+/// Bytes of the header the checksum covers.
+const CHECKED: usize = 16;
 
-    /// Parses and checks a hello.
-    pub fn decode(b: &[u8; HELLO_SIZE]) -> Result<Self> {
-        if b[0..8] != MAGIC {
-            return Err(MigrationError::Stream(format!(
-                "the peer did not start with the vmig magic \"VMIGSTRM\" (got {:02x?}): not a vmig migration stream",
-                &b[0..8]
-            )));
-        }
-        let version = u32::from_le_bytes(b[8..12].try_into().unwrap_or_default());
-        if version != VERSION {
-            return Err(MigrationError::Stream(format!(
-                "stream version {version}: this vmig speaks version {VERSION} only"
-            )));
-        }
-        let hello = Self {
-            channel: u16::from_le_bytes([b[12], b[13]]),
-            channels: u16::from_le_bytes([b[14], b[15]]),
-            session: u64::from_le_bytes(b[16..24].try_into().unwrap_or_default()),
-        };
-        if hello.channels == 0 || hello.channel >= hello.channels || b[24..32] != [0; 8] {
-            return Err(MigrationError::Stream(format!(
-                "hello of channel {} of {} (reserved {:02x?}): expected a channel below a non-zero count and zero reserved bytes",
-                hello.channel,
-                hello.channels,
-                &b[24..32]
-            )));
-        }
-        Ok(hello)
-    }
-
-    /// Reads a hello from `r`.
-    pub fn read(r: &mut impl Read) -> Result<Self> {
-        let mut b = [0u8; HELLO_SIZE];
-        r.read_exact(&mut b)
-            .map_err(io_error("reading the connection's hello"))?;
-        Self::decode(&b)
-    }
-}
-
-/// Record kinds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u16)]
-pub enum Kind {
-    /// Source → destination: the VM's configuration and devices (JSON).
-    Config = 1,
-    /// Destination → source: the configuration is accepted, the destination is ready.
-    Ready = 2,
-    /// A batch of pages: pass u32, count u32, count entries u64 (page number | [`ZERO_PAGE`]),
-    /// then 4 KiB of data per non-zero page.
-    Pages = 3,
-    /// End of a pass over memory on this connection: pass u32.
-    PassEnd = 4,
-    /// Device state: device u32, then a chunk as the device produced it.
-    DeviceData = 5,
-    /// End of a device's state: device u32, bytes u64, XXH3 of all its chunks u64.
-    DeviceEnd = 6,
-    /// Every vCPU's state (JSON).
-    VcpuState = 7,
-    /// Page digests: first page u64, count u32, count digests u64.
-    Digests = 8,
-    /// Source → destination: everything is sent; verify and load.
-    Complete = 9,
-    /// Destination → source: verified and loaded; waiting for the commit.
-    Accepted = 10,
-    /// Source → destination: resume the VM; the source will never resume.
-    Commit = 11,
-    /// Destination → source: the VM runs on the destination.
-    Resumed = 12,
-    /// Destination → source: what the checks after resuming found (JSON).
-    Result = 13,
-    /// Either way: the migration stops; reason as UTF-8.
-    Abort = 14,
-}
-
-impl Kind {
-    fn from_u16(value: u16) -> Option<Self> {
-        use Kind::*;
-        [
-            Config, Ready, Pages, PassEnd, DeviceData, DeviceEnd, VcpuState, Digests, Complete,
-            Accepted, Commit, Resumed, Result, Abort,
-        ]
-        .into_iter()
-        .find(|k| *k as u16 == value)
-    }
-}
-
-/// Bytes of a page in a `Pages` record.
-const PAGE_BYTES: usize = 4096;
-
-pub use vmig_primitives::page_digest;
-
-/// The checksum of a `Pages` record: its header, its entries, then each page's digest.
-fn pages_checksum(header: &[u8], entries: &[u8], digests: &[u64]) -> u64 {
+/// The checksum of a record: its header's first 16 bytes, `parts`, then the digest of each
+/// page of `pages` (a `Pages` record's data).
+fn checksum(header: &[u8], parts: &[&[u8]], pages: &[u64]) -> u64 {
     let mut h = Xxh3::new();
-    h.update(&header[..16]);
-    h.update(entries);
-    for digest in digests {
+    h.update(&header[..CHECKED]);
+    for part in parts {
+        h.update(part);
+    }
+    for digest in pages {
         h.update(&digest.to_le_bytes());
     }
     h.digest()
@@ -172,17 +50,16 @@ fn split_pages(payload: &[u8]) -> Option<(&[u8], &[u8])> {
 
 /// Bytes of a `Pages` payload's pass, count and entries, from its count.
 fn entries_len(payload: &[u8]) -> Option<usize> {
-    let count = u32::from_le_bytes(payload.get(4..8)?.try_into().ok()?) as usize;
-    count.checked_mul(8)?.checked_add(8)
+    let count = u32::from_le_bytes(payload.get(4..8)?.try_into().ok()?);
+    usize::try_from(count).ok()?.checked_mul(8)?.checked_add(8)
 }
 
-fn checksum(header: &[u8], payload: &[&[u8]]) -> u64 {
-    let mut h = Xxh3::new();
-    h.update(&header[..16]);
-    for part in payload {
-        h.update(part);
-    }
-    h.digest()
+/// The refusal of a `Pages` record whose parts are not entries then whole pages.
+fn pages_shape() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "a Pages record is written as two parts: pass, count and entries; then whole pages",
+    )
 }
 
 /// Writes records on one connection (one direction).
@@ -203,43 +80,59 @@ impl<W: Write> RecordWriter<W> {
         }
     }
 
-    /// Writes a record whose payload is the concatenation of `parts` (for `Pages`: the pass,
-    /// count and entries, then the pages' data).
+    /// Writes `record`, encoded ([`Record`]'s one encoder).
+    pub fn send(&mut self, record: &Record<'_>) -> io::Result<()> {
+        let Payload { head, body, pages } = record
+            .encode()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        self.frame(record.kind(), &[&head, body], pages)
+    }
+
+    /// Writes a record of `kind` whose payload is the concatenation of `parts` (for `Pages`:
+    /// the pass, count and entries, then the pages' data). [`send`](Self::send) writes typed
+    /// records; this writes any bytes, as tests of the framing need.
     pub fn write(&mut self, kind: Kind, parts: &[&[u8]]) -> io::Result<()> {
-        let length: usize = parts.iter().map(|p| p.len()).sum();
-        if length > MAX_RECORD as usize {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("record of {length} bytes exceeds {MAX_RECORD}"),
-            ));
+        match (kind, parts) {
+            (Kind::Pages, [entries, data]) if entries_len(entries) == Some(entries.len()) => {
+                self.frame(kind, &[entries], Some(data))
+            }
+            (Kind::Pages, _) => Err(pages_shape()),
+            _ => self.frame(kind, parts, None),
         }
-        let mut header = [0u8; HEADER_SIZE];
-        header[0..2].copy_from_slice(&(kind as u16).to_le_bytes());
-        header[4..8].copy_from_slice(&(length as u32).to_le_bytes());
-        header[8..16].copy_from_slice(&self.sequence.to_le_bytes());
-        let sum = match (kind, parts) {
-            (Kind::Pages, [entries, data])
-                if entries_len(entries) == Some(entries.len())
-                    && data.len().is_multiple_of(PAGE_BYTES) =>
-            {
-                let digests: Vec<u64> = data.chunks_exact(PAGE_BYTES).map(page_digest).collect();
-                pages_checksum(&header, entries, &digests)
-            }
-            (Kind::Pages, _) => {
-                return Err(io::Error::new(
+    }
+
+    /// Frames `parts`, then `pages` (whole pages, which the checksum covers by their digests).
+    fn frame(&mut self, kind: Kind, parts: &[&[u8]], pages: Option<&[u8]>) -> io::Result<()> {
+        let data = pages.unwrap_or_default();
+        if !data.len().is_multiple_of(PAGE_BYTES) {
+            return Err(pages_shape());
+        }
+        let total: usize = parts.iter().map(|p| p.len()).sum::<usize>() + data.len();
+        let length = u32::try_from(total)
+            .ok()
+            .filter(|length| *length <= MAX_RECORD)
+            .ok_or_else(|| {
+                io::Error::new(
                     io::ErrorKind::InvalidInput,
-                    "a Pages record is written as two parts: pass, count and entries; then whole pages",
-                ));
-            }
-            _ => checksum(&header, parts),
+                    format!("record of {total} bytes exceeds {MAX_RECORD}"),
+                )
+            })?;
+        let mut head = RecordHead {
+            kind: (kind as u16).into(),
+            flags: 0.into(),
+            length: length.into(),
+            sequence: self.sequence.into(),
+            checksum: 0.into(),
         };
-        header[16..24].copy_from_slice(&sum.to_le_bytes());
-        let mut slices = Vec::with_capacity(parts.len() + 1);
-        slices.push(io::IoSlice::new(&header));
+        let digests: Vec<u64> = data.chunks_exact(PAGE_BYTES).map(page_digest).collect();
+        head.checksum = checksum(head.as_bytes(), parts, &digests).into();
+        let mut slices = Vec::with_capacity(parts.len() + 2);
+        slices.push(io::IoSlice::new(head.as_bytes()));
         slices.extend(parts.iter().map(|p| io::IoSlice::new(p)));
+        slices.push(io::IoSlice::new(data));
         write_all_vectored(&mut self.inner, &mut slices)?;
         self.sequence += 1;
-        self.bytes += (HEADER_SIZE + length) as u64;
+        self.bytes += (HEADER_SIZE as u64) + u64::from(length);
         Ok(())
     }
 
@@ -272,9 +165,9 @@ fn write_all_vectored(w: &mut impl Write, mut slices: &mut [io::IoSlice<'_>]) ->
     Ok(())
 }
 
-/// A record as read.
+/// A record as read, its payload not decoded.
 #[derive(Debug)]
-pub struct Record {
+pub struct RawRecord {
     /// Its kind.
     pub kind: Kind,
     /// Its payload.
@@ -303,7 +196,12 @@ impl<R: Read> RecordReader<R> {
         }
     }
 
-    /// Reads the next record into `buf` (reused across calls), returning its kind and length.
+    /// What the reader's errors call its connection.
+    pub fn what(&self) -> &str {
+        &self.what
+    }
+
+    /// Reads the next record into `buf` (reused across calls), returning its kind.
     pub fn read_into(&mut self, buf: &mut Vec<u8>) -> Result<Kind> {
         let mut header = [0u8; HEADER_SIZE];
         self.inner.read_exact(&mut header).map_err(|e| {
@@ -313,11 +211,12 @@ impl<R: Read> RecordReader<R> {
             );
             io_error(what)(e)
         })?;
-        let raw_kind = u16::from_le_bytes([header[0], header[1]]);
-        let flags = u16::from_le_bytes([header[2], header[3]]);
-        let length = u32::from_le_bytes(header[4..8].try_into().unwrap_or_default());
-        let sequence = u64::from_le_bytes(header[8..16].try_into().unwrap_or_default());
-        let sum = u64::from_le_bytes(header[16..24].try_into().unwrap_or_default());
+        let head = RecordHead::read_from_bytes(&header)
+            .map_err(|_| MigrationError::Stream(format!("{}: a short header", self.what)))?;
+        let raw_kind = head.kind.get();
+        let flags = head.flags.get();
+        let length = head.length.get();
+        let sequence = head.sequence.get();
         let bad = |why: String| MigrationError::Stream(format!("{}: {why}", self.what));
         if sequence != self.sequence {
             return Err(bad(format!(
@@ -325,13 +224,16 @@ impl<R: Read> RecordReader<R> {
                 self.sequence
             )));
         }
-        if flags != 0 || length > MAX_RECORD {
+        let size = usize::try_from(length)
+            .ok()
+            .filter(|_| length <= MAX_RECORD);
+        let (0, Some(size)) = (flags, size) else {
             return Err(bad(format!(
                 "record {sequence} has flags {flags:#x} and length {length}: expected flags 0 and at most {MAX_RECORD} bytes"
             )));
-        }
+        };
         buf.clear();
-        buf.resize(length as usize, 0);
+        buf.resize(size, 0);
         self.inner.read_exact(buf).map_err(|e| {
             io_error(format!(
                 "{}: reading the {length} bytes of record {sequence} (the stream is truncated)",
@@ -343,21 +245,31 @@ impl<R: Read> RecordReader<R> {
             split_pages(buf).is_some_and(|(entries, data)| {
                 self.page_digests
                     .extend(data.chunks_exact(PAGE_BYTES).map(page_digest));
-                pages_checksum(&header, entries, &self.page_digests) == sum
+                checksum(&header, &[entries], &self.page_digests) == head.checksum.get()
             })
         } else {
-            checksum(&header, &[buf]) == sum
+            checksum(&header, &[buf], &[]) == head.checksum.get()
         };
         if !intact {
             return Err(bad(format!(
                 "record {sequence} (kind {raw_kind}, {length} bytes) fails its checksum: the stream is corrupted"
             )));
         }
-        let kind = Kind::from_u16(raw_kind)
-            .ok_or_else(|| bad(format!("record {sequence} has unknown kind {raw_kind}")))?;
+        let kind = Kind::from_u16(raw_kind).ok_or_else(|| {
+            bad(format!(
+                "record {sequence} has unknown kind {raw_kind}: expected 1 to {}",
+                Kind::Abort as u16
+            ))
+        })?;
         self.sequence += 1;
         self.bytes += (HEADER_SIZE as u64) + u64::from(length);
         Ok(kind)
+    }
+
+    /// Reads the next record into `buf` and decodes it ([`Record`]'s one decoder).
+    pub fn receive<'b>(&mut self, buf: &'b mut Vec<u8>) -> Result<Record<'b>> {
+        let kind = self.read_into(buf)?;
+        Record::decode(kind, buf)
     }
 
     /// The digest of each page of the last record read, when it was `Pages` (in the order of
@@ -367,27 +279,42 @@ impl<R: Read> RecordReader<R> {
     }
 
     /// Reads the next record.
-    pub fn read(&mut self) -> Result<Record> {
+    pub fn read(&mut self) -> Result<RawRecord> {
         let mut payload = Vec::new();
         let kind = self.read_into(&mut payload)?;
-        Ok(Record { kind, payload })
+        Ok(RawRecord { kind, payload })
     }
 
     /// Reads the next record, which must be of `kind` (an `Abort` from the peer is reported as
     /// a refusal with the peer's reason).
+    /// The payload is returned as it came, not decoded: [`expect_record`](Self::expect_record)
+    /// decodes.
     pub fn expect(&mut self, kind: Kind) -> Result<Vec<u8>> {
-        let record = self.read()?;
-        if record.kind == kind {
-            return Ok(record.payload);
+        let mut payload = Vec::new();
+        self.expect_kind(kind, &mut payload)?;
+        Ok(payload)
+    }
+
+    /// Reads the next record into `buf`, which must be of `kind`, and decodes it (an `Abort`
+    /// from the peer is reported as a refusal with the peer's reason).
+    pub fn expect_record<'b>(&mut self, kind: Kind, buf: &'b mut Vec<u8>) -> Result<Record<'b>> {
+        self.expect_kind(kind, buf)?;
+        Record::decode(kind, buf)
+    }
+
+    fn expect_kind(&mut self, kind: Kind, buf: &mut Vec<u8>) -> Result<()> {
+        let got = self.read_into(buf)?;
+        if got == kind {
+            return Ok(());
         }
-        if record.kind == Kind::Abort {
-            return Err(MigrationError::Refused(
-                String::from_utf8_lossy(&record.payload).into_owned(),
-            ));
+        if got == Kind::Abort
+            && let Record::Abort(reason) = Record::decode(got, buf)?
+        {
+            return Err(MigrationError::Refused(reason.into_owned()));
         }
         Err(MigrationError::Stream(format!(
-            "{}: a {:?} record where {kind:?} was expected",
-            self.what, record.kind
+            "{}: a {got:?} record where {kind:?} was expected",
+            self.what
         )))
     }
 
@@ -402,96 +329,10 @@ impl<R: Read> RecordReader<R> {
     }
 }
 
-/// The byte count and XXH3 of a device's state, chunk by chunk (each chunk's length, then its
-/// bytes), as the source sends it in `DeviceEnd` and the destination recomputes it.
-#[derive(Clone, Default)]
-pub struct StateDigest {
-    bytes: u64,
-    hash: Xxh3,
-}
-
-impl StateDigest {
-    /// Adds one chunk.
-    pub fn add(&mut self, chunk: &[u8]) {
-        self.bytes += chunk.len() as u64;
-        self.hash.update(&(chunk.len() as u64).to_le_bytes());
-        self.hash.update(chunk);
-    }
-
-    /// Bytes added so far.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-
-    /// The digest of the chunks added so far.
-    pub fn digest(&self) -> u64 {
-        self.hash.digest()
-    }
-}
-
-/// Reads little-endian integers from a payload, with errors naming the record.
-#[derive(Debug)]
-pub struct Fields<'a> {
-    data: &'a [u8],
-    what: &'static str,
-}
-
-impl<'a> Fields<'a> {
-    /// Fields of `data`, a payload of record `what`.
-    pub fn new(data: &'a [u8], what: &'static str) -> Self {
-        Self { data, what }
-    }
-
-    /// The next `n` bytes.
-    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.data.len() < n {
-            return Err(MigrationError::Stream(format!(
-                "{} record is {} bytes short",
-                self.what,
-                n - self.data.len()
-            )));
-        }
-        let (head, tail) = self.data.split_at(n);
-        self.data = tail;
-        Ok(head)
-    }
-
-    /// The next `u32`.
-    pub fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(
-            self.bytes(4)?.try_into().unwrap_or_default(),
-        ))
-    }
-
-    /// The next `u64`.
-    pub fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(
-            self.bytes(8)?.try_into().unwrap_or_default(),
-        ))
-    }
-
-    /// The rest.
-    pub fn rest(self) -> &'a [u8] {
-        self.data
-    }
-
-    /// An error unless every byte was read.
-    pub fn end(self) -> Result<()> {
-        if self.data.is_empty() {
-            Ok(())
-        } else {
-            Err(MigrationError::Stream(format!(
-                "{} record has {} bytes too many",
-                self.what,
-                self.data.len()
-            )))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stream::ZERO_PAGE;
 
     fn stream(records: &[(Kind, &[u8])]) -> Vec<u8> {
         let mut w = RecordWriter::new(Vec::new());
@@ -626,7 +467,7 @@ mod tests {
         kind: Kind,
         bits: impl Iterator<Item = usize>,
     ) -> [usize; 4] {
-        let length = (bytes.len() - HEADER_SIZE) as u32;
+        let length = u32::try_from(bytes.len() - HEADER_SIZE).unwrap();
         let mut classes = [0; 4];
         for bit in bits {
             bytes[bit / 8] ^= 1 << (bit % 8);
@@ -672,7 +513,9 @@ mod tests {
         entries.extend_from_slice(&2u32.to_le_bytes());
         entries.extend_from_slice(&7u64.to_le_bytes());
         entries.extend_from_slice(&(9 | ZERO_PAGE).to_le_bytes());
-        let data: Vec<u8> = (0..PAGE_BYTES).map(|i| (i * 7) as u8).collect();
+        let data: Vec<u8> = (0..PAGE_BYTES)
+            .map(|i| i.wrapping_mul(7).to_le_bytes()[0])
+            .collect();
         (entries, data)
     }
 
@@ -731,7 +574,7 @@ mod tests {
                 Kind::Pages => w.write(*kind, &[&entries, &data]).unwrap(),
                 _ => w.write(*kind, &[payload]).unwrap(),
             }
-            ends.push(w.bytes() as usize);
+            ends.push(usize::try_from(w.bytes()).unwrap());
         }
         let bytes = w.inner;
         for cut in 0..=bytes.len() {
@@ -747,7 +590,7 @@ mod tests {
                     expected = if cut < start + HEADER_SIZE {
                         Refusal::ShortHeader { record }
                     } else {
-                        let length = payload.len() as u32;
+                        let length = u32::try_from(payload.len()).unwrap();
                         Refusal::ShortPayload { record, length }
                     };
                     break;
@@ -799,33 +642,6 @@ mod tests {
     }
 
     #[test]
-    fn hellos_check_magic_version_and_channel() {
-        let hello = Hello {
-            channel: 1,
-            channels: 2,
-            session: 7,
-        };
-        assert_eq!(Hello::decode(&hello.encode()).unwrap(), hello);
-        let mut b = hello.encode();
-        b[0] = b'X';
-        assert!(Hello::decode(&b).unwrap_err().to_string().contains("magic"));
-        let mut b = hello.encode();
-        b[8] = 9;
-        assert!(
-            Hello::decode(&b)
-                .unwrap_err()
-                .to_string()
-                .contains("version 9")
-        );
-        let bad = Hello {
-            channel: 2,
-            channels: 2,
-            session: 7,
-        };
-        assert!(Hello::decode(&bad.encode()).is_err());
-    }
-
-    #[test]
     fn oversized_and_flagged_records_are_refused() {
         let mut bytes = stream(&[(Kind::Ready, b"")]);
         bytes[4..8].copy_from_slice(&(MAX_RECORD + 1).to_le_bytes());
@@ -845,5 +661,28 @@ mod tests {
             length: 0,
         };
         assert_refusal(&err, flagged, "a record with a flag set");
+    }
+
+    /// A record whose checksum holds but whose kind is 0 (no kind) or unknown is refused,
+    /// saying which kinds there are.
+    #[test]
+    fn kind_zero_and_unknown_kinds_are_refused_saying_what_is_expected() {
+        for raw_kind in [0u16, 15, u16::MAX] {
+            let mut head = RecordHead {
+                kind: raw_kind.into(),
+                flags: 0.into(),
+                length: 0.into(),
+                sequence: 0.into(),
+                checksum: 0.into(),
+            };
+            head.checksum = checksum(head.as_bytes(), &[], &[]).into();
+            let err = RecordReader::new(head.as_bytes(), "t").read().unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "migration stream: t: record 0 has unknown kind {raw_kind}: expected 1 to 14"
+                )
+            );
+        }
     }
 }

@@ -1,0 +1,844 @@
+//! Every record kind, typed: [`Record`] with its one encoder ([`Record::encode`]) and its one
+//! decoder ([`Record::decode`]), and the fixed heads of the binary payloads.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use vmig_kvm::{VcpuState, VmConfig};
+use vmig_primitives::PageNumber;
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use super::{MORE_PARTS, PAGE_BYTES, ZERO_PAGE};
+use crate::error::{MigrationError, Result};
+use crate::machine::Bar;
+use crate::report::Verification;
+
+/// Record kinds, as the `kind` of a record header. The value 0 is no kind: a zeroed header is
+/// refused as an unknown kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum Kind {
+    /// Source → destination: the VM's configuration and devices (JSON [`MigrationConfig`]).
+    Config = 1,
+    /// Destination → source: the configuration is accepted, the destination is ready. Empty.
+    Ready = 2,
+    /// A batch of pages: pass u32, count u32, count entries u64 (page number | [`ZERO_PAGE`]),
+    /// then 4 KiB of data per non-zero page.
+    Pages = 3,
+    /// End of a pass over memory on this connection: pass u32.
+    PassEnd = 4,
+    /// Device state: device u32, flags u32 ([`MORE_PARTS`] or 0), then a part of a chunk as
+    /// the device produced it.
+    DeviceData = 5,
+    /// End of a device's state: device u32, bytes u64, XXH3 of all its chunks u64.
+    DeviceEnd = 6,
+    /// Every vCPU's state (JSON).
+    VcpuState = 7,
+    /// Page digests: first page u64, count u32, count digests u64.
+    Digests = 8,
+    /// Source → destination: everything is sent; verify and load. Empty.
+    Complete = 9,
+    /// Destination → source: verified and loaded; waiting for the commit. Empty.
+    Accepted = 10,
+    /// Source → destination: resume the VM; the source will never resume. Empty.
+    Commit = 11,
+    /// Destination → source: the VM runs on the destination. Empty.
+    Resumed = 12,
+    /// Destination → source: what the checks after resuming found (JSON [`Verification`]).
+    Result = 13,
+    /// Either way: the migration stops; reason as UTF-8.
+    Abort = 14,
+}
+
+impl Kind {
+    /// Every kind, in wire order.
+    pub const ALL: [Kind; 14] = [
+        Kind::Config,
+        Kind::Ready,
+        Kind::Pages,
+        Kind::PassEnd,
+        Kind::DeviceData,
+        Kind::DeviceEnd,
+        Kind::VcpuState,
+        Kind::Digests,
+        Kind::Complete,
+        Kind::Accepted,
+        Kind::Commit,
+        Kind::Resumed,
+        Kind::Result,
+        Kind::Abort,
+    ];
+
+    /// The kind of a header's `kind` field; `None` for 0 and for values this build does not
+    /// know.
+    pub fn from_u16(value: u16) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| *k as u16 == value)
+    }
+
+    /// Its name, as errors say it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Config => "Config",
+            Kind::Ready => "Ready",
+            Kind::Pages => "Pages",
+            Kind::PassEnd => "PassEnd",
+            Kind::DeviceData => "DeviceData",
+            Kind::DeviceEnd => "DeviceEnd",
+            Kind::VcpuState => "VcpuState",
+            Kind::Digests => "Digests",
+            Kind::Complete => "Complete",
+            Kind::Accepted => "Accepted",
+            Kind::Commit => "Commit",
+            Kind::Resumed => "Resumed",
+            Kind::Result => "Result",
+            Kind::Abort => "Abort",
+        }
+    }
+}
+
+/// What the source tells the destination first.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationConfig {
+    /// The VM.
+    pub vm: VmConfig,
+    /// The devices, in order.
+    pub devices: Vec<DeviceDescription>,
+    /// Whether digests of every page follow the last pages (`verify_memory`).
+    pub verify_memory: bool,
+}
+
+/// A device as the source has it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceDescription {
+    /// Its name.
+    pub name: String,
+    /// "v1" or "v2".
+    pub protocol: String,
+    /// Its BARs in the guest: the guest's driver state (doorbell addresses) arrives with RAM
+    /// and needs the same layout on the destination.
+    pub bars: Vec<Bar>,
+    /// Its areas mapped into the guest: (region, guest-physical address, bytes).
+    pub mapped: Vec<(u32, u64, u64)>,
+    /// How it is reached and what it is ("vfio-user", "vfio-pci 15b3:101e"): a device's
+    /// state only loads into the same kind of device.
+    #[serde(default)]
+    pub kind: String,
+}
+
+/// The head of a `Pages` payload.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+struct PagesHead {
+    pass: U32,
+    count: U32,
+}
+
+/// One page of a `Pages` record: its page number, and bit 63 ([`ZERO_PAGE`]) when the page
+/// is all zeros and has no data in the record.
+#[repr(transparent)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+pub struct PageEntry(U64);
+
+impl PageEntry {
+    /// The entry of `page`, zero or with data.
+    pub fn new(page: PageNumber, zero: bool) -> Self {
+        Self(U64::new(if zero { page.0 | ZERO_PAGE } else { page.0 }))
+    }
+
+    /// The page.
+    pub fn page(self) -> PageNumber {
+        PageNumber(self.0.get() & !ZERO_PAGE)
+    }
+
+    /// Whether the page is all zeros (and has no data in the record).
+    pub fn is_zero(self) -> bool {
+        self.0.get() & ZERO_PAGE != 0
+    }
+}
+
+/// The payload of a `PassEnd`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+struct PassEndHead {
+    pass: U32,
+}
+
+/// The head of a `DeviceData` payload.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+struct DeviceDataHead {
+    device: U32,
+    flags: U32,
+}
+
+/// The payload of a `DeviceEnd`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+struct DeviceEndHead {
+    device: U32,
+    bytes: U64,
+    digest: U64,
+}
+
+/// The head of a `Digests` payload.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+struct DigestsHead {
+    first: U64,
+    count: U32,
+}
+
+/// A batch of pages of one pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pages<'a> {
+    /// The pass they belong to.
+    pub pass: u32,
+    /// The pages, in order.
+    pub entries: &'a [PageEntry],
+    /// [`PAGE_SIZE`](vmig_primitives::PAGE_SIZE) bytes for each entry that is not a zero page,
+    /// in the entries' order.
+    pub data: &'a [u8],
+}
+
+/// A part of a chunk of a device's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceData<'a> {
+    /// The device's index in the configuration.
+    pub device: u32,
+    /// More parts of this chunk follow ([`MORE_PARTS`]).
+    pub more: bool,
+    /// The bytes.
+    pub data: &'a [u8],
+}
+
+/// The end of a device's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceEnd {
+    /// The device's index in the configuration.
+    pub device: u32,
+    /// Bytes of state sent.
+    pub bytes: u64,
+    /// The [`StateDigest`](super::StateDigest) of its chunks.
+    pub digest: u64,
+}
+
+/// Digests of consecutive pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Digests<'a> {
+    /// The first page.
+    pub first: PageNumber,
+    /// One digest per page from `first`.
+    pub digests: &'a [U64],
+}
+
+/// A record, typed. Binary payloads borrow from the buffer they were read into (or from the
+/// sender's buffers); JSON ones are decoded.
+///
+/// # The receiver's states
+///
+/// The destination reads the records of the main connection through a [`Receiver`]
+/// (its table is [`Receiver::next`]); a record its state does not list is refused, naming the
+/// record and the state. Page connections stay in `PageConnection`.
+///
+/// ```text
+///                hello              Config (→ Ready)         DeviceEnd
+///  AwaitingHello ─────► AwaitingConfig ─────► Transferring ───────────► DeviceStates
+///                                             ⟲ Pages, PassEnd,         ⟲ DeviceData,
+///                                               DeviceData                DeviceEnd
+///                                                  │ VcpuState               │ VcpuState
+///                                                  └────────► AwaitingComplete ◄┘
+///                                                             ⟲ Digests
+///                                                                  │ Complete (→ Accepted)
+///                                                                  ▼
+///                                   Committed ◄──────────── AwaitingCommit
+///                       (→ Resumed, Result)       Commit
+///
+///  PageConnection ⟲ Pages, PassEnd
+///  any state but Committed ── Abort ──► Aborted
+/// ```
+///
+/// [`Receiver`]: super::Receiver
+/// [`Receiver::next`]: super::Receiver::next
+#[derive(Debug)]
+pub enum Record<'a> {
+    /// See [`Kind::Config`].
+    Config(Box<MigrationConfig>),
+    /// See [`Kind::Ready`].
+    Ready,
+    /// See [`Kind::Pages`].
+    Pages(Pages<'a>),
+    /// See [`Kind::PassEnd`].
+    PassEnd {
+        /// The pass that ended.
+        pass: u32,
+    },
+    /// See [`Kind::DeviceData`].
+    DeviceData(DeviceData<'a>),
+    /// See [`Kind::DeviceEnd`].
+    DeviceEnd(DeviceEnd),
+    /// See [`Kind::VcpuState`].
+    VcpuState(Vec<VcpuState>),
+    /// See [`Kind::Digests`].
+    Digests(Digests<'a>),
+    /// See [`Kind::Complete`].
+    Complete,
+    /// See [`Kind::Accepted`].
+    Accepted,
+    /// See [`Kind::Commit`].
+    Commit,
+    /// See [`Kind::Resumed`].
+    Resumed,
+    /// See [`Kind::Result`].
+    Result(Box<Verification>),
+    /// See [`Kind::Abort`].
+    Abort(Cow<'a, str>),
+}
+
+/// A record's payload as the writer frames it: `head` and `body` in that order, then, for
+/// `Pages`, the pages' data (which the checksum covers through each page's digest).
+#[derive(Debug)]
+pub(super) struct Payload<'r> {
+    pub(super) head: Cow<'r, [u8]>,
+    pub(super) body: &'r [u8],
+    pub(super) pages: Option<&'r [u8]>,
+}
+
+/// A JSON payload.
+fn json(value: &impl Serialize, what: &'static str) -> Result<Cow<'static, [u8]>> {
+    serde_json::to_vec(value)
+        .map(Cow::Owned)
+        .map_err(|source| MigrationError::Json { what, source })
+}
+
+/// What a record of `kind` with a `payload` of `got` bytes lacks or has too many.
+fn refuse(kind: Kind, expected: &str, got: usize) -> MigrationError {
+    MigrationError::Stream(format!(
+        "a {} record of {got} bytes: expected {expected}",
+        kind.name()
+    ))
+}
+
+/// The fixed head `H` at the start of `payload`, and the rest.
+fn head<'a, H>(kind: Kind, payload: &'a [u8], layout: &str) -> Result<(&'a H, &'a [u8])>
+where
+    H: FromBytes + KnownLayout + Immutable + Unaligned,
+{
+    H::ref_from_prefix(payload).map_err(|_| {
+        let expected = format!("at least {} bytes ({layout})", size_of::<H>());
+        refuse(kind, &expected, payload.len())
+    })
+}
+
+/// The fixed payload `H`, nothing more.
+fn exactly<'a, H>(kind: Kind, payload: &'a [u8], layout: &str) -> Result<&'a H>
+where
+    H: FromBytes + KnownLayout + Immutable + Unaligned,
+{
+    H::ref_from_bytes(payload).map_err(|_| {
+        let expected = format!("exactly {} bytes ({layout})", size_of::<H>());
+        refuse(kind, &expected, payload.len())
+    })
+}
+
+fn decode_json<'de, T: Deserialize<'de>>(payload: &'de [u8], what: &'static str) -> Result<T> {
+    serde_json::from_slice(payload).map_err(|source| MigrationError::Json { what, source })
+}
+
+impl<'a> Record<'a> {
+    /// Its kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Record::Config(_) => Kind::Config,
+            Record::Ready => Kind::Ready,
+            Record::Pages(_) => Kind::Pages,
+            Record::PassEnd { .. } => Kind::PassEnd,
+            Record::DeviceData(_) => Kind::DeviceData,
+            Record::DeviceEnd(_) => Kind::DeviceEnd,
+            Record::VcpuState(_) => Kind::VcpuState,
+            Record::Digests(_) => Kind::Digests,
+            Record::Complete => Kind::Complete,
+            Record::Accepted => Kind::Accepted,
+            Record::Commit => Kind::Commit,
+            Record::Resumed => Kind::Resumed,
+            Record::Result(_) => Kind::Result,
+            Record::Abort(_) => Kind::Abort,
+        }
+    }
+
+    /// The record's payload (the one encoder of every kind).
+    pub(super) fn encode(&self) -> Result<Payload<'_>> {
+        let fixed = |head: &[u8]| Payload {
+            head: Cow::Owned(head.to_vec()),
+            body: &[],
+            pages: None,
+        };
+        let empty = Payload {
+            head: Cow::Borrowed(&[]),
+            body: &[],
+            pages: None,
+        };
+        Ok(match self {
+            Record::Config(config) => Payload {
+                head: json(config, "the Config record cannot be encoded")?,
+                ..empty
+            },
+            Record::VcpuState(states) => Payload {
+                head: json(states, "the VcpuState record cannot be encoded")?,
+                ..empty
+            },
+            Record::Result(verification) => Payload {
+                head: json(verification, "the Result record cannot be encoded")?,
+                ..empty
+            },
+            Record::Pages(p) => {
+                let count = u32::try_from(p.entries.len()).map_err(|_| {
+                    MigrationError::Invalid(format!(
+                        "a Pages record of {} entries: at most {} fit its count",
+                        p.entries.len(),
+                        u32::MAX
+                    ))
+                })?;
+                let head = PagesHead {
+                    pass: p.pass.into(),
+                    count: count.into(),
+                };
+                Payload {
+                    head: Cow::Owned(head.as_bytes().to_vec()),
+                    body: p.entries.as_bytes(),
+                    pages: Some(p.data),
+                }
+            }
+            Record::PassEnd { pass } => fixed(
+                PassEndHead {
+                    pass: (*pass).into(),
+                }
+                .as_bytes(),
+            ),
+            Record::DeviceData(d) => {
+                let flags = if d.more { MORE_PARTS } else { 0 };
+                let head = DeviceDataHead {
+                    device: d.device.into(),
+                    flags: flags.into(),
+                };
+                Payload {
+                    body: d.data,
+                    ..fixed(head.as_bytes())
+                }
+            }
+            Record::DeviceEnd(e) => fixed(
+                DeviceEndHead {
+                    device: e.device.into(),
+                    bytes: e.bytes.into(),
+                    digest: e.digest.into(),
+                }
+                .as_bytes(),
+            ),
+            Record::Digests(d) => {
+                let count = u32::try_from(d.digests.len()).map_err(|_| {
+                    MigrationError::Invalid(format!(
+                        "a Digests record of {} digests: at most {} fit its count",
+                        d.digests.len(),
+                        u32::MAX
+                    ))
+                })?;
+                let head = DigestsHead {
+                    first: d.first.0.into(),
+                    count: count.into(),
+                };
+                Payload {
+                    body: d.digests.as_bytes(),
+                    ..fixed(head.as_bytes())
+                }
+            }
+            Record::Abort(reason) => Payload {
+                head: Cow::Borrowed(reason.as_bytes()),
+                ..empty
+            },
+            Record::Ready
+            | Record::Complete
+            | Record::Accepted
+            | Record::Commit
+            | Record::Resumed => empty,
+        })
+    }
+
+    /// Decodes the payload of a record of `kind` (the one decoder of every kind): a payload
+    /// that is short, long, or has a reserved bit set is refused, saying what was expected.
+    pub fn decode(kind: Kind, payload: &'a [u8]) -> Result<Self> {
+        let none = |record: Record<'a>| {
+            if payload.is_empty() {
+                Ok(record)
+            } else {
+                Err(refuse(kind, "an empty payload", payload.len()))
+            }
+        };
+        match kind {
+            Kind::Config => Ok(Record::Config(Box::new(decode_json(
+                payload,
+                "the Config record is not a vmig configuration",
+            )?))),
+            Kind::VcpuState => Ok(Record::VcpuState(decode_json(
+                payload,
+                "the VcpuState record is not valid vCPU state",
+            )?)),
+            Kind::Result => Ok(Record::Result(Box::new(decode_json(
+                payload,
+                "the destination's Result record is not valid JSON",
+            )?))),
+            Kind::Pages => {
+                let (h, rest) = head::<PagesHead>(kind, payload, "pass u32, count u32")?;
+                let count = usize::try_from(h.count.get()).unwrap_or(usize::MAX);
+                let (entries, data) = <[PageEntry]>::ref_from_prefix_with_elems(rest, count)
+                    .map_err(|_| {
+                        let expected =
+                            format!("8 bytes of head and 8 bytes for each of its {count} entries");
+                        refuse(kind, &expected, payload.len())
+                    })?;
+                let with_data = entries.iter().filter(|e| !e.is_zero()).count();
+                if with_data.checked_mul(PAGE_BYTES) != Some(data.len()) {
+                    return Err(MigrationError::Stream(format!(
+                        "a Pages record lists {with_data} non-zero pages and carries {} bytes of data: expected {PAGE_BYTES} bytes for each",
+                        data.len()
+                    )));
+                }
+                Ok(Record::Pages(Pages {
+                    pass: h.pass.get(),
+                    entries,
+                    data,
+                }))
+            }
+            Kind::PassEnd => {
+                let h = exactly::<PassEndHead>(kind, payload, "pass u32")?;
+                Ok(Record::PassEnd { pass: h.pass.get() })
+            }
+            Kind::DeviceData => {
+                let (h, data) = head::<DeviceDataHead>(kind, payload, "device u32, flags u32")?;
+                let flags = h.flags.get();
+                if flags & !MORE_PARTS != 0 {
+                    return Err(MigrationError::Stream(format!(
+                        "a DeviceData record with flags {flags:#x}: expected {MORE_PARTS:#x} (more parts) or 0"
+                    )));
+                }
+                Ok(Record::DeviceData(DeviceData {
+                    device: h.device.get(),
+                    more: flags & MORE_PARTS != 0,
+                    data,
+                }))
+            }
+            Kind::DeviceEnd => {
+                let h =
+                    exactly::<DeviceEndHead>(kind, payload, "device u32, bytes u64, digest u64")?;
+                Ok(Record::DeviceEnd(DeviceEnd {
+                    device: h.device.get(),
+                    bytes: h.bytes.get(),
+                    digest: h.digest.get(),
+                }))
+            }
+            Kind::Digests => {
+                let (h, rest) = head::<DigestsHead>(kind, payload, "first u64, count u32")?;
+                let count = usize::try_from(h.count.get()).unwrap_or(usize::MAX);
+                let digests = <[U64]>::ref_from_bytes_with_elems(rest, count).map_err(|_| {
+                    let expected =
+                        format!("12 bytes of head and 8 bytes for each of its {count} digests");
+                    refuse(kind, &expected, payload.len())
+                })?;
+                Ok(Record::Digests(Digests {
+                    first: PageNumber(h.first.get()),
+                    digests,
+                }))
+            }
+            Kind::Abort => Ok(Record::Abort(String::from_utf8_lossy(payload))),
+            Kind::Ready => none(Record::Ready),
+            Kind::Complete => none(Record::Complete),
+            Kind::Accepted => none(Record::Accepted),
+            Kind::Commit => none(Record::Commit),
+            Kind::Resumed => none(Record::Resumed),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::stream::{RecordReader, RecordWriter};
+
+    /// The fixed heads have the sizes the wire format gives them.
+    #[test]
+    fn heads_have_their_wire_sizes() {
+        assert_eq!(size_of::<PagesHead>(), 8);
+        assert_eq!(size_of::<PageEntry>(), 8);
+        assert_eq!(size_of::<PassEndHead>(), 4);
+        assert_eq!(size_of::<DeviceDataHead>(), 8);
+        assert_eq!(size_of::<DeviceEndHead>(), 20);
+        assert_eq!(size_of::<DigestsHead>(), 12);
+    }
+
+    #[test]
+    fn kind_zero_and_unknown_kinds_are_no_kind() {
+        assert_eq!(Kind::from_u16(0), None);
+        assert_eq!(Kind::from_u16(15), None);
+        for kind in Kind::ALL {
+            assert_eq!(Kind::from_u16(kind as u16), Some(kind));
+            assert_eq!(kind.name(), format!("{kind:?}"));
+        }
+    }
+
+    /// A page of recognisable data.
+    pub(crate) fn page() -> Vec<u8> {
+        (0..PAGE_BYTES)
+            .map(|i| (i % 251).to_le_bytes()[0])
+            .collect()
+    }
+
+    /// One record of each kind, with non-trivial contents; `data` is one page, `digests`
+    /// backs the `Digests` record.
+    pub(crate) fn one_of_each<'a>(
+        data: &'a [u8],
+        entries: &'a [PageEntry],
+        digests: &'a [U64],
+    ) -> Vec<Record<'a>> {
+        let config = MigrationConfig {
+            vm: VmConfig::default(),
+            devices: vec![DeviceDescription {
+                name: "dev0".into(),
+                protocol: "v2".into(),
+                bars: vec![Bar {
+                    index: 0,
+                    gpa: 0xfe00_0000,
+                    size: 0x1000,
+                }],
+                mapped: vec![(0, 0xfe00_0000, 0x1000)],
+                kind: "vfio-user".into(),
+            }],
+            verify_memory: true,
+        };
+        let verification = Verification {
+            pages_compared: 3,
+            problems: vec!["one".into()],
+            ..Verification::default()
+        };
+        vec![
+            Record::Config(Box::new(config)),
+            Record::Ready,
+            Record::Pages(Pages {
+                pass: 3,
+                entries,
+                data,
+            }),
+            Record::PassEnd { pass: 3 },
+            Record::DeviceData(DeviceData {
+                device: 1,
+                more: true,
+                data: b"state",
+            }),
+            Record::DeviceEnd(DeviceEnd {
+                device: 1,
+                bytes: 5,
+                digest: 0xdead_beef,
+            }),
+            Record::VcpuState(Vec::new()),
+            Record::Digests(Digests {
+                first: PageNumber(16),
+                digests,
+            }),
+            Record::Complete,
+            Record::Accepted,
+            Record::Commit,
+            Record::Resumed,
+            Record::Result(Box::new(verification)),
+            Record::Abort(Cow::Borrowed("no room")),
+        ]
+    }
+
+    /// Every kind goes through writer and reader and comes out as it went in.
+    #[test]
+    fn every_record_kind_round_trips() {
+        let data = page();
+        let entries = [
+            PageEntry::new(PageNumber(7), false),
+            PageEntry::new(PageNumber(9), true),
+        ];
+        let digests = [U64::new(1), U64::new(u64::MAX)];
+        let records = one_of_each(&data, &entries, &digests);
+        let kinds: Vec<Kind> = records.iter().map(Record::kind).collect();
+        assert_eq!(kinds, Kind::ALL);
+        let mut w = RecordWriter::new(Vec::new());
+        for record in &records {
+            w.send(record).unwrap();
+        }
+        let bytes = w.get_ref().clone();
+        let mut r = RecordReader::new(&bytes[..], "t");
+        let mut buf = Vec::new();
+        for record in &records {
+            let kind = r.read_into(&mut buf).unwrap();
+            assert_eq!(kind, record.kind());
+            let decoded = Record::decode(kind, &buf).unwrap();
+            // What was decoded encodes to the bytes that came, and says what went in.
+            assert_eq!(payload(&decoded), buf, "{kind:?}");
+            assert_eq!(format!("{decoded:?}"), format!("{record:?}"));
+        }
+        assert_eq!(r.bytes(), bytes.len() as u64);
+    }
+
+    /// A record's payload, as one buffer.
+    fn payload(record: &Record<'_>) -> Vec<u8> {
+        let p = record.encode().unwrap();
+        [&p.head[..], p.body, p.pages.unwrap_or_default()].concat()
+    }
+
+    /// The bytes of the fixed payloads are the documented ones.
+    #[test]
+    fn fixed_payloads_have_their_documented_bytes() {
+        let bytes = |record: Record<'_>| payload(&record);
+        assert_eq!(bytes(Record::PassEnd { pass: 0x0102_0304 }), [4, 3, 2, 1]);
+        let end = DeviceEnd {
+            device: 2,
+            bytes: 3,
+            digest: 4,
+        };
+        let mut expected = 2u32.to_le_bytes().to_vec();
+        expected.extend_from_slice(&3u64.to_le_bytes());
+        expected.extend_from_slice(&4u64.to_le_bytes());
+        assert_eq!(bytes(Record::DeviceEnd(end)), expected);
+        let data = DeviceData {
+            device: 2,
+            more: true,
+            data: b"x",
+        };
+        assert_eq!(
+            bytes(Record::DeviceData(data)),
+            [2, 0, 0, 0, 1, 0, 0, 0, b'x']
+        );
+        let entries = [PageEntry::new(PageNumber(9), true)];
+        let pages = Pages {
+            pass: 1,
+            entries: &entries,
+            data: &[],
+        };
+        let mut expected = [1u32.to_le_bytes(), 1u32.to_le_bytes()].concat();
+        expected.extend_from_slice(&(9 | ZERO_PAGE).to_le_bytes());
+        assert_eq!(bytes(Record::Pages(pages)), expected);
+    }
+
+    /// Short, long and reserved-bit payloads are refused with what was expected.
+    #[test]
+    fn malformed_payloads_are_refused_saying_what_was_expected() {
+        let data = page();
+        let cases: [(Kind, Vec<u8>, &str); 14] = [
+            (
+                Kind::Ready,
+                vec![0],
+                "a Ready record of 1 bytes: expected an empty payload",
+            ),
+            (
+                Kind::Commit,
+                vec![0; 3],
+                "a Commit record of 3 bytes: expected an empty payload",
+            ),
+            (
+                Kind::PassEnd,
+                vec![0; 3],
+                "a PassEnd record of 3 bytes: expected exactly 4 bytes (pass u32)",
+            ),
+            (
+                Kind::PassEnd,
+                vec![0; 5],
+                "a PassEnd record of 5 bytes: expected exactly 4 bytes (pass u32)",
+            ),
+            (
+                Kind::DeviceEnd,
+                vec![0; 19],
+                "a DeviceEnd record of 19 bytes: expected exactly 20 bytes (device u32, bytes u64, digest u64)",
+            ),
+            (
+                Kind::DeviceEnd,
+                vec![0; 21],
+                "a DeviceEnd record of 21 bytes: expected exactly 20 bytes (device u32, bytes u64, digest u64)",
+            ),
+            (
+                Kind::DeviceData,
+                vec![0; 7],
+                "a DeviceData record of 7 bytes: expected at least 8 bytes (device u32, flags u32)",
+            ),
+            (
+                Kind::DeviceData,
+                [0, 0, 0, 0, 2, 0, 0, 0].to_vec(),
+                "a DeviceData record with flags 0x2: expected 0x1 (more parts) or 0",
+            ),
+            (
+                Kind::Pages,
+                vec![0; 7],
+                "a Pages record of 7 bytes: expected at least 8 bytes (pass u32, count u32)",
+            ),
+            (
+                Kind::Pages,
+                [0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0].to_vec(),
+                "a Pages record of 16 bytes: expected 8 bytes of head and 8 bytes for each of its 2 entries",
+            ),
+            (
+                Kind::Pages,
+                [
+                    [0, 0, 0, 0, 1, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0].as_slice(),
+                    &data[1..],
+                ]
+                .concat(),
+                "a Pages record lists 1 non-zero pages and carries 4095 bytes of data: expected 4096 bytes for each",
+            ),
+            (
+                Kind::Pages,
+                [
+                    [0, 0, 0, 0, 1, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0x80].as_slice(),
+                    &data,
+                ]
+                .concat(),
+                "a Pages record lists 0 non-zero pages and carries 4096 bytes of data: expected 4096 bytes for each",
+            ),
+            (
+                Kind::Digests,
+                [0u8; 11].to_vec(),
+                "a Digests record of 11 bytes: expected at least 12 bytes (first u64, count u32)",
+            ),
+            (
+                Kind::Digests,
+                [[0u8; 8].as_slice(), &[1, 0, 0, 0], &[0; 9]].concat(),
+                "a Digests record of 21 bytes: expected 12 bytes of head and 8 bytes for each of its 1 digests",
+            ),
+        ];
+        for (kind, payload, expected) in cases {
+            let err = Record::decode(kind, &payload).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                format!("migration stream: {expected}"),
+                "{kind:?}"
+            );
+        }
+        for (kind, what) in [
+            (
+                Kind::Config,
+                "the Config record is not a vmig configuration",
+            ),
+            (
+                Kind::VcpuState,
+                "the VcpuState record is not valid vCPU state",
+            ),
+            (
+                Kind::Result,
+                "the destination's Result record is not valid JSON",
+            ),
+        ] {
+            let err = Record::decode(kind, b"{").unwrap_err();
+            assert!(matches!(err, MigrationError::Json { .. }), "{err:?}");
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("migration stream: {what}: ")),
+                "{err}"
+            );
+            assert!(std::error::Error::source(&err).is_some());
+        }
+    }
+}
