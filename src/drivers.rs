@@ -75,9 +75,9 @@ impl GuestDriver for DmaEngineDriver {
         let status_page = ctx
             .mapped
             .iter()
-            .find(|(region, _, _)| *region == dma_engine::STATUS_REGION)
-            .map(|&(_, gpa, _)| gpa);
-        let (producer, consumer) = driver::doorbell(bar0.gpa, status_page);
+            .find(|area| area.region == dma_engine::STATUS_REGION)
+            .map(|area| area.gpa.raw());
+        let (producer, consumer) = driver::doorbell(bar0.gpa.raw(), status_page);
         if ctx.role == Role::Source {
             let seed = 0x5eed_0000 + ctx.index as u64;
             driver::start(&Bar0(ctx.device), &Ram(ctx.memory), ring, ctx.rate, seed)

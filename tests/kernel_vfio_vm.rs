@@ -23,7 +23,7 @@ use vmig_dirty::DirtyBitmap;
 use vmig_kvm::{DirtyLogMode, PAGE_SIZE, Vm, VmConfig, Workload};
 use vmig_migration::device::{DirtyLogKind, MigratableDevice};
 use vmig_migration::dirty::{DeviceSource, DirtySource, Mapping};
-use vmig_migration::machine::{device_area_bytes, interrupt_vector};
+use vmig_migration::machine::{MappedArea, device_area_bytes, interrupt_vector};
 use vmig_migration::{DeviceSpec, Machine, Role};
 use vmig_vfio::kernel_guest::{self, EDU_BDF_ENV, Guest, GuestBinary, edu};
 
@@ -159,7 +159,14 @@ fn in_guest_a_vm_with_edu_through_kernel_vfio() {
     assert_eq!(device.bars.len(), 1, "{:?}", device.bars);
     let bar0 = device.bars[0];
     assert_eq!((bar0.index, bar0.size), (0, 1 << 20));
-    assert_eq!(device.mapped, [(0, bar0.gpa, 1 << 20)]);
+    assert_eq!(
+        device.mapped,
+        [MappedArea {
+            region: 0,
+            gpa: bar0.gpa,
+            len: 1 << 20
+        }]
+    );
     assert_eq!(device.interrupts.len(), 1);
     println!(
         "vmig-vm: edu {bdf}: BAR0 at {:#x} mapped into the guest, 1 MSI vector wired",

@@ -278,7 +278,7 @@ fn assert_status_page_mapped(machine: &Machine) {
             device
                 .mapped
                 .iter()
-                .any(|&(region, _, bytes)| region == dma_engine::STATUS_REGION && bytes == 4096),
+                .any(|area| area.region == dma_engine::STATUS_REGION && area.len == 4096),
             "{device:?}"
         );
         wait_until("the guest to consume more than a ring", PATIENCE, || {

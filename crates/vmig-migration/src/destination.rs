@@ -311,7 +311,7 @@ impl Destination {
                 config
                     .devices
                     .iter()
-                    .map(|d| format!("{} {}", d.name, d.protocol))
+                    .map(|d| format!("{} {}", d.name, d.protocol.name()))
                     .collect::<Vec<_>>()
                     .join(", "),
                 specs.len()
@@ -320,20 +320,20 @@ impl Destination {
         let vm = Vm::incoming(&vm_config, prepared)?;
         let machine = Machine::attach_with_drivers(vm, specs, Role::Destination, drivers)?;
         for (ours, theirs) in machine.devices.iter().zip(&config.devices) {
-            let kind = ours.device.kind().to_string();
+            let kind = ours.device.kind();
             if kind != theirs.kind {
                 return Err(MigrationError::Invalid(format!(
                     "device {} here is {kind}, the source's {} is {}: its state would not load",
                     ours.name, theirs.name, theirs.kind
                 )));
             }
-            if ours.protocol_name() != theirs.protocol {
+            if ours.protocol_name() != theirs.protocol.name() {
                 return Err(MigrationError::Invalid(format!(
                     "device {} here speaks migration {}, the source's {} speaks {}",
                     ours.name,
                     ours.protocol_name(),
                     theirs.name,
-                    theirs.protocol
+                    theirs.protocol.name()
                 )));
             }
             if ours.bars != theirs.bars || ours.mapped != theirs.mapped {

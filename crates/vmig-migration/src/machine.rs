@@ -144,13 +144,21 @@ pub struct Bar {
     /// Region index (0-5).
     pub index: u32,
     /// Guest-physical address.
-    pub gpa: u64,
+    pub gpa: GuestAddress,
     /// Bytes.
     pub size: u64,
 }
 
-/// Device memory mapped into the guest: (region, guest-physical address, bytes).
-pub type MappedArea = (u32, u64, u64);
+/// Device memory mapped into the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MappedArea {
+    /// The device region it is part of.
+    pub region: u32,
+    /// Where the guest sees it.
+    pub gpa: GuestAddress,
+    /// Bytes.
+    pub len: u64,
+}
 
 /// One attached device.
 pub struct AttachedDevice {
@@ -510,7 +518,7 @@ fn place_bars(
         next = gpa + size;
         bars.push(Bar {
             index: region.index,
-            gpa,
+            gpa: GuestAddress(gpa),
             size,
         });
         bus.entries.push(BusEntry {
@@ -547,7 +555,11 @@ fn place_bars(
             {
                 continue;
             }
-            mapped.push((region.index, gpa + offset, bytes));
+            mapped.push(MappedArea {
+                region: region.index,
+                gpa: GuestAddress(gpa + offset),
+                len: bytes,
+            });
         }
     }
     Ok((bars, mapped))

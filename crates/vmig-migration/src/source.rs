@@ -235,14 +235,19 @@ impl<'a> Source<'a> {
             devices: machine
                 .devices
                 .iter()
-                .map(|d| DeviceDescription {
-                    name: d.name.clone(),
-                    protocol: d.protocol_name().into(),
-                    bars: d.bars.clone(),
-                    mapped: d.mapped.clone(),
-                    kind: d.device.kind().to_string(),
+                .map(|d| {
+                    Ok(DeviceDescription {
+                        name: d.name.clone(),
+                        protocol: d
+                            .device
+                            .migration_protocol()
+                            .map_err(|why| MigrationError::device(d.name.clone(), why))?,
+                        bars: d.bars.clone(),
+                        mapped: d.mapped.clone(),
+                        kind: d.device.kind(),
+                    })
                 })
-                .collect(),
+                .collect::<Result<_>>()?,
         };
         self.send(&Record::Config(Box::new(config)))?;
         self.reader

@@ -153,7 +153,7 @@ mod tests {
             channels: 1,
             session: 7,
         };
-        for version in [0, 1, VERSION + 1, u32::MAX] {
+        for version in [0, 1, VERSION - 1, VERSION + 1, u32::MAX] {
             let mut b = hello.encode();
             b[8..12].copy_from_slice(&version.to_le_bytes());
             assert_eq!(

@@ -76,8 +76,9 @@ pub use vmig_primitives::page_digest;
 
 /// Hello magic.
 pub const MAGIC: [u8; 8] = *b"VMIGSTRM";
-/// The stream version this build speaks (2: `Pages` checksums cover page digests).
-pub const VERSION: u32 = 2;
+/// The stream version this build speaks (2: `Pages` checksums cover page digests; 3: a
+/// device's kind and protocol travel in Config as typed enums, its mapped areas as objects).
+pub const VERSION: u32 = 3;
 /// Largest record payload.
 pub const MAX_RECORD: u32 = 16 << 20;
 /// Bytes of a hello.

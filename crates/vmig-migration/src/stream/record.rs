@@ -10,8 +10,9 @@ use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::{MORE_PARTS, PAGE_BYTES, ZERO_PAGE};
+use crate::device::{DeviceKind, MigrationProtocol};
 use crate::error::{MigrationError, Result};
-use crate::machine::Bar;
+use crate::machine::{Bar, MappedArea};
 use crate::report::Verification;
 
 /// Record kinds, as the `kind` of a record header. The value 0 is no kind: a zeroed header is
@@ -113,17 +114,16 @@ pub struct MigrationConfig {
 pub struct DeviceDescription {
     /// Its name.
     pub name: String,
-    /// "v1" or "v2".
-    pub protocol: String,
+    /// How its state migrates.
+    pub protocol: MigrationProtocol,
     /// Its BARs in the guest: the guest's driver state (doorbell addresses) arrives with RAM
     /// and needs the same layout on the destination.
     pub bars: Vec<Bar>,
-    /// Its areas mapped into the guest: (region, guest-physical address, bytes).
-    pub mapped: Vec<(u32, u64, u64)>,
-    /// How it is reached and what it is ("vfio-user", "vfio-pci 15b3:101e"): a device's
-    /// state only loads into the same kind of device.
-    #[serde(default)]
-    pub kind: String,
+    /// Its areas mapped into the guest.
+    pub mapped: Vec<MappedArea>,
+    /// How it is reached and what it is: a device's state only loads into the same kind of
+    /// device.
+    pub kind: DeviceKind,
 }
 
 /// The head of a `Pages` payload.
@@ -566,6 +566,7 @@ impl<'a> Record<'a> {
 pub(super) mod tests {
     use super::*;
     use crate::stream::{RecordReader, RecordWriter};
+    use vmig_primitives::GuestAddress;
 
     /// The fixed heads have the sizes the wire format gives them.
     #[test]
@@ -606,14 +607,20 @@ pub(super) mod tests {
             vm: VmConfig::default(),
             devices: vec![DeviceDescription {
                 name: "dev0".into(),
-                protocol: "v2".into(),
+                protocol: MigrationProtocol::V2 { pre_copy: true },
                 bars: vec![Bar {
                     index: 0,
-                    gpa: 0xfe00_0000,
+                    gpa: GuestAddress(0xfe00_0000),
                     size: 0x1000,
                 }],
-                mapped: vec![(0, 0xfe00_0000, 0x1000)],
-                kind: "vfio-user".into(),
+                mapped: vec![MappedArea {
+                    region: 0,
+                    gpa: GuestAddress(0xfe00_0000),
+                    len: 0x1000,
+                }],
+                kind: DeviceKind::VfioPci {
+                    ids: Some((0x15b3, 0x101e)),
+                },
             }],
             verify_memory: true,
         };
