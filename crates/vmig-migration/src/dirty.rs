@@ -189,8 +189,7 @@ impl DirtySource for DeviceSource {
                 count += words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
                 merge(into, first, &words, pages)?;
             } else {
-                let coarse = vmig_dirty::DirtySnapshot::from_words(words, device_pages)
-                    .map_err(|e| MigrationError::Invalid(e.to_string()))?;
+                let coarse = vmig_dirty::DirtySnapshot::from_words(words, device_pages)?;
                 coarse.for_each_run(|c, n| {
                     let lo = c << shift;
                     let hi = ((c + n) << shift).min(pages);

@@ -76,6 +76,9 @@ pub enum DeviceFailure {
     /// Its interrupts could not be wired into the guest.
     #[error("wiring its interrupts: {0}")]
     Interrupts(#[source] InterruptError),
+    /// KVM refused what the device needs (the KVM VFIO device, an irqfd).
+    #[error(transparent)]
+    Vm(#[from] vmig_kvm::KvmError),
     /// Its guest driver failed.
     #[error(transparent)]
     Driver(Box<dyn std::error::Error + Send + Sync>),

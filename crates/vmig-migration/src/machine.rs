@@ -472,11 +472,11 @@ fn open_device(
                 return Err(named("given twice".into()));
             }
             vmig_vfio::availability().map_err(named)?;
-            vmig_vfio::device::check_bound(host).map_err(|e| named(e.to_string()))?;
+            vmig_vfio::device::check_bound(host).map_err(device_error(host))?;
             let kvm_vfio = match kvm_vfio {
                 Some(fd) => Arc::clone(fd),
                 None => {
-                    let fd = vm.create_vfio_device().map_err(|e| named(e.to_string()))?;
+                    let fd = vm.create_vfio_device().map_err(device_error(host))?;
                     Arc::clone(kvm_vfio.insert(Arc::new(VfioDeviceFd::new_from_kvm(fd))))
                 }
             };

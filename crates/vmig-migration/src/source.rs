@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use vmig_dirty::DirtyBitmap;
 use vmig_kvm::{PAGE_SIZE, VcpuState, Vm};
-use vmig_primitives::PageNumber;
+use vmig_primitives::{PAGE_BYTES, PageNumber};
 use zerocopy::little_endian::U64;
 
 use crate::dirty::{DeviceSource, DirtySource, KvmSource, Mapping, VmmSource};
@@ -413,6 +413,7 @@ impl<'a> Source<'a> {
         Ok(())
     }
 
+    #[expect(clippy::cast_precision_loss, reason = "a rate for the report")]
     fn publish_counters(&self, pool: &PagePool) {
         let c = &pool.counters;
         let bytes = c.bytes.load(Ordering::Relaxed);
@@ -454,6 +455,13 @@ impl<'a> Source<'a> {
         Ok(bytes)
     }
 
+    #[expect(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "the convergence estimate is in f64 (bytes far below 2^52, rates positive), \
+                  rounded up or down to whole milliseconds and pages for the report"
+    )]
     fn precopy_and_stop(
         &mut self,
         pool: &PagePool,
@@ -599,7 +607,7 @@ impl<'a> Source<'a> {
         self.progress.update(|r| r.committed = true);
         self.send(&Record::Commit)?;
         self.reader.expect(Kind::Resumed)?;
-        let downtime_ms = paused_at.elapsed().as_millis() as u64;
+        let downtime_ms = crate::report::millis(paused_at.elapsed());
         let total_ms = self.progress.elapsed_ms();
         self.progress.update(|r| {
             r.downtime_ms = downtime_ms;
@@ -667,8 +675,8 @@ pub fn digest_all(memory: &vmig_kvm::GuestMemory) -> Result<Vec<(u64, Vec<u64>)>
         let pages = slot.pages();
         let half = pages / 2;
         let digest_range = |from: u64, to: u64| -> Result<Vec<u64>> {
-            let mut page = vec![0u8; PAGE_SIZE as usize];
-            let mut list = Vec::with_capacity((to - from) as usize);
+            let mut page = vec![0u8; PAGE_BYTES];
+            let mut list = Vec::with_capacity(usize::try_from(to - from).unwrap_or(0));
             for p in from..to {
                 memory.read(slot.gpa + p * PAGE_SIZE, &mut page)?;
                 list.push(page_digest(&page));
@@ -729,6 +737,9 @@ fn device_number(index: usize) -> Result<u32> {
 fn session_id() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
+        // The low 64 bits of the nanoseconds: a seed, not a time.
+        .map_or(0, |d| {
+            u64::try_from(d.as_nanos() & u128::from(u64::MAX)).unwrap_or(0)
+        });
     page_digest(&[t.to_le_bytes(), u64::from(std::process::id()).to_le_bytes()].concat())
 }

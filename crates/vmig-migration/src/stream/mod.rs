@@ -90,12 +90,8 @@ pub const ZERO_PAGE: u64 = 1 << 63;
 /// Device state records: parts of one chunk carry this flag until the last.
 pub const MORE_PARTS: u32 = 1;
 
-/// Bytes of a page in a `Pages` record.
-#[expect(
-    clippy::cast_possible_truncation,
-    reason = "PAGE_SIZE is 4096, which every usize holds"
-)]
-pub(crate) const PAGE_BYTES: usize = vmig_primitives::PAGE_SIZE as usize;
+// Bytes of a page in a `Pages` record.
+pub(crate) use vmig_primitives::PAGE_BYTES;
 
 /// The byte count and XXH3 of a device's state, chunk by chunk (each chunk's length, then its
 /// bytes), as the source sends it in `DeviceEnd` and the destination recomputes it.
