@@ -115,7 +115,7 @@ impl Mapping {
     }
 }
 
-/// A device's DMA dirty log, in whichever way the device keeps it ([`DirtyLogKind`]).
+/// A device's DMA dirty log, in whichever way the device keeps it ([`crate::device::DirtyLogKind`]).
 pub struct DeviceSource {
     name: String,
     device: Arc<dyn MigratableDevice>,

@@ -1,21 +1,26 @@
 //! `vmig-migration`: the live-migration engine.
 //!
 //! It owns the path of a migration from the first page to the destination's resume:
-//! - a VM with its devices attached, DMA-mapped and routed ([`machine`]), each reached over
-//!   vfio-user or through the kernel's VFIO ([`device`]);
+//! - a VM with its devices attached, DMA-mapped and routed ([`machine`]), each behind one
+//!   trait, [`device::MigratableDevice`], implemented for a vfio-user server and for a PCI
+//!   device through the kernel's VFIO;
+//! - the hooks through which a guest driver sets a device up and checks it after a migration
+//!   ([`driver`]): the engine names no device; the binary and the tests register drivers;
 //! - every dirty-page producer behind [`dirty::DirtySource`]: KVM (every mode), device DMA
 //!   logging (v2), `DIRTY_PAGES` (v1, or a kernel device's type1 container), the VMM's own
 //!   writes;
 //! - the sending side ([`source`]): pre-copy passes, convergence, auto-converge, stop-and-copy,
 //!   commit, and rollback;
-//! - the stream ([`stream`]) over one or more connections ([`transport`]), with page senders
-//!   in parallel ([`pool`]);
-//! - the receiving side ([`destination`]) and its verification;
+//! - the stream ([`stream`]: every record typed, encoded and decoded in one place, with the
+//!   receiver's state table and the versioning rule) over one or more connections
+//!   ([`transport`]), with page senders in parallel ([`pool`]);
+//! - the receiving side ([`destination`]), which refuses a record out of place, and its
+//!   verification;
 //! - the report ([`report`]).
 //!
 //! It leaves KVM to `vmig-kvm`, the vfio-user protocol to `vmig-vfio-user`, kernel VFIO to
-//! `vmig-vfio`, and the command
-//! line to the `vmig` binary.
+//! `vmig-vfio`, the sample devices and their drivers to `vmig-devices`, and the command line
+//! to the `vmig` binary.
 //!
 //! ```text
 //!  source                                               destination

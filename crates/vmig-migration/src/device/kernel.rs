@@ -76,8 +76,9 @@ impl KernelDevice {
         })
     }
 
-    /// Opens `bdf` as [`Self::open`] does, then gives it the start a booting VM expects: a
-    /// reset when it supports one, memory decoding and bus mastering on.
+    /// Opens PCI device `bdf` in a container of its own with every slot of `memory` mapped,
+    /// then gives it the start a booting VM expects (a reset when it supports one, memory
+    /// decoding and bus mastering on) and finds how it migrates.
     pub fn attach(
         bdf: &str,
         memory: &Arc<GuestMemory>,
