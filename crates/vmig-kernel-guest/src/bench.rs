@@ -12,9 +12,9 @@ use vmig_dma::uapi::{
 };
 use vmig_primitives::HostMemory;
 
-use crate::container::{Container, GET_BITMAP_ARGSZ, UNMAP_ARGSZ};
-use crate::error::{Result, VfioError};
-use crate::sys::{self, BitmapRequest, UserBitmap};
+use vmig_vfio::container::{Container, GET_BITMAP_ARGSZ, UNMAP_ARGSZ};
+use vmig_vfio::sys::{self, BitmapRequest, UserBitmap};
+use vmig_vfio::{Result, VfioError};
 
 /// One round's times.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
@@ -30,7 +30,10 @@ pub struct Round {
 }
 
 fn failed(call: &str) -> impl Fn(i32) -> VfioError + '_ {
-    move |e| VfioError::ioctl(call, e)
+    move |errno| VfioError::Ioctl {
+        call: call.to_owned(),
+        errno,
+    }
 }
 
 /// Runs `rounds` rounds on `memory` (mapped at IOVA 0), which the container must not have

@@ -19,8 +19,8 @@ use vmig_dma::{Backing, GroupKind, Iommu, IommuConfig, IovaRange, Prot};
 use vmig_primitives::HostMemory;
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::container::{Container, GET_BITMAP_ARGSZ, UNMAP_ARGSZ, UNMAP_BITMAP_ARGSZ};
-use crate::sys::{self, BitmapRequest, UserBitmap};
+use vmig_vfio::container::{Container, GET_BITMAP_ARGSZ, UNMAP_ARGSZ, UNMAP_BITMAP_ARGSZ};
+use vmig_vfio::sys::{self, BitmapRequest, UserBitmap};
 
 /// IOVAs of ordinary calls fall in `[0, WINDOW)`; a mapping's memory is at `iova % WINDOW` of
 /// the backing buffer, so both sides map the same offsets.

@@ -16,11 +16,12 @@ use vmig_dma::uapi::{
     VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP, VFIO_IOMMU_DIRTY_PAGES_FLAG_START,
     VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP,
 };
+use vmig_kernel_guest::differential;
+use vmig_kernel_guest::{EDU_BDF_ENV, edu};
 use vmig_primitives::HostMemory;
 use vmig_vfio::container::{GET_BITMAP_ARGSZ, UNMAP_ARGSZ, UNMAP_BITMAP_ARGSZ};
-use vmig_vfio::kernel_guest::{self, EDU_BDF_ENV, edu};
 use vmig_vfio::sys::{self, BitmapRequest, UserBitmap};
-use vmig_vfio::{Container, Device, differential};
+use vmig_vfio::{Container, Device};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 const PAGE: u64 = 4096;
@@ -30,7 +31,7 @@ const EINVAL: i32 = libc::EINVAL;
 /// The edu device's address, which the guest's init exports.
 fn edu_bdf() -> String {
     assert!(
-        kernel_guest::in_guest(),
+        vmig_kernel_guest::in_guest(),
         "runs only inside the kernel-VFIO test guest (tests/kernel_vfio.rs boots it)"
     );
     std::env::var(EDU_BDF_ENV).expect("the guest's init exports the edu address")
@@ -514,7 +515,7 @@ fn the_stale_bit_quirk_reaches_raw_callers_but_not_the_backend() {
         "raw F after G+F: {:#x} (Linux 6.1: 0xff, the stale-bit quirk)",
         raw_again[0]
     );
-    kernel_guest::report_line(&format!("VMIG-QUIRK raw_f_after_gf={:#x}", raw_again[0]));
+    vmig_kernel_guest::report_line(&format!("VMIG-QUIRK raw_f_after_gf={:#x}", raw_again[0]));
     // Over-reports only: the bits of F itself are all there.
     assert_eq!(raw_again[0] & 0x1f, 0x1f);
 }
@@ -726,7 +727,7 @@ fn differential_sequences_run_against_the_kernel() {
             iova_ranges: info.iova_ranges.iter().map(|r| (r.start, r.last)).collect(),
             answers,
         };
-        kernel_guest::report_line(&format!(
+        vmig_kernel_guest::report_line(&format!(
             "VMIG-DIFF {}",
             serde_json::to_string(&run).unwrap()
         ));
