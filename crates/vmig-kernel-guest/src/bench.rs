@@ -10,7 +10,7 @@ use vmig_dma::uapi::{
     VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP,
     VFIO_IOMMU_DIRTY_PAGES_FLAG_START, VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP,
 };
-use vmig_primitives::HostMemory;
+use vmig_primitives::{HostMemory, PAGE_SIZE};
 
 use vmig_vfio::container::{Container, GET_BITMAP_ARGSZ, UNMAP_ARGSZ};
 use vmig_vfio::sys::{self, BitmapRequest, UserBitmap};
@@ -44,7 +44,7 @@ pub fn map_and_bitmap(
     rounds: usize,
 ) -> Result<Vec<Round>> {
     let size = memory.len() as u64;
-    let bytes = (size / 4096).div_ceil(64) * 8;
+    let bytes = vmig_dirty::bitmap_bytes(size / PAGE_SIZE);
     let fd = container.fd();
     let dirty = |flags| sys::dirty_pages_flags(fd, 8, flags).map_err(failed("DIRTY_PAGES"));
     let mut out = Vec::new();
@@ -84,7 +84,7 @@ pub fn map_and_bitmap(
                 BitmapRequest {
                     iova: 0,
                     size,
-                    pgsize: 4096,
+                    pgsize: PAGE_SIZE,
                     bitmap: UserBitmap::Buffer(bytes),
                 },
             );

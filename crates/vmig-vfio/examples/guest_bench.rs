@@ -18,7 +18,8 @@ fn main() -> std::process::ExitCode {
     let _edu = container.open_device(&bdf).expect("edu bound to vfio-pci");
     let ram = Arc::new(HostMemory::anonymous(1 << 30).expect("1 GiB"));
     // Touch every page once, so both paths pin resident memory and first-touch cost is out.
-    for offset in (0..1usize << 30).step_by(4096) {
+    let page = usize::try_from(vmig_primitives::PAGE_SIZE).expect("a page fits a usize");
+    for offset in (0..1usize << 30).step_by(page) {
         ram.store_u64(offset, 1).expect("in range");
     }
     for round in vmig_kernel_guest::bench::map_and_bitmap(&container, &ram, 9).expect("benchmark") {

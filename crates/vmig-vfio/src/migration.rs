@@ -117,10 +117,10 @@ impl<'a> KernelMigration<'a> {
             Ok(()) => Ok(()),
             Err(e) if self.device.can_reset() => {
                 self.device.reset()?;
-                Err(VfioError::Kernel(format!(
-                    "{}: it could not return to RUNNING ({e}), so it was reset",
-                    self.device.name()
-                )))
+                Err(VfioError::ResetAfterFailedCancel {
+                    device: self.device.name().to_owned(),
+                    source: Box::new(e),
+                })
             }
             Err(e) => Err(e),
         }

@@ -24,7 +24,7 @@ use vmig_vfio::sys::{self, BitmapRequest, UserBitmap};
 use vmig_vfio::{Container, Device};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-const PAGE: u64 = 4096;
+const PAGE: u64 = vmig_primitives::PAGE_SIZE;
 const MIB: u64 = 1 << 20;
 const EINVAL: i32 = libc::EINVAL;
 
@@ -548,8 +548,9 @@ fn a_type1_v1_container_refuses_dirty_tracking_with_eacces() {
 fn edu_dma(device: &Device, src: u64, dst: u64, count: u64, to_ram: bool) {
     let bar = VFIO_PCI_BAR0_REGION_INDEX;
     let w64 = |off, v: u64| {
-        device.write_u32(bar, off, v as u32).unwrap();
-        device.write_u32(bar, off + 4, (v >> 32) as u32).unwrap();
+        let [lo, hi] = [v & 0xffff_ffff, v >> 32].map(|half| u32::try_from(half).unwrap());
+        device.write_u32(bar, off, lo).unwrap();
+        device.write_u32(bar, off + 4, hi).unwrap();
     };
     w64(edu::DMA_SRC, src);
     w64(edu::DMA_DST, dst);
@@ -590,12 +591,19 @@ fn edu_does_real_dma_into_memory_mapped_through_the_backend() {
     edu.write_u32(0, edu::LIVENESS, 0x1234_5678).unwrap();
     assert_eq!(edu.read_u32(0, edu::LIVENESS).unwrap(), !0x1234_5678);
     let mapped = edu.map_region(0).unwrap();
-    assert_eq!(mapped.load_u32(edu::IDENT as usize).unwrap(), 0x0100_00ed);
+    assert_eq!(
+        mapped
+            .load_u32(usize::try_from(edu::IDENT).unwrap())
+            .unwrap(),
+        0x0100_00ed
+    );
     mapped
-        .store_u32(edu::LIVENESS as usize, 0xf0f0_0f0f)
+        .store_u32(usize::try_from(edu::LIVENESS).unwrap(), 0xf0f0_0f0f)
         .unwrap();
     assert_eq!(
-        mapped.load_u32(edu::LIVENESS as usize).unwrap(),
+        mapped
+            .load_u32(usize::try_from(edu::LIVENESS).unwrap())
+            .unwrap(),
         0x0f0f_f0f0
     );
 
