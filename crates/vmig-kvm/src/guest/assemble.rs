@@ -78,7 +78,10 @@ impl GuestProgram {
                 if self.workload.kind == WorkloadKind::HotCold {
                     let mut cold = a.create_label();
                     a.movzx(edx, al)?;
-                    a.cmp(edx, hot_threshold as u32)?;
+                    a.cmp(
+                        edx,
+                        u32::try_from(hot_threshold).expect("a threshold of at most 256"),
+                    )?;
                     a.jae(cold)?;
                     a.mov(rcx, rbp)?;
                     a.set_label(&mut cold)?;
@@ -145,8 +148,11 @@ impl GuestProgram {
         a.jmp(doorbell)?;
         a.set_label(&mut doorbells_done)?;
         if self.workload.rate.is_some() {
-            a.mov(dx, PORT_PACE as u32)?;
-            a.mov(eax, batch as u32)?;
+            a.mov(dx, u32::from(PORT_PACE))?;
+            a.mov(
+                eax,
+                u32::try_from(batch).expect("a batch is at most 64 pages"),
+            )?;
             a.out(dx, eax)?;
         }
         a.mov(rcx, CONTROL_GPA)?;
@@ -155,7 +161,10 @@ impl GuestProgram {
         a.je(write_loop)?;
         a.mov(qword_ptr(r15 + VB_SEEN_SEQ), rax)?;
         a.mov(rax, qword_ptr(rcx + CTL_CMD))?;
-        a.cmp(rax, CMD_VERIFY as i32)?;
+        a.cmp(
+            rax,
+            i32::try_from(CMD_VERIFY).expect("a command number is small"),
+        )?;
         a.je(verify)?;
         a.jmp(write_loop)?;
 
@@ -165,7 +174,11 @@ impl GuestProgram {
         // per verify, so generation g is complete at vcpus × g.
         a.mov(rcx, CONTROL_GPA)?;
         a.mov(rbp, qword_ptr(rcx + CTL_VERIFY_GEN))?;
-        a.imul_3(rbp, rbp, self.vcpus as i32)?;
+        a.imul_3(
+            rbp,
+            rbp,
+            i32::try_from(self.vcpus).expect("at most MAX_VCPUS vCPUs"),
+        )?;
         self.barrier(&mut a, CTL_BARRIER_A)?;
         let mut check_loop = a.create_label();
         let mut written = a.create_label();
@@ -212,7 +225,7 @@ impl GuestProgram {
         a.set_label(&mut bad)?;
         a.inc(rbx)?;
         a.mov(eax, ecx)?;
-        a.mov(dx, PORT_BAD_PAGE as u32)?;
+        a.mov(dx, u32::from(PORT_BAD_PAGE))?;
         a.out(dx, eax)?;
         a.set_label(&mut next)?;
         a.inc(qword_ptr(r15 + VB_VERIFY_PAGES))?;
@@ -226,7 +239,7 @@ impl GuestProgram {
         // Report only once past the second barrier: when the VMM has every report, no vCPU is
         // still inside this verify, so the next one cannot catch a vCPU half way.
         a.mov(rax, qword_ptr(r15 + VB_VERIFY_PAGES))?;
-        a.mov(dx, PORT_VERIFY_DONE as u32)?;
+        a.mov(dx, u32::from(PORT_VERIFY_DONE))?;
         a.out(dx, eax)?;
         a.mov(rbx, qword_ptr(r15 + VB_SEQ_START))?; // sequential writers start their slice again
         a.mov(rbp, qword_ptr(r15 + VB_HOT_PAGES))?;
@@ -245,7 +258,7 @@ impl GuestProgram {
         a.set_label(&mut spin)?;
         a.cmp(qword_ptr(rcx + counter), rbp)?;
         a.jae(done)?;
-        a.mov(dx, PORT_YIELD as u32)?;
+        a.mov(dx, u32::from(PORT_YIELD))?;
         a.out(dx, eax)?;
         a.pause()?;
         a.jmp(spin)?;

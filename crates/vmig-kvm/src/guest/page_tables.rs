@@ -35,7 +35,8 @@ impl PageTables {
     fn child(&mut self, table: usize, index: usize) -> Result<usize> {
         let entry = self.pages[table][index];
         if entry & 1 != 0 {
-            return Ok(((entry & !0xfff) - self.base) as usize / PAGE_SIZE as usize);
+            let index = ((entry & !0xfff) - self.base) / PAGE_SIZE;
+            return Ok(usize::try_from(index).expect("a table this builder made is in `pages`"));
         }
         if self.pages.len() as u64 >= self.capacity {
             return Err(KvmError::Invalid(

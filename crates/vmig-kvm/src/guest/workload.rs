@@ -98,12 +98,14 @@ impl FromStr for Workload {
                 "hot" => workload.hot = Some(parse_size(value)?),
                 "hot-percent" => {
                     let p = number("a percentage from 1 to 99")?;
-                    if !(1..=99).contains(&p) {
-                        return Err(KvmError::Invalid(format!(
-                            "workload option hot-percent={p}: expected a percentage from 1 to 99"
-                        )));
-                    }
-                    workload.hot_percent = p as u8;
+                    workload.hot_percent = u8::try_from(p)
+                        .ok()
+                        .filter(|p| (1..=99).contains(p))
+                        .ok_or_else(|| {
+                            KvmError::Invalid(format!(
+                                "workload option hot-percent={p}: expected a percentage from 1 to 99"
+                            ))
+                        })?;
                 }
                 "shared" if value.is_empty() => workload.shared = true,
                 "seed" => workload.seed = number("a number")?,
