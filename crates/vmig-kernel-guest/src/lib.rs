@@ -13,7 +13,7 @@
 //!   report port), the `edu` device's registers ([`edu`]);
 //! - [`differential`]: seeded random sequences of type1 calls, run against the kernel (in the
 //!   guest) and against `vmig-dma` (on the host), and the rule that compares the two;
-//! - [`bench`]: mapping 1 GiB and fetching its dirty bitmap, `vmig-vfio`'s backend against the
+//! - [`bench`](mod@bench): mapping 1 GiB and fetching its dirty bitmap, `vmig-vfio`'s backend against the
 //!   bare ioctls, in the guest.
 //!
 //! What it leaves to others: the VFIO backend under test (`vmig-vfio`), the userspace IOMMU it

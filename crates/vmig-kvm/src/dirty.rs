@@ -307,6 +307,7 @@ impl CpuDirtyLog {
     }
 
     fn record_failure(&self, why: Arc<KvmError>) {
+        tracing::warn!(error = %why, "CPU dirty tracking can no longer vouch for every page");
         self.failure
             .lock()
             .unwrap_or_else(|e| e.into_inner())

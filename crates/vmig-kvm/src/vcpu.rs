@@ -212,6 +212,7 @@ impl VcpuControl {
 
     /// Records why the vCPU stopped and parks until told to quit.
     fn fail(&self, why: KvmError) {
+        tracing::warn!(error = %why, "a vCPU thread stopped");
         let mut state = self.lock();
         state.failure.get_or_insert_with(|| Arc::new(why));
         state.parked = true;

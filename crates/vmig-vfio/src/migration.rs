@@ -116,6 +116,11 @@ impl<'a> KernelMigration<'a> {
         match self.set(MigState::Running) {
             Ok(()) => Ok(()),
             Err(e) if self.device.can_reset() => {
+                tracing::warn!(
+                    device = self.device.name(),
+                    error = %e,
+                    "the device could not return to RUNNING; resetting it"
+                );
                 self.device.reset()?;
                 Err(VfioError::ResetAfterFailedCancel {
                     device: self.device.name().to_owned(),
