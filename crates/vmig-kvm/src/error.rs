@@ -73,6 +73,18 @@ pub enum KvmError {
     /// The operation did not complete in time.
     #[error("{0}")]
     Timeout(String),
+    /// A KVM list (MSRs, GSI routes) could not be built: more entries than it holds.
+    #[error("{context}: {source:?}")]
+    List {
+        /// Which list, e.g. `MSR list`.
+        context: String,
+        /// The wrapper's refusal.
+        #[source]
+        source: vmm_sys_util::fam::Error,
+    },
+    /// The guest's code could not be assembled.
+    #[error("assembling the guest: {0}")]
+    Assemble(#[source] iced_x86::IcedError),
     /// An error shared between the call that hit it and a record that later calls report (a
     /// failed dirty-ring reap): it reads as the error itself.
     #[error(transparent)]

@@ -70,8 +70,10 @@ pub struct IrqRoutes {
 }
 
 fn set_routes(vm: &VmFd, routes: &[kvm_irq_routing_entry]) -> Result<()> {
-    let table = KvmIrqRouting::from_entries(routes)
-        .map_err(|e| KvmError::Invalid(format!("the GSI routing table: {e:?}")))?;
+    let table = KvmIrqRouting::from_entries(routes).map_err(|source| KvmError::List {
+        context: "the GSI routing table".into(),
+        source,
+    })?;
     vm.set_gsi_routing(&table)
         .map_err(ioctl_error("KVM_SET_GSI_ROUTING"))
 }

@@ -109,8 +109,10 @@ pub(crate) fn save_state(fd: &VcpuFd, index: usize, msr_indices: &[u32]) -> Resu
             ..Default::default()
         })
         .collect();
-    let mut msrs =
-        Msrs::from_entries(&entries).map_err(|e| KvmError::Invalid(format!("MSR list: {e:?}")))?;
+    let mut msrs = Msrs::from_entries(&entries).map_err(|source| KvmError::List {
+        context: "MSR list".into(),
+        source,
+    })?;
     let read = fd
         .get_msrs(&mut msrs)
         .map_err(ioctl_error(what("KVM_GET_MSRS")))?;
@@ -159,8 +161,10 @@ pub(crate) fn restore_state(fd: &VcpuFd, index: usize, state: &VcpuState) -> Res
             ..Default::default()
         })
         .collect();
-    let msrs =
-        Msrs::from_entries(&entries).map_err(|e| KvmError::Snapshot(format!("MSR list: {e:?}")))?;
+    let msrs = Msrs::from_entries(&entries).map_err(|source| KvmError::List {
+        context: "snapshot: MSR list".into(),
+        source,
+    })?;
     let written = fd
         .set_msrs(&msrs)
         .map_err(ioctl_error(what("KVM_SET_MSRS")))?;

@@ -13,8 +13,7 @@ use crate::memory::PAGE_SIZE;
 
 impl GuestProgram {
     pub(super) fn assemble(&self) -> Result<Vec<u8>> {
-        self.assemble_code()
-            .map_err(|e| KvmError::Invalid(format!("assembling the guest: {e}")))
+        self.assemble_code().map_err(KvmError::Assemble)
     }
 
     #[allow(clippy::too_many_lines)]
