@@ -21,19 +21,19 @@
 //! barrier in guest memory, has each vCPU check its slice of the working set against the
 //! journal, and releases them at a second barrier.
 //!
-//! The module's files: [`workload`] (the `--workload` spec), [`layout`] (the guest-physical
-//! memory map and the working set's place in it), [`protocol`] (the control page, the vCPU
-//! blocks and the I/O ports the guest and the VMM talk through), [`program`] (what the VMM
-//! installs: descriptor table, page tables, code, boot registers), `assemble` (the guest's
-//! code), `page_tables`, and [`verify`] (the stamp a write leaves and the verify counters).
+//! Its files, each re-exported here: `workload` (the `--workload` spec), `layout` (the
+//! guest-physical memory map and the working set's place in it), `protocol` (the control page,
+//! the vCPU blocks and the I/O ports the guest and the VMM talk through), `program` (what the
+//! VMM installs: descriptor table, page tables, code, boot registers), `assemble` (the guest's
+//! code), `page_tables`, and `verify` (the stamp a write leaves and the verify counters).
 
 mod assemble;
-pub mod layout;
+mod layout;
 mod page_tables;
-pub mod program;
-pub mod protocol;
-pub mod verify;
-pub mod workload;
+mod program;
+mod protocol;
+mod verify;
+mod workload;
 
 pub use layout::{CONTROL_GPA, GuestLayout, MAX_VCPUS, MMIO_WINDOW_GPA, MMIO_WINDOW_SIZE};
 pub use program::GuestProgram;
