@@ -1,6 +1,6 @@
 //! A KVM VM with a real passthrough device through the kernel's VFIO: Debian's kernel under
 //! QEMU's TCG (emulated VT-d, QEMU's `edu` DMA device, emulated AMD-V so KVM runs there too;
-//! see `vmig_vfio::kernel_guest`) boots this test and the `vmig` binary, both static, and
+//! see `vmig_kernel_guest`) boots this test and the `vmig` binary, both static, and
 //! inside it:
 //! - the engine attaches edu to a VM (`DeviceSpec::VfioPci`): guest RAM mapped into its
 //!   container, BAR0 mapped into the guest, MSI wired to an irqfd; edu then DMAs through
@@ -20,12 +20,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmig_dirty::DirtyBitmap;
+use vmig_kernel_guest::{EDU_BDF_ENV, Guest, GuestBinary, edu};
 use vmig_kvm::{DirtyLogMode, PAGE_SIZE, Vm, VmConfig, Workload};
 use vmig_migration::device::{DirtyLogKind, MigratableDevice};
 use vmig_migration::dirty::{DeviceSource, DirtySource, Mapping};
 use vmig_migration::machine::{MappedArea, device_area_bytes, interrupt_vector};
 use vmig_migration::{DeviceSpec, Machine, Role};
-use vmig_vfio::kernel_guest::{self, EDU_BDF_ENV, Guest, GuestBinary, edu};
 
 /// The in-guest test this file's host test runs.
 const IN_GUEST_TEST: &str = "in_guest_a_vm_with_edu_through_kernel_vfio";
@@ -124,7 +124,7 @@ fn ctl(api: &Path, args: &[&str]) -> (bool, serde_json::Value) {
 )]
 fn in_guest_a_vm_with_edu_through_kernel_vfio() {
     assert!(
-        kernel_guest::in_guest(),
+        vmig_kernel_guest::in_guest(),
         "runs only inside the kernel-VFIO test guest (the test above boots it)"
     );
     let bdf = std::env::var(EDU_BDF_ENV).expect("the guest's init exports the edu address");

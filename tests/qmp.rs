@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use vmig_kernel_guest::PrepareError;
 use vmig_test_support::{require_kvm, skip, wait_until};
-use vmig_vfio::kernel_guest::{self, PrepareError};
 
 const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -608,7 +608,7 @@ fn qemu_qmp_drives_vmig_and_qemu_with_the_same_script() {
     );
 
     // The same script, unchanged, against QEMU.
-    let qemu = match kernel_guest::qemu_system() {
+    let qemu = match vmig_kernel_guest::qemu_system() {
         Ok(qemu) => qemu,
         Err(PrepareError::Unavailable(why)) => return skip(format!("the QEMU half: {why}")),
         Err(PrepareError::Failed(why)) => panic!("installing QEMU: {why}"),

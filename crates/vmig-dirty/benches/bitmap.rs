@@ -44,7 +44,7 @@ fn harvest_case(c: &mut Criterion, run_pages: u64) {
     group.throughput(Throughput::Bytes(BITMAP_BYTES as u64));
     let dirty: Vec<u64> = sparse_pages(TIB_PAGES - run_pages, 1)
         .into_iter()
-        .step_by(run_pages as usize)
+        .step_by(usize::try_from(run_pages).expect("a run length fits a usize"))
         .collect();
     let bitmap = DirtyBitmap::new(TIB_PAGES);
     let mut plain = vec![0u64; BITMAP_BYTES / 8];

@@ -32,6 +32,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+mod runs;
+
+use runs::{ExclusiveTake, PlainWords, SharedPeek, SharedTake, scan_runs};
+
 /// Bits per bitmap word.
 pub const WORD_BITS: u64 = 64;
 
@@ -87,6 +91,18 @@ pub const fn words_for(bits: u64) -> u64 {
 /// `DIRTY_BITMAP_BYTES()` (`ALIGN(npages, 64) / 8`).
 pub const fn bitmap_bytes(pages: u64) -> u64 {
     words_for(pages) * 8
+}
+
+/// A word index or word count as `usize`, for one bounded by the length of a word slice in
+/// memory: the bitmap's own (checked by `check_range`) or a caller's (checked by
+/// `check_buffer`).
+#[inline]
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "bounded by the length of a slice in memory, which is a usize"
+)]
+const fn word_index(w: u64) -> usize {
+    w as usize
 }
 
 /// Mask of bits `lo..hi` of a word (`lo < hi <= 64`).
@@ -189,7 +205,7 @@ impl DirtyBitmap {
             } else {
                 WORD_BITS
             };
-            f(w as usize, bit_mask(lo, hi));
+            f(word_index(w), bit_mask(lo, hi));
         }
     }
 
@@ -441,7 +457,7 @@ impl DirtyBitmap {
         }
         let shift = (page_offset % WORD_BITS) as u32;
         let base = (page_offset / WORD_BITS) as usize;
-        let nsrc = words_for(nbits) as usize;
+        let nsrc = word_index(words_for(nbits));
         let rest = nbits % WORD_BITS;
         let tail = if rest == 0 {
             words[nsrc - 1]
@@ -459,7 +475,7 @@ impl DirtyBitmap {
         }
         // Destination word k takes the high bits of source word k-1 and the low bits of
         // source word k.
-        let back = WORD_BITS as u32 - shift;
+        let back = u64::BITS - shift;
         let first = if nsrc == 1 { tail } else { words[0] };
         *dst[0].get_mut() |= first << shift;
         for (d, pair) in dst[1..].iter_mut().zip(body.windows(2)) {
@@ -583,7 +599,7 @@ impl DirtySnapshot {
     /// A snapshot over foreign words; bits past `pages` are dropped.
     pub fn from_words(mut words: Vec<u64>, pages: u64) -> Result<Self, DirtyError> {
         check_buffer(words.len(), 0, pages)?;
-        words.truncate(words_for(pages) as usize);
+        words.truncate(word_index(words_for(pages)));
         if let Some(last) = words.last_mut() {
             let rest = pages % WORD_BITS;
             if rest != 0 {
@@ -637,187 +653,6 @@ impl DirtySnapshot {
         words_to_le_bytes(&self.words, &mut out);
         out
     }
-}
-
-/// Word access for [`scan_runs`]: `peek` is a cheap look used to skip clean words, `take`
-/// delivers a word's bits (and clears them, for a harvest).
-trait WordSource {
-    fn len(&self) -> usize;
-    fn peek(&mut self, i: usize) -> u64;
-    fn take(&mut self, i: usize) -> u64;
-}
-
-/// Concurrent read-and-clear: the exchange happens only for words that look dirty.
-struct SharedTake<'a>(&'a [AtomicU64]);
-impl WordSource for SharedTake<'_> {
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-    #[inline]
-    fn peek(&mut self, i: usize) -> u64 {
-        self.0[i].load(Ordering::Relaxed)
-    }
-    #[inline]
-    fn take(&mut self, i: usize) -> u64 {
-        self.0[i].swap(0, Ordering::AcqRel)
-    }
-}
-
-/// Concurrent read without clearing.
-struct SharedPeek<'a>(&'a [AtomicU64]);
-impl WordSource for SharedPeek<'_> {
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-    #[inline]
-    fn peek(&mut self, i: usize) -> u64 {
-        self.0[i].load(Ordering::Relaxed)
-    }
-    #[inline]
-    fn take(&mut self, i: usize) -> u64 {
-        self.0[i].load(Ordering::Acquire)
-    }
-}
-
-/// Read-and-clear with exclusive access: plain loads and stores.
-struct ExclusiveTake<'a>(&'a mut [AtomicU64]);
-impl WordSource for ExclusiveTake<'_> {
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-    #[inline]
-    fn peek(&mut self, i: usize) -> u64 {
-        *self.0[i].get_mut()
-    }
-    #[inline]
-    fn take(&mut self, i: usize) -> u64 {
-        std::mem::take(self.0[i].get_mut())
-    }
-}
-
-/// Plain words of a snapshot.
-struct PlainWords<'a>(&'a [u64]);
-impl WordSource for PlainWords<'_> {
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-    #[inline]
-    fn peek(&mut self, i: usize) -> u64 {
-        self.0[i]
-    }
-    #[inline]
-    fn take(&mut self, i: usize) -> u64 {
-        self.0[i]
-    }
-}
-
-/// Words looked at together when skipping clean memory: one test per block, not per word.
-const SCAN_BLOCK: usize = 8;
-/// Words scanned per window; the window's index lists live on the stack.
-const SCAN_WINDOW: usize = 4096;
-
-/// The run being built while words are scanned in ascending order.
-struct RunCutter {
-    /// First page of the open run, if one reaches the end of the last word visited.
-    open: Option<u64>,
-    /// The page just past the last word the open run reached.
-    run_end: u64,
-}
-
-impl RunCutter {
-    /// Feeds word `i`, calling `emit` for every run it completes.
-    #[inline]
-    fn word(&mut self, i: usize, mut bits: u64, emit: &mut impl FnMut(u64, u64)) {
-        let base = i as u64 * WORD_BITS;
-        if let Some(start) = self.open {
-            // The open run continues only into the very next word, from its bit 0.
-            let ones = if base == self.run_end {
-                bits.trailing_ones()
-            } else {
-                0
-            };
-            if ones == 64 {
-                self.run_end = base + WORD_BITS;
-                return;
-            }
-            let end = if ones == 0 {
-                self.run_end
-            } else {
-                base + u64::from(ones)
-            };
-            emit(start, end - start);
-            self.open = None;
-            bits &= u64::MAX << ones;
-        }
-        while bits != 0 {
-            let tz = bits.trailing_zeros();
-            let ones = (bits >> tz).trailing_ones();
-            if tz + ones == 64 {
-                self.open = Some(base + u64::from(tz));
-                self.run_end = base + WORD_BITS;
-                return;
-            }
-            emit(base + u64::from(tz), u64::from(ones));
-            bits &= u64::MAX << (tz + ones);
-        }
-    }
-
-    fn finish(self, emit: &mut impl FnMut(u64, u64)) {
-        if let Some(start) = self.open {
-            emit(start, self.run_end - start);
-        }
-    }
-}
-
-/// Calls `emit(first_page, n_pages)` for each run of set bits, in ascending order.
-///
-/// Dirty pages are sparse and scattered, so a branch per word mispredicts often. The scan works
-/// on windows of words in three passes without data-dependent branches until the last: list
-/// the blocks of 8 words that hold any bit, list the dirty words of those blocks, then take
-/// each listed word and cut its runs with bit scans.
-#[inline]
-fn scan_runs(src: &mut impl WordSource, mut emit: impl FnMut(u64, u64)) {
-    let n = src.len();
-    let mut cutter = RunCutter {
-        open: None,
-        run_end: 0,
-    };
-    let mut blocks = [0u16; SCAN_WINDOW / SCAN_BLOCK];
-    let mut dirty = [0u16; SCAN_WINDOW];
-    let mut window = 0;
-    while window < n {
-        let len = SCAN_WINDOW.min(n - window);
-        let full_blocks = len / SCAN_BLOCK;
-        let mut nblocks = 0;
-        for b in 0..full_blocks {
-            let first = window + b * SCAN_BLOCK;
-            let mut any = 0;
-            for k in 0..SCAN_BLOCK {
-                any |= src.peek(first + k);
-            }
-            blocks[nblocks] = b as u16;
-            nblocks += usize::from(any != 0);
-        }
-        let mut ndirty = 0;
-        for &b in &blocks[..nblocks] {
-            for k in 0..SCAN_BLOCK {
-                let j = usize::from(b) * SCAN_BLOCK + k;
-                dirty[ndirty] = j as u16;
-                ndirty += usize::from(src.peek(window + j) != 0);
-            }
-        }
-        for j in full_blocks * SCAN_BLOCK..len {
-            dirty[ndirty] = j as u16;
-            ndirty += usize::from(src.peek(window + j) != 0);
-        }
-        for &j in &dirty[..ndirty] {
-            let i = window + usize::from(j);
-            let bits = src.take(i);
-            cutter.word(i, bits, &mut emit);
-        }
-        window += len;
-    }
-    cutter.finish(&mut emit);
 }
 
 #[cfg(test)]

@@ -4,6 +4,11 @@ use super::*;
 use proptest::prelude::*;
 use std::sync::atomic::AtomicBool;
 
+/// A test's page or word count as an index (test sizes are small).
+fn us(v: u64) -> usize {
+    usize::try_from(v).expect("a test size fits a usize")
+}
+
 fn model_runs(model: &[bool]) -> Vec<(u64, u64)> {
     let mut runs = Vec::new();
     let mut i = 0;
@@ -22,7 +27,7 @@ fn model_runs(model: &[bool]) -> Vec<(u64, u64)> {
 }
 
 fn model_words(model: &[bool]) -> Vec<u64> {
-    let mut words = vec![0u64; words_for(model.len() as u64) as usize];
+    let mut words = vec![0u64; us(words_for(model.len() as u64))];
     for (i, _) in model.iter().enumerate().filter(|(_, d)| **d) {
         words[i / 64] |= 1 << (i % 64);
     }
@@ -67,7 +72,7 @@ fn op_strategy(pages: u64) -> impl Strategy<Value = Op> {
         range
             .clone()
             .prop_flat_map(|(offset, nbits)| {
-                let n = words_for(nbits) as usize;
+                let n = us(words_for(nbits));
                 (
                     Just(offset),
                     proptest::collection::vec(any::<u64>(), n..=n + 1),
@@ -96,18 +101,18 @@ proptest! {
         (pages, ops) in (1u64..300).prop_flat_map(|p| (Just(p), proptest::collection::vec(op_strategy(p), 1..40)))
     ) {
         let bitmap = DirtyBitmap::new(pages);
-        let mut model = vec![false; pages as usize];
+        let mut model = vec![false; us(pages)];
         for op in ops {
             match op {
-                Op::Set(p) => { bitmap.set(p).unwrap(); model[p as usize] = true; }
-                Op::Clear(p) => { bitmap.clear(p).unwrap(); model[p as usize] = false; }
+                Op::Set(p) => { bitmap.set(p).unwrap(); model[us(p)] = true; }
+                Op::Clear(p) => { bitmap.clear(p).unwrap(); model[us(p)] = false; }
                 Op::SetRange(f, c) => {
                     bitmap.set_range(f, c).unwrap();
-                    model[f as usize..(f + c) as usize].fill(true);
+                    model[us(f)..us(f + c)].fill(true);
                 }
                 Op::ClearRange(f, c) => {
                     bitmap.clear_range(f, c).unwrap();
-                    model[f as usize..(f + c) as usize].fill(false);
+                    model[us(f)..us(f + c)].fill(false);
                 }
                 Op::Merge { offset, words, nbits } => {
                     let mut exclusive = DirtyBitmap::new(pages);
@@ -118,7 +123,7 @@ proptest! {
                     bitmap.merge_words(offset, &words, nbits).unwrap();
                     for i in 0..nbits {
                         if words[(i / 64) as usize] & (1 << (i % 64)) != 0 {
-                            model[(offset + i) as usize] = true;
+                            model[us(offset + i)] = true;
                         }
                     }
                 }
@@ -129,22 +134,22 @@ proptest! {
                     model.fill(false);
                 }
                 Op::HarvestRange { first, count, out_bit } => {
-                    let mut out = vec![0u64; words_for(out_bit + count) as usize];
+                    let mut out = vec![0u64; us(words_for(out_bit + count))];
                     let mut exported = out.clone();
                     bitmap.export_range_into(first, count, &mut exported, out_bit).unwrap();
                     bitmap.harvest_range_into(first, count, &mut out, out_bit).unwrap();
                     prop_assert_eq!(&exported, &out);
                     for i in 0..out_bit + count {
                         let bit = out[(i / 64) as usize] & (1 << (i % 64)) != 0;
-                        let expect = i >= out_bit && model[(first + i - out_bit) as usize];
+                        let expect = i >= out_bit && model[us(first + i - out_bit)];
                         prop_assert_eq!(bit, expect, "out bit {}", i);
                     }
-                    model[first as usize..(first + count) as usize].fill(false);
+                    model[us(first)..us(first + count)].fill(false);
                 }
             }
             assert_matches(&bitmap, &model);
             let (f, c) = (pages / 3, pages / 2);
-            let expected = model[f as usize..(f + c) as usize].iter().filter(|d| **d).count() as u64;
+            let expected = model[us(f)..us(f + c)].iter().filter(|d| **d).count() as u64;
             prop_assert_eq!(bitmap.count_range(f, c).unwrap(), expected);
             prop_assert_eq!(bitmap.any_in_range(f, c).unwrap(), expected != 0);
         }
@@ -183,13 +188,13 @@ proptest! {
             bitmap.set(i as u64).unwrap();
         }
         let count = model.len() as u64;
-        let mut out = vec![garbage; words_for(out_bit + count) as usize + 1];
+        let mut out = vec![garbage; us(words_for(out_bit + count)) + 1];
         bitmap.export_range_into(0, count, &mut out, out_bit).unwrap();
         for i in 0..out.len() as u64 * 64 {
             let bit = out[(i / 64) as usize] & (1 << (i % 64)) != 0;
             let garbage_bit = garbage & (1 << (i % 64)) != 0;
             let expect = if (out_bit..out_bit + count).contains(&i) {
-                garbage_bit || model[(i - out_bit) as usize]
+                garbage_bit || model[us(i - out_bit)]
             } else {
                 garbage_bit
             };
@@ -281,10 +286,10 @@ struct MarkAudit {
 impl MarkAudit {
     fn new(pages: u64) -> Self {
         Self {
-            covered: vec![0; pages as usize],
-            complete: vec![0; pages as usize],
-            reported: vec![false; pages as usize],
-            out: vec![0; words_for(pages) as usize],
+            covered: vec![0; us(pages)],
+            complete: vec![0; us(pages)],
+            reported: vec![false; us(pages)],
+            out: vec![0; us(words_for(pages))],
         }
     }
 
@@ -307,7 +312,7 @@ impl MarkAudit {
         self.reported.fill(false);
         let pages = bitmap.pages();
         let mut report = |first: u64, count: u64| {
-            self.reported[first as usize..(first + count) as usize].fill(true);
+            self.reported[us(first)..us(first + count)].fill(true);
         };
         match round % 3 {
             0 => bitmap.harvest_each_run(&mut report),
@@ -369,7 +374,7 @@ fn concurrent_marking_during_harvest_never_loses_a_mark() {
     let (pending, done) = (tags(), tags());
     let epoch = AtomicU64::new(1);
     let stop = AtomicBool::new(false);
-    let started = std::sync::Barrier::new(WRITERS as usize + 1);
+    let started = std::sync::Barrier::new(us(WRITERS) + 1);
     let mut audit = MarkAudit::new(PAGES);
     let marks: u64 = std::thread::scope(|s| {
         let writers: Vec<_> = (0..WRITERS)

@@ -21,6 +21,29 @@ const MODES: [DirtyLogMode; 3] = [
     DirtyLogMode::Ring,
 ];
 
+/// A count as `f64`, for rates and ratios.
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "test and benchmark counts are far below 2^52, where f64 is exact"
+)]
+fn float(v: u64) -> f64 {
+    v as f64
+}
+
+/// [`PAGE_SIZE`] as a `usize`, for buffers.
+#[expect(clippy::cast_possible_truncation, reason = "4096 fits every usize")]
+const PAGE: usize = PAGE_SIZE as usize;
+
+/// A mean page count rounded down to whole pages.
+#[expect(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "a mean of non-negative page counts, far below usize::MAX"
+)]
+fn whole_pages(mean: f64) -> usize {
+    mean as usize
+}
+
 fn vm(mode: DirtyLogMode, rate: Option<u64>) -> Vm {
     let vm = Vm::new(&VmConfig {
         ram: RAM,
@@ -45,11 +68,11 @@ fn median(values: &mut [f64]) -> f64 {
 
 /// Time to copy `pages` scattered 4 KiB pages, the work a migration does per reported page.
 fn copy_cost(pages: usize, source: &[u8], target: &mut [u8]) -> Duration {
-    let count = source.len() / PAGE_SIZE as usize;
+    let count = source.len() / PAGE;
     let start = Instant::now();
     for i in 0..pages {
-        let page = (i * 7919) % count * PAGE_SIZE as usize;
-        target[..PAGE_SIZE as usize].copy_from_slice(&source[page..page + PAGE_SIZE as usize]);
+        let page = (i * 7919) % count * PAGE;
+        target[..PAGE].copy_from_slice(&source[page..page + PAGE]);
         std::hint::black_box(&target[..8]);
     }
     start.elapsed()
@@ -68,7 +91,7 @@ fn harvest_costs() {
         "harvest/copy"
     );
     let source = vec![1u8; 256 << 20];
-    let mut target = vec![0u8; PAGE_SIZE as usize];
+    let mut target = vec![0u8; PAGE];
     copy_cost(65536, &source, &mut target);
     for mode in MODES {
         for rate in [1_000u64, 10_000, 100_000] {
@@ -89,19 +112,20 @@ fn harvest_costs() {
                 let t = Instant::now();
                 vm.dirty_log().harvest(&dirty).unwrap();
                 costs.push(t.elapsed().as_secs_f64() * 1e6);
-                pages.push(dirty.harvest().count() as f64);
+                pages.push(float(dirty.harvest().count()));
             }
             let achieved =
-                (vm.guest_writes().unwrap() - writes_before) as f64 / start.elapsed().as_secs_f64();
+                float(vm.guest_writes().unwrap() - writes_before) / start.elapsed().as_secs_f64();
             vm.pause().unwrap();
             // Ring modes drain the rings in the background too: charge that time to the
             // harvests, spread evenly.
-            let reaped = (vm.dirty_log().stats().reap_nanos - reaped_before) as f64
+            let reaped = float(vm.dirty_log().stats().reap_nanos - reaped_before)
                 / 1e3
-                / costs.len() as f64;
-            let per_harvest = pages.iter().sum::<f64>() / pages.len() as f64;
+                / float(costs.len() as u64);
+            let per_harvest = pages.iter().sum::<f64>() / float(pages.len() as u64);
             let harvest = median(&mut costs) + reaped;
-            let copy = copy_cost(per_harvest as usize, &source, &mut target).as_secs_f64() * 1e6;
+            let copy =
+                copy_cost(whole_pages(per_harvest), &source, &mut target).as_secs_f64() * 1e6;
             println!(
                 "{:<10} {:>10} {:>12.0} {:>14.0} {:>12.1} {:>14.1} {:>12.2}",
                 mode.to_string(),
@@ -141,7 +165,7 @@ fn write_rates() {
                     let _ = dirty.harvest();
                 }
             }
-            let rate = (vm.guest_writes().unwrap() - before) as f64 / start.elapsed().as_secs_f64();
+            let rate = float(vm.guest_writes().unwrap() - before) / start.elapsed().as_secs_f64();
             vm.pause().unwrap();
             if tracking {
                 vm.dirty_log().stop().unwrap();

@@ -124,7 +124,7 @@ pub struct CpuDirtyLog {
     clear_chunk_pages: AtomicU64,
     tracking: Mutex<bool>,
     reaper: Mutex<Option<Reaper>>,
-    failure: Mutex<Option<String>>,
+    failure: Mutex<Option<Arc<KvmError>>>,
     reap_interval_us: AtomicU64,
     empty_ring_full_exits: AtomicU64,
     ring_overflows: AtomicU64,
@@ -160,13 +160,14 @@ impl CpuDirtyLog {
             vm,
             memory,
             rings: Mutex::new(rings),
-            ring_pending: DirtyBitmap::try_new(pages)
-                .map_err(|e| KvmError::Invalid(e.to_string()))?,
+            ring_pending: DirtyBitmap::try_new(pages)?,
             clear_chunk_pages: AtomicU64::new(DEFAULT_CLEAR_CHUNK_PAGES),
             tracking: Mutex::new(false),
             reaper: Mutex::new(None),
             failure: Mutex::new(None),
-            reap_interval_us: AtomicU64::new(DEFAULT_REAP_INTERVAL.as_micros() as u64),
+            reap_interval_us: AtomicU64::new(
+                u64::try_from(DEFAULT_REAP_INTERVAL.as_micros()).unwrap_or(u64::MAX),
+            ),
             empty_ring_full_exits: AtomicU64::new(0),
             ring_overflows: AtomicU64::new(0),
             reap_nanos: AtomicU64::new(0),
@@ -197,7 +198,9 @@ impl CpuDirtyLog {
     /// How often the reaper thread drains the rings (ring modes); `None` leaves them to
     /// ring-full exits and harvests alone. Takes effect at the next [`Self::start`].
     pub fn set_reap_interval(&self, interval: Option<std::time::Duration>) {
-        let us = interval.map_or(0, |d| d.as_micros().clamp(1, u128::from(u64::MAX)) as u64);
+        let us = interval.map_or(0, |d| {
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+        });
         self.reap_interval_us.store(us, Ordering::Relaxed);
     }
 
@@ -303,7 +306,8 @@ impl CpuDirtyLog {
         }
     }
 
-    fn record_failure(&self, why: String) {
+    fn record_failure(&self, why: Arc<KvmError>) {
+        tracing::warn!(error = %why, "CPU dirty tracking can no longer vouch for every page");
         self.failure
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -351,7 +355,7 @@ impl CpuDirtyLog {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
         {
-            return Err(KvmError::DirtyLog(why));
+            return Err(KvmError::DirtyLogFailed(why));
         }
         let result = match self.mode {
             DirtyLogMode::Bitmap => self.harvest_bitmaps(into, false),
@@ -368,8 +372,9 @@ impl CpuDirtyLog {
             Err(e) => {
                 // Pages may already have been taken from KVM (and are in `into`); later
                 // harvests cannot promise completeness until tracking restarts.
-                self.record_failure(e.to_string());
-                return Err(KvmError::DirtyLog(e.to_string()));
+                let e = Arc::new(e);
+                self.record_failure(Arc::clone(&e));
+                return Err(KvmError::DirtyLogFailed(e));
             }
         };
         drop(tracking);
@@ -384,7 +389,7 @@ impl CpuDirtyLog {
             let layout = slot.layout;
             let words = self
                 .vm
-                .get_dirty_log(layout.id, layout.size as usize)
+                .get_dirty_log(layout.id, crate::memory::host_offset(layout.size))
                 .map_err(ioctl_error(format!(
                     "KVM_GET_DIRTY_LOG(slot {})",
                     layout.id
@@ -397,8 +402,7 @@ impl CpuDirtyLog {
                 Ok(())
             };
             reported += words.iter().map(|w| u64::from(w.count_ones())).sum::<u64>();
-            into.merge_words(layout.first_page(), &words, layout.pages())
-                .map_err(|e| KvmError::Invalid(e.to_string()))?;
+            into.merge_words(layout.first_page(), &words, layout.pages())?;
             cleared?;
         }
         Ok(reported)
@@ -449,13 +453,11 @@ impl CpuDirtyLog {
         drop(rings);
         let mut reported = pages.len() as u64;
         for page in pages {
-            into.set(page)
-                .map_err(|e| KvmError::Invalid(e.to_string()))?;
+            into.set(page)?;
         }
         for (first, count) in runs {
             reported += count;
-            into.set_range(first, count)
-                .map_err(|e| KvmError::Invalid(e.to_string()))?;
+            into.set_range(first, count)?;
         }
         Ok(reported)
     }
@@ -525,9 +527,9 @@ impl CpuDirtyLog {
         // Another thread may just have drained the ring; a long run of exits with nothing to
         // harvest means KVM's indices and ours disagree, and the vCPU would spin forever.
         if self.empty_ring_full_exits.fetch_add(1, Ordering::Relaxed) > 10_000 {
-            let why = "KVM keeps reporting a full dirty ring that holds no entries to harvest: the ring is out of step with KVM".to_string();
-            self.record_failure(why.clone());
-            return Err(KvmError::DirtyLog(why));
+            let e = Arc::new(KvmError::RingOutOfStep);
+            self.record_failure(Arc::clone(&e));
+            return Err(KvmError::DirtyLogFailed(e));
         }
         std::thread::yield_now();
         Ok(())
@@ -546,13 +548,17 @@ impl CpuDirtyLog {
             let _ = self.ring_pending.set(page);
         }
         drop(rings);
-        if let Err(e) = &result {
+        let result = result.map_err(|e| {
             // The pending pages may not have been re-protected: no later harvest may vouch
             // for completeness.
-            self.record_failure(e.to_string());
-        }
-        self.reap_nanos
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            let e = Arc::new(e);
+            self.record_failure(Arc::clone(&e));
+            KvmError::Shared(e)
+        });
+        self.reap_nanos.fetch_add(
+            u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         result
     }
 }
@@ -586,7 +592,9 @@ fn clear_chunks(
         }
         let first_page = start as u64 * 64;
         let num_pages = (word as u64 * 64).min(pages) - first_page;
-        calls.push((start..word, first_page, num_pages as u32));
+        let num_pages = u32::try_from(num_pages)
+            .expect("a memslot has fewer than 2^32 pages (guest RAM is at most 256 GiB)");
+        calls.push((start..word, first_page, num_pages));
     }
     calls
 }
@@ -603,9 +611,9 @@ mod tests {
             seed ^= seed >> 7;
             seed ^= seed << 17;
             let pages = 1 + seed % 3000;
-            let mut words = vec![0u64; pages.div_ceil(64) as usize];
+            let mut words = vec![0u64; usize::try_from(pages.div_ceil(64)).unwrap()];
             for (i, w) in words.iter_mut().enumerate() {
-                let r = seed.rotate_left(i as u32 * 7);
+                let r = seed.rotate_left(u32::try_from(i).unwrap() * 7);
                 *w = if r.is_multiple_of(3) { 0 } else { r };
             }
             if !pages.is_multiple_of(64) {

@@ -1,6 +1,8 @@
 //! The crate's error type: every refusal says what was wrong and what was expected.
 
 use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Errors of the KVM layer.
 #[derive(Debug, thiserror::Error)]
@@ -30,17 +32,63 @@ pub enum KvmError {
     /// A snapshot file is malformed, truncated or corrupted.
     #[error("snapshot: {0}")]
     Snapshot(String),
+    /// A snapshot file could not be opened.
+    #[error("snapshot: cannot open {}: {source}", path.display())]
+    SnapshotOpen {
+        /// The file.
+        path: PathBuf,
+        /// Why it could not be opened.
+        #[source]
+        source: io::Error,
+    },
+    /// A snapshot's JSON header could not be encoded.
+    #[error("snapshot: {0}")]
+    SnapshotEncode(#[source] serde_json::Error),
+    /// A snapshot's JSON header could not be decoded.
+    #[error("snapshot: header: {0}")]
+    SnapshotHeader(#[source] serde_json::Error),
     /// Dirty tracking can no longer vouch for every page (a KVM call failed midway); the pages
     /// already handed over stay valid, but the caller must restart tracking and resend
     /// everything.
     #[error("CPU dirty tracking failed: {0}")]
     DirtyLog(String),
+    /// As [`KvmError::DirtyLog`], for a failure with a cause: the harvest that failed returns
+    /// it, and so does every later harvest until tracking restarts.
+    #[error("CPU dirty tracking failed: {0}")]
+    DirtyLogFailed(#[source] Arc<KvmError>),
+    /// KVM reports a full dirty ring again and again while the ring holds nothing to harvest.
+    #[error(
+        "KVM keeps reporting a full dirty ring that holds no entries to harvest: the ring is out of step with KVM"
+    )]
+    RingOutOfStep,
     /// The guest stopped in a way it never should (triple fault, internal error, unhandled exit).
     #[error("guest failed: {0}")]
     Guest(String),
+    /// A vCPU thread stopped on an error (its exit handler or `KVM_RUN` failed).
+    #[error("guest failed: {0}")]
+    VcpuStopped(#[source] Arc<KvmError>),
+    /// A dirty bitmap refused a page range or could not be allocated.
+    #[error(transparent)]
+    Bitmap(#[from] vmig_dirty::DirtyError),
     /// The operation did not complete in time.
     #[error("{0}")]
     Timeout(String),
+    /// A KVM list (MSRs, GSI routes) could not be built: more entries than it holds.
+    #[error("{context}: {source:?}")]
+    List {
+        /// Which list, e.g. `MSR list`.
+        context: String,
+        /// The wrapper's refusal.
+        #[source]
+        source: vmm_sys_util::fam::Error,
+    },
+    /// The guest's code could not be assembled.
+    #[error("assembling the guest: {0}")]
+    Assemble(#[source] iced_x86::IcedError),
+    /// An error shared between the call that hit it and a record that later calls report (a
+    /// failed dirty-ring reap): it reads as the error itself.
+    #[error(transparent)]
+    Shared(Arc<KvmError>),
     /// Other I/O (files, memfds, mappings).
     #[error(transparent)]
     Io(#[from] io::Error),

@@ -25,6 +25,15 @@ const IRQCHIP_IOAPIC: u32 = 2;
 /// Routes KVM takes at most (`KVM_MAX_IRQ_ROUTES`).
 const MAX_ROUTES: usize = 4096;
 
+/// The low 32 bits of `v` (an MSI address goes to KVM in two halves).
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "taking the low half is the point"
+)]
+fn low_half(v: u64) -> u32 {
+    v as u32
+}
+
 /// The MSI address of a fixed, physical-destination interrupt to the local APIC `apic_id`.
 pub fn msi_address(apic_id: u8) -> u64 {
     0xfee0_0000 | u64::from(apic_id) << 12
@@ -61,8 +70,10 @@ pub struct IrqRoutes {
 }
 
 fn set_routes(vm: &VmFd, routes: &[kvm_irq_routing_entry]) -> Result<()> {
-    let table = KvmIrqRouting::from_entries(routes)
-        .map_err(|e| KvmError::Invalid(format!("the GSI routing table: {e:?}")))?;
+    let table = KvmIrqRouting::from_entries(routes).map_err(|source| KvmError::List {
+        context: "the GSI routing table".into(),
+        source,
+    })?;
     vm.set_gsi_routing(&table)
         .map_err(ioctl_error("KVM_SET_GSI_ROUTING"))
 }
@@ -123,8 +134,8 @@ impl IrqRoutes {
             type_: KVM_IRQ_ROUTING_MSI,
             u: kvm_irq_routing_entry__bindgen_ty_1 {
                 msi: kvm_irq_routing_msi {
-                    address_lo: address as u32,
-                    address_hi: (address >> 32) as u32,
+                    address_lo: low_half(address),
+                    address_hi: low_half(address >> 32),
                     data: u32::from(vector),
                     ..Default::default()
                 },

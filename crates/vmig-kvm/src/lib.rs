@@ -1,18 +1,25 @@
 //! `vmig-kvm`: the VM that vmig migrates, on real `/dev/kvm`.
 //!
 //! It owns:
-//! - guest RAM in memfds, one per memslot, laid out with an odd-sized slot and a hole
-//!   ([`memory`]);
+//! - guest RAM in memfds over host memory, one per memslot, laid out with an odd-sized slot
+//!   and a hole ([`memory`]);
 //! - VM creation in the order KVM requires, refusing out-of-order steps ([`VmBuilder`]);
 //! - vCPU threads with pause (signal + `immediate_exit`) and resume, and vCPU state save/restore
 //!   ([`vcpu`]);
-//! - a 64-bit guest assembled at run time whose writes are stamped and journaled, with a
-//!   `verify` that finds any page that was lost or torn ([`guest`]);
-//! - CPU dirty tracking in every KVM mode behind one type ([`CpuDirtyLog`]);
+//! - self-checking guest workloads assembled at run time: a 64-bit guest whose writes are
+//!   stamped and journaled, with a `verify` that finds any page that was lost or torn
+//!   ([`guest`]);
+//! - CPU dirty tracking in every KVM mode (bitmap, clear-log, ring, ring with bitmap) behind one
+//!   type ([`CpuDirtyLog`]);
+//! - device interrupts as MSI irqfds ([`irq`], [`Vm::connect_msi`]) and device memory as
+//!   memslots ([`Vm::map_device_memory`]);
 //! - snapshots of a paused VM that another process continues ([`snapshot`]).
 //!
-//! It leaves device models, DMA and the migration stream to the crates above it; devices plug in
-//! through [`vcpu::ExitHandler`].
+//! It leaves device models, DMA and the migration stream to the crates above it and never names
+//! a device. The guest's port exits are served here (pacing, verify reports); its MMIO exits,
+//! accesses where there is no RAM, are handed to the one [`MmioHandler`] the layer above installs
+//! with [`Vm::set_mmio_handler`] (the engine's device bus), and interrupts come in through the
+//! [`irq::MsiVector`]s it asks for.
 //!
 //! ```no_run
 //! use vmig_kvm::{Vm, VmConfig, DirtyLogMode};

@@ -20,6 +20,20 @@ use vmig_dirty::DirtyBitmap;
 use vmig_primitives::HostMemory;
 pub use vmig_primitives::{PAGE_SIZE, page_digest};
 
+/// [`PAGE_SIZE`] as a `usize`, for page buffers and slices.
+#[expect(clippy::cast_possible_truncation, reason = "4096 fits every usize")]
+pub(crate) const PAGE_BYTES: usize = PAGE_SIZE as usize;
+
+/// A byte offset or length inside a slot's host mapping, as a `usize`: the mapping exists in
+/// this process, so whatever lies inside it fits the address space.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "bounded by the length of a host mapping, which is a usize"
+)]
+pub(crate) const fn host_offset(bytes: u64) -> usize {
+    bytes as usize
+}
+
 use crate::error::{KvmError, Result};
 use crate::sys;
 
@@ -204,8 +218,7 @@ impl GuestMemory {
         Ok(Self {
             layout: layout.clone(),
             slots,
-            vmm_dirty: DirtyBitmap::try_new(layout.top_page())
-                .map_err(|e| KvmError::Invalid(e.to_string()))?,
+            vmm_dirty: DirtyBitmap::try_new(layout.top_page())?,
         })
     }
 
@@ -228,7 +241,7 @@ impl GuestMemory {
         self.slots
             .iter()
             .find(|s| s.layout.contains(gpa, len))
-            .map(|s| (s, (gpa - s.layout.gpa) as usize))
+            .map(|s| (s, host_offset(gpa - s.layout.gpa)))
             .ok_or_else(|| {
                 KvmError::Invalid(format!(
                     "guest range [{gpa:#x}, +{len:#x}) is not inside one RAM slot"
@@ -292,11 +305,11 @@ impl GuestMemory {
 
     /// A digest of every page, in page order: equal memory gives equal digests in any process.
     pub fn digest(&self) -> Result<u64> {
-        let mut page = vec![0u8; PAGE_SIZE as usize];
+        let mut page = vec![0u8; PAGE_BYTES];
         let mut digest = DIGEST_SEED;
         for slot in &self.slots {
             for index in 0..slot.layout.pages() {
-                slot.host.read((index * PAGE_SIZE) as usize, &mut page)?;
+                slot.host.read(host_offset(index * PAGE_SIZE), &mut page)?;
                 digest = mix(digest ^ (slot.layout.first_page() + index));
                 digest = mix(digest ^ page_digest(&page));
             }
@@ -355,7 +368,7 @@ mod tests {
 
     #[test]
     fn digest_sees_one_bit() {
-        let mut page = vec![0u8; 4096];
+        let mut page = vec![0u8; PAGE_BYTES];
         let a = page_digest(&page);
         page[4095] = 1;
         assert_ne!(a, page_digest(&page));

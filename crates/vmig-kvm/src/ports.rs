@@ -21,6 +21,10 @@ struct Pacer {
 }
 
 impl Pacer {
+    #[expect(
+        clippy::cast_precision_loss,
+        reason = "page counts and rates per second are far below 2^52, where f64 is exact"
+    )]
     fn take(&self, pages: u64, ctx: &ExitContext<'_>) {
         let rate = self.rate.load(Ordering::Relaxed);
         if rate == 0 {
@@ -178,12 +182,12 @@ impl GuestPorts {
     pub(crate) fn wait_verify(
         &self,
         deadline: Instant,
-        failed: impl Fn() -> Option<String>,
+        failed: impl Fn() -> Option<Arc<KvmError>>,
     ) -> Result<VerifyTally> {
         let mut progress = self.progress();
         while !progress.done.iter().all(|&d| d) {
             if let Some(why) = failed() {
-                return Err(KvmError::Guest(why));
+                return Err(KvmError::VcpuStopped(why));
             }
             let now = Instant::now();
             if now >= deadline {

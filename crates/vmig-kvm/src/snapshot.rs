@@ -18,7 +18,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{KvmError, Result};
-use crate::memory::{GuestMemory, PAGE_SIZE, page_digest};
+use crate::memory::{GuestMemory, PAGE_BYTES, PAGE_SIZE, host_offset, page_digest};
 use crate::vcpu::VcpuState;
 use crate::vm::{Vm, VmConfig};
 
@@ -44,21 +44,29 @@ pub fn save(vm: &Vm, path: &Path) -> Result<()> {
         vcpus: vm.save_vcpus()?,
         memory_digest: vm.memory().digest()?,
     };
-    let json = serde_json::to_vec(&header).map_err(|e| KvmError::Snapshot(e.to_string()))?;
+    let json = serde_json::to_vec(&header).map_err(KvmError::SnapshotEncode)?;
     let mut out = BufWriter::new(File::create(path)?);
     out.write_all(MAGIC)?;
     out.write_all(&VERSION.to_le_bytes())?;
-    out.write_all(&(json.len() as u32).to_le_bytes())?;
+    let header_len = u32::try_from(json.len()).map_err(|_| {
+        KvmError::Snapshot(format!(
+            "a header of {} bytes: at most {} bytes fit the format",
+            json.len(),
+            u32::MAX
+        ))
+    })?;
+    out.write_all(&header_len.to_le_bytes())?;
     out.write_all(&json)?;
     let mut trailer = RunDigest::default();
     trailer.add(&json);
-    let mut page = vec![0u8; PAGE_SIZE as usize];
+    let mut page = vec![0u8; PAGE_BYTES];
     for slot in vm.memory().slots() {
         let mut run: Vec<u8> = Vec::new();
         let mut run_gpa = 0;
         for index in 0..=slot.layout.pages() {
             let nonzero = index < slot.layout.pages() && {
-                slot.host().read((index * PAGE_SIZE) as usize, &mut page)?;
+                slot.host()
+                    .read(host_offset(index * PAGE_SIZE), &mut page)?;
                 page.iter().any(|&b| b != 0)
             };
             if nonzero {
@@ -74,7 +82,7 @@ pub fn save(vm: &Vm, path: &Path) -> Result<()> {
                 ]
                 .concat();
                 trailer.add(&head);
-                for page in run.chunks(PAGE_SIZE as usize) {
+                for page in run.chunks(PAGE_BYTES) {
                     trailer.add(page);
                 }
                 out.write_all(&head)?;
@@ -93,8 +101,10 @@ pub fn save(vm: &Vm, path: &Path) -> Result<()> {
 /// Creates a VM from the snapshot at `path`, paused at the instruction where it was saved.
 /// `dirty_log` overrides the tracking mode the snapshot was taken with.
 pub fn restore(path: &Path, dirty_log: Option<crate::DirtyLogMode>) -> Result<Vm> {
-    let file = File::open(path)
-        .map_err(|e| KvmError::Snapshot(format!("cannot open {}: {e}", path.display())))?;
+    let file = File::open(path).map_err(|source| KvmError::SnapshotOpen {
+        path: path.to_owned(),
+        source,
+    })?;
     let mut input = BufReader::new(file);
     let mut fixed = [0u8; 16];
     read_exact(&mut input, &mut fixed, "the file header")?;
@@ -118,8 +128,7 @@ pub fn restore(path: &Path, dirty_log: Option<crate::DirtyLogMode>) -> Result<Vm
     }
     let mut json = vec![0u8; header_len as usize];
     read_exact(&mut input, &mut json, "the JSON header")?;
-    let header: Header =
-        serde_json::from_slice(&json).map_err(|e| KvmError::Snapshot(format!("header: {e}")))?;
+    let header: Header = serde_json::from_slice(&json).map_err(KvmError::SnapshotHeader)?;
     let mut config = header.config;
     if let Some(mode) = dirty_log {
         config.dirty_log = mode;
@@ -140,7 +149,7 @@ pub fn restore(path: &Path, dirty_log: Option<crate::DirtyLogMode>) -> Result<Vm
 fn load_memory(input: &mut impl Read, memory: &GuestMemory, header: &[u8]) -> Result<()> {
     let mut trailer = RunDigest::default();
     trailer.add(header);
-    let mut page = vec![0u8; PAGE_SIZE as usize];
+    let mut page = vec![0u8; PAGE_BYTES];
     loop {
         let mut head = [0u8; 16];
         read_exact(input, &mut head, "a memory run header")?;

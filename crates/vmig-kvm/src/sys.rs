@@ -76,7 +76,7 @@ pub fn reset_dirty_rings(vm: &VmFd) -> io::Result<u64> {
     if ret < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(ret as u64)
+    Ok(u64::from(ret.unsigned_abs()))
 }
 
 /// Registers memslot `slot` at `guest_phys_addr` backed by `memory`. KVM keeps the host address:
@@ -144,7 +144,7 @@ impl DirtyRing {
         }
         // SAFETY: sysconf has no memory effects.
         let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        let offset = KVM_DIRTY_LOG_PAGE_OFFSET as libc::off_t * page_size as libc::off_t;
+        let offset = libc::off_t::from(KVM_DIRTY_LOG_PAGE_OFFSET) * page_size;
         // SAFETY: a fresh shared mapping of the vCPU fd at the offset KVM documents for the
         // ring; it cannot alias Rust memory.
         let ptr = unsafe {
@@ -163,7 +163,7 @@ impl DirtyRing {
         Ok(Self {
             entries: NonNull::new(ptr.cast())
                 .ok_or_else(|| io::Error::from(io::ErrorKind::Other))?,
-            len: len as u32,
+            len: u32::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
             fetch_index: 0,
         })
     }

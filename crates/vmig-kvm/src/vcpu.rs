@@ -31,37 +31,32 @@ use crate::error::{KvmError, Result, ioctl_error};
 use crate::sys::{self, ArmedKick};
 
 /// What a vCPU thread knows while handling an exit.
-pub struct ExitContext<'a> {
+pub(crate) struct ExitContext<'a> {
     /// vCPU index.
-    pub vcpu: usize,
+    pub(crate) vcpu: usize,
     pause: &'a AtomicBool,
 }
 
 impl ExitContext<'_> {
     /// Whether the VMM wants this vCPU to pause: a handler that sleeps should cut it short.
-    pub fn pause_requested(&self) -> bool {
+    pub(crate) fn pause_requested(&self) -> bool {
         self.pause.load(Ordering::Acquire)
     }
 }
 
-/// Handles the exits the guest causes on purpose: port and MMIO accesses.
-pub trait ExitHandler: Send + Sync {
+/// Where the vCPU loop hands the exits the guest causes on purpose, port and MMIO accesses.
+/// Internal: its one implementation is the VM's own port block (`ports::GuestPorts`), which
+/// serves the guest workload's ports and passes MMIO on to the [`crate::MmioHandler`] the layer
+/// above installs. Devices never implement it.
+pub(crate) trait ExitHandler: Send + Sync {
     /// `out` to `port`.
     fn io_out(&self, ctx: &ExitContext<'_>, port: u16, data: &[u8]) -> Result<()>;
     /// `in` from `port`: fill `data`.
     fn io_in(&self, ctx: &ExitContext<'_>, port: u16, data: &mut [u8]) -> Result<()>;
     /// A read of guest-physical `addr` where there is no RAM.
-    fn mmio_read(&self, _ctx: &ExitContext<'_>, addr: u64, _data: &mut [u8]) -> Result<()> {
-        Err(KvmError::Guest(format!(
-            "read of {addr:#x}, which is neither RAM nor a device"
-        )))
-    }
+    fn mmio_read(&self, ctx: &ExitContext<'_>, addr: u64, data: &mut [u8]) -> Result<()>;
     /// A write of guest-physical `addr` where there is no RAM.
-    fn mmio_write(&self, _ctx: &ExitContext<'_>, addr: u64, _data: &[u8]) -> Result<()> {
-        Err(KvmError::Guest(format!(
-            "write of {addr:#x}, which is neither RAM nor a device"
-        )))
-    }
+    fn mmio_write(&self, ctx: &ExitContext<'_>, addr: u64, data: &[u8]) -> Result<()>;
 }
 
 /// The MSRs a 64-bit guest needs carried over (those this kernel lists are saved).
@@ -114,8 +109,10 @@ pub(crate) fn save_state(fd: &VcpuFd, index: usize, msr_indices: &[u32]) -> Resu
             ..Default::default()
         })
         .collect();
-    let mut msrs =
-        Msrs::from_entries(&entries).map_err(|e| KvmError::Invalid(format!("MSR list: {e:?}")))?;
+    let mut msrs = Msrs::from_entries(&entries).map_err(|source| KvmError::List {
+        context: "MSR list".into(),
+        source,
+    })?;
     let read = fd
         .get_msrs(&mut msrs)
         .map_err(ioctl_error(what("KVM_GET_MSRS")))?;
@@ -164,8 +161,10 @@ pub(crate) fn restore_state(fd: &VcpuFd, index: usize, state: &VcpuState) -> Res
             ..Default::default()
         })
         .collect();
-    let msrs =
-        Msrs::from_entries(&entries).map_err(|e| KvmError::Snapshot(format!("MSR list: {e:?}")))?;
+    let msrs = Msrs::from_entries(&entries).map_err(|source| KvmError::List {
+        context: "snapshot: MSR list".into(),
+        source,
+    })?;
     let written = fd
         .set_msrs(&msrs)
         .map_err(ioctl_error(what("KVM_SET_MSRS")))?;
@@ -186,7 +185,7 @@ pub(crate) fn restore_state(fd: &VcpuFd, index: usize, state: &VcpuState) -> Res
 struct ControlState {
     parked: bool,
     quit: bool,
-    failure: Option<String>,
+    failure: Option<Arc<KvmError>>,
 }
 
 /// Shared between a vCPU thread and the VMM.
@@ -216,9 +215,10 @@ impl VcpuControl {
     }
 
     /// Records why the vCPU stopped and parks until told to quit.
-    fn fail(&self, why: String) {
+    fn fail(&self, why: KvmError) {
+        tracing::warn!(error = %why, "a vCPU thread stopped");
         let mut state = self.lock();
-        state.failure.get_or_insert(why);
+        state.failure.get_or_insert_with(|| Arc::new(why));
         state.parked = true;
         self.changed.notify_all();
         while !state.quit {
@@ -322,7 +322,7 @@ impl VcpuHandle {
     }
 
     /// Why the vCPU stopped, if it failed.
-    pub(crate) fn failure(&self) -> Option<String> {
+    pub(crate) fn failure(&self) -> Option<Arc<KvmError>> {
         self.control.lock().failure.clone()
     }
 
@@ -406,7 +406,7 @@ fn run_vcpu(
             kick.set_immediate_exit(false);
             drop(guard);
             if let Err(e) = completed {
-                control.fail(e.to_string());
+                control.fail(e);
                 return;
             }
             if control.park() {
@@ -432,7 +432,7 @@ fn run_vcpu(
         };
         if let Err(e) = outcome {
             drop(guard);
-            control.fail(e.to_string());
+            control.fail(e);
             return;
         }
     }

@@ -153,7 +153,7 @@ impl VmBuilder {
                 "this kernel offers neither KVM_CAP_DIRTY_LOG_RING_ACQ_REL nor KVM_CAP_DIRTY_LOG_RING; use --dirty-log bitmap or clear-log".into(),
             ));
         }
-        let max_entries = max_bytes as u32 / DIRTY_GFN_BYTES;
+        let max_entries = max_bytes.unsigned_abs() / DIRTY_GFN_BYTES;
         // KVM keeps 64 entries in reserve plus, on hosts with PML, the 512 of a PML buffer; a
         // ring must be larger than that.
         let min_entries = (RING_RESERVED_ENTRIES + PML_ENTRIES).next_power_of_two();
@@ -219,7 +219,7 @@ impl VmBuilder {
         }
         let offered = self.check_extension(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2);
         let wanted = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET;
-        if offered < 0 || (offered as u32) & wanted != wanted {
+        if offered < 0 || offered.unsigned_abs() & wanted != wanted {
             return Err(KvmError::Unsupported(
                 "this kernel does not offer KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with INITIALLY_SET; use --dirty-log bitmap".into(),
             ));
@@ -274,6 +274,7 @@ impl VmBuilder {
             .map_err(ioctl_error("KVM_GET_SUPPORTED_CPUID"))?;
         for _ in 0..count {
             let index = self.vcpus.len();
+            let apic_id = u32::try_from(index).expect("at most MAX_VCPUS vCPUs (checked above)");
             let fd = self
                 .vm
                 .create_vcpu(index as u64)
@@ -282,7 +283,7 @@ impl VmBuilder {
             for entry in cpuid.as_mut_slice() {
                 if entry.function == 1 {
                     // Initial APIC id in EBX[31:24].
-                    entry.ebx = (entry.ebx & 0x00ff_ffff) | ((index as u32) << 24);
+                    entry.ebx = (entry.ebx & 0x00ff_ffff) | (apic_id << 24);
                 }
             }
             fd.set_cpuid2(&cpuid)
@@ -565,7 +566,7 @@ impl Vm {
     /// An error if a vCPU stopped on its own (triple fault, unexpected exit, failed handler).
     pub fn check_vcpus(&self) -> Result<()> {
         match self.vcpus.iter().find_map(VcpuHandle::failure) {
-            Some(why) => Err(KvmError::Guest(why)),
+            Some(why) => Err(KvmError::VcpuStopped(why)),
             None => Ok(()),
         }
     }
@@ -695,7 +696,15 @@ impl Vm {
         }
         let host = HostMemory::map_fd(fd, offset, size, writable)?;
         let mut slots = self.device_slots.lock().unwrap_or_else(|e| e.into_inner());
-        let id = FIRST_DEVICE_SLOT + slots.len() as u32;
+        let id = u32::try_from(slots.len())
+            .ok()
+            .and_then(|n| FIRST_DEVICE_SLOT.checked_add(n))
+            .ok_or_else(|| {
+                KvmError::Invalid(format!(
+                    "{} device memory slots: no memslot id is left",
+                    slots.len()
+                ))
+            })?;
         let flags = if writable { 0 } else { KVM_MEM_READONLY };
         sys::set_memory_slot(&self._vm, id, flags, gpa, &host).map_err(|source| {
             KvmError::Ioctl {
@@ -722,7 +731,7 @@ impl Vm {
                 pending.extend(
                     (0..32)
                         .filter(|b| bits >> b & 1 == 1)
-                        .map(|b| (word * 32 + b) as u8),
+                        .filter_map(|b| u8::try_from(word * 32 + b).ok()),
                 );
                 set_lapic_register(&mut lapic, offset, 0);
             }
@@ -750,13 +759,13 @@ const APIC_IRR: usize = 0x200;
 const APIC_SOFTWARE_ENABLE: u32 = 1 << 8;
 
 fn lapic_register(lapic: &kvm_lapic_state, offset: usize) -> u32 {
-    let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[offset + i] as u8);
+    let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[offset + i].to_ne_bytes()[0]);
     u32::from_le_bytes(bytes)
 }
 
 fn set_lapic_register(lapic: &mut kvm_lapic_state, offset: usize, value: u32) {
     for (i, byte) in value.to_le_bytes().into_iter().enumerate() {
-        lapic.regs[offset + i] = byte as _;
+        lapic.regs[offset + i] = i8::from_ne_bytes([byte]);
     }
 }
 

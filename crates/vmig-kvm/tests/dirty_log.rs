@@ -9,6 +9,15 @@ use std::time::Duration;
 use common::dirty_log_method;
 use vmig_kvm::{DirtyLogMode, KvmError, Vm, VmBuilder, VmConfig, Workload};
 
+/// A count as `f64`, for rates and ratios.
+#[expect(
+    clippy::cast_precision_loss,
+    reason = "test and benchmark counts are far below 2^52, where f64 is exact"
+)]
+fn float(v: u64) -> f64 {
+    v as f64
+}
+
 fn config(mode: DirtyLogMode, vcpus: usize, workload: &str) -> VmConfig {
     VmConfig {
         ram: 64 << 20,
@@ -131,7 +140,7 @@ fn hotcold_concentrates_writes_on_the_hot_set() {
         vm.pause().unwrap();
         let dirty = vmig_dirty::DirtyBitmap::new(vm.memory().layout().top_page());
         vm.dirty_log().harvest(&dirty).unwrap();
-        (dirty.count() as f64, vm.guest_writes().unwrap() as f64)
+        (float(dirty.count()), float(vm.guest_writes().unwrap()))
     };
     let (random_pages, random_writes) = count_distinct("random");
     let (hot_pages, hot_writes) = count_distinct("hotcold,hot=256K,hot-percent=95");
@@ -151,7 +160,7 @@ fn the_guest_is_paced_to_its_rate() {
     std::thread::sleep(Duration::from_millis(600));
     vm.pause().unwrap();
     let elapsed = start.elapsed().as_secs_f64();
-    let writes = vm.guest_writes().unwrap() as f64;
+    let writes = float(vm.guest_writes().unwrap());
     // The bucket lets through the rate plus a 20 ms burst and one batch per vCPU.
     assert!(
         writes <= 2000.0 * elapsed + 40.0 + 2.0 * 10.0,
@@ -163,13 +172,13 @@ fn the_guest_is_paced_to_its_rate() {
     // The rate can be lowered while the guest runs (what auto-converge will do).
     vm.set_rate(Some(500)).unwrap();
     assert_eq!(vm.rate(), Some(500));
-    let before = vm.guest_writes().unwrap() as f64;
+    let before = float(vm.guest_writes().unwrap());
     let start = std::time::Instant::now();
     vm.resume().unwrap();
     std::thread::sleep(Duration::from_millis(600));
     vm.pause().unwrap();
     let elapsed = start.elapsed().as_secs_f64();
-    let writes = vm.guest_writes().unwrap() as f64 - before;
+    let writes = float(vm.guest_writes().unwrap()) - before;
     assert!(
         writes <= 500.0 * elapsed + 10.0 + 2.0 * 10.0,
         "{writes} writes in {elapsed:.3} s at 500/s"

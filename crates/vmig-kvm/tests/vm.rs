@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use vmig_kvm::guest::{GuestLayout, Stamp};
-use vmig_kvm::{DirtyLogMode, KvmError, Vm, VmConfig};
+use vmig_kvm::{DirtyLogMode, KvmError, PAGE_SIZE, Vm, VmConfig};
 
 fn config(vcpus: usize, workload: &str) -> VmConfig {
     VmConfig {
@@ -114,14 +114,14 @@ fn vcpu_state_and_memory_survive_a_restore_into_a_fresh_vm() {
     let digest = source.memory().digest().unwrap();
     let writes = source.guest_writes().unwrap();
     let copy = |into: &vmig_kvm::GuestMemory| -> vmig_kvm::Result<()> {
-        let mut page = vec![0u8; 4096];
+        let mut page = vec![0u8; usize::try_from(PAGE_SIZE).unwrap()];
         for slot in source.memory().slots() {
             for i in 0..slot.layout.pages() {
                 source
                     .memory()
-                    .read(slot.layout.gpa + i * 4096, &mut page)?;
+                    .read(slot.layout.gpa + i * PAGE_SIZE, &mut page)?;
                 if page.iter().any(|&b| b != 0) {
-                    into.write(slot.layout.gpa + i * 4096, &page)?;
+                    into.write(slot.layout.gpa + i * PAGE_SIZE, &page)?;
                 }
             }
         }

@@ -7,6 +7,10 @@
 //! - [`require_kvm!`]: returns from the test, through [`skip`], when `/dev/kvm` cannot be opened.
 //! - [`wait_until`]: polls a condition up to a generous deadline instead of sleeping a fixed
 //!   time and hoping it was long enough (this machine is shared and noisy).
+//!
+//! What it leaves to others: reaching the real kernel's VFIO in an emulated guest, the
+//! differential run and the in-guest benchmark (`crates/vmig-kernel-guest`, dev-only too). It
+//! prints: what it prints is test output.
 
 use std::fmt::Display;
 use std::io::Write;

@@ -1,12 +1,12 @@
 //! `cargo bench -p vmig-vfio`: the time to map 1 GiB of guest RAM into a type1 container and
 //! to fetch its dirty bitmap, through the backend against the bare ioctls, measured in the
-//! same run of the emulated guest (`vmig_vfio::kernel_guest`; the guest's CPU is emulated by
+//! same run of the emulated guest (`vmig_kernel_guest`; the guest's CPU is emulated by
 //! QEMU's TCG, so absolute times are slow, and only the ratios mean anything).
 
 use std::time::Duration;
 
-use vmig_vfio::bench::Round;
-use vmig_vfio::kernel_guest::{Guest, GuestBinary};
+use vmig_kernel_guest::bench::Round;
+use vmig_kernel_guest::{Guest, GuestBinary};
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();

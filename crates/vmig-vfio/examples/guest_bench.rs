@@ -4,12 +4,12 @@
 
 use std::sync::Arc;
 
+use vmig_kernel_guest::EDU_BDF_ENV;
 use vmig_primitives::HostMemory;
 use vmig_vfio::Container;
-use vmig_vfio::kernel_guest::{self, EDU_BDF_ENV};
 
 fn main() -> std::process::ExitCode {
-    if !kernel_guest::in_guest() {
+    if !vmig_kernel_guest::in_guest() {
         eprintln!("guest_bench runs inside the kernel-VFIO test guest: cargo bench -p vmig-vfio");
         return std::process::ExitCode::from(2);
     }
@@ -18,11 +18,12 @@ fn main() -> std::process::ExitCode {
     let _edu = container.open_device(&bdf).expect("edu bound to vfio-pci");
     let ram = Arc::new(HostMemory::anonymous(1 << 30).expect("1 GiB"));
     // Touch every page once, so both paths pin resident memory and first-touch cost is out.
-    for offset in (0..1usize << 30).step_by(4096) {
+    let page = usize::try_from(vmig_primitives::PAGE_SIZE).expect("a page fits a usize");
+    for offset in (0..1usize << 30).step_by(page) {
         ram.store_u64(offset, 1).expect("in range");
     }
-    for round in vmig_vfio::bench::map_and_bitmap(&container, &ram, 9).expect("benchmark") {
-        kernel_guest::report_line(&format!(
+    for round in vmig_kernel_guest::bench::map_and_bitmap(&container, &ram, 9).expect("benchmark") {
+        vmig_kernel_guest::report_line(&format!(
             "VMIG-BENCH {}",
             serde_json::to_string(&round).expect("a round serializes")
         ));

@@ -31,13 +31,14 @@ use crate::sys::{self, BitmapRequest, ContainerFd, UserBitmap};
 pub use crate::sys::CONTAINER_PATH;
 
 /// `argsz` of a GET_BITMAP request: the header and `vfio_iommu_type1_dirty_bitmap_get`.
-pub const GET_BITMAP_ARGSZ: u32 =
-    (size_of::<VfioIommuType1DirtyBitmap>() + size_of::<VfioIommuType1DirtyBitmapGet>()) as u32;
+pub const GET_BITMAP_ARGSZ: u32 = sys::argsz_of(
+    size_of::<VfioIommuType1DirtyBitmap>() + size_of::<VfioIommuType1DirtyBitmapGet>(),
+);
 /// `argsz` of an unmap that returns the dirty bitmap: the request and `vfio_bitmap`.
 pub const UNMAP_BITMAP_ARGSZ: u32 =
-    (size_of::<VfioIommuType1DmaUnmap>() + size_of::<VfioBitmap>()) as u32;
+    sys::argsz_of(size_of::<VfioIommuType1DmaUnmap>() + size_of::<VfioBitmap>());
 /// `argsz` of a plain unmap.
-pub const UNMAP_ARGSZ: u32 = size_of::<VfioIommuType1DmaUnmap>() as u32;
+pub const UNMAP_ARGSZ: u32 = sys::argsz_of(size_of::<VfioIommuType1DmaUnmap>());
 
 /// A mapping this container made: `[iova, last]`, and the memory it keeps alive.
 #[derive(Debug)]
@@ -125,18 +126,18 @@ impl Container {
 
     /// `VFIO_IOMMU_GET_INFO` with its capability chain.
     pub fn info(&self) -> Result<ContainerInfo> {
-        let mut argsz = size_of::<vmig_dma::uapi::VfioIommuType1Info>();
+        let mut argsz = sys::argsz_of(size_of::<vmig_dma::uapi::VfioIommuType1Info>());
         // The chain could grow between the sizing call and the full one: ask again then.
         for _ in 0..4 {
-            let mut buf = vec![0u8; argsz];
-            buf[..4].copy_from_slice(&(argsz as u32).to_ne_bytes());
+            let mut buf = vec![0u8; argsz as usize];
+            buf[..4].copy_from_slice(&argsz.to_ne_bytes());
             sys::iommu_get_info(self.fd(), &mut buf).map_err(|e| {
                 VfioError::ioctl(
                     "VFIO_IOMMU_GET_INFO (a container has an IOMMU only once a device is open)",
                     e,
                 )
             })?;
-            let need = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+            let need = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
             if need <= argsz {
                 return ContainerInfo::decode(&buf);
             }
@@ -306,7 +307,7 @@ impl Container {
         let mut state = self.lock();
         sys::dirty_pages_flags(
             self.fd(),
-            size_of::<VfioIommuType1DirtyBitmap>() as u32,
+            sys::argsz_of(size_of::<VfioIommuType1DirtyBitmap>()),
             VFIO_IOMMU_DIRTY_PAGES_FLAG_START,
         )
         .map_err(|e| VfioError::ioctl("VFIO_IOMMU_DIRTY_PAGES START", e))?;
@@ -319,7 +320,7 @@ impl Container {
         let mut state = self.lock();
         sys::dirty_pages_flags(
             self.fd(),
-            size_of::<VfioIommuType1DirtyBitmap>() as u32,
+            sys::argsz_of(size_of::<VfioIommuType1DirtyBitmap>()),
             VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP,
         )
         .map_err(|e| VfioError::ioctl("VFIO_IOMMU_DIRTY_PAGES STOP", e))?;
@@ -510,6 +511,7 @@ fn update_bits(words: &mut [u64], first: u64, end: u64, apply: impl Fn(&mut u64,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmig_primitives::PAGE_SIZE;
 
     #[test]
     fn set_bits_fills_partial_and_whole_words() {
@@ -529,22 +531,22 @@ mod tests {
             state.mappings.insert(
                 iova,
                 Mapping {
-                    last: iova + pages * 4096 - 1,
+                    last: iova + pages * PAGE_SIZE - 1,
                     _memory: None,
                 },
             );
         }
         // The kernel's answer for A..C with stale bits past B and in the hole (observed 0x7ff).
         let mut bitmap = vec![0x7ff, 0x10, 0, 0, 0xff];
-        keep_mapped_bits(&state, 0x10_0000, 4096, 258, &mut bitmap);
+        keep_mapped_bits(&state, 0x10_0000, PAGE_SIZE, 258, &mut bitmap);
         assert_eq!(bitmap, [0xff, 0, 0, 0, 0x3]);
         // F alone after G+F (observed 0xff for 5 pages).
         let mut bitmap = vec![0xff];
-        keep_mapped_bits(&state, 0x10_3000, 4096, 5, &mut bitmap);
+        keep_mapped_bits(&state, 0x10_3000, PAGE_SIZE, 5, &mut bitmap);
         assert_eq!(bitmap, [0x1f]);
         // A range with no mapping keeps nothing.
         let mut bitmap = vec![u64::MAX; 2];
-        keep_mapped_bits(&state, 0x40_0000, 4096, 100, &mut bitmap);
+        keep_mapped_bits(&state, 0x40_0000, PAGE_SIZE, 100, &mut bitmap);
         assert_eq!(bitmap, [0, 0]);
     }
 }

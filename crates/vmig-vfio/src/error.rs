@@ -32,6 +32,16 @@ pub enum VfioError {
     /// The kernel answered something this crate cannot use.
     #[error("{0}")]
     Kernel(String),
+    /// A device could not return to RUNNING when a migration was abandoned, and was reset: its
+    /// state is the reset state.
+    #[error("{device}: it could not return to RUNNING ({source}), so it was reset")]
+    ResetAfterFailedCancel {
+        /// The device.
+        device: String,
+        /// Why it could not return to RUNNING.
+        #[source]
+        source: Box<VfioError>,
+    },
     /// Reading or writing a device file.
     #[error("{context}: {source}")]
     Io {
@@ -54,7 +64,7 @@ impl VfioError {
             Self::OutsideIovaRanges(_) => libc::EFAULT,
             Self::Unavailable(_) => libc::ENODEV,
             Self::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            Self::Kernel(_) => libc::EIO,
+            Self::Kernel(_) | Self::ResetAfterFailedCancel { .. } => libc::EIO,
         }
     }
 

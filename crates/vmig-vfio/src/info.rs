@@ -34,7 +34,7 @@ impl ContainerInfo {
         match self.migration {
             Some(m) if m.pgsize_bitmap != 0 => 1 << m.pgsize_bitmap.trailing_zeros(),
             _ if self.iova_pgsizes != 0 => 1 << self.iova_pgsizes.trailing_zeros(),
-            _ => 4096,
+            _ => vmig_primitives::PAGE_SIZE,
         }
     }
 
@@ -130,9 +130,9 @@ mod tests {
         let mut buf = vec![0u8; 24];
         buf[..4].copy_from_slice(&24u32.to_ne_bytes());
         vmig_dma::uapi::get_info(iommu, &mut buf).unwrap();
-        let need = u32::from_ne_bytes(buf[..4].try_into().unwrap()) as usize;
-        let mut buf = vec![0u8; need];
-        buf[..4].copy_from_slice(&(need as u32).to_ne_bytes());
+        let need = u32::from_ne_bytes(buf[..4].try_into().unwrap());
+        let mut buf = vec![0u8; need as usize];
+        buf[..4].copy_from_slice(&need.to_ne_bytes());
         vmig_dma::uapi::get_info(iommu, &mut buf).unwrap();
         buf
     }
@@ -171,8 +171,9 @@ mod tests {
         let good = answer_of(&iommu);
         // The first capability points back at itself.
         let mut looped = good.clone();
-        let first = u32::from_ne_bytes(looped[16..20].try_into().unwrap()) as usize;
-        looped[first + 4..first + 8].copy_from_slice(&(first as u32).to_ne_bytes());
+        let first = u32::from_ne_bytes(looped[16..20].try_into().unwrap());
+        let at = first as usize;
+        looped[at + 4..at + 8].copy_from_slice(&first.to_ne_bytes());
         let err = ContainerInfo::decode(&looped).unwrap_err().to_string();
         assert!(err.contains("not after"), "{err}");
         // Cut in the middle of the last capability.

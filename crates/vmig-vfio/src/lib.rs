@@ -12,15 +12,12 @@
 //!   `PRE_COPY`, precopy info) and device DMA logging, and [`Device::migration_blocker`], why a
 //!   device cannot migrate;
 //! - [`migration`]: a device's v2 migration in the steps the engine takes for every device;
-//! - [`sys`]: the calls `vfio-ioctls` lacks, the crate's only `unsafe` code;
-//! - [`differential`]: seeded random sequences of type1 calls, run against the kernel (in a
-//!   guest) and against `vmig-dma`, and the rule that compares the two;
-//! - [`bench`]: mapping 1 GiB and fetching its bitmap, backend against bare ioctls;
-//! - [`kernel_guest`]: how tests and benchmarks reach the real kernel's VFIO on a machine
-//!   without it: Debian's kernel under QEMU's TCG with an emulated IOMMU and the `edu` device.
+//! - [`sys`]: the calls `vfio-ioctls` lacks, the crate's only `unsafe` code.
 //!
 //! What it leaves to others: which guest RAM to map and when (the VMM, `vmig-migration`),
-//! merging the bitmaps with KVM's, and the migration stream.
+//! merging the bitmaps with KVM's, and the migration stream. How its tests reach a real
+//! kernel's VFIO (an emulated guest), the differential run against `vmig-dma` and the in-guest
+//! benchmark are dev-only, in `crates/vmig-kernel-guest`, not part of this API.
 //!
 //! ```text
 //!  VMM                         Container (type1 v2)              kernel
@@ -31,13 +28,10 @@
 //!  device.set_migration_state(PreCopy/StopCopy) ─► data fd ─► read_state ─► stream
 //! ```
 
-pub mod bench;
 pub mod container;
 pub mod device;
-pub mod differential;
 mod error;
 pub mod info;
-pub mod kernel_guest;
 pub mod mapping;
 pub mod migration;
 pub mod sys;

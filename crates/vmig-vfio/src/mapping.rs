@@ -62,13 +62,20 @@ pub fn plan(section: Section, page_size: u64, ranges: &[IovaRange]) -> Result<Ve
     }
     // Rule 1-2: the inclusive last byte, only once start < end is known.
     let last = end - 1;
-    if last > u128::from(u64::MAX) || section.size > 1u128 << 64 {
-        return Err(VfioError::Invalid(format!(
+    let past_64_bits = || {
+        VfioError::Invalid(format!(
             "guest RAM section at {:#x} of {:#x} bytes ends past the 64-bit address space",
             section.gpa, section.size
-        )));
+        ))
+    };
+    if section.size > 1u128 << 64 {
+        return Err(past_64_bits());
     }
-    let (iova, last) = (iova as u64, last as u64);
+    // `iova <= last`, so both fit 64 bits once `last` does.
+    let (Ok(iova), Ok(last)) = (u64::try_from(iova), u64::try_from(last)) else {
+        return Err(past_64_bits());
+    };
+    let fit = |bytes: u128| u64::try_from(bytes).map_err(|_| past_64_bits());
     // Rule 4: inclusive compare, inside one allowed range.
     if !ranges.is_empty() && !ranges.iter().any(|r| iova >= r.start && last <= r.last) {
         return Err(VfioError::OutsideIovaRanges(format!(
@@ -80,12 +87,10 @@ pub fn plan(section: Section, page_size: u64, ranges: &[IovaRange]) -> Result<Ve
     // Rule 3: a size that does not fit 64 bits is split in two page-aligned halves.
     let pieces = if size > u128::from(u64::MAX) {
         let half = (size / 2) / page * page;
-        vec![
-            (iova, half as u64),
-            (iova + half as u64, (size - half) as u64),
-        ]
+        // `size` is at most 2^64 (it ends at `last + 1`), so each half fits.
+        vec![(iova, fit(half)?), (iova + fit(half)?, fit(size - half)?)]
     } else {
-        vec![(iova, size as u64)]
+        vec![(iova, fit(size)?)]
     };
     pieces
         .into_iter()
@@ -118,7 +123,7 @@ fn describe(ranges: &[IovaRange]) -> String {
 mod tests {
     use super::*;
 
-    const PAGE: u64 = 4096;
+    const PAGE: u64 = vmig_primitives::PAGE_SIZE;
     const TWO_64: u128 = 1 << 64;
 
     fn section(gpa: u64, size: u128) -> Section {

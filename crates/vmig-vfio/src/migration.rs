@@ -116,11 +116,16 @@ impl<'a> KernelMigration<'a> {
         match self.set(MigState::Running) {
             Ok(()) => Ok(()),
             Err(e) if self.device.can_reset() => {
+                tracing::warn!(
+                    device = self.device.name(),
+                    error = %e,
+                    "the device could not return to RUNNING; resetting it"
+                );
                 self.device.reset()?;
-                Err(VfioError::Kernel(format!(
-                    "{}: it could not return to RUNNING ({e}), so it was reset",
-                    self.device.name()
-                )))
+                Err(VfioError::ResetAfterFailedCancel {
+                    device: self.device.name().to_owned(),
+                    source: Box::new(e),
+                })
             }
             Err(e) => Err(e),
         }

@@ -73,7 +73,7 @@ impl RawContainer {
 pub const MAX_BITMAP_BUFFER: u64 = 512 << 20;
 /// The largest size a `NULL` bitmap may declare: its writes, should the kernel make any, land
 /// at `NULL + offset < 4096`, in the page that is never mapped.
-pub const MAX_NULL_BITMAP: u64 = 4096;
+pub const MAX_NULL_BITMAP: u64 = vmig_primitives::PAGE_SIZE;
 
 const fn vfio_io(nr: u32) -> u32 {
     (vmig_dma::uapi::VFIO_TYPE << 8) | (vmig_dma::uapi::VFIO_BASE + nr)
@@ -105,11 +105,25 @@ fn check(ret: libc::c_int) -> Result<libc::c_int, Errno> {
     if ret < 0 { Err(last_errno()) } else { Ok(ret) }
 }
 
+/// The `argsz` of a uAPI request of `bytes` bytes. The structs are a few dozen bytes; a
+/// constant that did not fit would fail the build at the assert.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "checked against u32::MAX just above"
+)]
+pub const fn argsz_of(bytes: usize) -> u32 {
+    assert!(
+        bytes <= u32::MAX as usize,
+        "a VFIO request's argsz is a u32"
+    );
+    bytes as u32
+}
+
 /// `ioctl(fd, request, value)` for the calls whose argument is a plain integer.
 fn ioctl_value(fd: BorrowedFd<'_>, request: u32, value: libc::c_ulong) -> Result<i32, Errno> {
     // SAFETY: the argument is an integer, not a pointer, for every request passed here
     // (SET_IOMMU, DEVICE_RESET); the fd is borrowed, so it stays open during the call.
-    check(unsafe { libc::ioctl(fd.as_raw_fd(), request as libc::c_ulong, value) })
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::c_ulong::from(request), value) })
 }
 
 /// `ioctl(fd, request, buf)` for a request whose argument is `buf` and holds no user
@@ -125,7 +139,13 @@ fn ioctl_buffer(fd: BorrowedFd<'_>, request: u32, buf: &mut [u8]) -> Result<i32,
     }
     // SAFETY: `buf` is a live, exclusively borrowed buffer of at least `argsz` bytes, which is
     // all the kernel touches for these requests; it holds no pointers the kernel follows.
-    check(unsafe { libc::ioctl(fd.as_raw_fd(), request as libc::c_ulong, buf.as_mut_ptr()) })
+    check(unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            libc::c_ulong::from(request),
+            buf.as_mut_ptr(),
+        )
+    })
 }
 
 /// Where the `data` pointer of a dirty-bitmap request points.
@@ -240,7 +260,7 @@ pub fn group_set_container(group: BorrowedFd<'_>, container: ContainerFd<'_>) ->
     check(unsafe {
         libc::ioctl(
             group.as_raw_fd(),
-            VFIO_GROUP_SET_CONTAINER as libc::c_ulong,
+            libc::c_ulong::from(VFIO_GROUP_SET_CONTAINER),
             &container_fd as *const RawFd,
         )
     })
@@ -266,7 +286,7 @@ pub fn dirty_pages_flags(container: ContainerFd<'_>, argsz: u32, flags: u32) -> 
     check(unsafe {
         libc::ioctl(
             container.0.as_raw_fd(),
-            VFIO_IOMMU_DIRTY_PAGES as libc::c_ulong,
+            libc::c_ulong::from(VFIO_IOMMU_DIRTY_PAGES),
             buf.as_mut_ptr(),
         )
     })
@@ -305,7 +325,7 @@ pub fn dirty_pages_get_bitmap(
     let ret = check(unsafe {
         libc::ioctl(
             container.0.as_raw_fd(),
-            VFIO_IOMMU_DIRTY_PAGES as libc::c_ulong,
+            libc::c_ulong::from(VFIO_IOMMU_DIRTY_PAGES),
             buf.as_mut_ptr(),
         )
     });
@@ -372,7 +392,7 @@ pub fn unmap_dma(
     let ret = check(unsafe {
         libc::ioctl(
             container.0.as_raw_fd(),
-            VFIO_IOMMU_UNMAP_DMA as libc::c_ulong,
+            libc::c_ulong::from(VFIO_IOMMU_UNMAP_DMA),
             buf.as_mut_ptr(),
         )
     });
@@ -403,7 +423,7 @@ pub unsafe fn map_dma(
     vaddr: u64,
 ) -> Result<(), Errno> {
     let mut map = vmig_dma::uapi::VfioIommuType1DmaMap {
-        argsz: size_of::<vmig_dma::uapi::VfioIommuType1DmaMap>() as u32,
+        argsz: argsz_of(size_of::<vmig_dma::uapi::VfioIommuType1DmaMap>()),
         flags,
         vaddr,
         iova,
@@ -414,7 +434,7 @@ pub unsafe fn map_dma(
     check(unsafe {
         libc::ioctl(
             container.0.as_raw_fd(),
-            vmig_dma::uapi::VFIO_IOMMU_MAP_DMA as libc::c_ulong,
+            libc::c_ulong::from(vmig_dma::uapi::VFIO_IOMMU_MAP_DMA),
             map.as_mut_bytes().as_mut_ptr(),
         )
     })

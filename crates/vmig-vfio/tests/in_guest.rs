@@ -16,21 +16,22 @@ use vmig_dma::uapi::{
     VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP, VFIO_IOMMU_DIRTY_PAGES_FLAG_START,
     VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP,
 };
+use vmig_kernel_guest::differential;
+use vmig_kernel_guest::{EDU_BDF_ENV, edu};
 use vmig_primitives::HostMemory;
 use vmig_vfio::container::{GET_BITMAP_ARGSZ, UNMAP_ARGSZ, UNMAP_BITMAP_ARGSZ};
-use vmig_vfio::kernel_guest::{self, EDU_BDF_ENV, edu};
 use vmig_vfio::sys::{self, BitmapRequest, UserBitmap};
-use vmig_vfio::{Container, Device, differential};
+use vmig_vfio::{Container, Device};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-const PAGE: u64 = 4096;
+const PAGE: u64 = vmig_primitives::PAGE_SIZE;
 const MIB: u64 = 1 << 20;
 const EINVAL: i32 = libc::EINVAL;
 
 /// The edu device's address, which the guest's init exports.
 fn edu_bdf() -> String {
     assert!(
-        kernel_guest::in_guest(),
+        vmig_kernel_guest::in_guest(),
         "runs only inside the kernel-VFIO test guest (tests/kernel_vfio.rs boots it)"
     );
     std::env::var(EDU_BDF_ENV).expect("the guest's init exports the edu address")
@@ -514,7 +515,7 @@ fn the_stale_bit_quirk_reaches_raw_callers_but_not_the_backend() {
         "raw F after G+F: {:#x} (Linux 6.1: 0xff, the stale-bit quirk)",
         raw_again[0]
     );
-    kernel_guest::report_line(&format!("VMIG-QUIRK raw_f_after_gf={:#x}", raw_again[0]));
+    vmig_kernel_guest::report_line(&format!("VMIG-QUIRK raw_f_after_gf={:#x}", raw_again[0]));
     // Over-reports only: the bits of F itself are all there.
     assert_eq!(raw_again[0] & 0x1f, 0x1f);
 }
@@ -547,8 +548,9 @@ fn a_type1_v1_container_refuses_dirty_tracking_with_eacces() {
 fn edu_dma(device: &Device, src: u64, dst: u64, count: u64, to_ram: bool) {
     let bar = VFIO_PCI_BAR0_REGION_INDEX;
     let w64 = |off, v: u64| {
-        device.write_u32(bar, off, v as u32).unwrap();
-        device.write_u32(bar, off + 4, (v >> 32) as u32).unwrap();
+        let [lo, hi] = [v & 0xffff_ffff, v >> 32].map(|half| u32::try_from(half).unwrap());
+        device.write_u32(bar, off, lo).unwrap();
+        device.write_u32(bar, off + 4, hi).unwrap();
     };
     w64(edu::DMA_SRC, src);
     w64(edu::DMA_DST, dst);
@@ -589,12 +591,19 @@ fn edu_does_real_dma_into_memory_mapped_through_the_backend() {
     edu.write_u32(0, edu::LIVENESS, 0x1234_5678).unwrap();
     assert_eq!(edu.read_u32(0, edu::LIVENESS).unwrap(), !0x1234_5678);
     let mapped = edu.map_region(0).unwrap();
-    assert_eq!(mapped.load_u32(edu::IDENT as usize).unwrap(), 0x0100_00ed);
+    assert_eq!(
+        mapped
+            .load_u32(usize::try_from(edu::IDENT).unwrap())
+            .unwrap(),
+        0x0100_00ed
+    );
     mapped
-        .store_u32(edu::LIVENESS as usize, 0xf0f0_0f0f)
+        .store_u32(usize::try_from(edu::LIVENESS).unwrap(), 0xf0f0_0f0f)
         .unwrap();
     assert_eq!(
-        mapped.load_u32(edu::LIVENESS as usize).unwrap(),
+        mapped
+            .load_u32(usize::try_from(edu::LIVENESS).unwrap())
+            .unwrap(),
         0x0f0f_f0f0
     );
 
@@ -726,7 +735,7 @@ fn differential_sequences_run_against_the_kernel() {
             iova_ranges: info.iova_ranges.iter().map(|r| (r.start, r.last)).collect(),
             answers,
         };
-        kernel_guest::report_line(&format!(
+        vmig_kernel_guest::report_line(&format!(
             "VMIG-DIFF {}",
             serde_json::to_string(&run).unwrap()
         ));

@@ -1,13 +1,13 @@
 //! Boots the real kernel's VFIO (Debian's kernel under QEMU's TCG, emulated VT-d, QEMU's edu
-//! device; see `vmig_vfio::kernel_guest`) with `tests/in_guest.rs` built as a static binary,
+//! device; see `vmig_kernel_guest`) with `tests/in_guest.rs` built as a static binary,
 //! checks that every in-guest test passed, and replays the guest's differential sequences
 //! against `vmig-dma` here on the host. Skips, saying why, where Debian's packages or QEMU
 //! cannot be had (no apt, no network, not root); fails on anything else that goes wrong.
 
 use std::time::Duration;
 
-use vmig_vfio::differential::{self, KernelRun};
-use vmig_vfio::kernel_guest::{Guest, GuestBinary};
+use vmig_kernel_guest::differential::{self, KernelRun};
+use vmig_kernel_guest::{Guest, GuestBinary};
 
 #[test]
 fn the_backend_against_the_real_kernel_in_an_emulated_guest() {

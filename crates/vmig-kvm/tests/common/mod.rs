@@ -61,7 +61,7 @@ pub fn dirty_log_method(vm: &Vm, iterations: u64, interval: Duration, seed: u64)
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        let reap_at = Duration::from_micros(rng % interval.as_micros() as u64);
+        let reap_at = Duration::from_micros(rng % u64::try_from(interval.as_micros()).unwrap());
         let start = Instant::now();
         vm.resume().unwrap();
         std::thread::sleep(reap_at);

@@ -21,6 +21,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::cpio::Cpio;
+use crate::debian::{
+    apt_failure, apt_update, download, extract, find_files, load_order, qemu_system, run, which,
+};
+
 /// Set to `1` in the guest.
 pub const IN_GUEST_ENV: &str = "VMIG_KERNEL_VFIO_GUEST";
 /// The `cfg` that [`Guest::build_binary`] sets: tests that run only in the guest are marked
@@ -167,218 +172,11 @@ impl From<&str> for PrepareError {
     }
 }
 
-/// What apt says when it cannot reach its mirror.
-const UNREACHABLE: &[&str] = &[
-    "Temporary failure resolving",
-    "Could not resolve",
-    "Failed to fetch",
-    "Unable to connect",
-    "Could not connect",
-    "Connection failed",
-    "Connection timed out",
-    "Network is unreachable",
-    "No route to host",
-];
-
-/// An apt step's failure: `Unavailable` when the network is out of reach, or when the package
-/// lists are missing and only root could fetch them; `Failed` otherwise.
-fn apt_failure(why: String) -> PrepareError {
-    if UNREACHABLE.iter().any(|m| why.contains(m)) {
-        PrepareError::Unavailable(format!("Debian's mirror cannot be reached: {why}"))
-    } else if !crate::sys::is_root()
-        && (why.contains("Unable to locate package") || why.contains("No packages found"))
-    {
-        PrepareError::Unavailable(format!(
-            "apt has no package lists and updating them needs root: {why}"
-        ))
-    } else {
-        PrepareError::Failed(why)
-    }
-}
-
-/// Runs `apt-get update`; only a failure to reach the mirror is worth reporting, as the step
-/// that needed the lists says what it missed.
-fn apt_update() -> Result<(), PrepareError> {
-    if !crate::sys::is_root() {
-        return Ok(());
-    }
-    match run(Command::new("apt-get").args(["update", "-qq"])) {
-        Err(why) if UNREACHABLE.iter().any(|m| why.contains(m)) => Err(apt_failure(why)),
-        _ => Ok(()),
-    }
-}
-
-/// QEMU's `qemu-system-x86_64`, installed from Debian's `qemu-system-x86` when it is missing
-/// and this process is root (`Unavailable` when it cannot be had).
-pub fn qemu_system() -> Result<PathBuf, PrepareError> {
-    if let Some(qemu) = which("qemu-system-x86_64") {
-        return Ok(qemu);
-    }
-    if which("apt-get").is_none() || !crate::sys::is_root() {
-        return Err(PrepareError::Unavailable(
-            "qemu-system-x86_64 is missing and installing it needs apt-get and root \
-             (apt-get install qemu-system-x86)"
-                .into(),
-        ));
-    }
-    let install = || {
-        run(Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-qq",
-                "--no-install-recommends",
-                "qemu-system-x86",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive"))
-    };
-    if install().is_err() {
-        apt_update()?;
-        install().map_err(apt_failure)?;
-    }
-    Ok(which("qemu-system-x86_64").ok_or("qemu-system-x86 installed no qemu-system-x86_64")?)
-}
-
-fn run(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{cmd:?}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join(program))
-            .find(|p| p.is_file())
-    })
-}
-
 /// The workspace's target directory.
 pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"))
-}
-
-/// Downloads `package` (a `.deb`) into `dir` unless it is there; returns its path.
-fn download(package: &str, dir: &Path) -> Result<PathBuf, PrepareError> {
-    let find = || {
-        std::fs::read_dir(dir).ok().and_then(|entries| {
-            entries.flatten().map(|e| e.path()).find(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with(&format!("{package}_")) && n.ends_with(".deb"))
-            })
-        })
-    };
-    if let Some(deb) = find() {
-        return Ok(deb);
-    }
-    let fetch = || {
-        run(Command::new("apt-get")
-            .arg("download")
-            .arg(package)
-            .current_dir(dir))
-    };
-    if fetch().is_err() {
-        // The package lists may be missing on a fresh machine.
-        apt_update()?;
-        fetch().map_err(apt_failure)?;
-    }
-    find().ok_or_else(|| {
-        PrepareError::Failed(format!(
-            "apt-get download {package} left no .deb in {}",
-            dir.display()
-        ))
-    })
-}
-
-/// Extracts `deb` into `dir` once.
-fn extract(deb: &Path, dir: &Path) -> Result<(), String> {
-    let done = dir.join(".extracted");
-    if done.exists() {
-        return Ok(());
-    }
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    if let Err(e) = run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(dir)) {
-        // A damaged download must not be reused by the next attempt.
-        let _ = std::fs::remove_file(deb);
-        return Err(e);
-    }
-    std::fs::write(&done, b"").map_err(|e| format!("{}: {e}", done.display()))
-}
-
-/// The `depends=` list of a kernel module file (from its `.modinfo` strings).
-fn module_depends(ko: &[u8]) -> Vec<String> {
-    let key = b"depends=";
-    ko.windows(key.len())
-        .position(|w| w == key)
-        .map(|at| {
-            let rest = &ko[at + key.len()..];
-            let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
-            String::from_utf8_lossy(&rest[..end])
-                .split(',')
-                .filter(|s| !s.is_empty())
-                .map(|s| s.replace('-', "_"))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// `names` and everything they depend on, dependencies first.
-fn load_order(
-    names: &[&str],
-    files: &BTreeMap<String, PathBuf>,
-) -> Result<Vec<(String, PathBuf)>, String> {
-    fn visit(
-        name: &str,
-        files: &BTreeMap<String, PathBuf>,
-        order: &mut Vec<(String, PathBuf)>,
-        depth: usize,
-    ) -> Result<(), String> {
-        if order.iter().any(|(n, _)| n == name) {
-            return Ok(());
-        }
-        if depth > 16 {
-            return Err(format!("module dependencies loop at {name}"));
-        }
-        let file = files
-            .get(name)
-            .ok_or_else(|| format!("the kernel package has no module {name}"))?;
-        let bytes = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
-        for dep in module_depends(&bytes) {
-            visit(&dep, files, order, depth + 1)?;
-        }
-        order.push((name.to_owned(), file.clone()));
-        Ok(())
-    }
-    let mut order = Vec::new();
-    for name in names {
-        visit(&name.replace('-', "_"), files, &mut order, 0)?;
-    }
-    Ok(order)
-}
-
-fn find_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                find_files(&p, out);
-            } else {
-                out.push(p);
-            }
-        }
-    }
 }
 
 impl Guest {
@@ -675,61 +473,6 @@ impl Guest {
         Ok(cpio.finish())
     }
 }
-
-/// A `newc` cpio archive, the format the kernel unpacks an initramfs from.
-#[derive(Default)]
-struct Cpio {
-    out: Vec<u8>,
-    inode: u32,
-}
-
-impl Cpio {
-    fn entry(&mut self, name: &str, mode: u32, data: &[u8]) {
-        self.inode += 1;
-        let header = format!(
-            "070701{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}{:08x}",
-            self.inode,
-            mode,
-            0,
-            0,
-            1,
-            0,
-            data.len(),
-            0,
-            0,
-            0,
-            0,
-            name.len() + 1,
-            0
-        );
-        self.out.extend_from_slice(header.as_bytes());
-        self.out.extend_from_slice(name.as_bytes());
-        self.out.push(0);
-        self.pad();
-        self.out.extend_from_slice(data);
-        self.pad();
-    }
-
-    fn pad(&mut self) {
-        while !self.out.len().is_multiple_of(4) {
-            self.out.push(0);
-        }
-    }
-
-    fn dir(&mut self, name: &str) {
-        self.entry(name, 0o040_755, &[]);
-    }
-
-    fn file(&mut self, name: &str, data: &[u8], perm: u32) {
-        self.entry(name, 0o100_000 | perm, data);
-    }
-
-    fn finish(mut self) -> Vec<u8> {
-        self.entry("TRAILER!!!", 0, &[]);
-        self.out
-    }
-}
-
 /// Writes one line to the report port (in the guest), or to stdout elsewhere.
 pub fn report_line(line: &str) {
     match std::env::var(REPORT_ENV) {
@@ -741,52 +484,5 @@ pub fn report_line(line: &str) {
             println!("{line}");
         }
         Err(_) => println!("{line}"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn module_dependencies_come_from_the_modinfo_string() {
-        let ko = b"\x7fELF...license=GPL\0depends=vfio-pci-core,vfio\0retpoline=Y\0";
-        assert_eq!(module_depends(ko), ["vfio_pci_core", "vfio"]);
-        assert!(module_depends(b"depends=\0").is_empty());
-    }
-
-    #[test]
-    fn only_an_unreachable_mirror_or_missing_rights_make_the_guest_unavailable() {
-        let offline = "\"apt-get\" \"download\" \"busybox-static\" failed (exit status: 100): \
-            E: Failed to fetch http://deb.example/busybox-static.deb  Temporary failure resolving";
-        assert!(matches!(
-            apt_failure(offline.into()),
-            PrepareError::Unavailable(why) if why.starts_with("Debian's mirror cannot be reached")
-        ));
-        let damaged = "\"dpkg-deb\" \"-x\" failed (exit status: 2): dpkg-deb: error: \
-            archive has premature member 'control.tar.xz'";
-        assert_eq!(
-            apt_failure(damaged.into()),
-            PrepareError::Failed(damaged.into())
-        );
-        let unknown = "E: Unable to locate package linux-image-9.9.9-amd64";
-        let as_root = matches!(apt_failure(unknown.into()), PrepareError::Failed(_));
-        assert_eq!(
-            as_root,
-            crate::sys::is_root(),
-            "only root could have fetched the lists"
-        );
-    }
-
-    #[test]
-    fn newc_entries_are_padded_to_four_bytes() {
-        let mut cpio = Cpio::default();
-        cpio.file("init", b"abc", 0o755);
-        let out = cpio.finish();
-        assert!(out.starts_with(b"070701"));
-        assert_eq!(out.len() % 4, 0);
-        // header 110 bytes + "init\0" = 115 → padded to 116, then 3 data bytes → 120.
-        assert_eq!(&out[116..119], b"abc");
-        assert!(out.windows(10).any(|w| w == b"TRAILER!!!"));
     }
 }

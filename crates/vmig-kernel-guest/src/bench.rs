@@ -10,11 +10,11 @@ use vmig_dma::uapi::{
     VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP,
     VFIO_IOMMU_DIRTY_PAGES_FLAG_START, VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP,
 };
-use vmig_primitives::HostMemory;
+use vmig_primitives::{HostMemory, PAGE_SIZE};
 
-use crate::container::{Container, GET_BITMAP_ARGSZ, UNMAP_ARGSZ};
-use crate::error::{Result, VfioError};
-use crate::sys::{self, BitmapRequest, UserBitmap};
+use vmig_vfio::container::{Container, GET_BITMAP_ARGSZ, UNMAP_ARGSZ};
+use vmig_vfio::sys::{self, BitmapRequest, UserBitmap};
+use vmig_vfio::{Result, VfioError};
 
 /// One round's times.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
@@ -30,7 +30,10 @@ pub struct Round {
 }
 
 fn failed(call: &str) -> impl Fn(i32) -> VfioError + '_ {
-    move |e| VfioError::ioctl(call, e)
+    move |errno| VfioError::Ioctl {
+        call: call.to_owned(),
+        errno,
+    }
 }
 
 /// Runs `rounds` rounds on `memory` (mapped at IOVA 0), which the container must not have
@@ -41,7 +44,7 @@ pub fn map_and_bitmap(
     rounds: usize,
 ) -> Result<Vec<Round>> {
     let size = memory.len() as u64;
-    let bytes = (size / 4096).div_ceil(64) * 8;
+    let bytes = vmig_dirty::bitmap_bytes(size / PAGE_SIZE);
     let fd = container.fd();
     let dirty = |flags| sys::dirty_pages_flags(fd, 8, flags).map_err(failed("DIRTY_PAGES"));
     let mut out = Vec::new();
@@ -81,7 +84,7 @@ pub fn map_and_bitmap(
                 BitmapRequest {
                     iova: 0,
                     size,
-                    pgsize: 4096,
+                    pgsize: PAGE_SIZE,
                     bitmap: UserBitmap::Buffer(bytes),
                 },
             );

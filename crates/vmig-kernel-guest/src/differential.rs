@@ -19,15 +19,15 @@ use vmig_dma::{Backing, GroupKind, Iommu, IommuConfig, IovaRange, Prot};
 use vmig_primitives::HostMemory;
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::container::{Container, GET_BITMAP_ARGSZ, UNMAP_ARGSZ, UNMAP_BITMAP_ARGSZ};
-use crate::sys::{self, BitmapRequest, UserBitmap};
+use vmig_vfio::container::{Container, GET_BITMAP_ARGSZ, UNMAP_ARGSZ, UNMAP_BITMAP_ARGSZ};
+use vmig_vfio::sys::{self, BitmapRequest, UserBitmap};
 
 /// IOVAs of ordinary calls fall in `[0, WINDOW)`; a mapping's memory is at `iova % WINDOW` of
 /// the backing buffer, so both sides map the same offsets.
 pub const WINDOW: u64 = 1 << 20;
 /// Bytes of the backing buffer (a mapping of up to `WINDOW` bytes fits from any offset).
 pub const BACKING: u64 = 2 * WINDOW;
-const PAGE: u64 = 4096;
+const PAGE: u64 = vmig_primitives::PAGE_SIZE;
 const MAP_READ_WRITE: u32 =
     vmig_dma::uapi::VFIO_DMA_MAP_FLAG_READ | vmig_dma::uapi::VFIO_DMA_MAP_FLAG_WRITE;
 /// Where the host places the bitmap buffer in the simulated user address space.
@@ -119,6 +119,10 @@ impl Rng {
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
+    /// An index below `len`.
+    fn index(&mut self, len: usize) -> usize {
+        usize::try_from(self.below(len as u64)).expect("below a usize length")
+    }
     fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
     }
@@ -168,8 +172,8 @@ pub fn sequence(seed: u64, len: usize) -> Vec<Call> {
             if mapped.is_empty() {
                 return (iova, size);
             }
-            let a = mapped[rng.below(mapped.len() as u64) as usize];
-            let b = mapped[rng.below(mapped.len() as u64) as usize];
+            let a = mapped[rng.index(mapped.len())];
+            let b = mapped[rng.index(mapped.len())];
             let (lo, hi) = if a.0 <= b.0 { (a, b) } else { (b, a) };
             (
                 lo.0,
@@ -286,12 +290,12 @@ pub fn run_on_kernel(
             }
             Call::Start => answer_of(sys::dirty_pages_flags(
                 fd,
-                size_of::<VfioIommuType1DirtyBitmap>() as u32,
+                sys::argsz_of(size_of::<VfioIommuType1DirtyBitmap>()),
                 VFIO_IOMMU_DIRTY_PAGES_FLAG_START,
             )),
             Call::Stop => answer_of(sys::dirty_pages_flags(
                 fd,
-                size_of::<VfioIommuType1DirtyBitmap>() as u32,
+                sys::argsz_of(size_of::<VfioIommuType1DirtyBitmap>()),
                 VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP,
             )),
             Call::GetBitmap {
@@ -491,7 +495,7 @@ fn user_bitmap(bytes: u64) -> UserBuffers {
     // The kernel side allocates whole words; so does this one.
     user.insert(
         USER_BITMAP_ADDR,
-        vec![0u8; (bytes.div_ceil(8) * 8) as usize],
+        vec![0u8; usize::try_from(bytes.div_ceil(8) * 8).expect("a sequence's bitmap fits memory")],
         true,
     );
     user
@@ -622,7 +626,7 @@ pub fn compare(
             _ => continue,
         };
         let npages = size / pgsize;
-        let words = words_for(npages) as usize;
+        let words = usize::try_from(words_for(npages)).expect("a sequence's bitmap fits memory");
         let mut mask = vec![0u64; words];
         // Pages where the quirk may leave a stale bit: up to 63 after a mapping's end.
         let mut stale_window = vec![0u64; words];

@@ -1,0 +1,41 @@
+//! `vmig-kernel-guest`: how vmig's tests and benchmarks reach the real kernel's VFIO on a
+//! machine without it. A dev-only crate (`publish = false`): `vmig-vfio`'s tests, benchmarks
+//! and examples and the root package's tests use it as a dev-dependency; no library depends on
+//! it, so none of it is any library's public API.
+//!
+//! What it owns:
+//! - [`Guest`]: Debian's kernel booted under QEMU's TCG (q35, an emulated Intel IOMMU, QEMU's
+//!   `edu` DMA device) from an initramfs holding busybox, the kernel's VFIO modules and a
+//!   statically linked test binary of this workspace ([`Guest::build_binary`], which sets
+//!   `--cfg vmig_in_guest`, [`IN_GUEST_CFG`]); the packages are fetched once and the rig is
+//!   cached under the workspace's `target/kernel-vfio-guest/` ([`target_dir`]);
+//! - what a program in the guest uses: [`in_guest`], [`report_line`] (the machine-readable
+//!   report port), the `edu` device's registers ([`edu`]);
+//! - [`differential`]: seeded random sequences of type1 calls, run against the kernel (in the
+//!   guest) and against `vmig-dma` (on the host), and the rule that compares the two;
+//! - [`bench`](mod@bench): mapping 1 GiB and fetching its dirty bitmap, `vmig-vfio`'s backend against the
+//!   bare ioctls, in the guest.
+//!
+//! What it leaves to others: the VFIO backend under test (`vmig-vfio`), the userspace IOMMU it
+//! is compared with (`vmig-dma`), and the tests themselves (their skips: `vmig-test-support`).
+//! It prints: what it prints is test output.
+//!
+//! ```text
+//!  host test                          QEMU (TCG, VT-d, edu)                 guest
+//!  Guest::prepare ─► debs → kernel, modules, busybox (cached under target/)
+//!  build_binary ───► cargo --cfg vmig_in_guest, static
+//!  boot ───────────► initramfs ─────► init: insmod, bind edu to vfio-pci ─► test binary
+//!  GuestRun ◄──────── console (ttyS0, ends VMIG-GUEST-EXIT=<code>), report (ttyS1) ◄──┘
+//! ```
+
+pub mod bench;
+mod cpio;
+mod debian;
+pub mod differential;
+mod guest;
+
+pub use debian::qemu_system;
+pub use guest::{
+    EDU_BDF_ENV, EXIT_MARKER, Guest, GuestBinary, GuestRun, IN_GUEST_CFG, IN_GUEST_ENV,
+    PrepareError, REPORT_ENV, edu, in_guest, report_line, target_dir,
+};
