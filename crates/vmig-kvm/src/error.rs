@@ -64,6 +64,19 @@ pub enum KvmError {
     /// The guest stopped in a way it never should (triple fault, internal error, unhandled exit).
     #[error("guest failed: {0}")]
     Guest(String),
+    /// The handler of a guest MMIO access failed.
+    #[error("guest failed: vCPU {vcpu} {} {addr:#x}: {source}", if *.write { "wrote" } else { "read" })]
+    Mmio {
+        /// The vCPU.
+        vcpu: usize,
+        /// The guest-physical address.
+        addr: u64,
+        /// Whether it was a write.
+        write: bool,
+        /// Why.
+        #[source]
+        source: crate::ports::MmioError,
+    },
     /// A vCPU thread stopped on an error (its exit handler or `KVM_RUN` failed).
     #[error("guest failed: {0}")]
     VcpuStopped(#[source] Arc<KvmError>),

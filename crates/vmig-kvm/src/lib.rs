@@ -53,7 +53,7 @@ pub use dirty::{CpuDirtyLog, DEFAULT_CLEAR_CHUNK_PAGES, DirtyLogMode, DirtyLogSt
 pub use error::{KvmError, Result};
 pub use guest::{Workload, WorkloadKind, parse_size};
 pub use memory::{GuestMemory, PAGE_SIZE};
-pub use ports::{MmioHandler, VerifyReport};
+pub use ports::{MmioError, MmioHandler, VerifyReport};
 pub use vcpu::VcpuState;
 pub use vm::{DEFAULT_RING_ENTRIES, Vm, VmBuilder, VmConfig};
 

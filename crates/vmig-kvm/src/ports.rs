@@ -119,9 +119,25 @@ pub(crate) struct GuestPorts {
 /// Where guest accesses to addresses that are not RAM go: the device bus of the layer above.
 pub trait MmioHandler: Send + Sync {
     /// A guest read of `data.len()` bytes at guest-physical `addr`: fill `data`.
-    fn read(&self, addr: u64, data: &mut [u8]) -> std::result::Result<(), String>;
+    fn read(&self, addr: u64, data: &mut [u8]) -> std::result::Result<(), MmioError>;
     /// A guest write of `data` at guest-physical `addr`.
-    fn write(&self, addr: u64, data: &[u8]) -> std::result::Result<(), String>;
+    fn write(&self, addr: u64, data: &[u8]) -> std::result::Result<(), MmioError>;
+}
+
+/// Why an [`MmioHandler`] could not serve a guest access; the vCPU that made it stops.
+#[derive(Debug, thiserror::Error)]
+pub enum MmioError {
+    /// Nothing on the bus covers the access.
+    #[error("no device is at [{addr:#x}, +{len})")]
+    Unclaimed {
+        /// The first byte.
+        addr: u64,
+        /// Its length.
+        len: usize,
+    },
+    /// The device there failed in a way the guest must not go past.
+    #[error(transparent)]
+    Device(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl std::fmt::Debug for GuestPorts {
@@ -267,8 +283,12 @@ impl ExitHandler for GuestPorts {
                 ctx.vcpu
             )));
         };
-        bus.read(addr, data)
-            .map_err(|why| KvmError::Guest(format!("vCPU {} read {addr:#x}: {why}", ctx.vcpu)))
+        bus.read(addr, data).map_err(|source| KvmError::Mmio {
+            vcpu: ctx.vcpu,
+            addr,
+            write: false,
+            source,
+        })
     }
 
     fn mmio_write(&self, ctx: &ExitContext<'_>, addr: u64, data: &[u8]) -> Result<()> {
@@ -278,8 +298,12 @@ impl ExitHandler for GuestPorts {
                 ctx.vcpu
             )));
         };
-        bus.write(addr, data)
-            .map_err(|why| KvmError::Guest(format!("vCPU {} wrote {addr:#x}: {why}", ctx.vcpu)))
+        bus.write(addr, data).map_err(|source| KvmError::Mmio {
+            vcpu: ctx.vcpu,
+            addr,
+            write: true,
+            source,
+        })
     }
 }
 

@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde::{Deserialize, Serialize};
 use vmig_kvm::guest::{self, MMIO_WINDOW_GPA};
 use vmig_kvm::irq::MsiVector;
-use vmig_kvm::{MmioHandler, PAGE_SIZE, Vm};
+use vmig_kvm::{MmioError, MmioHandler, PAGE_SIZE, Vm};
 use vmig_primitives::GuestAddress;
 use vmig_vfio::VfioDeviceFd;
 
@@ -228,17 +228,18 @@ struct DeviceBus {
 }
 
 impl DeviceBus {
-    fn find(&self, addr: u64, len: usize) -> std::result::Result<(&BusEntry, u64), String> {
+    fn find(&self, addr: u64, len: usize) -> std::result::Result<(&BusEntry, u64), MmioError> {
+        let len64 = u64::try_from(len).unwrap_or(u64::MAX);
         self.entries
             .iter()
-            .find(|e| addr >= e.start && addr - e.start + len as u64 <= e.size)
+            .find(|e| addr >= e.start && (addr - e.start).saturating_add(len64) <= e.size)
             .map(|e| (e, addr - e.start))
-            .ok_or_else(|| "no device BAR there".to_string())
+            .ok_or(MmioError::Unclaimed { addr, len })
     }
 }
 
 impl MmioHandler for DeviceBus {
-    fn read(&self, addr: u64, data: &mut [u8]) -> std::result::Result<(), String> {
+    fn read(&self, addr: u64, data: &mut [u8]) -> std::result::Result<(), MmioError> {
         let (entry, offset) = self.find(addr, data.len())?;
         entry.reads.fetch_add(1, Ordering::Relaxed);
         // A device that fails (its server died) reads as all ones and drops writes, as a PCI
@@ -254,7 +255,7 @@ impl MmioHandler for DeviceBus {
         Ok(())
     }
 
-    fn write(&self, addr: u64, data: &[u8]) -> std::result::Result<(), String> {
+    fn write(&self, addr: u64, data: &[u8]) -> std::result::Result<(), MmioError> {
         let (entry, offset) = self.find(addr, data.len())?;
         let _ = entry.handle.region_write(entry.region, offset, data);
         Ok(())
