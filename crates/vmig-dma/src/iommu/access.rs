@@ -1,0 +1,198 @@
+//! The device's access path: DMA reads and writes walked mapping by mapping, host slices for
+//! zero-copy access, and the dirty marks a write leaves.
+
+use super::table::State;
+use super::{Iommu, Prot, checked_last};
+use crate::error::{DmaError, Result, invalid};
+use vmig_primitives::HostMemory;
+
+/// A run of host memory that a range of IOVA translates to, valid inside
+/// [`Iommu::with_host_slices`].
+#[derive(Debug)]
+pub struct HostSlice<'a> {
+    pub(super) memory: &'a HostMemory,
+    pub(super) offset: usize,
+    pub(super) len: usize,
+    pub(super) iova: u64,
+}
+
+impl HostSlice<'_> {
+    /// IOVA of the first byte.
+    pub fn iova(&self) -> u64 {
+        self.iova
+    }
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether the slice is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Host address of the first byte, for code that must hand a pointer to another API.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.memory.as_ptr().wrapping_add(self.offset)
+    }
+    /// Copies from the slice at `offset` into `buf`.
+    pub fn read_at(&self, offset: usize, buf: &mut [u8]) -> Result<()> {
+        self.bounds(offset, buf.len())?;
+        self.memory
+            .read(self.offset + offset, buf)
+            .map_err(|e| DmaError::os("reading host memory", e))
+    }
+    /// Copies `data` into the slice at `offset`.
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> Result<()> {
+        self.bounds(offset, data.len())?;
+        self.memory
+            .write(self.offset + offset, data)
+            .map_err(|e| DmaError::os("writing host memory", e))
+    }
+    pub(super) fn bounds(&self, offset: usize, len: usize) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => invalid!(
+                "[{offset:#x}, +{len:#x}) is outside a slice of {:#x} bytes",
+                self.len
+            ),
+        }
+    }
+}
+
+impl Iommu {
+    /// `access`, and calls `f` with its host memory; stops at the first refusal.
+    pub(super) fn walk<'s>(
+        &self,
+        state: &'s State,
+        iova: u64,
+        len: u64,
+        access: Prot,
+        mut f: impl FnMut(HostSlice<'s>) -> Result<()>,
+    ) -> Result<()> {
+        let Some(last) = checked_last(iova, len) else {
+            return invalid!(
+                "DMA of {len:#x} bytes at {iova:#x}: empty or wrapping past the IOVA space"
+            );
+        };
+        let mut cur = iova;
+        loop {
+            let m = state.find(cur).ok_or_else(|| {
+                DmaError::Invalid(format!("DMA to iova {cur:#x}, which is not mapped"))
+            })?;
+            if !m.prot.contains(access) {
+                return Err(DmaError::Perm(format!(
+                    "DMA {access:?} at iova {cur:#x}, mapped {:?}",
+                    m.prot
+                )));
+            }
+            let seg_last = m.last().min(last);
+            f(HostSlice {
+                memory: &m.memory,
+                offset: m.offset + (cur - m.iova) as usize,
+                len: (seg_last - cur + 1) as usize,
+                iova: cur,
+            })?;
+            if seg_last == last {
+                return Ok(());
+            }
+            cur = seg_last + 1;
+        }
+    }
+
+    /// Like [`Iommu::walk`], but checks the whole range before calling `f` at all, so an
+    /// access is refused whole or done whole.
+    pub(super) fn walk_checked<'s>(
+        &self,
+        state: &'s State,
+        iova: u64,
+        len: u64,
+        access: Prot,
+        f: impl FnMut(HostSlice<'s>) -> Result<()>,
+    ) -> Result<()> {
+        self.walk(state, iova, len, access, |_| Ok(()))?;
+        self.walk(state, iova, len, access, f)
+    }
+
+    /// Marks the pages of `[iova, iova+len)` dirty while tracking is on: one atomic operation
+    /// per bitmap word, at most one per page.
+    pub(super) fn mark_locked(&self, state: &State, iova: u64, len: u64) {
+        let last = iova + (len - 1);
+        let mut cur = iova;
+        while let Some(m) = state.find(cur) {
+            let seg_last = m.last().min(last);
+            if let Some(bitmap) = &m.dirty {
+                let first = (cur - m.iova) >> self.page_shift;
+                let end = (seg_last - m.iova) >> self.page_shift;
+                let _ = bitmap.set_range(first, end - first + 1);
+            }
+            if seg_last == last {
+                break;
+            }
+            cur = seg_last + 1;
+        }
+    }
+
+    /// Device read of guest memory by DMA (`vfio_dma_rw`, read). Never marks pages dirty.
+    pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<()> {
+        let state = self.lock_read();
+        let mut done = 0;
+        self.walk_checked(&state, iova, buf.len() as u64, Prot::READ, |slice| {
+            slice.read_at(0, &mut buf[done..done + slice.len])?;
+            done += slice.len;
+            Ok(())
+        })
+    }
+
+    /// Device write of guest memory by DMA (`vfio_dma_rw`, write): the data lands first, then
+    /// its pages are marked dirty, so a harvest never reports a page before the write that
+    /// dirtied it. Nothing is written if any part of the range is unmapped or read-only.
+    pub fn write(&self, iova: u64, data: &[u8]) -> Result<()> {
+        let state = self.lock_read();
+        let mut done = 0;
+        self.walk_checked(&state, iova, data.len() as u64, Prot::WRITE, |slice| {
+            slice.write_at(0, &data[done..done + slice.len])?;
+            done += slice.len;
+            Ok(())
+        })?;
+        if state.tracking {
+            self.mark_locked(&state, iova, data.len() as u64);
+        }
+        Ok(())
+    }
+
+    /// Records that the device wrote `[iova, iova+len)` by other means (for example through a
+    /// pointer from [`Iommu::with_host_slices`] kept beyond it).
+    pub fn mark_dirty(&self, iova: u64, len: u64) -> Result<()> {
+        let state = self.lock_read();
+        self.walk(&state, iova, len, Prot::WRITE, |_| Ok(()))?;
+        if state.tracking {
+            self.mark_locked(&state, iova, len);
+        }
+        Ok(())
+    }
+
+    /// Runs `f` with the host memory of `[iova, iova+len)`, checked for `access`. The mappings
+    /// cannot go away while `f` runs (unmap waits), so the slices are valid throughout. When
+    /// `access` includes WRITE the range is marked dirty after `f` returns.
+    ///
+    /// `f` must not call this IOMMU at all: the table's read lock is held while it runs, and a
+    /// second read lock waits behind any map or unmap queued meanwhile, which waits for `f`.
+    pub fn with_host_slices<R>(
+        &self,
+        iova: u64,
+        len: u64,
+        access: Prot,
+        f: impl FnOnce(&[HostSlice<'_>]) -> R,
+    ) -> Result<R> {
+        let state = self.lock_read();
+        let mut slices = Vec::new();
+        self.walk(&state, iova, len, access, |slice| {
+            slices.push(slice);
+            Ok(())
+        })?;
+        let result = f(&slices);
+        if access.contains(Prot::WRITE) && state.tracking {
+            self.mark_locked(&state, iova, len);
+        }
+        Ok(result)
+    }
+}
