@@ -34,6 +34,18 @@ pub enum DmaError {
     /// `EBUSY`: a resource is still in use.
     #[error("busy (EBUSY): {0}")]
     Busy(String),
+    /// The owner of a message-backed mapping did not carry a device access to it; the errno
+    /// is the one it gave.
+    #[error("DMA by message to [{iova:#x}, +{len:#x}) failed")]
+    Message {
+        /// First IOVA of the part that failed.
+        iova: u64,
+        /// Its length.
+        len: u64,
+        /// The owner's failure.
+        #[source]
+        source: crate::MessageDmaError,
+    },
     /// Another errno from the operating system (creating a host mapping).
     #[error("{message} (errno {errno})")]
     Os {
@@ -58,6 +70,7 @@ impl DmaError {
             DmaError::Perm(_) => libc::EPERM,
             DmaError::Busy(_) => libc::EBUSY,
             DmaError::Os { errno, .. } => *errno,
+            DmaError::Message { source, .. } => source.errno,
         }
     }
 

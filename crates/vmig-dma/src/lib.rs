@@ -57,6 +57,6 @@ pub use error::{DmaError, Result};
 pub use iommu::{
     Backing, DEFAULT_DMA_ENTRY_LIMIT, DIRTY_BITMAP_PAGES_MAX, DIRTY_BITMAP_SIZE_MAX, DirtyRead,
     GroupId, GroupKind, HostSlice, Iommu, IommuConfig, IommuInfo, IommuType, IovaRange,
-    MappingInfo, MigrationCap, PIN_PAGES_MAX, PinnedSegment, Prot, UnmapNotifier, UnmapScope,
-    checked_last,
+    MappingInfo, MessageDma, MessageDmaError, MigrationCap, PIN_PAGES_MAX, PinnedSegment, Prot,
+    UnmapNotifier, UnmapScope, checked_last,
 };

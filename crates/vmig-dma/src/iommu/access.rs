@@ -1,8 +1,8 @@
 //! The device's access path: DMA reads and writes walked mapping by mapping, host slices for
 //! zero-copy access, and the dirty marks a write leaves.
 
-use super::table::State;
-use super::{Iommu, Prot, checked_last};
+use super::table::{State, Target};
+use super::{Iommu, MessageDma, Prot, checked_last};
 use crate::error::{DmaError, Result, invalid};
 use vmig_primitives::HostMemory;
 
@@ -58,15 +58,37 @@ impl HostSlice<'_> {
     }
 }
 
+/// One mapping's part of an access.
+pub(super) enum Piece<'s> {
+    /// Host memory the IOMMU reaches itself.
+    Host(HostSlice<'s>),
+    /// Memory of the owner of a message-backed mapping.
+    Message {
+        owner: &'s dyn MessageDma,
+        iova: u64,
+        len: usize,
+    },
+}
+
+impl Piece<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Piece::Host(slice) => slice.len,
+            Piece::Message { len, .. } => *len,
+        }
+    }
+}
+
 impl Iommu {
-    /// `access`, and calls `f` with its host memory; stops at the first refusal.
+    /// Walks `[iova, iova+len)` mapping by mapping, checking each piece is mapped with
+    /// `access`, and calls `f` with its memory; stops at the first refusal.
     pub(super) fn walk<'s>(
         &self,
         state: &'s State,
         iova: u64,
         len: u64,
         access: Prot,
-        mut f: impl FnMut(HostSlice<'s>) -> Result<()>,
+        mut f: impl FnMut(Piece<'s>) -> Result<()>,
     ) -> Result<()> {
         let Some(last) = checked_last(iova, len) else {
             return invalid!(
@@ -85,11 +107,19 @@ impl Iommu {
                 )));
             }
             let seg_last = m.last().min(last);
-            f(HostSlice {
-                memory: &m.memory,
-                offset: m.offset + (cur - m.iova) as usize,
-                len: (seg_last - cur + 1) as usize,
-                iova: cur,
+            let len = (seg_last - cur + 1) as usize;
+            f(match &m.target {
+                Target::Host { memory, offset } => Piece::Host(HostSlice {
+                    memory,
+                    offset: offset + (cur - m.iova) as usize,
+                    len,
+                    iova: cur,
+                }),
+                Target::Message(owner) => Piece::Message {
+                    owner: owner.as_ref(),
+                    iova: cur,
+                    len,
+                },
             })?;
             if seg_last == last {
                 return Ok(());
@@ -106,7 +136,7 @@ impl Iommu {
         iova: u64,
         len: u64,
         access: Prot,
-        f: impl FnMut(HostSlice<'s>) -> Result<()>,
+        f: impl FnMut(Piece<'s>) -> Result<()>,
     ) -> Result<()> {
         self.walk(state, iova, len, access, |_| Ok(()))?;
         self.walk(state, iova, len, access, f)
@@ -135,9 +165,20 @@ impl Iommu {
     pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<()> {
         let state = self.lock_read();
         let mut done = 0;
-        self.walk_checked(&state, iova, buf.len() as u64, Prot::READ, |slice| {
-            slice.read_at(0, &mut buf[done..done + slice.len])?;
-            done += slice.len;
+        self.walk_checked(&state, iova, buf.len() as u64, Prot::READ, |piece| {
+            let n = piece.len();
+            let part = &mut buf[done..done + n];
+            match piece {
+                Piece::Host(slice) => slice.read_at(0, part)?,
+                Piece::Message { owner, iova, len } => {
+                    owner.read(iova, part).map_err(|source| DmaError::Message {
+                        iova,
+                        len: len as u64,
+                        source,
+                    })?
+                }
+            }
+            done += n;
             Ok(())
         })
     }
@@ -148,9 +189,22 @@ impl Iommu {
     pub fn write(&self, iova: u64, data: &[u8]) -> Result<()> {
         let state = self.lock_read();
         let mut done = 0;
-        self.walk_checked(&state, iova, data.len() as u64, Prot::WRITE, |slice| {
-            slice.write_at(0, &data[done..done + slice.len])?;
-            done += slice.len;
+        self.walk_checked(&state, iova, data.len() as u64, Prot::WRITE, |piece| {
+            let n = piece.len();
+            let part = &data[done..done + n];
+            match piece {
+                Piece::Host(slice) => slice.write_at(0, part)?,
+                Piece::Message { owner, iova, len } => {
+                    owner
+                        .write(iova, part)
+                        .map_err(|source| DmaError::Message {
+                            iova,
+                            len: len as u64,
+                            source,
+                        })?
+                }
+            }
+            done += n;
             Ok(())
         })?;
         if state.tracking {
@@ -174,6 +228,8 @@ impl Iommu {
     /// cannot go away while `f` runs (unmap waits), so the slices are valid throughout. When
     /// `access` includes WRITE the range is marked dirty after `f` returns.
     ///
+    /// A message-backed mapping in the range has no host memory to hand out (`EFAULT`).
+    ///
     /// `f` must not call this IOMMU at all: the table's read lock is held while it runs, and a
     /// second read lock waits behind any map or unmap queued meanwhile, which waits for `f`.
     pub fn with_host_slices<R>(
@@ -185,9 +241,14 @@ impl Iommu {
     ) -> Result<R> {
         let state = self.lock_read();
         let mut slices = Vec::new();
-        self.walk(&state, iova, len, access, |slice| {
-            slices.push(slice);
-            Ok(())
+        self.walk(&state, iova, len, access, |piece| match piece {
+            Piece::Host(slice) => {
+                slices.push(slice);
+                Ok(())
+            }
+            Piece::Message { iova, len, .. } => Err(DmaError::Fault(format!(
+                "[{iova:#x}, +{len:#x}) is mapped by messages to the memory's owner: it has no host memory to hand out"
+            ))),
         })?;
         let result = f(&slices);
         if access.contains(Prot::WRITE) && state.tracking {

@@ -42,15 +42,20 @@ impl Iommu {
         let mut bitmaps = Vec::with_capacity(state.mappings.len());
         let mut bytes = 0u64;
         for m in state.mappings.values() {
+            if m.by_message() {
+                // Its owner records the writes that reach it.
+                bitmaps.push(None);
+                continue;
+            }
             let bitmap = self.new_bitmap(&state, m.size >> self.page_shift, bytes)?;
             for &page in m.pins().keys() {
                 let _ = bitmap.set(page);
             }
             bytes += bitmap_bytes(bitmap.pages());
-            bitmaps.push(bitmap);
+            bitmaps.push(Some(bitmap));
         }
         for (m, bitmap) in state.mappings.values_mut().zip(bitmaps) {
-            m.dirty = Some(bitmap);
+            m.dirty = bitmap;
         }
         state.bitmap_bytes += bytes;
         state.tracking = true;

@@ -13,6 +13,7 @@
 
 mod access;
 mod dirty;
+mod message;
 mod pin;
 mod table;
 
@@ -26,8 +27,9 @@ use crate::error::{Result, invalid};
 use vmig_primitives::HostMemory;
 
 pub use access::HostSlice;
+pub use message::{MessageDma, MessageDmaError};
 pub use pin::PinnedSegment;
-use table::State;
+use table::{State, Target};
 
 /// Largest number of pages one mapping may have while dirty tracking is on: the kernel's
 /// `DIRTY_BITMAP_PAGES_MAX` (`INT_MAX`).
@@ -147,6 +149,10 @@ pub enum Backing<'a> {
         /// Offset of the mapping's first byte; a multiple of the minimum page size.
         offset: u64,
     },
+    /// Memory the IOMMU cannot map, in another process that carries each access itself (a
+    /// vfio-user client's `DMA_READ` / `DMA_WRITE`). Mapped under the same rules; not pinnable,
+    /// not handed out as host slices, and not dirty-tracked (the owner sees every write).
+    Message(Arc<dyn MessageDma>),
 }
 
 /// Whether a device that uses the IOMMU can write guest memory without the IOMMU seeing it.
@@ -222,6 +228,8 @@ pub struct MappingInfo {
     pub size: u64,
     /// Access rights.
     pub prot: Prot,
+    /// Reached by messages to the memory's owner ([`Backing::Message`]).
+    pub by_message: bool,
 }
 
 /// A userspace IOMMU with the VFIO type1 semantics. Share it between the VMM side (map, unmap,
@@ -332,6 +340,7 @@ impl Iommu {
                 iova: m.iova,
                 size: m.size,
                 prot: m.prot,
+                by_message: matches!(m.target, Target::Message(_)),
             })
             .collect()
     }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::table::{Group, Mapping, State};
+use super::table::{Group, Mapping, State, Target};
 use super::{
     GroupId, GroupKind, HostSlice, Iommu, PIN_PAGES_MAX, Prot, UnmapNotifier, checked_last,
 };
@@ -117,6 +117,11 @@ impl Iommu {
             let m = state.find(page_iova).ok_or_else(|| {
                 DmaError::Invalid(format!("pin: iova {page_iova:#x} is not mapped"))
             })?;
+            if m.by_message() {
+                return invalid!(
+                    "pin: iova {page_iova:#x} is mapped by messages to the memory's owner: there is no host page to pin"
+                );
+            }
             if !m.prot.contains(prot) {
                 return Err(DmaError::Perm(format!(
                     "pin for {prot:?} of iova {page_iova:#x}, mapped {:?}",
@@ -132,7 +137,11 @@ impl Iommu {
         let mut done: Vec<(u64, u64)> = Vec::new();
         let mut cur = iova;
         loop {
-            let m = state.find(cur).expect("validated above");
+            let Some((m, Target::Host { memory, offset })) =
+                state.find(cur).map(|m| (m, &m.target))
+            else {
+                unreachable!("validated above: every page is in a host-backed mapping")
+            };
             let seg_last = m.last().min(last);
             let first_page = (cur - m.iova) >> self.page_shift;
             let count = ((seg_last - cur) >> self.page_shift) + 1;
@@ -144,8 +153,8 @@ impl Iommu {
             }
             done.push((cur, count));
             segments.push(PinnedSegment {
-                memory: Arc::clone(&m.memory),
-                offset: m.offset + (cur - m.iova) as usize,
+                memory: Arc::clone(memory),
+                offset: offset + (cur - m.iova) as usize,
                 len: (seg_last - cur + 1) as usize,
                 iova: cur,
             });

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex, RwLockWriteGuard};
 use vmig_dirty::{DirtyBitmap, bitmap_bytes};
 
 use super::{
-    Backing, GroupId, GroupKind, Iommu, IommuType, IovaRange, Prot, UNMAP_NOTIFY_ATTEMPTS,
-    UnmapNotifier, UnmapScope,
+    Backing, GroupId, GroupKind, Iommu, IommuType, IovaRange, MessageDma, Prot,
+    UNMAP_NOTIFY_ATTEMPTS, UnmapNotifier, UnmapScope,
 };
 use crate::error::{DmaError, Result, invalid};
 use vmig_primitives::{HostMemory, regular_file_size};
@@ -19,16 +19,29 @@ pub(super) struct Mapping {
     pub(super) iova: u64,
     pub(super) size: u64,
     pub(super) prot: Prot,
-    pub(super) memory: Arc<HostMemory>,
-    /// Offset of the mapping's first byte in `memory`.
-    pub(super) offset: usize,
+    /// Where the bytes are.
+    pub(super) target: Target,
     /// Pages dirtied since the last read, while tracking is on.
     pub(super) dirty: Option<DirtyBitmap>,
     /// Pin reference counts by page index within the mapping.
     pub(super) pins: Mutex<BTreeMap<u64, u32>>,
 }
 
+/// Where a mapping's bytes are.
+pub(super) enum Target {
+    /// Host memory; `offset` is that of the mapping's first byte in `memory`.
+    Host {
+        memory: Arc<HostMemory>,
+        offset: usize,
+    },
+    /// The owner of the memory, reached by messages.
+    Message(Arc<dyn MessageDma>),
+}
+
 impl Mapping {
+    pub(super) fn by_message(&self) -> bool {
+        matches!(self.target, Target::Message(_))
+    }
     pub(super) fn last(&self) -> u64 {
         self.iova + (self.size - 1)
     }
@@ -108,6 +121,7 @@ impl Iommu {
         let (backing_offset, fd) = match &backing {
             Backing::Fd { fd, offset } => (*offset, Some(*fd)),
             Backing::Memory { offset, .. } => (*offset, None),
+            Backing::Message(_) => (0, None),
         };
         self.check_aligned("map", "backing offset", backing_offset)?;
         if !self
@@ -135,7 +149,7 @@ impl Iommu {
         }
         // Cheap refusals first, under the lock, before creating a host mapping.
         self.check_insertable(&self.lock_read(), iova, last)?;
-        let (memory, offset) = match backing {
+        let target = match backing {
             Backing::Fd { fd, offset } => {
                 let writable = prot.contains(Prot::WRITE);
                 let memory = HostMemory::map_fd(fd, offset, size, writable).map_err(|e| {
@@ -147,7 +161,10 @@ impl Iommu {
                         DmaError::os(format!("mmap of the backing fd for iova {iova:#x}"), e)
                     }
                 })?;
-                (Arc::new(memory), 0)
+                Target::Host {
+                    memory: Arc::new(memory),
+                    offset: 0,
+                }
             }
             Backing::Memory { memory, offset } => {
                 if backing_end.is_none_or(|end| end > memory.len() as u64) {
@@ -161,12 +178,17 @@ impl Iommu {
                         "a writable mapping needs writable host memory".into(),
                     ));
                 }
-                (memory, offset as usize)
+                Target::Host {
+                    memory,
+                    offset: offset as usize,
+                }
             }
+            Backing::Message(owner) => Target::Message(owner),
         };
         let mut state = self.lock_write();
         self.check_insertable(&state, iova, last)?;
-        let dirty = if state.tracking {
+        // The owner of message-backed memory records the writes that reach it.
+        let dirty = if state.tracking && matches!(target, Target::Host { .. }) {
             let bitmap = self.new_bitmap(&state, size >> self.page_shift, 0)?;
             state.bitmap_bytes += bitmap_bytes(bitmap.pages());
             Some(bitmap)
@@ -179,8 +201,7 @@ impl Iommu {
                 iova,
                 size,
                 prot,
-                memory,
-                offset,
+                target,
                 dirty,
                 pins: Mutex::new(BTreeMap::new()),
             },
