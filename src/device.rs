@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 use vmig_devices::dma_engine::{self, DmaEngine};
 use vmig_vfio_user::client::Client;
-use vmig_vfio_user::device_migration::{DeviceMigration, Protocol};
+use vmig_vfio_user::client::{DeviceMigration, Protocol};
 use vmig_vfio_user::server::{Server, ServerConfig, stop_on_termination};
 use vmig_vfio_user::wire::*;
 

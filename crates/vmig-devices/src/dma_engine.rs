@@ -478,7 +478,7 @@ impl Device for DmaEngine {
         }
     }
 
-    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), Refusal> {
         if index == CONFIG_REGION {
             let bytes = self.inner.lock().config.bytes();
             data.copy_from_slice(&bytes[offset as usize..offset as usize + data.len()]);
@@ -492,7 +492,7 @@ impl Device for DmaEngine {
             return Ok(());
         }
         if index != 0 {
-            return Err(DeviceError::invalid(format!(
+            return Err(Refusal::invalid(format!(
                 "region {index}: the dma-engine has BAR0, BAR2 and config space"
             )));
         }
@@ -504,13 +504,13 @@ impl Device for DmaEngine {
         Ok(())
     }
 
-    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), Refusal> {
         if index == CONFIG_REGION {
             self.inner.lock().config.write(offset, data);
             return Ok(());
         }
         if index != 0 || !offset.is_multiple_of(8) || data.len() != 8 {
-            return Err(DeviceError::invalid(
+            return Err(Refusal::invalid(
                 "dma-engine registers are written as aligned u64s",
             ));
         }
@@ -522,7 +522,7 @@ impl Device for DmaEngine {
             reg::RING_BASE => r.ring_base = value,
             reg::RING_SIZE if value <= MAX_RING => r.ring_size = value,
             reg::RING_SIZE => {
-                return Err(DeviceError::invalid(format!(
+                return Err(Refusal::invalid(format!(
                     "RING_SIZE {value}: at most {MAX_RING}"
                 )));
             }
@@ -530,7 +530,7 @@ impl Device for DmaEngine {
                 r.consumer = value
             }
             reg::CONSUMER => {
-                return Err(DeviceError::invalid(format!(
+                return Err(Refusal::invalid(format!(
                     "CONSUMER {value} with PRODUCER {}",
                     r.producer
                 )));
@@ -538,7 +538,7 @@ impl Device for DmaEngine {
             reg::RATE => r.rate = value,
             reg::SEED => r.seed = value,
             _ => {
-                return Err(DeviceError::invalid(format!(
+                return Err(Refusal::invalid(format!(
                     "register {offset:#x} is read-only or does not exist"
                 )));
             }
@@ -548,7 +548,7 @@ impl Device for DmaEngine {
         Ok(())
     }
 
-    fn reset(&mut self) -> Result<(), DeviceError> {
+    fn reset(&mut self) -> Result<(), Refusal> {
         let mut s = self.inner.lock();
         s.regs = Registers::default();
         s.config = Config::default();
@@ -576,7 +576,7 @@ impl Device for DmaEngine {
         }
     }
 
-    fn set_running(&mut self, running: bool) -> Result<(), DeviceError> {
+    fn set_running(&mut self, running: bool) -> Result<(), Refusal> {
         let mut s = self.inner.lock();
         s.running = running;
         self.inner.changed.notify_all();
@@ -593,7 +593,7 @@ impl Device for DmaEngine {
         Ok(())
     }
 
-    fn save(&mut self, _last: bool) -> Result<Vec<u8>, DeviceError> {
+    fn save(&mut self, _last: bool) -> Result<Vec<u8>, Refusal> {
         let s = self.inner.lock();
         let mut out = STATE_MAGIC.to_le_bytes().to_vec();
         for w in s.regs.to_words() {
@@ -603,10 +603,10 @@ impl Device for DmaEngine {
         Ok(out)
     }
 
-    fn load(&mut self, record: &[u8]) -> Result<(), DeviceError> {
+    fn load(&mut self, record: &[u8]) -> Result<(), Refusal> {
         let expected = 8 * (Registers::WORDS + 2);
         if record.len() != expected || record[..8] != STATE_MAGIC.to_le_bytes() {
-            return Err(DeviceError::invalid(format!(
+            return Err(Refusal::invalid(format!(
                 "a dma-engine state record is {expected} bytes starting \"DMAESTA1\"; got {} bytes",
                 record.len()
             )));
@@ -617,7 +617,7 @@ impl Device for DmaEngine {
             .collect();
         let regs = Registers::from_words(&words);
         if regs.ring_size > MAX_RING || regs.consumer > regs.producer {
-            return Err(DeviceError::invalid("the dma-engine state is inconsistent"));
+            return Err(Refusal::invalid("the dma-engine state is inconsistent"));
         }
         let mut s = self.inner.lock();
         s.regs = regs;

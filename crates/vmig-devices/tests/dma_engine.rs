@@ -14,7 +14,7 @@ use vmig_devices::DmaEngine;
 use vmig_devices::dma_engine::{self, Migration, reg};
 use vmig_test_support::wait_until;
 use vmig_vfio_user::client::Client;
-use vmig_vfio_user::device_migration::DeviceMigration;
+use vmig_vfio_user::client::DeviceMigration;
 use vmig_vfio_user::server::{Server, ServerConfig};
 
 const RAM: u64 = 4 << 20;
@@ -28,7 +28,7 @@ const PATIENCE: Duration = Duration::from_secs(30);
 struct Served {
     client: Client,
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+    thread: Option<std::thread::JoinHandle<Result<(), vmig_vfio_user::server::ServeError>>>,
 }
 
 impl Drop for Served {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use vmig_vfio::KernelMigration;
 use vmig_vfio_user::client::{Client, ClientError};
-use vmig_vfio_user::device_migration::{DeviceMigration, Protocol};
+use vmig_vfio_user::client::{DeviceMigration, Protocol};
 
 pub use crate::kernel_device::KernelDevice;
 

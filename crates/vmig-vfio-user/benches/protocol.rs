@@ -39,11 +39,11 @@ impl Device for Bench {
             ..DeviceSpec::default()
         }
     }
-    fn region_read(&mut self, _: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+    fn region_read(&mut self, _: u32, offset: u64, data: &mut [u8]) -> Result<(), Refusal> {
         data.copy_from_slice(&self.bar[offset as usize..offset as usize + data.len()]);
         Ok(())
     }
-    fn region_write(&mut self, _: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+    fn region_write(&mut self, _: u32, offset: u64, data: &[u8]) -> Result<(), Refusal> {
         self.bar[offset as usize..offset as usize + data.len()].copy_from_slice(data);
         Ok(())
     }
@@ -53,7 +53,7 @@ impl Device for Bench {
     fn migration(&self) -> MigrationSupport {
         MigrationSupport::V2 { pre_copy: false }
     }
-    fn save(&mut self, _: bool) -> Result<Vec<u8>, DeviceError> {
+    fn save(&mut self, _: bool) -> Result<Vec<u8>, Refusal> {
         Ok(vec![0x5a; STATE])
     }
 }

@@ -19,13 +19,10 @@
 
 pub mod caps;
 pub mod client;
-pub mod device_migration;
 pub mod endpoint;
-pub mod request;
 pub mod server;
 mod sys;
 pub mod transport;
-pub mod v1_region;
 pub mod wire;
 
 pub use transport::{Channel, Message, TransportError};

@@ -5,7 +5,7 @@
 use std::os::fd::OwnedFd;
 
 use vmig_vfio_user::Message;
-use vmig_vfio_user::request::{Request, decode};
+use vmig_vfio_user::server::request::{Request, decode};
 use vmig_vfio_user::wire::*;
 use zerocopy::IntoBytes;
 

@@ -100,15 +100,15 @@ impl Device for TestDevice {
         }
     }
 
-    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), Refusal> {
         let source = if index == BIG { &self.big } else { &self.bar0 };
         data.copy_from_slice(&source[offset as usize..offset as usize + data.len()]);
         Ok(())
     }
 
-    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), Refusal> {
         if !self.running {
-            return Err(DeviceError::new(libc::EBUSY, "stopped"));
+            return Err(Refusal::new(libc::EBUSY, "stopped"));
         }
         let target = if index == BIG {
             &mut self.big
@@ -120,7 +120,7 @@ impl Device for TestDevice {
             let ctx = self
                 .ctx
                 .as_ref()
-                .ok_or_else(|| DeviceError::invalid("no client"))?;
+                .ok_or_else(|| Refusal::invalid("no client"))?;
             let payload = vec![self.bar0[0x118]; self.reg(0x110) as usize];
             ctx.dma_write(self.reg(0x108), &payload)?;
         }
@@ -130,7 +130,7 @@ impl Device for TestDevice {
         Ok(())
     }
 
-    fn reset(&mut self) -> Result<(), DeviceError> {
+    fn reset(&mut self) -> Result<(), Refusal> {
         self.running = true;
         Ok(())
     }
@@ -151,19 +151,19 @@ impl Device for TestDevice {
         }
     }
 
-    fn set_running(&mut self, running: bool) -> Result<(), DeviceError> {
+    fn set_running(&mut self, running: bool) -> Result<(), Refusal> {
         self.running = running;
         Ok(())
     }
 
-    fn save(&mut self, _last: bool) -> Result<Vec<u8>, DeviceError> {
+    fn save(&mut self, _last: bool) -> Result<Vec<u8>, Refusal> {
         self.saves += 1;
         Ok(self.bar0.clone())
     }
 
-    fn load(&mut self, record: &[u8]) -> Result<(), DeviceError> {
+    fn load(&mut self, record: &[u8]) -> Result<(), Refusal> {
         if record.len() != 4096 {
-            return Err(DeviceError::invalid(format!(
+            return Err(Refusal::invalid(format!(
                 "a record of {} bytes",
                 record.len()
             )));
@@ -198,7 +198,7 @@ impl DmaMemory for Memory {
 
 struct Harness {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+    thread: Option<std::thread::JoinHandle<Result<(), ServeError>>>,
 }
 
 impl Harness {
@@ -230,7 +230,7 @@ impl Harness {
         (h, client, memory)
     }
 
-    fn finish(mut self) -> Result<(), String> {
+    fn finish(mut self) -> Result<(), ServeError> {
         self.thread.take().unwrap().join().unwrap()
     }
 }
@@ -239,6 +239,18 @@ impl Drop for Harness {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Release);
     }
+}
+
+/// An error and its causes, one after another.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
 }
 
 fn write_reg(client: &Client, offset: u64, value: u64) {
@@ -852,14 +864,15 @@ fn raw_malformed_requests_get_error_replies_and_the_server_goes_on() {
         raw.recv(),
         Err(vmig_vfio_user::TransportError::Closed)
     ));
-    let why = h.finish().unwrap_err();
+    let err = h.finish().unwrap_err();
+    let why = chain(&err);
     assert!(why.contains("smaller than the 16-byte header"), "{why}");
 }
 
 /// The same migration, driven through the one interface, for a v1 and a v2 device.
 #[test]
 fn device_migration_moves_state_in_both_protocols() {
-    use vmig_vfio_user::device_migration::{DeviceMigration, Protocol};
+    use vmig_vfio_user::client::{DeviceMigration, Protocol};
     for v1 in [true, false] {
         let make = || {
             if v1 {

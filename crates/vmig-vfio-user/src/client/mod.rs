@@ -21,6 +21,10 @@ use crate::transport::{Channel, Message};
 use crate::wire::*;
 use vmig_primitives::mig_state::MigState;
 
+pub mod migration;
+
+pub use migration::{DeviceMigration, Protocol};
+
 /// Guest memory by IOVA, for the server's message-based DMA.
 pub trait DmaMemory: Send + Sync {
     /// Reads `buf.len()` bytes at `iova`; an errno when that is not guest memory.

@@ -1,7 +1,9 @@
 //! The v1 migration region (seed 000): `struct vfio_device_migration_info` at offset 0, a data
 //! section after it, and the rules for `device_state` writes and the save/resume iterations.
-//! This module is the pure part: which actions a `device_state` write means, and which header
-//! field an access names. The server executes the actions against the device.
+//! The rules come first and are pure: which actions a `device_state` write means, and which
+//! header field an access names. Then the server's side: accesses of the region's header and
+//! data section, and the actions executed against the device, over the record stream of
+//! [`super::migration_v2`].
 //!
 //! ```text
 //!  001 ──► 011 ──► 010 ──► 000        live migration (pre-copy, stop-and-copy, done)
@@ -13,7 +15,9 @@
 
 use vmig_dma::uapi::device_state::{self, MASK, RESUMING, RUNNING, SAVING};
 
-use crate::server::DeviceError;
+use super::migration_v2::{MAX_MIGRATION_STREAM, Migration, load_records, push_record};
+use super::{Device, Refusal, Server, Session};
+use crate::wire::{REGION_SUBTYPE_MIGRATION, REGION_TYPE_MIGRATION};
 
 /// Region index of the migration region (`VFIO_PCI_NUM_REGIONS`, as libvfio-user places it).
 pub const MIGRATION_REGION_INDEX: u32 = 9;
@@ -39,16 +43,16 @@ pub enum Action {
 }
 
 /// The actions of the write of `new` over `old` (both full words; only the low 3 bits matter).
-pub fn transition(old: u32, new: u32) -> Result<Vec<Action>, DeviceError> {
+pub fn transition(old: u32, new: u32) -> Result<Vec<Action>, Refusal> {
     use Action::*;
     if device_state::is_error(old) {
-        return Err(DeviceError::invalid(
+        return Err(Refusal::invalid(
             "the device is in the error state (110b): reset it before writing device_state",
         ));
     }
     let (from, to) = (old & MASK, new & MASK);
     if !device_state::is_valid(to) || to == SAVING | RESUMING {
-        return Err(DeviceError::invalid(format!(
+        return Err(Refusal::invalid(format!(
             "device_state {to:03b} is not a state a user may request (101b, 110b and 111b are not)"
         )));
     }
@@ -71,7 +75,7 @@ pub fn transition(old: u32, new: u32) -> Result<Vec<Action>, DeviceError> {
         (RESUMING, RUNNING) => vec![Load, SetRunning(true)],
         (RESUMING, STOP) => vec![Load],
         _ => {
-            return Err(DeviceError::invalid(format!(
+            return Err(Refusal::invalid(format!(
                 "device_state {from:03b} -> {to:03b} is not a transition of the migration protocol"
             )));
         }
@@ -94,7 +98,7 @@ pub enum Field {
 }
 
 /// The field an access of `len` bytes at `offset` names: only whole, naturally aligned fields.
-pub fn field(offset: u64, len: usize) -> Result<Field, DeviceError> {
+pub fn field(offset: u64, len: usize) -> Result<Field, Refusal> {
     Ok(match (offset, len) {
         (0, 4) => Field::DeviceState,
         (4, 4) => Field::Reserved,
@@ -102,11 +106,143 @@ pub fn field(offset: u64, len: usize) -> Result<Field, DeviceError> {
         (16, 8) => Field::DataOffset,
         (24, 8) => Field::DataSize,
         _ => {
-            return Err(DeviceError::invalid(format!(
+            return Err(Refusal::invalid(format!(
                 "a {len}-byte access at {offset:#x} of the migration header: only whole fields at their natural width (u32 at 0 and 4, u64 at 8, 16, 24)"
             )));
         }
     })
+}
+
+impl<D: Device> Server<D> {
+    pub(super) fn is_v1_region(&self, s: &Session, index: u32) -> bool {
+        index == MIGRATION_REGION_INDEX
+            && s.spec.regions.get(index as usize).is_some_and(|r| {
+                r.region_type == Some((REGION_TYPE_MIGRATION, REGION_SUBTYPE_MIGRATION))
+            })
+    }
+
+    pub(super) fn v1_read(&self, offset: u64, data: &mut [u8]) -> Result<(), Refusal> {
+        let mut m = self.migration();
+        if offset >= DATA_OFFSET {
+            return v1_data(&m, offset, |memory, at| memory.read(at, data));
+        }
+        let saving = m.v1_state & device_state::SAVING != 0 && !device_state::is_error(m.v1_state);
+        let value: u64 = match field(offset, data.len())? {
+            Field::DeviceState => u64::from(m.v1_state),
+            Field::Reserved => 0,
+            Field::PendingBytes => {
+                // A read after a prepared chunk acknowledges it (seed000 §2.8's FSM).
+                if let Some(size) = m.v1_prepared.take() {
+                    m.read_at += size as usize;
+                }
+                if saving {
+                    (m.stream.len() - m.read_at) as u64
+                } else {
+                    0
+                }
+            }
+            Field::DataOffset => {
+                if saving && m.v1_prepared.is_none() {
+                    let size = ((m.stream.len() - m.read_at) as u64).min(DATA_SIZE);
+                    let chunk = m.stream[m.read_at..m.read_at + size as usize].to_vec();
+                    v1_data(&m, DATA_OFFSET, |memory, at| memory.write(at, &chunk))?;
+                    m.v1_prepared = Some(size);
+                }
+                DATA_OFFSET
+            }
+            Field::DataSize => m.v1_prepared.unwrap_or(0),
+        };
+        data.copy_from_slice(&value.to_le_bytes()[..data.len()]);
+        Ok(())
+    }
+
+    pub(super) fn v1_write(&self, offset: u64, data: &[u8]) -> Result<(), Refusal> {
+        let mut m = self.migration();
+        if offset >= DATA_OFFSET {
+            return v1_data(&m, offset, |memory, at| memory.write(at, data));
+        }
+        let field = field(offset, data.len())?;
+        let mut word = [0u8; 8];
+        word[..data.len()].copy_from_slice(data);
+        let value = u64::from_le_bytes(word);
+        match field {
+            Field::DeviceState => {
+                let old = m.v1_state;
+                let new = value as u32;
+                for action in transition(old, new)? {
+                    if let Err(e) = self.v1_action(&mut m, action) {
+                        m.v1_state = device_state::set_error(old);
+                        m.discard();
+                        return Err(e);
+                    }
+                }
+                m.v1_state = new;
+                Ok(())
+            }
+            Field::Reserved => Ok(()),
+            Field::DataSize => {
+                if m.v1_state & device_state::MASK != device_state::RESUMING {
+                    return Err(Refusal::invalid(
+                        "data_size is written only while resuming (100b)",
+                    ));
+                }
+                if value > DATA_SIZE {
+                    return Err(Refusal::invalid(format!(
+                        "data_size {value}: the data section holds {}",
+                        DATA_SIZE
+                    )));
+                }
+                if m.stream.len() as u64 + value > MAX_MIGRATION_STREAM as u64 {
+                    return Err(Refusal::new(
+                        libc::ENOSPC,
+                        format!("migration data beyond {MAX_MIGRATION_STREAM} bytes"),
+                    ));
+                }
+                let mut chunk = vec![0u8; value as usize];
+                v1_data(&m, DATA_OFFSET, |memory, at| memory.read(at, &mut chunk))?;
+                m.stream.extend_from_slice(&chunk);
+                Ok(())
+            }
+            field => Err(Refusal::invalid(format!("{field:?} is read-only"))),
+        }
+    }
+
+    fn v1_action(&self, m: &mut Migration, action: Action) -> Result<(), Refusal> {
+        let mut device = self.device();
+        match action {
+            Action::SetRunning(running) => device.set_running(running),
+            Action::Discard => {
+                m.discard();
+                Ok(())
+            }
+            Action::Save { last } => push_record(&mut m.stream, &device.save(last)?),
+            Action::Load => {
+                let stream = std::mem::take(&mut m.stream);
+                m.discard();
+                load_records(&stream, &mut *device)
+            }
+        }
+    }
+}
+
+/// Runs `f` on the migration region's memory at region offset `offset`, refusing it in the
+/// error state.
+fn v1_data<T>(
+    m: &Migration,
+    offset: u64,
+    f: impl FnOnce(&vmig_primitives::HostMemory, usize) -> std::io::Result<T>,
+) -> Result<T, Refusal> {
+    if device_state::is_error(m.v1_state) {
+        return Err(Refusal::invalid(
+            "the device is in the error state: reset it",
+        ));
+    }
+    let (_, memory) = m
+        .v1_region
+        .as_ref()
+        .ok_or_else(|| Refusal::invalid("no migration region"))?;
+    f(memory, offset as usize)
+        .map_err(|e| Refusal::caused(libc::EINVAL, "the migration region's memory", e))
 }
 
 #[cfg(test)]
