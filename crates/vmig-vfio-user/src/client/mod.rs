@@ -6,7 +6,7 @@
 //! to track: the server's dirty log never sees them).
 
 use std::collections::BTreeSet;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -21,8 +21,12 @@ use crate::transport::{Channel, Message};
 use crate::wire::*;
 use vmig_primitives::mig_state::MigState;
 
+mod dirty;
+mod info;
 pub mod migration;
 
+pub use dirty::DMA_WRITE_PAGE;
+pub use info::RegionDescription;
 pub use migration::{DeviceMigration, Protocol};
 
 /// Guest memory by IOVA, for the server's message-based DMA.
@@ -67,20 +71,7 @@ impl ClientError {
     }
 }
 
-type Result<T> = std::result::Result<T, ClientError>;
-
-/// A region as the server describes it.
-#[derive(Debug)]
-pub struct RegionDescription {
-    /// The fixed part.
-    pub info: RegionInfo,
-    /// Sparse-mmap areas (offset, size) within the region.
-    pub sparse_areas: Vec<(u64, u64)>,
-    /// Device-specific type and subtype.
-    pub region_type: Option<(u32, u32)>,
-    /// The fd to mmap (at `info.offset` + area offset), when the region is mmappable.
-    pub fd: Option<OwnedFd>,
-}
+pub(super) type Result<T> = std::result::Result<T, ClientError>;
 
 /// A connected client.
 pub struct Client {
@@ -102,10 +93,7 @@ impl std::fmt::Debug for Client {
     }
 }
 
-/// Bytes per page of the client's record of server DMA writes.
-pub const DMA_WRITE_PAGE: u64 = 4096;
-
-fn protocol<T>(command: Command, why: impl Into<String>) -> Result<T> {
+pub(super) fn protocol<T>(command: Command, why: impl Into<String>) -> Result<T> {
     Err(ClientError::Protocol {
         command,
         why: why.into(),
@@ -211,7 +199,7 @@ impl Client {
                         let Some(endpoint) = endpoint.upgrade() else {
                             return;
                         };
-                        serve_dma(&endpoint, memory.as_deref(), &written, message);
+                        dirty::serve_dma(&endpoint, memory.as_deref(), &written, message);
                     }
                 })
                 .map_err(|source| ClientError::Connect {
@@ -243,81 +231,6 @@ impl Client {
 
     fn call(&self, command: Command, payload: &[&[u8]], fds: &[BorrowedFd<'_>]) -> Result<Message> {
         Ok(self.endpoint.request(command, payload, fds, self.timeout)?)
-    }
-
-    /// `DEVICE_GET_INFO`.
-    pub fn device_info(&self) -> Result<DeviceInfo> {
-        let request = DeviceInfo {
-            argsz: 16,
-            ..DeviceInfo::default()
-        };
-        let reply = self.call(Command::DeviceGetInfo, &[request.as_bytes()], &[])?;
-        read_struct(&reply.payload).map_or_else(
-            || protocol(Command::DeviceGetInfo, "shorter than 16 bytes"),
-            Ok,
-        )
-    }
-
-    /// `DEVICE_GET_REGION_INFO`, asking again with room for the capabilities when the server
-    /// says it needs more.
-    pub fn region_info(&self, index: u32) -> Result<RegionDescription> {
-        let mut argsz = size_of::<RegionInfo>() as u32;
-        for _ in 0..2 {
-            let request = RegionInfo {
-                argsz,
-                index,
-                ..RegionInfo::default()
-            };
-            let mut reply = self.call(Command::DeviceGetRegionInfo, &[request.as_bytes()], &[])?;
-            let Some(info) = read_struct::<RegionInfo>(&reply.payload) else {
-                return protocol(Command::DeviceGetRegionInfo, "shorter than 32 bytes");
-            };
-            if info.argsz > argsz {
-                if info.argsz > 64 << 10 {
-                    return protocol(
-                        Command::DeviceGetRegionInfo,
-                        format!("argsz {} is absurd", info.argsz),
-                    );
-                }
-                argsz = info.argsz;
-                continue;
-            }
-            let (sparse_areas, region_type) =
-                parse_caps(&reply.payload, info.cap_offset).map_err(|why| {
-                    ClientError::Protocol {
-                        command: Command::DeviceGetRegionInfo,
-                        why,
-                    }
-                })?;
-            return Ok(RegionDescription {
-                info,
-                sparse_areas,
-                region_type,
-                fd: if reply.fds.is_empty() {
-                    None
-                } else {
-                    Some(reply.fds.remove(0))
-                },
-            });
-        }
-        protocol(
-            Command::DeviceGetRegionInfo,
-            "the server asked for more room twice",
-        )
-    }
-
-    /// `DEVICE_GET_IRQ_INFO`.
-    pub fn irq_info(&self, index: u32) -> Result<IrqInfo> {
-        let request = IrqInfo {
-            argsz: 16,
-            index,
-            ..IrqInfo::default()
-        };
-        let reply = self.call(Command::DeviceGetIrqInfo, &[request.as_bytes()], &[])?;
-        read_struct(&reply.payload).map_or_else(
-            || protocol(Command::DeviceGetIrqInfo, "shorter than 16 bytes"),
-            Ok,
-        )
     }
 
     /// Wires vectors `start..` of IRQ `index` to `eventfds` (empty: de-assign `count` vectors).
@@ -447,32 +360,6 @@ impl Client {
         Ok(())
     }
 
-    /// v1 `DMA_UNMAP` with `GET_DIRTY_BITMAP`: unmaps and returns the range's dirty bitmap.
-    pub fn dma_unmap_with_bitmap(&self, iova: u64, size: u64, pgsize: u64) -> Result<Vec<u64>> {
-        let bytes = vmig_dirty::bitmap_bytes(size.div_ceil(pgsize.max(1)));
-        let unmap = DmaUnmap {
-            argsz: (size_of::<DmaUnmap>() + size_of::<DirtyBitmap>()) as u32 + bytes as u32,
-            flags: DMA_UNMAP_FLAG_GET_DIRTY_BITMAP,
-            addr: iova,
-            size,
-        };
-        let bitmap = DirtyBitmap {
-            pgsize,
-            size: bytes,
-        };
-        let reply = self.call(
-            Command::DmaUnmap,
-            &[unmap.as_bytes(), bitmap.as_bytes()],
-            &[],
-        )?;
-        words_at(
-            &reply.payload,
-            size_of::<DmaUnmap>() + size_of::<DirtyBitmap>(),
-            bytes,
-            Command::DmaUnmap,
-        )
-    }
-
     /// `DEVICE_RESET`.
     pub fn reset(&self) -> Result<()> {
         self.call(Command::DeviceReset, &[], &[])?;
@@ -584,110 +471,6 @@ impl Client {
         Ok(())
     }
 
-    /// v2 `DMA_LOGGING_START`; returns the page size the server chose.
-    pub fn dma_logging_start(&self, page_size: u64, ranges: &[(u64, u64)]) -> Result<u64> {
-        let control = DmaLoggingControl {
-            page_size,
-            num_ranges: ranges.len() as u32,
-            reserved: 0,
-        };
-        let mut data = control.as_bytes().to_vec();
-        for &(iova, length) in ranges {
-            data.extend_from_slice(DmaLoggingRange { iova, length }.as_bytes());
-        }
-        let reply = self.feature(FEATURE_DMA_LOGGING_START | FEATURE_SET, &data, data.len())?;
-        read_struct::<DmaLoggingControl>(&reply).map_or_else(
-            || {
-                protocol(
-                    Command::DeviceFeature,
-                    "DMA_LOGGING_START reply shorter than 16 bytes",
-                )
-            },
-            |c| Ok(c.page_size),
-        )
-    }
-
-    /// v2 `DMA_LOGGING_STOP`.
-    pub fn dma_logging_stop(&self) -> Result<()> {
-        let control = DmaLoggingControl::default();
-        self.feature(
-            FEATURE_DMA_LOGGING_STOP | FEATURE_SET,
-            control.as_bytes(),
-            16,
-        )?;
-        Ok(())
-    }
-
-    /// v2 `DMA_LOGGING_REPORT`: the read-and-clear bitmap of `[iova, iova+length)`.
-    pub fn dma_logging_report(&self, iova: u64, length: u64, page_size: u64) -> Result<Vec<u64>> {
-        let bytes = vmig_dirty::bitmap_bytes(length.div_ceil(page_size.max(1)));
-        let report = DmaLoggingReport {
-            iova,
-            length,
-            page_size,
-        };
-        let data = self.feature(
-            FEATURE_DMA_LOGGING_REPORT | FEATURE_GET,
-            report.as_bytes(),
-            24 + bytes as usize,
-        )?;
-        words_at(
-            &data,
-            size_of::<DmaLoggingReport>(),
-            bytes,
-            Command::DeviceFeature,
-        )
-    }
-
-    /// v1 `DIRTY_PAGES` START (true) or STOP (false).
-    pub fn dirty_pages_log(&self, start: bool) -> Result<()> {
-        let head = DirtyPages {
-            argsz: 8,
-            flags: if start {
-                DIRTY_PAGES_FLAG_START
-            } else {
-                DIRTY_PAGES_FLAG_STOP
-            },
-        };
-        self.call(Command::DirtyPages, &[head.as_bytes()], &[])?;
-        Ok(())
-    }
-
-    /// v1 `DIRTY_PAGES` GET_BITMAP of `[iova, iova+size)` at `pgsize`.
-    pub fn dirty_pages_bitmap(&self, iova: u64, size: u64, pgsize: u64) -> Result<Vec<u64>> {
-        let bytes = vmig_dirty::bitmap_bytes(size.div_ceil(pgsize.max(1)));
-        let head = DirtyPages {
-            argsz: (size_of::<DirtyPages>() + size_of::<DirtyBitmapRange>()) as u32 + bytes as u32,
-            flags: DIRTY_PAGES_FLAG_GET_BITMAP,
-        };
-        let range = DirtyBitmapRange {
-            iova,
-            size,
-            bitmap: DirtyBitmap {
-                pgsize,
-                size: bytes,
-            },
-        };
-        let reply = self.call(
-            Command::DirtyPages,
-            &[head.as_bytes(), range.as_bytes()],
-            &[],
-        )?;
-        words_at(
-            &reply.payload,
-            size_of::<DirtyPages>() + size_of::<DirtyBitmapRange>(),
-            bytes,
-            Command::DirtyPages,
-        )
-    }
-
-    /// Takes the record of guest pages (IOVA / 4096) the server wrote with `DMA_WRITE`.
-    pub fn take_dma_written_pages(&self) -> Vec<u64> {
-        std::mem::take(&mut *self.dma_written.lock().unwrap_or_else(|e| e.into_inner()))
-            .into_iter()
-            .collect()
-    }
-
     /// Closes the connection.
     pub fn close(mut self) {
         self.shutdown();
@@ -731,107 +514,4 @@ fn state_from(data: &[u8]) -> Result<MigState> {
         },
         Ok,
     )
-}
-
-fn words_at(payload: &[u8], at: usize, bytes: u64, command: Command) -> Result<Vec<u64>> {
-    let Some(raw) = payload.get(at..at + bytes as usize) else {
-        return protocol(
-            command,
-            format!("the reply has no room for a {bytes}-byte bitmap"),
-        );
-    };
-    Ok(vmig_dirty::le_bytes_to_words(raw))
-}
-
-/// What a region info's capabilities say: sparse areas (offset, size) and the region type.
-type RegionCaps = (Vec<(u64, u64)>, Option<(u32, u32)>);
-
-/// Sparse areas and region type from a region info's capability chain, with every offset
-/// checked against the payload.
-fn parse_caps(payload: &[u8], first: u32) -> std::result::Result<RegionCaps, String> {
-    let mut areas = Vec::new();
-    let mut region_type = None;
-    let mut offset = first as usize;
-    let mut hops = 0;
-    while offset != 0 {
-        hops += 1;
-        if hops > 16 {
-            return Err("the capability chain loops".into());
-        }
-        let header: CapHeader = payload.get(offset..).and_then(read_struct).ok_or_else(|| {
-            format!(
-                "a capability at {offset} is outside the {}-byte reply",
-                payload.len()
-            )
-        })?;
-        let body = &payload[offset + size_of::<CapHeader>()..];
-        match header.id {
-            REGION_INFO_CAP_SPARSE_MMAP => {
-                let sparse: SparseMmap =
-                    read_struct(body).ok_or("a sparse-mmap capability cut short")?;
-                for i in 0..sparse.nr_areas as usize {
-                    let at = size_of::<SparseMmap>() + i * size_of::<SparseArea>();
-                    let area: SparseArea = body
-                        .get(at..)
-                        .and_then(read_struct)
-                        .ok_or("sparse areas cut short")?;
-                    areas.push((area.offset, area.size));
-                }
-            }
-            REGION_INFO_CAP_TYPE => {
-                let t: RegionType = read_struct(body).ok_or("a type capability cut short")?;
-                region_type = Some((t.type_, t.subtype));
-            }
-            _ => {}
-        }
-        offset = header.next as usize;
-    }
-    Ok((areas, region_type))
-}
-
-fn serve_dma(
-    endpoint: &Endpoint,
-    memory: Option<&dyn DmaMemory>,
-    written: &Mutex<BTreeSet<u64>>,
-    message: Message,
-) {
-    let header = message.header;
-    let head = read_struct::<DmaAccess>(&message.payload);
-    let result = match (Command::from_u16(header.command), head, memory) {
-        (_, _, None) => Err(libc::EINVAL),
-        (Some(Command::DmaRead), Some(access), Some(memory)) => {
-            if access.count > caps::DEFAULT_MAX_DATA_XFER_SIZE {
-                // More than this client's max_data_xfer_size: refuse, never answer short.
-                Err(libc::EINVAL)
-            } else {
-                let mut data = vec![0u8; access.count as usize];
-                memory
-                    .read(access.addr, &mut data)
-                    .map(|()| [access.as_bytes(), &data].concat())
-            }
-        }
-        (Some(Command::DmaWrite), Some(access), Some(memory)) => {
-            let data = &message.payload[size_of::<DmaAccess>()..];
-            if data.len() as u64 != access.count {
-                Err(libc::EINVAL)
-            } else {
-                memory.write(access.addr, data).map(|()| {
-                    if !data.is_empty() {
-                        let first = access.addr / DMA_WRITE_PAGE;
-                        let last = (access.addr + data.len() as u64 - 1) / DMA_WRITE_PAGE;
-                        written
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .extend(first..=last);
-                    }
-                    access.as_bytes().to_vec()
-                })
-            }
-        }
-        _ => Err(libc::EINVAL),
-    };
-    let _ = match result {
-        Ok(payload) => endpoint.reply(&header, &[&payload], &[]),
-        Err(errno) => endpoint.reply_error(&header, errno),
-    };
 }
