@@ -50,10 +50,13 @@ pub const RECORD_MAGIC: u64 = u64::from_le_bytes(*b"DMAREC01");
 pub const RECORD_SIZE: usize = 64;
 /// BAR0 size.
 pub const BAR0_SIZE: u64 = 4096;
+/// The address bits a 4 KiB BAR0 decodes.
+#[expect(clippy::cast_possible_truncation, reason = "BAR0_SIZE is 4 KiB")]
+const BAR0_MASK: u32 = !(BAR0_SIZE as u32 - 1);
 /// The status page's region (BAR2) and size.
 pub const STATUS_REGION: u32 = 2;
 /// Bytes of the status page.
-pub const STATUS_SIZE: u64 = 4096;
+pub const STATUS_SIZE: u64 = vmig_primitives::PAGE_SIZE;
 /// Register offsets.
 pub mod reg {
     /// `ID`.
@@ -86,6 +89,15 @@ pub const DEVICE_ID: u16 = 0x7a01;
 pub const CONFIG_REGION: u32 = 7;
 const CONFIG_SIZE: usize = 256;
 
+/// An offset inside config space as `usize`.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the framework checks every access lies inside the CONFIG_SIZE-byte region"
+)]
+fn config_offset(offset: u64) -> usize {
+    offset as usize
+}
+
 /// The PCI config space: the command register and BAR0 are writable, the rest is fixed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Config {
@@ -110,11 +122,12 @@ impl Config {
     /// only the command register and BAR0 change.
     fn write(&mut self, offset: u64, data: &[u8]) {
         let mut bytes = self.bytes();
-        bytes[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        let at = config_offset(offset);
+        bytes[at..at + data.len()].copy_from_slice(data);
         self.command = u16::from_le_bytes([bytes[4], bytes[5]]) & 0x0006;
         // The size probe: BAR0 keeps only the address bits a 4 KiB BAR decodes.
         let bar = u32::from_le_bytes([bytes[0x10], bytes[0x11], bytes[0x12], bytes[0x13]]);
-        self.bar0 = bar & !(BAR0_SIZE as u32 - 1);
+        self.bar0 = bar & BAR0_MASK;
     }
 
     fn to_word(self) -> u64 {
@@ -123,8 +136,8 @@ impl Config {
 
     fn from_word(word: u64) -> Self {
         Self {
-            command: word as u16 & 0x0006,
-            bar0: (word >> 32) as u32 & !(BAR0_SIZE as u32 - 1),
+            command: u16::try_from(word & 0x0006).unwrap_or(0),
+            bar0: u32::try_from(word >> 32).unwrap_or(0) & BAR0_MASK,
         }
     }
 }
@@ -375,7 +388,8 @@ fn work(inner: &Inner) {
             s.idle = false;
             s.regs
         };
-        let period = Duration::from_secs_f64(1.0 / regs.rate.min(10_000_000) as f64);
+        let rate = u32::try_from(regs.rate.min(10_000_000)).unwrap_or(10_000_000);
+        let period = Duration::from_secs_f64(1.0 / f64::from(rate));
         let now = Instant::now();
         if next > now {
             // Sleep without holding the lock; a stop request is answered after this record.
@@ -481,13 +495,18 @@ impl Device for DmaEngine {
     fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), Refusal> {
         if index == CONFIG_REGION {
             let bytes = self.inner.lock().config.bytes();
-            data.copy_from_slice(&bytes[offset as usize..offset as usize + data.len()]);
+            let at = config_offset(offset);
+            data.copy_from_slice(&bytes[at..at + data.len()]);
             return Ok(());
         }
         if index == STATUS_REGION {
             let producer = self.inner.lock().regs.producer.to_le_bytes();
             for (i, byte) in data.iter_mut().enumerate() {
-                *byte = producer.get(offset as usize + i).copied().unwrap_or(0);
+                *byte = usize::try_from(offset)
+                    .ok()
+                    .and_then(|at| producer.get(at.checked_add(i)?))
+                    .copied()
+                    .unwrap_or(0);
             }
             return Ok(());
         }

@@ -131,11 +131,12 @@ fn migrate_without_losing_a_record(migration: Migration) {
         Migration::V1 => c.dirty_pages_bitmap(0, RAM, 4096).unwrap(),
     };
     let buffer_page = (BUFFERS_IOVA / 4096) as usize;
-    let dirty_buffers = (0..RING as usize)
+    let dirty_buffers = (0..usize::try_from(RING).unwrap())
         .filter(|i| bitmap[(buffer_page + i) / 64] >> ((buffer_page + i) % 64) & 1 == 1)
         .count();
     assert_eq!(
-        dirty_buffers, RING as usize,
+        dirty_buffers,
+        usize::try_from(RING).unwrap(),
         "all ring buffers were written and logged"
     );
     // Migrate while the device runs.

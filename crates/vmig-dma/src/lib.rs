@@ -43,8 +43,8 @@
 //! iommu.map(0, 1 << 30, Backing::Fd { fd: ram.as_fd(), offset: 0 }, Prot::READ_WRITE)?;
 //! iommu.start_dirty_tracking()?;
 //! iommu.write(0x1000, b"a packet")?; // device DMA: lands, then marks its page dirty
-//! let mut bitmap = vec![0u64; (1 << 30) / 4096 / 64];
-//! iommu.get_dirty_bitmap(0, 1 << 30, 4096, &mut bitmap, DirtyRead::Clear)?;
+//! let mut bitmap = vec![0u64; (1 << 30) / vmig_primitives::PAGE_SIZE as usize / 64];
+//! iommu.get_dirty_bitmap(0, 1 << 30, vmig_primitives::PAGE_SIZE, &mut bitmap, DirtyRead::Clear)?;
 //! assert_eq!(bitmap[0], 0b10); // page 1 is dirty
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

@@ -217,10 +217,10 @@ impl Endpoint {
         if reply.header.is_error() {
             return Err(EndpointError::Remote {
                 command,
-                errno: if reply.header.error_no == 0 {
-                    libc::EIO
-                } else {
-                    reply.header.error_no as i32
+                // 0 and values that are no errno at all say nothing: EIO.
+                errno: match i32::try_from(reply.header.error_no) {
+                    Ok(errno) if errno > 0 => errno,
+                    _ => libc::EIO,
                 },
             });
         }
@@ -256,7 +256,7 @@ impl Endpoint {
             msg_id: to.msg_id,
             command: to.command,
             flags: FLAG_TYPE_REPLY | FLAG_ERROR,
-            error_no: errno as u32,
+            error_no: errno.unsigned_abs(),
             ..Header::default()
         };
         self.send(header, &[], &[])

@@ -35,7 +35,7 @@ impl TestDevice {
     fn new() -> Self {
         Self {
             bar0: vec![0; 4096],
-            big: vec![0; BIG_SIZE as usize],
+            big: vec![0; usize::try_from(BIG_SIZE).unwrap()],
             bar1: Arc::new(vmig_primitives::memfd("bar1", 16384).unwrap()),
             ctx: None,
             running: true,
@@ -102,7 +102,10 @@ impl Device for TestDevice {
 
     fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), Refusal> {
         let source = if index == BIG { &self.big } else { &self.bar0 };
-        data.copy_from_slice(&source[offset as usize..offset as usize + data.len()]);
+        data.copy_from_slice(
+            &source
+                [usize::try_from(offset).unwrap()..usize::try_from(offset).unwrap() + data.len()],
+        );
         Ok(())
     }
 
@@ -115,13 +118,14 @@ impl Device for TestDevice {
         } else {
             &mut self.bar0
         };
-        target[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        target[usize::try_from(offset).unwrap()..usize::try_from(offset).unwrap() + data.len()]
+            .copy_from_slice(data);
         if index == BAR0 && offset == 0x100 {
             let ctx = self
                 .ctx
                 .as_ref()
                 .ok_or_else(|| Refusal::invalid("no client"))?;
-            let payload = vec![self.bar0[0x118]; self.reg(0x110) as usize];
+            let payload = vec![self.bar0[0x118]; usize::try_from(self.reg(0x110)).unwrap()];
             ctx.dma_write(self.reg(0x108), &payload)?;
         }
         if index == BAR0 && offset == 0x120 {
@@ -181,14 +185,14 @@ const MSG_IOVA: u64 = 0x4000_0000;
 impl DmaMemory for Memory {
     fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), i32> {
         let m = self.0.lock().unwrap();
-        let at = iova.checked_sub(MSG_IOVA).ok_or(libc::EFAULT)? as usize;
+        let at = usize::try_from(iova.checked_sub(MSG_IOVA).ok_or(libc::EFAULT)?).unwrap();
         buf.copy_from_slice(m.get(at..at + buf.len()).ok_or(libc::EFAULT)?);
         Ok(())
     }
 
     fn write(&self, iova: u64, data: &[u8]) -> Result<(), i32> {
         let mut m = self.0.lock().unwrap();
-        let at = iova.checked_sub(MSG_IOVA).ok_or(libc::EFAULT)? as usize;
+        let at = usize::try_from(iova.checked_sub(MSG_IOVA).ok_or(libc::EFAULT)?).unwrap();
         m.get_mut(at..at + data.len())
             .ok_or(libc::EFAULT)?
             .copy_from_slice(data);
@@ -302,7 +306,7 @@ fn region_accesses_are_split_at_the_transfer_limit_and_checked() {
     });
     let data: Vec<u8> = (0..BIG_SIZE).map(|i| (i * 7 % 251) as u8).collect();
     client.region_write(BIG, 0, &data).unwrap();
-    let mut back = vec![0u8; BIG_SIZE as usize];
+    let mut back = vec![0u8; usize::try_from(BIG_SIZE).unwrap()];
     client.region_read(BIG, 0, &mut back).unwrap();
     assert_eq!(back, data);
     // Outside the region, unknown region, zero-sized: refused, and the server goes on.
@@ -705,8 +709,11 @@ fn raw_malformed_requests_get_error_replies_and_the_server_goes_on() {
         };
     let version = caps::encode(0, 2, &caps::Capabilities::default());
     assert!(!ask(1, 0, &[&version], &[]).header.is_error());
-    let errno =
-        |m: vmig_vfio_user::Message| m.header.is_error().then_some(m.header.error_no as i32);
+    let errno = |m: vmig_vfio_user::Message| {
+        m.header
+            .is_error()
+            .then_some(i32::try_from(m.header.error_no).unwrap())
+    };
     // Unknown command; a second VERSION. (A stray reply is dropped: nobody waits for it.)
     assert_eq!(errno(ask(77, 0, &[], &[])), Some(libc::ENOSYS));
     assert_eq!(errno(ask(1, 0, &[&version], &[])), Some(libc::EINVAL));

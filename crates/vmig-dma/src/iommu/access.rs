@@ -2,7 +2,7 @@
 //! zero-copy access, and the dirty marks a write leaves.
 
 use super::table::{State, Target};
-use super::{Iommu, MessageDma, Prot, checked_last};
+use super::{Iommu, MessageDma, Prot, checked_last, host_len};
 use crate::error::{DmaError, Result, invalid};
 use vmig_primitives::HostMemory;
 
@@ -107,11 +107,11 @@ impl Iommu {
                 )));
             }
             let seg_last = m.last().min(last);
-            let len = (seg_last - cur + 1) as usize;
+            let len = host_len(seg_last - cur + 1);
             f(match &m.target {
                 Target::Host { memory, offset } => Piece::Host(HostSlice {
                     memory,
-                    offset: offset + (cur - m.iova) as usize,
+                    offset: offset + host_len(cur - m.iova),
                     len,
                     iova: cur,
                 }),

@@ -5,7 +5,9 @@
 use vmig_dirty::{DirtyBitmap, bitmap_bytes, words_for};
 
 use super::table::{Mapping, State};
-use super::{DIRTY_BITMAP_PAGES_MAX, DIRTY_BITMAP_SIZE_MAX, DirtyRead, Iommu, IommuType};
+use super::{
+    DIRTY_BITMAP_PAGES_MAX, DIRTY_BITMAP_SIZE_MAX, DirtyRead, Iommu, IommuType, buffer_words,
+};
 use crate::error::{DmaError, Result, invalid};
 
 impl Iommu {
@@ -215,7 +217,7 @@ impl Iommu {
         let pages = self.check_bitmap(size, pgsize, bitmap.len() as u64 * 8)?;
         let state = self.lock_read();
         let last = self.check_bitmap_request(&state, iova, size, pgsize)?;
-        let out = &mut bitmap[..words_for(pages) as usize];
+        let out = &mut bitmap[..buffer_words(words_for(pages))];
         out.fill(0);
         let all_dirty = state.all_dirty();
         for (_, m) in state.mappings.range(iova..=last) {
@@ -241,7 +243,7 @@ impl Iommu {
             self.check_bitmap_request(state, iova, size, pgsize)
                 .map(|_| ())
         })?;
-        let out = &mut bitmap[..words_for(pages) as usize];
+        let out = &mut bitmap[..buffer_words(words_for(pages))];
         out.fill(0);
         let all_dirty = state.all_dirty();
         let victims: Vec<u64> = state.mappings.range(iova..=last).map(|(k, _)| *k).collect();

@@ -252,6 +252,24 @@ impl std::fmt::Debug for Iommu {
     }
 }
 
+/// An offset or length inside a host mapping, as `usize`.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "bounded by the length of a HostMemory, which is a usize"
+)]
+fn host_len(value: u64) -> usize {
+    value as usize
+}
+
+/// A count of bitmap words the caller's buffer holds, as `usize`.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "checked against the length of the caller's slice, which is a usize"
+)]
+fn buffer_words(words: u64) -> usize {
+    words as usize
+}
+
 /// The last byte of `[start, start+size)`, or `None` when `size` is 0 or the range wraps past
 /// `u64::MAX` (a range may end exactly at `u64::MAX`).
 pub fn checked_last(start: u64, size: u64) -> Option<u64> {
@@ -323,7 +341,7 @@ impl Iommu {
     fn dma_avail(&self, state: &State) -> u32 {
         self.config
             .dma_entry_limit
-            .saturating_sub(state.mappings.len() as u32)
+            .saturating_sub(u32::try_from(state.mappings.len()).unwrap_or(u32::MAX))
     }
 
     /// Number of mappings.

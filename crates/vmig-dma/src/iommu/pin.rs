@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use super::table::{Group, Mapping, State, Target};
 use super::{
     GroupId, GroupKind, HostSlice, Iommu, PIN_PAGES_MAX, Prot, UnmapNotifier, checked_last,
+    host_len,
 };
 use crate::error::{DmaError, Result, invalid};
 use vmig_primitives::HostMemory;
@@ -154,8 +155,8 @@ impl Iommu {
             done.push((cur, count));
             segments.push(PinnedSegment {
                 memory: Arc::clone(memory),
-                offset: offset + (cur - m.iova) as usize,
-                len: (seg_last - cur + 1) as usize,
+                offset: offset + host_len(cur - m.iova),
+                len: host_len(seg_last - cur + 1),
                 iova: cur,
             });
             if seg_last == last {

@@ -180,7 +180,7 @@ impl Iommu {
                 }
                 Target::Host {
                     memory,
-                    offset: offset as usize,
+                    offset: super::host_len(offset),
                 }
             }
             Backing::Message(owner) => Target::Message(owner),

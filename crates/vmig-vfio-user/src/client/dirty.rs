@@ -8,21 +8,23 @@ use std::sync::Mutex;
 
 use zerocopy::IntoBytes;
 
-use super::{Client, DmaMemory, Result, protocol};
+use super::{Client, ClientError, DmaMemory, Result, field32, protocol};
 use crate::caps;
 use crate::endpoint::Endpoint;
 use crate::transport::Message;
 use crate::wire::*;
 
 /// Bytes per page of the client's record of server DMA writes.
-pub const DMA_WRITE_PAGE: u64 = 4096;
+pub const DMA_WRITE_PAGE: u64 = vmig_primitives::PAGE_SIZE;
 
 impl Client {
     /// v1 `DMA_UNMAP` with `GET_DIRTY_BITMAP`: unmaps and returns the range's dirty bitmap.
     pub fn dma_unmap_with_bitmap(&self, iova: u64, size: u64, pgsize: u64) -> Result<Vec<u64>> {
         let bytes = vmig_dirty::bitmap_bytes(size.div_ceil(pgsize.max(1)));
         let unmap = DmaUnmap {
-            argsz: (size_of::<DmaUnmap>() + size_of::<DirtyBitmap>()) as u32 + bytes as u32,
+            argsz: size32::<DmaUnmap>()
+                + size32::<DirtyBitmap>()
+                + field32(Command::DmaUnmap, "the bitmap's size", bytes)?,
             flags: DMA_UNMAP_FLAG_GET_DIRTY_BITMAP,
             addr: iova,
             size,
@@ -48,7 +50,7 @@ impl Client {
     pub fn dma_logging_start(&self, page_size: u64, ranges: &[(u64, u64)]) -> Result<u64> {
         let control = DmaLoggingControl {
             page_size,
-            num_ranges: ranges.len() as u32,
+            num_ranges: field32(Command::DeviceFeature, "the number of ranges", ranges.len())?,
             reserved: 0,
         };
         let mut data = control.as_bytes().to_vec();
@@ -89,7 +91,11 @@ impl Client {
         let data = self.feature(
             FEATURE_DMA_LOGGING_REPORT | FEATURE_GET,
             report.as_bytes(),
-            24 + bytes as usize,
+            24 + usize::try_from(bytes).map_err(|_| ClientError::TooBig {
+                command: Command::DeviceFeature,
+                what: "the report's bitmap",
+                value: bytes,
+            })?,
         )?;
         words_at(
             &data,
@@ -117,7 +123,9 @@ impl Client {
     pub fn dirty_pages_bitmap(&self, iova: u64, size: u64, pgsize: u64) -> Result<Vec<u64>> {
         let bytes = vmig_dirty::bitmap_bytes(size.div_ceil(pgsize.max(1)));
         let head = DirtyPages {
-            argsz: (size_of::<DirtyPages>() + size_of::<DirtyBitmapRange>()) as u32 + bytes as u32,
+            argsz: size32::<DirtyPages>()
+                + size32::<DirtyBitmapRange>()
+                + field32(Command::DirtyPages, "the bitmap's size", bytes)?,
             flags: DIRTY_PAGES_FLAG_GET_BITMAP,
         };
         let range = DirtyBitmapRange {
@@ -141,7 +149,7 @@ impl Client {
         )
     }
 
-    /// Takes the record of guest pages (IOVA / 4096) the server wrote with `DMA_WRITE`.
+    /// Takes the record of guest pages (IOVA / [`DMA_WRITE_PAGE`]) the server wrote with `DMA_WRITE`.
     pub fn take_dma_written_pages(&self) -> Vec<u64> {
         std::mem::take(&mut *self.dma_written.lock().unwrap_or_else(|e| e.into_inner()))
             .into_iter()
@@ -155,7 +163,10 @@ pub(super) fn words_at(
     bytes: u64,
     command: Command,
 ) -> Result<Vec<u64>> {
-    let Some(raw) = payload.get(at..at + bytes as usize) else {
+    let raw = usize::try_from(bytes)
+        .ok()
+        .and_then(|n| payload.get(at..at.checked_add(n)?));
+    let Some(raw) = raw else {
         return protocol(
             command,
             format!("the reply has no room for a {bytes}-byte bitmap"),
@@ -176,14 +187,15 @@ pub(super) fn serve_dma(
     let result = match (Command::from_u16(header.command), head, memory) {
         (_, _, None) => Err(libc::EINVAL),
         (Some(Command::DmaRead), Some(access), Some(memory)) => {
-            if access.count > caps::DEFAULT_MAX_DATA_XFER_SIZE {
+            match usize::try_from(access.count) {
                 // More than this client's max_data_xfer_size: refuse, never answer short.
-                Err(libc::EINVAL)
-            } else {
-                let mut data = vec![0u8; access.count as usize];
-                memory
-                    .read(access.addr, &mut data)
-                    .map(|()| [access.as_bytes(), &data].concat())
+                Ok(count) if access.count <= caps::DEFAULT_MAX_DATA_XFER_SIZE => {
+                    let mut data = vec![0u8; count];
+                    memory
+                        .read(access.addr, &mut data)
+                        .map(|()| [access.as_bytes(), &data].concat())
+                }
+                _ => Err(libc::EINVAL),
             }
         }
         (Some(Command::DmaWrite), Some(access), Some(memory)) => {

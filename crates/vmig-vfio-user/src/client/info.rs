@@ -44,7 +44,7 @@ impl Client {
     /// `DEVICE_GET_REGION_INFO`, asking again with room for the capabilities when the server
     /// says it needs more.
     pub fn region_info(&self, index: u32) -> Result<RegionDescription> {
-        let mut argsz = size_of::<RegionInfo>() as u32;
+        let mut argsz = size32::<RegionInfo>();
         for _ in 0..2 {
             let request = RegionInfo {
                 argsz,

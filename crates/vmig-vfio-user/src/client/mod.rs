@@ -51,6 +51,16 @@ pub enum ClientError {
     /// The exchange failed.
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
+    /// A request this side was asked to send does not fit the message's fields.
+    #[error("{command:?}: {what} ({value}) does not fit the message")]
+    TooBig {
+        /// The command.
+        command: Command,
+        /// What does not fit.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+    },
     /// The server's reply does not follow the protocol.
     #[error("the server's reply to {command:?} is malformed: {why}")]
     Protocol {
@@ -93,6 +103,28 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// `value` for a `u32` field of a `command` (`what` it is), refused when it does not fit.
+pub(super) fn field32<T: TryInto<u32> + TryInto<u64> + Copy>(
+    command: Command,
+    what: &'static str,
+    value: T,
+) -> Result<u32> {
+    TryInto::<u32>::try_into(value).map_err(|_| ClientError::TooBig {
+        command,
+        what,
+        value: TryInto::<u64>::try_into(value).unwrap_or(u64::MAX),
+    })
+}
+
+/// The length of one part of a transfer as its `u32` count.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "a part is at most chunk(), within this side's DEFAULT_MAX_MESSAGE (well below 4 GiB)"
+)]
+fn part32(len: usize) -> u32 {
+    len as u32
+}
+
 pub(super) fn protocol<T>(command: Command, why: impl Into<String>) -> Result<T> {
     Err(ClientError::Protocol {
         command,
@@ -132,12 +164,12 @@ impl Client {
             minor: caps::MINOR,
         };
         let ours = Capabilities {
-            max_msg_fds: Some(crate::transport::DEFAULT_MAX_FDS as u32),
+            max_msg_fds: Some(u32::try_from(crate::transport::DEFAULT_MAX_FDS).unwrap_or(u32::MAX)),
             max_data_xfer_size: Some(caps::DEFAULT_MAX_DATA_XFER_SIZE),
-            pgsizes: Some(4096),
+            pgsizes: Some(vmig_primitives::PAGE_SIZE),
             max_dma_maps: Some(caps::DEFAULT_MAX_DMA_MAPS),
             migration: Some(caps::MigrationCap {
-                pgsize: 4096,
+                pgsize: vmig_primitives::PAGE_SIZE,
                 max_bitmap_size: Some(256 << 20),
             }),
             twin_socket: twin.then_some(caps::TwinSocket {
@@ -242,7 +274,7 @@ impl Client {
         eventfds: &[BorrowedFd<'_>],
     ) -> Result<()> {
         let set = SetIrqs {
-            argsz: size_of::<SetIrqs>() as u32,
+            argsz: size32::<SetIrqs>(),
             flags: IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
             index,
             start,
@@ -255,7 +287,7 @@ impl Client {
     /// Masks or unmasks vectors of IRQ `index`.
     pub fn mask_irqs(&self, index: u32, start: u32, count: u32, mask: bool) -> Result<()> {
         let set = SetIrqs {
-            argsz: size_of::<SetIrqs>() as u32,
+            argsz: size32::<SetIrqs>(),
             flags: IRQ_SET_DATA_NONE
                 | if mask {
                     IRQ_SET_ACTION_MASK
@@ -272,8 +304,10 @@ impl Client {
 
     /// Bytes per transfer: what the server accepts, within what this side receives.
     fn chunk(&self) -> usize {
-        let own = (crate::transport::DEFAULT_MAX_MESSAGE - (1 << 16)) as u64;
-        self.server.max_data_xfer_size().clamp(1, own) as usize
+        let own = crate::transport::DEFAULT_MAX_MESSAGE - (1 << 16);
+        usize::try_from(self.server.max_data_xfer_size())
+            .unwrap_or(usize::MAX)
+            .clamp(1, own)
     }
 
     /// Reads region `index` at `offset`, in transfers the server accepts.
@@ -283,7 +317,7 @@ impl Client {
             let access = RegionAccess {
                 offset: offset + (i * chunk) as u64,
                 region: index,
-                count: part.len() as u32,
+                count: part32(part.len()),
             };
             let reply = self.call(Command::RegionRead, &[access.as_bytes()], &[])?;
             let data = reply
@@ -308,7 +342,7 @@ impl Client {
             let access = RegionAccess {
                 offset: offset + (i * chunk) as u64,
                 region: index,
-                count: part.len() as u32,
+                count: part32(part.len()),
             };
             self.call(Command::RegionWrite, &[access.as_bytes(), part], &[])?;
         }
@@ -325,7 +359,7 @@ impl Client {
         fd: Option<(BorrowedFd<'_>, u64)>,
     ) -> Result<()> {
         let map = DmaMap {
-            argsz: size_of::<DmaMap>() as u32,
+            argsz: size32::<DmaMap>(),
             flags,
             offset: fd.map_or(0, |(_, offset)| offset),
             addr: iova,
@@ -339,7 +373,7 @@ impl Client {
     /// `DMA_UNMAP` of exactly one earlier mapping.
     pub fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
         let unmap = DmaUnmap {
-            argsz: size_of::<DmaUnmap>() as u32,
+            argsz: size32::<DmaUnmap>(),
             flags: 0,
             addr: iova,
             size,
@@ -351,7 +385,7 @@ impl Client {
     /// `DMA_UNMAP` of every mapping.
     pub fn dma_unmap_all(&self) -> Result<()> {
         let unmap = DmaUnmap {
-            argsz: size_of::<DmaUnmap>() as u32,
+            argsz: size32::<DmaUnmap>(),
             flags: DMA_UNMAP_FLAG_ALL,
             addr: 0,
             size: 0,
@@ -368,7 +402,11 @@ impl Client {
 
     fn feature(&self, flags: u32, data: &[u8], reply_data: usize) -> Result<Vec<u8>> {
         let head = DeviceFeature {
-            argsz: (size_of::<DeviceFeature>() + reply_data.max(data.len())) as u32,
+            argsz: field32(
+                Command::DeviceFeature,
+                "the feature's size",
+                size_of::<DeviceFeature>() + reply_data.max(data.len()),
+            )?,
             flags,
         };
         let reply = self.call(Command::DeviceFeature, &[head.as_bytes(), data], &[])?;
@@ -426,7 +464,7 @@ impl Client {
 
     /// One `MIG_DATA_READ` of up to `max` bytes (fewer: the end of what the device has now).
     pub fn mig_data_read(&self, max: usize) -> Result<Vec<u8>> {
-        let size = max.min(self.chunk()) as u32;
+        let size = part32(max.min(self.chunk()));
         let head = MigData {
             argsz: 8 + size,
             size,
@@ -463,8 +501,8 @@ impl Client {
     pub fn mig_data_write(&self, data: &[u8]) -> Result<()> {
         for part in data.chunks(self.chunk()) {
             let head = MigData {
-                argsz: 8 + part.len() as u32,
-                size: part.len() as u32,
+                argsz: 8 + part32(part.len()),
+                size: part32(part.len()),
             };
             self.call(Command::MigDataWrite, &[head.as_bytes(), part], &[])?;
         }

@@ -6,7 +6,7 @@
 use vmig_dma::{DirtyRead, Iommu};
 use zerocopy::IntoBytes;
 
-use super::{Refusal, Reply, Session, check_ops, feature_echo};
+use super::{Refusal, Reply, Session, check_ops, feature_echo, field32};
 use crate::wire::{
     DIRTY_PAGES_FLAG_START, DIRTY_PAGES_FLAG_STOP, DeviceFeature, DirtyBitmapRange, DirtyPages,
     DmaLoggingControl, DmaLoggingReport, FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START,
@@ -27,7 +27,7 @@ pub(super) fn logging_feature(
         FEATURE_DMA_LOGGING_START => {
             check_ops(feature, op, FEATURE_SET | FEATURE_PROBE)?;
             if op & FEATURE_PROBE != 0 {
-                return Ok(feature_echo(flags, &[]));
+                return feature_echo(flags, &[]);
             }
             let control: DmaLoggingControl = read_struct(data).ok_or_else(|| {
                 Refusal::invalid("DMA_LOGGING_START needs 16 bytes of control data")
@@ -56,12 +56,12 @@ pub(super) fn logging_feature(
                 page_size,
                 ..control
             };
-            Ok(feature_echo(flags, &[answer.as_bytes(), ranges].concat()))
+            feature_echo(flags, &[answer.as_bytes(), ranges].concat())
         }
         FEATURE_DMA_LOGGING_REPORT => {
             check_ops(feature, op, FEATURE_GET | FEATURE_PROBE)?;
             if op & FEATURE_PROBE != 0 {
-                return Ok(feature_echo(flags, &[]));
+                return feature_echo(flags, &[]);
             }
             let report: DmaLoggingReport = read_struct(data)
                 .ok_or_else(|| Refusal::invalid("DMA_LOGGING_REPORT needs 24 bytes of data"))?;
@@ -71,22 +71,19 @@ pub(super) fn logging_feature(
                 ));
             }
             let bitmap = logging_report(&s.dma.iommu, report, argsz)?;
-            Ok(feature_echo(
-                flags,
-                &[report.as_bytes(), bitmap.as_bytes()].concat(),
-            ))
+            feature_echo(flags, &[report.as_bytes(), bitmap.as_bytes()].concat())
         }
         // DMA_LOGGING_STOP.
         _ => {
             check_ops(feature, op, FEATURE_SET | FEATURE_PROBE)?;
             if op & FEATURE_PROBE != 0 {
-                return Ok(feature_echo(flags, &[]));
+                return feature_echo(flags, &[]);
             }
             if s.logging.take().is_none() {
                 return Err(Refusal::invalid("DMA logging is not started"));
             }
             s.dma.iommu.stop_dirty_tracking()?;
-            Ok(feature_echo(flags, data))
+            feature_echo(flags, data)
         }
     }
 }
@@ -110,7 +107,16 @@ pub(super) fn check_bitmap(size: u64, pgsize: u64, bitmap_bytes: u64) -> Result<
             "a bitmap of {needed} bytes: at most {MAX_BITMAP_BYTES} (the max_bitmap_size offered)"
         )));
     }
-    Ok(vmig_dirty::words_for(pages) as usize)
+    Ok(bitmap_len(vmig_dirty::words_for(pages)))
+}
+
+/// A size of a bitmap (bytes or words) checked to be at most [`MAX_BITMAP_BYTES`], as `usize`.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "checked to be at most MAX_BITMAP_BYTES, 256 MiB"
+)]
+pub(super) fn bitmap_len(value: u64) -> usize {
+    value as usize
 }
 
 /// The largest dirty bitmap the server builds (what it offers as `max_bitmap_size`).
@@ -151,14 +157,14 @@ pub(super) fn dirty_pages(
                 DirtyRead::Clear,
             )?;
             let head = DirtyPages {
-                argsz: needed as u32,
+                argsz: field32(needed, "the DIRTY_PAGES reply's size")?,
                 flags,
             };
             Ok(Reply::data(
                 [
                     head.as_bytes(),
                     r.as_bytes(),
-                    &out.as_bytes()[..r.bitmap.size as usize],
+                    &out.as_bytes()[..bitmap_len(r.bitmap.size)],
                 ]
                 .concat(),
             ))
@@ -203,7 +209,7 @@ fn logging_report(
             (MAX_BITMAP_BYTES * 8 * PAGE_SIZE) >> 30
         )));
     }
-    let mut fine = vec![0u64; vmig_dirty::words_for(fine_pages) as usize];
+    let mut fine = vec![0u64; bitmap_len(vmig_dirty::words_for(fine_pages))];
     iommu.get_dirty_bitmap(iova, length, PAGE_SIZE, &mut fine, DirtyRead::Clear)?;
     if page_size == PAGE_SIZE {
         return Ok(fine);

@@ -13,10 +13,10 @@ use std::sync::{Arc, Weak};
 use vmig_dma::{Backing, Iommu, MessageDma, MessageDmaError, Prot, UnmapScope};
 use zerocopy::IntoBytes;
 
-use super::dirty::check_bitmap;
-use super::{Refusal, Reply, Session};
+use super::dirty::{bitmap_len, check_bitmap};
+use super::{Refusal, Reply, Session, field32};
 use crate::endpoint::{DEFAULT_TIMEOUT, Endpoint, EndpointError};
-use crate::wire::{Command, DMA_UNMAP_FLAG_ALL, DirtyBitmap, DmaAccess, DmaMap, DmaUnmap};
+use crate::wire::{Command, DMA_UNMAP_FLAG_ALL, DirtyBitmap, DmaAccess, DmaMap, DmaUnmap, size32};
 
 /// Guest memory as the device reaches it: the IOMMU, whose message-backed mappings go to the
 /// client through a [`ClientMemory`].
@@ -169,7 +169,7 @@ pub(super) fn dma_unmap(
     bitmap: Option<DirtyBitmap>,
 ) -> Result<Reply, Refusal> {
     let echo = DmaUnmap {
-        argsz: size_of::<DmaUnmap>() as u32,
+        argsz: size32::<DmaUnmap>(),
         ..unmap
     };
     if unmap.flags & DMA_UNMAP_FLAG_ALL != 0 {
@@ -196,7 +196,9 @@ pub(super) fn dma_unmap(
     // Checked before anything is removed or allocated.
     let words = check_bitmap(unmap.size, b.pgsize, b.size)?;
     let echo = DmaUnmap {
-        argsz: (size_of::<DmaUnmap>() + size_of::<DirtyBitmap>()) as u32 + b.size as u32,
+        argsz: size32::<DmaUnmap>()
+            + size32::<DirtyBitmap>()
+            + field32(b.size, "the DMA_UNMAP bitmap's size")?,
         ..unmap
     };
     let message_region = s
@@ -221,7 +223,7 @@ pub(super) fn dma_unmap(
         [
             echo.as_bytes(),
             b.as_bytes(),
-            &out.as_bytes()[..b.size as usize],
+            &out.as_bytes()[..bitmap_len(b.size)],
         ]
         .concat(),
     ))

@@ -22,7 +22,7 @@ use crate::wire::{REGION_SUBTYPE_MIGRATION, REGION_TYPE_MIGRATION};
 /// Region index of the migration region (`VFIO_PCI_NUM_REGIONS`, as libvfio-user places it).
 pub const MIGRATION_REGION_INDEX: u32 = 9;
 /// Offset of the data section in the region: the header page comes first.
-pub const DATA_OFFSET: u64 = 4096;
+pub const DATA_OFFSET: u64 = vmig_primitives::PAGE_SIZE;
 /// Bytes of the data section.
 pub const DATA_SIZE: u64 = 1 << 20;
 
@@ -133,7 +133,7 @@ impl<D: Device> Server<D> {
             Field::PendingBytes => {
                 // A read after a prepared chunk acknowledges it (seed000 §2.8's FSM).
                 if let Some(size) = m.v1_prepared.take() {
-                    m.read_at += size as usize;
+                    m.read_at += section_len(size);
                 }
                 if saving {
                     (m.stream.len() - m.read_at) as u64
@@ -168,7 +168,9 @@ impl<D: Device> Server<D> {
         match field {
             Field::DeviceState => {
                 let old = m.v1_state;
-                let new = value as u32;
+                let new = u32::try_from(value).map_err(|_| {
+                    Refusal::invalid(format!("device_state {value:#x}: expected a 32-bit value"))
+                })?;
                 for action in transition(old, new)? {
                     if let Err(e) = self.v1_action(&mut m, action) {
                         m.v1_state = device_state::set_error(old);
@@ -198,7 +200,7 @@ impl<D: Device> Server<D> {
                         format!("migration data beyond {MAX_MIGRATION_STREAM} bytes"),
                     ));
                 }
-                let mut chunk = vec![0u8; value as usize];
+                let mut chunk = vec![0u8; section_len(value)];
                 v1_data(&m, DATA_OFFSET, |memory, at| memory.read(at, &mut chunk))?;
                 m.stream.extend_from_slice(&chunk);
                 Ok(())
@@ -225,6 +227,16 @@ impl<D: Device> Server<D> {
     }
 }
 
+/// An offset or length inside the migration region (its header page and 1 MiB data section),
+/// as `usize`.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "checked to lie inside the region, DATA_OFFSET + DATA_SIZE bytes"
+)]
+fn section_len(value: u64) -> usize {
+    value as usize
+}
+
 /// Runs `f` on the migration region's memory at region offset `offset`, refusing it in the
 /// error state.
 fn v1_data<T>(
@@ -241,7 +253,7 @@ fn v1_data<T>(
         .v1_region
         .as_ref()
         .ok_or_else(|| Refusal::invalid("no migration region"))?;
-    f(memory, offset as usize)
+    f(memory, section_len(offset))
         .map_err(|e| Refusal::caused(libc::EINVAL, "the migration region's memory", e))
 }
 

@@ -61,15 +61,15 @@ impl<D: Device> Server<D> {
         if feature == FEATURE_MIGRATION {
             check_ops(feature, op, FEATURE_GET | FEATURE_PROBE)?;
             if op & FEATURE_PROBE != 0 {
-                return Ok(feature_echo(flags, &[]));
+                return feature_echo(flags, &[]);
             }
             let mig_flags = MIGRATION_STOP_COPY | if pre_copy { MIGRATION_PRE_COPY } else { 0 };
             need_room(argsz, 16)?;
-            return Ok(feature_echo(flags, &mig_flags.to_le_bytes()));
+            return feature_echo(flags, &mig_flags.to_le_bytes());
         }
         check_ops(feature, op, FEATURE_GET | FEATURE_SET | FEATURE_PROBE)?;
         if op & FEATURE_PROBE != 0 {
-            return Ok(feature_echo(flags, &[]));
+            return feature_echo(flags, &[]);
         }
         need_room(argsz, 16)?;
         if op & FEATURE_SET != 0 {
@@ -87,7 +87,7 @@ impl<D: Device> Server<D> {
             device_state: self.migration_state() as u32,
             data_fd: u32::MAX,
         };
-        Ok(feature_echo(flags, now.as_bytes()))
+        feature_echo(flags, now.as_bytes())
     }
 
     /// `MIG_DATA_READ`: the next bytes of the saved stream, in PRE_COPY or STOP_COPY.
@@ -100,9 +100,9 @@ impl<D: Device> Server<D> {
             )));
         }
         let start = m.read_at;
-        let end = (start + size as usize).min(m.stream.len());
+        let n = size.min(u32::try_from(m.stream.len() - start).unwrap_or(u32::MAX));
+        let end = start + n as usize;
         m.read_at = end;
-        let n = (end - start) as u32;
         let head = MigData {
             argsz: 8 + n,
             size: n,

@@ -282,7 +282,9 @@ impl<D: Device> Server<D> {
     pub fn serve(&self, stream: UnixStream, stop: &AtomicBool) -> Result<(), ServeError> {
         let mut channel = Channel::new(stream);
         channel.set_limits(
-            self.config.max_data_xfer_size as usize + (1 << 16),
+            usize::try_from(self.config.max_data_xfer_size)
+                .unwrap_or(usize::MAX)
+                .saturating_add(1 << 16),
             self.config.max_msg_fds as usize,
         );
         let (endpoint, commands) = Endpoint::start(channel).map_err(ServeError::Reader)?;
@@ -296,10 +298,13 @@ impl<D: Device> Server<D> {
         let client = ClientMemory {
             endpoint: Arc::downgrade(twin_endpoint.as_ref().unwrap_or(&endpoint)),
             // The replies to our DMA_READs must fit what this side accepts too.
-            max_xfer: client_caps
-                .max_data_xfer_size()
-                .min(self.config.max_data_xfer_size)
-                .max(1) as usize,
+            max_xfer: usize::try_from(
+                client_caps
+                    .max_data_xfer_size()
+                    .min(self.config.max_data_xfer_size)
+                    .max(1),
+            )
+            .unwrap_or(usize::MAX),
         };
         let mut session = Session {
             dma: Arc::new(Dma {
@@ -363,11 +368,11 @@ impl<D: Device> Server<D> {
             Request::DmaUnmap { unmap, bitmap } => dma::dma_unmap(s, unmap, bitmap),
             Request::GetInfo => {
                 let info = DeviceInfo {
-                    argsz: size_of::<DeviceInfo>() as u32,
+                    argsz: size32::<DeviceInfo>(),
                     flags: (if s.spec.reset { DEVICE_FLAGS_RESET } else { 0 })
                         | (if s.spec.pci { DEVICE_FLAGS_PCI } else { 0 }),
-                    num_regions: s.spec.regions.len() as u32,
-                    num_irqs: s.spec.irqs.len() as u32,
+                    num_regions: field32(s.spec.regions.len(), "the number of regions")?,
+                    num_irqs: field32(s.spec.irqs.len(), "the number of IRQ indices")?,
                 };
                 Ok(Reply::data(info.as_bytes().to_vec()))
             }
@@ -375,7 +380,7 @@ impl<D: Device> Server<D> {
             Request::GetRegionIoFds { index, .. } => {
                 region(&s.spec, index)?;
                 let head = RegionIoFds {
-                    argsz: size_of::<RegionIoFds>() as u32,
+                    argsz: size32::<RegionIoFds>(),
                     flags: 0,
                     index,
                     count: 0,
@@ -488,12 +493,29 @@ impl<D: Device> Server<D> {
 }
 
 /// The reply to a `DEVICE_FEATURE`: its header with `argsz` for `payload`, then `payload`.
-fn feature_echo(flags: u32, payload: &[u8]) -> Reply {
+fn feature_echo(flags: u32, payload: &[u8]) -> Result<Reply, Refusal> {
     let head = DeviceFeature {
-        argsz: (size_of::<DeviceFeature>() + payload.len()) as u32,
+        argsz: field32(
+            size_of::<DeviceFeature>() + payload.len(),
+            "a DEVICE_FEATURE reply",
+        )?,
         flags,
     };
-    Reply::data([head.as_bytes(), payload].concat())
+    Ok(Reply::data([head.as_bytes(), payload].concat()))
+}
+
+/// `value` for a `u32` field of a reply (`what` it is), refused with `E2BIG` when it does not
+/// fit.
+fn field32<T: TryInto<u32> + Copy + std::fmt::Display>(
+    value: T,
+    what: &str,
+) -> Result<u32, Refusal> {
+    value.try_into().map_err(|_| {
+        Refusal::new(
+            libc::E2BIG,
+            format!("{what} ({value}) does not fit the reply's 32-bit field"),
+        )
+    })
 }
 
 /// Refuses operations (`GET`, `SET`, `PROBE` bits in `op`) that `feature` does not permit.
@@ -590,7 +612,7 @@ fn region_info(spec: &DeviceSpec, argsz: u32, index: u32) -> Result<Reply, Refus
         let mut cap = [
             header.as_bytes(),
             SparseMmap {
-                nr_areas: mmap.areas.len() as u32,
+                nr_areas: field32(mmap.areas.len(), "the number of sparse areas")?,
                 reserved: 0,
             }
             .as_bytes(),
@@ -607,7 +629,7 @@ fn region_info(spec: &DeviceSpec, argsz: u32, index: u32) -> Result<Reply, Refus
     let count = caps.len();
     for (i, mut cap) in caps.into_iter().enumerate() {
         let next = if i + 1 < count {
-            (offset + cap.len()) as u32
+            field32(offset + cap.len(), "a capability offset")?
         } else {
             0
         };
@@ -615,7 +637,7 @@ fn region_info(spec: &DeviceSpec, argsz: u32, index: u32) -> Result<Reply, Refus
         offset += cap.len();
         tail.extend_from_slice(&cap);
     }
-    let needed = (base + tail.len()) as u32;
+    let needed = field32(base + tail.len(), "the region info's size")?;
     let mut flags = (if r.readable { REGION_INFO_FLAG_READ } else { 0 })
         | (if r.writable {
             REGION_INFO_FLAG_WRITE
@@ -636,7 +658,7 @@ fn region_info(spec: &DeviceSpec, argsz: u32, index: u32) -> Result<Reply, Refus
         flags,
         index,
         cap_offset: if fits && !tail.is_empty() {
-            base as u32
+            field32(base, "the capability offset")?
         } else {
             0
         },

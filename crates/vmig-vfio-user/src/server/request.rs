@@ -367,7 +367,7 @@ pub fn decode(message: Message, max_data_xfer_size: u64) -> Result<Request, Refu
                     ),
                 );
             }
-            let mut writes = Vec::with_capacity(count as usize);
+            let mut writes = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
             for chunk in entries.chunks_exact(24) {
                 let entry: WriteMultiEntry = fixed(chunk, "REGION_WRITE_MULTI entry")?;
                 if entry.count == 0 || entry.count > 8 {
