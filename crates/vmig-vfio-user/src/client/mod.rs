@@ -48,6 +48,18 @@ pub enum ClientError {
         /// Why.
         source: std::io::Error,
     },
+    /// The server's `VFIO_USER_VERSION` reply cannot be used.
+    #[error("the server's VFIO_USER_VERSION reply cannot be used")]
+    Version(#[source] caps::VersionError),
+    /// A thread of the connection did not start.
+    #[error("cannot start {what}")]
+    Thread {
+        /// Which thread.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The exchange failed.
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
@@ -155,8 +167,8 @@ impl Client {
         twin: bool,
     ) -> Result<Self> {
         let (endpoint, commands) =
-            Endpoint::start(Channel::new(stream)).map_err(|source| ClientError::Connect {
-                path: "stream".into(),
+            Endpoint::start(Channel::new(stream)).map_err(|source| ClientError::Thread {
+                what: "the connection's reader",
                 source,
             })?;
         let proposed = Version {
@@ -180,15 +192,8 @@ impl Client {
         };
         let payload = caps::encode(proposed.major, proposed.minor, &ours);
         let mut reply = endpoint.request(Command::Version, &[&payload], &[], DEFAULT_TIMEOUT)?;
-        let (version, server) =
-            caps::decode(&reply.payload).map_err(|e| ClientError::Protocol {
-                command: Command::Version,
-                why: e.to_string(),
-            })?;
-        caps::check_reply(proposed, version).map_err(|e| ClientError::Protocol {
-            command: Command::Version,
-            why: e.to_string(),
-        })?;
+        let (version, server) = caps::decode(&reply.payload).map_err(ClientError::Version)?;
+        caps::check_reply(proposed, version).map_err(ClientError::Version)?;
         // Twin-socket mode: the server's commands come on the socket it passed.
         let mut twin_endpoint = None;
         let receivers = match server.twin_socket.filter(|t| t.supported) {
@@ -202,8 +207,8 @@ impl Client {
                 }
                 let fd = reply.fds.swap_remove(index);
                 let (twin, twin_commands) = Endpoint::start(Channel::new(UnixStream::from(fd)))
-                    .map_err(|source| ClientError::Connect {
-                        path: "twin socket".into(),
+                    .map_err(|source| ClientError::Thread {
+                        what: "the twin socket's reader",
                         source,
                     })?;
                 twin_endpoint = Some(twin);
@@ -234,8 +239,8 @@ impl Client {
                         dirty::serve_dma(&endpoint, memory.as_deref(), &written, message);
                     }
                 })
-                .map_err(|source| ClientError::Connect {
-                    path: "thread".into(),
+                .map_err(|source| ClientError::Thread {
+                    what: "the server of DMA_READ / DMA_WRITE",
                     source,
                 })?;
             dma_servers.push(thread);
