@@ -2,7 +2,7 @@
 //! zero-copy access, and the dirty marks a write leaves.
 
 use super::table::{State, Target};
-use super::{Iommu, MessageDma, Prot, checked_last, host_len};
+use super::{Iommu, MessageDma, MessageDmaError, Prot, checked_last, host_len};
 use crate::error::{DmaError, Result, invalid};
 use vmig_primitives::HostMemory;
 
@@ -76,6 +76,15 @@ impl Piece<'_> {
             Piece::Host(slice) => slice.len,
             Piece::Message { len, .. } => *len,
         }
+    }
+}
+
+/// The error of a message-backed access of `len` bytes at `iova` its owner did not carry.
+fn by_message(iova: u64, len: usize) -> impl FnOnce(MessageDmaError) -> DmaError {
+    move |source| DmaError::Message {
+        iova,
+        len: len as u64,
+        source,
     }
 }
 
@@ -171,11 +180,7 @@ impl Iommu {
             match piece {
                 Piece::Host(slice) => slice.read_at(0, part)?,
                 Piece::Message { owner, iova, len } => {
-                    owner.read(iova, part).map_err(|source| DmaError::Message {
-                        iova,
-                        len: len as u64,
-                        source,
-                    })?
+                    owner.read(iova, part).map_err(by_message(iova, len))?;
                 }
             }
             done += n;
@@ -195,13 +200,7 @@ impl Iommu {
             match piece {
                 Piece::Host(slice) => slice.write_at(0, part)?,
                 Piece::Message { owner, iova, len } => {
-                    owner
-                        .write(iova, part)
-                        .map_err(|source| DmaError::Message {
-                            iova,
-                            len: len as u64,
-                            source,
-                        })?
+                    owner.write(iova, part).map_err(by_message(iova, len))?;
                 }
             }
             done += n;
