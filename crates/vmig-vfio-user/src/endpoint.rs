@@ -33,9 +33,9 @@ pub enum EndpointError {
     /// No reply in time.
     #[error("{0:?} got no reply within the timeout")]
     Timeout(Command),
-    /// The connection is gone.
-    #[error("the connection is closed")]
-    Closed(#[source] CloseReason),
+    /// The connection is gone, for this reason.
+    #[error("the connection is closed: {0}")]
+    Closed(CloseReason),
     /// The peer's reply names another command than the request it answers; the connection
     /// cannot be trusted further.
     #[error("the reply to {command:?} (id {id}) names command {got}")]
@@ -73,8 +73,8 @@ pub enum CloseReason {
     #[error("the owner stopped taking commands")]
     OwnerStopped,
     /// Receiving failed: a socket error or the peer broke the framing.
-    #[error("receiving failed")]
-    Broken(#[source] Arc<TransportError>),
+    #[error(transparent)]
+    Broken(Arc<TransportError>),
     /// Not known: the reader ended without saying why.
     #[error("no reason given")]
     Unknown,

@@ -129,9 +129,9 @@ impl Client {
             })
             .collect();
         let irqs = (0..info.num_irqs.min(16))
-            .filter_map(|index| self.irq_info(index).ok())
-            .map(|irq| IrqDescription {
-                index: irq.index,
+            .filter_map(|index| self.irq_info(index).ok().map(|irq| (index, irq)))
+            .map(|(index, irq)| IrqDescription {
+                index,
                 count: irq.count,
                 eventfd: irq.flags & IRQ_INFO_EVENTFD != 0,
                 maskable: irq.flags & IRQ_INFO_MASKABLE != 0,

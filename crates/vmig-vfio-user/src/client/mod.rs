@@ -41,7 +41,7 @@ pub trait DmaMemory: Send + Sync {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Connecting failed.
-    #[error("cannot connect to {path}: {source}")]
+    #[error("cannot connect to {path}")]
     Connect {
         /// The socket.
         path: String,
