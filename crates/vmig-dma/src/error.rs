@@ -25,6 +25,15 @@ pub enum DmaError {
     /// `ENOMEM`: a memory limit or allocation failed.
     #[error("out of memory (ENOMEM): {0}")]
     NoMemory(String),
+    /// `ENOMEM`: a dirty bitmap could not be allocated.
+    #[error("out of memory (ENOMEM): a dirty bitmap of {pages} pages")]
+    Bitmap {
+        /// Pages of the bitmap.
+        pages: u64,
+        /// Why it could not be made.
+        #[source]
+        source: vmig_dirty::DirtyError,
+    },
     /// `EACCES`: the operation is not available on this kind of container.
     #[error("not available (EACCES): {0}")]
     Access(String),
@@ -65,7 +74,7 @@ impl DmaError {
             DmaError::NoSpace(_) => libc::ENOSPC,
             DmaError::TooBig(_) => libc::E2BIG,
             DmaError::Fault(_) => libc::EFAULT,
-            DmaError::NoMemory(_) => libc::ENOMEM,
+            DmaError::NoMemory(_) | DmaError::Bitmap { .. } => libc::ENOMEM,
             DmaError::Access(_) => libc::EACCES,
             DmaError::Perm(_) => libc::EPERM,
             DmaError::Busy(_) => libc::EBUSY,

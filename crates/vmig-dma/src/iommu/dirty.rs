@@ -30,7 +30,7 @@ impl Iommu {
                 self.config.dirty_bitmap_memory_limit
             )));
         }
-        DirtyBitmap::try_new(pages).map_err(|e| DmaError::NoMemory(e.to_string()))
+        DirtyBitmap::try_new(pages).map_err(|source| DmaError::Bitmap { pages, source })
     }
 
     /// Starts dirty tracking (`VFIO_IOMMU_DIRTY_PAGES_FLAG_START`). Starting while started
