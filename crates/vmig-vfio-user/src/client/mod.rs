@@ -4,6 +4,11 @@
 //! v2 migration and DMA logging and v1 `DIRTY_PAGES`, and serves the server's `DMA_READ` /
 //! `DMA_WRITE` from guest memory, recording the pages those writes dirty (they are the client's
 //! to track: the server's dirty log never sees them).
+//!
+//! This file owns connecting, negotiating, the DMA-serving threads, region and IRQ access,
+//! DMA maps and the v2 state commands; `info` owns what the client learns about the device
+//! (and [`Client::describe`]), `dirty` the dirty-page harvests and the record of `DMA_WRITE`s,
+//! and [`migration`] the one interface over both migration protocols.
 
 use std::collections::BTreeSet;
 use std::os::fd::BorrowedFd;
