@@ -8,9 +8,7 @@ use std::process::ExitCode;
 use clap::{Args, Subcommand};
 use vmig_devices::dma_engine::{self, DmaEngine};
 use vmig_vfio_user::client::Client;
-use vmig_vfio_user::device_migration::{DeviceMigration, Protocol};
 use vmig_vfio_user::server::{Server, ServerConfig, stop_on_termination};
-use vmig_vfio_user::wire::*;
 
 /// Serve or inspect vfio-user devices.
 #[derive(Debug, Args)]
@@ -99,132 +97,15 @@ fn serve(socket: &Path, device: &str, migration: &str) -> Result<ExitCode, Strin
     );
     let result = server.run(&listener, stop);
     let _ = std::fs::remove_file(socket);
-    result.map_err(|e| format!("serving {}: {e}", socket.display()))?;
+    result.map_err(|e| format!("serving {}: {}", socket.display(), chain(&e)))?;
     println!("stopped");
     Ok(ExitCode::SUCCESS)
 }
 
 fn probe(socket: &Path) -> Result<ExitCode, String> {
-    let text = |e: vmig_vfio_user::client::ClientError| e.to_string();
+    let text = |e: vmig_vfio_user::client::ClientError| chain(&e);
     let client = Client::connect(socket, None).map_err(text)?;
-    let v = client.version();
-    let caps = client.server_caps();
-    println!(
-        "vfio-user server at {}: protocol {}.{}",
-        socket.display(),
-        v.major,
-        v.minor
-    );
-    println!(
-        "capabilities: max_msg_fds {}, max_data_xfer_size {}, pgsizes {:#x}, max_dma_maps {}, twin_socket {}, write_multiple {}",
-        caps.max_msg_fds(),
-        caps.max_data_xfer_size(),
-        caps.pgsizes(),
-        caps.max_dma_maps(),
-        yes(caps.twin_socket()),
-        yes(caps.write_multiple())
-    );
-    let info = client.device_info().map_err(text)?;
-    println!(
-        "device:{}{} {} regions, {} IRQ indices",
-        if info.flags & DEVICE_FLAGS_PCI != 0 {
-            " PCI,"
-        } else {
-            ""
-        },
-        if info.flags & DEVICE_FLAGS_RESET != 0 {
-            " reset,"
-        } else {
-            ""
-        },
-        info.num_regions,
-        info.num_irqs
-    );
-    for index in 0..info.num_regions.min(64) {
-        let Ok(region) = client.region_info(index) else {
-            continue;
-        };
-        let f = region.info.flags;
-        let mut line = format!(
-            "  region {index}: {} bytes, {}{}",
-            region.info.size,
-            if f & REGION_INFO_FLAG_READ != 0 {
-                "r"
-            } else {
-                "-"
-            },
-            if f & REGION_INFO_FLAG_WRITE != 0 {
-                "w"
-            } else {
-                "-"
-            }
-        );
-        if f & REGION_INFO_FLAG_MMAP != 0 {
-            if region.sparse_areas.is_empty() {
-                line.push_str(", mmap");
-            } else {
-                let areas: Vec<String> = region
-                    .sparse_areas
-                    .iter()
-                    .map(|(o, s)| format!("[{o:#x}, +{s:#x})"))
-                    .collect();
-                line.push_str(&format!(", mmap areas {}", areas.join(" ")));
-            }
-        } else {
-            line.push_str(", trapped");
-        }
-        if let Some((t, s)) = region.region_type {
-            line.push_str(&format!(", type {t}/{s}"));
-            if (t, s) == (REGION_TYPE_MIGRATION, REGION_SUBTYPE_MIGRATION) {
-                line.push_str(" (v1 migration region)");
-            }
-        }
-        println!("{line}");
-    }
-    const IRQ_NAMES: [&str; 5] = ["INTx", "MSI", "MSI-X", "ERR", "REQ"];
-    for index in 0..info.num_irqs.min(16) {
-        let Ok(irq) = client.irq_info(index) else {
-            continue;
-        };
-        println!(
-            "  irq {index} ({}): {} vector(s){}{}",
-            IRQ_NAMES.get(index as usize).unwrap_or(&"other"),
-            irq.count,
-            if irq.flags & IRQ_INFO_EVENTFD != 0 {
-                ", eventfd"
-            } else {
-                ""
-            },
-            if irq.flags & IRQ_INFO_MASKABLE != 0 {
-                ", maskable"
-            } else {
-                ""
-            }
-        );
-    }
-    match DeviceMigration::detect(&client).map_err(text)? {
-        Some(m) => match m.protocol() {
-            Protocol::V2 { pre_copy } => {
-                println!(
-                    "migration: v2 (STOP_COPY{})",
-                    if pre_copy { ", PRE_COPY" } else { "" }
-                )
-            }
-            Protocol::V1 { region, .. } => println!("migration: v1 (migration region {region})"),
-        },
-        None => println!("migration: none"),
-    }
-    let v2_logging = client
-        .probe_feature(FEATURE_DMA_LOGGING_START, FEATURE_SET)
-        .map_err(text)?;
-    println!(
-        "dirty logging: v2 DMA logging {}, v1 DIRTY_PAGES {}",
-        yes(v2_logging),
-        match caps.migration {
-            Some(m) => format!("yes (pgsize {})", m.pgsize),
-            None => "no".into(),
-        }
-    );
+    print!("{}", client.describe(socket).map_err(text)?);
     client.close();
     Ok(ExitCode::SUCCESS)
 }
@@ -240,6 +121,14 @@ fn probe_kernel_device(bdf: &str) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn yes(value: bool) -> &'static str {
-    if value { "yes" } else { "no" }
+/// An error and its causes, one after another.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
 }

@@ -25,7 +25,7 @@ use vmig_test_support::{require_kvm, wait_until};
 #[path = "../src/drivers.rs"]
 mod drivers;
 use vmig_vfio_user::server::{
-    Device, DeviceContext, DeviceError, MigrationSupport, Server, ServerConfig,
+    Device, DeviceContext, MigrationSupport, Refusal, Server, ServerConfig,
 };
 
 /// How long a test waits for something that takes milliseconds when the machine is idle.
@@ -650,13 +650,13 @@ impl Device for WithoutStatusPage {
         spec.regions[dma_engine::STATUS_REGION as usize] = Default::default();
         spec
     }
-    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), Refusal> {
         self.0.region_read(index, offset, data)
     }
-    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), Refusal> {
         self.0.region_write(index, offset, data)
     }
-    fn reset(&mut self) -> Result<(), DeviceError> {
+    fn reset(&mut self) -> Result<(), Refusal> {
         self.0.reset()
     }
     fn connect(&mut self, ctx: DeviceContext) {
@@ -668,13 +668,13 @@ impl Device for WithoutStatusPage {
     fn migration(&self) -> MigrationSupport {
         self.0.migration()
     }
-    fn set_running(&mut self, running: bool) -> Result<(), DeviceError> {
+    fn set_running(&mut self, running: bool) -> Result<(), Refusal> {
         self.0.set_running(running)
     }
-    fn save(&mut self, last: bool) -> Result<Vec<u8>, DeviceError> {
+    fn save(&mut self, last: bool) -> Result<Vec<u8>, Refusal> {
         self.0.save(last)
     }
-    fn load(&mut self, record: &[u8]) -> Result<(), DeviceError> {
+    fn load(&mut self, record: &[u8]) -> Result<(), Refusal> {
         self.0.load(record)
     }
 }

@@ -52,10 +52,13 @@ pub const RECORD_MAGIC: u64 = u64::from_le_bytes(*b"DMAREC01");
 pub const RECORD_SIZE: usize = 64;
 /// BAR0 size.
 pub const BAR0_SIZE: u64 = 4096;
+/// The address bits a 4 KiB BAR0 decodes.
+#[expect(clippy::cast_possible_truncation, reason = "BAR0_SIZE is 4 KiB")]
+const BAR0_MASK: u32 = !(BAR0_SIZE as u32 - 1);
 /// The status page's region (BAR2) and size.
 pub const STATUS_REGION: u32 = 2;
 /// Bytes of the status page.
-pub const STATUS_SIZE: u64 = 4096;
+pub const STATUS_SIZE: u64 = vmig_primitives::PAGE_SIZE;
 /// Register offsets.
 pub mod reg {
     /// `ID`.
@@ -88,6 +91,15 @@ pub const DEVICE_ID: u16 = 0x7a01;
 pub const CONFIG_REGION: u32 = 7;
 const CONFIG_SIZE: usize = 256;
 
+/// An offset inside config space as `usize`.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the framework checks every access lies inside the CONFIG_SIZE-byte region"
+)]
+fn config_offset(offset: u64) -> usize {
+    offset as usize
+}
+
 /// The PCI config space: the command register and BAR0 are writable, the rest is fixed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Config {
@@ -112,11 +124,12 @@ impl Config {
     /// only the command register and BAR0 change.
     fn write(&mut self, offset: u64, data: &[u8]) {
         let mut bytes = self.bytes();
-        bytes[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        let at = config_offset(offset);
+        bytes[at..at + data.len()].copy_from_slice(data);
         self.command = u16::from_le_bytes([bytes[4], bytes[5]]) & 0x0006;
         // The size probe: BAR0 keeps only the address bits a 4 KiB BAR decodes.
         let bar = u32::from_le_bytes([bytes[0x10], bytes[0x11], bytes[0x12], bytes[0x13]]);
-        self.bar0 = bar & !(BAR0_SIZE as u32 - 1);
+        self.bar0 = bar & BAR0_MASK;
     }
 
     fn to_word(self) -> u64 {
@@ -125,8 +138,8 @@ impl Config {
 
     fn from_word(word: u64) -> Self {
         Self {
-            command: word as u16 & 0x0006,
-            bar0: (word >> 32) as u32 & !(BAR0_SIZE as u32 - 1),
+            command: u16::try_from(word & 0x0006).unwrap_or(0),
+            bar0: u32::try_from(word >> 32).unwrap_or(0) & BAR0_MASK,
         }
     }
 }
@@ -377,7 +390,8 @@ fn work(inner: &Inner) {
             s.idle = false;
             s.regs
         };
-        let period = Duration::from_secs_f64(1.0 / regs.rate.min(10_000_000) as f64);
+        let rate = u32::try_from(regs.rate.min(10_000_000)).unwrap_or(10_000_000);
+        let period = Duration::from_secs_f64(1.0 / f64::from(rate));
         let now = Instant::now();
         if next > now {
             // Sleep without holding the lock; a stop request is answered after this record.
@@ -480,21 +494,26 @@ impl Device for DmaEngine {
         }
     }
 
-    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), Refusal> {
         if index == CONFIG_REGION {
             let bytes = self.inner.lock().config.bytes();
-            data.copy_from_slice(&bytes[offset as usize..offset as usize + data.len()]);
+            let at = config_offset(offset);
+            data.copy_from_slice(&bytes[at..at + data.len()]);
             return Ok(());
         }
         if index == STATUS_REGION {
             let producer = self.inner.lock().regs.producer.to_le_bytes();
             for (i, byte) in data.iter_mut().enumerate() {
-                *byte = producer.get(offset as usize + i).copied().unwrap_or(0);
+                *byte = usize::try_from(offset)
+                    .ok()
+                    .and_then(|at| producer.get(at.checked_add(i)?))
+                    .copied()
+                    .unwrap_or(0);
             }
             return Ok(());
         }
         if index != 0 {
-            return Err(DeviceError::invalid(format!(
+            return Err(Refusal::invalid(format!(
                 "region {index}: the dma-engine has BAR0, BAR2 and config space"
             )));
         }
@@ -506,13 +525,13 @@ impl Device for DmaEngine {
         Ok(())
     }
 
-    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), Refusal> {
         if index == CONFIG_REGION {
             self.inner.lock().config.write(offset, data);
             return Ok(());
         }
         if index != 0 || !offset.is_multiple_of(8) || data.len() != 8 {
-            return Err(DeviceError::invalid(
+            return Err(Refusal::invalid(
                 "dma-engine registers are written as aligned u64s",
             ));
         }
@@ -524,7 +543,7 @@ impl Device for DmaEngine {
             reg::RING_BASE => r.ring_base = value,
             reg::RING_SIZE if value <= MAX_RING => r.ring_size = value,
             reg::RING_SIZE => {
-                return Err(DeviceError::invalid(format!(
+                return Err(Refusal::invalid(format!(
                     "RING_SIZE {value}: at most {MAX_RING}"
                 )));
             }
@@ -532,7 +551,7 @@ impl Device for DmaEngine {
                 r.consumer = value
             }
             reg::CONSUMER => {
-                return Err(DeviceError::invalid(format!(
+                return Err(Refusal::invalid(format!(
                     "CONSUMER {value} with PRODUCER {}",
                     r.producer
                 )));
@@ -540,7 +559,7 @@ impl Device for DmaEngine {
             reg::RATE => r.rate = value,
             reg::SEED => r.seed = value,
             _ => {
-                return Err(DeviceError::invalid(format!(
+                return Err(Refusal::invalid(format!(
                     "register {offset:#x} is read-only or does not exist"
                 )));
             }
@@ -550,7 +569,7 @@ impl Device for DmaEngine {
         Ok(())
     }
 
-    fn reset(&mut self) -> Result<(), DeviceError> {
+    fn reset(&mut self) -> Result<(), Refusal> {
         let mut s = self.inner.lock();
         s.regs = Registers::default();
         s.config = Config::default();
@@ -578,7 +597,7 @@ impl Device for DmaEngine {
         }
     }
 
-    fn set_running(&mut self, running: bool) -> Result<(), DeviceError> {
+    fn set_running(&mut self, running: bool) -> Result<(), Refusal> {
         let mut s = self.inner.lock();
         s.running = running;
         self.inner.changed.notify_all();
@@ -595,7 +614,7 @@ impl Device for DmaEngine {
         Ok(())
     }
 
-    fn save(&mut self, _last: bool) -> Result<Vec<u8>, DeviceError> {
+    fn save(&mut self, _last: bool) -> Result<Vec<u8>, Refusal> {
         let s = self.inner.lock();
         let mut out = STATE_MAGIC.to_le_bytes().to_vec();
         for w in s.regs.to_words() {
@@ -605,10 +624,10 @@ impl Device for DmaEngine {
         Ok(out)
     }
 
-    fn load(&mut self, record: &[u8]) -> Result<(), DeviceError> {
+    fn load(&mut self, record: &[u8]) -> Result<(), Refusal> {
         let expected = 8 * (Registers::WORDS + 2);
         if record.len() != expected || record[..8] != STATE_MAGIC.to_le_bytes() {
-            return Err(DeviceError::invalid(format!(
+            return Err(Refusal::invalid(format!(
                 "a dma-engine state record is {expected} bytes starting \"DMAESTA1\"; got {} bytes",
                 record.len()
             )));
@@ -619,7 +638,7 @@ impl Device for DmaEngine {
             .collect();
         let regs = Registers::from_words(&words);
         if regs.ring_size > MAX_RING || regs.consumer > regs.producer {
-            return Err(DeviceError::invalid("the dma-engine state is inconsistent"));
+            return Err(Refusal::invalid("the dma-engine state is inconsistent"));
         }
         let mut s = self.inner.lock();
         s.regs = regs;

@@ -14,7 +14,7 @@ use vmig_devices::DmaEngine;
 use vmig_devices::dma_engine::{self, Migration, reg};
 use vmig_test_support::wait_until;
 use vmig_vfio_user::client::Client;
-use vmig_vfio_user::device_migration::DeviceMigration;
+use vmig_vfio_user::client::DeviceMigration;
 use vmig_vfio_user::server::{Server, ServerConfig};
 
 const RAM: u64 = 4 << 20;
@@ -28,7 +28,7 @@ const PATIENCE: Duration = Duration::from_secs(30);
 struct Served {
     client: Client,
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+    thread: Option<std::thread::JoinHandle<Result<(), vmig_vfio_user::server::ServeError>>>,
 }
 
 impl Drop for Served {
@@ -131,11 +131,12 @@ fn migrate_without_losing_a_record(migration: Migration) {
         Migration::V1 => c.dirty_pages_bitmap(0, RAM, 4096).unwrap(),
     };
     let buffer_page = (BUFFERS_IOVA / 4096) as usize;
-    let dirty_buffers = (0..RING as usize)
+    let dirty_buffers = (0..usize::try_from(RING).unwrap())
         .filter(|i| bitmap[(buffer_page + i) / 64] >> ((buffer_page + i) % 64) & 1 == 1)
         .count();
     assert_eq!(
-        dirty_buffers, RING as usize,
+        dirty_buffers,
+        usize::try_from(RING).unwrap(),
         "all ring buffers were written and logged"
     );
     // Migrate while the device runs.

@@ -25,6 +25,15 @@ pub enum DmaError {
     /// `ENOMEM`: a memory limit or allocation failed.
     #[error("out of memory (ENOMEM): {0}")]
     NoMemory(String),
+    /// `ENOMEM`: a dirty bitmap could not be allocated.
+    #[error("out of memory (ENOMEM): a dirty bitmap of {pages} pages")]
+    Bitmap {
+        /// Pages of the bitmap.
+        pages: u64,
+        /// Why it could not be made.
+        #[source]
+        source: vmig_dirty::DirtyError,
+    },
     /// `EACCES`: the operation is not available on this kind of container.
     #[error("not available (EACCES): {0}")]
     Access(String),
@@ -34,6 +43,18 @@ pub enum DmaError {
     /// `EBUSY`: a resource is still in use.
     #[error("busy (EBUSY): {0}")]
     Busy(String),
+    /// The owner of a message-backed mapping did not carry a device access to it; the errno
+    /// is the one it gave.
+    #[error("DMA by message to [{iova:#x}, +{len:#x}) failed")]
+    Message {
+        /// First IOVA of the part that failed.
+        iova: u64,
+        /// Its length.
+        len: u64,
+        /// The owner's failure.
+        #[source]
+        source: crate::MessageDmaError,
+    },
     /// Another errno from the operating system (creating a host mapping).
     #[error("{message} (errno {errno})")]
     Os {
@@ -53,11 +74,12 @@ impl DmaError {
             DmaError::NoSpace(_) => libc::ENOSPC,
             DmaError::TooBig(_) => libc::E2BIG,
             DmaError::Fault(_) => libc::EFAULT,
-            DmaError::NoMemory(_) => libc::ENOMEM,
+            DmaError::NoMemory(_) | DmaError::Bitmap { .. } => libc::ENOMEM,
             DmaError::Access(_) => libc::EACCES,
             DmaError::Perm(_) => libc::EPERM,
             DmaError::Busy(_) => libc::EBUSY,
             DmaError::Os { errno, .. } => *errno,
+            DmaError::Message { source, .. } => source.errno,
         }
     }
 

@@ -8,7 +8,10 @@
 //! pages as the kernel's `VFIO_IOMMU_DIRTY_PAGES` and unmap-with-bitmap deliver them.
 //!
 //! What it owns:
-//! - the mapping table and its type1 rules: alignment to the minimum page size, no zero sizes,
+//! - the mapping table and its type1 rules, for mappings backed by an fd, by host memory, or
+//!   by messages to the memory's owner ([`Backing::Message`]: the IOMMU checks and routes the
+//!   access, the owner's [`MessageDma`] carries it; no pinning, no dirty bits, since the owner
+//!   sees every write): alignment to the minimum page size, no zero sizes,
 //!   overlap is `EEXIST`, unmap never splits a mapping, at most 65535 mappings (`ENOSPC`), the
 //!   allowed IOVA ranges, and all range arithmetic on inclusive last bytes so that a range may
 //!   end at `u64::MAX` (seed 003);
@@ -20,8 +23,10 @@
 //! - the kernel uAPI in [`uapi`]: the C structs and handlers that decode raw ioctl arguments
 //!   with the kernel's `argsz`, flag and errno rules.
 //!
-//! What it leaves to others: the transport that carries requests (vfio-user, ioctls), the
-//! guest-physical meaning of an IOVA, and merging the bits with the CPU's (vmig-migration).
+//! What it leaves to others: the transport that carries requests (vfio-user, ioctls) and the
+//! messages a message-backed access becomes (the vfio-user server's `DMA_READ` / `DMA_WRITE`),
+//! the guest-physical meaning of an IOVA, and merging the bits with the CPU's
+//! (vmig-migration).
 //!
 //! ```text
 //!  VMM                       Iommu                         device threads
@@ -43,8 +48,8 @@
 //! iommu.map(0, 1 << 30, Backing::Fd { fd: ram.as_fd(), offset: 0 }, Prot::READ_WRITE)?;
 //! iommu.start_dirty_tracking()?;
 //! iommu.write(0x1000, b"a packet")?; // device DMA: lands, then marks its page dirty
-//! let mut bitmap = vec![0u64; (1 << 30) / 4096 / 64];
-//! iommu.get_dirty_bitmap(0, 1 << 30, 4096, &mut bitmap, DirtyRead::Clear)?;
+//! let mut bitmap = vec![0u64; (1 << 30) / vmig_primitives::PAGE_SIZE as usize / 64];
+//! iommu.get_dirty_bitmap(0, 1 << 30, vmig_primitives::PAGE_SIZE, &mut bitmap, DirtyRead::Clear)?;
 //! assert_eq!(bitmap[0], 0b10); // page 1 is dirty
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -57,6 +62,6 @@ pub use error::{DmaError, Result};
 pub use iommu::{
     Backing, DEFAULT_DMA_ENTRY_LIMIT, DIRTY_BITMAP_PAGES_MAX, DIRTY_BITMAP_SIZE_MAX, DirtyRead,
     GroupId, GroupKind, HostSlice, Iommu, IommuConfig, IommuInfo, IommuType, IovaRange,
-    MappingInfo, MigrationCap, PIN_PAGES_MAX, PinnedSegment, Prot, UnmapNotifier, UnmapScope,
-    checked_last,
+    MappingInfo, MessageDma, MessageDmaError, MigrationCap, PIN_PAGES_MAX, PinnedSegment, Prot,
+    UnmapNotifier, UnmapScope, checked_last,
 };

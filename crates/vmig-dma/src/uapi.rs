@@ -72,6 +72,30 @@ impl UserMemory for UserBuffers {
     }
 }
 
+/// `size_of::<T>()` as the `u32` an `argsz` holds.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the uAPI structs are a few dozen bytes"
+)]
+const fn size32<T>() -> u32 {
+    size_of::<T>() as u32
+}
+
+/// A length of a bitmap already checked against `DIRTY_BITMAP_SIZE_MAX` (256 MiB), as `usize`.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "checked to be at most DIRTY_BITMAP_SIZE_MAX, 256 MiB"
+)]
+fn bitmap_len(value: u64) -> usize {
+    value as usize
+}
+
+/// `value` for a `u32` field of a reply, refused (`E2BIG`) when it does not fit.
+fn to_u32(value: usize, what: &str) -> Result<u32> {
+    u32::try_from(value)
+        .map_err(|_| DmaError::TooBig(format!("{what} ({value}) does not fit a u32 field")))
+}
+
 fn fault(what: &str) -> DmaError {
     DmaError::Fault(format!(
         "{what}: the argument is shorter than the structure it must hold"
@@ -119,14 +143,14 @@ fn with_user_bitmap<T: Default>(
     }
     // Checked above: pgsize is the minimum page size and the declared size holds the bits.
     let npages = size >> bitmap.pgsize.trailing_zeros();
-    let out_bytes = bitmap_bytes(npages) as usize;
+    let out_bytes = bitmap_len(bitmap_bytes(npages));
     if user.writable(bitmap.data, out_bytes).is_none() {
         return Err(DmaError::Fault(format!(
             "the bitmap at {:#x} ({out_bytes} bytes) is not writable user memory",
             bitmap.data
         )));
     }
-    let mut words = vec![0u64; words_for(npages) as usize];
+    let mut words = vec![0u64; bitmap_len(words_for(npages))];
     let result = run(&mut words)?;
     let out = user
         .writable(bitmap.data, out_bytes)
@@ -143,7 +167,7 @@ pub fn dirty_pages(iommu: &Iommu, arg: &[u8], user: &mut dyn UserMemory) -> Resu
         ));
     }
     let head: VfioIommuType1DirtyBitmap = read_struct(arg, 0, "vfio_iommu_type1_dirty_bitmap")?;
-    let minsz = size_of::<VfioIommuType1DirtyBitmap>() as u32;
+    let minsz = size32::<VfioIommuType1DirtyBitmap>();
     if head.argsz < minsz {
         return invalid!(
             "argsz {} is below the {minsz} bytes of vfio_iommu_type1_dirty_bitmap",
@@ -166,7 +190,7 @@ pub fn dirty_pages(iommu: &Iommu, arg: &[u8], user: &mut dyn UserMemory) -> Resu
         VFIO_IOMMU_DIRTY_PAGES_FLAG_START => iommu.start_dirty_tracking(),
         VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP => iommu.stop_dirty_tracking(),
         _ => {
-            let need = minsz + size_of::<VfioIommuType1DirtyBitmapGet>() as u32;
+            let need = minsz + size32::<VfioIommuType1DirtyBitmapGet>();
             if head.argsz < need {
                 return invalid!(
                     "argsz {} is too small for GET_BITMAP: {need} bytes (header and vfio_iommu_type1_dirty_bitmap_get) needed",
@@ -191,7 +215,7 @@ pub fn dirty_pages(iommu: &Iommu, arg: &[u8], user: &mut dyn UserMemory) -> Resu
 /// `ioctl(container, VFIO_IOMMU_UNMAP_DMA, arg)`; writes the bytes unmapped back into `size`.
 pub fn unmap_dma(iommu: &Iommu, arg: &mut [u8], user: &mut dyn UserMemory) -> Result<()> {
     let mut unmap: VfioIommuType1DmaUnmap = read_struct(arg, 0, "vfio_iommu_type1_dma_unmap")?;
-    let minsz = size_of::<VfioIommuType1DmaUnmap>() as u32;
+    let minsz = size32::<VfioIommuType1DmaUnmap>();
     let known =
         VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP | VFIO_DMA_UNMAP_FLAG_ALL | VFIO_DMA_UNMAP_FLAG_VADDR;
     if unmap.argsz < minsz {
@@ -211,7 +235,7 @@ pub fn unmap_dma(iommu: &Iommu, arg: &mut [u8], user: &mut dyn UserMemory) -> Re
         return invalid!("VFIO_DMA_UNMAP_FLAG_VADDR is not supported by this IOMMU");
     }
     let unmapped = if get_bitmap {
-        let need = minsz + size_of::<VfioBitmap>() as u32;
+        let need = minsz + size32::<VfioBitmap>();
         if unmap.argsz < need {
             return invalid!(
                 "argsz {} is too small for GET_DIRTY_BITMAP: {need} bytes (with vfio_bitmap) needed",
@@ -293,7 +317,7 @@ pub fn get_info(iommu: &Iommu, arg: &mut [u8]) -> Result<()> {
             version: 1,
             next: 0,
         },
-        nr_iovas: summary.iova_ranges.len() as u32,
+        nr_iovas: to_u32(summary.iova_ranges.len(), "the number of IOVA ranges")?,
         reserved: 0,
     }
     .as_bytes()
@@ -311,12 +335,13 @@ pub fn get_info(iommu: &Iommu, arg: &mut [u8]) -> Result<()> {
     // Chain the headers: each `next` is the absolute offset of the following capability.
     for pair in offsets.windows(2) {
         let next_field = pair[0] - header_len + std::mem::offset_of!(VfioInfoCapHeader, next);
-        caps[next_field..next_field + 4].copy_from_slice(&(pair[1] as u32).to_le_bytes());
+        caps[next_field..next_field + 4]
+            .copy_from_slice(&to_u32(pair[1], "a capability offset")?.to_le_bytes());
     }
     info.flags = VFIO_IOMMU_INFO_PGSIZES | VFIO_IOMMU_INFO_CAPS;
     info.iova_pgsizes = summary.iova_pgsizes;
     info.cap_offset = 0;
-    let needed = (header_len + caps.len()) as u32;
+    let needed = to_u32(header_len + caps.len(), "the size of the info")?;
     if info.argsz < needed {
         info.argsz = needed;
     } else {
@@ -324,7 +349,7 @@ pub fn get_info(iommu: &Iommu, arg: &mut [u8]) -> Result<()> {
             .get_mut(header_len..header_len + caps.len())
             .ok_or_else(|| fault("vfio_iommu_type1_info capabilities"))?;
         dest.copy_from_slice(&caps);
-        info.cap_offset = header_len as u32;
+        info.cap_offset = to_u32(header_len, "the capability offset")?;
     }
     arg.get_mut(..copy_len)
         .ok_or_else(|| fault("vfio_iommu_type1_info"))?

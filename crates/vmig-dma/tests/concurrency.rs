@@ -58,7 +58,7 @@ fn spawn_writers(
                     x ^= x << 13;
                     x ^= x >> 7;
                     x ^= x << 17;
-                    let (iova, pages) = regions[(x % regions.len() as u64) as usize];
+                    let (iova, pages) = regions[usize::try_from(x % regions.len() as u64).unwrap()];
                     let offset = (x >> 8) % (pages * PG - 8);
                     // Writes into a region that was unmapped meanwhile are refused whole.
                     if iommu.write(iova + offset, &x.to_le_bytes()).is_ok() {
@@ -76,7 +76,8 @@ fn copy_dirty(bitmap: &[u64], pages: u64, memory: &HostMemory, shadow: &mut [u8]
     let mut copied = 0;
     for page in 0..pages {
         if bitmap[(page / 64) as usize] & (1 << (page % 64)) != 0 {
-            let range = (page * PG) as usize..((page + 1) * PG) as usize;
+            let range =
+                usize::try_from(page * PG).unwrap()..usize::try_from((page + 1) * PG).unwrap();
             memory.read(range.start, &mut shadow[range]).unwrap();
             copied += 1;
         }
@@ -112,7 +113,7 @@ fn a_copy_that_follows_the_dirty_reports_never_misses_a_device_write() {
     let mut copied = 0;
     let mut harvest = |shadows: &mut Vec<Vec<u8>>| {
         for ((iova, pages, memory), shadow) in f.regions.iter().zip(shadows.iter_mut()) {
-            let mut bitmap = vec![0u64; pages.div_ceil(64) as usize];
+            let mut bitmap = vec![0u64; usize::try_from(pages.div_ceil(64)).unwrap()];
             f.iommu
                 .get_dirty_bitmap(*iova, pages * PG, PG, &mut bitmap, DirtyRead::Clear)
                 .unwrap();
@@ -153,7 +154,7 @@ fn unmap_with_bitmap_during_dma_loses_no_write() {
     start.wait();
     thread::sleep(Duration::from_millis(50));
     for ((iova, pages, memory), shadow) in f.regions.iter().zip(shadows.iter_mut()) {
-        let mut bitmap = vec![0u64; pages.div_ceil(64) as usize];
+        let mut bitmap = vec![0u64; usize::try_from(pages.div_ceil(64)).unwrap()];
         f.iommu
             .get_dirty_bitmap(*iova, pages * PG, PG, &mut bitmap, DirtyRead::Clear)
             .unwrap();
@@ -205,7 +206,7 @@ fn parallel_reads_report_each_dirty_page_to_exactly_one_reader() {
                         .unwrap();
                     for page in 0..PAGES {
                         if bitmap[(page / 64) as usize] & (1 << (page % 64)) != 0 {
-                            counts[page as usize].fetch_add(1, Ordering::Relaxed);
+                            counts[usize::try_from(page).unwrap()].fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }
@@ -216,7 +217,7 @@ fn parallel_reads_report_each_dirty_page_to_exactly_one_reader() {
         r.join().unwrap();
     }
     for page in 0..PAGES {
-        let n = counts[page as usize].load(Ordering::Relaxed);
+        let n = counts[usize::try_from(page).unwrap()].load(Ordering::Relaxed);
         let expected = match page {
             7 => 40,
             p if p % 3 == 0 => 1,

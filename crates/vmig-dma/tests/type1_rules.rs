@@ -65,7 +65,7 @@ fn get(iommu: &Iommu, iova: u64, pages: u64) -> Vec<u64> {
 }
 
 fn get_mode(iommu: &Iommu, iova: u64, pages: u64, mode: DirtyRead) -> Vec<u64> {
-    let mut bitmap = vec![0u64; pages.div_ceil(64) as usize];
+    let mut bitmap = vec![0u64; usize::try_from(pages.div_ceil(64)).unwrap()];
     iommu
         .get_dirty_bitmap(iova, pages * PG, PG, &mut bitmap, mode)
         .unwrap();
@@ -275,7 +275,8 @@ fn fd_backed_mapping_shares_memory_with_every_other_mapping_of_the_fd() {
     iommu.write(0x100000 + 5, b"vmig").unwrap();
     let view = HostMemory::map_fd(fd.as_fd(), 0, 16 * PG, false).unwrap();
     let mut buf = [0u8; 4];
-    view.read(8 * PG as usize + 5, &mut buf).unwrap();
+    view.read(8 * usize::try_from(PG).unwrap() + 5, &mut buf)
+        .unwrap();
     assert_eq!(&buf, b"vmig");
 }
 
@@ -491,7 +492,10 @@ fn unmap_of_pinned_pages_asks_the_group_to_unpin_first() {
             group,
             Arc::new(move |range: IovaRange| {
                 let iommu = weak.upgrade().unwrap();
-                for page in (range.start..=range.last).step_by(PG as usize).take(8) {
+                for page in (range.start..=range.last)
+                    .step_by(usize::try_from(PG).unwrap())
+                    .take(8)
+                {
                     iommu.unpin_pages(group, page, 1).unwrap();
                 }
             }),
@@ -822,7 +826,7 @@ fn get_with_a_too_small_or_too_large_bitmap_is_einval() {
     iommu
         .get_dirty_bitmap(0, 65 * PG, PG, &mut [0; 2], DirtyRead::Clear)
         .unwrap();
-    let mut huge = vec![0u64; (vmig_dma::DIRTY_BITMAP_SIZE_MAX / 8 + 1) as usize];
+    let mut huge = vec![0u64; usize::try_from(vmig_dma::DIRTY_BITMAP_SIZE_MAX / 8 + 1).unwrap()];
     assert_eq!(
         errno(iommu.get_dirty_bitmap(0, 65 * PG, PG, &mut huge, DirtyRead::Clear)),
         libc::EINVAL
@@ -993,7 +997,7 @@ fn dma_to_unmapped_iova_is_einval_and_to_read_only_is_eperm_and_writes_nothing()
     assert_eq!(errno(iommu.write(2 * PG, &[1])), libc::EINVAL);
     assert_eq!(errno(iommu.write(PG - 2, &[7; 4])), libc::EPERM);
     let mut buf = [0u8; 2];
-    rw.read(PG as usize - 2, &mut buf).unwrap();
+    rw.read(usize::try_from(PG).unwrap() - 2, &mut buf).unwrap();
     assert_eq!(buf, [0, 0], "a refused write must not land partly");
     assert_eq!(errno(iommu.write(0, &[])), libc::EINVAL);
     assert_eq!(errno(iommu.read(u64::MAX, &mut [0; 2])), libc::EINVAL);
@@ -1007,7 +1011,7 @@ fn dma_write_spanning_two_adjacent_mappings_lands_in_both() {
     iommu.start_dirty_tracking().unwrap();
     iommu.write(PG - 2, &[1, 2, 3, 4]).unwrap();
     let mut buf = [0u8; 2];
-    a.read(PG as usize - 2, &mut buf).unwrap();
+    a.read(usize::try_from(PG).unwrap() - 2, &mut buf).unwrap();
     assert_eq!(buf, [1, 2]);
     b.read(0, &mut buf).unwrap();
     assert_eq!(buf, [3, 4]);
@@ -1022,7 +1026,9 @@ fn host_slices_written_by_the_device_are_marked_dirty() {
     iommu
         .with_host_slices(PG, 2 * PG, Prot::WRITE, |slices| {
             assert_eq!(slices.len(), 1);
-            slices[0].write_at(PG as usize, b"ring").unwrap();
+            slices[0]
+                .write_at(usize::try_from(PG).unwrap(), b"ring")
+                .unwrap();
         })
         .unwrap();
     assert_eq!(bits(&get(&iommu, 0, 4)), [1, 2]);
@@ -1113,7 +1119,8 @@ fn remapping_an_iova_to_new_memory_never_reaches_the_old_pages() {
         iommu.write(0x4000_0000 + PG - 1, &[round, round]).unwrap();
         if let Some(old) = &previous {
             let mut buf = [0u8; 2];
-            old.read(PG as usize - 1, &mut buf).unwrap();
+            old.read(usize::try_from(PG).unwrap() - 1, &mut buf)
+                .unwrap();
             assert_eq!(buf, [round - 1; 2], "round {round} reached the old memory");
         }
         iommu.unmap(0x4000_0000, 2 * PG, UnmapScope::Range).unwrap();
@@ -1175,11 +1182,16 @@ fn device_writes_through_pinned_pages_are_reported_while_pinned() {
             pinned[0].slice().iova(),
             pinned[0].slice().len()
         ),
-        (1, 0x10000 + 2 * PG, 2 * PG as usize)
+        (1, 0x10000 + 2 * PG, 2 * usize::try_from(PG).unwrap())
     );
-    pinned[0].slice().write_at(PG as usize + 8, b"dma").unwrap();
+    pinned[0]
+        .slice()
+        .write_at(usize::try_from(PG).unwrap() + 8, b"dma")
+        .unwrap();
     let mut buf = [0u8; 3];
-    memory.read(3 * PG as usize + 8, &mut buf).unwrap();
+    memory
+        .read(3 * usize::try_from(PG).unwrap() + 8, &mut buf)
+        .unwrap();
     assert_eq!(&buf, b"dma");
     assert_eq!(bits(&get(&iommu, 0x10000, 8)), [2, 3]);
     assert_eq!(bits(&get(&iommu, 0x10000, 8)), [2, 3]);

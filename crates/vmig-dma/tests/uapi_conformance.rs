@@ -409,17 +409,20 @@ fn device_state_valid_truth_table() {
     let expected = [true, true, true, true, true, false, false, false];
     for (state, &valid) in expected.iter().enumerate() {
         assert_eq!(
-            device_state::is_valid(state as u32),
+            device_state::is_valid(u32::try_from(state).unwrap()),
             valid,
             "VALID({state:#05b})"
         );
         // Reserved bits are ignored.
         assert_eq!(
-            device_state::is_valid(0x8 | state as u32),
+            device_state::is_valid(0x8 | u32::try_from(state).unwrap()),
             valid,
             "VALID(0x8|{state})"
         );
-        assert_eq!(device_state::is_valid(0x8000_0000 | state as u32), valid);
+        assert_eq!(
+            device_state::is_valid(0x8000_0000 | u32::try_from(state).unwrap()),
+            valid
+        );
     }
     assert!(device_state::is_valid(0x8 | 4));
     // An argument `a|b` gives the parenthesised result.

@@ -9,12 +9,15 @@
 //!   [`GuestRange`]) and the one page digest;
 //! - [`uapi`]: the VFIO uAPI both VFIO worlds share (type1's structs and flags, the v1 migration
 //!   region and its `device_state` bits);
-//! - [`mig_state`]: the v2 `MigState` and its next-state table.
+//! - [`mig_state`]: the v2 `MigState` and its next-state table;
+//! - [`description`]: a device described for people ([`DeviceDescription`]), which the
+//!   vfio-user client and the kernel VFIO side both fill and the binary prints.
 //!
 //! What it leaves to others: every rule about mappings (vmig-dma), every transport (vfio-user,
 //! ioctls), and what the memory holds.
 
 pub mod addr;
+pub mod description;
 pub mod host_memory;
 pub mod mig_state;
 pub mod uapi;
@@ -22,5 +25,6 @@ pub mod uapi;
 pub use addr::{
     GuestAddress, GuestRange, Iova, PAGE_BYTES, PAGE_SHIFT, PAGE_SIZE, PageNumber, page_digest,
 };
+pub use description::DeviceDescription;
 pub use host_memory::{HostMemory, memfd, regular_file_size};
 pub use mig_state::{ArcError, MigState};

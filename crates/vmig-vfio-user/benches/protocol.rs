@@ -39,12 +39,16 @@ impl Device for Bench {
             ..DeviceSpec::default()
         }
     }
-    fn region_read(&mut self, _: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
-        data.copy_from_slice(&self.bar[offset as usize..offset as usize + data.len()]);
+    fn region_read(&mut self, _: u32, offset: u64, data: &mut [u8]) -> Result<(), Refusal> {
+        data.copy_from_slice(
+            &self.bar
+                [usize::try_from(offset).unwrap()..usize::try_from(offset).unwrap() + data.len()],
+        );
         Ok(())
     }
-    fn region_write(&mut self, _: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
-        self.bar[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+    fn region_write(&mut self, _: u32, offset: u64, data: &[u8]) -> Result<(), Refusal> {
+        self.bar[usize::try_from(offset).unwrap()..usize::try_from(offset).unwrap() + data.len()]
+            .copy_from_slice(data);
         Ok(())
     }
     fn connect(&mut self, ctx: DeviceContext) {
@@ -53,7 +57,7 @@ impl Device for Bench {
     fn migration(&self) -> MigrationSupport {
         MigrationSupport::V2 { pre_copy: false }
     }
-    fn save(&mut self, _: bool) -> Result<Vec<u8>, DeviceError> {
+    fn save(&mut self, _: bool) -> Result<Vec<u8>, Refusal> {
         Ok(vec![0x5a; STATE])
     }
 }
@@ -158,7 +162,7 @@ fn migration_stream(_: &mut Criterion) {
     copy.copy_from_slice(&payload);
     std::hint::black_box(&copy);
     let memcpy = start.elapsed();
-    let rate = |d: Duration| STATE as f64 / d.as_secs_f64() / 1e9;
+    let rate = |d: Duration| f64::from(u32::try_from(STATE).unwrap()) / d.as_secs_f64() / 1e9;
     println!(
         "migration data, 256 MiB in 1 MiB MIG_DATA_READs: {:.2} GB/s (save {:?}); plain socket stream {:.2} GB/s; memcpy {:.2} GB/s; vfio-user/socket {:.2}",
         rate(stream),

@@ -18,7 +18,7 @@ pub const DEFAULT_MAX_DATA_XFER_SIZE: u64 = 1 << 20;
 /// `max_dma_maps` when absent.
 pub const DEFAULT_MAX_DMA_MAPS: u32 = 65535;
 /// `pgsizes` when absent.
-pub const DEFAULT_PGSIZES: u64 = 4096;
+pub const DEFAULT_PGSIZES: u64 = vmig_primitives::PAGE_SIZE;
 /// Longest JSON accepted.
 pub const MAX_JSON: usize = 64 << 10;
 

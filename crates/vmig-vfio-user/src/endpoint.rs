@@ -33,9 +33,20 @@ pub enum EndpointError {
     /// No reply in time.
     #[error("{0:?} got no reply within the timeout")]
     Timeout(Command),
-    /// The connection is gone (the reason, if known).
+    /// The connection is gone, for this reason.
     #[error("the connection is closed: {0}")]
-    Closed(String),
+    Closed(CloseReason),
+    /// The peer's reply names another command than the request it answers; the connection
+    /// cannot be trusted further.
+    #[error("the reply to {command:?} (id {id}) names command {got}")]
+    WrongReply {
+        /// The command asked.
+        command: Command,
+        /// The request's `msg_id`.
+        id: u16,
+        /// The command the reply names.
+        got: u16,
+    },
     /// Sending failed.
     #[error(transparent)]
     Transport(#[from] TransportError),
@@ -47,16 +58,33 @@ impl EndpointError {
         match self {
             Self::Remote { errno, .. } => *errno,
             Self::Timeout(_) => libc::ETIMEDOUT,
-            Self::Closed(_) | Self::Transport(_) => libc::ENOTCONN,
+            Self::Closed(_) | Self::WrongReply { .. } | Self::Transport(_) => libc::ENOTCONN,
         }
     }
+}
+
+/// Why a connection closed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CloseReason {
+    /// The peer closed it between messages: the normal end.
+    #[error("the peer closed the connection")]
+    PeerClosed,
+    /// The owner dropped the receiver of the peer's commands.
+    #[error("the owner stopped taking commands")]
+    OwnerStopped,
+    /// Receiving failed: a socket error or the peer broke the framing.
+    #[error(transparent)]
+    Broken(Arc<TransportError>),
+    /// Not known: the reader ended without saying why.
+    #[error("no reason given")]
+    Unknown,
 }
 
 struct Shared {
     channel: Channel,
     send_lock: Mutex<()>,
     waiters: Mutex<HashMap<u16, Sender<Message>>>,
-    closed: Mutex<Option<String>>,
+    closed: Mutex<Option<CloseReason>>,
     next_id: AtomicU16,
 }
 
@@ -105,7 +133,7 @@ impl Endpoint {
     }
 
     /// Why the connection closed, if it has.
-    pub fn closed_reason(&self) -> Option<String> {
+    pub fn closed_reason(&self) -> Option<CloseReason> {
         self.shared
             .closed
             .lock()
@@ -175,24 +203,24 @@ impl Endpoint {
             }
             Err(RecvTimeoutError::Disconnected) => {
                 return Err(EndpointError::Closed(
-                    self.closed_reason()
-                        .unwrap_or_else(|| "no reason given".into()),
+                    self.closed_reason().unwrap_or(CloseReason::Unknown),
                 ));
             }
         };
         if reply.header.command != command as u16 {
-            return Err(EndpointError::Closed(format!(
-                "the reply to {command:?} (id {id}) names command {}",
-                reply.header.command
-            )));
+            return Err(EndpointError::WrongReply {
+                command,
+                id,
+                got: reply.header.command,
+            });
         }
         if reply.header.is_error() {
             return Err(EndpointError::Remote {
                 command,
-                errno: if reply.header.error_no == 0 {
-                    libc::EIO
-                } else {
-                    reply.header.error_no as i32
+                // 0 and values that are no errno at all say nothing: EIO.
+                errno: match i32::try_from(reply.header.error_no) {
+                    Ok(errno) if errno > 0 => errno,
+                    _ => libc::EIO,
                 },
             });
         }
@@ -228,7 +256,7 @@ impl Endpoint {
             msg_id: to.msg_id,
             command: to.command,
             flags: FLAG_TYPE_REPLY | FLAG_ERROR,
-            error_no: errno as u32,
+            error_no: errno.unsigned_abs(),
             ..Header::default()
         };
         self.send(header, &[], &[])
@@ -270,11 +298,11 @@ fn read_loop(shared: &Shared, commands: &Sender<Message>) {
             }
             Ok(message) => {
                 if commands.send(message).is_err() {
-                    break "the owner stopped taking commands".to_string();
+                    break CloseReason::OwnerStopped;
                 }
             }
-            Err(TransportError::Closed) => break "the peer closed the connection".to_string(),
-            Err(e) => break e.to_string(),
+            Err(TransportError::Closed) => break CloseReason::PeerClosed,
+            Err(e) => break CloseReason::Broken(Arc::new(e)),
         }
     };
     *shared.closed.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);

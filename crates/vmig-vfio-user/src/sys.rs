@@ -8,9 +8,19 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 /// The kernel's limit on fds in one `SCM_RIGHTS` message (`SCM_MAX_FD`).
 pub const SCM_MAX_FD: usize = 253;
 
+/// Bytes of `fds` descriptors in a control message, as the `u32` `CMSG_SPACE` / `CMSG_LEN` take.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "callers pass at most SCM_MAX_FD (253) descriptors"
+)]
+fn fd_bytes(fds: usize) -> u32 {
+    (fds.min(SCM_MAX_FD) * size_of::<RawFd>()) as u32
+}
+
 fn cmsg_space(fds: usize) -> usize {
     // SAFETY: CMSG_SPACE is arithmetic on its argument.
-    unsafe { libc::CMSG_SPACE((fds * size_of::<RawFd>()) as u32) as usize }
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes(fds)) };
+    usize::try_from(space).unwrap_or(usize::MAX)
 }
 
 /// Sends `bufs` as one stream write with `fds` attached to its first byte; returns the bytes the
@@ -48,7 +58,7 @@ pub fn send_with_fds(
             let cmsg = libc::CMSG_FIRSTHDR(&msg);
             (*cmsg).cmsg_level = libc::SOL_SOCKET;
             (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN((fds.len() * size_of::<RawFd>()) as u32) as _;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes(fds.len())) as _;
             let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
             for (i, fd) in fds.iter().enumerate() {
                 data.add(i).write_unaligned(fd.as_raw_fd());
@@ -57,10 +67,8 @@ pub fn send_with_fds(
     }
     // SAFETY: `msg` points at live iovecs over borrowed buffers and a live control buffer.
     let sent = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(sent as usize)
+    // Negative is -1: the error is in errno.
+    usize::try_from(sent).map_err(|_| io::Error::last_os_error())
 }
 
 /// What one `recvmsg` returned.
@@ -94,8 +102,8 @@ pub fn recv_with_fds(
     let received = loop {
         // SAFETY: `msg` describes `buf` (writable, borrowed mutably) and the control buffer.
         let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n >= 0 {
-            break n as usize;
+        if let Ok(n) = usize::try_from(n) {
+            break n;
         }
         let err = io::Error::last_os_error();
         if err.kind() != io::ErrorKind::Interrupted {

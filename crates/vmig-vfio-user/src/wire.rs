@@ -560,6 +560,15 @@ pub struct MigData {
     pub size: u32,
 }
 
+/// `size_of::<T>()` as the `u32` an `argsz` holds.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "the wire structs are a few dozen bytes"
+)]
+pub const fn size32<T>() -> u32 {
+    size_of::<T>() as u32
+}
+
 /// Reads a `T` from the start of `bytes`, or `None` if it is too short.
 pub fn read_struct<T: FromBytes>(bytes: &[u8]) -> Option<T> {
     T::read_from_prefix(bytes).ok().map(|(value, _)| value)

@@ -5,7 +5,7 @@
 use std::os::fd::OwnedFd;
 
 use vmig_vfio_user::Message;
-use vmig_vfio_user::request::{Request, decode};
+use vmig_vfio_user::server::request::{Request, decode};
 use vmig_vfio_user::wire::*;
 use zerocopy::IntoBytes;
 
@@ -14,7 +14,7 @@ fn message(command: u16, payload: Vec<u8>, fds: usize) -> Message {
         header: Header {
             msg_id: 1,
             command,
-            msg_size: 16 + payload.len() as u32,
+            msg_size: 16 + u32::try_from(payload.len()).unwrap(),
             ..Header::default()
         },
         payload,
@@ -174,7 +174,7 @@ fn malformed_requests_are_refused_with_errno_and_reason() {
     let big = RegionAccess {
         offset: 0,
         region: 0,
-        count: (MAX + 1) as u32,
+        count: u32::try_from(MAX + 1).unwrap(),
     };
     let irqs = |flags, count| {
         SetIrqs {
@@ -680,11 +680,12 @@ fn random_messages_never_panic_the_decoder() {
     const MESSAGES: usize = 200_000;
     let (mut decoded, mut refused) = (0, 0);
     for _ in 0..MESSAGES {
-        let (mut command, seed_payload, mut nfds) = seeds[next() as usize % seeds.len()].clone();
+        let (mut command, seed_payload, mut nfds) =
+            seeds[usize::try_from(next()).unwrap() % seeds.len()].clone();
         let mut payload = seed_payload;
         let mut flags = 0;
         for _ in 0..next() % 3 {
-            let at = |len: usize, r: u64| r as usize % len.max(1);
+            let at = |len: usize, r: u64| usize::try_from(r).unwrap() % len.max(1);
             match next() % 9 {
                 0 if !payload.is_empty() => {
                     let bit = at(payload.len() * 8, next());
@@ -692,7 +693,7 @@ fn random_messages_never_panic_the_decoder() {
                 }
                 1 if !payload.is_empty() => {
                     let i = at(payload.len(), next());
-                    payload[i] = next() as u8;
+                    payload[i] = next().to_le_bytes()[0];
                 }
                 2 if payload.len() >= 4 => {
                     // A plausible small number in an aligned field.
@@ -700,7 +701,7 @@ fn random_messages_never_panic_the_decoder() {
                     payload[i..i + 4].copy_from_slice(&((next() % 64) as u32).to_le_bytes());
                 }
                 3 => payload.truncate(at(payload.len() + 1, next())),
-                4 => payload.extend((0..next() % 40).map(|_| next() as u8)),
+                4 => payload.extend((0..next() % 40).map(|_| next().to_le_bytes()[0])),
                 5 => command = (next() % 21) as u16,
                 6 => flags = FLAG_NO_REPLY,
                 7 => flags = (next() % 16) as u32,

@@ -35,7 +35,7 @@ impl TestDevice {
     fn new() -> Self {
         Self {
             bar0: vec![0; 4096],
-            big: vec![0; BIG_SIZE as usize],
+            big: vec![0; usize::try_from(BIG_SIZE).unwrap()],
             bar1: Arc::new(vmig_primitives::memfd("bar1", 16384).unwrap()),
             ctx: None,
             running: true,
@@ -100,28 +100,32 @@ impl Device for TestDevice {
         }
     }
 
-    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), Refusal> {
         let source = if index == BIG { &self.big } else { &self.bar0 };
-        data.copy_from_slice(&source[offset as usize..offset as usize + data.len()]);
+        data.copy_from_slice(
+            &source
+                [usize::try_from(offset).unwrap()..usize::try_from(offset).unwrap() + data.len()],
+        );
         Ok(())
     }
 
-    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), Refusal> {
         if !self.running {
-            return Err(DeviceError::new(libc::EBUSY, "stopped"));
+            return Err(Refusal::new(libc::EBUSY, "stopped"));
         }
         let target = if index == BIG {
             &mut self.big
         } else {
             &mut self.bar0
         };
-        target[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        target[usize::try_from(offset).unwrap()..usize::try_from(offset).unwrap() + data.len()]
+            .copy_from_slice(data);
         if index == BAR0 && offset == 0x100 {
             let ctx = self
                 .ctx
                 .as_ref()
-                .ok_or_else(|| DeviceError::invalid("no client"))?;
-            let payload = vec![self.bar0[0x118]; self.reg(0x110) as usize];
+                .ok_or_else(|| Refusal::invalid("no client"))?;
+            let payload = vec![self.bar0[0x118]; usize::try_from(self.reg(0x110)).unwrap()];
             ctx.dma_write(self.reg(0x108), &payload)?;
         }
         if index == BAR0 && offset == 0x120 {
@@ -130,7 +134,7 @@ impl Device for TestDevice {
         Ok(())
     }
 
-    fn reset(&mut self) -> Result<(), DeviceError> {
+    fn reset(&mut self) -> Result<(), Refusal> {
         self.running = true;
         Ok(())
     }
@@ -151,19 +155,19 @@ impl Device for TestDevice {
         }
     }
 
-    fn set_running(&mut self, running: bool) -> Result<(), DeviceError> {
+    fn set_running(&mut self, running: bool) -> Result<(), Refusal> {
         self.running = running;
         Ok(())
     }
 
-    fn save(&mut self, _last: bool) -> Result<Vec<u8>, DeviceError> {
+    fn save(&mut self, _last: bool) -> Result<Vec<u8>, Refusal> {
         self.saves += 1;
         Ok(self.bar0.clone())
     }
 
-    fn load(&mut self, record: &[u8]) -> Result<(), DeviceError> {
+    fn load(&mut self, record: &[u8]) -> Result<(), Refusal> {
         if record.len() != 4096 {
-            return Err(DeviceError::invalid(format!(
+            return Err(Refusal::invalid(format!(
                 "a record of {} bytes",
                 record.len()
             )));
@@ -181,14 +185,14 @@ const MSG_IOVA: u64 = 0x4000_0000;
 impl DmaMemory for Memory {
     fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), i32> {
         let m = self.0.lock().unwrap();
-        let at = iova.checked_sub(MSG_IOVA).ok_or(libc::EFAULT)? as usize;
+        let at = usize::try_from(iova.checked_sub(MSG_IOVA).ok_or(libc::EFAULT)?).unwrap();
         buf.copy_from_slice(m.get(at..at + buf.len()).ok_or(libc::EFAULT)?);
         Ok(())
     }
 
     fn write(&self, iova: u64, data: &[u8]) -> Result<(), i32> {
         let mut m = self.0.lock().unwrap();
-        let at = iova.checked_sub(MSG_IOVA).ok_or(libc::EFAULT)? as usize;
+        let at = usize::try_from(iova.checked_sub(MSG_IOVA).ok_or(libc::EFAULT)?).unwrap();
         m.get_mut(at..at + data.len())
             .ok_or(libc::EFAULT)?
             .copy_from_slice(data);
@@ -198,7 +202,7 @@ impl DmaMemory for Memory {
 
 struct Harness {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Result<(), String>>>,
+    thread: Option<std::thread::JoinHandle<Result<(), ServeError>>>,
 }
 
 impl Harness {
@@ -230,7 +234,7 @@ impl Harness {
         (h, client, memory)
     }
 
-    fn finish(mut self) -> Result<(), String> {
+    fn finish(mut self) -> Result<(), ServeError> {
         self.thread.take().unwrap().join().unwrap()
     }
 }
@@ -239,6 +243,18 @@ impl Drop for Harness {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Release);
     }
+}
+
+/// An error and its causes, one after another.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
 }
 
 fn write_reg(client: &Client, offset: u64, value: u64) {
@@ -290,7 +306,7 @@ fn region_accesses_are_split_at_the_transfer_limit_and_checked() {
     });
     let data: Vec<u8> = (0..BIG_SIZE).map(|i| (i * 7 % 251) as u8).collect();
     client.region_write(BIG, 0, &data).unwrap();
-    let mut back = vec![0u8; BIG_SIZE as usize];
+    let mut back = vec![0u8; usize::try_from(BIG_SIZE).unwrap()];
     client.region_read(BIG, 0, &mut back).unwrap();
     assert_eq!(back, data);
     // Outside the region, unknown region, zero-sized: refused, and the server goes on.
@@ -693,8 +709,11 @@ fn raw_malformed_requests_get_error_replies_and_the_server_goes_on() {
         };
     let version = caps::encode(0, 2, &caps::Capabilities::default());
     assert!(!ask(1, 0, &[&version], &[]).header.is_error());
-    let errno =
-        |m: vmig_vfio_user::Message| m.header.is_error().then_some(m.header.error_no as i32);
+    let errno = |m: vmig_vfio_user::Message| {
+        m.header
+            .is_error()
+            .then_some(i32::try_from(m.header.error_no).unwrap())
+    };
     // Unknown command; a second VERSION. (A stray reply is dropped: nobody waits for it.)
     assert_eq!(errno(ask(77, 0, &[], &[])), Some(libc::ENOSYS));
     assert_eq!(errno(ask(1, 0, &[&version], &[])), Some(libc::EINVAL));
@@ -852,14 +871,15 @@ fn raw_malformed_requests_get_error_replies_and_the_server_goes_on() {
         raw.recv(),
         Err(vmig_vfio_user::TransportError::Closed)
     ));
-    let why = h.finish().unwrap_err();
+    let err = h.finish().unwrap_err();
+    let why = chain(&err);
     assert!(why.contains("smaller than the 16-byte header"), "{why}");
 }
 
 /// The same migration, driven through the one interface, for a v1 and a v2 device.
 #[test]
 fn device_migration_moves_state_in_both_protocols() {
-    use vmig_vfio_user::device_migration::{DeviceMigration, Protocol};
+    use vmig_vfio_user::client::{DeviceMigration, Protocol};
     for v1 in [true, false] {
         let make = || {
             if v1 {

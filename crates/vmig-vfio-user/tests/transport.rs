@@ -45,7 +45,9 @@ fn a_message_arrives_whole_with_its_descriptors() {
 #[test]
 fn a_large_message_survives_partial_sends() {
     let (a, b) = pair();
-    let big: Vec<u8> = (0..8 << 20).map(|i| (i % 251) as u8).collect();
+    let big: Vec<u8> = (0..8u32 << 20)
+        .map(|i| u8::try_from(i % 251).unwrap())
+        .collect();
     let sender = std::thread::spawn(move || {
         let mut h = header(Command::MigDataRead, 1);
         h.flags = FLAG_TYPE_REPLY;
@@ -140,7 +142,7 @@ fn messages_in_a_row_keep_their_boundaries() {
     for id in 0..100u16 {
         a.send(
             header(Command::RegionRead, id),
-            &[&vec![id as u8; id as usize]],
+            &[&vec![u8::try_from(id).unwrap(); id as usize]],
             &[],
         )
         .unwrap();
@@ -148,7 +150,7 @@ fn messages_in_a_row_keep_their_boundaries() {
     for id in 0..100u16 {
         let m = b.recv().unwrap();
         assert_eq!(m.header.msg_id, id);
-        assert_eq!(m.payload, vec![id as u8; id as usize]);
+        assert_eq!(m.payload, vec![u8::try_from(id).unwrap(); id as usize]);
     }
 }
 

@@ -25,6 +25,10 @@ use vfio_bindings::bindings::vfio::{
 };
 use vfio_ioctls::{DmaLoggingRange, PrecopyInfo, VfioDevice, VfioRegionInfoCap};
 use vmig_primitives::HostMemory;
+use vmig_primitives::description::{
+    DeviceDescription, IrqDescription, KernelPciDevice, MigrationDescription, Mmap, Origin,
+    RegionDescription,
+};
 pub use vmig_primitives::mig_state::MigState;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -559,103 +563,65 @@ impl Device {
 }
 
 /// A description of `device` and its `container` for people: regions, interrupts, what it
-/// offers for migration and dirty tracking, and why it cannot migrate when it cannot.
-pub fn describe(container: &Container, device: &Device) -> Result<String> {
-    use std::fmt::Write;
-    const REGION_NAMES: [&str; 9] = [
-        "BAR0", "BAR1", "BAR2", "BAR3", "BAR4", "BAR5", "ROM", "config", "VGA",
-    ];
-    const IRQ_NAMES: [&str; 5] = ["INTx", "MSI", "MSI-X", "ERR", "REQ"];
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "VFIO PCI device {}{}",
-        device.name(),
-        if device.can_reset() { ", reset" } else { "" }
-    );
-    for index in 0..16 {
-        let Some(r) = device.region(index) else {
-            continue;
-        };
-        let access = format!(
-            "{}{}",
-            if r.readable() { "r" } else { "-" },
-            if r.writable() { "w" } else { "-" }
-        );
-        let mmap = if r.mmap_areas.is_empty() {
-            "trapped".to_owned()
-        } else if r.mmap_areas == [(0, r.size)] {
-            "mmap".to_owned()
-        } else {
-            let areas: Vec<String> = r
-                .mmap_areas
-                .iter()
-                .map(|(o, s)| format!("[{o:#x}, +{s:#x})"))
-                .collect();
-            format!("mmap areas {}", areas.join(" "))
-        };
-        let _ = writeln!(
-            out,
-            "  region {index} ({}): {:#x} bytes, {access}, {mmap}",
-            REGION_NAMES
-                .get(index as usize)
-                .unwrap_or(&"device-specific"),
-            r.size
-        );
-    }
-    for index in 0..8 {
-        if let Some(irq) = device.irq(index).filter(|i| i.count > 0) {
-            let _ = writeln!(
-                out,
-                "  irq {index} ({}): {} vector(s)",
-                IRQ_NAMES.get(index as usize).unwrap_or(&"other"),
-                irq.count
-            );
-        }
-    }
-    match device.migration_support()? {
-        Some(m) => {
-            let _ = writeln!(
-                out,
-                "migration: v2 (flags {:#x}{}), device DMA logging {}",
-                m.flags,
-                if m.pre_copy() { ", PRE_COPY" } else { "" },
-                if m.dma_logging { "yes" } else { "no" }
-            );
-        }
-        None => {
-            let _ = writeln!(out, "migration: none");
-        }
-    }
-    if let Some(why) = device.migration_blocker() {
-        let _ = writeln!(out, "blocker: {why}");
-    }
-    let info = container.info()?;
-    let ranges: Vec<String> = info
-        .iova_ranges
-        .iter()
-        .map(|r| format!("[{:#x}, {:#x}]", r.start, r.last))
+/// offers for migration and dirty tracking, and why it cannot migrate when it cannot. Its
+/// `Display` is what `vmig device probe --vfio-pci` prints.
+pub fn describe(container: &Container, device: &Device) -> Result<DeviceDescription> {
+    let regions = (0..16)
+        .filter_map(|index| {
+            let r = device.region(index)?;
+            let mmap = if r.mmap_areas.is_empty() {
+                Mmap::Trapped
+            } else if r.mmap_areas == [(0, r.size)] {
+                Mmap::Whole
+            } else {
+                Mmap::Areas(r.mmap_areas.clone())
+            };
+            Some(RegionDescription {
+                index,
+                size: r.size,
+                readable: r.readable(),
+                writable: r.writable(),
+                mmap,
+                region_type: None,
+            })
+        })
         .collect();
-    let _ = writeln!(
-        out,
-        "container: type1 v2, page sizes {:#x}, IOVA ranges {}, {} mappings available",
-        info.iova_pgsizes,
-        ranges.join(" "),
-        info.dma_avail.map_or("?".into(), |d| d.to_string())
-    );
-    match info.migration {
-        Some(m) => {
-            let _ = writeln!(
-                out,
-                "dirty tracking: type1 (page {:#x}, bitmaps up to {} bytes)",
-                m.pgsize_bitmap, m.max_dirty_bitmap_size
-            );
-        }
-        None => {
-            let _ = writeln!(out, "dirty tracking: none (no migration capability)");
-        }
-    }
-    Ok(out)
+    let irqs = (0..8)
+        .filter_map(|index| {
+            let irq = device.irq(index).filter(|i| i.count > 0)?;
+            Some(IrqDescription {
+                index,
+                count: irq.count,
+                eventfd: irq.flags & IRQ_INFO_EVENTFD != 0,
+                maskable: irq.flags & vfio_bindings::bindings::vfio::VFIO_IRQ_INFO_MASKABLE != 0,
+            })
+        })
+        .collect();
+    let migration = match device.migration_support()? {
+        Some(m) => MigrationDescription::V2 {
+            flags: m.flags,
+            pre_copy: m.pre_copy(),
+            dma_logging: m.dma_logging,
+        },
+        None => MigrationDescription::None,
+    };
+    let info = container.info()?;
+    Ok(DeviceDescription {
+        origin: Origin::KernelPci(KernelPciDevice {
+            name: device.name().to_owned(),
+            blocker: device.migration_blocker(),
+            page_sizes: info.iova_pgsizes,
+            iova_ranges: info.iova_ranges.iter().map(|r| (r.start, r.last)).collect(),
+            dma_avail: info.dma_avail,
+            dirty_tracking: info
+                .migration
+                .map(|m| (m.pgsize_bitmap, m.max_dirty_bitmap_size)),
+        }),
+        reset: device.can_reset(),
+        regions,
+        irqs,
+        migration,
+    })
 }
 
 #[cfg(test)]

@@ -692,7 +692,7 @@ fn a_device_without_migration_support_blocks_migration_by_name() {
         "{blocker}"
     );
     // What `vmig device probe --vfio-pci` prints.
-    let text = vmig_vfio::describe(&_container, &edu).unwrap();
+    let text = vmig_vfio::describe(&_container, &edu).unwrap().to_string();
     println!("{text}");
     for expected in [
         "region 0 (BAR0): 0x100000 bytes, rw, mmap",

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use vmig_kvm::GuestMemory;
 use vmig_kvm::irq::MsiVector;
 use vmig_vfio_user::client::{Client, ClientError, DmaMemory};
-use vmig_vfio_user::device_migration::{DeviceMigration, Protocol};
+use vmig_vfio_user::client::{DeviceMigration, Protocol};
 use vmig_vfio_user::wire::{
     DEVICE_FLAGS_RESET, DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, IRQ_INDEX_MSI, IRQ_INDEX_MSIX,
     IRQ_INFO_EVENTFD, REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,

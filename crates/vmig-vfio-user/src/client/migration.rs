@@ -108,7 +108,11 @@ impl<'a> DeviceMigration<'a> {
     }
 
     fn v1_set(&self, region: u32, bits: u32) -> Result<()> {
-        let current = self.v1_read(region, 0)? as u32;
+        let current =
+            u32::try_from(self.v1_read(region, 0)?).map_err(|_| ClientError::Protocol {
+                command: Command::RegionRead,
+                why: "device_state is wider than 32 bits".into(),
+            })?;
         // Read-modify-write: the reserved bits are preserved (seed000 §2.2).
         let next = (current & !device_state::MASK) | bits;
         self.client.region_write(region, 0, &next.to_le_bytes())
@@ -165,7 +169,7 @@ impl<'a> DeviceMigration<'a> {
                     why: format!("data_size {size:#x}: at most {MAX_CHUNK:#x} is read at once"),
                 });
             }
-            let mut chunk = vec![0u8; size as usize];
+            let mut chunk = vec![0u8; usize::try_from(size).unwrap_or(0)];
             self.client.region_read(region, offset, &mut chunk)?;
             chunks.push(chunk);
             pending = self.v1_read(region, 8)?;

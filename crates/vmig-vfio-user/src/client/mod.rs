@@ -4,9 +4,14 @@
 //! v2 migration and DMA logging and v1 `DIRTY_PAGES`, and serves the server's `DMA_READ` /
 //! `DMA_WRITE` from guest memory, recording the pages those writes dirty (they are the client's
 //! to track: the server's dirty log never sees them).
+//!
+//! This file owns connecting, negotiating, the DMA-serving threads, region and IRQ access,
+//! DMA maps and the v2 state commands; `info` owns what the client learns about the device
+//! (and [`Client::describe`]), `dirty` the dirty-page harvests and the record of `DMA_WRITE`s,
+//! and [`migration`] the one interface over both migration protocols.
 
 use std::collections::BTreeSet;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -21,6 +26,14 @@ use crate::transport::{Channel, Message};
 use crate::wire::*;
 use vmig_primitives::mig_state::MigState;
 
+mod dirty;
+mod info;
+pub mod migration;
+
+pub use dirty::DMA_WRITE_PAGE;
+pub use info::RegionDescription;
+pub use migration::{DeviceMigration, Protocol};
+
 /// Guest memory by IOVA, for the server's message-based DMA.
 pub trait DmaMemory: Send + Sync {
     /// Reads `buf.len()` bytes at `iova`; an errno when that is not guest memory.
@@ -33,16 +46,38 @@ pub trait DmaMemory: Send + Sync {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Connecting failed.
-    #[error("cannot connect to {path}: {source}")]
+    #[error("cannot connect to {path}")]
     Connect {
         /// The socket.
         path: String,
         /// Why.
         source: std::io::Error,
     },
+    /// The server's `VFIO_USER_VERSION` reply cannot be used.
+    #[error("the server's VFIO_USER_VERSION reply cannot be used")]
+    Version(#[source] caps::VersionError),
+    /// A thread of the connection did not start.
+    #[error("cannot start {what}")]
+    Thread {
+        /// Which thread.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The exchange failed.
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
+    /// A request this side was asked to send does not fit the message's fields.
+    #[error("{command:?}: {what} ({value}) does not fit the message")]
+    TooBig {
+        /// The command.
+        command: Command,
+        /// What does not fit.
+        what: &'static str,
+        /// Its value.
+        value: u64,
+    },
     /// The server's reply does not follow the protocol.
     #[error("the server's reply to {command:?} is malformed: {why}")]
     Protocol {
@@ -63,20 +98,7 @@ impl ClientError {
     }
 }
 
-type Result<T> = std::result::Result<T, ClientError>;
-
-/// A region as the server describes it.
-#[derive(Debug)]
-pub struct RegionDescription {
-    /// The fixed part.
-    pub info: RegionInfo,
-    /// Sparse-mmap areas (offset, size) within the region.
-    pub sparse_areas: Vec<(u64, u64)>,
-    /// Device-specific type and subtype.
-    pub region_type: Option<(u32, u32)>,
-    /// The fd to mmap (at `info.offset` + area offset), when the region is mmappable.
-    pub fd: Option<OwnedFd>,
-}
+pub(super) type Result<T> = std::result::Result<T, ClientError>;
 
 /// A connected client.
 pub struct Client {
@@ -98,10 +120,29 @@ impl std::fmt::Debug for Client {
     }
 }
 
-/// Bytes per page of the client's record of server DMA writes.
-pub const DMA_WRITE_PAGE: u64 = 4096;
+/// `value` for a `u32` field of a `command` (`what` it is), refused when it does not fit.
+pub(super) fn field32<T: TryInto<u32> + TryInto<u64> + Copy>(
+    command: Command,
+    what: &'static str,
+    value: T,
+) -> Result<u32> {
+    TryInto::<u32>::try_into(value).map_err(|_| ClientError::TooBig {
+        command,
+        what,
+        value: TryInto::<u64>::try_into(value).unwrap_or(u64::MAX),
+    })
+}
 
-fn protocol<T>(command: Command, why: impl Into<String>) -> Result<T> {
+/// The length of one part of a transfer as its `u32` count.
+#[expect(
+    clippy::cast_possible_truncation,
+    reason = "a part is at most chunk(), within this side's DEFAULT_MAX_MESSAGE (well below 4 GiB)"
+)]
+fn part32(len: usize) -> u32 {
+    len as u32
+}
+
+pub(super) fn protocol<T>(command: Command, why: impl Into<String>) -> Result<T> {
     Err(ClientError::Protocol {
         command,
         why: why.into(),
@@ -131,8 +172,8 @@ impl Client {
         twin: bool,
     ) -> Result<Self> {
         let (endpoint, commands) =
-            Endpoint::start(Channel::new(stream)).map_err(|source| ClientError::Connect {
-                path: "stream".into(),
+            Endpoint::start(Channel::new(stream)).map_err(|source| ClientError::Thread {
+                what: "the connection's reader",
                 source,
             })?;
         let proposed = Version {
@@ -140,12 +181,12 @@ impl Client {
             minor: caps::MINOR,
         };
         let ours = Capabilities {
-            max_msg_fds: Some(crate::transport::DEFAULT_MAX_FDS as u32),
+            max_msg_fds: Some(u32::try_from(crate::transport::DEFAULT_MAX_FDS).unwrap_or(u32::MAX)),
             max_data_xfer_size: Some(caps::DEFAULT_MAX_DATA_XFER_SIZE),
-            pgsizes: Some(4096),
+            pgsizes: Some(vmig_primitives::PAGE_SIZE),
             max_dma_maps: Some(caps::DEFAULT_MAX_DMA_MAPS),
             migration: Some(caps::MigrationCap {
-                pgsize: 4096,
+                pgsize: vmig_primitives::PAGE_SIZE,
                 max_bitmap_size: Some(256 << 20),
             }),
             twin_socket: twin.then_some(caps::TwinSocket {
@@ -156,15 +197,8 @@ impl Client {
         };
         let payload = caps::encode(proposed.major, proposed.minor, &ours);
         let mut reply = endpoint.request(Command::Version, &[&payload], &[], DEFAULT_TIMEOUT)?;
-        let (version, server) =
-            caps::decode(&reply.payload).map_err(|e| ClientError::Protocol {
-                command: Command::Version,
-                why: e.to_string(),
-            })?;
-        caps::check_reply(proposed, version).map_err(|e| ClientError::Protocol {
-            command: Command::Version,
-            why: e.to_string(),
-        })?;
+        let (version, server) = caps::decode(&reply.payload).map_err(ClientError::Version)?;
+        caps::check_reply(proposed, version).map_err(ClientError::Version)?;
         // Twin-socket mode: the server's commands come on the socket it passed.
         let mut twin_endpoint = None;
         let receivers = match server.twin_socket.filter(|t| t.supported) {
@@ -178,8 +212,8 @@ impl Client {
                 }
                 let fd = reply.fds.swap_remove(index);
                 let (twin, twin_commands) = Endpoint::start(Channel::new(UnixStream::from(fd)))
-                    .map_err(|source| ClientError::Connect {
-                        path: "twin socket".into(),
+                    .map_err(|source| ClientError::Thread {
+                        what: "the twin socket's reader",
                         source,
                     })?;
                 twin_endpoint = Some(twin);
@@ -207,11 +241,11 @@ impl Client {
                         let Some(endpoint) = endpoint.upgrade() else {
                             return;
                         };
-                        serve_dma(&endpoint, memory.as_deref(), &written, message);
+                        dirty::serve_dma(&endpoint, memory.as_deref(), &written, message);
                     }
                 })
-                .map_err(|source| ClientError::Connect {
-                    path: "thread".into(),
+                .map_err(|source| ClientError::Thread {
+                    what: "the server of DMA_READ / DMA_WRITE",
                     source,
                 })?;
             dma_servers.push(thread);
@@ -241,81 +275,6 @@ impl Client {
         Ok(self.endpoint.request(command, payload, fds, self.timeout)?)
     }
 
-    /// `DEVICE_GET_INFO`.
-    pub fn device_info(&self) -> Result<DeviceInfo> {
-        let request = DeviceInfo {
-            argsz: 16,
-            ..DeviceInfo::default()
-        };
-        let reply = self.call(Command::DeviceGetInfo, &[request.as_bytes()], &[])?;
-        read_struct(&reply.payload).map_or_else(
-            || protocol(Command::DeviceGetInfo, "shorter than 16 bytes"),
-            Ok,
-        )
-    }
-
-    /// `DEVICE_GET_REGION_INFO`, asking again with room for the capabilities when the server
-    /// says it needs more.
-    pub fn region_info(&self, index: u32) -> Result<RegionDescription> {
-        let mut argsz = size_of::<RegionInfo>() as u32;
-        for _ in 0..2 {
-            let request = RegionInfo {
-                argsz,
-                index,
-                ..RegionInfo::default()
-            };
-            let mut reply = self.call(Command::DeviceGetRegionInfo, &[request.as_bytes()], &[])?;
-            let Some(info) = read_struct::<RegionInfo>(&reply.payload) else {
-                return protocol(Command::DeviceGetRegionInfo, "shorter than 32 bytes");
-            };
-            if info.argsz > argsz {
-                if info.argsz > 64 << 10 {
-                    return protocol(
-                        Command::DeviceGetRegionInfo,
-                        format!("argsz {} is absurd", info.argsz),
-                    );
-                }
-                argsz = info.argsz;
-                continue;
-            }
-            let (sparse_areas, region_type) =
-                parse_caps(&reply.payload, info.cap_offset).map_err(|why| {
-                    ClientError::Protocol {
-                        command: Command::DeviceGetRegionInfo,
-                        why,
-                    }
-                })?;
-            return Ok(RegionDescription {
-                info,
-                sparse_areas,
-                region_type,
-                fd: if reply.fds.is_empty() {
-                    None
-                } else {
-                    Some(reply.fds.remove(0))
-                },
-            });
-        }
-        protocol(
-            Command::DeviceGetRegionInfo,
-            "the server asked for more room twice",
-        )
-    }
-
-    /// `DEVICE_GET_IRQ_INFO`.
-    pub fn irq_info(&self, index: u32) -> Result<IrqInfo> {
-        let request = IrqInfo {
-            argsz: 16,
-            index,
-            ..IrqInfo::default()
-        };
-        let reply = self.call(Command::DeviceGetIrqInfo, &[request.as_bytes()], &[])?;
-        read_struct(&reply.payload).map_or_else(
-            || protocol(Command::DeviceGetIrqInfo, "shorter than 16 bytes"),
-            Ok,
-        )
-    }
-
     /// Wires vectors `start..` of IRQ `index` to `eventfds` (empty: de-assign `count` vectors).
     pub fn set_irq_eventfds(
         &self,
@@ -325,7 +284,7 @@ impl Client {
         eventfds: &[BorrowedFd<'_>],
     ) -> Result<()> {
         let set = SetIrqs {
-            argsz: size_of::<SetIrqs>() as u32,
+            argsz: size32::<SetIrqs>(),
             flags: IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
             index,
             start,
@@ -338,7 +297,7 @@ impl Client {
     /// Masks or unmasks vectors of IRQ `index`.
     pub fn mask_irqs(&self, index: u32, start: u32, count: u32, mask: bool) -> Result<()> {
         let set = SetIrqs {
-            argsz: size_of::<SetIrqs>() as u32,
+            argsz: size32::<SetIrqs>(),
             flags: IRQ_SET_DATA_NONE
                 | if mask {
                     IRQ_SET_ACTION_MASK
@@ -355,8 +314,10 @@ impl Client {
 
     /// Bytes per transfer: what the server accepts, within what this side receives.
     fn chunk(&self) -> usize {
-        let own = (crate::transport::DEFAULT_MAX_MESSAGE - (1 << 16)) as u64;
-        self.server.max_data_xfer_size().clamp(1, own) as usize
+        let own = crate::transport::DEFAULT_MAX_MESSAGE - (1 << 16);
+        usize::try_from(self.server.max_data_xfer_size())
+            .unwrap_or(usize::MAX)
+            .clamp(1, own)
     }
 
     /// Reads region `index` at `offset`, in transfers the server accepts.
@@ -366,7 +327,7 @@ impl Client {
             let access = RegionAccess {
                 offset: offset + (i * chunk) as u64,
                 region: index,
-                count: part.len() as u32,
+                count: part32(part.len()),
             };
             let reply = self.call(Command::RegionRead, &[access.as_bytes()], &[])?;
             let data = reply
@@ -391,7 +352,7 @@ impl Client {
             let access = RegionAccess {
                 offset: offset + (i * chunk) as u64,
                 region: index,
-                count: part.len() as u32,
+                count: part32(part.len()),
             };
             self.call(Command::RegionWrite, &[access.as_bytes(), part], &[])?;
         }
@@ -408,7 +369,7 @@ impl Client {
         fd: Option<(BorrowedFd<'_>, u64)>,
     ) -> Result<()> {
         let map = DmaMap {
-            argsz: size_of::<DmaMap>() as u32,
+            argsz: size32::<DmaMap>(),
             flags,
             offset: fd.map_or(0, |(_, offset)| offset),
             addr: iova,
@@ -422,7 +383,7 @@ impl Client {
     /// `DMA_UNMAP` of exactly one earlier mapping.
     pub fn dma_unmap(&self, iova: u64, size: u64) -> Result<()> {
         let unmap = DmaUnmap {
-            argsz: size_of::<DmaUnmap>() as u32,
+            argsz: size32::<DmaUnmap>(),
             flags: 0,
             addr: iova,
             size,
@@ -434,39 +395,13 @@ impl Client {
     /// `DMA_UNMAP` of every mapping.
     pub fn dma_unmap_all(&self) -> Result<()> {
         let unmap = DmaUnmap {
-            argsz: size_of::<DmaUnmap>() as u32,
+            argsz: size32::<DmaUnmap>(),
             flags: DMA_UNMAP_FLAG_ALL,
             addr: 0,
             size: 0,
         };
         self.call(Command::DmaUnmap, &[unmap.as_bytes()], &[])?;
         Ok(())
-    }
-
-    /// v1 `DMA_UNMAP` with `GET_DIRTY_BITMAP`: unmaps and returns the range's dirty bitmap.
-    pub fn dma_unmap_with_bitmap(&self, iova: u64, size: u64, pgsize: u64) -> Result<Vec<u64>> {
-        let bytes = vmig_dirty::bitmap_bytes(size.div_ceil(pgsize.max(1)));
-        let unmap = DmaUnmap {
-            argsz: (size_of::<DmaUnmap>() + size_of::<DirtyBitmap>()) as u32 + bytes as u32,
-            flags: DMA_UNMAP_FLAG_GET_DIRTY_BITMAP,
-            addr: iova,
-            size,
-        };
-        let bitmap = DirtyBitmap {
-            pgsize,
-            size: bytes,
-        };
-        let reply = self.call(
-            Command::DmaUnmap,
-            &[unmap.as_bytes(), bitmap.as_bytes()],
-            &[],
-        )?;
-        words_at(
-            &reply.payload,
-            size_of::<DmaUnmap>() + size_of::<DirtyBitmap>(),
-            bytes,
-            Command::DmaUnmap,
-        )
     }
 
     /// `DEVICE_RESET`.
@@ -477,7 +412,11 @@ impl Client {
 
     fn feature(&self, flags: u32, data: &[u8], reply_data: usize) -> Result<Vec<u8>> {
         let head = DeviceFeature {
-            argsz: (size_of::<DeviceFeature>() + reply_data.max(data.len())) as u32,
+            argsz: field32(
+                Command::DeviceFeature,
+                "the feature's size",
+                size_of::<DeviceFeature>() + reply_data.max(data.len()),
+            )?,
             flags,
         };
         let reply = self.call(Command::DeviceFeature, &[head.as_bytes(), data], &[])?;
@@ -535,7 +474,7 @@ impl Client {
 
     /// One `MIG_DATA_READ` of up to `max` bytes (fewer: the end of what the device has now).
     pub fn mig_data_read(&self, max: usize) -> Result<Vec<u8>> {
-        let size = max.min(self.chunk()) as u32;
+        let size = part32(max.min(self.chunk()));
         let head = MigData {
             argsz: 8 + size,
             size,
@@ -572,116 +511,12 @@ impl Client {
     pub fn mig_data_write(&self, data: &[u8]) -> Result<()> {
         for part in data.chunks(self.chunk()) {
             let head = MigData {
-                argsz: 8 + part.len() as u32,
-                size: part.len() as u32,
+                argsz: 8 + part32(part.len()),
+                size: part32(part.len()),
             };
             self.call(Command::MigDataWrite, &[head.as_bytes(), part], &[])?;
         }
         Ok(())
-    }
-
-    /// v2 `DMA_LOGGING_START`; returns the page size the server chose.
-    pub fn dma_logging_start(&self, page_size: u64, ranges: &[(u64, u64)]) -> Result<u64> {
-        let control = DmaLoggingControl {
-            page_size,
-            num_ranges: ranges.len() as u32,
-            reserved: 0,
-        };
-        let mut data = control.as_bytes().to_vec();
-        for &(iova, length) in ranges {
-            data.extend_from_slice(DmaLoggingRange { iova, length }.as_bytes());
-        }
-        let reply = self.feature(FEATURE_DMA_LOGGING_START | FEATURE_SET, &data, data.len())?;
-        read_struct::<DmaLoggingControl>(&reply).map_or_else(
-            || {
-                protocol(
-                    Command::DeviceFeature,
-                    "DMA_LOGGING_START reply shorter than 16 bytes",
-                )
-            },
-            |c| Ok(c.page_size),
-        )
-    }
-
-    /// v2 `DMA_LOGGING_STOP`.
-    pub fn dma_logging_stop(&self) -> Result<()> {
-        let control = DmaLoggingControl::default();
-        self.feature(
-            FEATURE_DMA_LOGGING_STOP | FEATURE_SET,
-            control.as_bytes(),
-            16,
-        )?;
-        Ok(())
-    }
-
-    /// v2 `DMA_LOGGING_REPORT`: the read-and-clear bitmap of `[iova, iova+length)`.
-    pub fn dma_logging_report(&self, iova: u64, length: u64, page_size: u64) -> Result<Vec<u64>> {
-        let bytes = vmig_dirty::bitmap_bytes(length.div_ceil(page_size.max(1)));
-        let report = DmaLoggingReport {
-            iova,
-            length,
-            page_size,
-        };
-        let data = self.feature(
-            FEATURE_DMA_LOGGING_REPORT | FEATURE_GET,
-            report.as_bytes(),
-            24 + bytes as usize,
-        )?;
-        words_at(
-            &data,
-            size_of::<DmaLoggingReport>(),
-            bytes,
-            Command::DeviceFeature,
-        )
-    }
-
-    /// v1 `DIRTY_PAGES` START (true) or STOP (false).
-    pub fn dirty_pages_log(&self, start: bool) -> Result<()> {
-        let head = DirtyPages {
-            argsz: 8,
-            flags: if start {
-                DIRTY_PAGES_FLAG_START
-            } else {
-                DIRTY_PAGES_FLAG_STOP
-            },
-        };
-        self.call(Command::DirtyPages, &[head.as_bytes()], &[])?;
-        Ok(())
-    }
-
-    /// v1 `DIRTY_PAGES` GET_BITMAP of `[iova, iova+size)` at `pgsize`.
-    pub fn dirty_pages_bitmap(&self, iova: u64, size: u64, pgsize: u64) -> Result<Vec<u64>> {
-        let bytes = vmig_dirty::bitmap_bytes(size.div_ceil(pgsize.max(1)));
-        let head = DirtyPages {
-            argsz: (size_of::<DirtyPages>() + size_of::<DirtyBitmapRange>()) as u32 + bytes as u32,
-            flags: DIRTY_PAGES_FLAG_GET_BITMAP,
-        };
-        let range = DirtyBitmapRange {
-            iova,
-            size,
-            bitmap: DirtyBitmap {
-                pgsize,
-                size: bytes,
-            },
-        };
-        let reply = self.call(
-            Command::DirtyPages,
-            &[head.as_bytes(), range.as_bytes()],
-            &[],
-        )?;
-        words_at(
-            &reply.payload,
-            size_of::<DirtyPages>() + size_of::<DirtyBitmapRange>(),
-            bytes,
-            Command::DirtyPages,
-        )
-    }
-
-    /// Takes the record of guest pages (IOVA / 4096) the server wrote with `DMA_WRITE`.
-    pub fn take_dma_written_pages(&self) -> Vec<u64> {
-        std::mem::take(&mut *self.dma_written.lock().unwrap_or_else(|e| e.into_inner()))
-            .into_iter()
-            .collect()
     }
 
     /// Closes the connection.
@@ -727,107 +562,4 @@ fn state_from(data: &[u8]) -> Result<MigState> {
         },
         Ok,
     )
-}
-
-fn words_at(payload: &[u8], at: usize, bytes: u64, command: Command) -> Result<Vec<u64>> {
-    let Some(raw) = payload.get(at..at + bytes as usize) else {
-        return protocol(
-            command,
-            format!("the reply has no room for a {bytes}-byte bitmap"),
-        );
-    };
-    Ok(vmig_dirty::le_bytes_to_words(raw))
-}
-
-/// What a region info's capabilities say: sparse areas (offset, size) and the region type.
-type RegionCaps = (Vec<(u64, u64)>, Option<(u32, u32)>);
-
-/// Sparse areas and region type from a region info's capability chain, with every offset
-/// checked against the payload.
-fn parse_caps(payload: &[u8], first: u32) -> std::result::Result<RegionCaps, String> {
-    let mut areas = Vec::new();
-    let mut region_type = None;
-    let mut offset = first as usize;
-    let mut hops = 0;
-    while offset != 0 {
-        hops += 1;
-        if hops > 16 {
-            return Err("the capability chain loops".into());
-        }
-        let header: CapHeader = payload.get(offset..).and_then(read_struct).ok_or_else(|| {
-            format!(
-                "a capability at {offset} is outside the {}-byte reply",
-                payload.len()
-            )
-        })?;
-        let body = &payload[offset + size_of::<CapHeader>()..];
-        match header.id {
-            REGION_INFO_CAP_SPARSE_MMAP => {
-                let sparse: SparseMmap =
-                    read_struct(body).ok_or("a sparse-mmap capability cut short")?;
-                for i in 0..sparse.nr_areas as usize {
-                    let at = size_of::<SparseMmap>() + i * size_of::<SparseArea>();
-                    let area: SparseArea = body
-                        .get(at..)
-                        .and_then(read_struct)
-                        .ok_or("sparse areas cut short")?;
-                    areas.push((area.offset, area.size));
-                }
-            }
-            REGION_INFO_CAP_TYPE => {
-                let t: RegionType = read_struct(body).ok_or("a type capability cut short")?;
-                region_type = Some((t.type_, t.subtype));
-            }
-            _ => {}
-        }
-        offset = header.next as usize;
-    }
-    Ok((areas, region_type))
-}
-
-fn serve_dma(
-    endpoint: &Endpoint,
-    memory: Option<&dyn DmaMemory>,
-    written: &Mutex<BTreeSet<u64>>,
-    message: Message,
-) {
-    let header = message.header;
-    let head = read_struct::<DmaAccess>(&message.payload);
-    let result = match (Command::from_u16(header.command), head, memory) {
-        (_, _, None) => Err(libc::EINVAL),
-        (Some(Command::DmaRead), Some(access), Some(memory)) => {
-            if access.count > caps::DEFAULT_MAX_DATA_XFER_SIZE {
-                // More than this client's max_data_xfer_size: refuse, never answer short.
-                Err(libc::EINVAL)
-            } else {
-                let mut data = vec![0u8; access.count as usize];
-                memory
-                    .read(access.addr, &mut data)
-                    .map(|()| [access.as_bytes(), &data].concat())
-            }
-        }
-        (Some(Command::DmaWrite), Some(access), Some(memory)) => {
-            let data = &message.payload[size_of::<DmaAccess>()..];
-            if data.len() as u64 != access.count {
-                Err(libc::EINVAL)
-            } else {
-                memory.write(access.addr, data).map(|()| {
-                    if !data.is_empty() {
-                        let first = access.addr / DMA_WRITE_PAGE;
-                        let last = (access.addr + data.len() as u64 - 1) / DMA_WRITE_PAGE;
-                        written
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .extend(first..=last);
-                    }
-                    access.as_bytes().to_vec()
-                })
-            }
-        }
-        _ => Err(libc::EINVAL),
-    };
-    let _ = match result {
-        Ok(payload) => endpoint.reply(&header, &[&payload], &[]),
-        Err(errno) => endpoint.reply_error(&header, errno),
-    };
 }

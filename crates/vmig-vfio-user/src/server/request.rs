@@ -5,6 +5,7 @@
 
 use std::os::fd::OwnedFd;
 
+use super::Refusal;
 use crate::caps::{self, Capabilities};
 use crate::transport::Message;
 use crate::wire::*;
@@ -12,21 +13,8 @@ use crate::wire::*;
 /// Most writes one `REGION_WRITE_MULTI` may carry (QEMU sends at most 200).
 pub const MAX_WRITE_MULTI: u64 = 1024;
 
-/// A request refused before it reached the device.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct DecodeError {
-    /// errno of the error reply.
-    pub errno: i32,
-    /// What was wrong and what was expected.
-    pub message: String,
-}
-
-fn refuse<T>(errno: i32, message: impl Into<String>) -> Result<T, DecodeError> {
-    Err(DecodeError {
-        errno,
-        message: message.into(),
-    })
+fn refuse<T>(errno: i32, message: impl Into<String>) -> Result<T, Refusal> {
+    Err(Refusal::new(errno, message))
 }
 
 /// A decoded command.
@@ -123,7 +111,7 @@ pub enum Request {
     MigDataWrite(Vec<u8>),
 }
 
-fn fixed<T: zerocopy::FromBytes>(payload: &[u8], name: &str) -> Result<T, DecodeError> {
+fn fixed<T: zerocopy::FromBytes>(payload: &[u8], name: &str) -> Result<T, Refusal> {
     read_struct::<T>(payload).map_or_else(
         || {
             refuse(
@@ -139,7 +127,7 @@ fn fixed<T: zerocopy::FromBytes>(payload: &[u8], name: &str) -> Result<T, Decode
     )
 }
 
-fn no_fds(fds: &[OwnedFd], name: &str) -> Result<(), DecodeError> {
+fn no_fds(fds: &[OwnedFd], name: &str) -> Result<(), Refusal> {
     if fds.is_empty() {
         Ok(())
     } else {
@@ -151,7 +139,7 @@ fn no_fds(fds: &[OwnedFd], name: &str) -> Result<(), DecodeError> {
 }
 
 /// Decodes a command. `max_data_xfer_size` is what this side advertised.
-pub fn decode(message: Message, max_data_xfer_size: u64) -> Result<Request, DecodeError> {
+pub fn decode(message: Message, max_data_xfer_size: u64) -> Result<Request, Refusal> {
     let Message {
         header,
         payload,
@@ -179,10 +167,8 @@ pub fn decode(message: Message, max_data_xfer_size: u64) -> Result<Request, Deco
     let request = match command {
         Command::Version => {
             no_fds(&fds, "VFIO_USER_VERSION")?;
-            let (version, caps) = caps::decode(p).map_err(|e| DecodeError {
-                errno: libc::EINVAL,
-                message: e.to_string(),
-            })?;
+            let (version, caps) = caps::decode(p)
+                .map_err(|e| Refusal::new(libc::EINVAL, format!("VFIO_USER_VERSION: {}", e.0)))?;
             Request::Version { version, caps }
         }
         Command::DmaMap => {
@@ -381,7 +367,7 @@ pub fn decode(message: Message, max_data_xfer_size: u64) -> Result<Request, Deco
                     ),
                 );
             }
-            let mut writes = Vec::with_capacity(count as usize);
+            let mut writes = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
             for chunk in entries.chunks_exact(24) {
                 let entry: WriteMultiEntry = fixed(chunk, "REGION_WRITE_MULTI entry")?;
                 if entry.count == 0 || entry.count > 8 {
@@ -496,7 +482,7 @@ pub fn decode(message: Message, max_data_xfer_size: u64) -> Result<Request, Deco
 
 /// Decodes raw bytes as one message without descriptors: the first 16 bytes are the header
 /// (its `msg_size` is ignored: the rest of the bytes are the payload). The fuzz target's entry.
-pub fn decode_bytes(bytes: &[u8], max_data_xfer_size: u64) -> Result<Request, DecodeError> {
+pub fn decode_bytes(bytes: &[u8], max_data_xfer_size: u64) -> Result<Request, Refusal> {
     let Some(header) = read_struct::<Header>(bytes) else {
         return refuse(
             libc::EINVAL,

@@ -1,0 +1,165 @@
+//! Message-backed mappings (`Backing::Message`): the same table rules as fd-backed mappings,
+//! accesses carried by the owner's callback, no pinning, no host slices, and no dirty bits (the
+//! owner of the memory records the writes that reach it).
+
+use std::sync::{Arc, Mutex};
+
+use vmig_dma::{
+    Backing, DirtyRead, DmaError, Iommu, IommuConfig, MessageDma, MessageDmaError, Prot, UnmapScope,
+};
+use vmig_primitives::{HostMemory, PAGE_SIZE};
+
+const PG: u64 = PAGE_SIZE;
+const BASE: u64 = 0x10_0000;
+
+/// Owner memory: 4 pages at `BASE`, and a switch that makes every access fail.
+#[derive(Debug, Default)]
+struct Owner {
+    bytes: Mutex<Vec<u8>>,
+    broken: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the owner is broken")]
+struct Broken;
+
+impl Owner {
+    fn at(&self, iova: u64, len: usize) -> Result<usize, MessageDmaError> {
+        if self.broken.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(MessageDmaError::new(libc::ENOTCONN, Broken));
+        }
+        let at = usize::try_from(iova - BASE).unwrap();
+        assert!(at + len <= self.bytes.lock().unwrap().len());
+        Ok(at)
+    }
+}
+
+impl MessageDma for Owner {
+    fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), MessageDmaError> {
+        let at = self.at(iova, buf.len())?;
+        buf.copy_from_slice(&self.bytes.lock().unwrap()[at..at + buf.len()]);
+        Ok(())
+    }
+
+    fn write(&self, iova: u64, data: &[u8]) -> Result<(), MessageDmaError> {
+        let at = self.at(iova, data.len())?;
+        self.bytes.lock().unwrap()[at..at + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+}
+
+fn setup() -> (Iommu, Arc<Owner>) {
+    let iommu = Iommu::new(IommuConfig::default()).unwrap();
+    let owner = Arc::new(Owner {
+        bytes: Mutex::new(vec![0; 4 * 4096]),
+        ..Owner::default()
+    });
+    iommu
+        .map(
+            BASE,
+            4 * PG,
+            Backing::Message(owner.clone()),
+            Prot::READ_WRITE,
+        )
+        .unwrap();
+    (iommu, owner)
+}
+
+#[test]
+fn message_mappings_follow_the_table_rules() {
+    let (iommu, owner) = setup();
+    let errno = |r: Result<(), DmaError>| r.expect_err("expected a refusal").errno();
+    // Overlap with a message mapping or an fd one is EEXIST either way.
+    let memory = Arc::new(HostMemory::anonymous(4 * PG).unwrap());
+    let host = Backing::Memory {
+        memory: Arc::clone(&memory),
+        offset: 0,
+    };
+    assert_eq!(
+        errno(iommu.map(BASE + PG, PG, host, Prot::READ)),
+        libc::EEXIST
+    );
+    let message = Backing::Message(owner.clone());
+    assert_eq!(
+        errno(iommu.map(BASE + 3 * PG, 2 * PG, message, Prot::READ)),
+        libc::EEXIST
+    );
+    // Alignment and size rules as for any mapping.
+    let message = Backing::Message(owner.clone());
+    assert_eq!(
+        errno(iommu.map(0x800, PG, message, Prot::READ)),
+        libc::EINVAL
+    );
+    let message = Backing::Message(owner.clone());
+    assert_eq!(errno(iommu.map(0, 0, message, Prot::READ)), libc::EINVAL);
+    let info = iommu.mappings();
+    assert_eq!(info.len(), 1);
+    assert!(info[0].by_message);
+    // Unmap never splits it; a whole unmap removes it.
+    assert_eq!(
+        iommu
+            .unmap(BASE, PG, UnmapScope::Range)
+            .unwrap_err()
+            .errno(),
+        libc::EINVAL
+    );
+    assert_eq!(
+        iommu.unmap(BASE, 4 * PG, UnmapScope::Range).unwrap(),
+        4 * PG
+    );
+    assert_eq!(iommu.mapping_count(), 0);
+}
+
+#[test]
+fn message_accesses_reach_the_owner_and_leave_no_dirty_bits() {
+    let (iommu, owner) = setup();
+    iommu.start_dirty_tracking().unwrap();
+    iommu.write(BASE + PG - 2, b"abcd").unwrap();
+    assert_eq!(&owner.bytes.lock().unwrap()[4094..4098], b"abcd");
+    let mut back = [0u8; 4];
+    iommu.read(BASE + PG - 2, &mut back).unwrap();
+    assert_eq!(&back, b"abcd");
+    let mut bitmap = [0u64; 1];
+    iommu
+        .get_dirty_bitmap(BASE, 4 * PG, PG, &mut bitmap, DirtyRead::Clear)
+        .unwrap();
+    assert_eq!(bitmap[0], 0, "the owner records what reaches it");
+    let mut bitmap = [u64::MAX; 1];
+    iommu
+        .unmap_with_dirty_bitmap(BASE, 4 * PG, PG, &mut bitmap)
+        .unwrap();
+    assert_eq!(bitmap[0], 0);
+}
+
+#[test]
+fn message_mappings_refuse_pins_and_host_slices_and_pass_the_owners_errno() {
+    let (iommu, owner) = setup();
+    let group = iommu.attach_group(vmig_dma::GroupKind::Mediated, 1);
+    assert_eq!(
+        iommu
+            .pin_pages(group, BASE, 1, Prot::READ)
+            .unwrap_err()
+            .errno(),
+        libc::EINVAL
+    );
+    assert_eq!(
+        iommu
+            .with_host_slices(BASE, 8, Prot::READ, |_| ())
+            .unwrap_err()
+            .errno(),
+        libc::EFAULT
+    );
+    owner
+        .broken
+        .store(true, std::sync::atomic::Ordering::Release);
+    let err = iommu.write(BASE, b"x").unwrap_err();
+    assert_eq!(err.errno(), libc::ENOTCONN);
+    assert!(matches!(
+        err,
+        DmaError::Message {
+            iova: BASE,
+            len: 1,
+            ..
+        }
+    ));
+}

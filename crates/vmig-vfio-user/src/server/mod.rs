@@ -1,0 +1,676 @@
+//! The device-server framework: a device author implements [`Device`] and gets a vfio-user
+//! server with DMA through a `vmig-dma` IOMMU (so every DMA write is dirty-tracked), IRQs through
+//! eventfds, the v2 migration state machine with its data stream, the v1 migration region, and
+//! v2 DMA logging and v1 `DIRTY_PAGES` over the same IOMMU.
+//!
+//! One client is served at a time. When it disconnects, the server drops every DMA mapping,
+//! IRQ eventfd and dirty log, keeps the device and its migration state, and waits for the next
+//! client (vfio-user-spec.rst: the server "must retain device state").
+//!
+//! This file owns accepting clients, the version negotiation, the command loop and its
+//! dispatch, and the region commands; each other concern has its file:
+//!
+//! | file | owns |
+//! |---|---|
+//! | `device` | the [`Device`] trait, its spec and context, the one [`Refusal`] |
+//! | [`request`] | decoding and checking every command a client sends |
+//! | `dma` | `DMA_MAP` / `DMA_UNMAP` into the IOMMU, message-based DMA to the client |
+//! | `irqs` | IRQ info, `SET_IRQS`, the eventfds and masks |
+//! | [`migration_v2`] | `MIGRATION`, `MIG_DEVICE_STATE`, `MIG_DATA_*`, the record stream |
+//! | [`migration_v1`] | the v1 migration region: its rules and its accesses |
+//! | `dirty` | v2 DMA logging and v1 `DIRTY_PAGES` |
+
+mod device;
+mod dirty;
+mod dma;
+mod irqs;
+pub mod migration_v1;
+pub mod migration_v2;
+pub mod request;
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use vmig_dma::{Iommu, IommuConfig};
+use zerocopy::IntoBytes;
+
+use crate::caps::{self, Capabilities};
+use crate::endpoint::{CloseReason, Endpoint};
+use crate::transport::{Channel, TransportError};
+use crate::wire::*;
+use dma::{ClientMemory, Dma};
+use irqs::Irqs;
+use migration_v2::Migration;
+use request::Request;
+use vmig_dma::uapi::device_state;
+use vmig_primitives::PAGE_SIZE;
+use vmig_primitives::mig_state::MigState;
+
+pub use device::{
+    Device, DeviceContext, DeviceSpec, IrqSpec, MigrationSupport, Refusal, RegionMmap, RegionSpec,
+};
+pub use dirty::MAX_BITMAP_BYTES;
+pub use dma::ClientDmaError;
+pub use migration_v2::MAX_MIGRATION_STREAM;
+
+/// Why serving a client ended other than by its leaving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The listener failed.
+    #[error("the listening socket failed")]
+    Listen(#[source] std::io::Error),
+    /// The connection's reader thread did not start.
+    #[error("cannot start the connection's reader")]
+    Reader(#[source] std::io::Error),
+    /// The client sent nothing within the time it has for `VFIO_USER_VERSION`.
+    #[error("no VFIO_USER_VERSION within 10 s")]
+    NoVersion,
+    /// The client's first message was another command.
+    #[error("the first message was command {0}, not VFIO_USER_VERSION")]
+    NotVersion(u16),
+    /// The client's `VFIO_USER_VERSION` did not decode.
+    #[error("the client's VFIO_USER_VERSION is malformed")]
+    MalformedVersion(#[source] Refusal),
+    /// No version and capabilities both sides accept.
+    #[error("the version negotiation failed")]
+    Negotiation(#[source] caps::VersionError),
+    /// The twin socket could not be created.
+    #[error("cannot create the twin socket")]
+    TwinSocket(#[source] std::io::Error),
+    /// The connection's IOMMU could not be created.
+    #[error("cannot create the connection's IOMMU")]
+    Iommu(#[source] vmig_dma::DmaError),
+    /// A reply could not be sent.
+    #[error("cannot send a reply to the client")]
+    Reply(#[source] TransportError),
+    /// The connection broke (the client's leaving is not an error).
+    #[error("the connection to the client broke")]
+    Broken(#[source] CloseReason),
+}
+
+/// A flag set by SIGTERM or SIGINT, for [`Server::run`]: the server stops cleanly instead of
+/// dying mid-command.
+pub fn stop_on_termination() -> std::io::Result<&'static AtomicBool> {
+    crate::sys::termination_flag()
+}
+
+/// Server limits and capabilities.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// What the server accepts as one transfer.
+    pub max_data_xfer_size: u64,
+    /// Descriptors accepted with one message.
+    pub max_msg_fds: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            max_data_xfer_size: caps::DEFAULT_MAX_DATA_XFER_SIZE,
+            max_msg_fds: 16,
+        }
+    }
+}
+
+/// Serves one device.
+pub struct Server<D: Device> {
+    device: Mutex<D>,
+    config: ServerConfig,
+    migration: Mutex<Migration>,
+}
+
+/// State of one connection.
+struct Session {
+    endpoint: Arc<Endpoint>,
+    dma: Arc<Dma>,
+    irqs: Arc<Irqs>,
+    spec: DeviceSpec,
+    /// v2 DMA logging page size, while logging.
+    logging: Option<u64>,
+}
+
+impl<D: Device> Server<D> {
+    /// A server for `device`.
+    pub fn new(device: D, config: ServerConfig) -> Self {
+        let size = migration_v1::DATA_OFFSET + migration_v1::DATA_SIZE;
+        let v1_region = (device.migration() == MigrationSupport::V1)
+            .then(|| {
+                let fd = vmig_primitives::memfd("vfio-user-migration", size).ok()?;
+                let memory = vmig_primitives::HostMemory::map_fd(fd.as_fd(), 0, size, true).ok()?;
+                Some((Arc::new(fd), memory))
+            })
+            .flatten();
+        Self {
+            device: Mutex::new(device),
+            config,
+            migration: Mutex::new(Migration {
+                state: MigState::Running,
+                stream: Vec::new(),
+                read_at: 0,
+                v1_state: device_state::RUNNING,
+                v1_prepared: None,
+                v1_region,
+            }),
+        }
+    }
+
+    /// The device's spec, with the v1 migration region added at index 9 for a v1 device.
+    fn full_spec(&self) -> DeviceSpec {
+        let mut spec = self.device().spec();
+        let migration = self.migration.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((fd, _)) = &migration.v1_region {
+            let index = migration_v1::MIGRATION_REGION_INDEX as usize;
+            spec.regions.resize(index, RegionSpec::default());
+            spec.regions.push(RegionSpec {
+                size: migration_v1::DATA_OFFSET + migration_v1::DATA_SIZE,
+                readable: true,
+                writable: true,
+                mmap: Some(RegionMmap {
+                    fd: Arc::clone(fd),
+                    offset: 0,
+                    areas: vec![(migration_v1::DATA_OFFSET, migration_v1::DATA_SIZE)],
+                }),
+                region_type: Some((REGION_TYPE_MIGRATION, REGION_SUBTYPE_MIGRATION)),
+            });
+        }
+        spec
+    }
+
+    /// The device (for tests and for the owner's inspection).
+    pub fn device(&self) -> MutexGuard<'_, D> {
+        self.device.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The v2 migration state.
+    pub fn migration_state(&self) -> MigState {
+        self.migration
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state
+    }
+
+    fn migration(&self) -> MutexGuard<'_, Migration> {
+        self.migration.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Accepts clients one after another until `stop` is set.
+    pub fn run(&self, listener: &UnixListener, stop: &AtomicBool) -> Result<(), ServeError> {
+        listener.set_nonblocking(true).map_err(ServeError::Listen)?;
+        while !stop.load(Ordering::Acquire) {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    stream.set_nonblocking(false).map_err(ServeError::Listen)?;
+                    if let Err(why) = self.serve(stream, stop) {
+                        tracing::warn!(
+                            error = &why as &dyn std::error::Error,
+                            "vfio-user server: client dropped"
+                        );
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(ServeError::Listen(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Negotiates the version with the client whose first message is `first`; returns the
+    /// client's capabilities and, in twin-socket mode, the endpoint of the twin socket.
+    fn negotiate(
+        &self,
+        endpoint: &Endpoint,
+        first: crate::Message,
+    ) -> Result<(Capabilities, Option<Arc<Endpoint>>), ServeError> {
+        let header = first.header;
+        let (version, client) = match request::decode(first, self.config.max_data_xfer_size) {
+            Ok(Request::Version { version, caps }) => (version, caps),
+            Ok(_) => {
+                let _ = endpoint.reply_error(&header, libc::EINVAL);
+                return Err(ServeError::NotVersion(header.command));
+            }
+            Err(e) => {
+                let _ = endpoint.reply_error(&header, e.errno);
+                return Err(ServeError::MalformedVersion(e));
+            }
+        };
+        let offered = Capabilities {
+            max_msg_fds: Some(self.config.max_msg_fds),
+            max_data_xfer_size: Some(self.config.max_data_xfer_size),
+            pgsizes: Some(PAGE_SIZE),
+            max_dma_maps: Some(vmig_dma::DEFAULT_DMA_ENTRY_LIMIT),
+            migration: Some(caps::MigrationCap {
+                pgsize: PAGE_SIZE,
+                max_bitmap_size: Some(MAX_BITMAP_BYTES),
+            }),
+            twin_socket: Some(caps::TwinSocket {
+                supported: true,
+                fd_index: Some(0),
+            }),
+            ..Capabilities::default()
+        };
+        let (v, answer) = match caps::answer(version, &client, &offered) {
+            Ok(agreed) => agreed,
+            Err(e) => {
+                let _ = endpoint.reply_error(&header, libc::EINVAL);
+                return Err(ServeError::Negotiation(e));
+            }
+        };
+        let payload = caps::encode(v.major, v.minor, &answer);
+        if !answer.twin_socket() {
+            endpoint
+                .reply(&header, &[&payload], &[])
+                .map_err(ServeError::Reply)?;
+            return Ok((client, None));
+        }
+        // Server-to-client commands get their own socket; the client's end travels with the
+        // reply.
+        let (ours, theirs) = UnixStream::pair().map_err(ServeError::TwinSocket)?;
+        endpoint
+            .reply(&header, &[&payload], &[theirs.as_fd()])
+            .map_err(ServeError::Reply)?;
+        let (twin, _commands) = Endpoint::start(Channel::new(ours)).map_err(ServeError::Reader)?;
+        Ok((client, Some(twin)))
+    }
+
+    /// Serves one client until it disconnects (or breaks the protocol, or `stop` is set).
+    pub fn serve(&self, stream: UnixStream, stop: &AtomicBool) -> Result<(), ServeError> {
+        let mut channel = Channel::new(stream);
+        channel.set_limits(
+            usize::try_from(self.config.max_data_xfer_size)
+                .unwrap_or(usize::MAX)
+                .saturating_add(1 << 16),
+            self.config.max_msg_fds as usize,
+        );
+        let (endpoint, commands) = Endpoint::start(channel).map_err(ServeError::Reader)?;
+        // The first message must be the version.
+        let first = commands
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|_| ServeError::NoVersion)?;
+        let (client_caps, twin_endpoint) = self.negotiate(&endpoint, first)?;
+        let iommu = Arc::new(Iommu::new(IommuConfig::default()).map_err(ServeError::Iommu)?);
+        let spec = self.full_spec();
+        let client = ClientMemory {
+            endpoint: Arc::downgrade(twin_endpoint.as_ref().unwrap_or(&endpoint)),
+            // The replies to our DMA_READs must fit what this side accepts too.
+            max_xfer: usize::try_from(
+                client_caps
+                    .max_data_xfer_size()
+                    .min(self.config.max_data_xfer_size)
+                    .max(1),
+            )
+            .unwrap_or(usize::MAX),
+        };
+        let mut session = Session {
+            dma: Arc::new(Dma {
+                iommu,
+                client: Arc::new(client),
+            }),
+            irqs: Arc::new(Irqs::new(&spec.irqs)),
+            endpoint,
+            spec,
+            logging: None,
+        };
+        self.device().connect(DeviceContext {
+            dma: Arc::clone(&session.dma),
+            irqs: Arc::clone(&session.irqs),
+        });
+        let outcome = loop {
+            if stop.load(Ordering::Acquire) {
+                break Ok(());
+            }
+            let message = match commands.recv_timeout(Duration::from_millis(100)) {
+                Ok(m) => m,
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => {
+                    break match session.endpoint.closed_reason() {
+                        None | Some(CloseReason::PeerClosed) => Ok(()),
+                        Some(why) => Err(ServeError::Broken(why)),
+                    };
+                }
+            };
+            let header = message.header;
+            let result = request::decode(message, self.config.max_data_xfer_size)
+                .and_then(|request| self.handle(&mut session, request));
+            let sent = match result {
+                Ok(Reply { payload, fds }) => {
+                    let fds: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+                    session.endpoint.reply(&header, &[&payload], &fds)
+                }
+                Err(e) => session.endpoint.reply_error(&header, e.errno),
+            };
+            if let Err(e) = sent {
+                break Err(ServeError::Reply(e));
+            }
+        };
+        // The client is gone: close both sockets first (a DMA in flight fails at once rather
+        // than waiting for its timeout), then the device stops using DMA, then mappings and
+        // IRQs go with the session.
+        session.endpoint.close();
+        if let Some(twin) = twin_endpoint {
+            twin.close();
+        }
+        self.device().disconnect();
+        outcome
+    }
+
+    fn handle(&self, s: &mut Session, request: Request) -> Result<Reply, Refusal> {
+        match request {
+            Request::Version { .. } => {
+                Err(Refusal::invalid("VFIO_USER_VERSION was already negotiated"))
+            }
+            Request::DmaMap { map, fd } => dma::dma_map(s, map, fd),
+            Request::DmaUnmap { unmap, bitmap } => dma::dma_unmap(s, unmap, bitmap),
+            Request::GetInfo => {
+                let info = DeviceInfo {
+                    argsz: size32::<DeviceInfo>(),
+                    flags: (if s.spec.reset { DEVICE_FLAGS_RESET } else { 0 })
+                        | (if s.spec.pci { DEVICE_FLAGS_PCI } else { 0 }),
+                    num_regions: field32(s.spec.regions.len(), "the number of regions")?,
+                    num_irqs: field32(s.spec.irqs.len(), "the number of IRQ indices")?,
+                };
+                Ok(Reply::data(info.as_bytes().to_vec()))
+            }
+            Request::GetRegionInfo { argsz, index } => region_info(&s.spec, argsz, index),
+            Request::GetRegionIoFds { index, .. } => {
+                region(&s.spec, index)?;
+                let head = RegionIoFds {
+                    argsz: size32::<RegionIoFds>(),
+                    flags: 0,
+                    index,
+                    count: 0,
+                };
+                Ok(Reply::data(head.as_bytes().to_vec()))
+            }
+            Request::GetIrqInfo { index } => irqs::irq_info(s, index),
+            Request::SetIrqs { set, bools, fds } => irqs::set_irqs(s, set, &bools, fds),
+            Request::RegionRead(access) if self.is_v1_region(s, access.region) => {
+                check_access(region(&s.spec, access.region)?, access, false)?;
+                let mut data = vec![0u8; access.count as usize];
+                self.v1_read(access.offset, &mut data)?;
+                Ok(Reply::data([access.as_bytes(), &data].concat()))
+            }
+            Request::RegionWrite { access, data } if self.is_v1_region(s, access.region) => {
+                check_access(region(&s.spec, access.region)?, access, true)?;
+                self.v1_write(access.offset, &data)?;
+                Ok(Reply::data(access.as_bytes().to_vec()))
+            }
+            Request::RegionRead(access) => {
+                let spec = region(&s.spec, access.region)?;
+                check_access(spec, access, false)?;
+                let mut data = vec![0u8; access.count as usize];
+                self.device()
+                    .region_read(access.region, access.offset, &mut data)?;
+                Ok(Reply::data([access.as_bytes(), &data].concat()))
+            }
+            Request::RegionWrite { access, data } => {
+                let spec = region(&s.spec, access.region)?;
+                check_access(spec, access, true)?;
+                self.device()
+                    .region_write(access.region, access.offset, &data)?;
+                Ok(Reply::data(access.as_bytes().to_vec()))
+            }
+            Request::RegionWriteMulti(writes) => {
+                for w in &writes {
+                    let access = RegionAccess {
+                        offset: w.offset,
+                        region: w.region,
+                        count: w.count,
+                    };
+                    let spec = region(&s.spec, w.region)?;
+                    check_access(spec, access, true)?;
+                    let data = &w.data[..w.count as usize];
+                    if self.is_v1_region(s, w.region) {
+                        self.v1_write(w.offset, data)?;
+                    } else {
+                        self.device().region_write(w.region, w.offset, data)?;
+                    }
+                }
+                Ok(Reply::data((writes.len() as u64).to_le_bytes().to_vec()))
+            }
+            Request::Reset => {
+                if !s.spec.reset {
+                    return Err(Refusal::new(
+                        libc::ENOTTY,
+                        "the device does not support reset",
+                    ));
+                }
+                self.device().reset()?;
+                let mut m = self.migration();
+                // Reset is the way out of ERROR (and out of any migration state).
+                m.state = MigState::Running;
+                m.v1_state = (m.v1_state & !device_state::MASK) | device_state::RUNNING;
+                m.discard();
+                Ok(Reply::empty())
+            }
+            Request::DirtyPages {
+                argsz,
+                flags,
+                range,
+            } => dirty::dirty_pages(s, argsz, flags, range),
+            Request::Feature { argsz, flags, data } => self.feature(s, argsz, flags, &data),
+            Request::MigDataRead { size } => self.mig_data_read(size),
+            Request::MigDataWrite(data) => self.mig_data_write(&data),
+        }
+    }
+
+    /// `DEVICE_FEATURE`: migration features to [`migration_v2`], logging to `dirty`.
+    fn feature(
+        &self,
+        s: &mut Session,
+        argsz: u32,
+        flags: u32,
+        data: &[u8],
+    ) -> Result<Reply, Refusal> {
+        let feature = flags & FEATURE_MASK;
+        let pre_copy = match self.device().migration() {
+            MigrationSupport::V2 { pre_copy } => Some(pre_copy),
+            _ => None,
+        };
+        match (feature, pre_copy) {
+            (FEATURE_MIGRATION | FEATURE_MIG_DEVICE_STATE, None) => Err(Refusal::new(
+                libc::ENOTTY,
+                "this device does not support v2 migration",
+            )),
+            (FEATURE_MIGRATION | FEATURE_MIG_DEVICE_STATE, Some(pre_copy)) => {
+                self.migration_feature(argsz, flags, data, pre_copy)
+            }
+            (
+                FEATURE_DMA_LOGGING_START | FEATURE_DMA_LOGGING_STOP | FEATURE_DMA_LOGGING_REPORT,
+                _,
+            ) => dirty::logging_feature(s, argsz, flags, data),
+            _ => Err(Refusal::new(
+                libc::ENOTTY,
+                format!("feature {feature} is not supported"),
+            )),
+        }
+    }
+}
+
+/// The reply to a `DEVICE_FEATURE`: its header with `argsz` for `payload`, then `payload`.
+fn feature_echo(flags: u32, payload: &[u8]) -> Result<Reply, Refusal> {
+    let head = DeviceFeature {
+        argsz: field32(
+            size_of::<DeviceFeature>() + payload.len(),
+            "a DEVICE_FEATURE reply",
+        )?,
+        flags,
+    };
+    Ok(Reply::data([head.as_bytes(), payload].concat()))
+}
+
+/// `value` for a `u32` field of a reply (`what` it is), refused with `E2BIG` when it does not
+/// fit.
+fn field32<T: TryInto<u32> + Copy + std::fmt::Display>(
+    value: T,
+    what: &str,
+) -> Result<u32, Refusal> {
+    value.try_into().map_err(|_| {
+        Refusal::new(
+            libc::E2BIG,
+            format!("{what} ({value}) does not fit the reply's 32-bit field"),
+        )
+    })
+}
+
+/// Refuses operations (`GET`, `SET`, `PROBE` bits in `op`) that `feature` does not permit.
+fn check_ops(feature: u32, op: u32, permitted: u32) -> Result<(), Refusal> {
+    if op & !permitted != 0 {
+        return Err(Refusal::invalid(format!(
+            "feature {feature} does not support flags {op:#x}"
+        )));
+    }
+    Ok(())
+}
+
+/// A successful reply's payload and descriptors.
+pub(super) struct Reply {
+    payload: Vec<u8>,
+    fds: Vec<Arc<OwnedFd>>,
+}
+
+impl Reply {
+    pub(super) fn empty() -> Self {
+        Self {
+            payload: Vec::new(),
+            fds: Vec::new(),
+        }
+    }
+
+    pub(super) fn data(payload: Vec<u8>) -> Self {
+        Self {
+            payload,
+            fds: Vec::new(),
+        }
+    }
+}
+
+pub(super) fn need_room(argsz: u32, needed: u32) -> Result<(), Refusal> {
+    if argsz < needed {
+        return Err(Refusal::invalid(format!(
+            "argsz {argsz} has no room for the {needed}-byte reply"
+        )));
+    }
+    Ok(())
+}
+
+fn region(spec: &DeviceSpec, index: u32) -> Result<&RegionSpec, Refusal> {
+    spec.regions
+        .get(index as usize)
+        .filter(|r| r.size > 0)
+        .ok_or_else(|| Refusal::invalid(format!("region {index} does not exist")))
+}
+
+fn check_access(spec: &RegionSpec, access: RegionAccess, write: bool) -> Result<(), Refusal> {
+    let end = access.offset.checked_add(u64::from(access.count));
+    if end.is_none_or(|e| e > spec.size) {
+        return Err(Refusal::invalid(format!(
+            "[{:#x}, +{:#x}) is outside region {} of {:#x} bytes",
+            access.offset, access.count, access.region, spec.size
+        )));
+    }
+    if (write && !spec.writable) || (!write && !spec.readable) {
+        return Err(Refusal::invalid(format!(
+            "region {} cannot be {}",
+            access.region,
+            if write { "written" } else { "read" }
+        )));
+    }
+    Ok(())
+}
+
+fn region_info(spec: &DeviceSpec, argsz: u32, index: u32) -> Result<Reply, Refusal> {
+    // A region the device lacks (an unused BAR) answers size 0, as the kernel and
+    // libvfio-user do; only an index past the count is an error.
+    let r = spec.regions.get(index as usize).ok_or_else(|| {
+        Refusal::invalid(format!(
+            "region {index}: the device has {}",
+            spec.regions.len()
+        ))
+    })?;
+    let mut caps = Vec::new();
+    let base = size_of::<RegionInfo>();
+    if let Some((type_, subtype)) = r.region_type {
+        let header = CapHeader {
+            id: REGION_INFO_CAP_TYPE,
+            version: 1,
+            next: 0,
+        };
+        caps.push([header.as_bytes(), RegionType { type_, subtype }.as_bytes()].concat());
+    }
+    if let Some(mmap) = r.mmap.as_ref().filter(|m| !m.areas.is_empty()) {
+        let header = CapHeader {
+            id: REGION_INFO_CAP_SPARSE_MMAP,
+            version: 1,
+            next: 0,
+        };
+        let mut cap = [
+            header.as_bytes(),
+            SparseMmap {
+                nr_areas: field32(mmap.areas.len(), "the number of sparse areas")?,
+                reserved: 0,
+            }
+            .as_bytes(),
+        ]
+        .concat();
+        for &(offset, size) in &mmap.areas {
+            cap.extend_from_slice(SparseArea { offset, size }.as_bytes());
+        }
+        caps.push(cap);
+    }
+    // Chain the capabilities: each `next` is its successor's offset from the info's start.
+    let mut tail = Vec::new();
+    let mut offset = base;
+    let count = caps.len();
+    for (i, mut cap) in caps.into_iter().enumerate() {
+        let next = if i + 1 < count {
+            field32(offset + cap.len(), "a capability offset")?
+        } else {
+            0
+        };
+        cap[4..8].copy_from_slice(&next.to_le_bytes());
+        offset += cap.len();
+        tail.extend_from_slice(&cap);
+    }
+    let needed = field32(base + tail.len(), "the region info's size")?;
+    let mut flags = (if r.readable { REGION_INFO_FLAG_READ } else { 0 })
+        | (if r.writable {
+            REGION_INFO_FLAG_WRITE
+        } else {
+            0
+        })
+        | (if r.mmap.is_some() {
+            REGION_INFO_FLAG_MMAP
+        } else {
+            0
+        });
+    if !tail.is_empty() {
+        flags |= REGION_INFO_FLAG_CAPS;
+    }
+    let fits = argsz >= needed;
+    let info = RegionInfo {
+        argsz: needed,
+        flags,
+        index,
+        cap_offset: if fits && !tail.is_empty() {
+            field32(base, "the capability offset")?
+        } else {
+            0
+        },
+        size: r.size,
+        offset: r.mmap.as_ref().map_or(0, |m| m.offset),
+    };
+    if !fits {
+        // The client retries with room for the capabilities; the fd comes with that reply.
+        return Ok(Reply::data(info.as_bytes().to_vec()));
+    }
+    Ok(Reply {
+        payload: [info.as_bytes(), &tail].concat(),
+        fds: r.mmap.iter().map(|m| Arc::clone(&m.fd)).collect(),
+    })
+}
