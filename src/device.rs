@@ -97,13 +97,13 @@ fn serve(socket: &Path, device: &str, migration: &str) -> Result<ExitCode, Strin
     );
     let result = server.run(&listener, stop);
     let _ = std::fs::remove_file(socket);
-    result.map_err(|e| format!("serving {}: {}", socket.display(), chain(&e)))?;
+    result.map_err(|e| format!("serving {}: {e}", socket.display()))?;
     println!("stopped");
     Ok(ExitCode::SUCCESS)
 }
 
 fn probe(socket: &Path) -> Result<ExitCode, String> {
-    let text = |e: vmig_vfio_user::client::ClientError| chain(&e);
+    let text = |e: vmig_vfio_user::client::ClientError| e.to_string();
     let client = Client::connect(socket, None).map_err(text)?;
     print!("{}", client.describe(socket).map_err(text)?);
     client.close();
@@ -119,16 +119,4 @@ fn probe_kernel_device(bdf: &str) -> Result<ExitCode, String> {
         vmig_vfio::describe(&container, &device).map_err(|e| e.to_string())?
     );
     Ok(ExitCode::SUCCESS)
-}
-
-/// An error and its causes, one after another.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut cause = err.source();
-    while let Some(e) = cause {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        cause = e.source();
-    }
-    text
 }

@@ -364,6 +364,11 @@ impl Progress {
     }
 }
 
+/// Whole milliseconds of `elapsed` (saturating: 2^64 ms is 584 million years).
+pub fn millis(elapsed: std::time::Duration) -> u64 {
+    u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,9 +407,4 @@ mod tests {
             assert_eq!(serde_json::to_value(status).unwrap(), status.name());
         }
     }
-}
-
-/// Whole milliseconds of `elapsed` (saturating: 2^64 ms is 584 million years).
-pub fn millis(elapsed: std::time::Duration) -> u64 {
-    u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
 }

@@ -1,5 +1,5 @@
 //! A kernel VFIO device's migration as the engine drives it: the v2 state machine in the same
-//! steps, and with the same meaning, as `vmig_vfio_user::device_migration` gives a vfio-user
+//! steps, and with the same meaning, as `vmig_vfio_user::client::DeviceMigration` gives a vfio-user
 //! device, so the engine moves both alike.
 //!
 //! | step | `MIG_DEVICE_STATE` | data fd |

@@ -254,10 +254,11 @@ impl MigratableDevice for KernelDevice {
     }
 
     fn dirty_log_stop(&self) -> OpResult<()> {
-        Ok(match self.dirty_log_kind() {
+        match self.dirty_log_kind() {
             DirtyLogKind::DmaLogging => self.device.stop_dma_logging()?,
             DirtyLogKind::DirtyPages => self.container.stop_dirty_tracking()?,
-        })
+        }
+        Ok(())
     }
 
     fn dirty_log_reports_everything(&self) -> bool {

@@ -189,7 +189,7 @@ pub trait MigratableDevice: Send + Sync + fmt::Debug {
 }
 
 /// One device's migration steps, the same for every protocol (see
-/// `vmig_vfio_user::device_migration` for what each does in v1 and v2).
+/// `vmig_vfio_user::client::DeviceMigration` for what each does in v1 and v2).
 pub trait MigrationSteps {
     /// Starts saving while the device runs.
     fn start_precopy(&self) -> OpResult<()>;

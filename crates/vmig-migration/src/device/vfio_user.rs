@@ -222,10 +222,11 @@ impl MigratableDevice for UserDevice {
     }
 
     fn dirty_log_stop(&self) -> OpResult<()> {
-        Ok(match self.dirty_log_kind() {
+        match self.dirty_log_kind() {
             DirtyLogKind::DmaLogging => self.client.dma_logging_stop()?,
             DirtyLogKind::DirtyPages => self.client.dirty_pages_log(false)?,
-        })
+        }
+        Ok(())
     }
 
     fn take_message_dma_pages(&self) -> Vec<u64> {

@@ -46,7 +46,7 @@ pub trait DmaMemory: Send + Sync {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// Connecting failed.
-    #[error("cannot connect to {path}")]
+    #[error("cannot connect to {path}: {source}")]
     Connect {
         /// The socket.
         path: String,
@@ -54,10 +54,10 @@ pub enum ClientError {
         source: std::io::Error,
     },
     /// The server's `VFIO_USER_VERSION` reply cannot be used.
-    #[error("the server's VFIO_USER_VERSION reply cannot be used")]
+    #[error("the server's VFIO_USER_VERSION reply cannot be used: {0}")]
     Version(#[source] caps::VersionError),
     /// A thread of the connection did not start.
-    #[error("cannot start {what}")]
+    #[error("cannot start {what}: {source}")]
     Thread {
         /// Which thread.
         what: &'static str,

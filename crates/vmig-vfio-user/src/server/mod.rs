@@ -61,10 +61,10 @@ pub use migration_v2::MAX_MIGRATION_STREAM;
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// The listener failed.
-    #[error("the listening socket failed")]
+    #[error("the listening socket failed: {0}")]
     Listen(#[source] std::io::Error),
     /// The connection's reader thread did not start.
-    #[error("cannot start the connection's reader")]
+    #[error("cannot start the connection's reader: {0}")]
     Reader(#[source] std::io::Error),
     /// The client sent nothing within the time it has for `VFIO_USER_VERSION`.
     #[error("no VFIO_USER_VERSION within 10 s")]
@@ -73,22 +73,22 @@ pub enum ServeError {
     #[error("the first message was command {0}, not VFIO_USER_VERSION")]
     NotVersion(u16),
     /// The client's `VFIO_USER_VERSION` did not decode.
-    #[error("the client's VFIO_USER_VERSION is malformed")]
+    #[error("the client's VFIO_USER_VERSION is malformed: {0}")]
     MalformedVersion(#[source] Refusal),
     /// No version and capabilities both sides accept.
-    #[error("the version negotiation failed")]
+    #[error("the version negotiation failed: {0}")]
     Negotiation(#[source] caps::VersionError),
     /// The twin socket could not be created.
-    #[error("cannot create the twin socket")]
+    #[error("cannot create the twin socket: {0}")]
     TwinSocket(#[source] std::io::Error),
     /// The connection's IOMMU could not be created.
-    #[error("cannot create the connection's IOMMU")]
+    #[error("cannot create the connection's IOMMU: {0}")]
     Iommu(#[source] vmig_dma::DmaError),
     /// A reply could not be sent.
-    #[error("cannot send a reply to the client")]
+    #[error("cannot send a reply to the client: {0}")]
     Reply(#[source] TransportError),
     /// The connection broke (the client's leaving is not an error).
-    #[error("the connection to the client broke")]
+    #[error("the connection to the client broke: {0}")]
     Broken(#[source] CloseReason),
 }
 
