@@ -159,7 +159,8 @@ pub fn follow_migration(
         let done = if ram.total == 0 {
             0
         } else {
-            (ram.normal_pages + ram.zero_pages) * 4096 * 100 / ram.total.max(1)
+            (ram.normal_pages + ram.zero_pages) * vmig_primitives::PAGE_SIZE * 100
+                / ram.total.max(1)
         };
         bar.set_position(done.min(100));
         bar.set_message(format!(

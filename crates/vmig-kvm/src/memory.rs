@@ -20,9 +20,7 @@ use vmig_dirty::DirtyBitmap;
 use vmig_primitives::HostMemory;
 pub use vmig_primitives::{PAGE_SIZE, page_digest};
 
-/// [`PAGE_SIZE`] as a `usize`, for page buffers and slices.
-#[expect(clippy::cast_possible_truncation, reason = "4096 fits every usize")]
-pub(crate) const PAGE_BYTES: usize = PAGE_SIZE as usize;
+pub(crate) use vmig_primitives::PAGE_BYTES;
 
 /// A byte offset or length inside a slot's host mapping, as a `usize`: the mapping exists in
 /// this process, so whatever lies inside it fits the address space.

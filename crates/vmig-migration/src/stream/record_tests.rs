@@ -1,0 +1,286 @@
+//! Round trips and refusals of every record kind.
+
+use super::*;
+use crate::stream::{RecordReader, RecordWriter};
+use vmig_primitives::GuestAddress;
+
+/// The fixed heads have the sizes the wire format gives them.
+#[test]
+fn heads_have_their_wire_sizes() {
+    assert_eq!(size_of::<PagesHead>(), 8);
+    assert_eq!(size_of::<PageEntry>(), 8);
+    assert_eq!(size_of::<PassEndHead>(), 4);
+    assert_eq!(size_of::<DeviceDataHead>(), 8);
+    assert_eq!(size_of::<DeviceEndHead>(), 20);
+    assert_eq!(size_of::<DigestsHead>(), 12);
+}
+
+#[test]
+fn kind_zero_and_unknown_kinds_are_no_kind() {
+    assert_eq!(Kind::from_u16(0), None);
+    assert_eq!(Kind::from_u16(15), None);
+    for kind in Kind::ALL {
+        assert_eq!(Kind::from_u16(kind as u16), Some(kind));
+        assert_eq!(kind.name(), format!("{kind:?}"));
+    }
+}
+
+/// A page of recognisable data.
+pub(crate) fn page() -> Vec<u8> {
+    (0..PAGE_BYTES)
+        .map(|i| (i % 251).to_le_bytes()[0])
+        .collect()
+}
+
+/// One record of each kind, with non-trivial contents; `data` is one page, `digests`
+/// backs the `Digests` record.
+pub(crate) fn one_of_each<'a>(
+    data: &'a [u8],
+    entries: &'a [PageEntry],
+    digests: &'a [U64],
+) -> Vec<Record<'a>> {
+    let config = MigrationConfig {
+        vm: VmConfig::default(),
+        devices: vec![DeviceDescription {
+            name: "dev0".into(),
+            protocol: MigrationProtocol::V2 { pre_copy: true },
+            bars: vec![Bar {
+                index: 0,
+                gpa: GuestAddress(0xfe00_0000),
+                size: 0x1000,
+            }],
+            mapped: vec![MappedArea {
+                region: 0,
+                gpa: GuestAddress(0xfe00_0000),
+                len: 0x1000,
+            }],
+            kind: DeviceKind::VfioPci {
+                ids: Some((0x15b3, 0x101e)),
+            },
+        }],
+        verify_memory: true,
+    };
+    let verification = Verification {
+        pages_compared: 3,
+        problems: vec!["one".into()],
+        ..Verification::default()
+    };
+    vec![
+        Record::Config(Box::new(config)),
+        Record::Ready,
+        Record::Pages(Pages {
+            pass: 3,
+            entries,
+            data,
+        }),
+        Record::PassEnd { pass: 3 },
+        Record::DeviceData(DeviceData {
+            device: 1,
+            more: true,
+            data: b"state",
+        }),
+        Record::DeviceEnd(DeviceEnd {
+            device: 1,
+            bytes: 5,
+            digest: 0xdead_beef,
+        }),
+        Record::VcpuState(Vec::new()),
+        Record::Digests(Digests {
+            first: PageNumber(16),
+            digests,
+        }),
+        Record::Complete,
+        Record::Accepted,
+        Record::Commit,
+        Record::Resumed,
+        Record::Result(Box::new(verification)),
+        Record::Abort(Cow::Borrowed("no room")),
+    ]
+}
+
+/// Every kind goes through writer and reader and comes out as it went in.
+#[test]
+fn every_record_kind_round_trips() {
+    let data = page();
+    let entries = [
+        PageEntry::new(PageNumber(7), false),
+        PageEntry::new(PageNumber(9), true),
+    ];
+    let digests = [U64::new(1), U64::new(u64::MAX)];
+    let records = one_of_each(&data, &entries, &digests);
+    let kinds: Vec<Kind> = records.iter().map(Record::kind).collect();
+    assert_eq!(kinds, Kind::ALL);
+    let mut w = RecordWriter::new(Vec::new());
+    for record in &records {
+        w.send(record).unwrap();
+    }
+    let bytes = w.get_ref().clone();
+    let mut r = RecordReader::new(&bytes[..], "t");
+    let mut buf = Vec::new();
+    for record in &records {
+        let kind = r.read_into(&mut buf).unwrap();
+        assert_eq!(kind, record.kind());
+        let decoded = Record::decode(kind, &buf).unwrap();
+        // What was decoded encodes to the bytes that came, and says what went in.
+        assert_eq!(payload(&decoded), buf, "{kind:?}");
+        assert_eq!(format!("{decoded:?}"), format!("{record:?}"));
+    }
+    assert_eq!(r.bytes(), bytes.len() as u64);
+}
+
+/// A record's payload, as one buffer.
+fn payload(record: &Record<'_>) -> Vec<u8> {
+    let p = record.encode().unwrap();
+    [&p.head[..], p.body, p.pages.unwrap_or_default()].concat()
+}
+
+/// The bytes of the fixed payloads are the documented ones.
+#[test]
+fn fixed_payloads_have_their_documented_bytes() {
+    let bytes = |record: Record<'_>| payload(&record);
+    assert_eq!(bytes(Record::PassEnd { pass: 0x0102_0304 }), [4, 3, 2, 1]);
+    let end = DeviceEnd {
+        device: 2,
+        bytes: 3,
+        digest: 4,
+    };
+    let mut expected = 2u32.to_le_bytes().to_vec();
+    expected.extend_from_slice(&3u64.to_le_bytes());
+    expected.extend_from_slice(&4u64.to_le_bytes());
+    assert_eq!(bytes(Record::DeviceEnd(end)), expected);
+    let data = DeviceData {
+        device: 2,
+        more: true,
+        data: b"x",
+    };
+    assert_eq!(
+        bytes(Record::DeviceData(data)),
+        [2, 0, 0, 0, 1, 0, 0, 0, b'x']
+    );
+    let entries = [PageEntry::new(PageNumber(9), true)];
+    let pages = Pages {
+        pass: 1,
+        entries: &entries,
+        data: &[],
+    };
+    let mut expected = [1u32.to_le_bytes(), 1u32.to_le_bytes()].concat();
+    expected.extend_from_slice(&(9 | ZERO_PAGE).to_le_bytes());
+    assert_eq!(bytes(Record::Pages(pages)), expected);
+}
+
+/// Short, long and reserved-bit payloads are refused with what was expected.
+#[test]
+fn malformed_payloads_are_refused_saying_what_was_expected() {
+    let data = page();
+    let cases: [(Kind, Vec<u8>, &str); 14] = [
+        (
+            Kind::Ready,
+            vec![0],
+            "a Ready record of 1 bytes: expected an empty payload",
+        ),
+        (
+            Kind::Commit,
+            vec![0; 3],
+            "a Commit record of 3 bytes: expected an empty payload",
+        ),
+        (
+            Kind::PassEnd,
+            vec![0; 3],
+            "a PassEnd record of 3 bytes: expected exactly 4 bytes (pass u32)",
+        ),
+        (
+            Kind::PassEnd,
+            vec![0; 5],
+            "a PassEnd record of 5 bytes: expected exactly 4 bytes (pass u32)",
+        ),
+        (
+            Kind::DeviceEnd,
+            vec![0; 19],
+            "a DeviceEnd record of 19 bytes: expected exactly 20 bytes (device u32, bytes u64, digest u64)",
+        ),
+        (
+            Kind::DeviceEnd,
+            vec![0; 21],
+            "a DeviceEnd record of 21 bytes: expected exactly 20 bytes (device u32, bytes u64, digest u64)",
+        ),
+        (
+            Kind::DeviceData,
+            vec![0; 7],
+            "a DeviceData record of 7 bytes: expected at least 8 bytes (device u32, flags u32)",
+        ),
+        (
+            Kind::DeviceData,
+            [0, 0, 0, 0, 2, 0, 0, 0].to_vec(),
+            "a DeviceData record with flags 0x2: expected 0x1 (more parts) or 0",
+        ),
+        (
+            Kind::Pages,
+            vec![0; 7],
+            "a Pages record of 7 bytes: expected at least 8 bytes (pass u32, count u32)",
+        ),
+        (
+            Kind::Pages,
+            [0, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0].to_vec(),
+            "a Pages record of 16 bytes: expected 8 bytes of head and 8 bytes for each of its 2 entries",
+        ),
+        (
+            Kind::Pages,
+            [
+                [0, 0, 0, 0, 1, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0].as_slice(),
+                &data[1..],
+            ]
+            .concat(),
+            "a Pages record lists 1 non-zero pages and carries 4095 bytes of data: expected 4096 bytes for each",
+        ),
+        (
+            Kind::Pages,
+            [
+                [0, 0, 0, 0, 1, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0x80].as_slice(),
+                &data,
+            ]
+            .concat(),
+            "a Pages record lists 0 non-zero pages and carries 4096 bytes of data: expected 4096 bytes for each",
+        ),
+        (
+            Kind::Digests,
+            [0u8; 11].to_vec(),
+            "a Digests record of 11 bytes: expected at least 12 bytes (first u64, count u32)",
+        ),
+        (
+            Kind::Digests,
+            [[0u8; 8].as_slice(), &[1, 0, 0, 0], &[0; 9]].concat(),
+            "a Digests record of 21 bytes: expected 12 bytes of head and 8 bytes for each of its 1 digests",
+        ),
+    ];
+    for (kind, payload, expected) in cases {
+        let err = Record::decode(kind, &payload).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("migration stream: {expected}"),
+            "{kind:?}"
+        );
+    }
+    for (kind, what) in [
+        (
+            Kind::Config,
+            "the Config record is not a vmig configuration",
+        ),
+        (
+            Kind::VcpuState,
+            "the VcpuState record is not valid vCPU state",
+        ),
+        (
+            Kind::Result,
+            "the destination's Result record is not valid JSON",
+        ),
+    ] {
+        let err = Record::decode(kind, b"{").unwrap_err();
+        assert!(matches!(err, MigrationError::Json { .. }), "{err:?}");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("migration stream: {what}: ")),
+            "{err}"
+        );
+        assert!(std::error::Error::source(&err).is_some());
+    }
+}
