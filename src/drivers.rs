@@ -36,11 +36,19 @@ impl driver::Bar0 for Bar0<'_> {
 struct Ram<'a>(&'a GuestMemory);
 
 impl driver::GuestRam for Ram<'_> {
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> std::result::Result<(), driver::AccessError> {
+    fn read(
+        &self,
+        gpa: GuestAddress,
+        buf: &mut [u8],
+    ) -> std::result::Result<(), driver::AccessError> {
         Ok(self.0.read(gpa, buf)?)
     }
 
-    fn write(&self, gpa: u64, data: &[u8]) -> std::result::Result<(), driver::AccessError> {
+    fn write(
+        &self,
+        gpa: GuestAddress,
+        data: &[u8],
+    ) -> std::result::Result<(), driver::AccessError> {
         Ok(self.0.write(gpa, data)?)
     }
 }
@@ -71,13 +79,13 @@ impl GuestDriver for DmaEngineDriver {
             .dma_area
             .clone()
             .map_err(|why| MigrationError::device(ctx.name, why))?;
-        let ring = driver::Ring::in_area(area.raw());
+        let ring = driver::Ring::in_area(area);
         let status_page = ctx
             .mapped
             .iter()
             .find(|area| area.region == dma_engine::STATUS_REGION)
-            .map(|area| area.gpa.raw());
-        let (producer, consumer) = driver::doorbell(bar0.gpa.raw(), status_page);
+            .map(|area| area.gpa);
+        let (producer, consumer) = driver::doorbell(bar0.gpa, status_page);
         if ctx.role == Role::Source {
             let seed = 0x5eed_0000 + ctx.index as u64;
             driver::start(&Bar0(ctx.device), &Ram(ctx.memory), ring, ctx.rate, seed)
@@ -86,10 +94,7 @@ impl GuestDriver for DmaEngineDriver {
         Ok(Some(Box::new(BoundDmaEngine {
             name: ctx.name.to_string(),
             ring,
-            doorbell: Some(Doorbell {
-                producer: GuestAddress(producer),
-                consumer: GuestAddress(consumer),
-            }),
+            doorbell: Some(Doorbell { producer, consumer }),
         })))
     }
 }

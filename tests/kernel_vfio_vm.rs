@@ -18,6 +18,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vmig_primitives::GuestAddress;
 
 use vmig_dirty::DirtyBitmap;
 use vmig_kernel_guest::{EDU_BDF_ENV, Guest, GuestBinary, edu};
@@ -190,7 +191,7 @@ fn in_guest_a_vm_with_edu_through_kernel_vfio() {
     let dst = src + PAGE_SIZE + 0x100;
     let memory = machine.vm.memory();
     let pattern: Vec<u8> = (0..=255u8).cycle().take(1024).collect();
-    memory.write(src, &pattern).unwrap();
+    memory.write(GuestAddress(src), &pattern).unwrap();
     // edu has no DMA logging: the container's type1 tracking is its log.
     assert_eq!(device.device.dirty_log_kind(), DirtyLogKind::DirtyPages);
     let mut tracking =
@@ -209,7 +210,7 @@ fn in_guest_a_vm_with_edu_through_kernel_vfio() {
         edu::CMD_TO_RAM | edu::CMD_IRQ,
     );
     let mut copied = vec![0u8; 1024];
-    memory.read(dst, &mut copied).unwrap();
+    memory.read(GuestAddress(dst), &mut copied).unwrap();
     assert_eq!(copied, pattern, "edu's DMA reached the VM's RAM");
     let dirty = DirtyBitmap::try_new(memory.layout().top_page()).unwrap();
     let reported = tracking.harvest(&dirty).unwrap();

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 use vmig_dirty::DirtyBitmap;
-use vmig_primitives::HostMemory;
+use vmig_primitives::{GuestAddress, HostMemory};
 pub use vmig_primitives::{PAGE_SIZE, page_digest};
 
 pub(crate) use vmig_primitives::PAGE_BYTES;
@@ -248,13 +248,15 @@ impl GuestMemory {
     }
 
     /// Copies guest memory at `gpa` into `buf`; the range must lie in one slot.
-    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<()> {
+    pub fn read(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<()> {
+        let gpa = gpa.raw();
         let (slot, offset) = self.locate(gpa, buf.len() as u64)?;
         Ok(slot.host.read(offset, buf)?)
     }
 
     /// Copies `data` into guest memory at `gpa` and records the pages as written by the VMM.
-    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<()> {
+    pub fn write(&self, gpa: GuestAddress, data: &[u8]) -> Result<()> {
+        let gpa = gpa.raw();
         let (slot, offset) = self.locate(gpa, data.len() as u64)?;
         slot.host.write(offset, data)?;
         self.mark_vmm_dirty(gpa, data.len() as u64);

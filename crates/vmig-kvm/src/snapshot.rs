@@ -14,6 +14,7 @@
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
+use vmig_primitives::GuestAddress;
 
 use serde::{Deserialize, Serialize};
 
@@ -179,7 +180,7 @@ fn load_memory(input: &mut impl Read, memory: &GuestMemory, header: &[u8]) -> Re
         for i in 0..pages {
             read_exact(input, &mut page, "memory pages")?;
             trailer.add(&page);
-            memory.write(gpa + i * PAGE_SIZE, &page)?;
+            memory.write(GuestAddress(gpa + i * PAGE_SIZE), &page)?;
         }
     }
     let mut digest = [0u8; 8];

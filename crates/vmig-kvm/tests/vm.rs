@@ -3,6 +3,7 @@
 mod common;
 
 use std::time::Duration;
+use vmig_primitives::GuestAddress;
 
 use vmig_kvm::guest::{GuestLayout, Stamp};
 use vmig_kvm::{DirtyLogMode, KvmError, PAGE_SIZE, Vm, VmConfig};
@@ -87,7 +88,9 @@ fn verify_finds_torn_lost_and_scribbled_pages() {
         .unwrap();
     memory.store_u64(gpa(lost) + 4088, tag).unwrap();
     // Scribbled: a byte in the head.
-    memory.write(gpa(scribbled) + 3, &[0xff]).unwrap();
+    memory
+        .write(GuestAddress(gpa(scribbled) + 3), &[0xff])
+        .unwrap();
     vm.resume().unwrap();
     let report = vm.verify(Duration::from_secs(30)).unwrap();
     vm.pause().unwrap();
@@ -119,9 +122,9 @@ fn vcpu_state_and_memory_survive_a_restore_into_a_fresh_vm() {
             for i in 0..slot.layout.pages() {
                 source
                     .memory()
-                    .read(slot.layout.gpa + i * PAGE_SIZE, &mut page)?;
+                    .read(GuestAddress(slot.layout.gpa + i * PAGE_SIZE), &mut page)?;
                 if page.iter().any(|&b| b != 0) {
-                    into.write(slot.layout.gpa + i * PAGE_SIZE, &page)?;
+                    into.write(GuestAddress(slot.layout.gpa + i * PAGE_SIZE), &page)?;
                 }
             }
         }

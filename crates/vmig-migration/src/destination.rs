@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
+use vmig_primitives::GuestAddress;
 
 use vmig_dirty::DirtyBitmap;
 use vmig_kvm::{DirtyLogMode, GuestMemory, PAGE_SIZE, VcpuState, Vm};
@@ -139,7 +140,7 @@ impl Pages<'_> {
             if entry.is_zero() {
                 if self.written.test(page.0).unwrap_or(false) {
                     self.memory
-                        .write(gpa, &[0u8; PAGE_BYTES])
+                        .write(GuestAddress(gpa), &[0u8; PAGE_BYTES])
                         .map_err(|source| MigrationError::Memory {
                             what: format!("zero page {:#x}", page.0),
                             source,
@@ -155,7 +156,7 @@ impl Pages<'_> {
                     ))
                 })?;
                 self.memory
-                    .write(gpa, bytes)
+                    .write(GuestAddress(gpa), bytes)
                     .map_err(|source| MigrationError::Memory {
                         what: format!("page {:#x}", page.0),
                         source,

@@ -64,14 +64,7 @@ pub trait BoundDriver: Send + Sync + fmt::Debug {
     fn check(&self, device: &dyn MigratableDevice, memory: &GuestMemory) -> Result<DeviceCheck>;
 }
 
-/// A doorbell of the synthetic guest: two guest-physical addresses of 64-bit counters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Doorbell {
-    /// What the device produced (read by the guest).
-    pub producer: GuestAddress,
-    /// What the guest consumed (written by the guest).
-    pub consumer: GuestAddress,
-}
+pub use vmig_kvm::guest::Doorbell;
 
 /// The drivers a machine offers its devices to, in order; cloning shares them.
 #[derive(Clone, Default)]

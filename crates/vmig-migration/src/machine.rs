@@ -380,7 +380,7 @@ impl Machine {
             };
             let driver = drivers.bind(&ctx)?;
             if let Some(bell) = driver.as_ref().and_then(|d| d.doorbell()) {
-                doorbells.push((bell.producer.raw(), bell.consumer.raw()));
+                doorbells.push(bell);
             }
             tracing::debug!(
                 device = %name,

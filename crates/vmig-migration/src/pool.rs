@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vmig_kvm::{GuestMemory, PAGE_SIZE};
+use vmig_kvm::GuestMemory;
 use vmig_primitives::PageNumber;
 
 use crate::error::{MigrationError, Result};
@@ -207,7 +207,7 @@ impl PagePool {
         for &page in pages {
             let slot = &mut data[filled..filled + PAGE_BYTES];
             memory
-                .read(page * PAGE_SIZE, slot)
+                .read(PageNumber(page).guest_address(), slot)
                 .map_err(io::Error::other)?;
             let is_zero = is_zero(slot);
             if is_zero {

@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use vmig_primitives::GuestAddress;
 
 use vmig_dirty::DirtyBitmap;
 use vmig_kvm::{PAGE_SIZE, VcpuState, Vm};
@@ -678,7 +679,7 @@ pub fn digest_all(memory: &vmig_kvm::GuestMemory) -> Result<Vec<(u64, Vec<u64>)>
             let mut page = vec![0u8; PAGE_BYTES];
             let mut list = Vec::with_capacity(usize::try_from(to - from).unwrap_or(0));
             for p in from..to {
-                memory.read(slot.gpa + p * PAGE_SIZE, &mut page)?;
+                memory.read(GuestAddress(slot.gpa + p * PAGE_SIZE), &mut page)?;
                 list.push(page_digest(&page));
             }
             Ok(list)

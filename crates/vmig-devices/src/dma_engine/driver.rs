@@ -15,7 +15,7 @@
 
 use std::time::Duration;
 
-use vmig_primitives::PAGE_SIZE;
+use vmig_primitives::{GuestAddress, PAGE_SIZE};
 
 use super::{BAR0_SIZE, ID, RECORD_SIZE, check_record, reg};
 
@@ -33,9 +33,9 @@ pub trait Bar0 {
 /// Guest memory by guest-physical address.
 pub trait GuestRam {
     /// Reads `buf.len()` bytes at `gpa`.
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), AccessError>;
+    fn read(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), AccessError>;
     /// Writes `data` at `gpa`.
-    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), AccessError>;
+    fn write(&self, gpa: GuestAddress, data: &[u8]) -> Result<(), AccessError>;
 }
 
 /// What the driver could not do.
@@ -51,10 +51,10 @@ pub enum DriverError {
         source: AccessError,
     },
     /// Reading or writing the ring or a buffer.
-    #[error("dma-engine ring at guest address {gpa:#x}: {source}")]
+    #[error("dma-engine ring at {gpa}: {source}")]
     Memory {
         /// Where.
-        gpa: u64,
+        gpa: GuestAddress,
         /// Why.
         #[source]
         source: AccessError,
@@ -74,21 +74,26 @@ pub const AREA_BYTES: u64 = (RING_ENTRIES + 1) * PAGE_SIZE;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ring {
     /// The ring of buffer addresses.
-    pub ring_gpa: u64,
+    pub ring_gpa: GuestAddress,
     /// Buffer *i* is at `buffers_gpa + i × PAGE_SIZE`.
-    pub buffers_gpa: u64,
+    pub buffers_gpa: GuestAddress,
     /// Entries.
     pub entries: u64,
 }
 
 impl Ring {
     /// The ring at the start of `area` (at least [`AREA_BYTES`]), its buffers after it.
-    pub fn in_area(area: u64) -> Self {
+    pub fn in_area(area: GuestAddress) -> Self {
         Self {
             ring_gpa: area,
-            buffers_gpa: area + PAGE_SIZE,
+            buffers_gpa: GuestAddress(area.raw() + PAGE_SIZE),
             entries: RING_ENTRIES,
         }
+    }
+
+    /// Where buffer `i` is.
+    pub fn buffer(&self, i: u64) -> GuestAddress {
+        GuestAddress(self.buffers_gpa.raw() + i * PAGE_SIZE)
     }
 }
 
@@ -133,7 +138,7 @@ pub fn start(
 ) -> Result<(), DriverError> {
     let mut table = Vec::with_capacity(usize::try_from(ring.entries * 8).unwrap_or(0));
     for i in 0..ring.entries {
-        table.extend_from_slice(&(ring.buffers_gpa + i * PAGE_SIZE).to_le_bytes());
+        table.extend_from_slice(&ring.buffer(i).raw().to_le_bytes());
     }
     ram.write(ring.ring_gpa, &table)
         .map_err(|source| DriverError::Memory {
@@ -141,7 +146,7 @@ pub fn start(
             source,
         })?;
     write(regs, reg::CTRL, 0)?;
-    write(regs, reg::RING_BASE, ring.ring_gpa)?;
+    write(regs, reg::RING_BASE, ring.ring_gpa.raw())?;
     write(regs, reg::RING_SIZE, ring.entries)?;
     write(regs, reg::SEED, seed)?;
     write(regs, reg::RATE, rate)?;
@@ -156,10 +161,13 @@ pub fn start(
 
 /// The guest's doorbell: where it reads `PRODUCER` (the mapped status page when there is one,
 /// else BAR0's register) and where it writes `CONSUMER`, for BAR0 at `bar0_gpa`.
-pub fn doorbell(bar0_gpa: u64, status_page_gpa: Option<u64>) -> (u64, u64) {
+pub fn doorbell(
+    bar0_gpa: GuestAddress,
+    status_page_gpa: Option<GuestAddress>,
+) -> (GuestAddress, GuestAddress) {
     (
-        status_page_gpa.unwrap_or(bar0_gpa + reg::PRODUCER),
-        bar0_gpa + reg::CONSUMER,
+        status_page_gpa.unwrap_or(GuestAddress(bar0_gpa.raw() + reg::PRODUCER)),
+        GuestAddress(bar0_gpa.raw() + reg::CONSUMER),
     )
 }
 
@@ -176,7 +184,7 @@ pub fn check_records(
     let mut buffers = Vec::new();
     for i in 0..ring.entries {
         let mut record = [0u8; RECORD_SIZE];
-        let gpa = ring.buffers_gpa + i * PAGE_SIZE;
+        let gpa = ring.buffer(i);
         ram.read(gpa, &mut record)
             .map_err(|source| DriverError::Memory { gpa, source })?;
         buffers.push(record);

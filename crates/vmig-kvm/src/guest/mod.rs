@@ -38,7 +38,8 @@ mod workload;
 pub use layout::{CONTROL_GPA, GuestLayout, MAX_VCPUS, MMIO_WINDOW_GPA, MMIO_WINDOW_SIZE};
 pub use program::GuestProgram;
 pub use protocol::{
-    MAX_DOORBELLS, PORT_BAD_PAGE, PORT_PACE, PORT_VERIFY_DONE, PORT_YIELD, set_doorbells, set_epoch,
+    Doorbell, MAX_DOORBELLS, PORT_BAD_PAGE, PORT_PACE, PORT_VERIFY_DONE, PORT_YIELD, set_doorbells,
+    set_epoch,
 };
 pub use verify::{STAMP_MAGIC, Stamp, VcpuCounters, post_verify, read_counters};
 pub use workload::{Workload, WorkloadKind, parse_size};

@@ -3,6 +3,7 @@
 //! boots with.
 
 use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
+use vmig_primitives::GuestAddress;
 
 use super::layout::{
     CODE_GPA, CODE_LIMIT, GDT_GPA, MAX_VCPUS, MMIO_WINDOW_GPA, MMIO_WINDOW_SIZE, WS_VA,
@@ -55,13 +56,13 @@ impl GuestProgram {
     pub fn install(&self, memory: &GuestMemory) -> Result<()> {
         // GDT: null, 64-bit code (0x08), data (0x10).
         let gdt: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
-        memory.write(GDT_GPA, &words_to_bytes(&gdt))?;
+        memory.write(GuestAddress(GDT_GPA), &words_to_bytes(&gdt))?;
         self.install_page_tables(memory)?;
         let code = self.assemble()?;
         if code.len() as u64 > CODE_LIMIT {
             return Err(KvmError::Invalid("guest code does not fit its area".into()));
         }
-        memory.write(CODE_GPA, &code)?;
+        memory.write(GuestAddress(CODE_GPA), &code)?;
         let hot_total = match self.workload.hot {
             Some(bytes) => (bytes / PAGE_SIZE).clamp(1, self.layout.ws_pages),
             None => (self.layout.ws_pages / 16).max(1),
@@ -109,7 +110,7 @@ impl GuestProgram {
             va += slot.size;
         }
         for (gpa, page) in tables.pages() {
-            memory.write(gpa, &words_to_bytes(page))?;
+            memory.write(GuestAddress(gpa), &words_to_bytes(page))?;
         }
         Ok(())
     }

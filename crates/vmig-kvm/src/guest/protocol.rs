@@ -6,6 +6,8 @@
 use super::layout::{
     CONTROL_GPA, MMIO_WINDOW_GPA, MMIO_WINDOW_SIZE, VCPU_BLOCK_SIZE, VCPU_BLOCKS_GPA,
 };
+use vmig_primitives::GuestAddress;
+
 use crate::error::{KvmError, Result};
 use crate::memory::GuestMemory;
 
@@ -55,10 +57,19 @@ pub fn set_epoch(memory: &GuestMemory, epoch: u64) -> Result<()> {
     memory.store_u64(CONTROL_GPA + CTL_EPOCH, epoch)
 }
 
-/// Gives the guest's driver its doorbells: at each batch boundary vCPU 0 reads the `u64` at
-/// each pair's first guest-physical address and writes it to the second (for the dma-engine:
-/// `PRODUCER` into `CONSUMER`). The addresses must lie in the MMIO window.
-pub fn set_doorbells(memory: &GuestMemory, doorbells: &[(u64, u64)]) -> Result<()> {
+/// A doorbell the guest's driver serves: at each batch boundary vCPU 0 reads the `u64` at
+/// `producer` and writes it to `consumer` (for the dma-engine: `PRODUCER` into `CONSUMER`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Doorbell {
+    /// Where the device says how far it got (read by the guest).
+    pub producer: GuestAddress,
+    /// Where the guest says how far it consumed (written by the guest).
+    pub consumer: GuestAddress,
+}
+
+/// Gives the guest's driver its doorbells. The addresses must be aligned `u64`s in the MMIO
+/// window.
+pub fn set_doorbells(memory: &GuestMemory, doorbells: &[Doorbell]) -> Result<()> {
     if doorbells.len() > MAX_DOORBELLS {
         return Err(KvmError::Invalid(format!(
             "{} doorbells: the guest's driver serves at most {MAX_DOORBELLS}",
@@ -66,8 +77,8 @@ pub fn set_doorbells(memory: &GuestMemory, doorbells: &[(u64, u64)]) -> Result<(
         )));
     }
     let window = MMIO_WINDOW_GPA..MMIO_WINDOW_GPA + MMIO_WINDOW_SIZE;
-    for &(read, write) in doorbells {
-        for addr in [read, write] {
+    for bell in doorbells {
+        for addr in [bell.producer.raw(), bell.consumer.raw()] {
             if !window.contains(&addr) || !window.contains(&(addr + 7)) || addr % 8 != 0 {
                 return Err(KvmError::Invalid(format!(
                     "doorbell address {addr:#x}: expected an aligned u64 inside the MMIO window {MMIO_WINDOW_GPA:#x}..{:#x}",
@@ -78,10 +89,10 @@ pub fn set_doorbells(memory: &GuestMemory, doorbells: &[(u64, u64)]) -> Result<(
     }
     // Count last, so the guest never follows a pair not yet written.
     memory.store_u64(CONTROL_GPA + CTL_DOORBELL_COUNT, 0)?;
-    for (i, &(read, write)) in doorbells.iter().enumerate() {
-        let at = CONTROL_GPA + CTL_DOORBELLS + i as u64 * 16;
-        memory.store_u64(at, read)?;
-        memory.store_u64(at + 8, write)?;
+    for (i, bell) in (0u64..).zip(doorbells) {
+        let at = CONTROL_GPA + CTL_DOORBELLS + i * 16;
+        memory.store_u64(at, bell.producer.raw())?;
+        memory.store_u64(at + 8, bell.consumer.raw())?;
     }
     memory.store_u64(CONTROL_GPA + CTL_DOORBELL_COUNT, doorbells.len() as u64)
 }

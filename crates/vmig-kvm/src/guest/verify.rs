@@ -10,6 +10,7 @@ use super::protocol::{
 };
 use crate::error::{KvmError, Result};
 use crate::memory::{GuestMemory, PAGE_SIZE};
+use vmig_primitives::GuestAddress;
 
 /// High bits of stamp word 0.
 pub const STAMP_MAGIC: u64 = 0x564d_4947 << 32; // "VMIG"
@@ -38,8 +39,8 @@ impl Stamp {
             .ok_or_else(|| KvmError::Invalid(format!("page {index} is outside the working set")))?;
         let mut head = [0u8; 32];
         let mut tail = [0u8; 8];
-        memory.read(gpa, &mut head)?;
-        memory.read(gpa + PAGE_SIZE - 8, &mut tail)?;
+        memory.read(GuestAddress(gpa), &mut head)?;
+        memory.read(GuestAddress(gpa + PAGE_SIZE - 8), &mut tail)?;
         let word = |i: usize| u64::from_le_bytes(head[i * 8..i * 8 + 8].try_into().unwrap());
         Ok(Self {
             head: word(0),

@@ -4,6 +4,7 @@
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::Arc;
+use vmig_primitives::GuestAddress;
 
 use vmig_kvm::GuestMemory;
 use vmig_kvm::irq::MsiVector;
@@ -29,17 +30,18 @@ pub struct UserDevice {
     protocol: Option<Protocol>,
 }
 
-/// Guest RAM by IOVA (= guest-physical address) for a server's message-based DMA; writes are
-/// recorded as the VMM's, so migration sees them.
+/// Guest RAM by IOVA for a server's message-based DMA (the engine maps guest RAM with IOVA =
+/// guest-physical address, so an IOVA here is one); writes are recorded as the VMM's, so
+/// migration sees them.
 struct GuestDma(Arc<GuestMemory>);
 
 impl DmaMemory for GuestDma {
     fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), i32> {
-        self.0.read(iova, buf).map_err(|_| EFAULT)
+        self.0.read(GuestAddress(iova), buf).map_err(|_| EFAULT)
     }
 
     fn write(&self, iova: u64, data: &[u8]) -> Result<(), i32> {
-        self.0.write(iova, data).map_err(|_| EFAULT)
+        self.0.write(GuestAddress(iova), data).map_err(|_| EFAULT)
     }
 }
 
