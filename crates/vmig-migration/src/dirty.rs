@@ -19,6 +19,7 @@ use crate::device::MigratableDevice;
 use crate::error::{MigrationError, Result, device_error};
 use vmig_dirty::DirtyBitmap;
 use vmig_kvm::{CpuDirtyLog, GuestMemory, PAGE_SIZE};
+use vmig_primitives::{DmaRange, Iova};
 
 /// A producer of dirty guest pages.
 pub trait DirtySource: Send {
@@ -155,7 +156,11 @@ impl DirtySource for DeviceSource {
     }
 
     fn start(&mut self) -> Result<()> {
-        let ranges: Vec<(u64, u64)> = self.mappings.iter().map(|m| (m.iova, m.size)).collect();
+        let ranges: Vec<DmaRange> = self
+            .mappings
+            .iter()
+            .map(|m| DmaRange::new(Iova(m.iova), m.size))
+            .collect();
         let page_size = self
             .device
             .dirty_log_start(PAGE_SIZE, &ranges)

@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use vmig_kvm::guest::{self, MMIO_WINDOW_GPA};
 use vmig_kvm::irq::MsiVector;
 use vmig_kvm::{MmioError, MmioHandler, PAGE_SIZE, Vm};
-use vmig_primitives::GuestAddress;
+use vmig_primitives::{GuestAddress, RegionArea};
 use vmig_vfio::VfioDeviceFd;
 
 use crate::device::{
@@ -533,7 +533,7 @@ fn place_bars(
         let Some((fd, region_offset)) = &region.mmap else {
             continue;
         };
-        for &(offset, bytes) in &region.areas {
+        for &RegionArea { offset, len: bytes } in &region.areas {
             // An area that is not whole pages inside the region, or that cannot be mapped,
             // stays trapped: slower, and still correct.
             let whole_pages = bytes > 0

@@ -124,6 +124,40 @@ impl fmt::Display for GuestRange {
     }
 }
 
+/// A range of IOVA space a device may DMA into: `len` bytes from `iova` (what DMA logging
+/// tracks, one per mapping).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DmaRange {
+    /// The first byte.
+    pub iova: Iova,
+    /// Its length in bytes.
+    pub len: u64,
+}
+
+impl DmaRange {
+    /// `len` bytes from `iova`.
+    pub const fn new(iova: Iova, len: u64) -> Self {
+        Self { iova, len }
+    }
+}
+
+/// An area of a device region: `len` bytes from `offset` in the region (a sparse-mmap area, a
+/// hole cut out of one).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RegionArea {
+    /// Its offset in the region.
+    pub offset: u64,
+    /// Its length in bytes.
+    pub len: u64,
+}
+
+impl RegionArea {
+    /// `len` bytes from `offset`.
+    pub const fn new(offset: u64, len: u64) -> Self {
+        Self { offset, len }
+    }
+}
+
 /// The 64-bit digest of a page or any buffer (XXH3): what the stream's checksums, snapshots and
 /// verification compare. It detects corruption; it is not cryptographic.
 pub fn page_digest(bytes: &[u8]) -> u64 {

@@ -6,6 +6,7 @@
 
 use std::fmt;
 
+use crate::addr::RegionArea;
 use crate::uapi::{VFIO_REGION_SUBTYPE_MIGRATION, VFIO_REGION_TYPE_MIGRATION};
 
 /// A device: where it is served from, and what it is made of.
@@ -105,7 +106,7 @@ pub enum Mmap {
     /// All of it.
     Whole,
     /// These areas (offset, size).
-    Areas(Vec<(u64, u64)>),
+    Areas(Vec<RegionArea>),
 }
 
 /// One IRQ index.
@@ -151,10 +152,10 @@ fn yes(value: bool) -> &'static str {
     if value { "yes" } else { "no" }
 }
 
-fn areas(areas: &[(u64, u64)]) -> String {
+fn areas(areas: &[RegionArea]) -> String {
     let areas: Vec<String> = areas
         .iter()
-        .map(|(o, s)| format!("[{o:#x}, +{s:#x})"))
+        .map(|a| format!("[{:#x}, +{:#x})", a.offset, a.len))
         .collect();
     areas.join(" ")
 }
@@ -351,7 +352,7 @@ mod tests {
                 size: 0x10_1000,
                 readable: true,
                 writable: true,
-                mmap: Mmap::Areas(vec![(0x1000, 0x10_0000)]),
+                mmap: Mmap::Areas(vec![RegionArea::new(0x1000, 0x10_0000)]),
                 region_type: Some((3, 1)),
             },
         ]

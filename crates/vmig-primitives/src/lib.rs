@@ -23,7 +23,8 @@ pub mod mig_state;
 pub mod uapi;
 
 pub use addr::{
-    GuestAddress, GuestRange, Iova, PAGE_BYTES, PAGE_SHIFT, PAGE_SIZE, PageNumber, page_digest,
+    DmaRange, GuestAddress, GuestRange, Iova, PAGE_BYTES, PAGE_SHIFT, PAGE_SIZE, PageNumber,
+    RegionArea, page_digest,
 };
 pub use description::DeviceDescription;
 pub use host_memory::{HostMemory, memfd, regular_file_size};

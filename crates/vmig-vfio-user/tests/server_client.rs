@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vmig_primitives::mig_state::MigState;
+use vmig_primitives::{DmaRange, Iova, RegionArea};
 use vmig_vfio_user::client::{Client, DmaMemory};
 use vmig_vfio_user::server::*;
 use vmig_vfio_user::wire::*;
@@ -277,7 +278,10 @@ fn negotiation_info_regions_and_irqs() {
         bar1.info.flags & REGION_INFO_FLAG_MMAP,
         REGION_INFO_FLAG_MMAP
     );
-    assert_eq!(bar1.sparse_areas, [(0, 0x1000), (0x2000, 0x1000)]);
+    assert_eq!(
+        bar1.sparse_areas,
+        [RegionArea::new(0, 0x1000), RegionArea::new(0x2000, 0x1000)]
+    );
     let fd = bar1.fd.expect("the mmappable region's fd");
     // The fd is the device's memory: what the client writes, the device file holds.
     let mut file = std::fs::File::from(fd);
@@ -346,7 +350,9 @@ fn device_dma_through_an_fd_is_logged_and_reported() {
         .dma_map(1 << 20, 1 << 20, 3, Some((ram.as_fd(), 1 << 20)))
         .unwrap();
     assert_eq!(
-        client.dma_logging_start(4096, &[(0, 2 << 20)]).unwrap(),
+        client
+            .dma_logging_start(4096, &[DmaRange::new(Iova(0), 2 << 20)])
+            .unwrap(),
         4096
     );
     // The device writes 100 bytes of 0xab at 0x3000 and 10 at 0x100000 + 0x5000.
@@ -933,7 +939,7 @@ fn the_v1_region_follows_the_seed_rules() {
     );
     assert_eq!(
         region.sparse_areas,
-        [(4096, 1 << 20)],
+        [RegionArea::new(4096, 1 << 20)],
         "the data section is mmappable"
     );
     assert!(region.fd.is_some());

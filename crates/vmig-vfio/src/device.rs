@@ -30,6 +30,7 @@ use vmig_primitives::description::{
     RegionDescription,
 };
 pub use vmig_primitives::mig_state::MigState;
+use vmig_primitives::{DmaRange, RegionArea};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::container::Container;
@@ -59,7 +60,7 @@ pub struct Region {
     pub offset: u64,
     /// The parts that may be mapped, as `(offset in region, size)`: the sparse-mmap areas, or
     /// the whole region when it is mappable without them; empty when it must be trapped.
-    pub mmap_areas: Vec<(u64, u64)>,
+    pub mmap_areas: Vec<RegionArea>,
 }
 
 impl Region {
@@ -225,10 +226,15 @@ impl Device {
             let mut sparse = None;
             for cap in self.inner.get_region_caps(index) {
                 if let VfioRegionInfoCap::SparseMmap(s) = cap {
-                    sparse = Some(s.areas.iter().map(|a| (a.offset, a.size)).collect());
+                    sparse = Some(
+                        s.areas
+                            .iter()
+                            .map(|a| RegionArea::new(a.offset, a.size))
+                            .collect(),
+                    );
                 }
             }
-            mmap_areas = sparse.unwrap_or_else(|| vec![(0, size)]);
+            mmap_areas = sparse.unwrap_or_else(|| vec![RegionArea::new(0, size)]);
         }
         Some(Region {
             index,
@@ -360,7 +366,7 @@ impl Device {
         let region = self.region(index).ok_or_else(|| {
             VfioError::Invalid(format!("{}: there is no region {index}", self.name))
         })?;
-        if region.mmap_areas != [(0, region.size)] {
+        if region.mmap_areas != [RegionArea::new(0, region.size)] {
             return Err(VfioError::Invalid(format!(
                 "{}: region {index} is not mappable as a whole (areas {:?})",
                 self.name, region.mmap_areas
@@ -537,10 +543,13 @@ impl Device {
 
     /// Starts the device's own DMA logging of `ranges` at `page_size` granularity; returns the
     /// page size the device chose.
-    pub fn start_dma_logging(&self, page_size: u64, ranges: &[(u64, u64)]) -> Result<u64> {
+    pub fn start_dma_logging(&self, page_size: u64, ranges: &[DmaRange]) -> Result<u64> {
         let ranges: Vec<DmaLoggingRange> = ranges
             .iter()
-            .map(|&(iova, length)| DmaLoggingRange { iova, length })
+            .map(|r| DmaLoggingRange {
+                iova: r.iova.raw(),
+                length: r.len,
+            })
             .collect();
         self.inner
             .start_dma_logging(page_size, &ranges)
@@ -571,7 +580,7 @@ pub fn describe(container: &Container, device: &Device) -> Result<DeviceDescript
             let r = device.region(index)?;
             let mmap = if r.mmap_areas.is_empty() {
                 Mmap::Trapped
-            } else if r.mmap_areas == [(0, r.size)] {
+            } else if r.mmap_areas == [RegionArea::new(0, r.size)] {
                 Mmap::Whole
             } else {
                 Mmap::Areas(r.mmap_areas.clone())

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use vmig_kvm::GuestMemory;
 use vmig_kvm::irq::MsiVector;
-use vmig_primitives::PAGE_SIZE;
+use vmig_primitives::{DmaRange, PAGE_SIZE, RegionArea};
 use vmig_vfio::device::{IRQ_INDEX_MSI, IRQ_INDEX_MSIX, IRQ_INFO_EVENTFD};
 use vmig_vfio::{Container, Device, KernelMigration, Section, VfioDeviceFd, VfioError};
 
@@ -153,17 +153,14 @@ impl MigratableDevice for KernelDevice {
         // The MSI-X table and pending bits stay trapped (vfio-pci ignores guest accesses
         // there): the host's table holds the vectors `SET_IRQS` programmed.
         let msix = device.msix_layout()?;
-        let msix_pages: Vec<(u32, u64, u64)> = msix
+        let msix_pages: Vec<(u32, RegionArea)> = msix
             .map(|m| [m.table, m.pba])
             .into_iter()
             .flatten()
             .map(|(bar, offset, bytes)| {
                 let first = offset / PAGE_SIZE * PAGE_SIZE;
-                (
-                    bar,
-                    first,
-                    (offset + bytes).next_multiple_of(PAGE_SIZE) - first,
-                )
+                let end = (offset + bytes).next_multiple_of(PAGE_SIZE);
+                (bar, RegionArea::new(first, end - first))
             })
             .collect();
         let mut regions = Vec::new();
@@ -171,10 +168,10 @@ impl MigratableDevice for KernelDevice {
             if !(r.readable() || r.writable()) {
                 continue;
             }
-            let holes: Vec<(u64, u64)> = msix_pages
+            let holes: Vec<RegionArea> = msix_pages
                 .iter()
-                .filter(|(bar, _, _)| *bar == r.index)
-                .map(|&(_, offset, bytes)| (offset, bytes))
+                .filter(|(bar, _)| *bar == r.index)
+                .map(|&(_, hole)| hole)
                 .collect();
             let mmap = match r.mmap_areas.is_empty() {
                 true => None,
@@ -235,7 +232,7 @@ impl MigratableDevice for KernelDevice {
         }
     }
 
-    fn dirty_log_start(&self, page_size: u64, ranges: &[(u64, u64)]) -> OpResult<u64> {
+    fn dirty_log_start(&self, page_size: u64, ranges: &[DmaRange]) -> OpResult<u64> {
         Ok(match self.dirty_log_kind() {
             DirtyLogKind::DmaLogging => self.device.start_dma_logging(page_size, ranges)?,
             DirtyLogKind::DirtyPages => {
@@ -268,22 +265,22 @@ impl MigratableDevice for KernelDevice {
 
 migration_steps!(KernelMigration<'_>);
 
-/// `areas` (offset, bytes) less the page-aligned `holes`.
-fn without_holes(areas: &[(u64, u64)], holes: &[(u64, u64)]) -> Vec<(u64, u64)> {
+/// `areas` less the page-aligned `holes`.
+fn without_holes(areas: &[RegionArea], holes: &[RegionArea]) -> Vec<RegionArea> {
     let mut out = areas.to_vec();
-    for &(hole, hole_bytes) in holes {
-        let hole_end = hole + hole_bytes;
+    for hole in holes {
+        let (hole_start, hole_end) = (hole.offset, hole.offset + hole.len);
         out = out
             .into_iter()
-            .flat_map(|(offset, bytes)| {
-                let end = offset + bytes;
-                if hole_end <= offset || end <= hole {
-                    return vec![(offset, bytes)];
+            .flat_map(|area| {
+                let (start, end) = (area.offset, area.offset + area.len);
+                if hole_end <= start || end <= hole_start {
+                    return vec![area];
                 }
-                [(offset, hole.max(offset)), (hole_end.min(end), end)]
+                [(start, hole_start.max(start)), (hole_end.min(end), end)]
                     .into_iter()
                     .filter(|(a, b)| b > a)
-                    .map(|(a, b)| (a, b - a))
+                    .map(|(a, b)| RegionArea::new(a, b - a))
                     .collect()
             })
             .collect();
@@ -295,26 +292,34 @@ fn without_holes(areas: &[(u64, u64)], holes: &[(u64, u64)]) -> Vec<(u64, u64)> 
 mod tests {
     use super::*;
 
+    /// `(offset, len)` pairs as areas.
+    fn areas(pairs: &[(u64, u64)]) -> Vec<RegionArea> {
+        pairs.iter().map(|&(o, l)| RegionArea::new(o, l)).collect()
+    }
+
     #[test]
     fn msix_pages_are_cut_out_of_mappable_areas() {
         // A 64 KiB BAR mappable whole, its MSI-X table in the page at 0x2000.
         assert_eq!(
-            without_holes(&[(0, 0x10000)], &[(0x2000, 0x1000)]),
-            [(0, 0x2000), (0x3000, 0xd000)]
+            without_holes(&areas(&[(0, 0x10000)]), &areas(&[(0x2000, 0x1000)])),
+            areas(&[(0, 0x2000), (0x3000, 0xd000)])
         );
         // Holes at either end, one covering an area, one outside every area.
         assert_eq!(
             without_holes(
-                &[(0, 0x2000), (0x4000, 0x1000), (0x8000, 0x2000)],
-                &[
+                &areas(&[(0, 0x2000), (0x4000, 0x1000), (0x8000, 0x2000)]),
+                &areas(&[
                     (0, 0x1000),
                     (0x4000, 0x1000),
                     (0x9000, 0x1000),
                     (0x20000, 0x1000)
-                ]
+                ])
             ),
-            [(0x1000, 0x1000), (0x8000, 0x1000)]
+            areas(&[(0x1000, 0x1000), (0x8000, 0x1000)])
         );
-        assert_eq!(without_holes(&[(0, 0x1000)], &[]), [(0, 0x1000)]);
+        assert_eq!(
+            without_holes(&areas(&[(0, 0x1000)]), &[]),
+            areas(&[(0, 0x1000)])
+        );
     }
 }

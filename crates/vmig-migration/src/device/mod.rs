@@ -22,6 +22,7 @@ use std::os::fd::OwnedFd;
 
 use serde::{Deserialize, Serialize};
 use vmig_kvm::irq::MsiVector;
+use vmig_primitives::{DmaRange, RegionArea};
 
 pub use kernel::KernelDevice;
 pub use vfio_user::{AttachError, UserDevice};
@@ -119,8 +120,8 @@ pub struct RegionView {
     pub size: u64,
     /// The fd its mappable areas are mapped from, and the region's offset in it.
     pub mmap: Option<(OwnedFd, u64)>,
-    /// Mappable areas, as (offset in the region, bytes).
-    pub areas: Vec<(u64, u64)>,
+    /// Mappable areas.
+    pub areas: Vec<RegionArea>,
     /// Whether the guest may write it.
     pub writable: bool,
 }
@@ -169,7 +170,7 @@ pub trait MigratableDevice: Send + Sync + fmt::Debug {
     fn dirty_log_kind(&self) -> DirtyLogKind;
     /// Starts logging DMA over the IOVA `ranges` (start, bytes) at `page_size` or coarser;
     /// returns the page size of the reports.
-    fn dirty_log_start(&self, page_size: u64, ranges: &[(u64, u64)]) -> OpResult<u64>;
+    fn dirty_log_start(&self, page_size: u64, ranges: &[DmaRange]) -> OpResult<u64>;
     /// The pages written in `[iova, iova + size)` since the last report, one bit per
     /// `page_size` bytes, and forgets them.
     fn dirty_log_report(&self, iova: u64, size: u64, page_size: u64) -> OpResult<Vec<u64>>;

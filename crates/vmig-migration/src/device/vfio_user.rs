@@ -5,6 +5,7 @@ use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::Arc;
 use vmig_primitives::GuestAddress;
+use vmig_primitives::{DmaRange, RegionArea};
 
 use vmig_kvm::GuestMemory;
 use vmig_kvm::irq::MsiVector;
@@ -144,7 +145,7 @@ impl MigratableDevice for UserDevice {
                 size: info.info.size,
                 mmap,
                 areas: if info.sparse_areas.is_empty() {
-                    vec![(0, info.info.size)]
+                    vec![RegionArea::new(0, info.info.size)]
                 } else {
                     info.sparse_areas
                 },
@@ -203,7 +204,7 @@ impl MigratableDevice for UserDevice {
         }
     }
 
-    fn dirty_log_start(&self, page_size: u64, ranges: &[(u64, u64)]) -> OpResult<u64> {
+    fn dirty_log_start(&self, page_size: u64, ranges: &[DmaRange]) -> OpResult<u64> {
         let page_size = match self.dirty_log_kind() {
             DirtyLogKind::DmaLogging => self.client.dma_logging_start(page_size, ranges)?,
             DirtyLogKind::DirtyPages => {

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
+use vmig_primitives::DmaRange;
 
 use zerocopy::IntoBytes;
 
@@ -47,15 +48,19 @@ impl Client {
     }
 
     /// v2 `DMA_LOGGING_START`; returns the page size the server chose.
-    pub fn dma_logging_start(&self, page_size: u64, ranges: &[(u64, u64)]) -> Result<u64> {
+    pub fn dma_logging_start(&self, page_size: u64, ranges: &[DmaRange]) -> Result<u64> {
         let control = DmaLoggingControl {
             page_size,
             num_ranges: field32(Command::DeviceFeature, "the number of ranges", ranges.len())?,
             reserved: 0,
         };
         let mut data = control.as_bytes().to_vec();
-        for &(iova, length) in ranges {
-            data.extend_from_slice(DmaLoggingRange { iova, length }.as_bytes());
+        for range in ranges {
+            let wire = DmaLoggingRange {
+                iova: range.iova.raw(),
+                length: range.len,
+            };
+            data.extend_from_slice(wire.as_bytes());
         }
         let reply = self.feature(FEATURE_DMA_LOGGING_START | FEATURE_SET, &data, data.len())?;
         read_struct::<DmaLoggingControl>(&reply).map_or_else(

@@ -9,6 +9,7 @@ use zerocopy::IntoBytes;
 
 use super::{Client, ClientError, DeviceMigration, Protocol, Result, protocol};
 use crate::wire::*;
+use vmig_primitives::RegionArea;
 use vmig_primitives::description::{
     DeviceDescription, IrqDescription, MigrationDescription, Mmap, Origin,
     RegionDescription as Region, VfioUserServer,
@@ -20,7 +21,7 @@ pub struct RegionDescription {
     /// The fixed part.
     pub info: RegionInfo,
     /// Sparse-mmap areas (offset, size) within the region.
-    pub sparse_areas: Vec<(u64, u64)>,
+    pub sparse_areas: Vec<RegionArea>,
     /// Device-specific type and subtype.
     pub region_type: Option<(u32, u32)>,
     /// The fd to mmap (at `info.offset` + area offset), when the region is mmappable.
@@ -182,7 +183,7 @@ impl Client {
 }
 
 /// What a region info's capabilities say: sparse areas (offset, size) and the region type.
-type RegionCaps = (Vec<(u64, u64)>, Option<(u32, u32)>);
+type RegionCaps = (Vec<RegionArea>, Option<(u32, u32)>);
 
 /// Sparse areas and region type from a region info's capability chain, with every offset
 /// checked against the payload.
@@ -213,7 +214,7 @@ fn parse_caps(payload: &[u8], first: u32) -> std::result::Result<RegionCaps, Str
                         .get(at..)
                         .and_then(read_struct)
                         .ok_or("sparse areas cut short")?;
-                    areas.push((area.offset, area.size));
+                    areas.push(RegionArea::new(area.offset, area.size));
                 }
             }
             REGION_INFO_CAP_TYPE => {
