@@ -566,6 +566,13 @@ fn main_loop(
             }
             Record::VcpuState(states) => vcpus = Some(states),
             Record::Digests(Digests { first, digests }) => {
+                let count = u64::try_from(digests.len()).unwrap_or(u64::MAX);
+                if first.0.checked_add(count).is_none() {
+                    return Err(MigrationError::Stream(format!(
+                        "a Digests record of {count} digests from page {:#x} runs past the end of the address space",
+                        first.0
+                    )));
+                }
                 for (page, theirs) in (first.0..).zip(digests) {
                     let ours = usize::try_from(page)
                         .ok()

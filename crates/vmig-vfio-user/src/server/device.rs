@@ -10,18 +10,35 @@ use std::sync::Arc;
 use super::dma::Dma;
 use super::irqs::Irqs;
 
-/// A refusal by the device or the framework: the errno of the error reply, what was wrong
-/// (the message is the whole display), and the cause when another layer refused first.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
+/// A refusal by the device or the framework: the errno of the error reply, what was wrong,
+/// and the cause when another layer refused first (shown after the message, and as the
+/// error's source).
+#[derive(Debug, Clone)]
 pub struct Refusal {
     /// errno of the error reply.
     pub errno: i32,
     /// What was wrong and what was expected.
     pub message: String,
     /// The refusal of the layer below, if any.
-    #[source]
     source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)?;
+        match &self.source {
+            Some(source) => write!(f, ": {source}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for Refusal {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
 }
 
 impl Refusal {
