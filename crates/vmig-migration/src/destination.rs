@@ -89,7 +89,9 @@ pub fn receive(incoming: Incoming, progress: &Progress) -> Result<Arrived> {
         let _ = dest.writer.send(&Record::Abort(e.to_string().into()));
         if let Some(machine) = &dest.machine {
             for d in &machine.devices {
-                let _ = d.device.reset();
+                if let Err(e) = d.device.reset() {
+                    tracing::warn!(device = %d.name, error = %e, "the device did not reset after the migration failed");
+                }
             }
         }
     }

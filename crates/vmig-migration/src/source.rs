@@ -158,6 +158,7 @@ impl<'a> Source<'a> {
             && !self.committed
         {
             let reason = e.to_string();
+            tracing::debug!(error = %reason, "the migration failed; rolling the source back");
             let _ = lock(&self.writers[0]).send(&Record::Abort(reason.as_str().into()));
             self.rollback();
         }
@@ -188,18 +189,24 @@ impl<'a> Source<'a> {
     fn rollback(&mut self) {
         if self.devices_saving {
             for d in &self.machine.devices {
-                if let Ok(m) = d.migration() {
-                    let _ = m.cancel();
+                if let Ok(m) = d.migration()
+                    && let Err(e) = m.cancel()
+                {
+                    tracing::warn!(device = %d.name, error = %e, "the device did not return to running after the migration failed");
                 }
             }
             self.devices_saving = false;
         }
         for source in self.sources.iter_mut().take(self.started_sources) {
-            let _ = source.stop();
+            if let Err(e) = source.stop() {
+                tracing::warn!(source = %source.name(), error = %e, "dirty tracking did not stop");
+            }
         }
         self.started_sources = 0;
         if self.paused {
-            let _ = self.machine.vm.resume();
+            if let Err(e) = self.machine.vm.resume() {
+                tracing::warn!(error = %e, "the source's vCPUs did not resume");
+            }
             self.paused = false;
         }
     }
@@ -501,6 +508,14 @@ impl<'a> Source<'a> {
             let expected = remaining as f64 / bandwidth.max(1.0);
             let rate = (remaining / PAGE_SIZE) as f64 * 1000.0 / pass_ms.max(0.001);
             pass += 1;
+            tracing::debug!(
+                pass,
+                pass_ms,
+                pass_bytes,
+                remaining,
+                expected_downtime_ms = expected,
+                "pre-copy pass done"
+            );
             self.progress.update(|r| {
                 r.passes = u64::from(pass);
                 r.ram.remaining = remaining;
@@ -620,8 +635,10 @@ impl<'a> Source<'a> {
 
     fn finish(&mut self) -> Result<()> {
         for d in &self.machine.devices {
-            if let Ok(m) = d.migration() {
-                let _ = m.finish_source();
+            if let Ok(m) = d.migration()
+                && let Err(e) = m.finish_source()
+            {
+                tracing::warn!(device = %d.name, error = %e, "the device did not stop after the migration");
             }
         }
         self.devices_saving = false;
