@@ -12,6 +12,9 @@ use vmig_migration::machine::Role;
 use vmig_migration::{MigrationError, Result};
 use vmig_primitives::GuestAddress;
 
+// The engine's per-device DMA area holds a dma-engine's ring and buffers.
+const _: () = assert!(driver::AREA_BYTES <= vmig_migration::machine::DEVICE_AREA);
+
 /// Every driver `vmig` knows.
 pub fn all() -> GuestDrivers {
     GuestDrivers::none().with(DmaEngineDriver)

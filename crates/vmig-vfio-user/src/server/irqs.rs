@@ -113,8 +113,9 @@ pub(super) fn set_irqs(
         } else {
             for (v, fd) in vectors[range].iter_mut().zip(fds) {
                 // A signal must never block the device: a full counter or a pipe drops it.
-                crate::sys::set_nonblocking(&fd)
-                    .map_err(|e| Refusal::invalid(format!("an IRQ fd: {e}")))?;
+                crate::sys::set_nonblocking(&fd).map_err(|e| {
+                    Refusal::caused(libc::EINVAL, "an IRQ fd cannot be made non-blocking", e)
+                })?;
                 v.0 = Some(std::fs::File::from(fd));
             }
         }
