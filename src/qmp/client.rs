@@ -70,7 +70,7 @@ impl QmpClient {
     }
 
     /// Sends a command and returns its whole reply (`{"return": ...}` or `{"error": ...}`);
-    /// events that arrive first are kept for [`Self::next_event`].
+    /// events that arrive first are kept for [`Self::take_events`].
     pub fn call(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
         self.next_id += 1;
         let id = format!("vmig-{}", self.next_id);

@@ -89,7 +89,7 @@ impl fmt::Display for MigState {
 /// table with the P2P states removed, and libvfio-user's `next_state` in `lib/migration.c`:
 /// every walk follows the direct arcs of vfio-user-spec.rst ("Direct State Transitions") and no
 /// saving state (PRE_COPY, STOP_COPY) lies inside one.
-const NEXT_STATE: [[MigState; 8]; 8] = {
+pub const NEXT_STATE: [[MigState; 8]; 8] = {
     use MigState::{
         Error as E, PreCopy as P, Resuming as R, Running as G, Stop as S, StopCopy as C,
     };
