@@ -26,7 +26,7 @@ pub enum DmaError {
     #[error("out of memory (ENOMEM): {0}")]
     NoMemory(String),
     /// `ENOMEM`: a dirty bitmap could not be allocated.
-    #[error("out of memory (ENOMEM): a dirty bitmap of {pages} pages")]
+    #[error("out of memory (ENOMEM): a dirty bitmap of {pages} pages: {source}")]
     Bitmap {
         /// Pages of the bitmap.
         pages: u64,
@@ -45,7 +45,7 @@ pub enum DmaError {
     Busy(String),
     /// The owner of a message-backed mapping did not carry a device access to it; the errno
     /// is the one it gave.
-    #[error("DMA by message to [{iova:#x}, +{len:#x}) failed")]
+    #[error("DMA by message to [{iova:#x}, +{len:#x}) failed: {source}")]
     Message {
         /// First IOVA of the part that failed.
         iova: u64,

@@ -20,7 +20,7 @@ pub trait MessageDma: Send + Sync + std::fmt::Debug {
 /// Why the owner of a message-backed mapping did not carry an access: the errno to report and
 /// the cause.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("the memory's owner did not carry the access (errno {errno})")]
+#[error("the memory's owner did not carry the access (errno {errno}): {source}")]
 pub struct MessageDmaError {
     /// The errno the access fails with.
     pub errno: i32,
