@@ -12,6 +12,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use vmig_primitives::Iova;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use vmig_dma::{Backing, DirtyRead, Iommu, IommuConfig, Prot, UnmapScope};
@@ -41,11 +42,13 @@ fn map_unmap(c: &mut Criterion) {
                             offset: 0,
                         };
                         iommu
-                            .map(i * 2 * PG, PG, backing, Prot::READ_WRITE)
+                            .map(Iova(i * 2 * PG), PG, backing, Prot::READ_WRITE)
                             .unwrap();
                     }
                     for i in 0..n {
-                        iommu.unmap(i * 2 * PG, PG, UnmapScope::Range).unwrap();
+                        iommu
+                            .unmap(Iova(i * 2 * PG), PG, UnmapScope::Range)
+                            .unwrap();
                     }
                     total += start.elapsed();
                 }
@@ -71,7 +74,7 @@ fn get_bitmap(c: &mut Criterion) {
                 offset: i * size,
             };
             iommu
-                .map(i * size, size, backing, Prot::READ_WRITE)
+                .map(Iova(i * size), size, backing, Prot::READ_WRITE)
                 .unwrap();
         }
         iommu.start_dirty_tracking().unwrap();
@@ -83,11 +86,11 @@ fn get_bitmap(c: &mut Criterion) {
                 for _ in 0..iters {
                     // 1 % of the pages dirty
                     for page in (0..pages).step_by(100) {
-                        iommu.mark_dirty(page * PG, 1).unwrap();
+                        iommu.mark_dirty(Iova(page * PG), 1).unwrap();
                     }
                     let start = Instant::now();
                     iommu
-                        .get_dirty_bitmap(0, GIB, PG, &mut bitmap, DirtyRead::Clear)
+                        .get_dirty_bitmap(Iova(0), GIB, PG, &mut bitmap, DirtyRead::Clear)
                         .unwrap();
                     total += start.elapsed();
                     black_box(&bitmap);
@@ -105,7 +108,7 @@ fn dma_marking(c: &mut Criterion) {
     let iommu = Iommu::new(IommuConfig::default()).unwrap();
     let backing = Backing::Memory { memory, offset: 0 };
     iommu
-        .map(0x10_0000, 64 * PG, backing, Prot::READ_WRITE)
+        .map(Iova(0x10_0000), 64 * PG, backing, Prot::READ_WRITE)
         .unwrap();
     let word = AtomicU64::new(0);
     group.bench_function("bare_fetch_or", |b| {
@@ -113,14 +116,26 @@ fn dma_marking(c: &mut Criterion) {
     });
     let data = [0x5au8; 64];
     group.bench_function("write_64b_tracking_off", |b| {
-        b.iter(|| iommu.write(black_box(0x10_0000 + 5 * PG), &data).unwrap())
+        b.iter(|| {
+            iommu
+                .write(black_box(Iova(0x10_0000 + 5 * PG)), &data)
+                .unwrap()
+        })
     });
     iommu.start_dirty_tracking().unwrap();
     group.bench_function("mark_dirty_1_page", |b| {
-        b.iter(|| iommu.mark_dirty(black_box(0x10_0000 + 5 * PG), 1).unwrap())
+        b.iter(|| {
+            iommu
+                .mark_dirty(black_box(Iova(0x10_0000 + 5 * PG)), 1)
+                .unwrap()
+        })
     });
     group.bench_function("write_64b_tracking_on", |b| {
-        b.iter(|| iommu.write(black_box(0x10_0000 + 5 * PG), &data).unwrap())
+        b.iter(|| {
+            iommu
+                .write(black_box(Iova(0x10_0000 + 5 * PG)), &data)
+                .unwrap()
+        })
     });
     group.finish();
 }

@@ -42,14 +42,15 @@
 //! ```
 //! use std::os::fd::AsFd;
 //! use vmig_dma::{Backing, DirtyRead, Iommu, IommuConfig, Prot};
+//! use vmig_primitives::{Iova, PAGE_BYTES, PAGE_SIZE};
 //!
 //! let iommu = Iommu::new(IommuConfig::default())?;  // type1 v2, 4K/2M/1G, 65535 mappings
 //! let ram = vmig_primitives::memfd("guest-ram", 1 << 30)?; // the VMM shares guest RAM by fd
-//! iommu.map(0, 1 << 30, Backing::Fd { fd: ram.as_fd(), offset: 0 }, Prot::READ_WRITE)?;
+//! iommu.map(Iova(0), 1 << 30, Backing::Fd { fd: ram.as_fd(), offset: 0 }, Prot::READ_WRITE)?;
 //! iommu.start_dirty_tracking()?;
-//! iommu.write(0x1000, b"a packet")?; // device DMA: lands, then marks its page dirty
-//! let mut bitmap = vec![0u64; (1 << 30) / vmig_primitives::PAGE_SIZE as usize / 64];
-//! iommu.get_dirty_bitmap(0, 1 << 30, vmig_primitives::PAGE_SIZE, &mut bitmap, DirtyRead::Clear)?;
+//! iommu.write(Iova(0x1000), b"a packet")?; // device DMA: lands, then marks its page dirty
+//! let mut bitmap = vec![0u64; (1 << 30) / PAGE_BYTES / 64];
+//! iommu.get_dirty_bitmap(Iova(0), 1 << 30, PAGE_SIZE, &mut bitmap, DirtyRead::Clear)?;
 //! assert_eq!(bitmap[0], 0b10); // page 1 is dirty
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

@@ -19,6 +19,7 @@
 //!
 //! `VFIO_DMA_UNMAP_FLAG_VADDR` (live update of the process address) is not supported: `EINVAL`.
 
+use vmig_primitives::Iova;
 use zerocopy::{FromBytes, IntoBytes};
 
 pub use vmig_primitives::uapi::*;
@@ -138,7 +139,7 @@ fn with_user_bitmap<T: Default>(
             crate::iommu::DIRTY_BITMAP_SIZE_MAX
         );
     }
-    if iommu.check_dirty_bitmap_request(iova, size, bitmap.pgsize, bitmap.size)? == 0 {
+    if iommu.check_dirty_bitmap_request(Iova(iova), size, bitmap.pgsize, bitmap.size)? == 0 {
         return Ok(T::default());
     }
     // Checked above: pgsize is the minimum page size and the declared size holds the bits.
@@ -201,7 +202,7 @@ pub fn dirty_pages(iommu: &Iommu, arg: &[u8], user: &mut dyn UserMemory) -> Resu
                 read_struct(arg, minsz as usize, "vfio_iommu_type1_dirty_bitmap_get")?;
             with_user_bitmap(iommu, user, get.iova, get.size, &get.bitmap, |words| {
                 iommu.get_dirty_bitmap(
-                    get.iova,
+                    Iova(get.iova),
                     get.size,
                     get.bitmap.pgsize,
                     words,
@@ -244,12 +245,12 @@ pub fn unmap_dma(iommu: &Iommu, arg: &mut [u8], user: &mut dyn UserMemory) -> Re
         }
         let bitmap: VfioBitmap = read_struct(arg, minsz as usize, "vfio_bitmap")?;
         with_user_bitmap(iommu, user, unmap.iova, unmap.size, &bitmap, |words| {
-            iommu.unmap_with_dirty_bitmap(unmap.iova, unmap.size, bitmap.pgsize, words)
+            iommu.unmap_with_dirty_bitmap(Iova(unmap.iova), unmap.size, bitmap.pgsize, words)
         })?
     } else if unmap.flags & VFIO_DMA_UNMAP_FLAG_ALL != 0 {
-        iommu.unmap(unmap.iova, unmap.size, UnmapScope::All)?
+        iommu.unmap(Iova(unmap.iova), unmap.size, UnmapScope::All)?
     } else {
-        iommu.unmap(unmap.iova, unmap.size, UnmapScope::Range)?
+        iommu.unmap(Iova(unmap.iova), unmap.size, UnmapScope::Range)?
     };
     unmap.size = unmapped;
     unmap

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
+use vmig_primitives::Iova;
 
 use vmig_dma::{Backing, DirtyRead, GroupKind, Iommu, IommuConfig, Prot};
 use vmig_primitives::HostMemory;
@@ -29,7 +30,7 @@ fn fixture(regions: &[(u64, u64)]) -> Fixture {
                 offset: 0,
             };
             iommu
-                .map(iova, pages * PG, backing, Prot::READ_WRITE)
+                .map(Iova(iova), pages * PG, backing, Prot::READ_WRITE)
                 .unwrap();
             (iova, pages, memory)
         })
@@ -61,7 +62,7 @@ fn spawn_writers(
                     let (iova, pages) = regions[usize::try_from(x % regions.len() as u64).unwrap()];
                     let offset = (x >> 8) % (pages * PG - 8);
                     // Writes into a region that was unmapped meanwhile are refused whole.
-                    if iommu.write(iova + offset, &x.to_le_bytes()).is_ok() {
+                    if iommu.write(Iova(iova + offset), &x.to_le_bytes()).is_ok() {
                         writes += 1;
                     }
                 }
@@ -115,7 +116,7 @@ fn a_copy_that_follows_the_dirty_reports_never_misses_a_device_write() {
         for ((iova, pages, memory), shadow) in f.regions.iter().zip(shadows.iter_mut()) {
             let mut bitmap = vec![0u64; usize::try_from(pages.div_ceil(64)).unwrap()];
             f.iommu
-                .get_dirty_bitmap(*iova, pages * PG, PG, &mut bitmap, DirtyRead::Clear)
+                .get_dirty_bitmap(Iova(*iova), pages * PG, PG, &mut bitmap, DirtyRead::Clear)
                 .unwrap();
             copied += copy_dirty(&bitmap, *pages, memory, shadow);
         }
@@ -156,12 +157,12 @@ fn unmap_with_bitmap_during_dma_loses_no_write() {
     for ((iova, pages, memory), shadow) in f.regions.iter().zip(shadows.iter_mut()) {
         let mut bitmap = vec![0u64; usize::try_from(pages.div_ceil(64)).unwrap()];
         f.iommu
-            .get_dirty_bitmap(*iova, pages * PG, PG, &mut bitmap, DirtyRead::Clear)
+            .get_dirty_bitmap(Iova(*iova), pages * PG, PG, &mut bitmap, DirtyRead::Clear)
             .unwrap();
         copy_dirty(&bitmap, *pages, memory, shadow);
         let unmapped = f
             .iommu
-            .unmap_with_dirty_bitmap(*iova, pages * PG, PG, &mut bitmap)
+            .unmap_with_dirty_bitmap(Iova(*iova), pages * PG, PG, &mut bitmap)
             .unwrap();
         assert_eq!(unmapped, pages * PG);
         // After the unmap no device write can reach the memory: this copy is final.
@@ -187,9 +188,11 @@ fn parallel_reads_report_each_dirty_page_to_exactly_one_reader() {
     let group = f.iommu.attach_group(GroupKind::Mediated, 1);
     f.iommu.start_dirty_tracking().unwrap();
     for page in (0..PAGES).step_by(3) {
-        f.iommu.write(page * PG, &[1]).unwrap();
+        f.iommu.write(Iova(page * PG), &[1]).unwrap();
     }
-    f.iommu.pin_pages(group, 7 * PG, 1, Prot::WRITE).unwrap();
+    f.iommu
+        .pin_pages(group, Iova(7 * PG), 1, Prot::WRITE)
+        .unwrap();
     let counts: Arc<Vec<AtomicU64>> = Arc::new((0..PAGES).map(|_| AtomicU64::new(0)).collect());
     let start = Arc::new(Barrier::new(2));
     let readers: Vec<_> = (0..2)
@@ -202,7 +205,7 @@ fn parallel_reads_report_each_dirty_page_to_exactly_one_reader() {
                 for _ in 0..20 {
                     let mut bitmap = vec![0u64; (PAGES / 64) as usize];
                     iommu
-                        .get_dirty_bitmap(0, PAGES * PG, PG, &mut bitmap, DirtyRead::Clear)
+                        .get_dirty_bitmap(Iova(0), PAGES * PG, PG, &mut bitmap, DirtyRead::Clear)
                         .unwrap();
                     for page in 0..PAGES {
                         if bitmap[(page / 64) as usize] & (1 << (page % 64)) != 0 {

@@ -3,6 +3,7 @@
 //! owner of the memory records the writes that reach it).
 
 use std::sync::{Arc, Mutex};
+use vmig_primitives::Iova;
 
 use vmig_dma::{
     Backing, DirtyRead, DmaError, Iommu, IommuConfig, MessageDma, MessageDmaError, Prot, UnmapScope,
@@ -56,7 +57,7 @@ fn setup() -> (Iommu, Arc<Owner>) {
     });
     iommu
         .map(
-            BASE,
+            Iova(BASE),
             4 * PG,
             Backing::Message(owner.clone()),
             Prot::READ_WRITE,
@@ -76,35 +77,38 @@ fn message_mappings_follow_the_table_rules() {
         offset: 0,
     };
     assert_eq!(
-        errno(iommu.map(BASE + PG, PG, host, Prot::READ)),
+        errno(iommu.map(Iova(BASE + PG), PG, host, Prot::READ)),
         libc::EEXIST
     );
     let message = Backing::Message(owner.clone());
     assert_eq!(
-        errno(iommu.map(BASE + 3 * PG, 2 * PG, message, Prot::READ)),
+        errno(iommu.map(Iova(BASE + 3 * PG), 2 * PG, message, Prot::READ)),
         libc::EEXIST
     );
     // Alignment and size rules as for any mapping.
     let message = Backing::Message(owner.clone());
     assert_eq!(
-        errno(iommu.map(0x800, PG, message, Prot::READ)),
+        errno(iommu.map(Iova(0x800), PG, message, Prot::READ)),
         libc::EINVAL
     );
     let message = Backing::Message(owner.clone());
-    assert_eq!(errno(iommu.map(0, 0, message, Prot::READ)), libc::EINVAL);
+    assert_eq!(
+        errno(iommu.map(Iova(0), 0, message, Prot::READ)),
+        libc::EINVAL
+    );
     let info = iommu.mappings();
     assert_eq!(info.len(), 1);
     assert!(info[0].by_message);
     // Unmap never splits it; a whole unmap removes it.
     assert_eq!(
         iommu
-            .unmap(BASE, PG, UnmapScope::Range)
+            .unmap(Iova(BASE), PG, UnmapScope::Range)
             .unwrap_err()
             .errno(),
         libc::EINVAL
     );
     assert_eq!(
-        iommu.unmap(BASE, 4 * PG, UnmapScope::Range).unwrap(),
+        iommu.unmap(Iova(BASE), 4 * PG, UnmapScope::Range).unwrap(),
         4 * PG
     );
     assert_eq!(iommu.mapping_count(), 0);
@@ -114,19 +118,19 @@ fn message_mappings_follow_the_table_rules() {
 fn message_accesses_reach_the_owner_and_leave_no_dirty_bits() {
     let (iommu, owner) = setup();
     iommu.start_dirty_tracking().unwrap();
-    iommu.write(BASE + PG - 2, b"abcd").unwrap();
+    iommu.write(Iova(BASE + PG - 2), b"abcd").unwrap();
     assert_eq!(&owner.bytes.lock().unwrap()[4094..4098], b"abcd");
     let mut back = [0u8; 4];
-    iommu.read(BASE + PG - 2, &mut back).unwrap();
+    iommu.read(Iova(BASE + PG - 2), &mut back).unwrap();
     assert_eq!(&back, b"abcd");
     let mut bitmap = [0u64; 1];
     iommu
-        .get_dirty_bitmap(BASE, 4 * PG, PG, &mut bitmap, DirtyRead::Clear)
+        .get_dirty_bitmap(Iova(BASE), 4 * PG, PG, &mut bitmap, DirtyRead::Clear)
         .unwrap();
     assert_eq!(bitmap[0], 0, "the owner records what reaches it");
     let mut bitmap = [u64::MAX; 1];
     iommu
-        .unmap_with_dirty_bitmap(BASE, 4 * PG, PG, &mut bitmap)
+        .unmap_with_dirty_bitmap(Iova(BASE), 4 * PG, PG, &mut bitmap)
         .unwrap();
     assert_eq!(bitmap[0], 0);
 }
@@ -137,14 +141,14 @@ fn message_mappings_refuse_pins_and_host_slices_and_pass_the_owners_errno() {
     let group = iommu.attach_group(vmig_dma::GroupKind::Mediated, 1);
     assert_eq!(
         iommu
-            .pin_pages(group, BASE, 1, Prot::READ)
+            .pin_pages(group, Iova(BASE), 1, Prot::READ)
             .unwrap_err()
             .errno(),
         libc::EINVAL
     );
     assert_eq!(
         iommu
-            .with_host_slices(BASE, 8, Prot::READ, |_| ())
+            .with_host_slices(Iova(BASE), 8, Prot::READ, |_| ())
             .unwrap_err()
             .errno(),
         libc::EFAULT
@@ -152,7 +156,7 @@ fn message_mappings_refuse_pins_and_host_slices_and_pass_the_owners_errno() {
     owner
         .broken
         .store(true, std::sync::atomic::Ordering::Release);
-    let err = iommu.write(BASE, b"x").unwrap_err();
+    let err = iommu.write(Iova(BASE), b"x").unwrap_err();
     assert_eq!(err.errno(), libc::ENOTCONN);
     assert!(matches!(
         err,

@@ -4,6 +4,7 @@
 
 use std::os::fd::AsFd;
 use std::sync::Arc;
+use vmig_primitives::Iova;
 
 use vmig_dma::{
     Backing, DirtyRead, DmaError, GroupKind, Iommu, IommuConfig, IommuType, IovaRange, Prot,
@@ -33,7 +34,7 @@ fn map(iommu: &Iommu, iova: u64, pages: u64) -> Arc<HostMemory> {
     let memory = anon(pages);
     iommu
         .map(
-            iova,
+            Iova(iova),
             pages * PG,
             Backing::Memory {
                 memory: Arc::clone(&memory),
@@ -48,7 +49,7 @@ fn map(iommu: &Iommu, iova: u64, pages: u64) -> Arc<HostMemory> {
 fn try_map(iommu: &Iommu, iova: u64, size: u64) -> Result<(), DmaError> {
     let memory = Arc::new(HostMemory::anonymous(size.clamp(PG, 64 * PG)).unwrap());
     iommu.map(
-        iova,
+        Iova(iova),
         size,
         Backing::Memory { memory, offset: 0 },
         Prot::READ_WRITE,
@@ -67,7 +68,7 @@ fn get(iommu: &Iommu, iova: u64, pages: u64) -> Vec<u64> {
 fn get_mode(iommu: &Iommu, iova: u64, pages: u64, mode: DirtyRead) -> Vec<u64> {
     let mut bitmap = vec![0u64; usize::try_from(pages.div_ceil(64)).unwrap()];
     iommu
-        .get_dirty_bitmap(iova, pages * PG, PG, &mut bitmap, mode)
+        .get_dirty_bitmap(Iova(iova), pages * PG, PG, &mut bitmap, mode)
         .unwrap();
     bitmap
 }
@@ -98,7 +99,7 @@ fn map_not_aligned_to_the_minimum_page_is_einval() {
         offset: 512,
     };
     assert_eq!(
-        errno(iommu.map(0, PG, unaligned_backing, Prot::READ)),
+        errno(iommu.map(Iova(0), PG, unaligned_backing, Prot::READ)),
         libc::EINVAL
     );
     assert_eq!(iommu.mapping_count(), 0);
@@ -119,11 +120,11 @@ fn map_ending_at_the_last_byte_of_the_64_bit_space_is_accepted() {
     let iommu = iommu();
     map(&iommu, u64::MAX - PG + 1, 1);
     assert_eq!(iommu.mappings()[0].iova, 0xffff_ffff_ffff_f000);
-    iommu.write(u64::MAX - 7, &[0xaa; 8]).unwrap();
+    iommu.write(Iova(u64::MAX - 7), &[0xaa; 8]).unwrap();
     // and it unmaps without a 64-bit wrap
     assert_eq!(
         iommu
-            .unmap(u64::MAX - PG + 1, PG, UnmapScope::Range)
+            .unmap(Iova(u64::MAX - PG + 1), PG, UnmapScope::Range)
             .unwrap(),
         PG
     );
@@ -137,10 +138,15 @@ fn whole_64_bit_space_maps_in_two_calls_and_unmaps_in_two_halves() {
     let memory = Arc::new(HostMemory::anonymous(PG).unwrap());
     // The host memory is only one page: the mapping itself is refused as unbacked (EFAULT),
     // which shows the size arithmetic reached the backing check instead of wrapping to 0.
-    let r = iommu.map(0, half, Backing::Memory { memory, offset: 0 }, Prot::READ);
+    let r = iommu.map(
+        Iova(0),
+        half,
+        Backing::Memory { memory, offset: 0 },
+        Prot::READ,
+    );
     assert_eq!(errno(r), libc::EFAULT);
-    assert_eq!(iommu.unmap(0, half, UnmapScope::Range).unwrap(), 0);
-    assert_eq!(iommu.unmap(half, half, UnmapScope::Range).unwrap(), 0);
+    assert_eq!(iommu.unmap(Iova(0), half, UnmapScope::Range).unwrap(), 0);
+    assert_eq!(iommu.unmap(Iova(half), half, UnmapScope::Range).unwrap(), 0);
 }
 
 #[test]
@@ -206,7 +212,7 @@ fn the_65536th_map_is_enospc_and_unmapping_one_frees_a_slot() {
             memory: Arc::clone(&memory),
             offset: 0,
         };
-        iommu.map(i * PG, PG, backing, Prot::READ).unwrap();
+        iommu.map(Iova(i * PG), PG, backing, Prot::READ).unwrap();
     }
     assert_eq!(iommu.info().dma_avail, 0);
     let backing = Backing::Memory {
@@ -214,12 +220,14 @@ fn the_65536th_map_is_enospc_and_unmapping_one_frees_a_slot() {
         offset: 0,
     };
     assert_eq!(
-        errno(iommu.map(65535 * PG, PG, backing, Prot::READ)),
+        errno(iommu.map(Iova(65535 * PG), PG, backing, Prot::READ)),
         libc::ENOSPC
     );
-    iommu.unmap(0, PG, UnmapScope::Range).unwrap();
+    iommu.unmap(Iova(0), PG, UnmapScope::Range).unwrap();
     let backing = Backing::Memory { memory, offset: 0 };
-    iommu.map(65535 * PG, PG, backing, Prot::READ).unwrap();
+    iommu
+        .map(Iova(65535 * PG), PG, backing, Prot::READ)
+        .unwrap();
 }
 
 #[test]
@@ -227,7 +235,7 @@ fn map_with_neither_read_nor_write_is_einval() {
     // digest B8: MAP with flags neither READ nor WRITE (type1) -> -EINVAL
     let memory = anon(1);
     let r = iommu().map(
-        0,
+        Iova(0),
         PG,
         Backing::Memory { memory, offset: 0 },
         Prot::from_bits(0).unwrap(),
@@ -241,11 +249,16 @@ fn map_beyond_its_backing_is_efault_and_maps_nothing() {
     // A mapping must be backed for its whole size (the kernel's pin of an unbacked vaddr faults).
     let iommu = iommu();
     let memory = anon(2);
-    let r = iommu.map(0, 3 * PG, Backing::Memory { memory, offset: 0 }, Prot::READ);
+    let r = iommu.map(
+        Iova(0),
+        3 * PG,
+        Backing::Memory { memory, offset: 0 },
+        Prot::READ,
+    );
     assert_eq!(errno(r), libc::EFAULT);
     let fd = memfd("short", 2 * PG).unwrap();
     let r = iommu.map(
-        0,
+        Iova(0),
         2 * PG,
         Backing::Fd {
             fd: fd.as_fd(),
@@ -263,7 +276,7 @@ fn fd_backed_mapping_shares_memory_with_every_other_mapping_of_the_fd() {
     let fd = memfd("guest-ram", 16 * PG).unwrap();
     iommu
         .map(
-            0x100000,
+            Iova(0x100000),
             8 * PG,
             Backing::Fd {
                 fd: fd.as_fd(),
@@ -272,7 +285,7 @@ fn fd_backed_mapping_shares_memory_with_every_other_mapping_of_the_fd() {
             Prot::READ_WRITE,
         )
         .unwrap();
-    iommu.write(0x100000 + 5, b"vmig").unwrap();
+    iommu.write(Iova(0x100000 + 5), b"vmig").unwrap();
     let view = HostMemory::map_fd(fd.as_fd(), 0, 16 * PG, false).unwrap();
     let mut buf = [0u8; 4];
     view.read(8 * usize::try_from(PG).unwrap() + 5, &mut buf)
@@ -288,11 +301,11 @@ fn v2_unmap_bisecting_a_mapping_is_einval_and_unmaps_nothing() {
     let iommu = iommu();
     map(&iommu, 0, 8);
     assert_eq!(
-        errno(iommu.unmap(PG, 7 * PG, UnmapScope::Range)),
+        errno(iommu.unmap(Iova(PG), 7 * PG, UnmapScope::Range)),
         libc::EINVAL
     );
     assert_eq!(
-        errno(iommu.unmap(0, 4 * PG, UnmapScope::Range)),
+        errno(iommu.unmap(Iova(0), 4 * PG, UnmapScope::Range)),
         libc::EINVAL
     );
     assert_eq!(iommu.mapping_count(), 1);
@@ -305,14 +318,22 @@ fn v2_unmap_of_whole_mappings_and_gaps_returns_the_sum() {
     map(&iommu, 0x10000, 2);
     map(&iommu, 0x20000, 3);
     map(&iommu, 0x40000, 1);
-    assert_eq!(iommu.unmap(0, 0x30000, UnmapScope::Range).unwrap(), 5 * PG);
+    assert_eq!(
+        iommu.unmap(Iova(0), 0x30000, UnmapScope::Range).unwrap(),
+        5 * PG
+    );
     assert_eq!(iommu.mapping_count(), 1);
 }
 
 #[test]
 fn unmap_of_an_empty_range_returns_zero() {
     // digest B13: v2 UNMAP of an empty range -> success, size 0
-    assert_eq!(iommu().unmap(0x1000, 0x1000, UnmapScope::Range).unwrap(), 0);
+    assert_eq!(
+        iommu()
+            .unmap(Iova(0x1000), 0x1000, UnmapScope::Range)
+            .unwrap(),
+        0
+    );
 }
 
 #[test]
@@ -321,8 +342,8 @@ fn v1_unmap_starting_inside_a_mapping_unmaps_nothing() {
     // iova -> whole mapping removed
     let iommu = iommu_with(|c| c.iommu_type = IommuType::Type1);
     map(&iommu, 0, 8);
-    assert_eq!(iommu.unmap(PG, PG, UnmapScope::Range).unwrap(), 0);
-    assert_eq!(iommu.unmap(0, PG, UnmapScope::Range).unwrap(), 8 * PG);
+    assert_eq!(iommu.unmap(Iova(PG), PG, UnmapScope::Range).unwrap(), 0);
+    assert_eq!(iommu.unmap(Iova(0), PG, UnmapScope::Range).unwrap(), 8 * PG);
     assert_eq!(iommu.mapping_count(), 0);
 }
 
@@ -332,9 +353,15 @@ fn unmap_all_needs_iova_and_size_zero() {
     let iommu = iommu();
     map(&iommu, 0, 1);
     map(&iommu, u64::MAX - PG + 1, 1);
-    assert_eq!(errno(iommu.unmap(PG, 0, UnmapScope::All)), libc::EINVAL);
-    assert_eq!(errno(iommu.unmap(0, PG, UnmapScope::All)), libc::EINVAL);
-    assert_eq!(iommu.unmap(0, 0, UnmapScope::All).unwrap(), 2 * PG);
+    assert_eq!(
+        errno(iommu.unmap(Iova(PG), 0, UnmapScope::All)),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno(iommu.unmap(Iova(0), PG, UnmapScope::All)),
+        libc::EINVAL
+    );
+    assert_eq!(iommu.unmap(Iova(0), 0, UnmapScope::All).unwrap(), 2 * PG);
     assert_eq!(iommu.mapping_count(), 0);
 }
 
@@ -342,14 +369,20 @@ fn unmap_all_needs_iova_and_size_zero() {
 fn unmap_of_size_zero_misaligned_or_wrapping_is_einval() {
     // digest 1.2: UNMAP size==0, misaligned, wraps -> -EINVAL
     let iommu = iommu();
-    assert_eq!(errno(iommu.unmap(0, 0, UnmapScope::Range)), libc::EINVAL);
-    assert_eq!(errno(iommu.unmap(1, PG, UnmapScope::Range)), libc::EINVAL);
     assert_eq!(
-        errno(iommu.unmap(0, PG + 1, UnmapScope::Range)),
+        errno(iommu.unmap(Iova(0), 0, UnmapScope::Range)),
         libc::EINVAL
     );
     assert_eq!(
-        errno(iommu.unmap(u64::MAX - PG + 1, 2 * PG, UnmapScope::Range)),
+        errno(iommu.unmap(Iova(1), PG, UnmapScope::Range)),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno(iommu.unmap(Iova(0), PG + 1, UnmapScope::Range)),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno(iommu.unmap(Iova(u64::MAX - PG + 1), 2 * PG, UnmapScope::Range)),
         libc::EINVAL
     );
 }
@@ -364,13 +397,17 @@ fn page_pinned_twice_stays_pinned_after_one_unpin() {
     map(&iommu, 0, 64);
     let group = iommu.attach_group(GroupKind::Mediated, 1);
     iommu.start_dirty_tracking().unwrap();
-    iommu.pin_pages(group, 7 * PG, 1, Prot::WRITE).unwrap();
-    iommu.pin_pages(group, 7 * PG, 1, Prot::WRITE).unwrap();
-    iommu.unpin_pages(group, 7 * PG, 1).unwrap();
+    iommu
+        .pin_pages(group, Iova(7 * PG), 1, Prot::WRITE)
+        .unwrap();
+    iommu
+        .pin_pages(group, Iova(7 * PG), 1, Prot::WRITE)
+        .unwrap();
+    iommu.unpin_pages(group, Iova(7 * PG), 1).unwrap();
     assert_eq!(iommu.locked_pages(), 1);
     assert_eq!(bits(&get(&iommu, 0, 64)), [7]);
     assert_eq!(bits(&get(&iommu, 0, 64)), [7]);
-    iommu.unpin_pages(group, 7 * PG, 1).unwrap();
+    iommu.unpin_pages(group, Iova(7 * PG), 1).unwrap();
     assert_eq!(bits(&get(&iommu, 0, 64)), [7]);
     assert_eq!(bits(&get(&iommu, 0, 64)), Vec::<u64>::new());
     assert_eq!(iommu.locked_pages(), 0);
@@ -382,11 +419,11 @@ fn unpin_of_a_page_never_pinned_is_a_no_op() {
     let iommu = iommu();
     map(&iommu, 0, 8);
     let group = iommu.attach_group(GroupKind::Mediated, 1);
-    iommu.unpin_pages(group, 0, 8).unwrap();
-    iommu.pin_pages(group, 0, 1, Prot::READ).unwrap();
-    iommu.unpin_pages(group, 0, 1).unwrap();
-    iommu.unpin_pages(group, 0, 1).unwrap();
-    iommu.unpin_pages(group, 0x100000, 1).unwrap();
+    iommu.unpin_pages(group, Iova(0), 8).unwrap();
+    iommu.pin_pages(group, Iova(0), 1, Prot::READ).unwrap();
+    iommu.unpin_pages(group, Iova(0), 1).unwrap();
+    iommu.unpin_pages(group, Iova(0), 1).unwrap();
+    iommu.unpin_pages(group, Iova(0x100000), 1).unwrap();
     assert_eq!(iommu.locked_pages(), 0);
 }
 
@@ -397,7 +434,7 @@ fn pin_from_a_group_of_two_devices_is_einval() {
     map(&iommu, 0, 8);
     let group = iommu.attach_group(GroupKind::Mediated, 2);
     assert_eq!(
-        errno(iommu.pin_pages(group, 0, 1, Prot::READ)),
+        errno(iommu.pin_pages(group, Iova(0), 1, Prot::READ)),
         libc::EINVAL
     );
     assert_eq!(iommu.locked_pages(), 0);
@@ -412,7 +449,7 @@ fn pin_of_unmapped_or_forbidden_pages_is_refused_and_pins_nothing() {
     let memory = anon(4);
     iommu
         .map(
-            0x10000,
+            Iova(0x10000),
             4 * PG,
             Backing::Memory { memory, offset: 0 },
             Prot::READ,
@@ -420,26 +457,26 @@ fn pin_of_unmapped_or_forbidden_pages_is_refused_and_pins_nothing() {
         .unwrap();
     let group = iommu.attach_group(GroupKind::Mediated, 1);
     assert_eq!(
-        errno(iommu.pin_pages(group, 2 * PG, 3, Prot::READ)),
+        errno(iommu.pin_pages(group, Iova(2 * PG), 3, Prot::READ)),
         libc::EINVAL
     );
     assert_eq!(
-        errno(iommu.pin_pages(group, 0x10000, 1, Prot::WRITE)),
+        errno(iommu.pin_pages(group, Iova(0x10000), 1, Prot::WRITE)),
         libc::EPERM
     );
     assert_eq!(
-        errno(iommu.pin_pages(group, 0, 513, Prot::READ)),
+        errno(iommu.pin_pages(group, Iova(0), 513, Prot::READ)),
         libc::E2BIG
     );
     assert_eq!(
-        errno(iommu.pin_pages(group, 0, 0, Prot::READ)),
+        errno(iommu.pin_pages(group, Iova(0), 0, Prot::READ)),
         libc::EINVAL
     );
     assert_eq!(iommu.locked_pages(), 0);
     let v1 = iommu_with(|c| c.iommu_type = IommuType::Type1);
     map(&v1, 0, 1);
     let g = v1.attach_group(GroupKind::Mediated, 1);
-    assert_eq!(errno(v1.pin_pages(g, 0, 1, Prot::READ)), libc::EACCES);
+    assert_eq!(errno(v1.pin_pages(g, Iova(0), 1, Prot::READ)), libc::EACCES);
 }
 
 #[test]
@@ -449,18 +486,18 @@ fn pin_beyond_the_locked_memory_limit_is_enomem_and_rolls_back() {
     map(&iommu, 0, 2);
     map(&iommu, 2 * PG, 8);
     let group = iommu.attach_group(GroupKind::Mediated, 1);
-    iommu.pin_pages(group, 0, 2, Prot::READ).unwrap();
+    iommu.pin_pages(group, Iova(0), 2, Prot::READ).unwrap();
     // spans both mappings: the first segment (re-pins of pinned pages) is free, the second
     // needs 3 new pages against 2 left
     assert_eq!(
-        errno(iommu.pin_pages(group, 0, 5, Prot::READ)),
+        errno(iommu.pin_pages(group, Iova(0), 5, Prot::READ)),
         libc::ENOMEM
     );
     assert_eq!(iommu.locked_pages(), 2);
-    iommu.unpin_pages(group, 0, 2).unwrap();
+    iommu.unpin_pages(group, Iova(0), 2).unwrap();
     // the failed call left no reference behind: one unpin brought both pages to zero
     assert_eq!(iommu.locked_pages(), 0);
-    iommu.pin_pages(group, 0, 4, Prot::READ).unwrap();
+    iommu.pin_pages(group, Iova(0), 4, Prot::READ).unwrap();
     assert_eq!(iommu.locked_pages(), 4);
 }
 
@@ -470,13 +507,18 @@ fn locked_pages_return_to_zero_after_unpin_and_unmap() {
     let iommu = iommu();
     map(&iommu, 0, 16);
     let group = iommu.attach_group(GroupKind::Mediated, 1);
-    iommu.pin_pages(group, 0, 16, Prot::READ_WRITE).unwrap();
-    iommu.pin_pages(group, 4 * PG, 4, Prot::READ).unwrap();
+    iommu
+        .pin_pages(group, Iova(0), 16, Prot::READ_WRITE)
+        .unwrap();
+    iommu.pin_pages(group, Iova(4 * PG), 4, Prot::READ).unwrap();
     assert_eq!(iommu.locked_pages(), 16);
-    iommu.unpin_pages(group, 0, 16).unwrap();
-    iommu.unpin_pages(group, 4 * PG, 4).unwrap();
+    iommu.unpin_pages(group, Iova(0), 16).unwrap();
+    iommu.unpin_pages(group, Iova(4 * PG), 4).unwrap();
     assert_eq!(iommu.locked_pages(), 0);
-    assert_eq!(iommu.unmap(0, 16 * PG, UnmapScope::Range).unwrap(), 16 * PG);
+    assert_eq!(
+        iommu.unmap(Iova(0), 16 * PG, UnmapScope::Range).unwrap(),
+        16 * PG
+    );
 }
 
 #[test]
@@ -485,7 +527,9 @@ fn unmap_of_pinned_pages_asks_the_group_to_unpin_first() {
     let iommu = Arc::new(iommu());
     map(&iommu, 0, 8);
     let group = iommu.attach_group(GroupKind::Mediated, 1);
-    iommu.pin_pages(group, 2 * PG, 1, Prot::WRITE).unwrap();
+    iommu
+        .pin_pages(group, Iova(2 * PG), 1, Prot::WRITE)
+        .unwrap();
     let weak = Arc::downgrade(&iommu);
     iommu
         .set_unmap_notifier(
@@ -496,12 +540,15 @@ fn unmap_of_pinned_pages_asks_the_group_to_unpin_first() {
                     .step_by(usize::try_from(PG).unwrap())
                     .take(8)
                 {
-                    iommu.unpin_pages(group, page, 1).unwrap();
+                    iommu.unpin_pages(group, Iova(page), 1).unwrap();
                 }
             }),
         )
         .unwrap();
-    assert_eq!(iommu.unmap(0, 8 * PG, UnmapScope::Range).unwrap(), 8 * PG);
+    assert_eq!(
+        iommu.unmap(Iova(0), 8 * PG, UnmapScope::Range).unwrap(),
+        8 * PG
+    );
     assert_eq!(iommu.locked_pages(), 0);
 }
 
@@ -511,7 +558,7 @@ fn unmap_of_pinned_pages_whose_owner_never_unpins_is_ebusy_and_bounded() {
     let iommu = iommu();
     map(&iommu, 0, 8);
     let group = iommu.attach_group(GroupKind::Mediated, 1);
-    iommu.pin_pages(group, 0, 1, Prot::READ).unwrap();
+    iommu.pin_pages(group, Iova(0), 1, Prot::READ).unwrap();
     let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let counter = Arc::clone(&calls);
     iommu
@@ -523,7 +570,7 @@ fn unmap_of_pinned_pages_whose_owner_never_unpins_is_ebusy_and_bounded() {
         )
         .unwrap();
     assert_eq!(
-        errno(iommu.unmap(0, 8 * PG, UnmapScope::Range)),
+        errno(iommu.unmap(Iova(0), 8 * PG, UnmapScope::Range)),
         libc::EBUSY
     );
     assert!(calls.load(std::sync::atomic::Ordering::Relaxed) >= 1);
@@ -539,7 +586,7 @@ fn start_and_stop_are_idempotent() {
     map(&iommu, 0, 4);
     iommu.stop_dirty_tracking().unwrap();
     iommu.start_dirty_tracking().unwrap();
-    iommu.write(0, &[1]).unwrap();
+    iommu.write(Iova(0), &[1]).unwrap();
     iommu.start_dirty_tracking().unwrap();
     // the second START kept the one set of bitmaps: the write is still there
     assert_eq!(bits(&get(&iommu, 0, 4)), [0]);
@@ -560,11 +607,13 @@ fn start_that_cannot_allocate_is_enomem_and_leaves_tracking_off() {
     assert!(!iommu.is_tracking());
     let mut bitmap = [0u64; 1];
     assert_eq!(
-        errno(iommu.get_dirty_bitmap(0, 64 * PG, PG, &mut bitmap, DirtyRead::Clear)),
+        errno(iommu.get_dirty_bitmap(Iova(0), 64 * PG, PG, &mut bitmap, DirtyRead::Clear)),
         libc::EINVAL
     );
     // the budget was not consumed by the failed START: after one unmap it fits
-    iommu.unmap(128 * PG, 64 * PG, UnmapScope::Range).unwrap();
+    iommu
+        .unmap(Iova(128 * PG), 64 * PG, UnmapScope::Range)
+        .unwrap();
     iommu.start_dirty_tracking().unwrap();
 }
 
@@ -576,7 +625,7 @@ fn start_with_a_mapping_over_int_max_pages_is_einval() {
     let memory = Arc::new(HostMemory::anonymous(size).unwrap());
     iommu
         .map(
-            0,
+            Iova(0),
             size,
             Backing::Memory { memory, offset: 0 },
             Prot::READ_WRITE,
@@ -594,8 +643,10 @@ fn start_stop_start_reports_no_bits_of_the_previous_session() {
     map(&iommu, 0, 16);
     let group = iommu.attach_group(GroupKind::Mediated, 1);
     iommu.start_dirty_tracking().unwrap();
-    iommu.write(3 * PG, &[1]).unwrap();
-    iommu.pin_pages(group, 9 * PG, 1, Prot::WRITE).unwrap();
+    iommu.write(Iova(3 * PG), &[1]).unwrap();
+    iommu
+        .pin_pages(group, Iova(9 * PG), 1, Prot::WRITE)
+        .unwrap();
     iommu.stop_dirty_tracking().unwrap();
     iommu.start_dirty_tracking().unwrap();
     assert_eq!(bits(&get(&iommu, 0, 16)), [9]);
@@ -606,9 +657,9 @@ fn tracking_started_after_writes_reports_only_later_writes() {
     // digest E5: enable tracking after prior device writes -> first GET returns only post-enable writes
     let iommu = iommu();
     map(&iommu, 0, 8);
-    iommu.write(0, &[1]).unwrap();
+    iommu.write(Iova(0), &[1]).unwrap();
     iommu.start_dirty_tracking().unwrap();
-    iommu.write(5 * PG, &[1]).unwrap();
+    iommu.write(Iova(5 * PG), &[1]).unwrap();
     assert_eq!(bits(&get(&iommu, 0, 8)), [5]);
 }
 
@@ -619,7 +670,9 @@ fn map_while_tracking_gets_a_bitmap() {
     iommu.start_dirty_tracking().unwrap();
     map(&iommu, 64 * PG, 8);
     let group = iommu.attach_group(GroupKind::Mediated, 1);
-    iommu.pin_pages(group, 65 * PG, 1, Prot::WRITE).unwrap();
+    iommu
+        .pin_pages(group, Iova(65 * PG), 1, Prot::WRITE)
+        .unwrap();
     assert_eq!(bits(&get(&iommu, 64 * PG, 8)), [1]);
 }
 
@@ -641,7 +694,9 @@ fn pinned_before_start_is_reported_on_every_read() {
     let iommu = iommu();
     map(&iommu, 0, 64);
     let group = iommu.attach_group(GroupKind::Mediated, 1);
-    iommu.pin_pages(group, 3 * PG, 1, Prot::WRITE).unwrap();
+    iommu
+        .pin_pages(group, Iova(3 * PG), 1, Prot::WRITE)
+        .unwrap();
     iommu.start_dirty_tracking().unwrap();
     assert_eq!(bits(&get(&iommu, 0, 64)), [3]);
     assert_eq!(bits(&get(&iommu, 0, 64)), [3]);
@@ -654,8 +709,10 @@ fn pinned_and_unpinned_after_start_is_reported_once() {
     map(&iommu, 0, 64);
     let group = iommu.attach_group(GroupKind::Mediated, 1);
     iommu.start_dirty_tracking().unwrap();
-    iommu.pin_pages(group, 5 * PG, 1, Prot::WRITE).unwrap();
-    iommu.unpin_pages(group, 5 * PG, 1).unwrap();
+    iommu
+        .pin_pages(group, Iova(5 * PG), 1, Prot::WRITE)
+        .unwrap();
+    iommu.unpin_pages(group, Iova(5 * PG), 1).unwrap();
     assert_eq!(bits(&get(&iommu, 0, 64)), [5]);
     assert_eq!(bits(&get(&iommu, 0, 64)), Vec::<u64>::new());
 }
@@ -667,10 +724,10 @@ fn dma_write_across_a_page_boundary_marks_both_pages_and_reads_mark_none() {
     map(&iommu, 0, 8);
     iommu.start_dirty_tracking().unwrap();
     let mut buf = [0u8; 64];
-    iommu.read(0, &mut buf).unwrap();
-    iommu.write(2 * PG - 1, &[1, 2, 3]).unwrap();
+    iommu.read(Iova(0), &mut buf).unwrap();
+    iommu.write(Iova(2 * PG - 1), &[1, 2, 3]).unwrap();
     assert_eq!(bits(&get(&iommu, 0, 8)), [1, 2]);
-    iommu.read(2 * PG - 1, &mut buf[..3]).unwrap();
+    iommu.read(Iova(2 * PG - 1), &mut buf[..3]).unwrap();
     assert_eq!(buf[..3], [1, 2, 3]);
 }
 
@@ -694,7 +751,9 @@ fn first_pin_of_the_direct_group_narrows_the_dirty_scope() {
     map(&iommu, 0, 16);
     let group = iommu.attach_group(GroupKind::Direct, 1);
     iommu.start_dirty_tracking().unwrap();
-    iommu.pin_pages(group, 4 * PG, 2, Prot::WRITE).unwrap();
+    iommu
+        .pin_pages(group, Iova(4 * PG), 2, Prot::WRITE)
+        .unwrap();
     assert_eq!(bits(&get(&iommu, 0, 16)), [4, 5]);
 }
 
@@ -706,7 +765,7 @@ fn second_direct_group_demotes_the_scope_and_detaching_it_promotes_again() {
     map(&iommu, 0, 16);
     let first = iommu.attach_group(GroupKind::Direct, 1);
     iommu.start_dirty_tracking().unwrap();
-    iommu.pin_pages(first, 0, 1, Prot::WRITE).unwrap();
+    iommu.pin_pages(first, Iova(0), 1, Prot::WRITE).unwrap();
     let second = iommu.attach_group(GroupKind::Direct, 1);
     assert_eq!(get(&iommu, 0, 16), [0xffff]);
     iommu.detach_group(second).unwrap();
@@ -729,7 +788,7 @@ fn get_twice_without_writes_returns_nothing_the_second_time() {
     let iommu = iommu();
     map(&iommu, 0, 8);
     iommu.start_dirty_tracking().unwrap();
-    iommu.write(PG, &[1]).unwrap();
+    iommu.write(Iova(PG), &[1]).unwrap();
     assert_eq!(bits(&get(&iommu, 0, 8)), [1]);
     assert_eq!(get(&iommu, 0, 8), [0]);
 }
@@ -740,13 +799,13 @@ fn read_without_clearing_returns_the_same_bits_twice() {
     let iommu = iommu();
     map(&iommu, 0, 8);
     iommu.start_dirty_tracking().unwrap();
-    iommu.write(6 * PG, &[1]).unwrap();
+    iommu.write(Iova(6 * PG), &[1]).unwrap();
     assert_eq!(bits(&get_mode(&iommu, 0, 8, DirtyRead::Keep)), [6]);
     assert_eq!(bits(&get_mode(&iommu, 0, 8, DirtyRead::Keep)), [6]);
     // digest E13: NO_CLEAR GET -> UNMAP -> the unmap still returns the bits
     let mut bitmap = [0u64; 1];
     iommu
-        .unmap_with_dirty_bitmap(0, 8 * PG, PG, &mut bitmap)
+        .unmap_with_dirty_bitmap(Iova(0), 8 * PG, PG, &mut bitmap)
         .unwrap();
     assert_eq!(bits(&bitmap), [6]);
 }
@@ -759,8 +818,8 @@ fn get_covering_several_whole_mappings_succeeds() {
     map(&iommu, 0, 10);
     map(&iommu, 10 * PG, 6);
     iommu.start_dirty_tracking().unwrap();
-    iommu.write(9 * PG, &[1]).unwrap();
-    iommu.write(10 * PG, &[1]).unwrap();
+    iommu.write(Iova(9 * PG), &[1]).unwrap();
+    iommu.write(Iova(10 * PG), &[1]).unwrap();
     assert_eq!(bits(&get(&iommu, 0, 16)), [9, 10]);
 }
 
@@ -774,7 +833,7 @@ fn bits_land_at_the_mapping_offset_across_a_hole() {
     let group = iommu.attach_group(GroupKind::Mediated, 1);
     iommu.start_dirty_tracking().unwrap();
     for iova in [PG, 5 * PG, 69 * PG] {
-        iommu.pin_pages(group, iova, 1, Prot::WRITE).unwrap();
+        iommu.pin_pages(group, Iova(iova), 1, Prot::WRITE).unwrap();
     }
     assert_eq!(bits(&get(&iommu, 0, 70)), [1, 5, 69]);
 }
@@ -787,11 +846,11 @@ fn get_bisecting_a_mapping_is_einval() {
     iommu.start_dirty_tracking().unwrap();
     let mut bitmap = [0u64; 1];
     assert_eq!(
-        errno(iommu.get_dirty_bitmap(PG, 7 * PG, PG, &mut bitmap, DirtyRead::Clear)),
+        errno(iommu.get_dirty_bitmap(Iova(PG), 7 * PG, PG, &mut bitmap, DirtyRead::Clear)),
         libc::EINVAL
     );
     assert_eq!(
-        errno(iommu.get_dirty_bitmap(0, 4 * PG, PG, &mut bitmap, DirtyRead::Clear)),
+        errno(iommu.get_dirty_bitmap(Iova(0), 4 * PG, PG, &mut bitmap, DirtyRead::Clear)),
         libc::EINVAL
     );
 }
@@ -804,7 +863,7 @@ fn get_at_a_page_size_other_than_the_minimum_is_einval() {
     iommu.start_dirty_tracking().unwrap();
     let mut bitmap = [0u64; 1];
     for pgsize in [0, 2 * PG, 3 * PG, PG | 0x20_0000, 0x20_0000] {
-        let r = iommu.get_dirty_bitmap(0, 8 * PG, pgsize, &mut bitmap, DirtyRead::Clear);
+        let r = iommu.get_dirty_bitmap(Iova(0), 8 * PG, pgsize, &mut bitmap, DirtyRead::Clear);
         assert_eq!(errno(r), libc::EINVAL, "pgsize {pgsize:#x}");
     }
 }
@@ -816,19 +875,19 @@ fn get_with_a_too_small_or_too_large_bitmap_is_einval() {
     map(&iommu, 0, 65);
     iommu.start_dirty_tracking().unwrap();
     assert_eq!(
-        errno(iommu.get_dirty_bitmap(0, 65 * PG, PG, &mut [], DirtyRead::Clear)),
+        errno(iommu.get_dirty_bitmap(Iova(0), 65 * PG, PG, &mut [], DirtyRead::Clear)),
         libc::EINVAL
     );
     assert_eq!(
-        errno(iommu.get_dirty_bitmap(0, 65 * PG, PG, &mut [0; 1], DirtyRead::Clear)),
+        errno(iommu.get_dirty_bitmap(Iova(0), 65 * PG, PG, &mut [0; 1], DirtyRead::Clear)),
         libc::EINVAL
     );
     iommu
-        .get_dirty_bitmap(0, 65 * PG, PG, &mut [0; 2], DirtyRead::Clear)
+        .get_dirty_bitmap(Iova(0), 65 * PG, PG, &mut [0; 2], DirtyRead::Clear)
         .unwrap();
     let mut huge = vec![0u64; usize::try_from(vmig_dma::DIRTY_BITMAP_SIZE_MAX / 8 + 1).unwrap()];
     assert_eq!(
-        errno(iommu.get_dirty_bitmap(0, 65 * PG, PG, &mut huge, DirtyRead::Clear)),
+        errno(iommu.get_dirty_bitmap(Iova(0), 65 * PG, PG, &mut huge, DirtyRead::Clear)),
         libc::EINVAL
     );
 }
@@ -841,7 +900,7 @@ fn bitmap_words_past_the_range_are_left_alone() {
     iommu.start_dirty_tracking().unwrap();
     let mut bitmap = [u64::MAX; 3];
     iommu
-        .get_dirty_bitmap(0, 8 * PG, PG, &mut bitmap, DirtyRead::Clear)
+        .get_dirty_bitmap(Iova(0), 8 * PG, PG, &mut bitmap, DirtyRead::Clear)
         .unwrap();
     assert_eq!(bitmap, [0, u64::MAX, u64::MAX]);
 }
@@ -855,7 +914,7 @@ fn unmap_with_bitmap_while_tracking_is_off_is_einval_and_unmaps_nothing() {
     map(&iommu, 0, 8);
     let mut bitmap = [0u64; 1];
     assert_eq!(
-        errno(iommu.unmap_with_dirty_bitmap(0, 8 * PG, PG, &mut bitmap)),
+        errno(iommu.unmap_with_dirty_bitmap(Iova(0), 8 * PG, PG, &mut bitmap)),
         libc::EINVAL
     );
     assert_eq!(iommu.mapping_count(), 1);
@@ -870,15 +929,15 @@ fn unmap_with_bitmap_refusals_unmap_nothing() {
     iommu.start_dirty_tracking().unwrap();
     let mut one = [0u64; 1];
     assert_eq!(
-        errno(iommu.unmap_with_dirty_bitmap(0, 8 * PG, 2 * PG, &mut one)),
+        errno(iommu.unmap_with_dirty_bitmap(Iova(0), 8 * PG, 2 * PG, &mut one)),
         libc::EINVAL
     );
     assert_eq!(
-        errno(iommu.unmap_with_dirty_bitmap(0, 72 * PG, PG, &mut one)),
+        errno(iommu.unmap_with_dirty_bitmap(Iova(0), 72 * PG, PG, &mut one)),
         libc::EINVAL
     );
     assert_eq!(
-        errno(iommu.unmap_with_dirty_bitmap(0, 4 * PG, PG, &mut one)),
+        errno(iommu.unmap_with_dirty_bitmap(Iova(0), 4 * PG, PG, &mut one)),
         libc::EINVAL
     );
     assert_eq!(iommu.mapping_count(), 2);
@@ -891,12 +950,12 @@ fn unmap_with_bitmap_places_each_mapping_relative_to_the_unmap_iova() {
     map(&iommu, 0x10000, 3);
     map(&iommu, 0x10000 + 3 * PG, 5);
     iommu.start_dirty_tracking().unwrap();
-    iommu.write(0x10000 + PG, &[1]).unwrap();
-    iommu.write(0x10000 + 7 * PG, &[1]).unwrap();
+    iommu.write(Iova(0x10000 + PG), &[1]).unwrap();
+    iommu.write(Iova(0x10000 + 7 * PG), &[1]).unwrap();
     let mut bitmap = [0u64; 1];
     assert_eq!(
         iommu
-            .unmap_with_dirty_bitmap(0x10000, 8 * PG, PG, &mut bitmap)
+            .unmap_with_dirty_bitmap(Iova(0x10000), 8 * PG, PG, &mut bitmap)
             .unwrap(),
         8 * PG
     );
@@ -910,8 +969,11 @@ fn plain_unmap_while_tracking_discards_the_dirty_state() {
     let iommu = iommu();
     map(&iommu, 0, 8);
     iommu.start_dirty_tracking().unwrap();
-    iommu.write(0, &[1]).unwrap();
-    assert_eq!(iommu.unmap(0, 8 * PG, UnmapScope::Range).unwrap(), 8 * PG);
+    iommu.write(Iova(0), &[1]).unwrap();
+    assert_eq!(
+        iommu.unmap(Iova(0), 8 * PG, UnmapScope::Range).unwrap(),
+        8 * PG
+    );
     map(&iommu, 0, 8);
     assert_eq!(get(&iommu, 0, 8), [0]);
 }
@@ -924,7 +986,9 @@ fn unmap_with_bitmap_of_pinned_pages_reports_them_after_the_notifier_unpins() {
     map(&iommu, 0, 8);
     let group = iommu.attach_group(GroupKind::Mediated, 1);
     iommu.start_dirty_tracking().unwrap();
-    iommu.pin_pages(group, 2 * PG, 1, Prot::WRITE).unwrap();
+    iommu
+        .pin_pages(group, Iova(2 * PG), 1, Prot::WRITE)
+        .unwrap();
     let weak = Arc::downgrade(&iommu);
     iommu
         .set_unmap_notifier(
@@ -932,7 +996,7 @@ fn unmap_with_bitmap_of_pinned_pages_reports_them_after_the_notifier_unpins() {
             Arc::new(move |_| {
                 weak.upgrade()
                     .unwrap()
-                    .unpin_pages(group, 2 * PG, 1)
+                    .unpin_pages(group, Iova(2 * PG), 1)
                     .unwrap();
             }),
         )
@@ -940,13 +1004,13 @@ fn unmap_with_bitmap_of_pinned_pages_reports_them_after_the_notifier_unpins() {
     let mut bitmap = [0u64; 1];
     assert_eq!(
         iommu
-            .unmap_with_dirty_bitmap(0, 8 * PG, PG, &mut bitmap)
+            .unmap_with_dirty_bitmap(Iova(0), 8 * PG, PG, &mut bitmap)
             .unwrap(),
         8 * PG
     );
     assert_eq!(bits(&bitmap), [2]);
     assert_eq!(
-        errno(iommu.pin_pages(group, 2 * PG, 1, Prot::WRITE)),
+        errno(iommu.pin_pages(group, Iova(2 * PG), 1, Prot::WRITE)),
         libc::EINVAL
     );
 }
@@ -970,7 +1034,7 @@ fn dirty_tracking_on_a_type1_v1_iommu_is_eacces() {
     assert_eq!(errno(iommu.start_dirty_tracking()), libc::EACCES);
     assert_eq!(errno(iommu.stop_dirty_tracking()), libc::EACCES);
     assert_eq!(
-        errno(iommu.get_dirty_bitmap(0, PG, PG, &mut [0], DirtyRead::Clear)),
+        errno(iommu.get_dirty_bitmap(Iova(0), PG, PG, &mut [0], DirtyRead::Clear)),
         libc::EACCES
     );
 }
@@ -985,7 +1049,7 @@ fn dma_to_unmapped_iova_is_einval_and_to_read_only_is_eperm_and_writes_nothing()
     let ro = anon(1);
     iommu
         .map(
-            PG,
+            Iova(PG),
             PG,
             Backing::Memory {
                 memory: Arc::clone(&ro),
@@ -994,13 +1058,13 @@ fn dma_to_unmapped_iova_is_einval_and_to_read_only_is_eperm_and_writes_nothing()
             Prot::READ,
         )
         .unwrap();
-    assert_eq!(errno(iommu.write(2 * PG, &[1])), libc::EINVAL);
-    assert_eq!(errno(iommu.write(PG - 2, &[7; 4])), libc::EPERM);
+    assert_eq!(errno(iommu.write(Iova(2 * PG), &[1])), libc::EINVAL);
+    assert_eq!(errno(iommu.write(Iova(PG - 2), &[7; 4])), libc::EPERM);
     let mut buf = [0u8; 2];
     rw.read(usize::try_from(PG).unwrap() - 2, &mut buf).unwrap();
     assert_eq!(buf, [0, 0], "a refused write must not land partly");
-    assert_eq!(errno(iommu.write(0, &[])), libc::EINVAL);
-    assert_eq!(errno(iommu.read(u64::MAX, &mut [0; 2])), libc::EINVAL);
+    assert_eq!(errno(iommu.write(Iova(0), &[])), libc::EINVAL);
+    assert_eq!(errno(iommu.read(Iova(u64::MAX), &mut [0; 2])), libc::EINVAL);
 }
 
 #[test]
@@ -1009,7 +1073,7 @@ fn dma_write_spanning_two_adjacent_mappings_lands_in_both() {
     let a = map(&iommu, 0, 1);
     let b = map(&iommu, PG, 1);
     iommu.start_dirty_tracking().unwrap();
-    iommu.write(PG - 2, &[1, 2, 3, 4]).unwrap();
+    iommu.write(Iova(PG - 2), &[1, 2, 3, 4]).unwrap();
     let mut buf = [0u8; 2];
     a.read(usize::try_from(PG).unwrap() - 2, &mut buf).unwrap();
     assert_eq!(buf, [1, 2]);
@@ -1024,7 +1088,7 @@ fn host_slices_written_by_the_device_are_marked_dirty() {
     map(&iommu, 0, 4);
     iommu.start_dirty_tracking().unwrap();
     iommu
-        .with_host_slices(PG, 2 * PG, Prot::WRITE, |slices| {
+        .with_host_slices(Iova(PG), 2 * PG, Prot::WRITE, |slices| {
             assert_eq!(slices.len(), 1);
             slices[0]
                 .write_at(usize::try_from(PG).unwrap(), b"ring")
@@ -1032,10 +1096,10 @@ fn host_slices_written_by_the_device_are_marked_dirty() {
         })
         .unwrap();
     assert_eq!(bits(&get(&iommu, 0, 4)), [1, 2]);
-    iommu.mark_dirty(3 * PG, 1).unwrap();
+    iommu.mark_dirty(Iova(3 * PG), 1).unwrap();
     assert_eq!(bits(&get(&iommu, 0, 4)), [3]);
     let mut buf = [0u8; 4];
-    iommu.read(2 * PG, &mut buf).unwrap();
+    iommu.read(Iova(2 * PG), &mut buf).unwrap();
     assert_eq!(&buf, b"ring");
 }
 
@@ -1052,13 +1116,13 @@ fn writable_map_of_read_only_memory_is_eperm() {
         offset: 0,
     };
     assert_eq!(
-        errno(iommu.map(0, 4 * PG, backing, Prot::READ_WRITE)),
+        errno(iommu.map(Iova(0), 4 * PG, backing, Prot::READ_WRITE)),
         libc::EPERM
     );
     let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
     let ro_fd = std::fs::File::open(path).unwrap();
     let r = iommu.map(
-        0,
+        Iova(0),
         4 * PG,
         Backing::Fd {
             fd: ro_fd.as_fd(),
@@ -1070,7 +1134,7 @@ fn writable_map_of_read_only_memory_is_eperm() {
     // read-only is fine
     iommu
         .map(
-            0,
+            Iova(0),
             4 * PG,
             Backing::Fd {
                 fd: ro_fd.as_fd(),
@@ -1093,18 +1157,20 @@ fn unmap_across_a_page_table_level_boundary_then_remap_succeeds() {
             memory: Arc::clone(&memory),
             offset: 0,
         };
-        iommu.map(pfn * PG, PG, backing, Prot::READ_WRITE).unwrap();
+        iommu
+            .map(Iova(pfn * PG), PG, backing, Prot::READ_WRITE)
+            .unwrap();
     }
     assert_eq!(
         iommu
-            .unmap(0x3fe00 * PG, 1024 * PG, UnmapScope::Range)
+            .unmap(Iova(0x3fe00 * PG), 1024 * PG, UnmapScope::Range)
             .unwrap(),
         1024 * PG
     );
     assert_eq!(iommu.mapping_count(), 0);
     let backing = Backing::Memory { memory, offset: 0 };
     iommu
-        .map(0x3fe00 * PG, PG, backing, Prot::READ_WRITE)
+        .map(Iova(0x3fe00 * PG), PG, backing, Prot::READ_WRITE)
         .unwrap();
 }
 
@@ -1116,14 +1182,18 @@ fn remapping_an_iova_to_new_memory_never_reaches_the_old_pages() {
     let mut previous: Option<Arc<HostMemory>> = None;
     for round in 0..200u8 {
         let memory = map(&iommu, 0x4000_0000, 2);
-        iommu.write(0x4000_0000 + PG - 1, &[round, round]).unwrap();
+        iommu
+            .write(Iova(0x4000_0000 + PG - 1), &[round, round])
+            .unwrap();
         if let Some(old) = &previous {
             let mut buf = [0u8; 2];
             old.read(usize::try_from(PG).unwrap() - 1, &mut buf)
                 .unwrap();
             assert_eq!(buf, [round - 1; 2], "round {round} reached the old memory");
         }
-        iommu.unmap(0x4000_0000, 2 * PG, UnmapScope::Range).unwrap();
+        iommu
+            .unmap(Iova(0x4000_0000), 2 * PG, UnmapScope::Range)
+            .unwrap();
         previous = Some(memory);
     }
 }
@@ -1159,7 +1229,7 @@ fn dropping_the_iommu_releases_every_mapping_and_pin() {
     let memory = map(&iommu, 0, 16);
     let group = iommu.attach_group(GroupKind::Mediated, 1);
     iommu.start_dirty_tracking().unwrap();
-    let pinned = iommu.pin_pages(group, 0, 4, Prot::WRITE).unwrap();
+    let pinned = iommu.pin_pages(group, Iova(0), 4, Prot::WRITE).unwrap();
     drop(pinned);
     assert_eq!(Arc::strong_count(&memory), 2);
     drop(iommu);
@@ -1174,7 +1244,7 @@ fn device_writes_through_pinned_pages_are_reported_while_pinned() {
     let group = iommu.attach_group(GroupKind::Mediated, 1);
     iommu.start_dirty_tracking().unwrap();
     let pinned = iommu
-        .pin_pages(group, 0x10000 + 2 * PG, 2, Prot::WRITE)
+        .pin_pages(group, Iova(0x10000 + 2 * PG), 2, Prot::WRITE)
         .unwrap();
     assert_eq!(
         (
@@ -1195,7 +1265,7 @@ fn device_writes_through_pinned_pages_are_reported_while_pinned() {
     assert_eq!(&buf, b"dma");
     assert_eq!(bits(&get(&iommu, 0x10000, 8)), [2, 3]);
     assert_eq!(bits(&get(&iommu, 0x10000, 8)), [2, 3]);
-    iommu.unpin_pages(group, 0x10000 + 2 * PG, 2).unwrap();
+    iommu.unpin_pages(group, Iova(0x10000 + 2 * PG), 2).unwrap();
     assert_eq!(bits(&get(&iommu, 0x10000, 8)), [2, 3]);
     assert_eq!(get(&iommu, 0x10000, 8), [0]);
 }
@@ -1208,7 +1278,7 @@ fn unmap_all_of_pinned_pages_notifies_the_whole_space_without_overflow() {
     map(&iommu, u64::MAX - PG + 1, 1);
     let group = iommu.attach_group(GroupKind::Mediated, 1);
     iommu
-        .pin_pages(group, u64::MAX - PG + 1, 1, Prot::READ)
+        .pin_pages(group, Iova(u64::MAX - PG + 1), 1, Prot::READ)
         .unwrap();
     let weak = Arc::downgrade(&iommu);
     iommu
@@ -1217,11 +1287,13 @@ fn unmap_all_of_pinned_pages_notifies_the_whole_space_without_overflow() {
             Arc::new(move |range: IovaRange| {
                 assert_eq!((range.start, range.last), (0, u64::MAX));
                 let iommu = weak.upgrade().unwrap();
-                iommu.unpin_pages(group, u64::MAX - PG + 1, 1).unwrap();
+                iommu
+                    .unpin_pages(group, Iova(u64::MAX - PG + 1), 1)
+                    .unwrap();
             }),
         )
         .unwrap();
-    assert_eq!(iommu.unmap(0, 0, UnmapScope::All).unwrap(), 5 * PG);
+    assert_eq!(iommu.unmap(Iova(0), 0, UnmapScope::All).unwrap(), 5 * PG);
     assert_eq!(iommu.locked_pages(), 0);
 }
 

@@ -13,6 +13,7 @@
 use std::mem::{offset_of, size_of};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
+use vmig_primitives::Iova;
 
 use vmig_dma::uapi::{self, UserBuffers, device_state};
 use vmig_dma::uapi::{
@@ -83,7 +84,7 @@ fn map(iommu: &Iommu, iova: u64, size: u64) {
     let memory = Arc::new(HostMemory::anonymous(size).expect("anonymous host memory"));
     iommu
         .map(
-            iova,
+            Iova(iova),
             size,
             Backing::Memory { memory, offset: 0 },
             Prot::READ_WRITE,
@@ -269,7 +270,7 @@ fn unpin_range(iommu: &Iommu, group: GroupId, iova: u64, size: u64) {
     while left > 0 {
         let n = left.min(PIN_PAGES_MAX);
         iommu
-            .unpin_pages(group, cur, n)
+            .unpin_pages(group, Iova(cur), n)
             .expect("unpin in the notifier");
         cur += n * PG;
         left -= n;
@@ -799,7 +800,7 @@ fn get_bitmap_unmapped_or_read_only_user_memory_is_efault() {
     let iommu = v2();
     map(&iommu, 0, 4 * PG);
     start(&iommu);
-    iommu.write(2 * PG, &[1]).expect("device write");
+    iommu.write(Iova(2 * PG), &[1]).expect("device write");
     let mut user = UserBuffers::new();
     user.insert(RO_ADDR, vec![0; 8], false);
     user.insert(BITMAP_ADDR, vec![0; 4], true); // shorter than the 8 bytes needed
@@ -865,7 +866,7 @@ fn dirty_pages_start_twice_returns_0_with_one_set_of_bitmaps() {
     let more = Arc::new(HostMemory::anonymous(PG).expect("memory"));
     let e = iommu
         .map(
-            0x20_0000,
+            Iova(0x20_0000),
             PG,
             Backing::Memory {
                 memory: more,
@@ -943,7 +944,7 @@ fn get_bitmap_places_pinned_pages_across_a_hole() {
     start(&iommu);
     for iova in [PG, 5 * PG, 69 * PG] {
         iommu
-            .pin_pages(group, iova, 1, Prot::READ_WRITE)
+            .pin_pages(group, Iova(iova), 1, Prot::READ_WRITE)
             .expect("pin");
     }
     assert_eq!(
@@ -1158,7 +1159,7 @@ fn unmap_bitmap_of_pinned_dma_notifies_and_reports_the_pinned_page() {
     map(&iommu, 0x10_0000, 8 * PG);
     start(&iommu);
     iommu
-        .pin_pages(group, 0x10_2000, 1, Prot::READ_WRITE)
+        .pin_pages(group, Iova(0x10_2000), 1, Prot::READ_WRITE)
         .expect("pin page 2");
     assert_eq!(iommu.locked_pages(), 1);
 
@@ -1172,7 +1173,7 @@ fn unmap_bitmap_of_pinned_dma_notifies_and_reports_the_pinned_page() {
     assert_eq!(iommu.mapping_count(), 0);
     assert_eq!(iommu.locked_pages(), 0);
     assert_eq!(
-        errno(iommu.pin_pages(group, 0x10_2000, 1, Prot::READ_WRITE)),
+        errno(iommu.pin_pages(group, Iova(0x10_2000), 1, Prot::READ_WRITE)),
         libc::EINVAL
     );
 }
@@ -1196,7 +1197,7 @@ fn unmap_bitmap_reports_a_pin_that_races_with_the_unmap() {
                 unpin_range(&iommu, group, range.start, range.last - range.start + 1);
                 if !raced_in.swap(true, Ordering::SeqCst) {
                     iommu
-                        .pin_pages(group, 0x10_4000, 1, Prot::READ_WRITE)
+                        .pin_pages(group, Iova(0x10_4000), 1, Prot::READ_WRITE)
                         .expect("a pin racing in while the lock is dropped");
                 }
             }),
@@ -1205,7 +1206,7 @@ fn unmap_bitmap_reports_a_pin_that_races_with_the_unmap() {
     map(&iommu, 0x10_0000, 8 * PG);
     start(&iommu);
     iommu
-        .pin_pages(group, 0x10_2000, 1, Prot::READ_WRITE)
+        .pin_pages(group, Iova(0x10_2000), 1, Prot::READ_WRITE)
         .expect("pin page 2");
     let (size, words) = try_unmap_bitmap(&iommu, 0x10_0000, 8 * PG, 1).expect("unmap A");
     assert!(raced.load(Ordering::SeqCst));
@@ -1228,7 +1229,7 @@ fn unmap_bitmap_reports_a_pin_that_races_with_the_unmap() {
             let pinner = s.spawn(|| {
                 barrier.wait();
                 iommu
-                    .pin_pages(group, 0x10_4000, 1, Prot::READ_WRITE)
+                    .pin_pages(group, Iova(0x10_4000), 1, Prot::READ_WRITE)
                     .map(|_| ())
             });
             barrier.wait();
@@ -1259,9 +1260,9 @@ fn unmap_bitmap_reports_a_pin_that_races_with_the_unmap() {
 fn unmap_bitmap_of_two_dmas_places_b_at_its_offset() {
     // seed000 §5.9 #82: unmap of A and B together -> B's bits start at (B.iova - unmap.iova)/PG
     let iommu = unmap_fixture();
-    iommu.write(0x10_1000, &[1]).expect("write A page 1");
+    iommu.write(Iova(0x10_1000), &[1]).expect("write A page 1");
     iommu
-        .write(0x10_8000 + 3 * PG, &[1])
+        .write(Iova(0x10_8000 + 3 * PG), &[1])
         .expect("write B page 3");
     let (size, words) = try_unmap_bitmap(&iommu, 0x10_0000, 12 * PG, 1).expect("unmap A+B");
     assert_eq!(size, 12 * PG);
@@ -1275,7 +1276,7 @@ fn unmap_bitmap_unwritable_is_efault_and_unmaps_nothing() {
     // vmig-dma's documented §3.5 choice: the bitmap is checked first, so NOTHING is unmapped and
     // `size` is not written back; the dirty bits stay for the next harvest.
     let iommu = unmap_fixture();
-    iommu.write(0x10_1000, &[1]).expect("write A page 1");
+    iommu.write(Iova(0x10_1000), &[1]).expect("write A page 1");
     let mut user = UserBuffers::new();
     user.insert(RO_ADDR, vec![0; 8], false);
     for data in [UNMAPPED_ADDR, RO_ADDR] {
@@ -1297,7 +1298,7 @@ fn unmap_bitmap_unwritable_is_efault_and_unmaps_nothing() {
 fn plain_unmap_while_tracking_succeeds_and_discards_dirty_state() {
     // seed000 §5.9 #84: unmap without the flag while tracking -> succeeds; the dirty state is discarded
     let iommu = unmap_fixture();
-    iommu.write(0x10_1000, &[1]).expect("write A page 1");
+    iommu.write(Iova(0x10_1000), &[1]).expect("write A page 1");
     assert_eq!(
         try_unmap_plain(&iommu, 0, 0x10_0000, 8 * PG).expect("plain unmap"),
         8 * PG
@@ -1576,7 +1577,9 @@ fn kernel_get_bitmap_repeated_read_still_all_ones() {
 fn kernel_device_write_to_one_page_of_c_reports_both_pages() {
     // kernel: edu DMA of 256 bytes to IOVA 0x201100; GET_BITMAP(C) still returns 0x3 (non-pinned group)
     let iommu = kernel_scenario();
-    iommu.write(0x20_1100, &[0x5a; 256]).expect("device write");
+    iommu
+        .write(Iova(0x20_1100), &[0x5a; 256])
+        .expect("device write");
     assert_eq!(get(&iommu, C.0, C.1, 1), vec![0x3]);
 }
 

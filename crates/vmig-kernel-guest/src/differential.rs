@@ -7,6 +7,7 @@
 //! size and every bit of a mapped page must be equal.
 
 use std::sync::Arc;
+use vmig_primitives::Iova;
 
 use serde::{Deserialize, Serialize};
 use vmig_dirty::{le_bytes_to_words, words_for};
@@ -386,7 +387,7 @@ pub fn run_on_vmig_dma(
             Call::Map { iova, size } => answer_of(
                 iommu
                     .map(
-                        iova,
+                        Iova(iova),
                         size,
                         Backing::Memory {
                             memory: backing.clone(),

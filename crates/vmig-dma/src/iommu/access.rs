@@ -5,6 +5,7 @@ use super::table::{State, Target};
 use super::{Iommu, MessageDma, MessageDmaError, Prot, checked_last, host_len};
 use crate::error::{DmaError, Result, invalid};
 use vmig_primitives::HostMemory;
+use vmig_primitives::Iova;
 
 /// A run of host memory that a range of IOVA translates to, valid inside
 /// [`Iommu::with_host_slices`].
@@ -171,7 +172,8 @@ impl Iommu {
     }
 
     /// Device read of guest memory by DMA (`vfio_dma_rw`, read). Never marks pages dirty.
-    pub fn read(&self, iova: u64, buf: &mut [u8]) -> Result<()> {
+    pub fn read(&self, iova: Iova, buf: &mut [u8]) -> Result<()> {
+        let iova = iova.raw();
         let state = self.lock_read();
         let mut done = 0;
         self.walk_checked(&state, iova, buf.len() as u64, Prot::READ, |piece| {
@@ -191,7 +193,8 @@ impl Iommu {
     /// Device write of guest memory by DMA (`vfio_dma_rw`, write): the data lands first, then
     /// its pages are marked dirty, so a harvest never reports a page before the write that
     /// dirtied it. Nothing is written if any part of the range is unmapped or read-only.
-    pub fn write(&self, iova: u64, data: &[u8]) -> Result<()> {
+    pub fn write(&self, iova: Iova, data: &[u8]) -> Result<()> {
+        let iova = iova.raw();
         let state = self.lock_read();
         let mut done = 0;
         self.walk_checked(&state, iova, data.len() as u64, Prot::WRITE, |piece| {
@@ -214,7 +217,8 @@ impl Iommu {
 
     /// Records that the device wrote `[iova, iova+len)` by other means (for example through a
     /// pointer from [`Iommu::with_host_slices`] kept beyond it).
-    pub fn mark_dirty(&self, iova: u64, len: u64) -> Result<()> {
+    pub fn mark_dirty(&self, iova: Iova, len: u64) -> Result<()> {
+        let iova = iova.raw();
         let state = self.lock_read();
         self.walk(&state, iova, len, Prot::WRITE, |_| Ok(()))?;
         if state.tracking {
@@ -233,11 +237,12 @@ impl Iommu {
     /// second read lock waits behind any map or unmap queued meanwhile, which waits for `f`.
     pub fn with_host_slices<R>(
         &self,
-        iova: u64,
+        iova: Iova,
         len: u64,
         access: Prot,
         f: impl FnOnce(&[HostSlice<'_>]) -> R,
     ) -> Result<R> {
+        let iova = iova.raw();
         let state = self.lock_read();
         let mut slices = Vec::new();
         self.walk(&state, iova, len, access, |piece| match piece {

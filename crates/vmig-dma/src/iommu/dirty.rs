@@ -9,6 +9,7 @@ use super::{
     DIRTY_BITMAP_PAGES_MAX, DIRTY_BITMAP_SIZE_MAX, DirtyRead, Iommu, IommuType, buffer_words,
 };
 use crate::error::{DmaError, Result, invalid};
+use vmig_primitives::Iova;
 
 impl Iommu {
     pub(super) fn new_bitmap(
@@ -189,11 +190,12 @@ impl Iommu {
     /// checks that memory only after this, as the kernel does.
     pub fn check_dirty_bitmap_request(
         &self,
-        iova: u64,
+        iova: Iova,
         size: u64,
         pgsize: u64,
         bitmap_len_bytes: u64,
     ) -> Result<usize> {
+        let iova = iova.raw();
         self.check_bitmap(size, pgsize, bitmap_len_bytes)?;
         let state = self.lock_read();
         let last = self.check_bitmap_request(&state, iova, size, pgsize)?;
@@ -207,12 +209,13 @@ impl Iommu {
     /// need not zero them), the rest is left alone.
     pub fn get_dirty_bitmap(
         &self,
-        iova: u64,
+        iova: Iova,
         size: u64,
         pgsize: u64,
         bitmap: &mut [u64],
         mode: DirtyRead,
     ) -> Result<()> {
+        let iova = iova.raw();
         self.check_v2("dirty page tracking")?;
         let pages = self.check_bitmap(size, pgsize, bitmap.len() as u64 * 8)?;
         let state = self.lock_read();
@@ -232,11 +235,12 @@ impl Iommu {
     /// unmapped. Nothing is unmapped when it fails.
     pub fn unmap_with_dirty_bitmap(
         &self,
-        iova: u64,
+        iova: Iova,
         size: u64,
         pgsize: u64,
         bitmap: &mut [u64],
     ) -> Result<u64> {
+        let iova = iova.raw();
         let pages = self.check_bitmap(size, pgsize, bitmap.len() as u64 * 8)?;
         let last = self.check_range("unmap", iova, size)?;
         let mut state = self.lock_unpinned(iova, last, |state| {

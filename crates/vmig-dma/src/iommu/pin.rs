@@ -11,6 +11,7 @@ use super::{
 };
 use crate::error::{DmaError, Result, invalid};
 use vmig_primitives::HostMemory;
+use vmig_primitives::Iova;
 
 /// Pinned pages: host memory that is reported dirty on every bitmap read while pinned, and once
 /// more after [`Iommu::unpin_pages`]. The memory itself stays mapped as long as a segment
@@ -79,10 +80,11 @@ impl Iommu {
     pub fn pin_pages(
         &self,
         group: GroupId,
-        iova: u64,
+        iova: Iova,
         npages: u64,
         prot: Prot,
     ) -> Result<Vec<PinnedSegment>> {
+        let iova = iova.raw();
         self.check_v2("pinning")?;
         if npages == 0 {
             return invalid!("pin of 0 pages");
@@ -207,7 +209,8 @@ impl Iommu {
     /// Drops one pin reference from each of `npages` pages from `iova`. Pages that are not
     /// pinned are skipped (no underflow). A page whose last reference goes is reported dirty
     /// once more.
-    pub fn unpin_pages(&self, group: GroupId, iova: u64, npages: u64) -> Result<()> {
+    pub fn unpin_pages(&self, group: GroupId, iova: Iova, npages: u64) -> Result<()> {
+        let iova = iova.raw();
         self.check_aligned("unpin", "iova", iova)?;
         if npages == 0 || npages > PIN_PAGES_MAX {
             return invalid!("unpin of {npages} pages: expected 1 to {PIN_PAGES_MAX}");

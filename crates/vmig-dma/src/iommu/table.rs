@@ -13,6 +13,7 @@ use super::{
     UNMAP_NOTIFY_ATTEMPTS, UnmapNotifier, UnmapScope,
 };
 use crate::error::{DmaError, Result, invalid};
+use vmig_primitives::Iova;
 use vmig_primitives::{HostMemory, regular_file_size};
 
 pub(super) struct Mapping {
@@ -113,7 +114,8 @@ impl State {
 
 impl Iommu {
     /// Maps `[iova, iova+size)` to `backing` with rights `prot` (`VFIO_IOMMU_MAP_DMA`).
-    pub fn map(&self, iova: u64, size: u64, backing: Backing<'_>, prot: Prot) -> Result<()> {
+    pub fn map(&self, iova: Iova, size: u64, backing: Backing<'_>, prot: Prot) -> Result<()> {
+        let iova = iova.raw();
         if prot.bits() & Prot::READ_WRITE.bits() == 0 {
             return invalid!("a mapping needs READ or WRITE access, got neither");
         }
@@ -235,7 +237,8 @@ impl Iommu {
     /// Unmaps whole mappings (`VFIO_IOMMU_UNMAP_DMA`); returns the bytes unmapped. With
     /// [`UnmapScope::All`], `iova` and `size` must be 0. Dirty state of what is unmapped is
     /// discarded: use [`Iommu::unmap_with_dirty_bitmap`] to collect it.
-    pub fn unmap(&self, iova: u64, size: u64, scope: UnmapScope) -> Result<u64> {
+    pub fn unmap(&self, iova: Iova, size: u64, scope: UnmapScope) -> Result<u64> {
+        let iova = iova.raw();
         let mut state = match scope {
             UnmapScope::All => {
                 if iova != 0 || size != 0 {

@@ -4,6 +4,7 @@
 //! checked against what the client sized and what the server offered.
 
 use vmig_dma::{DirtyRead, Iommu};
+use vmig_primitives::Iova;
 use zerocopy::IntoBytes;
 
 use super::{Refusal, Reply, Session, check_ops, feature_echo, field32};
@@ -150,7 +151,7 @@ pub(super) fn dirty_pages(
             }
             let mut out = vec![0u64; words];
             s.dma.iommu.get_dirty_bitmap(
-                r.iova,
+                Iova(r.iova),
                 r.size,
                 r.bitmap.pgsize,
                 &mut out,
@@ -210,7 +211,7 @@ fn logging_report(
         )));
     }
     let mut fine = vec![0u64; bitmap_len(vmig_dirty::words_for(fine_pages))];
-    iommu.get_dirty_bitmap(iova, length, PAGE_SIZE, &mut fine, DirtyRead::Clear)?;
+    iommu.get_dirty_bitmap(Iova(iova), length, PAGE_SIZE, &mut fine, DirtyRead::Clear)?;
     if page_size == PAGE_SIZE {
         return Ok(fine);
     }

@@ -9,6 +9,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Weak};
+use vmig_primitives::Iova;
 
 use vmig_dma::{Backing, Iommu, MessageDma, MessageDmaError, Prot, UnmapScope};
 use zerocopy::IntoBytes;
@@ -28,12 +29,12 @@ pub(super) struct Dma {
 impl Dma {
     /// Reads guest memory at `iova` for the device.
     pub(super) fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), Refusal> {
-        self.iommu.read(iova, buf).map_err(dma_fault)
+        self.iommu.read(Iova(iova), buf).map_err(dma_fault)
     }
 
     /// Writes guest memory at `iova` for the device (dirty-tracked when fd-backed).
     pub(super) fn write(&self, iova: u64, data: &[u8]) -> Result<(), Refusal> {
-        self.iommu.write(iova, data).map_err(dma_fault)
+        self.iommu.write(Iova(iova), data).map_err(dma_fault)
     }
 }
 
@@ -158,7 +159,7 @@ pub(super) fn dma_map(s: &Session, map: DmaMap, fd: Option<OwnedFd>) -> Result<R
         },
         None => Backing::Message(Arc::clone(&s.dma.client) as Arc<dyn MessageDma>),
     };
-    s.dma.iommu.map(map.addr, map.size, backing, prot)?;
+    s.dma.iommu.map(Iova(map.addr), map.size, backing, prot)?;
     Ok(Reply::empty())
 }
 
@@ -173,13 +174,13 @@ pub(super) fn dma_unmap(
         ..unmap
     };
     if unmap.flags & DMA_UNMAP_FLAG_ALL != 0 {
-        s.dma.iommu.unmap(0, 0, UnmapScope::All)?;
+        s.dma.iommu.unmap(Iova(0), 0, UnmapScope::All)?;
         return Ok(Reply::data(echo.as_bytes().to_vec()));
     }
     let Some(b) = bitmap else {
         if s.dma
             .iommu
-            .unmap(unmap.addr, unmap.size, UnmapScope::Range)?
+            .unmap(Iova(unmap.addr), unmap.size, UnmapScope::Range)?
             == 0
         {
             // As libvfio-user: an unmap must name a mapping.
@@ -213,11 +214,11 @@ pub(super) fn dma_unmap(
         // clean, whether or not logging is on.
         s.dma
             .iommu
-            .unmap(unmap.addr, unmap.size, UnmapScope::Range)?;
+            .unmap(Iova(unmap.addr), unmap.size, UnmapScope::Range)?;
     } else {
         s.dma
             .iommu
-            .unmap_with_dirty_bitmap(unmap.addr, unmap.size, b.pgsize, &mut out)?;
+            .unmap_with_dirty_bitmap(Iova(unmap.addr), unmap.size, b.pgsize, &mut out)?;
     }
     Ok(Reply::data(
         [
