@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vmig_primitives::GuestAddress;
+use vmig_primitives::Iova;
 
 use serde::{Deserialize, Serialize};
 use vmig_dma::uapi::{
@@ -51,14 +53,14 @@ pub fn map_and_bitmap(
     for _ in 0..rounds {
         let mut round = Round::default();
         let t = Instant::now();
-        container.map_guest_memory(0, memory)?;
+        container.map_guest_memory(GuestAddress(0), memory)?;
         round.backend_map = t.elapsed();
         container.start_dirty_tracking()?;
         let t = Instant::now();
-        container.dirty_bitmap(0, size)?;
+        container.dirty_bitmap(Iova(0), size)?;
         round.backend_bitmap = t.elapsed();
         container.stop_dirty_tracking()?;
-        container.unmap(0, size)?;
+        container.unmap(Iova(0), size)?;
 
         let t = Instant::now();
         // SAFETY: `memory` is borrowed for this whole function and the mapping is removed

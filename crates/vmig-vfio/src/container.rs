@@ -20,7 +20,7 @@ use vmig_dma::uapi::{
     VFIO_IOMMU_DIRTY_PAGES_FLAG_START, VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP, VfioBitmap,
     VfioIommuType1DirtyBitmap, VfioIommuType1DirtyBitmapGet, VfioIommuType1DmaUnmap,
 };
-use vmig_primitives::HostMemory;
+use vmig_primitives::{GuestAddress, HostMemory, Iova};
 
 use crate::device::Device;
 use crate::error::{Result, VfioError};
@@ -157,11 +157,12 @@ impl Container {
     /// the container keeps `memory` alive until the mapping is unmapped.
     pub fn map_memory(
         &self,
-        iova: u64,
+        iova: Iova,
         memory: &Arc<HostMemory>,
         offset: u64,
         size: u64,
     ) -> Result<()> {
+        let iova = iova.raw();
         let end = offset.checked_add(size);
         if end.is_none_or(|end| end > memory.len() as u64) {
             return Err(VfioError::Invalid(format!(
@@ -183,7 +184,8 @@ impl Container {
     /// only be accessed in ways that tolerate a device writing it at any time (raw pointers,
     /// atomics, system calls; no Rust references), as `vfio_ioctls::VfioOps::vfio_dma_map`
     /// requires.
-    pub unsafe fn map_raw(&self, iova: u64, size: u64, vaddr: u64) -> Result<()> {
+    pub unsafe fn map_raw(&self, iova: Iova, size: u64, vaddr: u64) -> Result<()> {
+        let iova = iova.raw();
         // SAFETY: forwarded to the caller.
         unsafe { self.map_locked(&mut self.lock(), iova, size, vaddr, None) }
     }
@@ -220,7 +222,8 @@ impl Container {
     /// unmapped (0 when there were none). A range that splits a mapping is refused (`EINVAL`).
     /// While dirty tracking is on it is refused too (the kernel would allow it, and the pages
     /// devices dirtied there would be lost): use [`Container::unmap_with_dirty_bitmap`].
-    pub fn unmap(&self, iova: u64, size: u64) -> Result<u64> {
+    pub fn unmap(&self, iova: Iova, size: u64) -> Result<u64> {
+        let iova = iova.raw();
         let mut state = self.lock();
         if state.tracking {
             return Err(VfioError::Invalid(format!(
@@ -243,7 +246,12 @@ impl Container {
     /// address) by the seed 003 rules ([`plan`]): shrunk to whole IOMMU pages, split when it
     /// does not fit one call, refused when it lies outside the IOMMU's IOVA ranges. On failure
     /// nothing stays mapped. Returns the maps made; the container keeps `memory` alive.
-    pub fn map_guest_memory(&self, gpa: u64, memory: &Arc<HostMemory>) -> Result<Vec<DmaMap>> {
+    pub fn map_guest_memory(
+        &self,
+        gpa: GuestAddress,
+        memory: &Arc<HostMemory>,
+    ) -> Result<Vec<DmaMap>> {
+        let gpa = gpa.raw();
         let section = Section {
             gpa,
             size: memory.len() as u128,
@@ -336,7 +344,8 @@ impl Container {
     /// The pages of `[iova, iova+size)` devices dirtied (bit *i* = page `iova + i * page`,
     /// page = the migration capability's page size): only bits of mapped pages, never the
     /// kernel's stale ones. The range must consist of whole mappings (holes are allowed).
-    pub fn dirty_bitmap(&self, iova: u64, size: u64) -> Result<Vec<u64>> {
+    pub fn dirty_bitmap(&self, iova: Iova, size: u64) -> Result<Vec<u64>> {
+        let iova = iova.raw();
         let state = self.lock();
         let page = self.bitmap_page_size()?;
         let npages = size / page;
@@ -364,7 +373,8 @@ impl Container {
 
     /// Unmaps the whole mappings inside `[iova, iova+size)` and returns the bytes unmapped
     /// and their dirty pages, read in the same call so no DMA between the two is lost.
-    pub fn unmap_with_dirty_bitmap(&self, iova: u64, size: u64) -> Result<(u64, Vec<u64>)> {
+    pub fn unmap_with_dirty_bitmap(&self, iova: Iova, size: u64) -> Result<(u64, Vec<u64>)> {
+        let iova = iova.raw();
         let mut state = self.lock();
         let page = self.bitmap_page_size()?;
         let npages = size / page;

@@ -30,7 +30,7 @@ use vmig_primitives::description::{
     RegionDescription,
 };
 pub use vmig_primitives::mig_state::MigState;
-use vmig_primitives::{DmaRange, RegionArea};
+use vmig_primitives::{DmaRange, Iova, RegionArea};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::container::Container;
@@ -557,7 +557,8 @@ impl Device {
     }
 
     /// The pages of `[iova, iova+length)` the device wrote since the last report.
-    pub fn report_dma_logging(&self, iova: u64, length: u64, page_size: u64) -> Result<Vec<u64>> {
+    pub fn report_dma_logging(&self, iova: Iova, length: u64, page_size: u64) -> Result<Vec<u64>> {
+        let iova = iova.raw();
         self.inner
             .report_dma_logging(DmaLoggingRange { iova, length }, page_size)
             .map_err(|e| VfioError::library(format!("{}: DMA_LOGGING_REPORT", self.name), e))

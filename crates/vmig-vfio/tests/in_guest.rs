@@ -6,6 +6,8 @@
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use vmig_primitives::GuestAddress;
+use vmig_primitives::Iova;
 
 use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_INFO_EVENTFD, VFIO_PCI_BAR0_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
@@ -51,7 +53,9 @@ fn memory(bytes: u64) -> Arc<HostMemory> {
 /// Maps `pages` pages at `iova` from fresh memory.
 fn map(container: &Container, iova: u64, pages: u64) -> Arc<HostMemory> {
     let m = memory(pages * PAGE);
-    container.map_memory(iova, &m, 0, pages * PAGE).unwrap();
+    container
+        .map_memory(Iova(iova), &m, 0, pages * PAGE)
+        .unwrap();
     m
 }
 
@@ -163,45 +167,49 @@ fn map_and_unmap_follow_the_type1_v2_rules() {
     let errno = |r: vmig_vfio::Result<()>| r.map_err(|e| e.errno());
     // Overlap → EEXIST; size 0, misaligned, wrapping, outside the IOVA ranges → EINVAL.
     assert_eq!(
-        errno(container.map_memory(0x10_2000, &m, 0, 2 * PAGE)),
+        errno(container.map_memory(Iova(0x10_2000), &m, 0, 2 * PAGE)),
         Err(libc::EEXIST)
     );
     assert_eq!(
-        errno(container.map_memory(0x30_0000, &m, 0, 0)),
+        errno(container.map_memory(Iova(0x30_0000), &m, 0, 0)),
         Err(EINVAL)
     );
     assert_eq!(
-        errno(container.map_memory(0x30_0800, &m, 0, PAGE)),
+        errno(container.map_memory(Iova(0x30_0800), &m, 0, PAGE)),
         Err(EINVAL)
     );
     assert_eq!(
-        errno(container.map_memory(0x30_0000, &m, 0, PAGE + 0x800)),
+        errno(container.map_memory(Iova(0x30_0000), &m, 0, PAGE + 0x800)),
         Err(EINVAL)
     );
     assert_eq!(
-        errno(container.map_memory(0xfee0_0000, &m, 0, PAGE)),
+        errno(container.map_memory(Iova(0xfee0_0000), &m, 0, PAGE)),
         Err(EINVAL)
     );
     assert_eq!(
-        errno(container.map_memory(0x80_0000_0000, &m, 0, PAGE)),
+        errno(container.map_memory(Iova(0x80_0000_0000), &m, 0, PAGE)),
         Err(EINVAL)
     );
     assert_eq!(
-        errno(container.map_memory(0xffff_ffff_ffff_f000, &m, 0, 2 * PAGE)),
+        errno(container.map_memory(Iova(0xffff_ffff_ffff_f000), &m, 0, 2 * PAGE)),
         Err(EINVAL)
     );
     // Unmap cannot split (v2) → EINVAL; a hole unmaps 0 bytes; A+B together unmap 0x8000.
     assert_eq!(
-        container.unmap(0x10_1000, PAGE).map_err(|e| e.errno()),
+        container
+            .unmap(Iova(0x10_1000), PAGE)
+            .map_err(|e| e.errno()),
         Err(EINVAL)
     );
     assert_eq!(
-        container.unmap(0x10_0000, 2 * PAGE).map_err(|e| e.errno()),
+        container
+            .unmap(Iova(0x10_0000), 2 * PAGE)
+            .map_err(|e| e.errno()),
         Err(EINVAL)
     );
-    assert_eq!(container.unmap(0x20_0000, 16 * PAGE).unwrap(), 0);
+    assert_eq!(container.unmap(Iova(0x20_0000), 16 * PAGE).unwrap(), 0);
     assert_eq!(container.mappings().len(), 2);
-    assert_eq!(container.unmap(0x10_0000, 8 * PAGE).unwrap(), 0x8000);
+    assert_eq!(container.unmap(Iova(0x10_0000), 8 * PAGE).unwrap(), 0x8000);
     assert!(container.mappings().is_empty());
     // UNMAP_ALL with a nonzero range → EINVAL (T3-10).
     let all = sys::unmap_dma(
@@ -224,14 +232,14 @@ fn guest_ram_is_mapped_by_the_seed_003_rules() {
     let (container, _edu) = open_edu();
     // Guest RAM [0, 8 MiB) maps as one piece at IOVA = guest-physical address.
     let ram = memory(8 * MIB);
-    let maps = container.map_guest_memory(0, &ram).unwrap();
+    let maps = container.map_guest_memory(GuestAddress(0), &ram).unwrap();
     assert_eq!(maps.len(), 1);
     assert_eq!((maps[0].iova, maps[0].size), (0, 8 * MIB));
     // A section at the top of the 64-bit space is refused by the IOVA ranges (inclusive
     // compare, T3-5) before any call, instead of wrapping to a size-0 map.
     let top = memory(PAGE);
     let err = container
-        .map_guest_memory(0xffff_ffff_ffff_f000, &top)
+        .map_guest_memory(GuestAddress(0xffff_ffff_ffff_f000), &top)
         .unwrap_err()
         .to_string();
     assert!(
@@ -241,12 +249,16 @@ fn guest_ram_is_mapped_by_the_seed_003_rules() {
     // A section whose last byte is the IOMMU's last IOVA is accepted (T3-4).
     let last = memory(2 * PAGE);
     let maps = container
-        .map_guest_memory(0x80_0000_0000 - 2 * PAGE, &last)
+        .map_guest_memory(GuestAddress(0x80_0000_0000 - 2 * PAGE), &last)
         .unwrap();
     assert_eq!(maps[0].last(), 0x7f_ffff_ffff);
     // Across the reserved MSI window: refused, nothing left mapped.
     let hole = memory(4 * MIB);
-    assert!(container.map_guest_memory(0xfec0_0000, &hole).is_err());
+    assert!(
+        container
+            .map_guest_memory(GuestAddress(0xfec0_0000), &hole)
+            .is_err()
+    );
     assert_eq!(container.mappings().len(), 2);
 }
 
@@ -264,24 +276,42 @@ fn dirty_tracking_reports_what_linux_6_1_reports() {
     container.start_dirty_tracking().unwrap();
     container.start_dirty_tracking().unwrap();
     // "B alone → 0x1f; A → 0x7; A+B → 0xff"
-    assert_eq!(container.dirty_bitmap(0x10_3000, 5 * PAGE).unwrap(), [0x1f]);
-    assert_eq!(container.dirty_bitmap(0x10_0000, 3 * PAGE).unwrap(), [0x7]);
-    assert_eq!(container.dirty_bitmap(0x10_0000, 8 * PAGE).unwrap(), [0xff]);
+    assert_eq!(
+        container.dirty_bitmap(Iova(0x10_3000), 5 * PAGE).unwrap(),
+        [0x1f]
+    );
+    assert_eq!(
+        container.dirty_bitmap(Iova(0x10_0000), 3 * PAGE).unwrap(),
+        [0x7]
+    );
+    assert_eq!(
+        container.dirty_bitmap(Iova(0x10_0000), 8 * PAGE).unwrap(),
+        [0xff]
+    );
     // "A..C across a hole (258 pages, 5 u64s) → word0 bits 0–7 set, words 1–3 = 0, word4 = 0x3"
     assert_eq!(
-        container.dirty_bitmap(0x10_0000, 258 * PAGE).unwrap(),
+        container.dirty_bitmap(Iova(0x10_0000), 258 * PAGE).unwrap(),
         [0xff, 0, 0, 0, 0x3]
     );
     // "an unmapped range → success with an all-zero bitmap"
-    assert_eq!(container.dirty_bitmap(0x40_0000, 64 * PAGE).unwrap(), [0]);
+    assert_eq!(
+        container.dirty_bitmap(Iova(0x40_0000), 64 * PAGE).unwrap(),
+        [0]
+    );
     // "32 MiB D → all 8192 bits set"
-    let d = container.dirty_bitmap(0x100_0000, 32 * MIB).unwrap();
+    let d = container.dirty_bitmap(Iova(0x100_0000), 32 * MIB).unwrap();
     assert_eq!(d.len(), 128);
     assert!(d.iter().all(|w| *w == u64::MAX));
     // "A mapping added during tracking (E) → 0xf"; "A repeated read still returns all ones"
     let _e = map(&container, 0x50_0000, 4);
-    assert_eq!(container.dirty_bitmap(0x50_0000, 4 * PAGE).unwrap(), [0xf]);
-    assert_eq!(container.dirty_bitmap(0x50_0000, 4 * PAGE).unwrap(), [0xf]);
+    assert_eq!(
+        container.dirty_bitmap(Iova(0x50_0000), 4 * PAGE).unwrap(),
+        [0xf]
+    );
+    assert_eq!(
+        container.dirty_bitmap(Iova(0x50_0000), 4 * PAGE).unwrap(),
+        [0xf]
+    );
 
     // The rejected inputs, every row of the reference's table.
     let three = 3 * PAGE;
@@ -430,12 +460,15 @@ fn dirty_tracking_reports_what_linux_6_1_reports() {
     // Nothing above unmapped anything.
     assert_eq!(container.mappings().len(), 5);
     // The backend refuses a bitmap larger than max_dirty_bitmap_size before allocating it.
-    let err = container.dirty_bitmap(0, 1 << 48).unwrap_err().to_string();
+    let err = container
+        .dirty_bitmap(Iova(0), 1 << 48)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("max_dirty_bitmap_size"), "{err}");
     // "A plain UNMAP (no bitmap) while tracking is allowed." The backend refuses it, since
     // the dirty pages there would be lost; the kernel takes it.
     let err = container
-        .unmap(0x50_0000, 4 * PAGE)
+        .unmap(Iova(0x50_0000), 4 * PAGE)
         .unwrap_err()
         .to_string();
     assert!(err.contains("unmap_with_dirty_bitmap"), "{err}");
@@ -450,7 +483,7 @@ fn dirty_tracking_reports_what_linux_6_1_reports() {
         unmap_bitmap(UNMAP_BITMAP_ARGSZ, g, 0x10_0000, three, PAGE, 8),
         Err(EINVAL)
     );
-    assert!(container.dirty_bitmap(0x10_0000, three).is_err());
+    assert!(container.dirty_bitmap(Iova(0x10_0000), three).is_err());
 }
 
 #[test]
@@ -465,13 +498,13 @@ fn unmap_with_bitmap_returns_what_it_removed() {
     // "A+B → size=0x8000, bits 0–7 set; hole+C → size=0x2000, bits 2–3 set"
     assert_eq!(
         container
-            .unmap_with_dirty_bitmap(0x10_0000, 8 * PAGE)
+            .unmap_with_dirty_bitmap(Iova(0x10_0000), 8 * PAGE)
             .unwrap(),
         (0x8000, vec![0xff])
     );
     assert_eq!(
         container
-            .unmap_with_dirty_bitmap(0x1f_e000, 4 * PAGE)
+            .unmap_with_dirty_bitmap(Iova(0x1f_e000), 4 * PAGE)
             .unwrap(),
         (0x2000, vec![0xc])
     );
@@ -479,7 +512,7 @@ fn unmap_with_bitmap_returns_what_it_removed() {
     container.stop_dirty_tracking().unwrap();
     container.start_dirty_tracking().unwrap();
     let (size, d) = container
-        .unmap_with_dirty_bitmap(0x100_0000, 32 * MIB)
+        .unmap_with_dirty_bitmap(Iova(0x100_0000), 32 * MIB)
         .unwrap();
     assert_eq!(size, 32 * MIB);
     assert!(d.len() == 128 && d.iter().all(|w| *w == u64::MAX));
@@ -509,8 +542,14 @@ fn the_stale_bit_quirk_reaches_raw_callers_but_not_the_backend() {
     );
     let raw_again = get_raw(&container, 0x10_3000, 5 * PAGE).unwrap();
     // The backend reads the same state and keeps only F's five pages.
-    assert_eq!(container.dirty_bitmap(0x10_3000, 5 * PAGE).unwrap(), [0x1f]);
-    assert_eq!(container.dirty_bitmap(0x10_0000, 8 * PAGE).unwrap(), [0xff]);
+    assert_eq!(
+        container.dirty_bitmap(Iova(0x10_3000), 5 * PAGE).unwrap(),
+        [0x1f]
+    );
+    assert_eq!(
+        container.dirty_bitmap(Iova(0x10_0000), 8 * PAGE).unwrap(),
+        [0xff]
+    );
     println!(
         "raw F after G+F: {:#x} (Linux 6.1: 0xff, the stale-bit quirk)",
         raw_again[0]
@@ -610,7 +649,9 @@ fn edu_does_real_dma_into_memory_mapped_through_the_backend() {
     // "edu DMA RAM(IOVA 0x200000) → device buffer → RAM(IOVA 0x201100), 256 bytes: the pattern
     // appears in the user page." Guest RAM [2 MiB, 4 MiB) through the backend.
     let ram = memory(2 * MIB);
-    container.map_guest_memory(0x20_0000, &ram).unwrap();
+    container
+        .map_guest_memory(GuestAddress(0x20_0000), &ram)
+        .unwrap();
     container.start_dirty_tracking().unwrap();
     let pattern: Vec<u8> = (0..=255u8).collect();
     ram.write(0, &pattern).unwrap();
@@ -620,7 +661,7 @@ fn edu_does_real_dma_into_memory_mapped_through_the_backend() {
     ram.read(0x1100, &mut back).unwrap();
     assert_eq!(back, pattern, "the device wrote the pattern into guest RAM");
     // Both pages read dirty (every mapped page does, for a non-pinned group).
-    let bitmap = container.dirty_bitmap(0x20_0000, 2 * MIB).unwrap();
+    let bitmap = container.dirty_bitmap(Iova(0x20_0000), 2 * MIB).unwrap();
     assert_eq!(bitmap[0] & 0x3, 0x3);
     container.stop_dirty_tracking().unwrap();
 }

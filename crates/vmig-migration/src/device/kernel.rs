@@ -4,6 +4,7 @@
 //! RAM the container cannot keep alive by itself.
 
 use std::sync::Arc;
+use vmig_primitives::Iova;
 
 use vmig_kvm::GuestMemory;
 use vmig_kvm::irq::MsiVector;
@@ -245,8 +246,11 @@ impl MigratableDevice for KernelDevice {
 
     fn dirty_log_report(&self, iova: u64, size: u64, page_size: u64) -> OpResult<Vec<u64>> {
         Ok(match self.dirty_log_kind() {
-            DirtyLogKind::DmaLogging => self.device.report_dma_logging(iova, size, page_size)?,
-            DirtyLogKind::DirtyPages => self.container.dirty_bitmap(iova, size)?,
+            DirtyLogKind::DmaLogging => {
+                self.device
+                    .report_dma_logging(Iova(iova), size, page_size)?
+            }
+            DirtyLogKind::DirtyPages => self.container.dirty_bitmap(Iova(iova), size)?,
         })
     }
 
