@@ -167,3 +167,130 @@ fn message_mappings_refuse_pins_and_host_slices_and_pass_the_owners_errno() {
         }
     ));
 }
+
+/// An owner that answers a read only when told to, and says when a read arrived.
+#[derive(Debug)]
+struct SlowOwner {
+    arrived: std::sync::mpsc::SyncSender<()>,
+    answer: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl MessageDma for SlowOwner {
+    fn read(&self, _iova: u64, buf: &mut [u8]) -> Result<(), MessageDmaError> {
+        self.arrived.send(()).unwrap();
+        self.answer.lock().unwrap().recv().unwrap();
+        buf.fill(0x5a);
+        Ok(())
+    }
+
+    fn write(&self, _iova: u64, _data: &[u8]) -> Result<(), MessageDmaError> {
+        Ok(())
+    }
+}
+
+/// An IOMMU with a slow owner's page at `BASE` and a host page after it; a device thread whose
+/// read of the owner's page is in flight (the owner has it and has not answered); the sender
+/// that lets the owner answer.
+fn read_in_flight() -> (
+    Arc<Iommu>,
+    std::thread::JoinHandle<Vec<u8>>,
+    std::sync::mpsc::SyncSender<()>,
+) {
+    let (arrived_tx, arrived) = std::sync::mpsc::sync_channel(1);
+    let (answer, answer_rx) = std::sync::mpsc::sync_channel(1);
+    let iommu = Arc::new(Iommu::new(IommuConfig::default()).unwrap());
+    let owner = Arc::new(SlowOwner {
+        arrived: arrived_tx,
+        answer: Mutex::new(answer_rx),
+    });
+    iommu
+        .map(Iova(BASE), PG, Backing::Message(owner), Prot::READ_WRITE)
+        .unwrap();
+    let host = Arc::new(HostMemory::anonymous(PG).unwrap());
+    iommu
+        .map(
+            Iova(BASE + PG),
+            PG,
+            Backing::Memory {
+                memory: host,
+                offset: 0,
+            },
+            Prot::READ_WRITE,
+        )
+        .unwrap();
+    let device = {
+        let iommu = Arc::clone(&iommu);
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64];
+            iommu.read(Iova(BASE), &mut buf).unwrap();
+            buf
+        })
+    };
+    arrived.recv().unwrap();
+    (iommu, device, answer)
+}
+
+/// "No other operation waits behind them" (the IOMMU's table is not held while an owner
+/// answers): dirty tracking starts and stops, host DMA and maps go on while a message read is
+/// in flight.
+#[test]
+fn a_slow_owner_holds_up_no_other_request() {
+    let (iommu, device, answer) = read_in_flight();
+    let others = {
+        let iommu = Arc::clone(&iommu);
+        std::thread::spawn(move || {
+            iommu.start_dirty_tracking().unwrap();
+            iommu.write(Iova(BASE + PG), b"host DMA").unwrap();
+            let host = Arc::new(HostMemory::anonymous(PG).unwrap());
+            iommu
+                .map(
+                    Iova(BASE + 2 * PG),
+                    PG,
+                    Backing::Memory {
+                        memory: host,
+                        offset: 0,
+                    },
+                    Prot::READ_WRITE,
+                )
+                .unwrap();
+            iommu.stop_dirty_tracking().unwrap();
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !others.is_finished() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let finished_first = others.is_finished();
+    assert!(!device.is_finished(), "the owner has not answered yet");
+    answer.send(()).unwrap();
+    others.join().unwrap();
+    assert!(
+        finished_first,
+        "the other requests waited for the owner's answer"
+    );
+    assert_eq!(device.join().unwrap(), [0x5a; 64]);
+}
+
+/// An unmap of a message-backed mapping returns only once the access in flight to it is
+/// done: after it returns, no DMA to the range is outstanding.
+#[test]
+fn an_unmap_waits_for_the_access_in_flight() {
+    let (iommu, device, answer) = read_in_flight();
+    let unmapper = {
+        let iommu = Arc::clone(&iommu);
+        std::thread::spawn(move || iommu.unmap(Iova(BASE), PG, UnmapScope::Range).unwrap())
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(
+        !unmapper.is_finished(),
+        "the unmap returned while a read of the range was in flight"
+    );
+    answer.send(()).unwrap();
+    assert_eq!(device.join().unwrap(), [0x5a; 64]);
+    assert_eq!(unmapper.join().unwrap(), PG);
+    let mut buf = [0u8; 8];
+    assert!(matches!(
+        iommu.read(Iova(BASE), &mut buf),
+        Err(DmaError::Invalid(_))
+    ));
+}

@@ -1,11 +1,13 @@
 //! The device's access path: DMA reads and writes walked mapping by mapping, host slices for
 //! zero-copy access, and the dirty marks a write leaves.
 
-use super::table::{State, Target};
-use super::{Iommu, MessageDma, MessageDmaError, Prot, checked_last, host_len};
+use std::ops::Range;
+use std::sync::{Arc, RwLockReadGuard};
+
+use super::table::{MessageMapping, State, Target};
+use super::{Iommu, MessageDmaError, Prot, checked_last, host_len};
 use crate::error::{DmaError, Result, invalid};
-use vmig_primitives::HostMemory;
-use vmig_primitives::Iova;
+use vmig_primitives::{HostMemory, Iova};
 
 /// A run of host memory that a range of IOVA translates to, valid inside
 /// [`Iommu::with_host_slices`].
@@ -65,7 +67,7 @@ pub(super) enum Piece<'s> {
     Host(HostSlice<'s>),
     /// Memory of the owner of a message-backed mapping.
     Message {
-        owner: &'s dyn MessageDma,
+        mapping: &'s Arc<MessageMapping>,
         iova: u64,
         len: usize,
     },
@@ -80,8 +82,20 @@ impl Piece<'_> {
     }
 }
 
+/// Takes the in-flight lock of every message-backed part of an access, shared, while the
+/// caller still holds the table's lock: an unmap that removes one of the mappings then waits
+/// for the access to end.
+fn hold_in_flight(
+    parts: &[(Arc<MessageMapping>, u64, Range<usize>)],
+) -> Vec<RwLockReadGuard<'_, ()>> {
+    parts
+        .iter()
+        .map(|(mapping, _, _)| mapping.in_flight.read().unwrap_or_else(|e| e.into_inner()))
+        .collect()
+}
+
 /// The error of a message-backed access of `len` bytes at `iova` its owner did not carry.
-fn by_message(iova: u64, len: usize) -> impl FnOnce(MessageDmaError) -> DmaError {
+fn by_message_error(iova: u64, len: usize) -> impl FnOnce(MessageDmaError) -> DmaError {
     move |source| DmaError::Message {
         iova,
         len: len as u64,
@@ -125,8 +139,8 @@ impl Iommu {
                     len,
                     iova: cur,
                 }),
-                Target::Message(owner) => Piece::Message {
-                    owner: owner.as_ref(),
+                Target::Message(mapping) => Piece::Message {
+                    mapping,
                     iova: cur,
                     len,
                 },
@@ -172,38 +186,54 @@ impl Iommu {
     }
 
     /// Device read of guest memory by DMA (`vfio_dma_rw`, read). Never marks pages dirty.
+    ///
+    /// Host memory is read under the table's read lock; the parts of message-backed mappings
+    /// are read after it is released, each mapping held by its in-flight lock, so a slow owner
+    /// holds up only an unmap of its own mappings.
     pub fn read(&self, iova: Iova, buf: &mut [u8]) -> Result<()> {
         let iova = iova.raw();
         let state = self.lock_read();
         let mut done = 0;
+        let mut by_message: Vec<(Arc<MessageMapping>, u64, Range<usize>)> = Vec::new();
         self.walk_checked(&state, iova, buf.len() as u64, Prot::READ, |piece| {
             let n = piece.len();
-            let part = &mut buf[done..done + n];
             match piece {
-                Piece::Host(slice) => slice.read_at(0, part)?,
-                Piece::Message { owner, iova, len } => {
-                    owner.read(iova, part).map_err(by_message(iova, len))?;
+                Piece::Host(slice) => slice.read_at(0, &mut buf[done..done + n])?,
+                Piece::Message { mapping, iova, .. } => {
+                    by_message.push((Arc::clone(mapping), iova, done..done + n));
                 }
             }
             done += n;
             Ok(())
-        })
+        })?;
+        let _in_flight = hold_in_flight(&by_message);
+        drop(state);
+        for (mapping, iova, part) in &by_message {
+            mapping
+                .owner
+                .read(*iova, &mut buf[part.clone()])
+                .map_err(by_message_error(*iova, part.len()))?;
+        }
+        Ok(())
     }
 
     /// Device write of guest memory by DMA (`vfio_dma_rw`, write): the data lands first, then
     /// its pages are marked dirty, so a harvest never reports a page before the write that
     /// dirtied it. Nothing is written if any part of the range is unmapped or read-only.
+    ///
+    /// Message-backed parts are written after the table's lock is released, as
+    /// [`Iommu::read`] reads them; their owner records those writes itself.
     pub fn write(&self, iova: Iova, data: &[u8]) -> Result<()> {
         let iova = iova.raw();
         let state = self.lock_read();
         let mut done = 0;
+        let mut by_message: Vec<(Arc<MessageMapping>, u64, Range<usize>)> = Vec::new();
         self.walk_checked(&state, iova, data.len() as u64, Prot::WRITE, |piece| {
             let n = piece.len();
-            let part = &data[done..done + n];
             match piece {
-                Piece::Host(slice) => slice.write_at(0, part)?,
-                Piece::Message { owner, iova, len } => {
-                    owner.write(iova, part).map_err(by_message(iova, len))?;
+                Piece::Host(slice) => slice.write_at(0, &data[done..done + n])?,
+                Piece::Message { mapping, iova, .. } => {
+                    by_message.push((Arc::clone(mapping), iova, done..done + n));
                 }
             }
             done += n;
@@ -211,6 +241,14 @@ impl Iommu {
         })?;
         if state.tracking {
             self.mark_locked(&state, iova, data.len() as u64);
+        }
+        let _in_flight = hold_in_flight(&by_message);
+        drop(state);
+        for (mapping, iova, part) in &by_message {
+            mapping
+                .owner
+                .write(*iova, &data[part.clone()])
+                .map_err(by_message_error(*iova, part.len()))?;
         }
         Ok(())
     }

@@ -252,13 +252,17 @@ impl Iommu {
         let all_dirty = state.all_dirty();
         let victims: Vec<u64> = state.mappings.range(iova..=last).map(|(k, _)| *k).collect();
         let mut unmapped = 0u64;
+        let mut by_message = Vec::new();
         for start in victims {
             if let Some(m) = state.mappings.remove(&start) {
                 self.collect_mapping(&m, all_dirty, iova, out, DirtyRead::Clear);
                 self.release(&mut state, &m);
                 unmapped = unmapped.saturating_add(m.size);
+                by_message.extend(m.message());
             }
         }
+        drop(state);
+        by_message.iter().for_each(|m| m.wait_idle());
         Ok(unmapped)
     }
 }

@@ -8,8 +8,9 @@
 use std::sync::Arc;
 
 /// Carries a device's access to a message-backed mapping to the owner of the memory. The
-/// IOMMU calls it with the table's read lock held, so an unmap of the range returns only after
-/// the access in flight is done; it must not call the IOMMU back.
+/// IOMMU calls it without holding its table, so every other request goes on while the owner
+/// answers; only an unmap that removes the mapping waits, and returns once the access in flight
+/// is done. It must therefore not unmap its own mapping from inside a call.
 pub trait MessageDma: Send + Sync + std::fmt::Debug {
     /// Reads `buf.len()` bytes at `iova` from the owner.
     fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), MessageDmaError>;

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockWriteGuard};
 
 use vmig_dirty::{DirtyBitmap, bitmap_bytes};
 
@@ -36,12 +36,35 @@ pub(super) enum Target {
         offset: usize,
     },
     /// The owner of the memory, reached by messages.
-    Message(Arc<dyn MessageDma>),
+    Message(Arc<MessageMapping>),
+}
+
+/// A message-backed mapping's owner, and the accesses waiting on it.
+pub(super) struct MessageMapping {
+    pub(super) owner: Arc<dyn MessageDma>,
+    /// Held shared by every access while it waits on the owner (without the table's lock, so
+    /// nothing else waits behind a slow owner); an unmap that removed the mapping takes it
+    /// exclusively before it returns, so no access to an unmapped range is still in flight.
+    pub(super) in_flight: RwLock<()>,
+}
+
+impl MessageMapping {
+    /// Waits until no access to the mapping is in flight.
+    pub(super) fn wait_idle(&self) {
+        drop(self.in_flight.write().unwrap_or_else(|e| e.into_inner()));
+    }
 }
 
 impl Mapping {
     pub(super) fn by_message(&self) -> bool {
         matches!(self.target, Target::Message(_))
+    }
+    /// The message mapping's owner and accesses, for a message-backed mapping.
+    pub(super) fn message(&self) -> Option<Arc<MessageMapping>> {
+        match &self.target {
+            Target::Message(m) => Some(Arc::clone(m)),
+            Target::Host { .. } => None,
+        }
     }
     pub(super) fn last(&self) -> u64 {
         self.iova + (self.size - 1)
@@ -185,7 +208,10 @@ impl Iommu {
                     offset: super::host_len(offset),
                 }
             }
-            Backing::Message(owner) => Target::Message(owner),
+            Backing::Message(owner) => Target::Message(Arc::new(MessageMapping {
+                owner,
+                in_flight: RwLock::new(()),
+            })),
         };
         let mut state = self.lock_write();
         self.check_insertable(&state, iova, last)?;
@@ -273,12 +299,16 @@ impl Iommu {
             victims.retain(|&v| v >= first);
         }
         let mut unmapped = 0u64;
+        let mut by_message = Vec::new();
         for start in victims {
             if let Some(m) = state.mappings.remove(&start) {
                 self.release(&mut state, &m);
                 unmapped = unmapped.saturating_add(m.size);
+                by_message.extend(m.message());
             }
         }
+        drop(state);
+        by_message.iter().for_each(|m| m.wait_idle());
         Ok(unmapped)
     }
 
