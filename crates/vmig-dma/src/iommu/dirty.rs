@@ -243,7 +243,7 @@ impl Iommu {
         let iova = iova.raw();
         let pages = self.check_bitmap(size, pgsize, bitmap.len() as u64 * 8)?;
         let last = self.check_range("unmap", iova, size)?;
-        let mut state = self.lock_unpinned(iova, last, |state| {
+        let state = self.lock_unpinned(iova, last, |state| {
             self.check_bitmap_request(state, iova, size, pgsize)
                 .map(|_| ())
         })?;
@@ -251,19 +251,9 @@ impl Iommu {
         out.fill(0);
         let all_dirty = state.all_dirty();
         let victims: Vec<u64> = state.mappings.range(iova..=last).map(|(k, _)| *k).collect();
-        let mut unmapped = 0u64;
-        let mut by_message = Vec::new();
-        for start in victims {
-            if let Some(m) = state.mappings.remove(&start) {
-                self.collect_mapping(&m, all_dirty, iova, out, DirtyRead::Clear);
-                self.release(&mut state, &m);
-                unmapped = unmapped.saturating_add(m.size);
-                by_message.extend(m.message());
-            }
-        }
-        drop(state);
-        by_message.iter().for_each(|m| m.wait_idle());
-        Ok(unmapped)
+        Ok(self.remove_mappings(state, victims, |m| {
+            self.collect_mapping(m, all_dirty, iova, out, DirtyRead::Clear);
+        }))
     }
 }
 

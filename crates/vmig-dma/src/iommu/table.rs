@@ -265,7 +265,7 @@ impl Iommu {
     /// discarded: use [`Iommu::unmap_with_dirty_bitmap`] to collect it.
     pub fn unmap(&self, iova: Iova, size: u64, scope: UnmapScope) -> Result<u64> {
         let iova = iova.raw();
-        let mut state = match scope {
+        let state = match scope {
             UnmapScope::All => {
                 if iova != 0 || size != 0 {
                     return invalid!(
@@ -298,10 +298,23 @@ impl Iommu {
         } else {
             victims.retain(|&v| v >= first);
         }
+        Ok(self.remove_mappings(state, victims, |_| {}))
+    }
+
+    /// Removes the mappings that start at `victims`, showing each to `each` first; releases
+    /// the table, then waits for message accesses still in flight to what it removed. Returns
+    /// the bytes removed.
+    pub(super) fn remove_mappings(
+        &self,
+        mut state: RwLockWriteGuard<'_, State>,
+        victims: Vec<u64>,
+        mut each: impl FnMut(&Mapping),
+    ) -> u64 {
         let mut unmapped = 0u64;
         let mut by_message = Vec::new();
         for start in victims {
             if let Some(m) = state.mappings.remove(&start) {
+                each(&m);
                 self.release(&mut state, &m);
                 unmapped = unmapped.saturating_add(m.size);
                 by_message.extend(m.message());
@@ -309,7 +322,7 @@ impl Iommu {
         }
         drop(state);
         by_message.iter().for_each(|m| m.wait_idle());
-        Ok(unmapped)
+        unmapped
     }
 
     pub(super) fn release(&self, state: &mut State, m: &Mapping) {
