@@ -67,6 +67,10 @@ pub const VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL: u16 = 3;
 pub const VFIO_REGION_TYPE_MIGRATION: u32 = 3;
 /// `VFIO_REGION_SUBTYPE_MIGRATION`.
 pub const VFIO_REGION_SUBTYPE_MIGRATION: u32 = 1;
+/// `VFIO_PCI_MSI_IRQ_INDEX`: a PCI device's MSI vectors (vfio-user uses the same index).
+pub const VFIO_PCI_MSI_IRQ_INDEX: u32 = 1;
+/// `VFIO_PCI_MSIX_IRQ_INDEX`: a PCI device's MSI-X vectors.
+pub const VFIO_PCI_MSIX_IRQ_INDEX: u32 = 2;
 
 /// Highest user address plus one on x86-64 (`TASK_SIZE_MAX`): `access_ok` fails above it.
 pub const TASK_SIZE_MAX: u64 = 0x0000_7fff_ffff_f000;

@@ -343,9 +343,9 @@ pub const IRQ_INFO_NORESIZE: u32 = 1 << 3;
 /// IRQ index of INTx.
 pub const IRQ_INDEX_INTX: u32 = 0;
 /// IRQ index of MSI.
-pub const IRQ_INDEX_MSI: u32 = 1;
+pub const IRQ_INDEX_MSI: u32 = vmig_primitives::uapi::VFIO_PCI_MSI_IRQ_INDEX;
 /// IRQ index of MSI-X.
-pub const IRQ_INDEX_MSIX: u32 = 2;
+pub const IRQ_INDEX_MSIX: u32 = vmig_primitives::uapi::VFIO_PCI_MSIX_IRQ_INDEX;
 /// IRQ index of the error interrupt.
 pub const IRQ_INDEX_ERR: u32 = 3;
 /// IRQ index of the request interrupt.

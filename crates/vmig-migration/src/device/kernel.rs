@@ -9,7 +9,7 @@ use vmig_primitives::Iova;
 use vmig_kvm::GuestMemory;
 use vmig_kvm::irq::MsiVector;
 use vmig_primitives::{DmaRange, PAGE_SIZE, RegionArea};
-use vmig_vfio::device::{IRQ_INDEX_MSI, IRQ_INDEX_MSIX, IRQ_INFO_EVENTFD};
+use vmig_vfio::device::IRQ_INFO_EVENTFD;
 use vmig_vfio::{Container, Device, KernelMigration, Section, VfioDeviceFd, VfioError};
 
 use super::{
@@ -31,6 +31,8 @@ pub struct KernelDevice {
     pub dma_logging: bool,
     /// How it migrates, or why it cannot, found once at attach.
     migration: Result<MigrationProtocol, String>,
+    /// Its vendor and device IDs, read once at open (`None` if config space could not be read).
+    ids: Option<(u16, u16)>,
     /// Keeps guest RAM alive as long as it is mapped: dropped last.
     _memory: Arc<GuestMemory>,
 }
@@ -68,11 +70,19 @@ impl KernelDevice {
             unsafe { container.map_guest_section(section) }?;
         }
         let dma_logging = device.dma_logging_supported();
+        let mut id = [0u8; 4];
+        let ids = device.read_config(0, &mut id).ok().map(|()| {
+            (
+                u16::from_le_bytes([id[0], id[1]]),
+                u16::from_le_bytes([id[2], id[3]]),
+            )
+        });
         Ok(Self {
             device,
             container,
             dma_logging,
             migration: Err(String::new()),
+            ids,
             _memory: Arc::clone(memory),
         })
     }
@@ -116,25 +126,11 @@ impl KernelDevice {
             pre_copy: support.pre_copy(),
         }))
     }
-
-    fn irq_index(kind: InterruptKind) -> u32 {
-        match kind {
-            InterruptKind::Msix => IRQ_INDEX_MSIX,
-            InterruptKind::Msi => IRQ_INDEX_MSI,
-        }
-    }
 }
 
 impl MigratableDevice for KernelDevice {
     fn kind(&self) -> DeviceKind {
-        let mut id = [0u8; 4];
-        let ids = self.device.read_config(0, &mut id).ok().map(|()| {
-            (
-                u16::from_le_bytes([id[0], id[1]]),
-                u16::from_le_bytes([id[2], id[3]]),
-            )
-        });
-        DeviceKind::VfioPci { ids }
+        DeviceKind::VfioPci { ids: self.ids }
     }
 
     fn region_read(&self, region: u32, offset: u64, buf: &mut [u8]) -> OpResult<()> {
@@ -199,19 +195,16 @@ impl MigratableDevice for KernelDevice {
     }
 
     fn interrupt_info(&self, kind: InterruptKind) -> OpResult<Option<InterruptInfo>> {
-        Ok(self
-            .device
-            .irq(Self::irq_index(kind))
-            .map(|irq| InterruptInfo {
-                count: irq.count,
-                eventfd: irq.flags & IRQ_INFO_EVENTFD != 0,
-            }))
+        Ok(self.device.irq(kind.index()).map(|irq| InterruptInfo {
+            count: irq.count,
+            eventfd: irq.flags & IRQ_INFO_EVENTFD != 0,
+        }))
     }
 
     fn set_interrupts(&self, kind: InterruptKind, vectors: &[MsiVector]) -> OpResult<bool> {
         let fds: Vec<_> = vectors.iter().map(MsiVector::event_fd).collect();
         // A kernel that refuses this kind leaves the next kind to try.
-        Ok(self.device.enable_irq(Self::irq_index(kind), &fds).is_ok())
+        Ok(self.device.enable_irq(kind.index(), &fds).is_ok())
     }
 
     fn migration_protocol(&self) -> Result<MigrationProtocol, String> {

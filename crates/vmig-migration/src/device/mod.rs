@@ -135,6 +135,16 @@ pub enum InterruptKind {
     Msi,
 }
 
+impl InterruptKind {
+    /// The VFIO IRQ index of this kind (the same in the kernel's VFIO and in vfio-user).
+    pub fn index(self) -> u32 {
+        match self {
+            Self::Msix => vmig_primitives::uapi::VFIO_PCI_MSIX_IRQ_INDEX,
+            Self::Msi => vmig_primitives::uapi::VFIO_PCI_MSI_IRQ_INDEX,
+        }
+    }
+}
+
 /// What a device says of one interrupt kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct InterruptInfo {

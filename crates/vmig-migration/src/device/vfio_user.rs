@@ -12,8 +12,8 @@ use vmig_kvm::irq::MsiVector;
 use vmig_vfio_user::client::{Client, ClientError, DmaMemory};
 use vmig_vfio_user::client::{DeviceMigration, Protocol};
 use vmig_vfio_user::wire::{
-    DEVICE_FLAGS_RESET, DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, IRQ_INDEX_MSI, IRQ_INDEX_MSIX,
-    IRQ_INFO_EVENTFD, REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
+    DEVICE_FLAGS_RESET, DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, IRQ_INFO_EVENTFD,
+    REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
 };
 
 use super::{
@@ -76,13 +76,6 @@ impl UserDevice {
     /// The client, for what only vfio-user has.
     pub fn client(&self) -> &Client {
         &self.client
-    }
-
-    fn irq_index(kind: InterruptKind) -> u32 {
-        match kind {
-            InterruptKind::Msix => IRQ_INDEX_MSIX,
-            InterruptKind::Msi => IRQ_INDEX_MSI,
-        }
     }
 }
 
@@ -158,7 +151,7 @@ impl MigratableDevice for UserDevice {
     fn interrupt_info(&self, kind: InterruptKind) -> OpResult<Option<InterruptInfo>> {
         // A server without this IRQ index answers with an error reply (an errno); anything
         // else means the connection failed.
-        match self.client.irq_info(Self::irq_index(kind)) {
+        match self.client.irq_info(kind.index()) {
             Ok(info) => Ok(Some(InterruptInfo {
                 count: info.count,
                 eventfd: info.flags & IRQ_INFO_EVENTFD != 0,
@@ -171,10 +164,7 @@ impl MigratableDevice for UserDevice {
     fn set_interrupts(&self, kind: InterruptKind, vectors: &[MsiVector]) -> OpResult<bool> {
         let fds: Vec<_> = vectors.iter().map(MsiVector::eventfd).collect();
         let count = u32::try_from(fds.len()).unwrap_or(u32::MAX);
-        match self
-            .client
-            .set_irq_eventfds(Self::irq_index(kind), 0, count, &fds)
-        {
+        match self.client.set_irq_eventfds(kind.index(), 0, count, &fds) {
             Ok(()) => Ok(true),
             Err(e) if e.remote_errno().is_some() => Ok(false),
             Err(e) => Err(e.into()),
