@@ -218,6 +218,12 @@ fn a_guest_and_two_dma_engines_migrate_with_every_page_and_record() {
     let v = report.verification.as_ref().unwrap();
     assert_eq!(v.pages_compared, (128 << 20) / 4096);
     assert_eq!(v.devices_compared, 2);
+    // The switchover waited for the destination's ack that both devices had their initial
+    // state (vfio-user devices give no pre-copy account: sent with their first pass).
+    let acked = report
+        .switchover_ack_ms
+        .expect("with devices, the switchover waits for the destination's ack");
+    assert!(acked <= report.total_ms - report.downtime_ms, "{report:#?}");
     assert!(v.guest_pages_checked > 0);
     assert_eq!(v.device_records.len(), 2);
     assert!(

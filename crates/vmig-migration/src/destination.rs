@@ -13,6 +13,7 @@ use vmig_primitives::GuestAddress;
 use vmig_dirty::DirtyBitmap;
 use vmig_kvm::{DirtyLogMode, GuestMemory, PAGE_SIZE, VcpuState, Vm};
 
+use crate::device::{MigrationSteps, OpResult};
 use crate::driver::GuestDrivers;
 use crate::error::{MigrationError, Result, device_error, io_error};
 use crate::machine::{DeviceSpec, Machine, Role};
@@ -487,6 +488,7 @@ fn main_loop(
     let mut partial: Vec<Vec<u8>> = vec![Vec::new(); devices.len()];
     let mut device_digests = vec![StateDigest::default(); devices.len()];
     let mut device_ended = vec![false; devices.len()];
+    let mut initial_sent = vec![false; devices.len()];
     let mut vcpus: Option<Vec<VcpuState>> = None;
     let mut verification = Verification::default();
     let mut differing: Vec<u64> = Vec::new();
@@ -542,6 +544,27 @@ fn main_loop(
                         .write_chunk(&chunk)
                         .map_err(device_error(&device.name))?;
                     device_digests[index].add(&chunk);
+                }
+            }
+            Record::InitialSent { device: index } => {
+                let index = usize::try_from(index).unwrap_or(usize::MAX);
+                let Some(device) = devices.get(index) else {
+                    return Err(MigrationError::Stream(format!(
+                        "InitialSent for device {index}, which does not exist"
+                    )));
+                };
+                if std::mem::replace(&mut initial_sent[index], true) {
+                    return Err(MigrationError::Stream(format!(
+                        "InitialSent for device {} twice",
+                        device.name
+                    )));
+                }
+                // Every chunk before it was written to the device: once every device has had
+                // all of its initial state, the source may switch over.
+                if initial_sent.iter().all(|&sent| sent) {
+                    writer
+                        .send(&Record::SwitchoverAck)
+                        .map_err(io_error("acknowledging the switchover"))?;
                 }
             }
             Record::DeviceEnd(DeviceEnd {
@@ -631,15 +654,20 @@ fn main_loop(
             }
             Record::Commit => {
                 // The source will never resume: from here on the VM lives here whatever
-                // fails, and failures are reported, not turned into an abort.
-                for d in devices {
-                    if let Err(e) = d
-                        .migration()
-                        .and_then(|m| m.run().map_err(device_error(&d.name)))
-                    {
-                        verification
-                            .problems
-                            .push(format!("starting device {}: {e}", d.name));
+                // fails, and failures are reported, not turned into an abort. Every device is
+                // in RUNNING_P2P before any runs (the uAPI's rule for peer-to-peer DMA).
+                let steps: [fn(&dyn MigrationSteps) -> OpResult<()>; 2] =
+                    [|m| m.start_p2p(), |m| m.run()];
+                for step in steps {
+                    for d in devices {
+                        if let Err(e) = d
+                            .migration()
+                            .and_then(|m| step(m.as_ref()).map_err(device_error(&d.name)))
+                        {
+                            verification
+                                .problems
+                                .push(format!("starting device {}: {e}", d.name));
+                        }
                     }
                 }
                 // The pages written here were the migration's own: nothing to send again.

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use crate::device::PrecopyPending;
 use crate::driver::DeviceCheck;
 
 /// Default downtime limit (QEMU's and Cloud Hypervisor's).
@@ -160,6 +161,15 @@ pub struct DeviceStats {
     pub precopy_bytes: u64,
     /// Bytes of state sent while it was stopped.
     pub stopcopy_bytes: u64,
+    /// What the device said, at the last pre-copy pass, was still to be read of its initial
+    /// and of its dirtied state (`VFIO_MIG_GET_PRECOPY_INFO`), when it says.
+    #[serde(default)]
+    pub precopy_pending: Option<PrecopyPending>,
+    /// The device's estimate, at the last pre-copy pass, of its stop-and-copy bytes
+    /// (`VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`), when it gives one; counted in the expected
+    /// downtime.
+    #[serde(default)]
+    pub stop_copy_estimate: Option<u64>,
 }
 
 /// Pages one dirty source reported.
@@ -221,6 +231,10 @@ pub struct MigrationReport {
     pub expected_downtime_ms: u64,
     /// Passes over memory (the first full one included).
     pub passes: u64,
+    /// Milliseconds from `migrate` to the destination's switchover-ack (every device was given
+    /// its initial pre-copy state); `None` without devices, or before it came.
+    #[serde(default)]
+    pub switchover_ack_ms: Option<u64>,
     /// RAM.
     pub ram: RamStats,
     /// Devices.

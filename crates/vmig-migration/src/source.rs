@@ -35,6 +35,11 @@ const THROTTLE_STEP: u64 = 10;
 const THROTTLE_MAX: u64 = 99;
 /// A vCPU throttle timeslice (QEMU's `CPU_THROTTLE_TIMESLICE_NS`).
 const THROTTLE_SLICE: Duration = Duration::from_millis(10);
+/// How long a pass that could switch over waits for the destination's switchover-ack before
+/// making another pass.
+const ACK_WAIT: Duration = Duration::from_millis(100);
+/// Most state one device may give in stop-and-copy; more means it misbehaves.
+const MAX_STOP_COPY_STATE: u64 = 16 << 30;
 
 pub use crate::stream::page_digest;
 
@@ -80,6 +85,9 @@ struct Source<'a> {
     source_pages: Vec<u64>,
     started_sources: usize,
     devices_saving: bool,
+    /// The devices left their running states (for P2P or STOP_COPY): a rollback brings every
+    /// one to RUNNING_P2P before any runs.
+    devices_quiesced: bool,
     paused: bool,
     committed: bool,
     deadline: Instant,
@@ -140,6 +148,7 @@ impl<'a> Source<'a> {
             source_pages: Vec::new(),
             started_sources: 0,
             devices_saving: false,
+            devices_quiesced: false,
             paused: false,
             committed: false,
             deadline: Instant::now() + Duration::from_secs(params.timeout_s),
@@ -188,6 +197,17 @@ impl<'a> Source<'a> {
     /// running. Every step is tried even if an earlier one failed.
     fn rollback(&mut self) {
         if self.devices_saving {
+            // Stopped devices come back as they left: all in RUNNING_P2P before any runs.
+            if self.devices_quiesced {
+                for d in &self.machine.devices {
+                    if let Ok(m) = d.migration()
+                        && let Err(e) = m.start_p2p()
+                    {
+                        tracing::warn!(device = %d.name, error = %e, "the device did not return to RUNNING_P2P after the migration failed");
+                    }
+                }
+                self.devices_quiesced = false;
+            }
             for d in &self.machine.devices {
                 if let Ok(m) = d.migration()
                     && let Err(e) = m.cancel()
@@ -463,6 +483,55 @@ impl<'a> Source<'a> {
         Ok(bytes)
     }
 
+    /// Streams the stopped device `index`'s state to the destination chunk by chunk as it is
+    /// read (no whole-state buffer); returns its bytes.
+    fn stream_stop_copy(
+        &self,
+        index: usize,
+        device: &crate::machine::AttachedDevice,
+        digest: &mut StateDigest,
+    ) -> Result<u64> {
+        let steps = device.migration()?;
+        let mut bytes = 0;
+        while let Some(chunk) = steps
+            .next_stop_copy_chunk()
+            .map_err(device_error(&device.name))?
+        {
+            bytes += self.send_device_chunks(index, std::slice::from_ref(&chunk), digest)?;
+            if bytes > MAX_STOP_COPY_STATE {
+                return Err(MigrationError::device(
+                    device.name.clone(),
+                    format!(
+                        "its stop-and-copy state goes on past {} GiB",
+                        MAX_STOP_COPY_STATE >> 30
+                    ),
+                ));
+            }
+        }
+        Ok(bytes)
+    }
+
+    /// Takes the destination's switchover-ack if it comes within `wait`.
+    fn switchover_ack(&mut self, wait: Duration) -> Result<bool> {
+        let mut buf = Vec::new();
+        match self.reader.read_within(wait, &mut buf)? {
+            None => Ok(false),
+            Some(kind) => match Record::decode(kind, &buf)? {
+                Record::SwitchoverAck => {
+                    let at = self.progress.elapsed_ms();
+                    self.progress.update(|r| r.switchover_ack_ms = Some(at));
+                    tracing::debug!(at_ms = at, "the destination acknowledged the switchover");
+                    Ok(true)
+                }
+                Record::Abort(reason) => Err(MigrationError::Refused(reason.into_owned())),
+                record => Err(MigrationError::Stream(format!(
+                    "from the destination: a {} record where SwitchoverAck was expected",
+                    record.kind().name()
+                ))),
+            },
+        }
+    }
+
     #[expect(
         clippy::cast_precision_loss,
         clippy::cast_possible_truncation,
@@ -484,19 +553,36 @@ impl<'a> Source<'a> {
         let mut pass: u32 = 0;
         let mut send_ms = 0f64;
         let mut high_dirty_passes = 0;
+        let mut initial_sent = vec![false; machine.devices.len()];
+        // Without devices there is no device state to wait for.
+        let mut switchover_acked = machine.devices.is_empty();
         loop {
             self.check_cancel()?;
             let pass_start = Instant::now();
             let bytes_before = pool.counters.bytes.load(Ordering::Relaxed);
             self.send_pass(pool, dirty, pass, true)?;
+            let mut device_remaining = 0;
             for (i, d) in machine.devices.iter().enumerate() {
-                let chunks = d
-                    .migration()?
-                    .read_precopy()
-                    .map_err(device_error(&d.name))?;
+                let steps = d.migration()?;
+                let chunks = steps.read_precopy().map_err(device_error(&d.name))?;
                 let bytes = self.send_device_chunks(i, &chunks, &mut device_digests[i])?;
-                self.progress
-                    .update(|r| r.devices[i].precopy_bytes += bytes);
+                // Read every pass: how much of the initial state is still to come decides the
+                // switchover; the stop-copy estimate counts in the expected downtime.
+                let pending = steps.precopy_info().map_err(device_error(&d.name))?;
+                let estimate = steps.stop_copy_size();
+                device_remaining += estimate.unwrap_or(0);
+                self.progress.update(|r| {
+                    let stats = &mut r.devices[i];
+                    stats.precopy_bytes += bytes;
+                    stats.precopy_pending = pending;
+                    stats.stop_copy_estimate = estimate;
+                });
+                if !initial_sent[i] && pending.is_none_or(|p| p.initial_bytes == 0) {
+                    self.send(&Record::InitialSent {
+                        device: device_number(i)?,
+                    })?;
+                    initial_sent[i] = true;
+                }
             }
             let pass_ms = pass_start.elapsed().as_secs_f64() * 1000.0;
             send_ms += pass_ms;
@@ -505,7 +591,7 @@ impl<'a> Source<'a> {
             let remaining = dirty.count() * PAGE_SIZE;
             let sent = pool.counters.bytes.load(Ordering::Relaxed) as f64;
             let bandwidth = sent / send_ms.max(0.001); // bytes per ms
-            let expected = remaining as f64 / bandwidth.max(1.0);
+            let expected = (remaining + device_remaining) as f64 / bandwidth.max(1.0);
             let rate = (remaining / PAGE_SIZE) as f64 * 1000.0 / pass_ms.max(0.001);
             pass += 1;
             tracing::debug!(
@@ -522,7 +608,15 @@ impl<'a> Source<'a> {
                 r.expected_downtime_ms = expected.ceil() as u64;
                 r.ram.dirty_pages_rate = rate as u64;
             });
-            if expected <= downtime {
+            if !switchover_acked && initial_sent.iter().all(|&sent| sent) {
+                let wait = if expected <= downtime {
+                    ACK_WAIT
+                } else {
+                    Duration::ZERO
+                };
+                switchover_acked = self.switchover_ack(wait)?;
+            }
+            if expected <= downtime && switchover_acked {
                 break;
             }
             // Auto-converge (QEMU's trigger): the guest dirtied more than half of what the
@@ -557,13 +651,16 @@ impl<'a> Source<'a> {
         vm.pause()?;
         pool.lift_bandwidth_limit();
         self.check_cancel()?;
-        let mut stop_chunks = Vec::new();
+        // Every device stops initiating peer-to-peer DMA before any stops (the uAPI's rule),
+        // then all stop; their state is read after the last pages, as it is sent.
+        self.devices_quiesced = true;
         for d in &machine.devices {
-            stop_chunks.push(
-                d.migration()?
-                    .stop_and_copy()
-                    .map_err(device_error(&d.name))?,
-            );
+            d.migration()?
+                .quiesce_p2p()
+                .map_err(device_error(&d.name))?;
+        }
+        for d in &machine.devices {
+            d.migration()?.stop().map_err(device_error(&d.name))?;
         }
         // Both vCPUs and devices are stopped: this harvest is complete.
         self.harvest(dirty)?;
@@ -582,8 +679,8 @@ impl<'a> Source<'a> {
                 }
             });
             self.send_pass(pool, dirty, pass, false)?;
-            for (i, chunks) in stop_chunks.iter().enumerate() {
-                let bytes = self.send_device_chunks(i, chunks, &mut device_digests[i])?;
+            for (i, d) in machine.devices.iter().enumerate() {
+                let bytes = self.stream_stop_copy(i, d, &mut device_digests[i])?;
                 self.progress
                     .update(|r| r.devices[i].stopcopy_bytes += bytes);
                 let d = &device_digests[i];

@@ -88,6 +88,14 @@ impl Conn {
         };
     }
 
+    /// The read timeout.
+    pub fn read_timeout(&self) -> io::Result<Option<Duration>> {
+        match self {
+            Self::Tcp(s) => s.read_timeout(),
+            Self::Unix(s) => s.read_timeout(),
+        }
+    }
+
     /// Sets the read timeout.
     pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
         match self {

@@ -19,8 +19,8 @@ use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FEATURE_DMA_LOGGING_START, VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MIGRATION,
-    VFIO_DEVICE_FEATURE_SET, VFIO_DEVICE_FLAGS_RESET, VFIO_MIGRATION_PRE_COPY,
-    VFIO_MIGRATION_STOP_COPY, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
+    VFIO_DEVICE_FEATURE_SET, VFIO_DEVICE_FLAGS_RESET, VFIO_MIGRATION_P2P,
+    VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_REGION_INFO_FLAG_MMAP,
     VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 use vfio_ioctls::{DmaLoggingRange, PrecopyInfo, VfioDevice, VfioRegionInfoCap};
@@ -88,6 +88,12 @@ impl MigrationSupport {
     /// Whether the device has an initial copy of its state to send while it runs.
     pub fn pre_copy(&self) -> bool {
         self.flags & u64::from(VFIO_MIGRATION_PRE_COPY) != 0
+    }
+
+    /// Whether the device has the peer-to-peer states (`RUNNING_P2P`, and `PRE_COPY_P2P` with
+    /// PRE_COPY).
+    pub fn p2p(&self) -> bool {
+        self.flags & u64::from(VFIO_MIGRATION_P2P) != 0
     }
 }
 
@@ -508,6 +514,18 @@ impl Device {
         self.inner
             .mig_get_precopy_info()
             .map_err(|e| VfioError::library(format!("{}: VFIO_MIG_GET_PRECOPY_INFO", self.name), e))
+    }
+
+    /// The driver's estimate of the bytes STOP_COPY will give
+    /// (`VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`); `None` when it gives none.
+    pub fn stop_copy_size(&self) -> Option<u64> {
+        match self.inner.get_mig_data_size() {
+            Ok(bytes) => Some(bytes),
+            Err(e) => {
+                tracing::debug!(device = %self.name, error = %e, "no MIG_DATA_SIZE estimate");
+                None
+            }
+        }
     }
 
     /// Reads the next chunk of state from the data fd: `Ok(0)` at the end of what is there

@@ -6,16 +6,28 @@
 //! |---|---|---|
 //! | `start_precopy` | PRE_COPY (if supported) | opened |
 //! | `read_precopy` | — | read until `ENOMSG` (nothing more for now) |
-//! | `stop_and_copy` | STOP_COPY | PRE_COPY's fd, or a new one; read to end of file |
+//! | `precopy_info` | — | `VFIO_MIG_GET_PRECOPY_INFO` |
+//! | `stop_copy_size` | — (`VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`) | — |
+//! | `quiesce_p2p` | PRE_COPY_P2P or RUNNING_P2P (if P2P) | kept |
+//! | `stop` | STOP_COPY | PRE_COPY's fd, or a new one |
+//! | `next_stop_copy_chunk` | — | read, until end of file |
 //! | `finish_source` | STOP | closed |
 //! | `cancel` | RUNNING (else a reset) | closed |
 //! | `start_resume` | RESUMING | opened |
 //! | `write_chunk` | — | written |
 //! | `load` | STOP (the device loads what it was given) | closed |
+//! | `start_p2p` | RUNNING_P2P (if P2P) | — |
 //! | `run` | RUNNING | — |
+//!
+//! With several devices the engine walks them through the P2P states together (the uAPI's
+//! rule for peer-to-peer DMA, `linux/vfio.h`: "RUNNING_P2P ... all devices must be in this
+//! state before any is moved to STOP"): every device quiesces before any stops, and on the
+//! destination every device is loaded and in RUNNING_P2P before any runs.
 
 use crate::device::{Device, MigState};
 use crate::error::{Result, VfioError};
+
+pub use vfio_ioctls::PrecopyInfo;
 
 /// Bytes read from the data fd at once.
 const READ_CHUNK: usize = 1 << 20;
@@ -32,12 +44,23 @@ pub const MAX_STOP_COPY_STATE: usize = 16 << 30;
 pub struct KernelMigration<'a> {
     device: &'a Device,
     pre_copy: bool,
+    p2p: bool,
 }
 
 impl<'a> KernelMigration<'a> {
-    /// Drives `device`'s migration; `pre_copy` when it offers `VFIO_MIGRATION_PRE_COPY`.
-    pub fn new(device: &'a Device, pre_copy: bool) -> Self {
-        Self { device, pre_copy }
+    /// Drives `device`'s migration; `pre_copy` when it offers `VFIO_MIGRATION_PRE_COPY`, `p2p`
+    /// when it offers `VFIO_MIGRATION_P2P`.
+    pub fn new(device: &'a Device, pre_copy: bool, p2p: bool) -> Self {
+        Self {
+            device,
+            pre_copy,
+            p2p,
+        }
+    }
+
+    /// Whether the device has the P2P states.
+    pub fn p2p(&self) -> bool {
+        self.p2p
     }
 
     fn set(&self, state: MigState) -> Result<()> {
@@ -88,18 +111,75 @@ impl<'a> KernelMigration<'a> {
         self.read(MAX_PRECOPY_READ)
     }
 
-    /// Stops the device and reads the rest of its state.
-    pub fn stop_and_copy(&self) -> Result<Vec<Vec<u8>>> {
-        self.set(MigState::StopCopy)?;
-        let chunks = self.read(MAX_STOP_COPY_STATE)?;
-        if chunks.iter().map(Vec::len).sum::<usize>() == MAX_STOP_COPY_STATE
-            && self.device.read_state(&mut [0u8; 1])? != 0
+    /// In PRE_COPY: what of the initial state and of the state dirtied since is still to be
+    /// read (`VFIO_MIG_GET_PRECOPY_INFO`); `None` for a device without PRE_COPY, or one not in
+    /// a PRE_COPY state.
+    pub fn precopy_info(&self) -> Result<Option<PrecopyInfo>> {
+        if !self.pre_copy
+            || !matches!(
+                self.device.migration_state()?,
+                MigState::PreCopy | MigState::PreCopyP2p
+            )
         {
-            return Err(VfioError::Kernel(format!(
-                "{}: the device's state goes on past {} GiB",
-                self.device.name(),
-                MAX_STOP_COPY_STATE >> 30
-            )));
+            return Ok(None);
+        }
+        self.device.precopy_info().map(Some)
+    }
+
+    /// The device's estimate of the state it will give in STOP_COPY
+    /// (`VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`); `None` when its driver gives none.
+    pub fn stop_copy_size(&self) -> Option<u64> {
+        self.device.stop_copy_size()
+    }
+
+    /// Before any device stops: a device with the P2P states stops initiating peer-to-peer
+    /// DMA and answering it with side effects (PRE_COPY → PRE_COPY_P2P, RUNNING → RUNNING_P2P);
+    /// others are left as they are.
+    pub fn quiesce_p2p(&self) -> Result<()> {
+        if !self.p2p {
+            return Ok(());
+        }
+        match self.device.migration_state()? {
+            MigState::PreCopy => self.set(MigState::PreCopyP2p),
+            MigState::Running => self.set(MigState::RunningP2p),
+            _ => Ok(()),
+        }
+    }
+
+    /// Stops the device: its remaining state is then read with
+    /// [`Self::next_stop_copy_chunk`].
+    pub fn stop(&self) -> Result<()> {
+        self.set(MigState::StopCopy)
+    }
+
+    /// The next chunk of the stopped device's state, as it is read from the data fd (at most
+    /// 1 MiB); `None` at its end.
+    pub fn next_stop_copy_chunk(&self) -> Result<Option<Vec<u8>>> {
+        let mut chunk = vec![0u8; READ_CHUNK];
+        let n = self.device.read_state(&mut chunk)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        chunk.truncate(n);
+        Ok(Some(chunk))
+    }
+
+    /// Stops the device and reads the rest of its state at once (for callers that keep it
+    /// whole; the engine streams it with [`Self::stop`] and [`Self::next_stop_copy_chunk`]).
+    pub fn stop_and_copy(&self) -> Result<Vec<Vec<u8>>> {
+        self.stop()?;
+        let mut chunks = Vec::new();
+        let mut total = 0;
+        while let Some(chunk) = self.next_stop_copy_chunk()? {
+            total += chunk.len();
+            if total > MAX_STOP_COPY_STATE {
+                return Err(VfioError::Kernel(format!(
+                    "{}: the device's state goes on past {} GiB",
+                    self.device.name(),
+                    MAX_STOP_COPY_STATE >> 30
+                )));
+            }
+            chunks.push(chunk);
         }
         Ok(chunks)
     }
@@ -145,6 +225,15 @@ impl<'a> KernelMigration<'a> {
     /// starts it.
     pub fn load(&self) -> Result<()> {
         self.set(MigState::Stop)
+    }
+
+    /// After [`Self::load`], before any device runs: a device with the P2P states goes to
+    /// RUNNING_P2P (running, but initiating no peer-to-peer DMA yet).
+    pub fn start_p2p(&self) -> Result<()> {
+        if self.p2p {
+            self.set(MigState::RunningP2p)?;
+        }
+        Ok(())
     }
 
     /// Starts the device (after [`Self::load`]).

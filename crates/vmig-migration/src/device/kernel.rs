@@ -33,6 +33,8 @@ pub struct KernelDevice {
     migration: Result<MigrationProtocol, String>,
     /// Its vendor and device IDs, read once at open (`None` if config space could not be read).
     ids: Option<(u16, u16)>,
+    /// Whether it offers the P2P migration states, found once at attach.
+    p2p: bool,
     /// Keeps guest RAM alive as long as it is mapped: dropped last.
     _memory: Arc<GuestMemory>,
 }
@@ -83,6 +85,7 @@ impl KernelDevice {
             dma_logging,
             migration: Err(String::new()),
             ids,
+            p2p: false,
             _memory: Arc::clone(memory),
         })
     }
@@ -107,7 +110,7 @@ impl KernelDevice {
         Ok(kernel)
     }
 
-    fn find_migration(&self) -> Result<Result<MigrationProtocol, String>, VfioError> {
+    fn find_migration(&mut self) -> Result<Result<MigrationProtocol, String>, VfioError> {
         if let Some(reason) = self.device.migration_blocker_reason() {
             return Ok(Err(reason));
         }
@@ -122,6 +125,7 @@ impl KernelDevice {
         let support = self.device.migration_support()?.ok_or_else(|| {
             VfioError::Kernel("its migration support vanished while it was attached".into())
         })?;
+        self.p2p = support.p2p();
         Ok(Ok(MigrationProtocol::V2 {
             pre_copy: support.pre_copy(),
         }))
@@ -215,7 +219,7 @@ impl MigratableDevice for KernelDevice {
         let pre_copy = matches!(self.migration, Ok(MigrationProtocol::V2 { pre_copy: true }));
         self.migration
             .is_ok()
-            .then(|| Box::new(KernelMigration::new(&self.device, pre_copy)) as _)
+            .then(|| Box::new(KernelMigration::new(&self.device, pre_copy, self.p2p)) as _)
     }
 
     fn dirty_log_kind(&self) -> DirtyLogKind {
@@ -260,7 +264,27 @@ impl MigratableDevice for KernelDevice {
     }
 }
 
-migration_steps!(KernelMigration<'_>);
+migration_steps!(
+    KernelMigration<'_>,
+    fn precopy_info(&self) -> OpResult<Option<super::PrecopyPending>> {
+        Ok(KernelMigration::precopy_info(self)?.map(|info| super::PrecopyPending {
+            initial_bytes: info.initial_bytes,
+            dirty_bytes: info.dirty_bytes,
+        }))
+    },
+    fn stop_copy_size(&self) -> Option<u64> {
+        KernelMigration::stop_copy_size(self)
+    },
+    fn p2p(&self) -> bool {
+        KernelMigration::p2p(self)
+    },
+    fn quiesce_p2p(&self) -> OpResult<()> {
+        Ok(KernelMigration::quiesce_p2p(self)?)
+    },
+    fn start_p2p(&self) -> OpResult<()> {
+        Ok(KernelMigration::start_p2p(self)?)
+    },
+);
 
 /// `areas` less the page-aligned `holes`.
 fn without_holes(areas: &[RegionArea], holes: &[RegionArea]) -> Vec<RegionArea> {

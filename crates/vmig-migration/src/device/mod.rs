@@ -199,15 +199,47 @@ pub trait MigratableDevice: Send + Sync + fmt::Debug {
     }
 }
 
+/// What of a device's pre-copy state is still to be read (`VFIO_MIG_GET_PRECOPY_INFO`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrecopyPending {
+    /// Bytes of the initial state not yet read: the destination needs all of it before the
+    /// switchover (QEMU's switchover-ack).
+    pub initial_bytes: u64,
+    /// Bytes of state dirtied since pre-copy began, not yet read.
+    pub dirty_bytes: u64,
+}
+
 /// One device's migration steps, the same for every protocol (see
-/// `vmig_vfio_user::client::DeviceMigration` for what each does in v1 and v2).
+/// `vmig_vfio_user::client::DeviceMigration` and `vmig_vfio::KernelMigration` for what each
+/// does in v1, v2 and the kernel's v2). The defaults are those of a device that offers no
+/// pre-copy accounting, no stop-copy estimate and no P2P states.
 pub trait MigrationSteps {
     /// Starts saving while the device runs.
     fn start_precopy(&self) -> OpResult<()>;
     /// The state the device has ready now (pre-copy; more may follow).
     fn read_precopy(&self) -> OpResult<Vec<Vec<u8>>>;
-    /// Stops the device and reads the rest of its state.
-    fn stop_and_copy(&self) -> OpResult<Vec<Vec<u8>>>;
+    /// In pre-copy: what is still to be read; `None` when the device does not say.
+    fn precopy_info(&self) -> OpResult<Option<PrecopyPending>> {
+        Ok(None)
+    }
+    /// The device's estimate of the bytes it will give in stop-and-copy; `None` when it has
+    /// none.
+    fn stop_copy_size(&self) -> Option<u64> {
+        None
+    }
+    /// Whether it has the P2P states ([`Self::quiesce_p2p`], [`Self::start_p2p`] act).
+    fn p2p(&self) -> bool {
+        false
+    }
+    /// Before any device of the VM stops: stop initiating peer-to-peer DMA.
+    fn quiesce_p2p(&self) -> OpResult<()> {
+        Ok(())
+    }
+    /// Stops the device; the rest of its state is then read with
+    /// [`Self::next_stop_copy_chunk`].
+    fn stop(&self) -> OpResult<()>;
+    /// The next chunk of the stopped device's state, as it is read; `None` at its end.
+    fn next_stop_copy_chunk(&self) -> OpResult<Option<Vec<u8>>>;
     /// The source is done: the device stays stopped.
     fn finish_source(&self) -> OpResult<()>;
     /// Abandons a migration: the device runs again.
@@ -218,14 +250,19 @@ pub trait MigrationSteps {
     fn write_chunk(&self, chunk: &[u8]) -> OpResult<()>;
     /// The device loads what it was given and stays stopped.
     fn load(&self) -> OpResult<()>;
+    /// After every device of the VM loaded, before any runs: run without initiating
+    /// peer-to-peer DMA.
+    fn start_p2p(&self) -> OpResult<()> {
+        Ok(())
+    }
     /// Starts the device (after `load`).
     fn run(&self) -> OpResult<()>;
 }
 
 /// Implements [`MigrationSteps`] for a protocol driver whose methods have the same names and
-/// return its own error type.
+/// return its own error type; `$extra` are further trait methods the driver overrides.
 macro_rules! migration_steps {
-    ($driver:ty) => {
+    ($driver:ty $(, $extra:item)* $(,)?) => {
         impl $crate::device::MigrationSteps for $driver {
             fn start_precopy(&self) -> $crate::device::OpResult<()> {
                 Ok(<$driver>::start_precopy(self)?)
@@ -233,8 +270,11 @@ macro_rules! migration_steps {
             fn read_precopy(&self) -> $crate::device::OpResult<Vec<Vec<u8>>> {
                 Ok(<$driver>::read_precopy(self)?)
             }
-            fn stop_and_copy(&self) -> $crate::device::OpResult<Vec<Vec<u8>>> {
-                Ok(<$driver>::stop_and_copy(self)?)
+            fn stop(&self) -> $crate::device::OpResult<()> {
+                Ok(<$driver>::stop(self)?)
+            }
+            fn next_stop_copy_chunk(&self) -> $crate::device::OpResult<Option<Vec<u8>>> {
+                Ok(<$driver>::next_stop_copy_chunk(self)?)
             }
             fn finish_source(&self) -> $crate::device::OpResult<()> {
                 Ok(<$driver>::finish_source(self)?)
@@ -254,6 +294,7 @@ macro_rules! migration_steps {
             fn run(&self) -> $crate::device::OpResult<()> {
                 Ok(<$driver>::run(self)?)
             }
+            $($extra)*
         }
     };
 }

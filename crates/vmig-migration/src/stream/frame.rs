@@ -2,6 +2,7 @@
 //! written and read on one connection in one direction.
 
 use std::io::{self, Read, Write};
+use std::time::Duration;
 
 use xxhash_rust::xxh3::Xxh3;
 use zerocopy::little_endian::{U16, U32, U64};
@@ -10,6 +11,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 use super::record::Payload;
 use super::{HEADER_SIZE, Kind, MAX_RECORD, PAGE_BYTES, Record, page_digest};
 use crate::error::{MigrationError, Result, io_error};
+use crate::transport::Conn;
 
 /// A record header as it is on the wire; the checksum covers the first 16 bytes.
 #[repr(C)]
@@ -165,6 +167,41 @@ fn write_all_vectored(w: &mut impl Write, mut slices: &mut [io::IoSlice<'_>]) ->
     Ok(())
 }
 
+impl RecordReader<Conn> {
+    /// Reads the next record into `buf` if it begins to arrive within `wait`, returning its
+    /// kind; `None` when nothing came. A record that has begun is read whole, under the
+    /// connection's own read timeout; nothing is lost when nothing came.
+    pub fn read_within(&mut self, wait: Duration, buf: &mut Vec<u8>) -> Result<Option<Kind>> {
+        let what = || format!("{}: waiting for record {}", self.what, self.sequence);
+        let timeout = self.inner.read_timeout().map_err(io_error(what()))?;
+        // A zero timeout means "none" to the socket: wait at least a millisecond.
+        self.inner
+            .set_read_timeout(Some(wait.max(Duration::from_millis(1))))
+            .map_err(io_error(what()))?;
+        let mut header = [0u8; HEADER_SIZE];
+        let first = loop {
+            match self.inner.read(&mut header[..1]) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                other => break other,
+            }
+        };
+        self.inner
+            .set_read_timeout(timeout)
+            .map_err(io_error(what()))?;
+        match first {
+            Ok(0) => Err(io_error(format!(
+                "{}: reading record {} (the peer closed)",
+                self.what, self.sequence
+            ))(io::ErrorKind::UnexpectedEof.into())),
+            Ok(_) => self.read_rest(1, header, buf).map(Some),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                Ok(None)
+            }
+            Err(e) => Err(io_error(what())(e)),
+        }
+    }
+}
+
 /// A record as read, its payload not decoded.
 #[derive(Debug)]
 pub struct RawRecord {
@@ -203,8 +240,17 @@ impl<R: Read> RecordReader<R> {
 
     /// Reads the next record into `buf` (reused across calls), returning its kind.
     pub fn read_into(&mut self, buf: &mut Vec<u8>) -> Result<Kind> {
-        let mut header = [0u8; HEADER_SIZE];
-        self.inner.read_exact(&mut header).map_err(|e| {
+        self.read_rest(0, [0u8; HEADER_SIZE], buf)
+    }
+
+    /// As [`Self::read_into`], with the header's first `have` bytes already in `header`.
+    fn read_rest(
+        &mut self,
+        have: usize,
+        mut header: [u8; HEADER_SIZE],
+        buf: &mut Vec<u8>,
+    ) -> Result<Kind> {
+        self.inner.read_exact(&mut header[have..]).map_err(|e| {
             let what = format!(
                 "{}: reading record {} (the peer closed or the stream is truncated)",
                 self.what, self.sequence
@@ -258,7 +304,7 @@ impl<R: Read> RecordReader<R> {
         let kind = Kind::from_u16(raw_kind).ok_or_else(|| {
             bad(format!(
                 "record {sequence} has unknown kind {raw_kind}: expected 1 to {}",
-                Kind::Abort as u16
+                Kind::ALL[Kind::ALL.len() - 1] as u16
             ))
         })?;
         self.sequence += 1;
@@ -667,7 +713,7 @@ mod tests {
     /// saying which kinds there are.
     #[test]
     fn kind_zero_and_unknown_kinds_are_refused_saying_what_is_expected() {
-        for raw_kind in [0u16, 15, u16::MAX] {
+        for raw_kind in [0u16, 17, u16::MAX] {
             let mut head = RecordHead {
                 kind: raw_kind.into(),
                 flags: 0.into(),
@@ -680,7 +726,7 @@ mod tests {
             assert_eq!(
                 err.to_string(),
                 format!(
-                    "migration stream: t: record 0 has unknown kind {raw_kind}: expected 1 to 14"
+                    "migration stream: t: record 0 has unknown kind {raw_kind}: expected 1 to 16"
                 )
             );
         }

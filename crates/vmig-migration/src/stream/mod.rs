@@ -34,15 +34,18 @@
 //!    │ ┌ pre-copy pass n (repeats until the rest fits the downtime)
 //!    │ │ Pages {pass n, entries, data} on every connection ─────► │ Transferring
 //!    │ │ PassEnd {n} on every connection ───────────────────────► │   all connections meet
-//!    │ └ DeviceData {device, more, chunk} (pre-copy state) ─────► │
-//!    │ pause vCPUs, devices → stop-and-copy
+//!    │ │ DeviceData {device, more, chunk} (pre-copy state) ─────► │   written to the device
+//!    │ └ InitialSent {device} once its initial state is all sent ► │
+//!    │ ◄──────────────────── SwitchoverAck (every device's InitialSent came; with devices only)
+//!    │ pause vCPUs, devices → P2P states → stop-and-copy
 //!    │ Pages, PassEnd {final pass} ─────────────────────────────► │ Transferring
-//!    │ DeviceData…, DeviceEnd {device, bytes, digest} per device ► │ DeviceStates
+//!    │ DeviceData… (streamed as read), DeviceEnd {device, bytes, digest} ► │ DeviceStates
 //!    │ VcpuState [every vCPU] ──────────────────────────────────► │ AwaitingComplete
 //!    │ Digests {first page, digests} (with verify_memory) ──────► │   compare
 //!    │ Complete ────────────────────────────────────────────────► │ verify, load, set vCPUs
 //!    │ ◄──────────────────────────────────────────────── Accepted │ AwaitingCommit
-//!    │ Commit (the source will never resume) ───────────────────► │ Committed: devices, vCPUs run
+//!    │ Commit (the source will never resume) ───────────────────► │ Committed: devices → P2P
+//!    │                                                            │   states → run; vCPUs run
 //!    │ ◄───────────────────────────────────────────────── Resumed │
 //!    │ ◄──────────────────────────────── Result {what the checks found}
 //! ```
@@ -77,8 +80,10 @@ pub use vmig_primitives::page_digest;
 /// Hello magic.
 pub const MAGIC: [u8; 8] = *b"VMIGSTRM";
 /// The stream version this build speaks (2: `Pages` checksums cover page digests; 3: a
-/// device's kind and protocol travel in Config as typed enums, its mapped areas as objects).
-pub const VERSION: u32 = 3;
+/// device's kind and protocol travel in Config as typed enums, its mapped areas as objects;
+/// 4: `InitialSent` and `SwitchoverAck` hold the switchover until every device's initial
+/// pre-copy state is on the destination).
+pub const VERSION: u32 = 4;
 /// Largest record payload.
 pub const MAX_RECORD: u32 = 16 << 20;
 /// Bytes of a hello.

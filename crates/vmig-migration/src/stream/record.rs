@@ -50,11 +50,17 @@ pub enum Kind {
     Result = 13,
     /// Either way: the migration stops; reason as UTF-8.
     Abort = 14,
+    /// Source → destination: all of a device's initial pre-copy state has been sent (its
+    /// `initial_bytes` reached 0, or it has no such account): device u32.
+    InitialSent = 15,
+    /// Destination → source: every device was given all of its initial state; the source may
+    /// switch over (QEMU's switchover-ack). Empty.
+    SwitchoverAck = 16,
 }
 
 impl Kind {
     /// Every kind, in wire order.
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 16] = [
         Kind::Config,
         Kind::Ready,
         Kind::Pages,
@@ -69,6 +75,8 @@ impl Kind {
         Kind::Resumed,
         Kind::Result,
         Kind::Abort,
+        Kind::InitialSent,
+        Kind::SwitchoverAck,
     ];
 
     /// The kind of a header's `kind` field; `None` for 0 and for values this build does not
@@ -94,6 +102,8 @@ impl Kind {
             Kind::Resumed => "Resumed",
             Kind::Result => "Result",
             Kind::Abort => "Abort",
+            Kind::InitialSent => "InitialSent",
+            Kind::SwitchoverAck => "SwitchoverAck",
         }
     }
 }
@@ -185,6 +195,13 @@ struct DeviceEndHead {
     digest: U64,
 }
 
+/// The payload of an `InitialSent`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+struct InitialSentHead {
+    device: U32,
+}
+
 /// The head of a `Digests` payload.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -249,7 +266,7 @@ pub struct Digests<'a> {
 ///                hello              Config (→ Ready)         DeviceEnd
 ///  AwaitingHello ─────► AwaitingConfig ─────► Transferring ───────────► DeviceStates
 ///                                             ⟲ Pages, PassEnd,         ⟲ DeviceData,
-///                                               DeviceData                DeviceEnd
+///                                               DeviceData, InitialSent   DeviceEnd
 ///                                                  │ VcpuState               │ VcpuState
 ///                                                  └────────► AwaitingComplete ◄┘
 ///                                                             ⟲ Digests
@@ -297,6 +314,13 @@ pub enum Record<'a> {
     Result(Box<Verification>),
     /// See [`Kind::Abort`].
     Abort(Cow<'a, str>),
+    /// See [`Kind::InitialSent`].
+    InitialSent {
+        /// The device's index in the configuration.
+        device: u32,
+    },
+    /// See [`Kind::SwitchoverAck`].
+    SwitchoverAck,
 }
 
 /// A record's payload as the writer frames it: `head` and `body` in that order, then, for
@@ -318,7 +342,8 @@ fn json(value: &impl Serialize, what: &'static str) -> Result<Cow<'static, [u8]>
 /// What a record of `kind` with a `payload` of `got` bytes lacks or has too many.
 fn refuse(kind: Kind, expected: &str, got: usize) -> MigrationError {
     MigrationError::Stream(format!(
-        "a {} record of {got} bytes: expected {expected}",
+        "{} {} record of {got} bytes: expected {expected}",
+        super::receiver::article(kind.name()),
         kind.name()
     ))
 }
@@ -367,6 +392,8 @@ impl<'a> Record<'a> {
             Record::Resumed => Kind::Resumed,
             Record::Result(_) => Kind::Result,
             Record::Abort(_) => Kind::Abort,
+            Record::InitialSent { .. } => Kind::InitialSent,
+            Record::SwitchoverAck => Kind::SwitchoverAck,
         }
     }
 
@@ -459,7 +486,14 @@ impl<'a> Record<'a> {
                 head: Cow::Borrowed(reason.as_bytes()),
                 ..empty
             },
+            Record::InitialSent { device } => fixed(
+                InitialSentHead {
+                    device: (*device).into(),
+                }
+                .as_bytes(),
+            ),
             Record::Ready
+            | Record::SwitchoverAck
             | Record::Complete
             | Record::Accepted
             | Record::Commit
@@ -558,6 +592,13 @@ impl<'a> Record<'a> {
             Kind::Accepted => none(Record::Accepted),
             Kind::Commit => none(Record::Commit),
             Kind::Resumed => none(Record::Resumed),
+            Kind::InitialSent => {
+                let h = exactly::<InitialSentHead>(kind, payload, "device u32")?;
+                Ok(Record::InitialSent {
+                    device: h.device.get(),
+                })
+            }
+            Kind::SwitchoverAck => none(Record::SwitchoverAck),
         }
     }
 }

@@ -18,7 +18,7 @@ fn heads_have_their_wire_sizes() {
 #[test]
 fn kind_zero_and_unknown_kinds_are_no_kind() {
     assert_eq!(Kind::from_u16(0), None);
-    assert_eq!(Kind::from_u16(15), None);
+    assert_eq!(Kind::from_u16(17), None);
     for kind in Kind::ALL {
         assert_eq!(Kind::from_u16(kind as u16), Some(kind));
         assert_eq!(kind.name(), format!("{kind:?}"));
@@ -95,6 +95,8 @@ pub(crate) fn one_of_each<'a>(
         Record::Resumed,
         Record::Result(Box::new(verification)),
         Record::Abort(Cow::Borrowed("no room")),
+        Record::InitialSent { device: 1 },
+        Record::SwitchoverAck,
     ]
 }
 
@@ -139,6 +141,8 @@ fn payload(record: &Record<'_>) -> Vec<u8> {
 fn fixed_payloads_have_their_documented_bytes() {
     let bytes = |record: Record<'_>| payload(&record);
     assert_eq!(bytes(Record::PassEnd { pass: 0x0102_0304 }), [4, 3, 2, 1]);
+    assert_eq!(bytes(Record::InitialSent { device: 0x0102 }), [2, 1, 0, 0]);
+    assert!(bytes(Record::SwitchoverAck).is_empty());
     let end = DeviceEnd {
         device: 2,
         bytes: 3,
@@ -172,7 +176,17 @@ fn fixed_payloads_have_their_documented_bytes() {
 #[test]
 fn malformed_payloads_are_refused_saying_what_was_expected() {
     let data = page();
-    let cases: [(Kind, Vec<u8>, &str); 14] = [
+    let cases: [(Kind, Vec<u8>, &str); 16] = [
+        (
+            Kind::InitialSent,
+            vec![0; 5],
+            "an InitialSent record of 5 bytes: expected exactly 4 bytes (device u32)",
+        ),
+        (
+            Kind::SwitchoverAck,
+            vec![0],
+            "a SwitchoverAck record of 1 bytes: expected an empty payload",
+        ),
         (
             Kind::Ready,
             vec![0],
@@ -283,4 +297,52 @@ fn malformed_payloads_are_refused_saying_what_was_expected() {
         );
         assert!(std::error::Error::source(&err).is_some());
     }
+}
+
+/// `read_within` gives `None` while nothing comes and loses nothing by it; a record that
+/// arrives in pieces is read whole.
+#[test]
+fn a_record_is_awaited_without_losing_any_of_it() {
+    use std::io::Write;
+    use std::time::Duration;
+
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut reader = RecordReader::new(crate::transport::Conn::Unix(ours), "t");
+    let mut buf = Vec::new();
+    assert_eq!(
+        reader
+            .read_within(Duration::from_millis(5), &mut buf)
+            .unwrap(),
+        None
+    );
+    let mut w = RecordWriter::new(Vec::new());
+    w.send(&Record::InitialSent { device: 3 }).unwrap();
+    w.send(&Record::SwitchoverAck).unwrap();
+    let bytes = w.get_ref().clone();
+    let sender = std::thread::spawn(move || {
+        let mut theirs = theirs;
+        // The first record in two pieces, the second whole.
+        theirs.write_all(&bytes[..3]).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        theirs.write_all(&bytes[3..]).unwrap();
+        theirs
+    });
+    let kind = reader
+        .read_within(Duration::from_secs(5), &mut buf)
+        .unwrap();
+    assert_eq!(kind, Some(Kind::InitialSent));
+    assert!(matches!(
+        Record::decode(Kind::InitialSent, &buf).unwrap(),
+        Record::InitialSent { device: 3 }
+    ));
+    let kind = reader
+        .read_within(Duration::from_secs(5), &mut buf)
+        .unwrap();
+    assert_eq!(kind, Some(Kind::SwitchoverAck));
+    drop(sender.join().unwrap());
+    let closed = reader
+        .read_within(Duration::from_secs(5), &mut buf)
+        .unwrap_err()
+        .to_string();
+    assert!(closed.contains("the peer closed"), "{closed}");
 }

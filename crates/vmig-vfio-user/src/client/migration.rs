@@ -8,7 +8,8 @@
 //! |---|---|---|
 //! | `start_precopy` | PRE_COPY (if supported) | 011 |
 //! | `read_precopy` | MIG_DATA_READ until short | pending → data_offset → data_size → data, while pending > 0 |
-//! | `stop_and_copy` | STOP_COPY, read all | 010, read until pending is 0 |
+//! | `stop` | STOP_COPY | 010 |
+//! | `next_stop_copy_chunk` | one MIG_DATA_READ (empty: the end) | one transaction, while pending > 0 |
 //! | `finish_source` | STOP | 000 |
 //! | `cancel` | RUNNING | 001 |
 //! | `start_resume` | RESUMING | 100 |
@@ -140,39 +141,43 @@ impl<'a> DeviceMigration<'a> {
         }
     }
 
+    /// One v1 transaction: `None` when `pending_bytes` is 0.
+    fn v1_chunk(&self, region: u32, region_size: u64) -> Result<Option<Vec<u8>>> {
+        if self.v1_read(region, 8)? == 0 {
+            return Ok(None);
+        }
+        let offset = self.v1_read(region, 16)?;
+        let size = self.v1_read(region, 24)?;
+        if offset < 32 || offset.checked_add(size).is_none_or(|end| end > region_size) || size == 0
+        {
+            return Err(ClientError::Protocol {
+                command: Command::RegionRead,
+                why: format!(
+                    "data_offset {offset:#x} and data_size {size:#x} do not fit the {region_size:#x}-byte region"
+                ),
+            });
+        }
+        if size > MAX_CHUNK {
+            return Err(ClientError::Protocol {
+                command: Command::RegionRead,
+                why: format!("data_size {size:#x}: at most {MAX_CHUNK:#x} is read at once"),
+            });
+        }
+        let mut chunk = vec![0u8; usize::try_from(size).unwrap_or(0)];
+        self.client.region_read(region, offset, &mut chunk)?;
+        Ok(Some(chunk))
+    }
+
     fn v1_drain(&self, region: u32, region_size: u64) -> Result<Vec<Vec<u8>>> {
         let mut chunks = Vec::new();
-        let mut pending = self.v1_read(region, 8)?;
-        while pending > 0 {
+        while let Some(chunk) = self.v1_chunk(region, region_size)? {
             if chunks.len() >= MAX_CHUNKS {
                 return Err(ClientError::Protocol {
                     command: Command::RegionRead,
                     why: "pending_bytes never reaches 0".into(),
                 });
             }
-            let offset = self.v1_read(region, 16)?;
-            let size = self.v1_read(region, 24)?;
-            if offset < 32
-                || offset.checked_add(size).is_none_or(|end| end > region_size)
-                || size == 0
-            {
-                return Err(ClientError::Protocol {
-                    command: Command::RegionRead,
-                    why: format!(
-                        "data_offset {offset:#x} and data_size {size:#x} do not fit the {region_size:#x}-byte region"
-                    ),
-                });
-            }
-            if size > MAX_CHUNK {
-                return Err(ClientError::Protocol {
-                    command: Command::RegionRead,
-                    why: format!("data_size {size:#x}: at most {MAX_CHUNK:#x} is read at once"),
-                });
-            }
-            let mut chunk = vec![0u8; usize::try_from(size).unwrap_or(0)];
-            self.client.region_read(region, offset, &mut chunk)?;
             chunks.push(chunk);
-            pending = self.v1_read(region, 8)?;
         }
         Ok(chunks)
     }
@@ -189,21 +194,46 @@ impl<'a> DeviceMigration<'a> {
         }
     }
 
-    /// Stops the device and reads the rest of its state.
-    pub fn stop_and_copy(&self) -> Result<Vec<Vec<u8>>> {
+    /// Stops the device: its remaining state is then read with
+    /// [`Self::next_stop_copy_chunk`].
+    pub fn stop(&self) -> Result<()> {
+        match self.protocol {
+            Protocol::V2 { .. } => self.v2_set(MigState::StopCopy),
+            Protocol::V1 { region, .. } => self.v1_set(region, device_state::SAVING),
+        }
+    }
+
+    /// The next chunk of the stopped device's state, as the device produces it (v2: one
+    /// `MIG_DATA_READ`; v1: one `pending_bytes` → `data_offset` → `data_size` → data
+    /// transaction, which the destination must get whole); `None` at its end.
+    pub fn next_stop_copy_chunk(&self) -> Result<Option<Vec<u8>>> {
         match self.protocol {
             Protocol::V2 { .. } => {
-                self.v2_set(MigState::StopCopy)?;
-                Ok(vec![self.client.mig_data_read_all()?])
+                let part = self.client.mig_data_read(self.client.chunk())?;
+                Ok((!part.is_empty()).then_some(part))
             }
             Protocol::V1 {
                 region,
                 region_size,
-            } => {
-                self.v1_set(region, device_state::SAVING)?;
-                self.v1_drain(region, region_size)
-            }
+            } => self.v1_chunk(region, region_size),
         }
+    }
+
+    /// Stops the device and reads the rest of its state at once (the engine streams it with
+    /// [`Self::stop`] and [`Self::next_stop_copy_chunk`]).
+    pub fn stop_and_copy(&self) -> Result<Vec<Vec<u8>>> {
+        self.stop()?;
+        let mut chunks = Vec::new();
+        while let Some(chunk) = self.next_stop_copy_chunk()? {
+            if chunks.len() >= MAX_CHUNKS {
+                return Err(ClientError::Protocol {
+                    command: Command::MigDataRead,
+                    why: "the device's state never ends".into(),
+                });
+            }
+            chunks.push(chunk);
+        }
+        Ok(chunks)
     }
 
     /// The source is done: the device stays stopped.

@@ -313,7 +313,7 @@ impl Client {
     }
 
     /// Bytes per transfer: what the server accepts, within what this side receives.
-    fn chunk(&self) -> usize {
+    pub(crate) fn chunk(&self) -> usize {
         let own = crate::transport::DEFAULT_MAX_MESSAGE - (1 << 16);
         usize::try_from(self.server.max_data_xfer_size())
             .unwrap_or(usize::MAX)
