@@ -158,6 +158,7 @@ pub fn to_query_migrate(report: &MigrationReport) -> Value {
         "x-vmig-devices": report.devices,
         "x-vmig-dirty-sources": report.dirty_sources,
         "x-vmig-verification": report.verification,
+        "x-vmig-switchover-ack-ms": report.switchover_ack_ms,
     });
     if let (Some(error), Some(map)) = (&report.error, info.as_object_mut()) {
         map.insert("error-desc".into(), json!(error));
@@ -214,6 +215,7 @@ pub fn from_query_migrate(info: &Value) -> Result<MigrationReport, String> {
         verified: flag("x-vmig-verified"),
         verification,
         committed: flag("x-vmig-committed"),
+        switchover_ack_ms: field(info, &["x-vmig-switchover-ack-ms"]).and_then(Value::as_u64),
         error: field(info, &["error-desc"])
             .and_then(Value::as_str)
             .map(String::from),
@@ -245,6 +247,7 @@ mod tests {
             downtime_ms: 40,
             expected_downtime_ms: 35,
             passes: 3,
+            switchover_ack_ms: Some(80),
             ram: RamStats {
                 total: 64 << 20,
                 transferred: 5 << 20,
@@ -259,6 +262,11 @@ mod tests {
                 protocol: "v2".into(),
                 precopy_bytes: 92,
                 stopcopy_bytes: 100,
+                precopy_pending: Some(vmig_migration::device::PrecopyPending {
+                    initial_bytes: 0,
+                    dirty_bytes: 24,
+                }),
+                stop_copy_estimate: Some(120),
             }],
             dirty_sources: vec![SourceStats {
                 name: "vmm".into(),
