@@ -32,13 +32,17 @@ pub enum VfioError {
     /// The kernel answered something this crate cannot use.
     #[error("{0}")]
     Kernel(String),
-    /// A device could not return to RUNNING when a migration was abandoned, and was reset: its
+    /// A device failed a change of migration state and was reset (its state is then the reset
+    /// state): it could not return to RUNNING when a migration was abandoned, or a failed arc
+    /// left it in ERROR, which only a reset leaves (`linux/vfio.h`).
     /// state is the reset state.
-    #[error("{device}: it could not return to RUNNING ({source}), so it was reset")]
-    ResetAfterFailedCancel {
+    #[error("{device}: it could not go to {state} ({source}), so it was reset")]
+    ResetAfterFailedStateChange {
         /// The device.
         device: String,
-        /// Why it could not return to RUNNING.
+        /// The state it was asked for.
+        state: String,
+        /// Why it could not get there.
         #[source]
         source: Box<VfioError>,
     },
@@ -64,7 +68,7 @@ impl VfioError {
             Self::OutsideIovaRanges(_) => libc::EFAULT,
             Self::Unavailable(_) => libc::ENODEV,
             Self::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            Self::Kernel(_) | Self::ResetAfterFailedCancel { .. } => libc::EIO,
+            Self::Kernel(_) | Self::ResetAfterFailedStateChange { .. } => libc::EIO,
         }
     }
 

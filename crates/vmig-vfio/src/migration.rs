@@ -64,16 +64,42 @@ impl<'a> KernelMigration<'a> {
     }
 
     fn set(&self, state: MigState) -> Result<()> {
-        self.device.set_migration_state(state)?;
-        // The kernel walks the arcs in between, and a driver may stop on an error state.
-        let now = self.device.migration_state()?;
-        if now != state {
-            return Err(VfioError::Kernel(format!(
+        let result = self.device.set_migration_state(state).and_then(|()| {
+            // The kernel walks the arcs in between, and a driver may stop on an error state.
+            let now = self.device.migration_state()?;
+            if now == state {
+                return Ok(());
+            }
+            Err(VfioError::Kernel(format!(
                 "{}: asked for migration state {state}, the device is in {now}",
                 self.device.name()
-            )));
+            )))
+        });
+        match result {
+            Err(e) if self.device.migration_state().ok() == Some(MigState::Error) => {
+                // "ERROR ... the device cannot leave except by VFIO_DEVICE_RESET".
+                self.reset_after(state, e)
+            }
+            other => other,
         }
-        Ok(())
+    }
+
+    /// Resets the device after it failed to reach `state` with `error`, when it can.
+    fn reset_after(&self, state: MigState, error: VfioError) -> Result<()> {
+        if !self.device.can_reset() {
+            return Err(error);
+        }
+        tracing::warn!(
+            device = self.device.name(),
+            error = %error,
+            "the device failed to go to {state}; resetting it"
+        );
+        self.device.reset()?;
+        Err(VfioError::ResetAfterFailedStateChange {
+            device: self.device.name().to_owned(),
+            state: state.to_string(),
+            source: Box::new(error),
+        })
     }
 
     /// Reads the data fd until it has nothing more (end of file, or `ENOMSG` in PRE_COPY) or
@@ -194,20 +220,9 @@ impl<'a> KernelMigration<'a> {
     /// reset leaves) is reset, and the error says so: its state is then the reset state.
     pub fn cancel(&self) -> Result<()> {
         match self.set(MigState::Running) {
-            Ok(()) => Ok(()),
-            Err(e) if self.device.can_reset() => {
-                tracing::warn!(
-                    device = self.device.name(),
-                    error = %e,
-                    "the device could not return to RUNNING; resetting it"
-                );
-                self.device.reset()?;
-                Err(VfioError::ResetAfterFailedCancel {
-                    device: self.device.name().to_owned(),
-                    source: Box::new(e),
-                })
-            }
-            Err(e) => Err(e),
+            Err(e @ VfioError::ResetAfterFailedStateChange { .. }) => Err(e),
+            Err(e) => self.reset_after(MigState::Running, e),
+            ok => ok,
         }
     }
 
