@@ -1,7 +1,8 @@
 //! Boots the real kernel's VFIO (Debian's Linux 6.12 under QEMU's TCG, emulated VT-d, QEMU's
 //! edu device, two mtty mediated devices; see `vmig_kernel_guest`) with `tests/in_guest.rs`
-//! built as a static binary, checks that every in-guest test passed, and replays the guest's
-//! differential sequences against `vmig-dma` here on the host. Skips, saying why, where
+//! built as a static binary, checks that every in-guest test passed, prints what the guest
+//! reported of the mtty devices, and replays the guest's differential sequences against
+//! `vmig-dma` here on the host. Skips, saying why, where
 //! Debian's packages or QEMU cannot be had (no apt, no network, not root); fails on anything
 //! else that goes wrong.
 
@@ -66,6 +67,9 @@ fn the_backend_against_the_real_kernel_in_an_emulated_guest() {
     assert!(!run.console.contains("skipped:"), "{tail}");
     if let Some(quirk) = run.report_lines("VMIG-QUIRK ").next() {
         println!("kernel quirk observed: {quirk}");
+    }
+    for mtty in run.report_lines("VMIG-MTTY ") {
+        println!("mtty device: {mtty}");
     }
 
     // The differential: the kernel's answers against vmig-dma's, call by call.
