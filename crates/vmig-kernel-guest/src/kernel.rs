@@ -17,7 +17,8 @@
 //!  pahole/                            bookworm's pahole, when the machine has none (BTF)
 //! ```
 //!
-//! The `.deb`s are deleted once extracted (`linux-source-6.12` alone is 150 MB, for one file).
+//! The kernel's `.deb`s are deleted once extracted (`linux-source-6.12` alone is 150 MB, for
+//! one file); `debs/` keeps busybox's and pahole's.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
