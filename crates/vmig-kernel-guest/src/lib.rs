@@ -4,13 +4,18 @@
 //! it, so none of it is any library's public API.
 //!
 //! What it owns:
-//! - [`Guest`]: Debian's kernel booted under QEMU's TCG (q35, an emulated Intel IOMMU, QEMU's
-//!   `edu` DMA device) from an initramfs holding busybox, the kernel's VFIO modules and a
-//!   statically linked test binary of this workspace ([`Guest::build_binary`], which sets
-//!   `--cfg vmig_in_guest`, [`IN_GUEST_CFG`]); the packages are fetched once and the rig is
-//!   cached under the workspace's `target/kernel-vfio-guest/` ([`target_dir`]);
+//! - [`Guest`]: Debian's Linux 6.12 (bookworm-backports, through a private apt configuration
+//!   that leaves `/etc/apt` alone) booted under QEMU's TCG (q35, an emulated Intel IOMMU,
+//!   QEMU's `edu` DMA device, emulated AMD-V for KVM) from an initramfs holding busybox, the
+//!   kernel's VFIO, mdev and KVM modules, the kernel's `mtty` sample mdev driver (built here
+//!   against the kernel's headers: Debian does not ship it) and a statically linked test
+//!   binary of this workspace ([`Guest::build_binary`], which sets `--cfg vmig_in_guest`,
+//!   [`IN_GUEST_CFG`]); the packages are fetched, the modules decompressed and mtty built
+//!   once per kernel version, and the rig is cached under the workspace's
+//!   `target/kernel-vfio-guest/` ([`target_dir`]);
 //! - what a program in the guest uses: [`in_guest`], [`report_line`] (the machine-readable
-//!   report port), the `edu` device's registers ([`edu`]);
+//!   report port), the `edu` device's registers ([`edu`]) and address ([`EDU_BDF_ENV`]), the
+//!   mtty mediated devices' UUIDs ([`MTTY_UUIDS_ENV`], [`mtty_uuids`]);
 //! - [`differential`]: seeded random sequences of type1 calls, run against the kernel (in the
 //!   guest) and against `vmig-dma` (on the host), and the rule that compares the two;
 //! - [`bench`](mod@bench): mapping 1 GiB and fetching its dirty bitmap, `vmig-vfio`'s backend against the
@@ -22,10 +27,10 @@
 //!
 //! ```text
 //!  host test                          QEMU (TCG, VT-d, edu)                 guest
-//!  Guest::prepare ─► debs → kernel, modules, busybox (cached under target/)
+//!  Guest::prepare ─► debs → kernel 6.12, modules, mtty.ko, busybox (cached under target/)
 //!  build_binary ───► cargo --cfg vmig_in_guest, static
-//!  boot ───────────► initramfs ─────► init: insmod, bind edu to vfio-pci ─► test binary
-//!  GuestRun ◄──────── console (ttyS0, ends VMIG-GUEST-EXIT=<code>), report (ttyS1) ◄──┘
+//!  boot ───────────► initramfs ─► init: insmod, edu → vfio-pci, mtty mdevs ─► test binary
+//!  GuestRun ◄──────── console (ttyS0, ends VMIG-GUEST-EXIT=<code>), report (ttyS1) ◄────┘
 //! ```
 
 pub mod bench;
@@ -33,9 +38,11 @@ mod cpio;
 mod debian;
 pub mod differential;
 mod guest;
+mod kernel;
 
 pub use debian::qemu_system;
 pub use guest::{
     EDU_BDF_ENV, EXIT_MARKER, Guest, GuestBinary, GuestRun, IN_GUEST_CFG, IN_GUEST_ENV,
-    PrepareError, REPORT_ENV, edu, in_guest, report_line, target_dir,
+    MTTY_DEVICES, MTTY_TYPE, MTTY_UUIDS_ENV, PrepareError, REPORT_ENV, edu, in_guest, mtty_uuids,
+    report_line, target_dir,
 };

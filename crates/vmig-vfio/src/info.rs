@@ -89,7 +89,8 @@ impl ContainerInfo {
                 VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE => {
                     let (r, ranges) = VfioIommuType1InfoCapIovaRange::read_from_prefix(rest)
                         .map_err(|_| truncated())?;
-                    // The ranges follow unaligned (Linux puts this capability at offset 68).
+                    // The ranges may follow unaligned (Linux 6.1 puts this capability at offset 68;
+                    // 6.12 pads every capability to 8 bytes and puts it at 72).
                     let ranges = (0..r.nr_iovas as usize)
                         .map(|i| {
                             ranges

@@ -1,8 +1,10 @@
-//! Boots the real kernel's VFIO (Debian's kernel under QEMU's TCG, emulated VT-d, QEMU's edu
-//! device; see `vmig_kernel_guest`) with `tests/in_guest.rs` built as a static binary,
-//! checks that every in-guest test passed, and replays the guest's differential sequences
-//! against `vmig-dma` here on the host. Skips, saying why, where Debian's packages or QEMU
-//! cannot be had (no apt, no network, not root); fails on anything else that goes wrong.
+//! Boots the real kernel's VFIO (Debian's Linux 6.12 under QEMU's TCG, emulated VT-d, QEMU's
+//! edu device, two mtty mediated devices; see `vmig_kernel_guest`) with `tests/in_guest.rs`
+//! built as a static binary, checks that every in-guest test passed, prints what the guest
+//! reported of the mtty devices, and replays the guest's differential sequences against
+//! `vmig-dma` here on the host. Skips, saying why, where
+//! Debian's packages or QEMU cannot be had (no apt, no network, not root); fails on anything
+//! else that goes wrong.
 
 use std::time::Duration;
 
@@ -31,7 +33,11 @@ fn the_backend_against_the_real_kernel_in_an_emulated_guest() {
             Duration::from_secs(600),
         )
         .expect("the guest boots");
-    println!("guest ran in {:.1} s", run.duration.as_secs_f64());
+    println!(
+        "guest (Linux {}) ran in {:.1} s",
+        guest.kernel_release(),
+        run.duration.as_secs_f64()
+    );
     for line in run.console.lines().filter(|l| l.starts_with("test ")) {
         println!("  guest: {}", line.trim_end());
     }
@@ -61,6 +67,9 @@ fn the_backend_against_the_real_kernel_in_an_emulated_guest() {
     assert!(!run.console.contains("skipped:"), "{tail}");
     if let Some(quirk) = run.report_lines("VMIG-QUIRK ").next() {
         println!("kernel quirk observed: {quirk}");
+    }
+    for mtty in run.report_lines("VMIG-MTTY ") {
+        println!("mtty device: {mtty}");
     }
 
     // The differential: the kernel's answers against vmig-dma's, call by call.
