@@ -57,14 +57,15 @@ pub const IN_GUEST_ENV: &str = "VMIG_KERNEL_VFIO_GUEST";
 pub const IN_GUEST_CFG: &str = "vmig_in_guest";
 /// The PCI address of the edu device, bound to vfio-pci, in the guest.
 pub const EDU_BDF_ENV: &str = "VMIG_EDU_BDF";
-/// The UUIDs of the guest's mtty mediated devices, comma-separated (`uuid1,uuid2`): two
-/// one-port devices of type `mtty-1`, created by the guest's init, each in an IOMMU group of
+/// The UUIDs of the guest's mtty mediated devices, comma-separated (`uuid1,uuid2,...`):
+/// [`MTTY_DEVICES`] one-port devices of type `mtty-1`, created by the guest's init, each in an IOMMU group of
 /// its own (`/sys/bus/mdev/devices/UUID/iommu_group`), opened by its UUID.
 pub const MTTY_UUIDS_ENV: &str = "VMIG_MTTY_UUIDS";
 /// The mdev type of the guest's mtty devices (one 16550 port, an 8-byte I/O BAR0).
 pub const MTTY_TYPE: &str = "mtty-1";
-/// How many mtty devices the guest's init creates.
-pub const MTTY_DEVICES: usize = 2;
+/// How many mtty devices the guest's init creates: two for a migration's source and two for
+/// its destination (a device's group is open in one VMM at a time).
+pub const MTTY_DEVICES: usize = 4;
 /// The path of the report port in the guest.
 pub const REPORT_ENV: &str = "VMIG_GUEST_REPORT";
 /// The console line that carries the test binary's exit code.
