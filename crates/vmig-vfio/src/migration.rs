@@ -58,6 +58,11 @@ impl<'a> KernelMigration<'a> {
         }
     }
 
+    /// The device's migration state.
+    pub fn state(&self) -> Result<MigState> {
+        self.device.migration_state()
+    }
+
     /// Whether the device has the P2P states.
     pub fn p2p(&self) -> bool {
         self.p2p

@@ -284,6 +284,9 @@ migration_steps!(
     fn start_p2p(&self) -> OpResult<()> {
         Ok(KernelMigration::start_p2p(self)?)
     },
+    fn state(&self) -> OpResult<Option<vmig_primitives::mig_state::MigState>> {
+        Ok(Some(KernelMigration::state(self)?))
+    },
 );
 
 /// `areas` less the page-aligned `holes`.

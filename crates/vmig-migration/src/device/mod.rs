@@ -22,6 +22,7 @@ use std::os::fd::OwnedFd;
 
 use serde::{Deserialize, Serialize};
 use vmig_kvm::irq::MsiVector;
+use vmig_primitives::mig_state::MigState;
 use vmig_primitives::{DmaRange, RegionArea};
 
 pub use kernel::KernelDevice;
@@ -257,6 +258,10 @@ pub trait MigrationSteps {
     }
     /// Starts the device (after `load`).
     fn run(&self) -> OpResult<()>;
+    /// The device's v2 migration state, when it has one to tell.
+    fn state(&self) -> OpResult<Option<MigState>> {
+        Ok(None)
+    }
 }
 
 /// Implements [`MigrationSteps`] for a protocol driver whose methods have the same names and

@@ -227,4 +227,9 @@ impl MigratableDevice for UserDevice {
     }
 }
 
-migration_steps!(DeviceMigration<'_>);
+migration_steps!(
+    DeviceMigration<'_>,
+    fn state(&self) -> OpResult<Option<vmig_primitives::mig_state::MigState>> {
+        Ok(DeviceMigration::v2_state(self)?)
+    },
+);

@@ -100,6 +100,15 @@ impl<'a> DeviceMigration<'a> {
         self.protocol
     }
 
+    /// The device's v2 state (`None` for a v1 device, whose `device_state` bits are no v2
+    /// state).
+    pub fn v2_state(&self) -> Result<Option<MigState>> {
+        match self.protocol {
+            Protocol::V2 { .. } => self.client.mig_state().map(Some),
+            Protocol::V1 { .. } => Ok(None),
+        }
+    }
+
     fn v1_read(&self, region: u32, offset: u64) -> Result<u64> {
         let mut bytes = [0u8; 8];
         let width = if offset < 8 { 4 } else { 8 };
