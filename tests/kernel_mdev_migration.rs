@@ -1,0 +1,528 @@
+//! The first real device vmig migrates: two of the kernel's `mtty` sample mdevs (virtual 16550
+//! UARTs, migrated by the kernel through the VFIO v2 uAPI with `STOP_COPY`, `P2P` and
+//! `PRE_COPY`), moved between two `vmig` processes inside the emulated guest of
+//! `vmig_kernel_guest` (Debian's Linux 6.12 under QEMU's TCG, KVM on emulated AMD-V, four mtty
+//! mdevs created by its init: two for each side).
+//!
+//! In the guest, one source VM (`vmig run --device vfio-mdev,uuid=A --device
+//! vfio-mdev,uuid=B --api`) meets three destinations (`vmig run --incoming ... --device
+//! vfio-mdev,uuid=C --device vfio-mdev,uuid=D --api`) in turn:
+//! 1. `migrate_cancel` during pre-copy: the source runs on, both mttys in `RUNNING`
+//!    (`x-vmig-query-devices`) with their UARTs looping bytes back;
+//! 2. a relay between the two that damages the first byte of mtty A's state (and mends the
+//!    stream's checksums and digest, so only the kernel can tell): the destination's mtty
+//!    refuses it when it loads, the migration fails naming that device and why, the source
+//!    runs on with both UARTs working;
+//! 3. a migration that completes: before it the guest writes a known sequence into each UART
+//!    (real `out` instructions, routed from the VM's port exits to the mdev's I/O BAR), after
+//!    it the guest on the destination reads back exactly those bytes and the same line status
+//!    from mttys C and D, whose FIFOs were empty: only the migrated device state can have
+//!    put them there.
+//!
+//! The same VM is migrated without devices first, for the downtime ratio. Skips, saying why,
+//! where Debian's packages or QEMU cannot be had; fails on anything else.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vmig_kernel_guest::{Guest, GuestBinary, MTTY_DEVICES, report_line};
+
+/// The in-guest test this file's host test runs.
+const IN_GUEST_TEST: &str = "in_guest_two_mttys_migrate_between_two_vmig_processes";
+/// The report lines the in-guest test leaves for the host.
+const REPORT: &str = "VMIG-MTTY ";
+
+#[test]
+#[cfg_attr(vmig_in_guest, ignore = "boots the guest: runs on the host")]
+fn two_mtty_mdevs_migrate_through_the_real_kernel_in_an_emulated_guest() {
+    let Some(guest) = Guest::prepare_or_skip(vmig_test_support::skip) else {
+        return;
+    };
+    let build = |binary| guest.build_binary(binary, false).expect("a static build");
+    let test = build(GuestBinary::Test {
+        package: "vmig",
+        name: "kernel_mdev_migration",
+    });
+    let vmig = build(GuestBinary::Bin {
+        package: "vmig",
+        name: "vmig",
+    });
+    let run = guest
+        .boot_with(
+            &test,
+            &[("vmig", &vmig)],
+            &["--exact", IN_GUEST_TEST, "--nocapture", "--test-threads=1"],
+            1024,
+            Duration::from_secs(900),
+        )
+        .expect("the guest boots");
+    println!(
+        "guest (Linux {}) ran in {:.1} s",
+        guest.kernel_release(),
+        run.duration.as_secs_f64()
+    );
+    let console: Vec<&str> = run.console.lines().collect();
+    let tail = console[console.len().saturating_sub(80)..].join("\n");
+    for line in console.iter().filter_map(|l| l.split_once("vmig-mtty: ")) {
+        println!("  guest: {}", line.1);
+    }
+    for line in run.report_lines(REPORT) {
+        println!("  measured: {line}");
+    }
+    assert!(!run.timed_out, "the guest timed out; console:\n{tail}");
+    assert_eq!(run.exit_code, Some(0), "the in-guest test failed:\n{tail}");
+    assert!(
+        run.console.contains("test result: ok. 1 passed"),
+        "the in-guest test did not run:\n{tail}"
+    );
+    assert!(!run.console.contains("skipped:"), "{tail}");
+}
+
+// ---- in the guest ----
+
+/// A `vmig` process, killed if the test fails before it ends.
+struct Vmig {
+    child: Option<Child>,
+    api: PathBuf,
+    name: &'static str,
+}
+
+impl Vmig {
+    /// `vmig run ARGS --api API`, once its API answers.
+    fn start(name: &'static str, args: &[&str]) -> Self {
+        let api = PathBuf::from(format!("/tmp/{name}.api"));
+        let _ = std::fs::remove_file(&api);
+        let log = std::fs::File::create(format!("/tmp/{name}.log")).unwrap();
+        let child = Command::new("/bin/vmig")
+            .arg("run")
+            .args(args)
+            .arg("--api")
+            .arg(&api)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut vmig = Self {
+            child: Some(child),
+            api,
+            name,
+        };
+        let end = Instant::now() + Duration::from_secs(120);
+        while !vmig.api.exists() {
+            if let Some(status) = vmig.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("vmig {name} exited ({status}):\n{}", vmig.log());
+            }
+            assert!(Instant::now() < end, "vmig {name} never opened its API");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        vmig
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(format!("/tmp/{}.log", self.name)).unwrap_or_default()
+    }
+
+    /// One QMP command through `vmig ctl`: whether it succeeded, and the reply.
+    fn ctl(&self, args: &[&str]) -> (bool, Value) {
+        let out = Command::new("/bin/vmig")
+            .arg("ctl")
+            .arg(&self.api)
+            .args(args)
+            .output()
+            .unwrap();
+        let reply = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "vmig ctl {args:?} against {}: {e}: {}{}",
+                self.name,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        (out.status.success(), reply)
+    }
+
+    /// The `return` of a command that must succeed.
+    fn ok(&self, args: &[&str]) -> Value {
+        let (ok, reply) = self.ctl(args);
+        assert!(ok, "{} {args:?}: {reply}\n{}", self.name, self.log());
+        reply["return"].clone()
+    }
+
+    fn status(&self) -> String {
+        self.ok(&["query-status"])["status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Each device's v2 migration state.
+    fn device_states(&self) -> Vec<String> {
+        let devices = self.ok(&["x-vmig-query-devices"]);
+        devices
+            .as_array()
+            .unwrap_or_else(|| panic!("x-vmig-query-devices: {devices}"))
+            .iter()
+            .map(|d| d["migration-state"].as_str().unwrap_or("none").to_owned())
+            .collect()
+    }
+
+    /// Waits until `query-migrate`'s `x-vmig-phase` is one of `phases`, and returns it.
+    fn wait_migration(&self, phases: &[&str], timeout: Duration) -> Value {
+        let end = Instant::now() + timeout;
+        loop {
+            let info = self.ok(&["query-migrate"]);
+            if phases.contains(&info["x-vmig-phase"].as_str().unwrap_or_default()) {
+                return info;
+            }
+            assert!(
+                Instant::now() < end,
+                "{}: the migration never reached {phases:?}: {info}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Ends the process with `quit` and returns its output and whether it exited 0.
+    fn quit(mut self) -> (bool, String) {
+        let _ = self.ctl(&["quit"]);
+        self.wait()
+    }
+
+    /// Waits for the process to end by itself.
+    fn wait(&mut self) -> (bool, String) {
+        let mut child = self.child.take().unwrap();
+        let end = Instant::now() + Duration::from_secs(120);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > end {
+                let _ = child.kill();
+                panic!("vmig {} did not end:\n{}", self.name, self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        (status.success(), self.log())
+    }
+}
+
+impl Drop for Vmig {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The 16550 registers of mtty's I/O BAR0 (offsets).
+const THR_RBR: u16 = 0;
+const LSR: u16 = 5;
+/// LSR: data ready (the receive FIFO holds a byte).
+const LSR_DATA_READY: u8 = 0x01;
+
+/// Runs `ops` (`out:PORT:VALUE` / `in:PORT`) on the guest's vCPU 0; what the `in`s read.
+fn guest_ports(vm: &Vmig, ops: &[String]) -> Vec<u8> {
+    let reply = vm.ok(&["guest-port-io", &format!("ops={}", ops.join(","))]);
+    reply["read"]
+        .as_array()
+        .unwrap_or_else(|| panic!("guest-port-io: {reply}"))
+        .iter()
+        .map(|b| u8::try_from(b.as_u64().unwrap()).unwrap())
+        .collect()
+}
+
+/// The guest port of register `register` of device `device`'s BAR0.
+fn uart_port(vm: &Vmig, device: usize, register: u16) -> u16 {
+    let devices = vm.ok(&["x-vmig-query-devices"]);
+    let bar = &devices[device]["bars"][0];
+    assert_eq!(bar["space"], "io", "mtty's BAR0 is I/O space: {devices}");
+    u16::try_from(bar["gpa"].as_u64().unwrap()).unwrap() + register
+}
+
+/// The guest writes `bytes` into device `device`'s UART and reads its line status.
+fn uart_write(vm: &Vmig, device: usize, bytes: &[u8]) -> u8 {
+    let thr = uart_port(vm, device, THR_RBR);
+    let lsr = uart_port(vm, device, LSR);
+    let mut ops: Vec<String> = bytes.iter().map(|b| format!("out:{thr}:{b}")).collect();
+    ops.push(format!("in:{lsr}"));
+    guest_ports(vm, &ops)[0]
+}
+
+/// The guest reads device `device`'s line status, then `count` bytes from its receive FIFO,
+/// then the line status again.
+fn uart_read(vm: &Vmig, device: usize, count: usize) -> (u8, Vec<u8>, u8) {
+    let rbr = uart_port(vm, device, THR_RBR);
+    let lsr = uart_port(vm, device, LSR);
+    let mut ops = vec![format!("in:{lsr}")];
+    ops.extend((0..count).map(|_| format!("in:{rbr}")));
+    ops.push(format!("in:{lsr}"));
+    let got = guest_ports(vm, &ops);
+    (got[0], got[1..=count].to_vec(), got[count + 1])
+}
+
+/// A UART that loops back: what is written is read back, and the FIFO is empty after.
+fn assert_uart_loops_back(vm: &Vmig, device: usize, bytes: &[u8]) {
+    let lsr = uart_write(vm, device, bytes);
+    assert_ne!(lsr & LSR_DATA_READY, 0, "LSR {lsr:#x} after writing");
+    let (before, read, after) = uart_read(vm, device, bytes.len());
+    assert_eq!(before, lsr);
+    assert_eq!(read, bytes, "device {device} looped back other bytes");
+    assert_eq!(after & LSR_DATA_READY, 0, "LSR {after:#x}: bytes left over");
+}
+
+/// A relay from the source to the destination that flips the first byte of device 0's state
+/// and mends what would give it away before the device sees it: every record's checksum (it
+/// re-frames them) and the device's state digest in `DeviceEnd`. What comes back from the
+/// destination passes as it is. Serves one connection; returns its port.
+fn damaging_relay(to: u16) -> u16 {
+    use vmig_migration::stream::{
+        DeviceData, DeviceEnd, HELLO_SIZE, Record, RecordReader, RecordWriter, StateDigest,
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let (mut source, _) = listener.accept().unwrap();
+        let mut dest = TcpStream::connect(("127.0.0.1", to)).unwrap();
+        let mut hello = [0u8; HELLO_SIZE];
+        source.read_exact(&mut hello).unwrap();
+        dest.write_all(&hello).unwrap();
+        let (mut back_from, mut back_to) = (dest.try_clone().unwrap(), source.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut back_from, &mut back_to);
+            let _ = back_to.shutdown(std::net::Shutdown::Both);
+        });
+        let mut reader = RecordReader::new(source, "relay");
+        let mut writer = RecordWriter::new(dest.try_clone().unwrap());
+        let (mut damaged, mut chunk, mut digest) = (false, Vec::new(), StateDigest::default());
+        let mut buf = Vec::new();
+        while let Ok(record) = reader.receive(&mut buf) {
+            let sent = match record {
+                Record::DeviceData(DeviceData { device: 0, more, data }) => {
+                    let mut data = data.to_vec();
+                    if !damaged && !data.is_empty() {
+                        data[0] ^= 0xff;
+                        damaged = true;
+                    }
+                    chunk.extend_from_slice(&data);
+                    if !more {
+                        digest.add(&std::mem::take(&mut chunk));
+                    }
+                    writer.send(&Record::DeviceData(DeviceData {
+                        device: 0,
+                        more,
+                        data: &data,
+                    }))
+                }
+                Record::DeviceEnd(end @ DeviceEnd { device: 0, .. }) => {
+                    writer.send(&Record::DeviceEnd(DeviceEnd {
+                        digest: digest.digest(),
+                        ..end
+                    }))
+                }
+                record => writer.send(&record),
+            };
+            if sent.is_err() {
+                break;
+            }
+        }
+        let _ = dest.shutdown(std::net::Shutdown::Both);
+    });
+    port
+}
+
+/// A free TCP port on loopback.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The source VM's arguments, with `devices`.
+fn vm_args(devices: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = ["--mem", "64M", "--workload", "random,rate=2000"]
+        .map(String::from)
+        .to_vec();
+    for uuid in devices {
+        args.push("--device".into());
+        args.push(format!("vfio-mdev,uuid={uuid}"));
+    }
+    args
+}
+
+/// A destination for `devices`, listening on a free port: it and the port.
+fn destination(name: &'static str, devices: &[String]) -> (Vmig, u16) {
+    let port = free_port();
+    let mut args = vec!["--incoming".to_string(), format!("tcp:127.0.0.1:{port}")];
+    args.extend(vm_args(devices).into_iter().skip(4).collect::<Vec<_>>());
+    args.splice(0..0, ["--mem".to_string(), "64M".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    (Vmig::start(name, &args), port)
+}
+
+/// Migrates `source` to `port` and waits for the end; the final `query-migrate`.
+fn migrate(source: &Vmig, port: u16) -> Value {
+    source.ok(&["migrate", &format!("uri=tcp:127.0.0.1:{port}")]);
+    source.wait_migration(&["completed", "failed", "cancelled"], Duration::from_secs(300))
+}
+
+#[test]
+#[cfg_attr(
+    not(vmig_in_guest),
+    ignore = "runs only in the kernel-VFIO guest, which the test above boots"
+)]
+#[allow(clippy::too_many_lines)]
+fn in_guest_two_mttys_migrate_between_two_vmig_processes() {
+    assert!(
+        vmig_kernel_guest::in_guest(),
+        "runs only inside the kernel-VFIO test guest (the test above boots it)"
+    );
+    let uuids = vmig_kernel_guest::mtty_uuids();
+    assert_eq!(uuids.len(), MTTY_DEVICES, "{uuids:?}");
+    let (ours, theirs) = uuids.split_at(2);
+
+    // `vmig device probe --vfio-mdev` describes one.
+    let probe = Command::new("/bin/vmig")
+        .args(["device", "probe", "--vfio-mdev", &ours[0]])
+        .output()
+        .unwrap();
+    let described = String::from_utf8_lossy(&probe.stdout);
+    assert!(probe.status.success(), "{described}");
+    assert!(
+        described.contains("4348:3253") && described.contains("PRE_COPY"),
+        "{described}"
+    );
+    println!("vmig-mtty: vmig device probe --vfio-mdev {}:", ours[0]);
+    for line in described.lines() {
+        println!("vmig-mtty:   {line}");
+    }
+
+    // The same VM without devices, for the downtime ratio.
+    let plain = vm_args(&[]);
+    let plain: Vec<&str> = plain.iter().map(String::as_str).collect();
+    let source = Vmig::start("plain-src", &plain);
+    let (dest, port) = destination("plain-dst", &[]);
+    let info = migrate(&source, port);
+    assert_eq!(info["x-vmig-phase"], "completed", "{info}");
+    let plain_downtime = info["downtime"].as_u64().unwrap();
+    println!(
+        "vmig-mtty: without devices: downtime {plain_downtime} ms, total {} ms",
+        info["total-time"]
+    );
+    drop((source.quit(), dest.quit()));
+
+    let args = vm_args(ours);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let source = Vmig::start("src", &args);
+    assert_eq!(source.device_states(), ["RUNNING", "RUNNING"]);
+    for device in 0..2 {
+        assert_uart_loops_back(&source, device, b"hello");
+    }
+    println!("vmig-mtty: both UARTs loop back through the VM's port exits");
+
+    // 1. Cancel during pre-copy: a bandwidth cap keeps it there.
+    let (dest, port) = destination("cancel-dst", theirs);
+    source.ok(&["migrate-set-parameters", "max-bandwidth=4194304"]);
+    source.ok(&["migrate", &format!("uri=tcp:127.0.0.1:{port}")]);
+    let info = source.wait_migration(&["active"], Duration::from_secs(60));
+    assert_eq!(info["status"], "active", "{info}");
+    std::thread::sleep(Duration::from_millis(500));
+    source.ok(&["migrate_cancel"]);
+    let info = source.wait_migration(&["cancelled"], Duration::from_secs(60));
+    assert_eq!(source.status(), "running");
+    assert_eq!(source.device_states(), ["RUNNING", "RUNNING"]);
+    for device in 0..2 {
+        assert_uart_loops_back(&source, device, b"after cancel");
+    }
+    let mut dest = dest;
+    let (dest_ok, dest_log) = dest.wait();
+    assert!(!dest_ok, "the destination discards a cancelled migration:\n{dest_log}");
+    println!(
+        "vmig-mtty: migrate_cancel during pre-copy ({} bytes of RAM sent): the source runs, both mttys RUNNING, their UARTs loop back",
+        info["ram"]["transferred"]
+    );
+    source.ok(&["migrate-set-parameters", "max-bandwidth=0"]);
+
+    // 2. Damaged device state: the destination's mtty refuses it.
+    let (dest, port) = destination("damaged-dst", theirs);
+    let relay = damaging_relay(port);
+    let info = migrate(&source, relay);
+    assert_eq!(info["x-vmig-phase"], "failed", "{info}");
+    let error = info["error-desc"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        error.contains(&theirs[0]) && error.contains("Invalid argument"),
+        "the refusal names the device and why: {error}"
+    );
+    assert_eq!(source.status(), "running");
+    assert_eq!(source.device_states(), ["RUNNING", "RUNNING"]);
+    for device in 0..2 {
+        assert_uart_loops_back(&source, device, b"after refusal");
+    }
+    let mut dest = dest;
+    let (dest_ok, dest_log) = dest.wait();
+    assert!(!dest_ok, "{dest_log}");
+    println!("vmig-mtty: damaged state refused: {error}");
+    println!("vmig-mtty: the source runs on, both mttys RUNNING, their UARTs loop back");
+
+    // 3. The migration that completes, with a known sequence in each UART's FIFO.
+    let sequences: [&[u8]; 2] = [b"vmig:mtty-0", b"VMIG:MTTY-1!"];
+    let mut line_status = Vec::new();
+    for (device, bytes) in sequences.iter().enumerate() {
+        line_status.push(uart_write(&source, device, bytes));
+    }
+    let (dest, port) = destination("dst", theirs);
+    let info = migrate(&source, port);
+    assert_eq!(info["x-vmig-phase"], "completed", "{info}");
+    assert_eq!(info["x-vmig-verified"], true, "{info}");
+    let downtime = info["downtime"].as_u64().unwrap();
+    let devices = info["x-vmig-devices"].as_array().unwrap().clone();
+    assert_eq!(devices.len(), 2);
+    for d in &devices {
+        // "in PRE_COPY, VFIO_MIG_GET_PRECOPY_INFO says initial_bytes 24" (kernel-mtty-observed)
+        assert_eq!(d["precopy_bytes"], 24, "{d}");
+        assert_eq!(d["precopy_pending"]["initial_bytes"], 0, "{d}");
+        assert!(d["stopcopy_bytes"].as_u64().unwrap() > 0, "{d}");
+    }
+    let acked = info["x-vmig-switchover-ack-ms"].as_u64().unwrap();
+    println!(
+        "vmig-mtty: migrated: downtime {downtime} ms ({:.2}x the same VM without devices), total {} ms, switchover-ack at {acked} ms",
+        downtime as f64 / plain_downtime.max(1) as f64,
+        info["total-time"]
+    );
+    report_line(&format!(
+        "{REPORT}{}",
+        serde_json::json!({
+            "downtime_ms": downtime,
+            "downtime_without_devices_ms": plain_downtime,
+            "devices": devices,
+        })
+    ));
+    assert_eq!(dest.device_states(), ["RUNNING", "RUNNING"]);
+    for (device, bytes) in sequences.iter().enumerate() {
+        let (before, read, after) = uart_read(&dest, device, bytes.len());
+        assert_eq!(
+            (before, read.as_slice()),
+            (line_status[device], *bytes),
+            "mtty {device} on the destination has another line status or other bytes"
+        );
+        assert_eq!(after & LSR_DATA_READY, 0);
+        println!(
+            "vmig-mtty: the destination's guest read back {:?} and LSR {before:#04x} from mtty {}",
+            String::from_utf8_lossy(&read),
+            theirs[device]
+        );
+    }
+    let (_, src_log) = source.quit();
+    let (dest_ok, dest_log) = dest.quit();
+    assert!(dest_ok, "{dest_log}");
+    assert!(src_log.contains("migrat"), "{src_log}");
+    let _ = Path::new("/tmp");
+    let _ = Stdio::null();
+}
