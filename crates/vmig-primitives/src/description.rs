@@ -92,6 +92,8 @@ pub struct RegionDescription {
     pub readable: bool,
     /// Writes allowed.
     pub writable: bool,
+    /// A BAR that decodes I/O ports (its config-space register has bit 0 set), not memory.
+    pub io: bool,
     /// How it may be mapped.
     pub mmap: Mmap,
     /// Device-specific type and subtype.
@@ -205,11 +207,12 @@ impl DeviceDescription {
         for r in &self.regions {
             write!(
                 f,
-                "  region {}: {} bytes, {}{}",
+                "  region {}: {} bytes, {}{}{}",
                 r.index,
                 r.size,
                 if r.readable { "r" } else { "-" },
-                if r.writable { "w" } else { "-" }
+                if r.writable { "w" } else { "-" },
+                if r.io { ", I/O ports" } else { "" }
             )?;
             match &r.mmap {
                 Mmap::Whole => write!(f, ", mmap")?,
@@ -272,7 +275,7 @@ impl DeviceDescription {
             };
             writeln!(
                 f,
-                "  region {} ({}): {:#x} bytes, {}{}, {mmap}",
+                "  region {} ({}): {:#x} bytes, {}{}{}, {mmap}",
                 r.index,
                 usize::try_from(r.index)
                     .ok()
@@ -280,7 +283,8 @@ impl DeviceDescription {
                     .unwrap_or(&"device-specific"),
                 r.size,
                 if r.readable { "r" } else { "-" },
-                if r.writable { "w" } else { "-" }
+                if r.writable { "w" } else { "-" },
+                if r.io { ", I/O ports" } else { "" }
             )?;
         }
         for irq in &self.irqs {
@@ -344,6 +348,7 @@ mod tests {
                 size: 4096,
                 readable: true,
                 writable: true,
+                io: false,
                 mmap: Mmap::Trapped,
                 region_type: None,
             },
@@ -352,6 +357,7 @@ mod tests {
                 size: 0x10_1000,
                 readable: true,
                 writable: true,
+                io: false,
                 mmap: Mmap::Areas(vec![RegionArea::new(0x1000, 0x10_0000)]),
                 region_type: Some((3, 1)),
             },
@@ -411,10 +417,18 @@ mod tests {
                 dirty_tracking: Some((0x1000, 256 << 20)),
             }),
             reset: false,
-            regions: vec![RegionDescription {
-                mmap: Mmap::Whole,
-                ..regions().remove(0)
-            }],
+            regions: vec![
+                RegionDescription {
+                    mmap: Mmap::Whole,
+                    ..regions().remove(0)
+                },
+                RegionDescription {
+                    index: 1,
+                    size: 8,
+                    io: true,
+                    ..regions().remove(0)
+                },
+            ],
             irqs: vec![IrqDescription {
                 index: 1,
                 count: 1,
@@ -427,6 +441,7 @@ mod tests {
             d.to_string(),
             "VFIO PCI device 0000:00:04.0\n  \
              region 0 (BAR0): 0x1000 bytes, rw, mmap\n  \
+             region 1 (BAR1): 0x8 bytes, rw, I/O ports, trapped\n  \
              irq 1 (MSI): 1 vector(s)\n\
              migration: none\n\
              blocker: VFIO device 0000:00:04.0 cannot migrate\n\

@@ -325,6 +325,15 @@ impl Device {
         Ok(u16::from_le_bytes(b))
     }
 
+    /// Which of BARs 0-5 decode I/O ports (their config-space register has bit 0 set, as a
+    /// 16550 UART's such as the `mtty` sample's), from config space as the device's driver
+    /// presents it.
+    pub fn io_bars(&self) -> Result<[bool; 6]> {
+        let mut registers = [0u8; 24];
+        self.read_config(vmig_primitives::uapi::PCI_BASE_ADDRESS_0, &mut registers)?;
+        Ok(vmig_primitives::uapi::io_bars(&registers))
+    }
+
     /// Where the MSI-X table and pending-bit array are, or `None` without an MSI-X
     /// capability. A guest must not reach them through a mapping: vfio-pci programs the table
     /// for the interrupts it was given, and lets a mapping through (`MSIX_MAPPABLE`).
@@ -576,6 +585,7 @@ impl Device {
 /// offers for migration and dirty tracking, and why it cannot migrate when it cannot. Its
 /// `Display` is what `vmig device probe --vfio-pci` prints.
 pub fn describe(container: &Container, device: &Device) -> Result<DeviceDescription> {
+    let io = device.io_bars().unwrap_or_default();
     let regions = (0..16)
         .filter_map(|index| {
             let r = device.region(index)?;
@@ -591,6 +601,10 @@ pub fn describe(container: &Container, device: &Device) -> Result<DeviceDescript
                 size: r.size,
                 readable: r.readable(),
                 writable: r.writable(),
+                io: usize::try_from(index)
+                    .ok()
+                    .and_then(|i| io.get(i))
+                    .is_some_and(|&io| io),
                 mmap,
                 region_type: None,
             })
