@@ -116,6 +116,16 @@ impl Container {
         Device::open(self, bdf)
     }
 
+    /// Opens the mediated device `uuid` (`83b8f4f2-509f-382f-3c1e-e6bfe0fa1001`, created
+    /// through its parent's `mdev_supported_types/TYPE/create`): its group, from
+    /// `/sys/bus/mdev/devices/UUID/iommu_group`, joins this container, and the device is
+    /// asked for by its UUID (`VFIO_GROUP_GET_DEVICE_FD`). An mdev's group is an emulated
+    /// one: type1 pins only what the parent driver asks to pin, and its dirty bitmap reports
+    /// only those pages.
+    pub fn open_mdev(&self, uuid: &str) -> Result<Device> {
+        Device::open_mdev(self, uuid)
+    }
+
     pub(crate) fn ops(&self) -> Arc<dyn VfioOps> {
         self.inner.clone()
     }

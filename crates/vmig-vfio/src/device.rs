@@ -1,4 +1,5 @@
-//! A PCI device bound to vfio-pci (or a variant driver such as mlx5-vfio-pci): its regions
+//! A PCI device bound to vfio-pci (or a variant driver such as mlx5-vfio-pci), or a mediated
+//! device that presents itself as PCI (an mdev, opened by UUID): its regions
 //! (BARs, ROM, config space) read and written through the device fd or mapped, its interrupts
 //! through eventfds, reset, and the migration v2 interface (`VFIO_DEVICE_FEATURE_MIGRATION`,
 //! `MIG_DEVICE_STATE` with its data fd, `VFIO_MIG_GET_PRECOPY_INFO`) and device DMA logging
@@ -14,7 +15,7 @@
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use vfio_bindings::bindings::vfio::{
@@ -46,6 +47,9 @@ pub const IRQ_INFO_EVENTFD: u32 = vfio_bindings::bindings::vfio::VFIO_IRQ_INFO_E
 
 /// Where PCI devices appear in sysfs.
 pub const PCI_DEVICES: &str = "/sys/bus/pci/devices";
+
+/// Where mediated devices (mdevs) appear in sysfs, by UUID.
+pub const MDEV_DEVICES: &str = "/sys/bus/mdev/devices";
 
 /// One region of a device (a BAR, the ROM, config space, a device-specific region).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,7 +95,8 @@ impl MigrationSupport {
     }
 }
 
-/// A VFIO PCI device.
+/// A VFIO PCI device: a PCI function bound to vfio-pci, or a mediated device whose parent
+/// driver presents it as PCI (`VFIO_DEVICE_FLAGS_PCI`, such as the kernel's `mtty` sample).
 ///
 /// Dropping the last device of a group detaches the group, and the kernel then drops every
 /// mapping of a container it was the last group of.
@@ -132,6 +137,49 @@ pub fn check_bdf(bdf: &str) -> Result<()> {
     )))
 }
 
+/// Checks the form of a mediated device's UUID (8-4-4-4-12 hex digits) so a name can never
+/// walk out of sysfs; returns it in lowercase, as the kernel names the device.
+pub fn check_mdev_uuid(uuid: &str) -> Result<String> {
+    let b = uuid.as_bytes();
+    let form = b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| {
+            if matches!(i, 8 | 13 | 18 | 23) {
+                *c == b'-'
+            } else {
+                c.is_ascii_hexdigit()
+            }
+        });
+    if form {
+        return Ok(uuid.to_ascii_lowercase());
+    }
+    Err(VfioError::Invalid(format!(
+        "mediated device UUID `{uuid}`: expected 8-4-4-4-12 hex digits, e.g. \
+         83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
+    )))
+}
+
+/// Checks that the mediated device `uuid` exists and has an IOMMU group, saying how to
+/// create it when it does not; returns its sysfs path.
+pub fn check_mdev(uuid: &str) -> Result<PathBuf> {
+    let uuid = check_mdev_uuid(uuid)?;
+    let path = PathBuf::from(MDEV_DEVICES).join(&uuid);
+    if !path.exists() {
+        return Err(VfioError::Unavailable(format!(
+            "there is no mediated device {uuid} ({} does not exist): create it with `echo \
+             {uuid} > /sys/class/mdev_bus/PARENT/mdev_supported_types/TYPE/create`",
+            path.display()
+        )));
+    }
+    if std::fs::read_link(path.join("iommu_group")).is_err() {
+        return Err(VfioError::Unavailable(format!(
+            "mediated device {uuid} has no IOMMU group ({}/iommu_group is missing): its \
+             parent driver did not register it with VFIO",
+            path.display()
+        )));
+    }
+    Ok(path)
+}
+
 /// Checks that PCI device `bdf` exists and is bound to vfio-pci or a variant driver, saying
 /// how to bind it when it is not; returns its sysfs path.
 pub fn check_bound(bdf: &str) -> Result<PathBuf> {
@@ -170,36 +218,49 @@ pub struct MsixLayout {
 impl Device {
     pub(crate) fn open(container: &Container, bdf: &str) -> Result<Self> {
         let path = check_bound(bdf)?;
-        let inner = VfioDevice::new(&path, container.ops(), false).map_err(|e| match &e {
+        Self::open_sysfs(container, bdf, &path)
+    }
+
+    pub(crate) fn open_mdev(container: &Container, uuid: &str) -> Result<Self> {
+        let path = check_mdev(uuid)?;
+        let uuid = check_mdev_uuid(uuid)?;
+        Self::open_sysfs(container, &uuid, &path)
+    }
+
+    /// Opens the device at sysfs `path`: its `iommu_group` link names the group, and the
+    /// directory's name (`name`: a PCI address or an mdev UUID) is the name
+    /// `VFIO_GROUP_GET_DEVICE_FD` takes.
+    fn open_sysfs(container: &Container, name: &str, path: &Path) -> Result<Self> {
+        let inner = VfioDevice::new(path, container.ops(), false).map_err(|e| match &e {
             vfio_ioctls::VfioError::OpenGroup(io, group)
                 if io.raw_os_error() == Some(libc::EBUSY) =>
             {
                 VfioError::Unavailable(format!(
-                    "{bdf}: its IOMMU group /dev/vfio/{group} is already open (by another \
+                    "{name}: its IOMMU group /dev/vfio/{group} is already open (by another \
                      VMM or migration destination on this host, or by another device of the \
                      same group in this VM: each device gets a container of its own)"
                 ))
             }
-            _ => VfioError::library(format!("opening VFIO device {bdf}"), e),
+            _ => VfioError::library(format!("opening VFIO device {name}"), e),
         })?;
         let file =
             File::from(
                 sys::duplicate(inner.as_raw_fd()).map_err(|source| VfioError::Io {
-                    context: format!("duplicating the fd of {bdf}"),
+                    context: format!("duplicating the fd of {name}"),
                     source,
                 })?,
             );
         let flags = sys::device_flags(file.as_fd())
-            .map_err(|e| VfioError::ioctl(format!("{bdf}: VFIO_DEVICE_GET_INFO"), e))?;
+            .map_err(|e| VfioError::ioctl(format!("{name}: VFIO_DEVICE_GET_INFO"), e))?;
         Ok(Self {
-            name: bdf.to_owned(),
+            name: name.to_owned(),
             inner,
             flags,
             file,
         })
     }
 
-    /// The PCI address it was opened by.
+    /// The PCI address (or mediated device UUID) it was opened by.
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -651,6 +712,40 @@ pub fn describe(container: &Container, device: &Device) -> Result<DeviceDescript
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mdev_uuids_are_checked_before_they_touch_sysfs() {
+        assert_eq!(
+            check_mdev_uuid("83b8f4f2-509f-382f-3c1e-e6bfe0fa1001").unwrap(),
+            "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
+        );
+        // The kernel names the device in lowercase whatever case created it.
+        assert_eq!(
+            check_mdev_uuid("83B8F4F2-509F-382F-3C1E-E6BFE0FA1001").unwrap(),
+            "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001"
+        );
+        for bad in [
+            "",
+            "83b8f4f2509f382f3c1ee6bfe0fa1001",
+            "83b8f4f2-509f-382f-3c1e-e6bfe0fa100",
+            "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001/..",
+            "../../../../etc/passwd-aaaaaaaaaaaaaa",
+            "83b8f4f2-509f-382f-3c1e_e6bfe0fa1001",
+            "g3b8f4f2-509f-382f-3c1e-e6bfe0fa1001",
+            "0000:01:00.0",
+        ] {
+            let err = check_mdev_uuid(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("expected 8-4-4-4-12 hex digits"),
+                "{bad}: {err}"
+            );
+        }
+        // A well-formed UUID of no device says how to create one.
+        let err = check_mdev("00000000-0000-0000-0000-000000000000")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mdev_supported_types/TYPE/create"), "{err}");
+    }
 
     #[test]
     fn pci_addresses_are_checked_before_they_touch_sysfs() {
