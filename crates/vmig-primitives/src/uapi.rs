@@ -67,6 +67,9 @@ pub const VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL: u16 = 3;
 pub const VFIO_REGION_TYPE_MIGRATION: u32 = 3;
 /// `VFIO_REGION_SUBTYPE_MIGRATION`.
 pub const VFIO_REGION_SUBTYPE_MIGRATION: u32 = 1;
+/// `VFIO_PCI_INTX_IRQ_INDEX`: a PCI device's legacy interrupt line (vfio-user uses the same
+/// index).
+pub const VFIO_PCI_INTX_IRQ_INDEX: u32 = 0;
 /// `VFIO_PCI_MSI_IRQ_INDEX`: a PCI device's MSI vectors (vfio-user uses the same index).
 pub const VFIO_PCI_MSI_IRQ_INDEX: u32 = 1;
 /// `VFIO_PCI_MSIX_IRQ_INDEX`: a PCI device's MSI-X vectors.
