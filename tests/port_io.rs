@@ -2,15 +2,18 @@
 //! marks BAR0 as I/O ports — a loopback 16550-like UART, as the kernel's `mtty` sample is — is
 //! placed in the guest's I/O-port window; the guest's own `out`s and `in`s (the port script
 //! vCPU 0 runs) reach it as region reads and writes, and the bytes the source's guest left in
-//! its FIFO are read back by the destination's guest after a live migration.
+//! its FIFO are read back by the destination's guest after a live migration, in one process
+//! and across two `vmig run` processes driven by `vmig ctl x-vmig-guest-port-io`.
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use serde_json::{Value, json};
 use vmig_kvm::{DirtyLogMode, PortOp, Vm, VmConfig, Workload};
 use vmig_migration::device::BarSpace;
 use vmig_migration::machine::{Bar, device_area_bytes};
@@ -19,7 +22,7 @@ use vmig_migration::{
     DeviceSpec, Incoming, Machine, MigrationParams, Progress, Role, Status, migrate, receive,
 };
 use vmig_primitives::GuestAddress;
-use vmig_test_support::require_kvm;
+use vmig_test_support::{require_kvm, wait_until};
 use vmig_vfio_user::server::{
     Device, DeviceSpec as ServerSpec, MigrationSupport, Refusal, RegionSpec, Server, ServerConfig,
 };
@@ -376,5 +379,180 @@ fn a_uarts_fifo_written_by_the_source_guest_is_read_back_by_the_destination_gues
     let verify = target.vm.verify(PATIENCE).unwrap();
     assert!(verify.passed(), "{verify:?}");
     drop(arrived);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn vmig() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vmig"))
+}
+
+fn wait_for(path: &Path) {
+    wait_until("a socket to appear", PATIENCE, || {
+        path.exists()
+            .then_some(())
+            .ok_or_else(|| format!("no {}", path.display()))
+    });
+}
+
+fn ctl(api: &Path, args: &[&str]) -> (bool, Value) {
+    let out = vmig().arg("ctl").arg(api).args(args).output().unwrap();
+    let reply: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    (out.status.success(), reply)
+}
+
+/// Kills the `vmig` processes a test started, whatever happens to it.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// What the in-guest mtty test does, with two `vmig run` processes and vfio-user UARTs this
+/// test serves: `vmig ctl SRC x-vmig-guest-port-io` has the source's guest write a byte
+/// sequence to THR, the VM migrates, and `vmig ctl DST x-vmig-guest-port-io` has the
+/// destination's guest read LSR and RX back. Bad `ops` and ports outside every I/O BAR are
+/// refused in the reply, and the VM runs on.
+#[test]
+fn vmig_ctl_has_the_source_guest_write_and_the_destination_guest_read_a_uart() {
+    require_kvm!();
+    let dir = temp_dir("ctl");
+    let uarts = [
+        UartServer::start(&dir, "src.sock"),
+        UartServer::start(&dir, "dst.sock"),
+    ];
+    let device = |u: &UartServer| format!("vfio-user,socket={}", u.socket.display());
+    let (src_api, dst_api) = (dir.join("src.api"), dir.join("dst.api"));
+    let target = format!("unix:{}", dir.join("migrate.sock").display());
+    let mut children = Children(Vec::new());
+    children.0.push(
+        vmig()
+            .args(["run", "--mem", "64M", "--incoming", &target, "--device"])
+            .arg(device(&uarts[1]))
+            .arg("--api")
+            .arg(&dst_api)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    children.0.push(
+        vmig()
+            .args([
+                "run",
+                "--mem",
+                "64M",
+                "--workload",
+                "random,rate=5000",
+                "--device",
+            ])
+            .arg(device(&uarts[0]))
+            .arg("--api")
+            .arg(&src_api)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&src_api);
+    wait_for(&dst_api);
+    let port_io =
+        |api: &Path, ops: &str| ctl(api, &["x-vmig-guest-port-io", &format!("ops={ops}")]);
+
+    let (ok, reply) = port_io(
+        &src_api,
+        "out:0xc000:0x76,out:0xc000:0x6d,out:0xc000:0x69,out:0xc000:0x67,out:0xc007:165,in:0xc007",
+    );
+    assert!(ok, "{reply}");
+    assert_eq!(reply["return"], json!({"read": [165]}));
+    for (ops, why) in [
+        ("out:0xc000", "operation 1 `out:0xc000`: not an operation"),
+        ("in:0xc000,peek:1", "operation 2 `peek:1`: not an operation"),
+        (
+            "out:0xc000:0x100",
+            "byte `0x100` is not a number from 0 to 0xff",
+        ),
+        (
+            "in:0xc008",
+            "I/O port 0xc008 is in no device's I/O BAR: expected a port of src.sock BAR0 at 0xc000-0xc007",
+        ),
+        ("in:0x512", "I/O port 0x512 is in no device's I/O BAR"),
+    ] {
+        let (ok, reply) = port_io(&src_api, ops);
+        let desc = reply["error"]["desc"].as_str().unwrap_or_default();
+        assert!(!ok && desc.contains(why), "{ops}: {reply}");
+    }
+    let (ok, reply) = ctl(&src_api, &["x-vmig-guest-port-io"]);
+    assert!(
+        !ok && reply["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("Parameter 'ops' is missing"),
+        "{reply}"
+    );
+    let (ok, reply) = ctl(
+        &src_api,
+        &["x-vmig-guest-port-io", "ops=in:0xc005", "timeout=1"],
+    );
+    assert!(
+        !ok && reply["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("'timeout' is unexpected"),
+        "{reply}"
+    );
+    // The destination has no VM until the migration arrives.
+    let (ok, reply) = port_io(&dst_api, "in:0xc005");
+    assert!(
+        !ok && reply["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("no VM yet"),
+        "{reply}"
+    );
+
+    let (ok, reply) = ctl(&src_api, &["migrate", &format!("uri={target}")]);
+    assert!(ok, "{reply}");
+    let report = wait_until("the migration to end", PATIENCE, || {
+        let (_, r) = ctl(&src_api, &["query-migrate"]);
+        match r["return"]["status"].as_str() {
+            Some("completed" | "failed" | "cancelled") => Ok(r),
+            _ => Err(r.to_string()),
+        }
+    });
+    assert_eq!(report["return"]["status"], "completed", "{report}");
+    assert_eq!(report["return"]["x-vmig-verified"], true, "{report}");
+    // The source's guest runs on the destination now, and the source says so.
+    let (ok, reply) = port_io(&src_api, "in:0xc005");
+    assert!(
+        !ok && reply["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("handed over"),
+        "{reply}"
+    );
+    let reply = wait_until("the destination's VM to run", PATIENCE, || {
+        let (ok, r) = port_io(
+            &dst_api,
+            "in:0xc005,in:0xc000,in:0xc000,in:0xc000,in:0xc000,in:0xc005,in:0xc007",
+        );
+        if ok { Ok(r) } else { Err(r.to_string()) }
+    });
+    assert_eq!(
+        reply["return"],
+        json!({"read": [LSR_DATA_READY, b'v', b'm', b'i', b'g', LSR_EMPTY, 165]})
+    );
+    let (ok, _) = ctl(&dst_api, &["quit"]);
+    assert!(ok);
+    let destination = children.0.remove(0);
+    let out = destination.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the destination's guest verify passes"
+    );
+    drop(children);
     let _ = std::fs::remove_dir_all(&dir);
 }

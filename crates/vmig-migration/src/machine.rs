@@ -432,6 +432,16 @@ impl Machine {
                 specs.len()
             )));
         }
+        // A kernel device opens once: its group is held by the first open.
+        for (index, spec) in specs.iter().enumerate() {
+            if let Some(id) = spec.kernel_device()
+                && specs[..index]
+                    .iter()
+                    .any(|s| s.kernel_device().as_ref() == Some(&id))
+            {
+                return Err(MigrationError::device(id.name(), "given twice"));
+            }
+        }
         let mut devices = Vec::with_capacity(specs.len());
         let mut bus = DeviceBus {
             entries: Vec::new(),
@@ -599,12 +609,6 @@ fn open_device(
                 .ok_or_else(|| MigrationError::Invalid("not a kernel VFIO device".into()))?;
             let name = id.name().to_string();
             let named = |message: String| MigrationError::device(name.clone(), message);
-            if specs[..index]
-                .iter()
-                .any(|s| s.kernel_device().as_ref() == Some(&id))
-            {
-                return Err(named("given twice".into()));
-            }
             vmig_vfio::availability().map_err(named)?;
             id.check().map_err(device_error(&name))?;
             let kvm_vfio = match kvm_vfio {

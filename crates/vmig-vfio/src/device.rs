@@ -694,6 +694,7 @@ pub fn describe(container: &Container, device: &Device) -> Result<DeviceDescript
     Ok(DeviceDescription {
         origin: Origin::KernelPci(KernelPciDevice {
             name: device.name().to_owned(),
+            mdev: check_mdev_uuid(device.name()).is_ok(),
             blocker: device.migration_blocker(),
             page_sizes: info.iova_pgsizes,
             iova_ranges: info.iova_ranges.iter().map(|r| (r.start, r.last)).collect(),
