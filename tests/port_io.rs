@@ -24,8 +24,10 @@ use vmig_migration::{
 use vmig_primitives::GuestAddress;
 use vmig_test_support::{require_kvm, wait_until};
 use vmig_vfio_user::server::{
-    Device, DeviceSpec as ServerSpec, MigrationSupport, Refusal, RegionSpec, Server, ServerConfig,
+    Device, DeviceSpec as ServerSpec, IrqSpec, MigrationSupport, Refusal, RegionSpec, Server,
+    ServerConfig,
 };
+use vmig_vfio_user::wire::IRQ_INFO_EVENTFD;
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
@@ -39,11 +41,14 @@ const FIFO: usize = 16;
 
 /// A loopback UART: BAR0 is 8 I/O ports (its config-space register is `0x1`), a byte written
 /// to THR goes into a 16-byte FIFO that RX returns, LSR says whether one waits, SCR keeps a
-/// byte; it migrates (v2) its FIFO and SCR.
+/// byte; it migrates (v2) its FIFO and SCR. Like `mtty` it has INTx and one MSI vector, and
+/// no MSI-X.
 #[derive(Default)]
 struct LoopbackUart {
     fifo: Vec<u8>,
     scr: u8,
+    /// INTx only: no MSI vector either.
+    intx_only: bool,
 }
 
 impl LoopbackUart {
@@ -72,11 +77,19 @@ impl Device for LoopbackUart {
             writable: true,
             ..RegionSpec::default()
         };
+        let one = IrqSpec {
+            count: 1,
+            flags: IRQ_INFO_EVENTFD,
+        };
         ServerSpec {
             pci: true,
             reset: true,
             regions,
-            irqs: Vec::new(),
+            irqs: if self.intx_only {
+                vec![one]
+            } else {
+                vec![one, one]
+            },
         }
     }
 
@@ -112,7 +125,8 @@ impl Device for LoopbackUart {
     }
 
     fn reset(&mut self) -> Result<(), Refusal> {
-        *self = Self::default();
+        self.fifo.clear();
+        self.scr = 0;
         Ok(())
     }
 
@@ -145,10 +159,14 @@ struct UartServer {
 
 impl UartServer {
     fn start(dir: &Path, name: &str) -> Self {
+        Self::serve(dir, name, LoopbackUart::default())
+    }
+
+    fn serve(dir: &Path, name: &str, uart: LoopbackUart) -> Self {
         let socket = dir.join(name);
         let listener = UnixListener::bind(&socket).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let server = Server::new(LoopbackUart::default(), ServerConfig::default());
+        let server = Server::new(uart, ServerConfig::default());
         let thread = {
             let stop = Arc::clone(&stop);
             std::thread::spawn(move || {
@@ -241,6 +259,8 @@ fn io_bars_sit_in_the_port_window_and_the_guests_port_io_reaches_their_device() 
             "device {i}"
         );
         assert!(device.mapped.is_empty(), "an I/O BAR is never mapped");
+        // No MSI-X: its one MSI vector is wired.
+        assert_eq!(device.interrupts.len(), 1, "device {i}");
     }
     let (a, b) = (0xc000, 0xc100);
     let mut script = write_all(a, b"ab");
@@ -554,5 +574,36 @@ fn vmig_ctl_has_the_source_guest_write_and_the_destination_guest_read_a_uart() {
         "the destination's guest verify passes"
     );
     drop(children);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A device with INTx only runs with its interrupts unwired, and `vmig run` warns naming it.
+#[test]
+fn an_intx_only_device_is_attached_unwired_with_a_warning() {
+    require_kvm!();
+    let dir = temp_dir("intx");
+    let uart = UartServer::serve(
+        &dir,
+        "intx.sock",
+        LoopbackUart {
+            intx_only: true,
+            ..LoopbackUart::default()
+        },
+    );
+    let machine = source(&[uart.spec()]);
+    assert!(machine.devices[0].interrupts.is_empty());
+    drop(machine);
+    let out = vmig()
+        .args(["run", "--mem", "64M", "--duration", "0.2", "--device"])
+        .arg(format!("vfio-user,socket={}", uart.socket.display()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("intx.sock") && stderr.contains("the device's interrupts are not wired"),
+        "{stderr}"
+    );
+    drop(uart);
     let _ = std::fs::remove_dir_all(&dir);
 }
