@@ -39,10 +39,9 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-
-use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use vmig_kvm::guest::{self, IO_WINDOW_PORT, IO_WINDOW_PORTS, MMIO_WINDOW_GPA};
 use vmig_kvm::irq::MsiVector;
 use vmig_kvm::{MmioError, MmioHandler, PAGE_SIZE, PortHandler, PortOp, Vm};
