@@ -55,7 +55,8 @@ pub struct KernelDevice {
     pub device: Device,
     /// The container: guest RAM is mapped here, and its dirty tracking sees the device's DMA.
     pub container: Container,
-    /// Whether the device logs its own DMA (`DMA_LOGGING_*`), checked once at attach.
+    /// Whether the device's own DMA logging (`DMA_LOGGING_*`) is its dirty source, checked
+    /// once at attach (never for an mdev: its container is).
     pub dma_logging: bool,
     /// How it migrates, or why it cannot, found once at attach.
     migration: Result<MigrationProtocol, String>,
@@ -102,7 +103,14 @@ impl KernelDevice {
             // and atomics, so device writes into it break no Rust aliasing rule.
             unsafe { container.map_guest_section(section) }?;
         }
-        let dma_logging = device.dma_logging_supported();
+        // An mdev's parent driver reaches guest memory only through pins and `vfio_dma_rw`,
+        // which the container's type1 tracking records exactly; its own DMA logging, when it
+        // offers one, is not needed and may not work: `mtty`'s log ops do nothing, and on a
+        // kernel without CONFIG_IOMMUFD_DRIVER (Debian's 6.12) every report of it fails with
+        // EOPNOTSUPP (the rig's in-guest tests observed both). So an mdev's dirty source is
+        // its container.
+        let mdev = matches!(id, KernelDeviceId::Mdev(_));
+        let dma_logging = !mdev && device.dma_logging_supported();
         let mut pci_id = [0u8; 4];
         let ids = device.read_config(0, &mut pci_id).ok().map(|()| {
             (
@@ -116,7 +124,7 @@ impl KernelDevice {
             dma_logging,
             migration: Err(String::new()),
             ids,
-            mdev: matches!(id, KernelDeviceId::Mdev(_)),
+            mdev,
             _memory: Arc::clone(memory),
         })
     }
@@ -331,8 +339,9 @@ impl MigratableDevice for KernelDevice {
     /// kabi.md` §3.6-3.7: "an mdev group can dirty memory only via pin or `dma_rw`, so it never
     /// forces all-dirty"; upstream sets its scope at attach). `mtty` pins nothing, so a
     /// container holding only its group reports no page; the engine then takes that answer
-    /// instead of resending all RAM every pass. (A device with its own DMA logging reports
-    /// what it logged either way.)
+    /// instead of resending all RAM every pass. (An mdev's dirty source is always its
+    /// container, see `open`; a vfio-pci device with its own DMA logging reports what it
+    /// logged.)
     fn dirty_log_reports_everything(&self) -> bool {
         !self.mdev && self.dirty_log_kind() == DirtyLogKind::DirtyPages
     }
