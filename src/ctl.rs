@@ -22,7 +22,9 @@ use crate::qmp::names::qmp_status;
 /// query-migrate-parameters; migrate-set-capabilities '{"capabilities": [{"capability":
 /// "auto-converge", "state": true}]}' (capabilities auto-converge, events, multifd);
 /// query-migrate-capabilities; query-migrate; query-status; stop; cont; quit; query-version;
-/// query-commands. Exits 1 when the VM answers with an error.
+/// query-commands; and vmig's own x-vmig-guest-port-io ops=out:PORT:BYTE,in:PORT,... (the
+/// running guest does that port I/O to its devices' I/O BARs; the reply lists the bytes read).
+/// Exits 1 when the VM answers with an error.
 #[derive(Debug, Args)]
 pub struct CtlArgs {
     /// The control socket.

@@ -1,5 +1,6 @@
 //! `vmig device serve` and `vmig device probe`: serve a sample device over vfio-user, and
-//! describe any vfio-user server or a device bound to the kernel's vfio-pci.
+//! describe any vfio-user server, a device bound to the kernel's vfio-pci, or a mediated device
+//! (mdev) of the kernel's VFIO.
 
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -31,9 +32,9 @@ enum DeviceCommand {
         #[arg(long, value_name = "VERSION", default_value = "v2")]
         migration: String,
     },
-    /// Describe a device: a vfio-user server's (--socket), or a PCI device bound to vfio-pci
-    /// through the kernel's VFIO (--vfio-pci).
-    #[command(group(clap::ArgGroup::new("which").required(true).args(["socket", "vfio_pci"])))]
+    /// Describe a device: a vfio-user server's (--socket), a PCI device bound to vfio-pci
+    /// through the kernel's VFIO (--vfio-pci), or a mediated device (--vfio-mdev).
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["socket", "vfio_pci", "vfio_mdev"])))]
     Probe {
         /// The server's socket.
         #[arg(long, value_name = "PATH")]
@@ -41,6 +42,9 @@ enum DeviceCommand {
         /// The PCI address of a device bound to vfio-pci (or a variant driver).
         #[arg(long, value_name = "DOMAIN:BUS:SLOT.FN")]
         vfio_pci: Option<String>,
+        /// The UUID of a mediated device (/sys/bus/mdev/devices/UUID), such as an mtty port.
+        #[arg(long, value_name = "UUID")]
+        vfio_mdev: Option<String>,
     },
 }
 
@@ -59,7 +63,13 @@ pub fn run(args: &DeviceArgs) -> Result<ExitCode, String> {
             vfio_pci: Some(bdf),
             ..
         } => probe_kernel_device(bdf),
-        DeviceCommand::Probe { .. } => Err("give --socket PATH or --vfio-pci ADDRESS".into()),
+        DeviceCommand::Probe {
+            vfio_mdev: Some(uuid),
+            ..
+        } => probe_mdev(uuid),
+        DeviceCommand::Probe { .. } => {
+            Err("give --socket PATH, --vfio-pci ADDRESS or --vfio-mdev UUID".into())
+        }
     }
 }
 
@@ -107,6 +117,20 @@ fn probe(socket: &Path) -> Result<ExitCode, String> {
     let client = Client::connect(socket, None).map_err(text)?;
     print!("{}", client.describe(socket).map_err(text)?);
     client.close();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Describes a mediated device through the kernel's VFIO. Its UUID is checked (form, then that
+/// the mdev exists) before anything is opened, so a bad one is named whatever the kernel has.
+fn probe_mdev(uuid: &str) -> Result<ExitCode, String> {
+    let text = |e: vmig_vfio::VfioError| e.to_string();
+    vmig_vfio::device::check_mdev(uuid).map_err(text)?;
+    let container = vmig_vfio::Container::open(None).map_err(text)?;
+    let device = container.open_mdev(uuid).map_err(text)?;
+    print!(
+        "{}",
+        vmig_vfio::describe(&container, &device).map_err(text)?
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -45,10 +45,11 @@ pub struct RunArgs {
     /// Seconds to run before the verify (default 5; with --api or --incoming: until `quit`).
     #[arg(long, value_name = "SECONDS", allow_hyphen_values = true)]
     duration: Option<String>,
-    /// A device: vfio-user,socket=PATH[,rate=RECORDS_PER_S], or vfio-pci,host=DDDD:BB:DD.F for
-    /// a PCI device bound to vfio-pci (repeatable, at most 8). Guest RAM is DMA-mapped to it
-    /// and its BARs appear in the guest; a dma-engine is started with a ring in the top 2 MiB
-    /// of RAM per device.
+    /// A device: vfio-user,socket=PATH[,rate=RECORDS_PER_S], vfio-pci,host=DDDD:BB:DD.F for
+    /// a PCI device bound to vfio-pci, or vfio-mdev,uuid=UUID for a mediated device such as an
+    /// mtty port (repeatable, at most 8). Guest RAM is DMA-mapped to it and its BARs appear in
+    /// the guest (I/O-port BARs at port 0xc000 + 0x100 per device); a dma-engine is started
+    /// with a ring in the top 2 MiB of RAM per device.
     #[arg(long = "device", value_name = "SPEC")]
     devices: Vec<String>,
     /// QMP control socket (QEMU's protocol: `vmig ctl`, `qmp-shell`, `qemu.qmp` drive it).

@@ -149,4 +149,66 @@ fn probing_a_kernel_vfio_device_says_what_is_missing() {
     let out = vmig().args(["device", "probe"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--vfio-pci"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--vfio-mdev"));
+}
+
+/// A bad UUID and a mediated device that does not exist are each one line naming it and
+/// saying what was expected, whether or not this kernel has VFIO (both are checked before
+/// anything is opened). (An mdev in use gets the busy group's line; a real mtty port is
+/// described in the kernel-VFIO guest.)
+#[test]
+fn probing_a_mediated_device_names_a_bad_or_missing_uuid() {
+    for (uuid, messages) in [
+        (
+            "83b8f4f2-509f-382f-3c1e",
+            vec![
+                "mediated device UUID `83b8f4f2-509f-382f-3c1e`",
+                "expected 8-4-4-4-12 hex digits",
+            ],
+        ),
+        (
+            "../../../../etc/passwd-aaaaaaaaaaaaaa",
+            vec!["expected 8-4-4-4-12 hex digits"],
+        ),
+        (
+            "0000:01:00.0",
+            vec![
+                "mediated device UUID `0000:01:00.0`",
+                "expected 8-4-4-4-12 hex digits",
+            ],
+        ),
+        (
+            "00000000-0000-0000-0000-00000000ABCD",
+            vec![
+                "there is no mediated device 00000000-0000-0000-0000-00000000abcd",
+                "/sys/bus/mdev/devices/00000000-0000-0000-0000-00000000abcd does not exist",
+                "mdev_supported_types/TYPE/create",
+            ],
+        ),
+    ] {
+        let out = vmig()
+            .args(["device", "probe", "--vfio-mdev", uuid])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{uuid}");
+        assert_eq!(stderr.lines().count(), 1, "{uuid}: {stderr}");
+        for message in messages {
+            assert!(stderr.contains(message), "{uuid}: {stderr}");
+        }
+    }
+    // One device at a time.
+    let out = vmig()
+        .args([
+            "device",
+            "probe",
+            "--vfio-pci",
+            "0000:01:00.0",
+            "--vfio-mdev",
+            "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
 }

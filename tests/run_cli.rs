@@ -148,6 +148,27 @@ fn bad_inputs_end_with_one_clear_line_and_a_nonzero_exit() {
             "only applies to --dirty-log ring",
         ),
         (vec!["--vcpus", "9"], "expected 1 to 8"),
+        (vec!["--device", "vfio-mdev"], "uuid=UUID is missing"),
+        (
+            vec!["--device", "vfio-mdev,uuid=83b8f4f2-509f"],
+            "mediated device UUID `83b8f4f2-509f`: expected 8-4-4-4-12 hex digits",
+        ),
+        (
+            vec![
+                "--device",
+                "vfio-mdev,uuid=83b8f4f2-509f-382f-3c1e-e6bfe0fa1001,host=x",
+            ],
+            "unknown option `host=x`",
+        ),
+        (
+            vec![
+                "--device",
+                "vfio-mdev,uuid=83b8f4f2-509f-382f-3c1e-e6bfe0fa1001",
+                "--device",
+                "vfio-mdev,uuid=83B8F4F2-509F-382F-3C1E-E6BFE0FA1001",
+            ],
+            "device 83b8f4f2-509f-382f-3c1e-e6bfe0fa1001: given twice",
+        ),
         (vec!["--duration", "-1"], "expected a number of seconds"),
         (
             vec!["--restore", "/nonexistent/guest.vmig"],
@@ -180,6 +201,36 @@ fn bad_inputs_end_with_one_clear_line_and_a_nonzero_exit() {
             "{args:?}: expected `{expected}` in: {stderr}"
         );
     }
+}
+
+/// A mediated device that cannot be opened is named in one line: this kernel has no VFIO (this
+/// machine), or there is no such mdev, saying where it was looked for and how to create one.
+#[test]
+fn a_mediated_device_that_cannot_be_opened_is_named_in_one_line() {
+    if kvm_missing() {
+        return;
+    }
+    let uuid = "00000000-0000-0000-0000-00000000abcd";
+    let out = vmig(&[
+        "run",
+        "--device",
+        &format!("vfio-mdev,uuid={uuid}"),
+        "--duration",
+        "0",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(&format!("device {uuid}")), "{stderr}");
+    let expected = if Path::new("/dev/vfio/vfio").exists() {
+        format!("/sys/bus/mdev/devices/{uuid} does not exist")
+    } else {
+        "this kernel has no VFIO".to_string()
+    };
+    assert!(
+        stderr.contains(&expected),
+        "expected `{expected}`: {stderr}"
+    );
 }
 
 /// With `/dev/kvm` hidden (a private mount namespace with an empty `/dev`), `vmig run` says what

@@ -3,8 +3,11 @@
 //! them).
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use serde_json::{Map, Value, json};
+use vmig_kvm::PortOp;
+use vmig_kvm::guest::MAX_PORT_OPS;
 use vmig_migration::Status;
 use vmig_migration::report::MAX_CONNECTIONS;
 use vmig_migration::transport::Uri;
@@ -73,7 +76,65 @@ const COMMANDS: &[(&str, &[&str], Handler)] = &[
     ("quit", &[], quit),
     ("query-version", &[], query_version),
     ("query-commands", &[], query_commands),
+    (GUEST_PORT_IO, &["ops"], guest_port_io),
 ];
+
+/// vmig's own command (QEMU has none like it, hence the `x-vmig-` prefix of vmig's
+/// extensions): the guest does port I/O to its devices' I/O BARs itself.
+pub const GUEST_PORT_IO: &str = "x-vmig-guest-port-io";
+
+/// How long vCPU 0 has to take a port script (it does at its next batch boundary, within
+/// milliseconds when the VM runs).
+const PORT_SCRIPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The syntax of `x-vmig-guest-port-io`'s `ops`, for its errors.
+const PORT_OPS_FORM: &str = "expected OP[,OP...] with OP out:PORT:BYTE or in:PORT (numbers in \
+     decimal or 0x hex), e.g. out:0xc000:0x76,in:0xc005,in:0xc000";
+
+/// Parses `ops` of `x-vmig-guest-port-io`: `out:PORT:BYTE` and `in:PORT`, comma-separated, at
+/// most [`MAX_PORT_OPS`].
+pub fn parse_port_ops(text: &str) -> Result<Vec<PortOp>, String> {
+    fn number(text: &str, what: &str, max: u64) -> Result<u64, String> {
+        let value = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+            Some(hex) => u64::from_str_radix(hex, 16),
+            None => text.parse(),
+        };
+        value
+            .ok()
+            .filter(|&v| v <= max)
+            .ok_or_else(|| format!("{what} `{text}` is not a number from 0 to {max:#x}"))
+    }
+    let port = |text: &str| {
+        number(text, "port", u64::from(u16::MAX)).map(|p| u16::try_from(p).unwrap_or(u16::MAX))
+    };
+    if text.trim().is_empty() {
+        return Err(format!("ops is empty: {PORT_OPS_FORM}"));
+    }
+    let mut ops = Vec::new();
+    for (n, op) in text.split(',').enumerate() {
+        let bad = |why: String| format!("ops: operation {} `{op}`: {why}; {PORT_OPS_FORM}", n + 1);
+        let parsed = match op.trim().split(':').collect::<Vec<_>>().as_slice() {
+            ["out", p, byte] => PortOp::Out {
+                port: port(p).map_err(bad)?,
+                value: number(byte, "byte", 0xff)
+                    .map(|b| u8::try_from(b).unwrap_or(u8::MAX))
+                    .map_err(bad)?,
+            },
+            ["in", p] => PortOp::In {
+                port: port(p).map_err(bad)?,
+            },
+            _ => return Err(bad("not an operation".into())),
+        };
+        ops.push(parsed);
+    }
+    if ops.len() > MAX_PORT_OPS {
+        return Err(format!(
+            "ops: {} operations: a script holds at most {MAX_PORT_OPS}",
+            ops.len()
+        ));
+    }
+    Ok(ops)
+}
 
 /// The arguments of one command, taken one by one; what is left over is refused.
 pub struct Arguments(Map<String, Value>);
@@ -434,6 +495,28 @@ fn quit(_: &mut Arguments, shared: &Shared) -> Result<Value, QmpError> {
     Ok(json!({}))
 }
 
+/// `x-vmig-guest-port-io ops=...`: the running guest's vCPU 0 does `ops` with real `out` and
+/// `in` instructions, each port inside an I/O BAR of a device of this VM; the reply lists the
+/// bytes the `in`s read, in order (`{"read": [1, 118]}`).
+fn guest_port_io(arguments: &mut Arguments, shared: &Shared) -> Result<Value, QmpError> {
+    let text = arguments
+        .string("ops")?
+        .ok_or_else(|| QmpError::generic(format!("Parameter 'ops' is missing: {PORT_OPS_FORM}")))?;
+    let ops = parse_port_ops(&text).map_err(QmpError::generic)?;
+    let machine = shared
+        .machine()
+        .ok_or_else(|| QmpError::generic("no VM yet: this destination waits for a migration"))?;
+    if !shared.incoming && shared.progress.report().committed {
+        return Err(QmpError::generic(
+            "the VM was handed over to the destination (committed): its guest runs there",
+        ));
+    }
+    let read = machine
+        .run_port_script(&ops, PORT_SCRIPT_TIMEOUT)
+        .map_err(|e| QmpError::generic(e.to_string()))?;
+    Ok(json!({ "read": read }))
+}
+
 fn query_version(_: &mut Arguments, _: &Shared) -> Result<Value, QmpError> {
     Ok(version())
 }
@@ -444,4 +527,58 @@ fn query_commands(_: &mut Arguments, _: &Shared) -> Result<Value, QmpError> {
     Ok(Value::Array(
         names.into_iter().map(|n| json!({ "name": n })).collect(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ops_parse_strictly() {
+        assert_eq!(
+            parse_port_ops("out:0xc000:0x76, out:49152:109,in:0xC005,in:0xc000").unwrap(),
+            [
+                PortOp::Out {
+                    port: 0xc000,
+                    value: 0x76
+                },
+                PortOp::Out {
+                    port: 0xc000,
+                    value: 109
+                },
+                PortOp::In { port: 0xc005 },
+                PortOp::In { port: 0xc000 },
+            ]
+        );
+        for (bad, why) in [
+            ("", "ops is empty"),
+            ("in:0xc000,", "operation 2 ``: not an operation"),
+            ("read:0xc000", "operation 1 `read:0xc000`: not an operation"),
+            ("out:0xc000", "operation 1 `out:0xc000`: not an operation"),
+            ("in:0xc000:1", "not an operation"),
+            (
+                "in:0x10000",
+                "port `0x10000` is not a number from 0 to 0xffff",
+            ),
+            (
+                "out:0xc000:256",
+                "byte `256` is not a number from 0 to 0xff",
+            ),
+            ("out:0xc000:-1", "byte `-1` is not a number"),
+            ("in:port", "port `port` is not a number"),
+            ("in:0x", "port `0x` is not a number"),
+        ] {
+            let err = parse_port_ops(bad).unwrap_err();
+            assert!(
+                err.contains(why) && err.contains(PORT_OPS_FORM),
+                "{bad}: {err}"
+            );
+        }
+        let long = vec!["in:0xc005"; MAX_PORT_OPS + 1].join(",");
+        assert!(
+            parse_port_ops(&long)
+                .unwrap_err()
+                .contains("65 operations: a script holds at most 64")
+        );
+    }
 }

@@ -77,6 +77,20 @@ pub enum KvmError {
         #[source]
         source: crate::ports::MmioError,
     },
+    /// The handler of a guest port access failed (no device claims the port, or the device
+    /// failed).
+    #[error("guest failed: vCPU {vcpu} {} I/O port {port:#x}: {source}", if *.write { "wrote to" } else { "read" })]
+    Port {
+        /// The vCPU.
+        vcpu: usize,
+        /// The port.
+        port: u16,
+        /// Whether it was an `out`.
+        write: bool,
+        /// Why.
+        #[source]
+        source: crate::ports::MmioError,
+    },
     /// A vCPU thread stopped on an error (its exit handler or `KVM_RUN` failed).
     #[error("guest failed: {0}")]
     VcpuStopped(#[source] Arc<KvmError>),

@@ -16,10 +16,18 @@
 //! - snapshots of a paused VM that another process continues ([`snapshot`]).
 //!
 //! It leaves device models, DMA and the migration stream to the crates above it and never names
-//! a device. The guest's port exits are served here (pacing, verify reports); its MMIO exits,
-//! accesses where there is no RAM, are handed to the one [`MmioHandler`] the layer above installs
-//! with [`Vm::set_mmio_handler`] (the engine's device bus), and interrupts come in through the
-//! [`irq::MsiVector`]s it asks for.
+//! a device. The guest's report ports (`0x510`-`0x513`: pacing, verify reports, yield) are
+//! served here; its MMIO exits, accesses where there is no RAM, are handed to the one
+//! [`MmioHandler`] the layer above installs with [`Vm::set_mmio_handler`], and its other port
+//! exits (devices' I/O-port BARs, placed in [`guest::IO_WINDOW_PORT`]'s window) to the one
+//! [`PortHandler`] it installs with [`Vm::set_port_handler`] (both: the engine's device bus); an
+//! access nothing claims stops the vCPU with a message naming it. Interrupts come in through
+//! the [`irq::MsiVector`]s it asks for.
+//!
+//! The guest can also be made to do port I/O itself: [`Vm::run_port_script`] posts a few
+//! byte-wide `out`s and `in`s ([`PortOp`]) in the control page, vCPU 0 executes them at its next
+//! batch boundary, and the bytes the `in`s read come back (how a test shows that a UART's FIFO
+//! crossed a migration: written by the source's guest, read back by the destination's).
 //!
 //! ```no_run
 //! use vmig_kvm::{Vm, VmConfig, DirtyLogMode};
@@ -51,9 +59,9 @@ mod vm;
 
 pub use dirty::{CpuDirtyLog, DEFAULT_CLEAR_CHUNK_PAGES, DirtyLogMode, DirtyLogStats};
 pub use error::{KvmError, Result};
-pub use guest::{Workload, WorkloadKind, parse_size};
+pub use guest::{PortOp, Workload, WorkloadKind, parse_size};
 pub use memory::{GuestMemory, PAGE_SIZE};
-pub use ports::{MmioError, MmioHandler, VerifyReport};
+pub use ports::{MmioError, MmioHandler, PortHandler, VerifyReport};
 pub use vcpu::VcpuState;
 pub use vm::{DEFAULT_RING_ENTRIES, Vm, VmBuilder, VmConfig};
 

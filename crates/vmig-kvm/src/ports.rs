@@ -1,5 +1,7 @@
 //! The VMM end of the guest's I/O ports: pacing writes with a token bucket, collecting what
-//! `verify` finds, and yielding while vCPUs spin in a barrier.
+//! `verify` finds, and yielding while vCPUs spin in a barrier; every other port, and every
+//! access where there is no RAM, goes to the handlers the layer above installs
+//! ([`PortHandler`], [`MmioHandler`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -114,6 +116,7 @@ pub(crate) struct GuestPorts {
     verify_changed: Condvar,
     pace_exits: AtomicU64,
     mmio: std::sync::RwLock<Option<Arc<dyn MmioHandler>>>,
+    ports: std::sync::RwLock<Option<Arc<dyn PortHandler>>>,
 }
 
 /// Where guest accesses to addresses that are not RAM go: the device bus of the layer above.
@@ -124,7 +127,17 @@ pub trait MmioHandler: Send + Sync {
     fn write(&self, addr: u64, data: &[u8]) -> std::result::Result<(), MmioError>;
 }
 
-/// Why an [`MmioHandler`] could not serve a guest access; the vCPU that made it stops.
+/// Where guest port I/O goes other than the guest's own report ports (`0x510`-`0x513`): the
+/// device bus of the layer above, for devices' I/O-port BARs.
+pub trait PortHandler: Send + Sync {
+    /// A guest `in` of `data.len()` bytes from `port`: fill `data`.
+    fn read(&self, port: u16, data: &mut [u8]) -> std::result::Result<(), MmioError>;
+    /// A guest `out` of `data` to `port`.
+    fn write(&self, port: u16, data: &[u8]) -> std::result::Result<(), MmioError>;
+}
+
+/// Why an [`MmioHandler`] (or a [`PortHandler`]: `addr` is then the port) could not serve a
+/// guest access; the vCPU that made it stops.
 #[derive(Debug, thiserror::Error)]
 pub enum MmioError {
     /// Nothing on the bus covers the access.
@@ -163,7 +176,16 @@ impl GuestPorts {
             verify_changed: Condvar::new(),
             pace_exits: AtomicU64::new(0),
             mmio: std::sync::RwLock::new(None),
+            ports: std::sync::RwLock::new(None),
         }
+    }
+
+    pub(crate) fn set_ports(&self, handler: Option<Arc<dyn PortHandler>>) {
+        *self.ports.write().unwrap_or_else(|e| e.into_inner()) = handler;
+    }
+
+    fn ports(&self) -> Option<Arc<dyn PortHandler>> {
+        self.ports.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub(crate) fn set_mmio(&self, handler: Option<Arc<dyn MmioHandler>>) {
@@ -229,6 +251,14 @@ impl GuestPorts {
     }
 }
 
+/// Whether `port` is one the guest reports through (served here, never by a device).
+pub(crate) fn is_report_port(port: u16) -> bool {
+    matches!(
+        port,
+        PORT_PACE | PORT_BAD_PAGE | PORT_VERIFY_DONE | PORT_YIELD
+    )
+}
+
 fn word(data: &[u8]) -> u64 {
     let mut bytes = [0u8; 8];
     let n = data.len().min(8);
@@ -260,20 +290,38 @@ impl ExitHandler for GuestPorts {
             }
             PORT_YIELD => std::thread::sleep(Duration::from_micros(50)),
             _ => {
-                return Err(KvmError::Guest(format!(
-                    "vCPU {} wrote to I/O port {port:#x}, which has no device",
-                    ctx.vcpu
-                )));
+                let Some(bus) = self.ports() else {
+                    return Err(KvmError::Guest(format!(
+                        "vCPU {} wrote to I/O port {port:#x}, which has no device",
+                        ctx.vcpu
+                    )));
+                };
+                bus.write(port, data).map_err(|source| KvmError::Port {
+                    vcpu: ctx.vcpu,
+                    port,
+                    write: true,
+                    source,
+                })?;
             }
         }
         Ok(())
     }
 
-    fn io_in(&self, ctx: &ExitContext<'_>, port: u16, _data: &mut [u8]) -> Result<()> {
-        Err(KvmError::Guest(format!(
-            "vCPU {} read I/O port {port:#x}, which has no device",
-            ctx.vcpu
-        )))
+    fn io_in(&self, ctx: &ExitContext<'_>, port: u16, data: &mut [u8]) -> Result<()> {
+        // The report ports are the guest's to write: reading one is a guest error, as
+        // reading a port nothing claims.
+        let Some(bus) = self.ports().filter(|_| !is_report_port(port)) else {
+            return Err(KvmError::Guest(format!(
+                "vCPU {} read I/O port {port:#x}, which has no device",
+                ctx.vcpu
+            )));
+        };
+        bus.read(port, data).map_err(|source| KvmError::Port {
+            vcpu: ctx.vcpu,
+            port,
+            write: false,
+            source,
+        })
     }
 
     fn mmio_read(&self, ctx: &ExitContext<'_>, addr: u64, data: &mut [u8]) -> Result<()> {

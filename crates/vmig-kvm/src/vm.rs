@@ -25,10 +25,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::dirty::{CpuDirtyLog, DirtyLogMode};
 use crate::error::{KvmError, Result, ioctl_error};
+use crate::guest::PortOp;
 use crate::guest::{self, GuestLayout, GuestProgram, MAX_VCPUS, Workload};
 use crate::irq::{IrqRoutes, MsiVector};
 use crate::memory::{GuestMemory, PAGE_SIZE};
-use crate::ports::{GuestPorts, MmioHandler, VerifyReport};
+use crate::ports::{GuestPorts, MmioHandler, PortHandler, VerifyReport};
 use crate::sys::{self, DirtyRing};
 use crate::vcpu::{MIGRATED_MSRS, VcpuHandle, VcpuState, restore_state, save_state};
 use vmig_primitives::HostMemory;
@@ -326,6 +327,8 @@ pub struct Vm {
     irq_routes: IrqRoutes,
     /// Device memory mapped into the guest: memslot id and mapping.
     device_slots: std::sync::Mutex<Vec<(u32, HostMemory)>>,
+    /// Held while a port script is posted and awaited: one at a time.
+    port_script: std::sync::Mutex<()>,
     _vm: Arc<VmFd>,
 }
 
@@ -411,6 +414,12 @@ impl Vm {
     /// guest errors again.
     pub fn set_mmio_handler(&self, handler: Option<Arc<dyn MmioHandler>>) {
         self.ports.set_mmio(handler);
+    }
+
+    /// Routes guest port I/O other than the guest's own report ports (devices' I/O-port BARs)
+    /// to `handler`; `None` makes it a guest error again.
+    pub fn set_port_handler(&self, handler: Option<Arc<dyn PortHandler>>) {
+        self.ports.set_ports(handler);
     }
 
     /// Creates the VM of `config` and loads `memory_loader`'s contents and `vcpus`' state into it:
@@ -507,6 +516,7 @@ impl Vm {
             paused: std::sync::Mutex::new(true),
             irq_routes: IrqRoutes::default(),
             device_slots: std::sync::Mutex::new(Vec::new()),
+            port_script: std::sync::Mutex::new(()),
             _vm: vm,
         };
         load(&vm, &memory, &layout)?;
@@ -627,6 +637,44 @@ impl Vm {
             bad_count: tally.bad_count,
             bad_pages: tally.bad_pages,
         })
+    }
+
+    /// Has the running guest's vCPU 0 execute `ops` (at most [`guest::MAX_PORT_OPS`]) with
+    /// real `out dx, al` / `in al, dx` instructions at its next batch boundary, and returns the
+    /// bytes its `in`s read, in order. The accesses exit to the VM's port handler
+    /// ([`Vm::set_port_handler`]) as any guest port access does: a port nothing claims stops
+    /// vCPU 0, and this fails saying so. The VM must be running; the write loop, its pacing,
+    /// the doorbells and verify go on undisturbed, and the other vCPUs never look at it.
+    ///
+    /// Fails on a timeout (the script then still runs when vCPU 0 gets to it, and no other is
+    /// taken until it has) and when a vCPU stopped.
+    pub fn run_port_script(&self, ops: &[PortOp], timeout: Duration) -> Result<Vec<u8>> {
+        if self.is_paused() {
+            return Err(KvmError::Order(
+                "a port script runs in the guest: resume the VM first".into(),
+            ));
+        }
+        let _one = self.port_script.lock().unwrap_or_else(|e| e.into_inner());
+        self.check_vcpus()?;
+        let seq = guest::post_port_script(&self.memory, ops)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if guest::port_script_done(&self.memory, seq)? {
+                return guest::port_script_reads(&self.memory, ops);
+            }
+            self.check_vcpus()?;
+            if Instant::now() >= deadline {
+                return Err(KvmError::Timeout(format!(
+                    "vCPU 0 did not run port script {seq} within {timeout:?}{}; it runs when vCPU 0 next reaches a batch boundary",
+                    if self.is_paused() {
+                        " (the VM was paused meanwhile)"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
     }
 
     /// Saves every vCPU's state; the VM must be paused and every vCPU healthy.

@@ -64,11 +64,14 @@ pub struct VfioUserServer {
     pub dirty_pages_pgsize: Option<u64>,
 }
 
-/// What the kernel reports about a vfio-pci device and its container.
+/// What the kernel reports about a vfio-pci device (or a mediated device that presents itself
+/// as PCI) and its container.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelPciDevice {
-    /// The device's name (its PCI address).
+    /// The device's name (its PCI address, or an mdev's UUID).
     pub name: String,
+    /// A mediated device (opened by UUID), not a PCI function.
+    pub mdev: bool,
     /// Why the device cannot migrate, when it cannot.
     pub blocker: Option<String>,
     /// Page sizes of the container's IOMMU.
@@ -92,6 +95,8 @@ pub struct RegionDescription {
     pub readable: bool,
     /// Writes allowed.
     pub writable: bool,
+    /// A BAR that decodes I/O ports (its config-space register has bit 0 set), not memory.
+    pub io: bool,
     /// How it may be mapped.
     pub mmap: Mmap,
     /// Device-specific type and subtype.
@@ -205,11 +210,12 @@ impl DeviceDescription {
         for r in &self.regions {
             write!(
                 f,
-                "  region {}: {} bytes, {}{}",
+                "  region {}: {} bytes, {}{}{}",
                 r.index,
                 r.size,
                 if r.readable { "r" } else { "-" },
-                if r.writable { "w" } else { "-" }
+                if r.writable { "w" } else { "-" },
+                if r.io { ", I/O ports" } else { "" }
             )?;
             match &r.mmap {
                 Mmap::Whole => write!(f, ", mmap")?,
@@ -260,7 +266,12 @@ impl DeviceDescription {
     fn fmt_kernel(&self, f: &mut fmt::Formatter<'_>, d: &KernelPciDevice) -> fmt::Result {
         writeln!(
             f,
-            "VFIO PCI device {}{}",
+            "VFIO {} {}{}",
+            if d.mdev {
+                "mediated device (PCI)"
+            } else {
+                "PCI device"
+            },
             d.name,
             if self.reset { ", reset" } else { "" }
         )?;
@@ -272,7 +283,7 @@ impl DeviceDescription {
             };
             writeln!(
                 f,
-                "  region {} ({}): {:#x} bytes, {}{}, {mmap}",
+                "  region {} ({}): {:#x} bytes, {}{}{}, {mmap}",
                 r.index,
                 usize::try_from(r.index)
                     .ok()
@@ -280,7 +291,8 @@ impl DeviceDescription {
                     .unwrap_or(&"device-specific"),
                 r.size,
                 if r.readable { "r" } else { "-" },
-                if r.writable { "w" } else { "-" }
+                if r.writable { "w" } else { "-" },
+                if r.io { ", I/O ports" } else { "" }
             )?;
         }
         for irq in &self.irqs {
@@ -344,6 +356,7 @@ mod tests {
                 size: 4096,
                 readable: true,
                 writable: true,
+                io: false,
                 mmap: Mmap::Trapped,
                 region_type: None,
             },
@@ -352,6 +365,7 @@ mod tests {
                 size: 0x10_1000,
                 readable: true,
                 writable: true,
+                io: false,
                 mmap: Mmap::Areas(vec![RegionArea::new(0x1000, 0x10_0000)]),
                 region_type: Some((3, 1)),
             },
@@ -404,6 +418,7 @@ mod tests {
         let d = DeviceDescription {
             origin: Origin::KernelPci(KernelPciDevice {
                 name: "0000:00:04.0".into(),
+                mdev: false,
                 blocker: Some("VFIO device 0000:00:04.0 cannot migrate".into()),
                 page_sizes: 0x4020_1000,
                 iova_ranges: vec![(0, 0xfedf_ffff)],
@@ -411,10 +426,18 @@ mod tests {
                 dirty_tracking: Some((0x1000, 256 << 20)),
             }),
             reset: false,
-            regions: vec![RegionDescription {
-                mmap: Mmap::Whole,
-                ..regions().remove(0)
-            }],
+            regions: vec![
+                RegionDescription {
+                    mmap: Mmap::Whole,
+                    ..regions().remove(0)
+                },
+                RegionDescription {
+                    index: 1,
+                    size: 8,
+                    io: true,
+                    ..regions().remove(0)
+                },
+            ],
             irqs: vec![IrqDescription {
                 index: 1,
                 count: 1,
@@ -427,10 +450,61 @@ mod tests {
             d.to_string(),
             "VFIO PCI device 0000:00:04.0\n  \
              region 0 (BAR0): 0x1000 bytes, rw, mmap\n  \
+             region 1 (BAR1): 0x8 bytes, rw, I/O ports, trapped\n  \
              irq 1 (MSI): 1 vector(s)\n\
              migration: none\n\
              blocker: VFIO device 0000:00:04.0 cannot migrate\n\
              container: type1 v2, page sizes 0x40201000, IOVA ranges [0x0, 0xfedfffff], ? mappings available\n\
+             dirty tracking: type1 (page 0x1000, bitmaps up to 268435456 bytes)\n"
+        );
+    }
+
+    #[test]
+    fn a_mediated_device_says_so_and_shows_its_io_bar() {
+        let d = DeviceDescription {
+            origin: Origin::KernelPci(KernelPciDevice {
+                name: "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001".into(),
+                mdev: true,
+                blocker: None,
+                page_sizes: 0x1000,
+                iova_ranges: vec![(0, u64::MAX)],
+                dma_avail: Some(65535),
+                dirty_tracking: Some((0x1000, 256 << 20)),
+            }),
+            reset: false,
+            regions: vec![RegionDescription {
+                size: 8,
+                io: true,
+                ..regions().remove(0)
+            }],
+            irqs: vec![
+                IrqDescription {
+                    index: 0,
+                    count: 1,
+                    eventfd: true,
+                    maskable: true,
+                },
+                IrqDescription {
+                    index: 1,
+                    count: 1,
+                    eventfd: true,
+                    maskable: false,
+                },
+            ],
+            migration: MigrationDescription::V2 {
+                flags: 0x7,
+                pre_copy: true,
+                dma_logging: true,
+            },
+        };
+        assert_eq!(
+            d.to_string(),
+            "VFIO mediated device (PCI) 83b8f4f2-509f-382f-3c1e-e6bfe0fa1001\n  \
+             region 0 (BAR0): 0x8 bytes, rw, I/O ports, trapped\n  \
+             irq 0 (INTx): 1 vector(s)\n  \
+             irq 1 (MSI): 1 vector(s)\n\
+             migration: v2 (flags 0x7, PRE_COPY), device DMA logging yes\n\
+             container: type1 v2, page sizes 0x1000, IOVA ranges [0x0, 0xffffffffffffffff], 65535 mappings available\n\
              dirty tracking: type1 (page 0x1000, bitmaps up to 268435456 bytes)\n"
         );
     }

@@ -67,10 +67,62 @@ pub const VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL: u16 = 3;
 pub const VFIO_REGION_TYPE_MIGRATION: u32 = 3;
 /// `VFIO_REGION_SUBTYPE_MIGRATION`.
 pub const VFIO_REGION_SUBTYPE_MIGRATION: u32 = 1;
+/// `VFIO_PCI_INTX_IRQ_INDEX`: a PCI device's legacy interrupt line (vfio-user uses the same
+/// index).
+pub const VFIO_PCI_INTX_IRQ_INDEX: u32 = 0;
 /// `VFIO_PCI_MSI_IRQ_INDEX`: a PCI device's MSI vectors (vfio-user uses the same index).
 pub const VFIO_PCI_MSI_IRQ_INDEX: u32 = 1;
 /// `VFIO_PCI_MSIX_IRQ_INDEX`: a PCI device's MSI-X vectors.
 pub const VFIO_PCI_MSIX_IRQ_INDEX: u32 = 2;
+
+/// `VFIO_PCI_CONFIG_REGION_INDEX`: a PCI device's config space (vfio-user uses the same index).
+pub const VFIO_PCI_CONFIG_REGION_INDEX: u32 = 7;
+
+/// Config-space offset of BAR0's register (`PCI_BASE_ADDRESS_0` of `pci_regs.h`, the uAPI's
+/// PCI header); BAR *n*'s is 4 *n* bytes on.
+pub const PCI_BASE_ADDRESS_0: u64 = 0x10;
+/// Bit 0 of a BAR register: the BAR decodes I/O ports, not memory
+/// (`PCI_BASE_ADDRESS_SPACE_IO`).
+pub const PCI_BASE_ADDRESS_SPACE_IO: u32 = 0x1;
+/// Bits 2:1 of a memory BAR register, `0b10`: a 64-bit BAR, whose upper half is the next
+/// register (`PCI_BASE_ADDRESS_MEM_TYPE_64`).
+pub const PCI_BASE_ADDRESS_MEM_TYPE_64: u32 = 0x4;
+/// `PCI_BASE_ADDRESS_MEM_TYPE_MASK`.
+pub const PCI_BASE_ADDRESS_MEM_TYPE_MASK: u32 = 0x6;
+/// The PCI command register's offset and its decode-enable bits (`PCI_COMMAND`,
+/// `PCI_COMMAND_IO`, `PCI_COMMAND_MEMORY`, `PCI_COMMAND_MASTER`).
+pub const PCI_COMMAND: u64 = 0x4;
+/// `PCI_COMMAND_IO`: I/O-port BARs decode.
+pub const PCI_COMMAND_IO: u16 = 0x1;
+/// `PCI_COMMAND_MEMORY`: memory BARs decode.
+pub const PCI_COMMAND_MEMORY: u16 = 0x2;
+/// `PCI_COMMAND_MASTER`: the device may DMA.
+pub const PCI_COMMAND_MASTER: u16 = 0x4;
+
+/// Which of BARs 0-5 decode I/O ports, from the six BAR registers as config space holds them
+/// (24 bytes read at [`PCI_BASE_ADDRESS_0`], little-endian): those with bit 0 set. The upper
+/// half of a 64-bit memory BAR is no BAR of its own, so it is never I/O whatever its bits
+/// (they are address bits).
+pub fn io_bars(registers: &[u8; 24]) -> [bool; 6] {
+    let mut io = [false; 6];
+    let mut index = 0;
+    while index < 6 {
+        let at = index * 4;
+        let register = u32::from_le_bytes([
+            registers[at],
+            registers[at + 1],
+            registers[at + 2],
+            registers[at + 3],
+        ]);
+        if register & PCI_BASE_ADDRESS_SPACE_IO != 0 {
+            io[index] = true;
+        } else if register & PCI_BASE_ADDRESS_MEM_TYPE_MASK == PCI_BASE_ADDRESS_MEM_TYPE_64 {
+            index += 1;
+        }
+        index += 1;
+    }
+    io
+}
 
 /// Highest user address plus one on x86-64 (`TASK_SIZE_MAX`): `access_ok` fails above it.
 pub const TASK_SIZE_MAX: u64 = 0x0000_7fff_ffff_f000;
@@ -288,5 +340,41 @@ pub mod device_state {
     /// `VFIO_DEVICE_STATE_SET_ERROR`: keeps the reserved bits.
     pub const fn set_error(state: u32) -> u32 {
         (state & !MASK) | ERROR
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::io_bars;
+
+    fn registers(bars: [u32; 6]) -> [u8; 24] {
+        let mut bytes = [0u8; 24];
+        for (chunk, bar) in bytes.chunks_exact_mut(4).zip(bars) {
+            chunk.copy_from_slice(&bar.to_le_bytes());
+        }
+        bytes
+    }
+
+    #[test]
+    fn io_bars_are_those_with_bit_0_set_and_never_a_64_bit_bars_upper_half() {
+        // mtty's two-port type: BAR0 and BAR1 are I/O, nothing else exists.
+        assert_eq!(
+            io_bars(&registers([0x1, 0x1, 0, 0, 0, 0])),
+            [true, true, false, false, false, false]
+        );
+        // A 64-bit memory BAR0 whose upper half has bit 0 set (an address above 4 GiB), an
+        // I/O BAR2 at 0xc001, a 32-bit prefetchable BAR3, a 64-bit BAR4.
+        assert_eq!(
+            io_bars(&registers([
+                0xfe00_000c,
+                0x0000_0001,
+                0x0000_c001,
+                0xe000_0008,
+                0x0000_0004,
+                0xffff_ffff
+            ])),
+            [false, false, true, false, false, false]
+        );
+        assert_eq!(io_bars(&[0; 24]), [false; 6]);
     }
 }

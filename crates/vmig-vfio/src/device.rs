@@ -392,6 +392,15 @@ impl Device {
         Ok(u16::from_le_bytes(b))
     }
 
+    /// Which of BARs 0-5 decode I/O ports (their config-space register has bit 0 set, as a
+    /// 16550 UART's such as the `mtty` sample's), from config space as the device's driver
+    /// presents it.
+    pub fn io_bars(&self) -> Result<[bool; 6]> {
+        let mut registers = [0u8; 24];
+        self.read_config(vmig_primitives::uapi::PCI_BASE_ADDRESS_0, &mut registers)?;
+        Ok(vmig_primitives::uapi::io_bars(&registers))
+    }
+
     /// Where the MSI-X table and pending-bit array are, or `None` without an MSI-X
     /// capability. A guest must not reach them through a mapping: vfio-pci programs the table
     /// for the interrupts it was given, and lets a mapping through (`MSIX_MAPPABLE`).
@@ -655,6 +664,7 @@ impl Device {
 /// offers for migration and dirty tracking, and why it cannot migrate when it cannot. Its
 /// `Display` is what `vmig device probe --vfio-pci` prints.
 pub fn describe(container: &Container, device: &Device) -> Result<DeviceDescription> {
+    let io = device.io_bars().unwrap_or_default();
     let regions = (0..16)
         .filter_map(|index| {
             let r = device.region(index)?;
@@ -670,6 +680,10 @@ pub fn describe(container: &Container, device: &Device) -> Result<DeviceDescript
                 size: r.size,
                 readable: r.readable(),
                 writable: r.writable(),
+                io: usize::try_from(index)
+                    .ok()
+                    .and_then(|i| io.get(i))
+                    .is_some_and(|&io| io),
                 mmap,
                 region_type: None,
             })
@@ -698,6 +712,7 @@ pub fn describe(container: &Container, device: &Device) -> Result<DeviceDescript
     Ok(DeviceDescription {
         origin: Origin::KernelPci(KernelPciDevice {
             name: device.name().to_owned(),
+            mdev: check_mdev_uuid(device.name()).is_ok(),
             blocker: device.migration_blocker(),
             page_sizes: info.iova_pgsizes,
             iova_ranges: info.iova_ranges.iter().map(|r| (r.start, r.last)).collect(),

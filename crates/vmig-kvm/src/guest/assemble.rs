@@ -1,5 +1,5 @@
 //! The guest's code, assembled at run time: the write loop (page choice, stamp, journal), the
-//! driver's doorbells, pacing, and the verify between two barriers.
+//! driver's doorbells, the port script, pacing, and the verify between two barriers.
 
 use iced_x86::code_asm::*;
 
@@ -146,6 +146,7 @@ impl GuestProgram {
         a.dec(rdi)?;
         a.jmp(doorbell)?;
         a.set_label(&mut doorbells_done)?;
+        self.port_script(&mut a)?;
         if self.workload.rate.is_some() {
             a.mov(dx, u32::from(PORT_PACE))?;
             a.mov(
@@ -245,6 +246,52 @@ impl GuestProgram {
         a.jmp(write_loop)?;
 
         a.assemble(CODE_GPA)
+    }
+
+    /// vCPU 0 runs the port script the VMM posted, if there is a new one (see
+    /// `protocol`'s module doc). It uses only the registers the doorbells use (rax, rcx, rdx,
+    /// rsi, rdi), which the write loop does not keep across a batch boundary.
+    fn port_script(&self, a: &mut CodeAssembler) -> std::result::Result<(), IcedError> {
+        let mut done = a.create_label();
+        let mut next_op = a.create_label();
+        let mut op_in = a.create_label();
+        let mut op_end = a.create_label();
+        let mut ran = a.create_label();
+        let max_ops = i32::try_from(MAX_PORT_OPS).expect("a script holds few operations");
+        a.test(r8, r8)?;
+        a.jnz(done)?;
+        a.mov(rcx, CONTROL_GPA)?;
+        a.mov(rax, qword_ptr(rcx + CTL_SCRIPT_SEQ))?;
+        a.cmp(rax, qword_ptr(rcx + CTL_SCRIPT_DONE))?;
+        a.je(done)?;
+        a.mov(rdi, qword_ptr(rcx + CTL_SCRIPT_COUNT))?;
+        // Never past the operations' words, whatever the count says.
+        a.mov(eax, max_ops)?;
+        a.cmp(rdi, rax)?;
+        a.cmova(rdi, rax)?;
+        a.lea(rsi, qword_ptr(rcx + CTL_SCRIPT_OPS))?;
+        a.set_label(&mut next_op)?;
+        a.test(rdi, rdi)?;
+        a.jz(ran)?;
+        a.movzx(edx, word_ptr(rsi))?;
+        a.cmp(byte_ptr(rsi + 2), i32::from(SCRIPT_OUT))?;
+        a.jne(op_in)?;
+        a.mov(al, byte_ptr(rsi + SCRIPT_VALUE_BYTE))?;
+        a.out(dx, al)?;
+        a.jmp(op_end)?;
+        a.set_label(&mut op_in)?;
+        a.in_(al, dx)?;
+        a.mov(byte_ptr(rsi + SCRIPT_READ_BYTE), al)?;
+        a.set_label(&mut op_end)?;
+        a.add(rsi, 8)?;
+        a.dec(rdi)?;
+        a.jmp(next_op)?;
+        a.set_label(&mut ran)?;
+        // Done with the sequence that was posted: the VMM posts no other until it sees this.
+        a.mov(rax, qword_ptr(rcx + CTL_SCRIPT_SEQ))?;
+        a.mov(qword_ptr(rcx + CTL_SCRIPT_DONE), rax)?;
+        a.set_label(&mut done)?;
+        Ok(())
     }
 
     /// All vCPUs increment the counter, then spin (yielding to the VMM) until it reaches the

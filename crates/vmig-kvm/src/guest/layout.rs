@@ -29,6 +29,14 @@ pub const MMIO_WINDOW_GPA: u64 = 0xe000_0000;
 /// Size of [`MMIO_WINDOW_GPA`]'s window.
 pub const MMIO_WINDOW_SIZE: u64 = 0x1000_0000;
 
+/// First guest I/O port of the window where devices' I/O-port BARs go (as the MMIO window,
+/// for BARs with bit 0 set in config space, such as a 16550 UART's): above the legacy PC ports
+/// and the guest's report ports (`0x510`-`0x513`), where PCI firmware puts I/O BARs. Port
+/// accesses exit to the VMM; nothing there is ever mapped.
+pub const IO_WINDOW_PORT: u16 = 0xc000;
+/// Ports in [`IO_WINDOW_PORT`]'s window.
+pub const IO_WINDOW_PORTS: u16 = 0x1000;
+
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: usize = 8;
 

@@ -19,7 +19,10 @@
 //! (the VMM's token bucket sleeps it), each inconsistent page found by `verify`, the end of a
 //! verify, and a yield while it spins in a barrier. `verify` stops every vCPU's writes at a
 //! barrier in guest memory, has each vCPU check its slice of the working set against the
-//! journal, and releases them at a second barrier.
+//! journal, and releases them at a second barrier. A port script (a few byte-wide `out`s and
+//! `in`s the VMM posts in the control page) is run by vCPU 0 at a batch boundary, so a test can
+//! have the guest itself drive a device's I/O-port BAR, for example a UART's FIFO before and
+//! after a migration.
 //!
 //! Its files, each re-exported here: `workload` (the `--workload` spec), `layout` (the
 //! guest-physical memory map and the working set's place in it), `protocol` (the control page,
@@ -35,11 +38,15 @@ mod protocol;
 mod verify;
 mod workload;
 
-pub use layout::{CONTROL_GPA, GuestLayout, MAX_VCPUS, MMIO_WINDOW_GPA, MMIO_WINDOW_SIZE};
+pub use layout::{
+    CONTROL_GPA, GuestLayout, IO_WINDOW_PORT, IO_WINDOW_PORTS, MAX_VCPUS, MMIO_WINDOW_GPA,
+    MMIO_WINDOW_SIZE,
+};
 pub use program::GuestProgram;
 pub use protocol::{
-    Doorbell, MAX_DOORBELLS, PORT_BAD_PAGE, PORT_PACE, PORT_VERIFY_DONE, PORT_YIELD, set_doorbells,
-    set_epoch,
+    Doorbell, MAX_DOORBELLS, MAX_PORT_OPS, PORT_BAD_PAGE, PORT_PACE, PORT_VERIFY_DONE, PORT_YIELD,
+    PortOp, set_doorbells, set_epoch,
 };
+pub(crate) use protocol::{port_script_done, port_script_reads, post_port_script};
 pub use verify::{STAMP_MAGIC, Stamp, VcpuCounters, post_verify, read_counters};
 pub use workload::{Workload, WorkloadKind, parse_size};

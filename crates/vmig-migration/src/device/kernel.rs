@@ -1,24 +1,52 @@
-//! A PCI device bound to vfio-pci (or a variant driver), in a type1 container of its own with
-//! all of a VM's guest RAM mapped for DMA, IOVA = guest-physical address, as a
-//! [`MigratableDevice`]. This module owns the one `unsafe` call the engine makes, mapping guest
-//! RAM the container cannot keep alive by itself.
+//! A device through the kernel's VFIO — a PCI device bound to vfio-pci (or a variant driver),
+//! or a mediated device (an mdev, such as the kernel's `mtty` sample) whose parent driver
+//! presents it as PCI — in a type1 container of its own with all of a VM's guest RAM mapped for
+//! DMA, IOVA = guest-physical address, as a [`MigratableDevice`]. Both are one [`KernelDevice`];
+//! what differs is how it is opened ([`KernelDeviceId`]), the kind it reports, and what the
+//! container's dirty tracking says of it. This module owns the one `unsafe` call the engine
+//! makes, mapping guest RAM the container cannot keep alive by itself.
 
 use std::sync::Arc;
 use vmig_primitives::Iova;
 
 use vmig_kvm::GuestMemory;
 use vmig_kvm::irq::MsiVector;
+use vmig_primitives::uapi::{PCI_COMMAND_IO, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
 use vmig_primitives::{DmaRange, PAGE_SIZE, RegionArea};
 use vmig_vfio::device::IRQ_INFO_EVENTFD;
 use vmig_vfio::{Container, Device, KernelMigration, Section, VfioDeviceFd, VfioError};
 
 use super::{
-    DeviceKind, DirtyLogKind, InterruptInfo, InterruptKind, MigratableDevice, MigrationProtocol,
-    MigrationSteps, OpResult, RegionView, migration_steps,
+    BarSpace, DeviceKind, DirtyLogKind, InterruptInfo, InterruptKind, MigratableDevice,
+    MigrationProtocol, MigrationSteps, OpResult, RegionView, migration_steps,
 };
 
-/// `PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER`: BARs decode, and the device may DMA.
-const PCI_COMMAND_MEMORY_AND_MASTER: u16 = 0x2 | 0x4;
+/// Which kernel VFIO device: a PCI function by address, or a mediated device by UUID.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelDeviceId {
+    /// A PCI device bound to vfio-pci or a variant driver: `DDDD:BB:DD.F`.
+    Pci(String),
+    /// A mediated device: its UUID (`/sys/bus/mdev/devices/UUID`).
+    Mdev(String),
+}
+
+impl KernelDeviceId {
+    /// The PCI address or the UUID, as reports name the device.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Pci(name) | Self::Mdev(name) => name,
+        }
+    }
+
+    /// Checks that the device exists as VFIO needs it (a PCI device bound to vfio-pci; an
+    /// mdev with an IOMMU group), saying what is missing when it does not.
+    pub fn check(&self) -> Result<(), VfioError> {
+        match self {
+            Self::Pci(bdf) => vmig_vfio::device::check_bound(bdf).map(drop),
+            Self::Mdev(uuid) => vmig_vfio::device::check_mdev(uuid).map(drop),
+        }
+    }
+}
 
 /// A kernel VFIO device, its container and the guest RAM mapped into it.
 pub struct KernelDevice {
@@ -27,7 +55,8 @@ pub struct KernelDevice {
     pub device: Device,
     /// The container: guest RAM is mapped here, and its dirty tracking sees the device's DMA.
     pub container: Container,
-    /// Whether the device logs its own DMA (`DMA_LOGGING_*`), checked once at attach.
+    /// Whether the device's own DMA logging (`DMA_LOGGING_*`) is its dirty source, checked
+    /// once at attach (never for an mdev: its container is).
     pub dma_logging: bool,
     /// How it migrates, or why it cannot, found once at attach.
     migration: Result<MigrationProtocol, String>,
@@ -35,6 +64,8 @@ pub struct KernelDevice {
     ids: Option<(u16, u16)>,
     /// Whether it offers the P2P migration states, found once at attach.
     p2p: bool,
+    /// Whether it is a mediated device (opened by UUID).
+    mdev: bool,
     /// Keeps guest RAM alive as long as it is mapped: dropped last.
     _memory: Arc<GuestMemory>,
 }
@@ -49,15 +80,18 @@ impl std::fmt::Debug for KernelDevice {
 }
 
 impl KernelDevice {
-    /// Opens PCI device `bdf` in a new container, its group registered with the VM's KVM VFIO
+    /// Opens device `id` in a new container, its group registered with the VM's KVM VFIO
     /// device `kvm_vfio`, and maps every slot of `memory` into it.
     fn open(
-        bdf: &str,
+        id: &KernelDeviceId,
         memory: &Arc<GuestMemory>,
         kvm_vfio: Arc<VfioDeviceFd>,
     ) -> Result<Self, VfioError> {
         let container = Container::open(Some(kvm_vfio))?;
-        let device = container.open_device(bdf)?;
+        let device = match id {
+            KernelDeviceId::Pci(bdf) => container.open_device(bdf)?,
+            KernelDeviceId::Mdev(uuid) => container.open_mdev(uuid)?,
+        };
         for slot in memory.slots() {
             let section = Section {
                 gpa: slot.layout.gpa,
@@ -71,12 +105,19 @@ impl KernelDevice {
             // and atomics, so device writes into it break no Rust aliasing rule.
             unsafe { container.map_guest_section(section) }?;
         }
-        let dma_logging = device.dma_logging_supported();
-        let mut id = [0u8; 4];
-        let ids = device.read_config(0, &mut id).ok().map(|()| {
+        // An mdev's parent driver reaches guest memory only through pins and `vfio_dma_rw`,
+        // which the container's type1 tracking records exactly; its own DMA logging, when it
+        // offers one, is not needed and may not work: `mtty`'s log ops do nothing, and on a
+        // kernel without CONFIG_IOMMUFD_DRIVER (Debian's 6.12) every report of it fails with
+        // EOPNOTSUPP (the rig's in-guest tests observed both). So an mdev's dirty source is
+        // its container.
+        let mdev = matches!(id, KernelDeviceId::Mdev(_));
+        let dma_logging = !mdev && device.dma_logging_supported();
+        let mut pci_id = [0u8; 4];
+        let ids = device.read_config(0, &mut pci_id).ok().map(|()| {
             (
-                u16::from_le_bytes([id[0], id[1]]),
-                u16::from_le_bytes([id[2], id[3]]),
+                u16::from_le_bytes([pci_id[0], pci_id[1]]),
+                u16::from_le_bytes([pci_id[2], pci_id[3]]),
             )
         });
         Ok(Self {
@@ -86,25 +127,45 @@ impl KernelDevice {
             migration: Err(String::new()),
             ids,
             p2p: false,
+            mdev,
             _memory: Arc::clone(memory),
         })
     }
 
-    /// Opens PCI device `bdf` in a container of its own with every slot of `memory` mapped,
-    /// then gives it the start a booting VM expects (a reset when it supports one, memory
-    /// decoding and bus mastering on) and finds how it migrates.
+    /// Opens device `id` in a container of its own with every slot of `memory` mapped, then
+    /// gives it the start a booting VM expects (a reset when it supports one; I/O decoding when
+    /// it has I/O-port BARs, memory decoding and bus mastering on) and finds how it migrates.
+    ///
+    /// An mdev's config space is its parent driver's emulation, which may ignore or refuse
+    /// command-register writes (`mtty` keeps `I/O+ Mem- BusMaster-` whatever is written, and
+    /// answers the write as done): for an mdev the command bits are asked for and a refusal is
+    /// only logged; a vfio-pci device that refuses them fails the attach.
     pub fn attach(
-        bdf: &str,
+        id: &KernelDeviceId,
         memory: &Arc<GuestMemory>,
         kvm_vfio: Arc<VfioDeviceFd>,
     ) -> Result<Self, VfioError> {
-        let kernel = Self::open(bdf, memory, kvm_vfio)?;
+        let kernel = Self::open(id, memory, kvm_vfio)?;
         if kernel.device.can_reset() {
             kernel.device.reset()?;
         }
-        kernel
-            .device
-            .set_command_bits(PCI_COMMAND_MEMORY_AND_MASTER)?;
+        let io = kernel.device.io_bars()?.contains(&true);
+        let bits = PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER | if io { PCI_COMMAND_IO } else { 0 };
+        match kernel.device.set_command_bits(bits) {
+            Ok(command) if command & bits != bits => tracing::debug!(
+                device = id.name(),
+                command = format_args!("{command:#06x}"),
+                asked = format_args!("{bits:#06x}"),
+                "the device keeps command bits of its own"
+            ),
+            Ok(_) => {}
+            Err(e) if kernel.mdev => tracing::debug!(
+                device = id.name(),
+                error = %e,
+                "the mdev's emulated config space refused the command bits"
+            ),
+            Err(e) => return Err(e),
+        }
         let mut kernel = kernel;
         kernel.migration = kernel.find_migration()?;
         Ok(kernel)
@@ -134,7 +195,11 @@ impl KernelDevice {
 
 impl MigratableDevice for KernelDevice {
     fn kind(&self) -> DeviceKind {
-        DeviceKind::VfioPci { ids: self.ids }
+        if self.mdev {
+            DeviceKind::VfioMdev { ids: self.ids }
+        } else {
+            DeviceKind::VfioPci { ids: self.ids }
+        }
     }
 
     fn region_read(&self, region: u32, offset: u64, buf: &mut [u8]) -> OpResult<()> {
@@ -164,17 +229,27 @@ impl MigratableDevice for KernelDevice {
                 (bar, RegionArea::new(first, end - first))
             })
             .collect();
+        let io = device.io_bars()?;
         let mut regions = Vec::new();
         for r in (0..6).filter_map(|i| device.region(i)) {
-            if !(r.readable() || r.writable()) {
+            // An mdev may describe a BAR it does not have as readable, of size 0 (`mtty` does
+            // for BARs 2-5).
+            if !(r.readable() || r.writable()) || r.size == 0 {
                 continue;
             }
+            let space = BarSpace::from_io(
+                usize::try_from(r.index)
+                    .ok()
+                    .and_then(|i| io.get(i))
+                    .is_some_and(|&io| io),
+            );
             let holes: Vec<RegionArea> = msix_pages
                 .iter()
                 .filter(|(bar, _)| *bar == r.index)
                 .map(|&(_, hole)| hole)
                 .collect();
-            let mmap = match r.mmap_areas.is_empty() {
+            // An I/O BAR is never mapped: the guest reaches it by port instructions.
+            let mmap = match r.mmap_areas.is_empty() || !space.is_memory() {
                 true => None,
                 false => {
                     let fd = device
@@ -190,6 +265,7 @@ impl MigratableDevice for KernelDevice {
             regions.push(RegionView {
                 index: r.index,
                 size: r.size,
+                space,
                 mmap,
                 writable: r.writable(),
                 areas: without_holes(&r.mmap_areas, &holes),
@@ -259,8 +335,19 @@ impl MigratableDevice for KernelDevice {
         Ok(())
     }
 
+    /// True for a vfio-pci device tracked by its container: type1 reports every page mapped
+    /// through the IOMMU as dirty at every harvest (kernel-vfio-type1-observed). False for an
+    /// mdev: its group is an emulated-IOMMU one, which type1 puts in the pinned-page dirty
+    /// scope from the start, so the container reports only the pages the parent driver pinned
+    /// (or wrote with `vfio_dma_rw`) — seed 000, patch 7 (`reference/seed000-vfio-migration-
+    /// kabi.md` §3.6-3.7: "an mdev group can dirty memory only via pin or `dma_rw`, so it never
+    /// forces all-dirty"; upstream sets its scope at attach). `mtty` pins nothing, so a
+    /// container holding only its group reports no page; the engine then takes that answer
+    /// instead of resending all RAM every pass. (An mdev's dirty source is always its
+    /// container, see `open`; a vfio-pci device with its own DMA logging reports what it
+    /// logged.)
     fn dirty_log_reports_everything(&self) -> bool {
-        self.dirty_log_kind() == DirtyLogKind::DirtyPages
+        !self.mdev && self.dirty_log_kind() == DirtyLogKind::DirtyPages
     }
 }
 

@@ -1,6 +1,6 @@
 //! What the engine needs of a device, whichever way it is reached: one trait,
 //! [`MigratableDevice`], implemented for a vfio-user server over its socket ([`UserDevice`])
-//! and for a PCI device through the kernel's VFIO ([`KernelDevice`]). A third kind of device is
+//! and for a PCI device or an mdev through the kernel's VFIO ([`KernelDevice`]). A third kind of device is
 //! one more implementation of it; nothing else in the engine branches on the kind.
 //!
 //! | | vfio-user ([`UserDevice`]) | kernel VFIO ([`KernelDevice`]) |
@@ -25,7 +25,7 @@ use vmig_kvm::irq::MsiVector;
 use vmig_primitives::mig_state::MigState;
 use vmig_primitives::{DmaRange, RegionArea};
 
-pub use kernel::KernelDevice;
+pub use kernel::{KernelDevice, KernelDeviceId};
 pub use vfio_user::{AttachError, UserDevice};
 
 /// A device call's failure, from either transport.
@@ -55,17 +55,28 @@ pub enum DeviceKind {
         /// `(vendor, device)`.
         ids: Option<(u16, u16)>,
     },
+    /// A mediated device of this host (an mdev, opened by UUID) that presents itself as PCI,
+    /// with the vendor and device IDs its emulated config space gives: the kernel's `mtty`
+    /// sample is 4348:3253. Its DMA dirty tracking differs from a vfio-pci device's, so a
+    /// destination must not take one for the other.
+    VfioMdev {
+        /// `(vendor, device)`.
+        ids: Option<(u16, u16)>,
+    },
 }
 
 impl fmt::Display for DeviceKind {
-    /// "vfio-user", or "vfio-pci VVVV:DDDD".
+    /// "vfio-user", "vfio-pci VVVV:DDDD" or "vfio-mdev VVVV:DDDD".
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::VfioUser => f.write_str("vfio-user"),
-            Self::VfioPci {
-                ids: Some((vendor, device)),
-            } => write!(f, "vfio-pci {vendor:04x}:{device:04x}"),
-            Self::VfioPci { ids: None } => f.write_str("vfio-pci"),
+        let (name, ids) = match self {
+            Self::VfioUser => return f.write_str("vfio-user"),
+            Self::VfioPci { ids } => ("vfio-pci", ids),
+            Self::VfioMdev { ids } => ("vfio-mdev", ids),
+        };
+        f.write_str(name)?;
+        match ids {
+            Some((vendor, device)) => write!(f, " {vendor:04x}:{device:04x}"),
+            None => Ok(()),
         }
     }
 }
@@ -112,6 +123,32 @@ impl DirtyLogKind {
     }
 }
 
+/// The address space a BAR decodes: guest-physical memory, or guest I/O ports (its
+/// config-space register has bit 0 set). It travels in the stream's Config record, in each
+/// [`crate::machine::Bar`]; a record without it (an older source) means memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BarSpace {
+    /// A memory BAR: placed in the guest's MMIO window, mappable.
+    #[default]
+    Memory,
+    /// An I/O-port BAR: placed in the guest's I/O-port window, every access trapped.
+    Io,
+}
+
+impl BarSpace {
+    /// Whether this is [`BarSpace::Memory`] (serde leaves the field out then, so a memory
+    /// BAR's record is what it always was).
+    pub fn is_memory(&self) -> bool {
+        *self == Self::Memory
+    }
+
+    /// From a BAR's "decodes I/O ports" flag.
+    pub fn from_io(io: bool) -> Self {
+        if io { Self::Io } else { Self::Memory }
+    }
+}
+
 /// A region as BAR placement sees it.
 #[derive(Debug)]
 pub struct RegionView {
@@ -119,6 +156,8 @@ pub struct RegionView {
     pub index: u32,
     /// Bytes.
     pub size: u64,
+    /// Memory or I/O ports, as the device's config space says (memory when it has none).
+    pub space: BarSpace,
     /// The fd its mappable areas are mapped from, and the region's offset in it.
     pub mmap: Option<(OwnedFd, u64)>,
     /// Mappable areas.
@@ -127,13 +166,16 @@ pub struct RegionView {
     pub writable: bool,
 }
 
-/// The two interrupt kinds the engine wires, in the order it tries them.
+/// A device's interrupt kinds: the two the engine wires, in the order it tries them, and
+/// INTx, which it only asks about (to say that a device that has nothing else is unwired).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum InterruptKind {
     /// MSI-X.
     Msix,
     /// MSI.
     Msi,
+    /// The legacy interrupt line (INTx): not wired.
+    Intx,
 }
 
 impl InterruptKind {
@@ -142,6 +184,7 @@ impl InterruptKind {
         match self {
             Self::Msix => vmig_primitives::uapi::VFIO_PCI_MSIX_IRQ_INDEX,
             Self::Msi => vmig_primitives::uapi::VFIO_PCI_MSI_IRQ_INDEX,
+            Self::Intx => vmig_primitives::uapi::VFIO_PCI_INTX_IRQ_INDEX,
         }
     }
 }

@@ -17,8 +17,8 @@ use vmig_vfio_user::wire::{
 };
 
 use super::{
-    DeviceKind, DirtyLogKind, InterruptInfo, InterruptKind, MigratableDevice, MigrationProtocol,
-    MigrationSteps, OpResult, RegionView, migration_steps,
+    BarSpace, DeviceKind, DirtyLogKind, InterruptInfo, InterruptKind, MigratableDevice,
+    MigrationProtocol, MigrationSteps, OpResult, RegionView, migration_steps,
 };
 
 /// `EFAULT`: the errno a DMA message outside guest RAM gets.
@@ -115,6 +115,7 @@ impl MigratableDevice for UserDevice {
 
     fn bar_regions(&self) -> OpResult<Vec<RegionView>> {
         let info = self.client.device_info()?;
+        let io = self.client.io_bars()?;
         let mut regions = Vec::new();
         for region in 0..info.num_regions.min(6) {
             let info = self.client.region_info(region)?;
@@ -133,10 +134,18 @@ impl MigratableDevice for UserDevice {
                         && vmig_primitives::regular_file_size(fd.as_fd()).is_ok_and(|s| s.is_some())
                 })
                 .map(|fd| (fd, info.info.offset));
+            let space = BarSpace::from_io(
+                usize::try_from(region)
+                    .ok()
+                    .and_then(|i| io.get(i))
+                    .is_some_and(|&io| io),
+            );
             regions.push(RegionView {
                 index: region,
                 size: info.info.size,
-                mmap,
+                space,
+                // An I/O BAR is never mapped: the guest reaches it by port instructions.
+                mmap: mmap.filter(|_| space.is_memory()),
                 areas: if info.sparse_areas.is_empty() {
                     vec![RegionArea::new(0, info.info.size)]
                 } else {

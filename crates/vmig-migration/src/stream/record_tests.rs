@@ -48,6 +48,7 @@ pub(crate) fn one_of_each<'a>(
                 index: 0,
                 gpa: GuestAddress(0xfe00_0000),
                 size: 0x1000,
+                space: crate::device::BarSpace::Memory,
             }],
             mapped: vec![MappedArea {
                 region: 0,

@@ -104,12 +104,41 @@ impl Client {
         )
     }
 
+    /// Which of BARs 0-5 decode I/O ports, as the device's config space says (region 7 of a
+    /// PCI device, BAR register bit 0); all memory when the device is not PCI, has no config
+    /// space that holds the BAR registers, or refuses to read them.
+    pub fn io_bars(&self) -> Result<[bool; 6]> {
+        let info = self.device_info()?;
+        let config = vmig_primitives::uapi::VFIO_PCI_CONFIG_REGION_INDEX;
+        let end = vmig_primitives::uapi::PCI_BASE_ADDRESS_0 + 24;
+        if info.flags & DEVICE_FLAGS_PCI == 0 || info.num_regions <= config {
+            return Ok([false; 6]);
+        }
+        match self.region_info(config) {
+            Ok(r) if r.info.size >= end => {}
+            Ok(_) => return Ok([false; 6]),
+            Err(e) if e.remote_errno().is_some() => return Ok([false; 6]),
+            Err(e) => return Err(e),
+        }
+        let mut registers = [0u8; 24];
+        match self.region_read(
+            config,
+            vmig_primitives::uapi::PCI_BASE_ADDRESS_0,
+            &mut registers,
+        ) {
+            Ok(()) => Ok(vmig_primitives::uapi::io_bars(&registers)),
+            Err(e) if e.remote_errno().is_some() => Ok([false; 6]),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Everything the server says about its device, for people: `socket` names it. Regions
     /// and IRQ indices the server cannot describe are left out (at most 64 and 16 are asked).
     pub fn describe(&self, socket: &Path) -> Result<DeviceDescription> {
         let v = self.version();
         let caps = self.server_caps();
         let info = self.device_info()?;
+        let io = self.io_bars()?;
         let regions = (0..info.num_regions.min(64))
             .filter_map(|index| self.region_info(index).ok().map(|r| (index, r)))
             .map(|(index, r)| {
@@ -124,6 +153,10 @@ impl Client {
                     size: r.info.size,
                     readable: f & REGION_INFO_FLAG_READ != 0,
                     writable: f & REGION_INFO_FLAG_WRITE != 0,
+                    io: usize::try_from(index)
+                        .ok()
+                        .and_then(|i| io.get(i))
+                        .is_some_and(|&io| io),
                     mmap,
                     region_type: r.region_type,
                 }
