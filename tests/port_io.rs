@@ -481,6 +481,22 @@ fn vmig_ctl_has_the_source_guest_write_and_the_destination_guest_read_a_uart() {
     wait_for(&dst_api);
     let port_io =
         |api: &Path, ops: &str| ctl(api, &["x-vmig-guest-port-io", &format!("ops={ops}")]);
+    let (ok, devices) = ctl(&src_api, &["x-vmig-query-devices"]);
+    assert!(ok, "{devices}");
+    let device = &devices["return"][0];
+    assert_eq!(
+        (&device["name"], &device["kind"], &device["protocol"]),
+        (&json!("src.sock"), &json!("vfio-user"), &json!("v2")),
+        "{devices}"
+    );
+    assert_eq!(device["migration-state"], "RUNNING", "{devices}");
+    assert_eq!(
+        device["bars"],
+        json!([{"index": 0, "gpa": 0xc000, "size": 8, "space": "io"}]),
+        "{devices}"
+    );
+    let (ok, devices) = ctl(&dst_api, &["x-vmig-query-devices"]);
+    assert!(ok && devices["return"] == json!([]), "{devices}");
 
     let (ok, reply) = port_io(
         &src_api,

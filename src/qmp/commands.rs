@@ -77,6 +77,7 @@ const COMMANDS: &[(&str, &[&str], Handler)] = &[
     ("query-version", &[], query_version),
     ("query-commands", &[], query_commands),
     (GUEST_PORT_IO, &["ops"], guest_port_io),
+    ("x-vmig-query-devices", &[], query_devices),
 ];
 
 /// vmig's own command (QEMU has none like it, hence the `x-vmig-` prefix of vmig's
@@ -515,6 +516,35 @@ fn guest_port_io(arguments: &mut Arguments, shared: &Shared) -> Result<Value, Qm
         .run_port_script(&ops, PORT_SCRIPT_TIMEOUT)
         .map_err(|e| QmpError::generic(e.to_string()))?;
     Ok(json!({ "read": read }))
+}
+
+/// `x-vmig-query-devices`: each device of the VM, in `--device` order: its name, kind,
+/// migration protocol (or why it cannot migrate), v2 migration state when it has one to
+/// tell, and its BARs in the guest.
+fn query_devices(_: &mut Arguments, shared: &Shared) -> Result<Value, QmpError> {
+    let Some(machine) = shared.machine() else {
+        return Ok(json!([]));
+    };
+    let devices = machine.devices.iter().map(|d| {
+        let (protocol, state) = match d.migration() {
+            Ok(steps) => (
+                json!(d.protocol_name()),
+                match steps.state() {
+                    Ok(state) => json!(state.map(|s| s.to_string())),
+                    Err(e) => json!({ "error": e.to_string() }),
+                },
+            ),
+            Err(why) => (json!({ "blocked": why.to_string() }), Value::Null),
+        };
+        json!({
+            "name": d.name,
+            "kind": d.device.kind().to_string(),
+            "protocol": protocol,
+            "migration-state": state,
+            "bars": d.bars,
+        })
+    });
+    Ok(Value::Array(devices.collect()))
 }
 
 fn query_version(_: &mut Arguments, _: &Shared) -> Result<Value, QmpError> {

@@ -468,6 +468,7 @@ impl Guest {
              mount -t proc proc /proc\n\
              mount -t sysfs sys /sys\n\
              mount -t devtmpfs dev /dev\n\
+             ifconfig lo 127.0.0.1 up\n\
              {insmod}\
              for d in /sys/bus/pci/devices/*; do\n\
                if [ \"$(cat $d/vendor)\" = 0x1234 ] && [ \"$(cat $d/device)\" = 0x11e8 ]; then\n\

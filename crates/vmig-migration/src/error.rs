@@ -45,7 +45,7 @@ pub enum MigrationError {
     #[error("VM: {0}")]
     Vm(#[from] vmig_kvm::KvmError),
     /// A device failed (vfio-user or kernel VFIO), or cannot do what was asked.
-    #[error("device {device}: {source}")]
+    #[error("device {device}: {}", without_name(.device, .source))]
     Device {
         /// The device's name.
         device: String,
@@ -99,6 +99,16 @@ pub enum InterruptError {
     Vm(#[from] vmig_kvm::KvmError),
 }
 
+/// `failure` as words, less the device's name where the failure already starts with it (the
+/// kernel backend's errors do): the name is said once.
+fn without_name(device: &str, failure: &DeviceFailure) -> String {
+    let text = failure.to_string();
+    match text.strip_prefix(device).and_then(|rest| rest.strip_prefix(": ")) {
+        Some(rest) => rest.to_owned(),
+        None => text,
+    }
+}
+
 impl MigrationError {
     /// Device `device` cannot do what was asked, for the reason `message`.
     pub fn device(device: impl Into<String>, message: impl Into<String>) -> Self {
@@ -148,5 +158,24 @@ impl From<vmig_vfio_user::client::ClientError> for DeviceFailure {
 impl From<vmig_vfio::VfioError> for DeviceFailure {
     fn from(e: vmig_vfio::VfioError) -> Self {
         Self::Op(e.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_device_error_names_its_device_once() {
+        let named = MigrationError::device("5daf-uuid", "5daf-uuid: writing device state: EFAULT");
+        assert_eq!(
+            named.to_string(),
+            "device 5daf-uuid: writing device state: EFAULT"
+        );
+        let unnamed = MigrationError::device("0000:01:00.0", "cannot migrate");
+        assert_eq!(unnamed.to_string(), "device 0000:01:00.0: cannot migrate");
+        // Only a whole name followed by ": " is dropped.
+        let prefix = MigrationError::device("dev", "device gone");
+        assert_eq!(prefix.to_string(), "device dev: device gone");
     }
 }

@@ -72,6 +72,8 @@ pub struct KernelPciDevice {
     pub name: String,
     /// A mediated device (opened by UUID), not a PCI function.
     pub mdev: bool,
+    /// Its vendor and device IDs, when its config space could be read.
+    pub ids: Option<(u16, u16)>,
     /// Why the device cannot migrate, when it cannot.
     pub blocker: Option<String>,
     /// Page sizes of the container's IOMMU.
@@ -266,13 +268,15 @@ impl DeviceDescription {
     fn fmt_kernel(&self, f: &mut fmt::Formatter<'_>, d: &KernelPciDevice) -> fmt::Result {
         writeln!(
             f,
-            "VFIO {} {}{}",
+            "VFIO {} {}{}{}",
             if d.mdev {
                 "mediated device (PCI)"
             } else {
                 "PCI device"
             },
             d.name,
+            d.ids
+                .map_or(String::new(), |(v, dev)| format!(", {v:04x}:{dev:04x}")),
             if self.reset { ", reset" } else { "" }
         )?;
         for r in &self.regions {
@@ -307,14 +311,26 @@ impl DeviceDescription {
         match self.migration {
             MigrationDescription::V2 {
                 flags,
-                pre_copy,
+                pre_copy: _,
                 dma_logging,
-            } => writeln!(
-                f,
-                "migration: v2 (flags {flags:#x}{}), device DMA logging {}",
-                if pre_copy { ", PRE_COPY" } else { "" },
-                yes(dma_logging)
-            )?,
+            } => {
+                let names: Vec<&str> = [(1, "STOP_COPY"), (2, "P2P"), (4, "PRE_COPY")]
+                    .into_iter()
+                    .filter(|(bit, _)| flags & bit != 0)
+                    .map(|(_, name)| name)
+                    .collect();
+                writeln!(
+                    f,
+                    "migration: v2 (flags {flags:#x}: {}), device DMA logging {}",
+                    names.join(", "),
+                    match (dma_logging, d.mdev) {
+                        // vmig_migration's KernelDevice: an mdev's dirty source is its container.
+                        (true, true) => "offered (unused: an mdev's dirty source is its container)",
+                        (true, false) => "yes",
+                        (false, _) => "no",
+                    }
+                )?;
+            }
             MigrationDescription::V1 { region } => {
                 writeln!(f, "migration: v1 (migration region {region})")?;
             }
@@ -332,7 +348,11 @@ impl DeviceDescription {
             f,
             "container: type1 v2, page sizes {:#x}, IOVA ranges {}, {} mappings available",
             d.page_sizes,
-            ranges.join(" "),
+            if ranges.is_empty() {
+                "none given".to_owned()
+            } else {
+                ranges.join(" ")
+            },
             d.dma_avail.map_or("?".into(), |a| a.to_string())
         )?;
         match d.dirty_tracking {
@@ -419,6 +439,7 @@ mod tests {
             origin: Origin::KernelPci(KernelPciDevice {
                 name: "0000:00:04.0".into(),
                 mdev: false,
+                ids: None,
                 blocker: Some("VFIO device 0000:00:04.0 cannot migrate".into()),
                 page_sizes: 0x4020_1000,
                 iova_ranges: vec![(0, 0xfedf_ffff)],
@@ -465,9 +486,10 @@ mod tests {
             origin: Origin::KernelPci(KernelPciDevice {
                 name: "83b8f4f2-509f-382f-3c1e-e6bfe0fa1001".into(),
                 mdev: true,
+                ids: Some((0x4348, 0x3253)),
                 blocker: None,
                 page_sizes: 0x1000,
-                iova_ranges: vec![(0, u64::MAX)],
+                iova_ranges: Vec::new(),
                 dma_avail: Some(65535),
                 dirty_tracking: Some((0x1000, 256 << 20)),
             }),
@@ -499,12 +521,12 @@ mod tests {
         };
         assert_eq!(
             d.to_string(),
-            "VFIO mediated device (PCI) 83b8f4f2-509f-382f-3c1e-e6bfe0fa1001\n  \
+            "VFIO mediated device (PCI) 83b8f4f2-509f-382f-3c1e-e6bfe0fa1001, 4348:3253\n  \
              region 0 (BAR0): 0x8 bytes, rw, I/O ports, trapped\n  \
              irq 0 (INTx): 1 vector(s)\n  \
              irq 1 (MSI): 1 vector(s)\n\
-             migration: v2 (flags 0x7, PRE_COPY), device DMA logging yes\n\
-             container: type1 v2, page sizes 0x1000, IOVA ranges [0x0, 0xffffffffffffffff], 65535 mappings available\n\
+             migration: v2 (flags 0x7: STOP_COPY, P2P, PRE_COPY), device DMA logging offered (unused: an mdev's dirty source is its container)\n\
+             container: type1 v2, page sizes 0x1000, IOVA ranges none given, 65535 mappings available\n\
              dirty tracking: type1 (page 0x1000, bitmaps up to 268435456 bytes)\n"
         );
     }

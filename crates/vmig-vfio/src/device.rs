@@ -115,6 +115,9 @@ pub struct Device {
     inner: VfioDevice,
     /// `VFIO_DEVICE_FLAGS_*`.
     flags: u32,
+    /// Whether it offers v2 migration, found at open: such a device resets (its migration
+    /// state back to RUNNING) whether or not it advertises `VFIO_DEVICE_FLAGS_RESET`.
+    migratable: bool,
 }
 
 impl std::fmt::Debug for Device {
@@ -258,10 +261,12 @@ impl Device {
             );
         let flags = sys::device_flags(file.as_fd())
             .map_err(|e| VfioError::ioctl(format!("{name}: VFIO_DEVICE_GET_INFO"), e))?;
+        let migratable = matches!(inner.query_migration_support(), Ok(Some(_)));
         Ok(Self {
             name: name.to_owned(),
             inner,
             flags,
+            migratable,
             file,
         })
     }
@@ -376,6 +381,17 @@ impl Device {
         self.read_region(VFIO_PCI_CONFIG_REGION_INDEX, offset, buf)
     }
 
+    /// Its vendor and device IDs from config space; `None` if that cannot be read.
+    pub fn pci_ids(&self) -> Option<(u16, u16)> {
+        let mut id = [0u8; 4];
+        self.read_config(0, &mut id).ok().map(|()| {
+            (
+                u16::from_le_bytes([id[0], id[1]]),
+                u16::from_le_bytes([id[2], id[3]]),
+            )
+        })
+    }
+
     /// Writes config space.
     pub fn write_config(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.write_region(VFIO_PCI_CONFIG_REGION_INDEX, offset, data)
@@ -487,16 +503,20 @@ impl Device {
         })
     }
 
-    /// Whether the device can be reset (`VFIO_DEVICE_FLAGS_RESET`).
+    /// Whether the device can be reset: it says so (`VFIO_DEVICE_FLAGS_RESET`), or it offers
+    /// v2 migration, whose state machine the uAPI leaves through `VFIO_DEVICE_RESET` (from
+    /// ERROR, "the device cannot leave except by VFIO_DEVICE_RESET"; a reset puts any state
+    /// back to RUNNING). The kernel's `mtty` sample is such a device: it serves the reset and
+    /// does not advertise it.
     pub fn can_reset(&self) -> bool {
-        self.flags & VFIO_DEVICE_FLAGS_RESET != 0
+        self.flags & VFIO_DEVICE_FLAGS_RESET != 0 || self.migratable
     }
 
     /// `VFIO_DEVICE_RESET`.
     pub fn reset(&self) -> Result<()> {
         if !self.can_reset() {
             return Err(VfioError::Invalid(format!(
-                "{} offers no reset (VFIO_DEVICE_FLAGS_RESET is clear)",
+                "{} offers no reset (VFIO_DEVICE_FLAGS_RESET is clear and it cannot migrate)",
                 self.name
             )));
         }
@@ -713,6 +733,7 @@ pub fn describe(container: &Container, device: &Device) -> Result<DeviceDescript
         origin: Origin::KernelPci(KernelPciDevice {
             name: device.name().to_owned(),
             mdev: check_mdev_uuid(device.name()).is_ok(),
+            ids: device.pci_ids(),
             blocker: device.migration_blocker(),
             page_sizes: info.iova_pgsizes,
             iova_ranges: info.iova_ranges.iter().map(|r| (r.start, r.last)).collect(),

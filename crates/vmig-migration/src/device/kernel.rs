@@ -113,13 +113,7 @@ impl KernelDevice {
         // its container.
         let mdev = matches!(id, KernelDeviceId::Mdev(_));
         let dma_logging = !mdev && device.dma_logging_supported();
-        let mut pci_id = [0u8; 4];
-        let ids = device.read_config(0, &mut pci_id).ok().map(|()| {
-            (
-                u16::from_le_bytes([pci_id[0], pci_id[1]]),
-                u16::from_le_bytes([pci_id[2], pci_id[3]]),
-            )
-        });
+        let ids = device.pci_ids();
         Ok(Self {
             device,
             container,
