@@ -1,5 +1,5 @@
 //! The kernel-VFIO backend against the real kernel: these tests run inside the test guest
-//! (Debian's Linux 6.12 under QEMU's TCG, emulated VT-d, QEMU's `edu` bound to vfio-pci, two
+//! (Debian's Linux 6.12 under QEMU's TCG, emulated VT-d, QEMU's `edu` bound to vfio-pci, four
 //! mtty mediated devices), which `tests/kernel_vfio.rs` boots with this file built as a
 //! static binary (with `--cfg vmig_in_guest`). Anywhere else libtest lists them as ignored.
 //! Expected values and errnos quote `reference/kernel-vfio-type1-observed.md` (observed on

@@ -1,5 +1,5 @@
 //! Boots the real kernel's VFIO (Debian's Linux 6.12 under QEMU's TCG, emulated VT-d, QEMU's
-//! edu device, two mtty mediated devices; see `vmig_kernel_guest`) with `tests/in_guest.rs`
+//! edu device, four mtty mediated devices; see `vmig_kernel_guest`) with `tests/in_guest.rs`
 //! built as a static binary, checks that every in-guest test passed, prints what the guest
 //! reported of the mtty devices, and replays the guest's differential sequences against
 //! `vmig-dma` here on the host. Skips, saying why, where
