@@ -303,7 +303,11 @@ fn damaging_relay(to: u16) -> u16 {
         let mut buf = Vec::new();
         while let Ok(record) = reader.receive(&mut buf) {
             let sent = match record {
-                Record::DeviceData(DeviceData { device: 0, more, data }) => {
+                Record::DeviceData(DeviceData {
+                    device: 0,
+                    more,
+                    data,
+                }) => {
                     let mut data = data.to_vec();
                     if !damaged && !data.is_empty() {
                         data[0] ^= 0xff;
@@ -385,7 +389,11 @@ fn destination(name: &'static str, devices: &[String]) -> (Vmig, u16) {
     // Its QMP socket answers before it listens for the migration.
     let end = Instant::now() + Duration::from_secs(60);
     while !vmig.log().contains("waiting for a migration on") {
-        assert!(Instant::now() < end, "{name} never listened:\n{}", vmig.log());
+        assert!(
+            Instant::now() < end,
+            "{name} never listened:\n{}",
+            vmig.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     (vmig, port)
@@ -403,7 +411,10 @@ fn wait_running(vm: &Vmig) {
 /// Migrates `source` to `port` and waits for the end; the final `query-migrate`.
 fn migrate(source: &Vmig, port: u16) -> Value {
     source.ok(&["migrate", &format!("uri=tcp:127.0.0.1:{port}")]);
-    source.wait_migration(&["completed", "failed", "cancelled"], Duration::from_secs(300))
+    source.wait_migration(
+        &["completed", "failed", "cancelled"],
+        Duration::from_secs(300),
+    )
 }
 
 #[test]
@@ -476,7 +487,10 @@ fn in_guest_two_mttys_migrate_between_two_vmig_processes() {
     }
     let mut dest = dest;
     let (dest_ok, dest_log) = dest.wait();
-    assert!(!dest_ok, "the destination discards a cancelled migration:\n{dest_log}");
+    assert!(
+        !dest_ok,
+        "the destination discards a cancelled migration:\n{dest_log}"
+    );
     println!(
         "vmig-mtty: migrate_cancel during pre-copy ({} bytes of RAM sent): the source runs, both mttys RUNNING, their UARTs loop back",
         info["ram"]["transferred"]

@@ -103,7 +103,10 @@ pub enum InterruptError {
 /// kernel backend's errors do): the name is said once.
 fn without_name(device: &str, failure: &DeviceFailure) -> String {
     let text = failure.to_string();
-    match text.strip_prefix(device).and_then(|rest| rest.strip_prefix(": ")) {
+    match text
+        .strip_prefix(device)
+        .and_then(|rest| rest.strip_prefix(": "))
+    {
         Some(rest) => rest.to_owned(),
         None => text,
     }

@@ -348,10 +348,12 @@ impl MigratableDevice for KernelDevice {
 migration_steps!(
     KernelMigration<'_>,
     fn precopy_info(&self) -> OpResult<Option<super::PrecopyPending>> {
-        Ok(KernelMigration::precopy_info(self)?.map(|info| super::PrecopyPending {
-            initial_bytes: info.initial_bytes,
-            dirty_bytes: info.dirty_bytes,
-        }))
+        Ok(
+            KernelMigration::precopy_info(self)?.map(|info| super::PrecopyPending {
+                initial_bytes: info.initial_bytes,
+                dirty_bytes: info.dirty_bytes,
+            }),
+        )
     },
     fn stop_copy_size(&self) -> Option<u64> {
         KernelMigration::stop_copy_size(self)

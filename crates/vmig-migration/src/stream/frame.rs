@@ -194,7 +194,12 @@ impl RecordReader<Conn> {
                 self.what, self.sequence
             ))(io::ErrorKind::UnexpectedEof.into())),
             Ok(_) => self.read_rest(1, header, buf).map(Some),
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 Ok(None)
             }
             Err(e) => Err(io_error(what())(e)),
