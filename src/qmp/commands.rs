@@ -512,9 +512,19 @@ fn guest_port_io(arguments: &mut Arguments, shared: &Shared) -> Result<Value, Qm
             "the VM was handed over to the destination (committed): its guest runs there",
         ));
     }
+    // The script lives in guest RAM until vCPU 0 has run it: held against `migrate` (which
+    // takes this lock to start), so that no script crosses to the destination half done.
+    let slot = shared.migration.lock().unwrap_or_else(|e| e.into_inner());
+    if shared.migrating() || slot.as_ref().is_some_and(|t| !t.is_finished()) {
+        return Err(QmpError::generic(
+            "a migration is under way: the guest's port I/O would cross it (after it, or \
+             after migrate_cancel, try again)",
+        ));
+    }
     let read = machine
         .run_port_script(&ops, PORT_SCRIPT_TIMEOUT)
         .map_err(|e| QmpError::generic(e.to_string()))?;
+    drop(slot);
     Ok(json!({ "read": read }))
 }
 

@@ -559,6 +559,12 @@ fn main_loop(
                         device.name
                     )));
                 }
+                if !partial[index].is_empty() {
+                    return Err(MigrationError::Stream(format!(
+                        "InitialSent for device {} in the middle of a chunk of its state",
+                        device.name
+                    )));
+                }
                 // Every chunk before it was written to the device: once every device has had
                 // all of its initial state, the source may switch over.
                 if initial_sent.iter().all(|&sent| sent) {
@@ -658,7 +664,10 @@ fn main_loop(
                 // in RUNNING_P2P before any runs (the uAPI's rule for peer-to-peer DMA).
                 let steps: [fn(&dyn MigrationSteps) -> OpResult<()>; 2] =
                     [|m| m.start_p2p(), |m| m.run()];
-                for step in steps {
+                // The P2P states only when every device has them (the uAPI's guarantee
+                // needs every device quiesced).
+                let skip = usize::from(!machine.all_p2p());
+                for step in steps.into_iter().skip(skip) {
                     for d in devices {
                         if let Err(e) = d
                             .migration()

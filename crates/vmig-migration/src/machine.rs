@@ -510,6 +510,16 @@ impl Machine {
         Ok(Self { vm, devices, bus })
     }
 
+    /// Whether every device has the P2P migration states (false without devices): only then
+    /// does a migration walk them through those states.
+    pub fn all_p2p(&self) -> bool {
+        !self.devices.is_empty()
+            && self
+                .devices
+                .iter()
+                .all(|d| d.migration().is_ok_and(|m| m.p2p()))
+    }
+
     /// Why the VM cannot migrate: one line per device that cannot, naming it (QEMU's
     /// migration blockers); empty when it can.
     pub fn migration_blockers(&self) -> Vec<String> {
@@ -644,8 +654,13 @@ fn place_bars(
     for region in regions {
         let size = region.size;
         if region.space == BarSpace::Io {
-            let port = next_io.next_multiple_of(size.next_power_of_two());
-            if port + size > io_base + u64::from(DEVICE_IO_SLOT) {
+            // A size from the device is untrusted: one past the slot is refused before any
+            // arithmetic on it.
+            let io_end = io_base + u64::from(DEVICE_IO_SLOT);
+            let port = (size <= u64::from(DEVICE_IO_SLOT))
+                .then(|| next_io.next_multiple_of(size.next_power_of_two()))
+                .filter(|port| port + size <= io_end);
+            let Some(port) = port else {
                 return Err(MigrationError::device(
                     name.to_string(),
                     format!(
@@ -653,7 +668,7 @@ fn place_bars(
                         region.index
                     ),
                 ));
-            }
+            };
             next_io = port + size;
             bars.push(Bar {
                 index: region.index,
@@ -672,9 +687,11 @@ fn place_bars(
             });
             continue;
         }
-        let align = size.next_power_of_two().max(PAGE_SIZE);
-        let gpa = next.next_multiple_of(align);
-        if gpa + size > slot_base + DEVICE_MMIO_SLOT {
+        let slot_end = slot_base + DEVICE_MMIO_SLOT;
+        let gpa = (size <= DEVICE_MMIO_SLOT)
+            .then(|| next.next_multiple_of(size.next_power_of_two().max(PAGE_SIZE)))
+            .filter(|gpa| gpa + size <= slot_end);
+        let Some(gpa) = gpa else {
             return Err(MigrationError::device(
                 name.to_string(),
                 format!(
@@ -683,7 +700,7 @@ fn place_bars(
                     DEVICE_MMIO_SLOT >> 20
                 ),
             ));
-        }
+        };
         next = gpa + size;
         bars.push(Bar {
             index: region.index,

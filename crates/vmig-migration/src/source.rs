@@ -38,8 +38,10 @@ const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 /// How long a pass that could switch over waits for the destination's switchover-ack before
 /// making another pass.
 const ACK_WAIT: Duration = Duration::from_millis(100);
-/// Most state one device may give in stop-and-copy; more means it misbehaves.
+/// Most state one device may give in stop-and-copy, and in how many chunks; more means it
+/// misbehaves.
 const MAX_STOP_COPY_STATE: u64 = 16 << 30;
+const MAX_STOP_COPY_CHUNKS: u64 = 1 << 20;
 
 pub use crate::stream::page_digest;
 
@@ -85,6 +87,9 @@ struct Source<'a> {
     source_pages: Vec<u64>,
     started_sources: usize,
     devices_saving: bool,
+    /// Every device's initial state is sent and the switchover waits for the destination's
+    /// ack (said when the migration times out).
+    awaiting_ack: std::sync::atomic::AtomicBool,
     /// The devices left their running states (for P2P or STOP_COPY): a rollback brings every
     /// one to RUNNING_P2P before any runs.
     devices_quiesced: bool,
@@ -149,6 +154,7 @@ impl<'a> Source<'a> {
             started_sources: 0,
             devices_saving: false,
             devices_quiesced: false,
+            awaiting_ack: std::sync::atomic::AtomicBool::new(false),
             paused: false,
             committed: false,
             deadline: Instant::now() + Duration::from_secs(params.timeout_s),
@@ -198,7 +204,7 @@ impl<'a> Source<'a> {
     fn rollback(&mut self) {
         if self.devices_saving {
             // Stopped devices come back as they left: all in RUNNING_P2P before any runs.
-            if self.devices_quiesced {
+            if self.devices_quiesced && self.machine.all_p2p() {
                 for d in &self.machine.devices {
                     if let Ok(m) = d.migration()
                         && let Err(e) = m.start_p2p()
@@ -236,8 +242,14 @@ impl<'a> Source<'a> {
             return Err(MigrationError::Cancelled("migrate-cancel".into()));
         }
         if Instant::now() > self.deadline {
+            let waiting = if self.awaiting_ack.load(Ordering::Relaxed) {
+                ", waiting for the destination's SwitchoverAck (every device's initial state \
+                 was sent; the destination never acknowledged it)"
+            } else {
+                ""
+            };
             return Err(MigrationError::Cancelled(format!(
-                "the migration did not finish within timeout_s={}",
+                "the migration did not finish within timeout_s={}{waiting}",
                 self.params.timeout_s
             )));
         }
@@ -492,17 +504,20 @@ impl<'a> Source<'a> {
         digest: &mut StateDigest,
     ) -> Result<u64> {
         let steps = device.migration()?;
-        let mut bytes = 0;
+        let (mut bytes, mut chunks) = (0, 0u64);
         while let Some(chunk) = steps
             .next_stop_copy_chunk()
             .map_err(device_error(&device.name))?
         {
             bytes += self.send_device_chunks(index, std::slice::from_ref(&chunk), digest)?;
-            if bytes > MAX_STOP_COPY_STATE {
+            chunks += 1;
+            // The VM is paused: a cancel or the deadline still ends a device that goes on.
+            self.check_cancel()?;
+            if bytes > MAX_STOP_COPY_STATE || chunks > MAX_STOP_COPY_CHUNKS {
                 return Err(MigrationError::device(
                     device.name.clone(),
                     format!(
-                        "its stop-and-copy state goes on past {} GiB",
+                        "its stop-and-copy state goes on past {} GiB or {MAX_STOP_COPY_CHUNKS} chunks",
                         MAX_STOP_COPY_STATE >> 30
                     ),
                 ));
@@ -615,6 +630,8 @@ impl<'a> Source<'a> {
                     Duration::ZERO
                 };
                 switchover_acked = self.switchover_ack(wait)?;
+                self.awaiting_ack
+                    .store(!switchover_acked, Ordering::Relaxed);
             }
             if expected <= downtime && switchover_acked {
                 break;
@@ -654,10 +671,12 @@ impl<'a> Source<'a> {
         // Every device stops initiating peer-to-peer DMA before any stops (the uAPI's rule),
         // then all stop; their state is read after the last pages, as it is sent.
         self.devices_quiesced = true;
-        for d in &machine.devices {
-            d.migration()?
-                .quiesce_p2p()
-                .map_err(device_error(&d.name))?;
+        if machine.all_p2p() {
+            for d in &machine.devices {
+                d.migration()?
+                    .quiesce_p2p()
+                    .map_err(device_error(&d.name))?;
+            }
         }
         for d in &machine.devices {
             d.migration()?.stop().map_err(device_error(&d.name))?;

@@ -115,9 +115,10 @@ pub struct Device {
     inner: VfioDevice,
     /// `VFIO_DEVICE_FLAGS_*`.
     flags: u32,
-    /// Whether it offers v2 migration, found at open: such a device resets (its migration
-    /// state back to RUNNING) whether or not it advertises `VFIO_DEVICE_FLAGS_RESET`.
-    migratable: bool,
+    /// Whether it is a mediated device that offers v2 migration, found at open: such a device
+    /// resets (its migration state back to RUNNING) whether or not it advertises
+    /// `VFIO_DEVICE_FLAGS_RESET`.
+    migratable_mdev: bool,
 }
 
 impl std::fmt::Debug for Device {
@@ -233,7 +234,9 @@ impl Device {
     pub(crate) fn open_mdev(container: &Container, uuid: &str) -> Result<Self> {
         let path = check_mdev(uuid)?;
         let uuid = check_mdev_uuid(uuid)?;
-        Self::open_sysfs(container, &uuid, &path)
+        let mut device = Self::open_sysfs(container, &uuid, &path)?;
+        device.migratable_mdev = matches!(device.inner.query_migration_support(), Ok(Some(_)));
+        Ok(device)
     }
 
     /// Opens the device at sysfs `path`: its `iommu_group` link names the group, and the
@@ -261,12 +264,11 @@ impl Device {
             );
         let flags = sys::device_flags(file.as_fd())
             .map_err(|e| VfioError::ioctl(format!("{name}: VFIO_DEVICE_GET_INFO"), e))?;
-        let migratable = matches!(inner.query_migration_support(), Ok(Some(_)));
         Ok(Self {
             name: name.to_owned(),
             inner,
             flags,
-            migratable,
+            migratable_mdev: false,
             file,
         })
     }
@@ -503,20 +505,21 @@ impl Device {
         })
     }
 
-    /// Whether the device can be reset: it says so (`VFIO_DEVICE_FLAGS_RESET`), or it offers
-    /// v2 migration, whose state machine the uAPI leaves through `VFIO_DEVICE_RESET` (from
-    /// ERROR, "the device cannot leave except by VFIO_DEVICE_RESET"; a reset puts any state
-    /// back to RUNNING). The kernel's `mtty` sample is such a device: it serves the reset and
-    /// does not advertise it.
+    /// Whether the device can be reset: it says so (`VFIO_DEVICE_FLAGS_RESET`, which vfio-pci
+    /// sets exactly when the kernel can reset the function), or it is a mediated device that
+    /// offers v2 migration, whose state machine the uAPI leaves through `VFIO_DEVICE_RESET`
+    /// (from ERROR, "the device cannot leave except by VFIO_DEVICE_RESET"; a reset puts any
+    /// state back to RUNNING). The kernel's `mtty` sample is such an mdev: it serves the reset
+    /// and does not advertise it.
     pub fn can_reset(&self) -> bool {
-        self.flags & VFIO_DEVICE_FLAGS_RESET != 0 || self.migratable
+        self.flags & VFIO_DEVICE_FLAGS_RESET != 0 || self.migratable_mdev
     }
 
     /// `VFIO_DEVICE_RESET`.
     pub fn reset(&self) -> Result<()> {
         if !self.can_reset() {
             return Err(VfioError::Invalid(format!(
-                "{} offers no reset (VFIO_DEVICE_FLAGS_RESET is clear and it cannot migrate)",
+                "{} offers no reset (VFIO_DEVICE_FLAGS_RESET is clear)",
                 self.name
             )));
         }

@@ -99,7 +99,13 @@ impl<'a> KernelMigration<'a> {
             error = %error,
             "the device failed to go to {state}; resetting it"
         );
-        self.device.reset()?;
+        if let Err(reset) = self.device.reset() {
+            return Err(VfioError::Kernel(format!(
+                "{}: it could not go to {state} ({error}), and the reset after that failed too \
+                 ({reset})",
+                self.device.name()
+            )));
+        }
         Err(VfioError::ResetAfterFailedStateChange {
             device: self.device.name().to_owned(),
             state: state.to_string(),

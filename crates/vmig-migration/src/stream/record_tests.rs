@@ -308,7 +308,10 @@ fn a_record_is_awaited_without_losing_any_of_it() {
     use std::time::Duration;
 
     let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-    let mut reader = RecordReader::new(crate::transport::Conn::Unix(ours), "t");
+    let conn = crate::transport::Conn::Unix(ours);
+    let own_timeout = Some(Duration::from_secs(7));
+    conn.set_read_timeout(own_timeout).unwrap();
+    let mut reader = RecordReader::new(conn, "t");
     let mut buf = Vec::new();
     assert_eq!(
         reader
@@ -316,6 +319,8 @@ fn a_record_is_awaited_without_losing_any_of_it() {
             .unwrap(),
         None
     );
+    // The connection's own timeout is back.
+    assert_eq!(reader.get_ref().read_timeout().unwrap(), own_timeout);
     let mut w = RecordWriter::new(Vec::new());
     w.send(&Record::InitialSent { device: 3 }).unwrap();
     w.send(&Record::SwitchoverAck).unwrap();
