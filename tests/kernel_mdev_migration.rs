@@ -472,6 +472,20 @@ fn in_guest_two_mttys_migrate_between_two_vmig_processes() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let source = Vmig::start("src", &args);
     assert_eq!(source.device_states(), ["RUNNING", "RUNNING"]);
+    // An mdev another process holds: one line naming it and saying why.
+    let busy = Command::new("/bin/vmig")
+        .args(["device", "probe", "--vfio-mdev", &ours[0]])
+        .output()
+        .unwrap();
+    let why = String::from_utf8_lossy(&busy.stderr);
+    assert!(
+        !busy.status.success()
+            && why.trim().lines().count() == 1
+            && why.contains(&ours[0])
+            && why.contains("already open"),
+        "{why}"
+    );
+    println!("vmig-mtty: probing an mdev in use: {}", why.trim());
     for device in 0..2 {
         assert_uart_loops_back(&source, device, b"hello");
     }
