@@ -5,7 +5,7 @@
 //! mdevs created by its init: two for each side).
 //!
 //! In the guest, one source VM (`vmig run --device vfio-mdev,uuid=A --device
-//! vfio-mdev,uuid=B --api`) meets three destinations (`vmig run --incoming ... --device
+//! vfio-mdev,uuid=B --api`) meets four destinations (`vmig run --incoming ... --device
 //! vfio-mdev,uuid=C --device vfio-mdev,uuid=D --api`) in turn:
 //! 1. `migrate_cancel` during pre-copy: the source runs on, both mttys in `RUNNING`
 //!    (`x-vmig-query-devices`) with their UARTs looping bytes back;
@@ -13,7 +13,10 @@
 //!    stream's checksums and digest, so only the kernel can tell): the destination's mtty
 //!    refuses it when it loads, the migration fails naming that device and why, the source
 //!    runs on with both UARTs working;
-//! 3. a migration that completes: before it the guest writes a known sequence into each UART
+//! 3. a relay that drops mtty A's stop-copy state (mending count and digest): the destination's
+//!    mtty fails RESUMING → STOP, the destination names it and resets it (it is RUNNING when
+//!    opened afterwards), and the source runs on;
+//! 4. a migration that completes: before it the guest writes a known sequence into each UART
 //!    (real `out` instructions, routed from the VM's port exits to the mdev's I/O BAR), after
 //!    it the guest on the destination reads back exactly those bytes and the same line status
 //!    from mttys C and D, whose FIFOs were empty: only the migrated device state can have
@@ -276,11 +279,21 @@ fn assert_uart_loops_back(vm: &Vmig, device: usize, bytes: &[u8]) {
     assert_eq!(after & LSR_DATA_READY, 0, "LSR {after:#x}: bytes left over");
 }
 
-/// A relay from the source to the destination that flips the first byte of device 0's state
-/// and mends what would give it away before the device sees it: every record's checksum (it
-/// re-frames them) and the device's state digest in `DeviceEnd`. What comes back from the
-/// destination passes as it is. Serves one connection; returns its port.
-fn damaging_relay(to: u16) -> u16 {
+/// How [`damaging_relay`] damages device 0's state.
+#[derive(Clone, Copy)]
+enum Damage {
+    /// Its first byte flipped (mtty's header check refuses the write).
+    FlipFirstByte,
+    /// Every chunk after the first (its pre-copy state) dropped: the device gets too little,
+    /// and mtty refuses to load it (RESUMING → STOP fails).
+    DropAfterFirstChunk,
+}
+
+/// A relay from the source to the destination that damages device 0's state as `damage`
+/// says and mends what would give it away before the device sees it: every record's checksum
+/// (it re-frames them) and the device's byte count and state digest in `DeviceEnd`. What comes
+/// back from the destination passes as it is. Serves one connection; returns its port.
+fn damaging_relay(to: u16, damage: Damage) -> u16 {
     use vmig_migration::stream::{
         DeviceData, DeviceEnd, HELLO_SIZE, Record, RecordReader, RecordWriter, StateDigest,
     };
@@ -300,22 +313,29 @@ fn damaging_relay(to: u16) -> u16 {
         let mut reader = RecordReader::new(source, "relay");
         let mut writer = RecordWriter::new(dest.try_clone().unwrap());
         let (mut damaged, mut chunk, mut digest) = (false, Vec::new(), StateDigest::default());
+        let mut chunks = 0;
         let mut buf = Vec::new();
         while let Ok(record) = reader.receive(&mut buf) {
             let sent = match record {
+                Record::DeviceData(DeviceData { device: 0, .. })
+                    if matches!(damage, Damage::DropAfterFirstChunk) && chunks > 0 =>
+                {
+                    Ok(())
+                }
                 Record::DeviceData(DeviceData {
                     device: 0,
                     more,
                     data,
                 }) => {
                     let mut data = data.to_vec();
-                    if !damaged && !data.is_empty() {
+                    if matches!(damage, Damage::FlipFirstByte) && !damaged && !data.is_empty() {
                         data[0] ^= 0xff;
                         damaged = true;
                     }
                     chunk.extend_from_slice(&data);
                     if !more {
                         digest.add(&std::mem::take(&mut chunk));
+                        chunks += 1;
                     }
                     writer.send(&Record::DeviceData(DeviceData {
                         device: 0,
@@ -325,6 +345,7 @@ fn damaging_relay(to: u16) -> u16 {
                 }
                 Record::DeviceEnd(end @ DeviceEnd { device: 0, .. }) => {
                     writer.send(&Record::DeviceEnd(DeviceEnd {
+                        bytes: digest.bytes(),
                         digest: digest.digest(),
                         ..end
                     }))
@@ -521,7 +542,7 @@ fn in_guest_two_mttys_migrate_between_two_vmig_processes() {
 
     // 2. Damaged device state: the destination's mtty refuses it.
     let (dest, port) = destination("damaged-dst", theirs);
-    let relay = damaging_relay(port);
+    let relay = damaging_relay(port, Damage::FlipFirstByte);
     let info = migrate(&source, relay);
     assert_eq!(info["x-vmig-phase"], "failed", "{info}");
     let error = info["error-desc"].as_str().unwrap_or_default().to_owned();
@@ -548,7 +569,43 @@ fn in_guest_two_mttys_migrate_between_two_vmig_processes() {
     println!("vmig-mtty: damaged state refused: {error}");
     println!("vmig-mtty: the source runs on, both mttys RUNNING, their UARTs loop back");
 
-    // 3. The migration that completes, with a known sequence in each UART's FIFO.
+    // 3. Too little state: the destination's mtty fails RESUMING → STOP; the destination
+    //    names it, resets it (mtty keeps its migration state across closes, so a direct open
+    //    afterwards sees what the reset left), and the source runs on.
+    let (dest, port) = destination("short-dst", theirs);
+    let relay = damaging_relay(port, Damage::DropAfterFirstChunk);
+    let info = migrate(&source, relay);
+    assert_eq!(info["x-vmig-phase"], "failed", "{info}");
+    let error = info["error-desc"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        error.contains(&format!("device {}", theirs[0]))
+            && error.contains("MIG_DEVICE_STATE to Stop")
+            && error.contains("Invalid argument"),
+        "the failed state change names the device: {error}"
+    );
+    let mut dest = dest;
+    let (dest_ok, dest_log) = dest.wait();
+    assert!(!dest_ok, "{dest_log}");
+    let container = vmig_vfio::Container::open(None).unwrap();
+    let refused = container.open_mdev(&theirs[0]).unwrap();
+    assert_eq!(
+        refused.migration_state().unwrap(),
+        vmig_vfio::MigState::Running,
+        "the destination reset the device whose state change failed"
+    );
+    drop((refused, container));
+    assert_eq!(source.status(), "running");
+    assert_eq!(source.device_states(), ["RUNNING", "RUNNING"]);
+    for device in 0..2 {
+        assert_uart_loops_back(&source, device, b"after a short");
+    }
+    println!("vmig-mtty: too little state: {error}");
+    println!(
+        "vmig-mtty: the destination reset mtty {} (RUNNING after); the source runs on",
+        theirs[0]
+    );
+
+    // 4. The migration that completes, with a known sequence in each UART's FIFO.
     let sequences: [&[u8]; 2] = [b"vmig:mtty-0", b"VMIG:MTTY-1!"];
     let mut line_status = Vec::new();
     for (device, bytes) in sequences.iter().enumerate() {
