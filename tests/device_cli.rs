@@ -1,19 +1,11 @@
 //! `vmig device serve` and `vmig device probe` as a user runs them.
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-fn vmig() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_vmig"))
-}
-
-fn wait_for(path: &std::path::Path) {
-    let end = Instant::now() + Duration::from_secs(10);
-    while !path.exists() {
-        assert!(Instant::now() < end, "{} never appeared", path.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+#[path = "common/cli.rs"]
+mod cli;
+use cli::{vmig, wait_for};
 
 #[test]
 fn serve_then_probe_in_both_migration_versions_and_stop_on_sigterm() {
@@ -38,7 +30,7 @@ fn serve_then_probe_in_both_migration_versions_and_stop_on_sigterm() {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        wait_for(&socket);
+        wait_for(&socket, Duration::from_secs(10));
         let probe = vmig()
             .args(["device", "probe", "--socket", socket.to_str().unwrap()])
             .output()

@@ -28,11 +28,17 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use vmig_kernel_guest::{Guest, GuestBinary, MTTY_DEVICES, report_line};
+use vmig_kernel_guest::{MTTY_DEVICES, report_line};
+
+#[path = "common/cli.rs"]
+mod cli;
+#[path = "common/guest_test.rs"]
+mod guest_test;
+use cli::vmig;
 
 /// The in-guest test this file's host test runs.
 const IN_GUEST_TEST: &str = "in_guest_two_mttys_migrate_between_two_vmig_processes";
@@ -42,47 +48,18 @@ const REPORT: &str = "VMIG-MTTY ";
 #[test]
 #[cfg_attr(vmig_in_guest, ignore = "boots the guest: runs on the host")]
 fn two_mtty_mdevs_migrate_through_the_real_kernel_in_an_emulated_guest() {
-    let Some(guest) = Guest::prepare_or_skip(vmig_test_support::skip) else {
+    let Some(run) = guest_test::run_in_guest(
+        "kernel_mdev_migration",
+        IN_GUEST_TEST,
+        1024,
+        Duration::from_secs(900),
+        "vmig-mtty: ",
+    ) else {
         return;
     };
-    let build = |binary| guest.build_binary(binary, false).expect("a static build");
-    let test = build(GuestBinary::Test {
-        package: "vmig",
-        name: "kernel_mdev_migration",
-    });
-    let vmig = build(GuestBinary::Bin {
-        package: "vmig",
-        name: "vmig",
-    });
-    let run = guest
-        .boot_with(
-            &test,
-            &[("vmig", &vmig)],
-            &["--exact", IN_GUEST_TEST, "--nocapture", "--test-threads=1"],
-            1024,
-            Duration::from_secs(900),
-        )
-        .expect("the guest boots");
-    println!(
-        "guest (Linux {}) ran in {:.1} s",
-        guest.kernel_release(),
-        run.duration.as_secs_f64()
-    );
-    let console: Vec<&str> = run.console.lines().collect();
-    let tail = console[console.len().saturating_sub(80)..].join("\n");
-    for line in console.iter().filter_map(|l| l.split_once("vmig-mtty: ")) {
-        println!("  guest: {}", line.1);
-    }
     for line in run.report_lines(REPORT) {
         println!("  measured: {line}");
     }
-    assert!(!run.timed_out, "the guest timed out; console:\n{tail}");
-    assert_eq!(run.exit_code, Some(0), "the in-guest test failed:\n{tail}");
-    assert!(
-        run.console.contains("test result: ok. 1 passed"),
-        "the in-guest test did not run:\n{tail}"
-    );
-    assert!(!run.console.contains("skipped:"), "{tail}");
 }
 
 // ---- in the guest ----
@@ -100,7 +77,7 @@ impl Vmig {
         let api = PathBuf::from(format!("/tmp/{name}.api"));
         let _ = std::fs::remove_file(&api);
         let log = std::fs::File::create(format!("/tmp/{name}.log")).unwrap();
-        let child = Command::new("/bin/vmig")
+        let child = vmig()
             .arg("run")
             .args(args)
             .arg("--api")
@@ -131,21 +108,7 @@ impl Vmig {
 
     /// One QMP command through `vmig ctl`: whether it succeeded, and the reply.
     fn ctl(&self, args: &[&str]) -> (bool, Value) {
-        let out = Command::new("/bin/vmig")
-            .arg("ctl")
-            .arg(&self.api)
-            .args(args)
-            .output()
-            .unwrap();
-        let reply = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "vmig ctl {args:?} against {}: {e}: {}{}",
-                self.name,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-        (out.status.success(), reply)
+        cli::ctl(&self.api, args)
     }
 
     /// The `return` of a command that must succeed.
@@ -471,7 +434,7 @@ fn in_guest_two_mttys_migrate_between_two_vmig_processes() {
     let (ours, theirs) = uuids.split_at(2);
 
     // `vmig device probe --vfio-mdev` describes one.
-    let probe = Command::new("/bin/vmig")
+    let probe = vmig()
         .args(["device", "probe", "--vfio-mdev", &ours[0]])
         .output()
         .unwrap();
@@ -494,7 +457,7 @@ fn in_guest_two_mttys_migrate_between_two_vmig_processes() {
     let source = Vmig::start("src", &args);
     assert_eq!(source.device_states(), ["RUNNING", "RUNNING"]);
     // An mdev another process holds: one line naming it and saying why.
-    let busy = Command::new("/bin/vmig")
+    let busy = vmig()
         .args(["device", "probe", "--vfio-mdev", &ours[0]])
         .output()
         .unwrap();

@@ -15,13 +15,19 @@
 //! root); fails on anything else that goes wrong preparing the guest.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use vmig_primitives::GuestAddress;
 
+#[path = "common/cli.rs"]
+mod cli;
+#[path = "common/guest_test.rs"]
+mod guest_test;
+use cli::{ctl, vmig};
+
 use vmig_dirty::DirtyBitmap;
-use vmig_kernel_guest::{EDU_BDF_ENV, Guest, GuestBinary, edu};
+use vmig_kernel_guest::{EDU_BDF_ENV, edu};
 use vmig_kvm::{DirtyLogMode, PAGE_SIZE, Vm, VmConfig, Workload};
 use vmig_migration::device::{DirtyLogKind, MigratableDevice};
 use vmig_migration::dirty::{DeviceSource, DirtySource, Mapping};
@@ -34,41 +40,13 @@ const IN_GUEST_TEST: &str = "in_guest_a_vm_with_edu_through_kernel_vfio";
 #[test]
 #[cfg_attr(vmig_in_guest, ignore = "boots the guest: runs on the host")]
 fn a_vm_with_a_kernel_vfio_device_in_an_emulated_guest() {
-    let Some(guest) = Guest::prepare_or_skip(vmig_test_support::skip) else {
-        return;
-    };
-    let build = |binary| guest.build_binary(binary, false).expect("a static build");
-    let test = build(GuestBinary::Test {
-        package: "vmig",
-        name: "kernel_vfio_vm",
-    });
-    let vmig = build(GuestBinary::Bin {
-        package: "vmig",
-        name: "vmig",
-    });
-    let run = guest
-        .boot_with(
-            &test,
-            &[("vmig", &vmig)],
-            &["--exact", IN_GUEST_TEST, "--nocapture", "--test-threads=1"],
-            1024,
-            Duration::from_secs(600),
-        )
-        .expect("the guest boots");
-    println!("guest ran in {:.1} s", run.duration.as_secs_f64());
-    let console: Vec<&str> = run.console.lines().collect();
-    let tail = console[console.len().saturating_sub(60)..].join("\n");
-    // libtest may print a line's start ("test NAME ... ") before the test's own output.
-    for line in console.iter().filter_map(|l| l.split_once("vmig-vm: ")) {
-        println!("  guest: {}", line.1);
-    }
-    assert!(!run.timed_out, "the guest timed out; console:\n{tail}");
-    assert_eq!(run.exit_code, Some(0), "the in-guest test failed:\n{tail}");
-    assert!(
-        run.console.contains("test result: ok. 1 passed"),
-        "the in-guest test did not run:\n{tail}"
+    guest_test::run_in_guest(
+        "kernel_vfio_vm",
+        IN_GUEST_TEST,
+        1024,
+        Duration::from_secs(600),
+        "vmig-vm: ",
     );
-    assert!(!run.console.contains("skipped:"), "{tail}");
 }
 
 fn read_u32(device: &dyn MigratableDevice, offset: u64) -> u32 {
@@ -105,17 +83,6 @@ fn edu_dma(device: &dyn MigratableDevice, src: u64, dst: u64, count: u32, cmd: u
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-fn vmig() -> Command {
-    Command::new("/bin/vmig")
-}
-
-fn ctl(api: &Path, args: &[&str]) -> (bool, serde_json::Value) {
-    let out = vmig().arg("ctl").arg(api).args(args).output().unwrap();
-    let reply = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
-    (out.status.success(), reply)
 }
 
 #[test]

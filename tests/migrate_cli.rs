@@ -2,30 +2,18 @@
 //! `vmig ctl`, with a destination process killed during pre-copy.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
 use vmig_test_support::{require_kvm, skip, wait_until};
 
-fn vmig() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_vmig"))
-}
+#[path = "common/cli.rs"]
+mod cli;
+use cli::{ctl, vmig, wait_for};
 
-fn wait_for(path: &Path) {
-    wait_until("a socket to appear", Duration::from_secs(30), || {
-        path.exists()
-            .then_some(())
-            .ok_or_else(|| format!("no {}", path.display()))
-    });
-}
-
-fn ctl(api: &Path, args: &[&str]) -> (bool, Value) {
-    let out = vmig().arg("ctl").arg(api).args(args).output().unwrap();
-    let reply: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
-    (out.status.success(), reply)
-}
+/// How long a `vmig` process has to open its socket.
+const SOCKET_PATIENCE: Duration = Duration::from_secs(30);
 
 struct Kill(Vec<Child>, PathBuf);
 
@@ -99,7 +87,7 @@ fn a_killed_destination_process_leaves_the_source_running_and_its_guest_whole() 
                 .spawn()
                 .unwrap(),
         );
-        wait_for(&socket);
+        wait_for(&socket, SOCKET_PATIENCE);
         format!("vfio-user,socket={}", socket.display())
     };
     let (src_dev, dst_dev) = (device("src.sock", "v2"), device("dst.sock", "v2"));
@@ -137,8 +125,8 @@ fn a_killed_destination_process_leaves_the_source_running_and_its_guest_whole() 
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for(&src_api);
-    wait_for(&dst_api);
+    wait_for(&src_api, SOCKET_PATIENCE);
+    wait_for(&dst_api, SOCKET_PATIENCE);
     let (ok, status) = ctl(&dst_api, &["query-status"]);
     assert!(ok && status["return"]["status"] == "inmigrate", "{status}");
     let (ok, reply) = ctl(

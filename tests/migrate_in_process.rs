@@ -5,8 +5,6 @@
 
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -17,60 +15,25 @@ use vmig_migration::machine::{device_area_bytes, interrupt_vector};
 use vmig_migration::report::MigrationReport;
 use vmig_migration::transport::{Listener, Uri};
 use vmig_migration::{
-    DeviceSpec, Incoming, Machine, MigrationParams, Progress, Role, Status, migrate, receive,
+    Incoming, Machine, MigrationParams, Progress, Role, Status, migrate, receive,
 };
 use vmig_test_support::{require_kvm, wait_until};
 
 /// The guest drivers, exactly as the `vmig` binary registers them.
 #[path = "../src/drivers.rs"]
 mod drivers;
-use vmig_vfio_user::server::{
-    Device, DeviceContext, MigrationSupport, Refusal, Server, ServerConfig,
-};
+use vmig_vfio_user::server::{Device, DeviceContext, MigrationSupport, Refusal};
 
 /// How long a test waits for something that takes milliseconds when the machine is idle.
 const PATIENCE: Duration = Duration::from_secs(30);
 
-struct DeviceServer {
-    socket: PathBuf,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
+#[path = "common/device_server.rs"]
+mod device_server;
+use device_server::DeviceServer;
 
 impl DeviceServer {
     fn start(dir: &std::path::Path, name: &str, migration: Migration) -> Self {
         Self::serve(dir, name, DmaEngine::new(migration))
-    }
-
-    fn serve(dir: &std::path::Path, name: &str, device: impl Device + 'static) -> Self {
-        let socket = dir.join(name);
-        let listener = UnixListener::bind(&socket).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let server = Server::new(device, ServerConfig::default());
-        let thread = {
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || {
-                let _ = server.run(&listener, &stop);
-            })
-        };
-        Self {
-            socket,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn spec(&self, rate: u64) -> DeviceSpec {
-        DeviceSpec::vfio_user(self.socket.clone(), rate)
-    }
-}
-
-impl Drop for DeviceServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

@@ -5,15 +5,15 @@
 //! its FIFO are read back by the destination's guest after a live migration, in one process
 //! and across two `vmig run` processes driven by `vmig ctl x-vmig-guest-port-io`.
 
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
+
+#[path = "common/cli.rs"]
+mod cli;
+use cli::{ctl, vmig, wait_for};
 use vmig_kvm::{DirtyLogMode, PortOp, Vm, VmConfig, Workload};
 use vmig_migration::device::BarSpace;
 use vmig_migration::machine::{Bar, device_area_bytes};
@@ -24,8 +24,7 @@ use vmig_migration::{
 use vmig_primitives::GuestAddress;
 use vmig_test_support::{require_kvm, wait_until};
 use vmig_vfio_user::server::{
-    Device, DeviceSpec as ServerSpec, IrqSpec, MigrationSupport, Refusal, RegionSpec, Server,
-    ServerConfig,
+    Device, DeviceSpec as ServerSpec, IrqSpec, MigrationSupport, Refusal, RegionSpec,
 };
 use vmig_vfio_user::wire::IRQ_INFO_EVENTFD;
 
@@ -151,47 +150,18 @@ impl Device for LoopbackUart {
     }
 }
 
-struct UartServer {
-    socket: PathBuf,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+#[path = "common/device_server.rs"]
+mod device_server;
+use device_server::DeviceServer;
+
+/// A loopback UART served on `dir/name`.
+fn uart_server(dir: &Path, name: &str) -> DeviceServer {
+    DeviceServer::serve(dir, name, LoopbackUart::default())
 }
 
-impl UartServer {
-    fn start(dir: &Path, name: &str) -> Self {
-        Self::serve(dir, name, LoopbackUart::default())
-    }
-
-    fn serve(dir: &Path, name: &str, uart: LoopbackUart) -> Self {
-        let socket = dir.join(name);
-        let listener = UnixListener::bind(&socket).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let server = Server::new(uart, ServerConfig::default());
-        let thread = {
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || {
-                let _ = server.run(&listener, &stop);
-            })
-        };
-        Self {
-            socket,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn spec(&self) -> DeviceSpec {
-        DeviceSpec::vfio_user(self.socket.clone(), 0)
-    }
-}
-
-impl Drop for UartServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
+/// A UART's `--device` (a UART has no dma-engine rate).
+fn uart_spec(server: &DeviceServer) -> DeviceSpec {
+    server.spec(0)
 }
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -241,11 +211,8 @@ fn write_all(base: u16, text: &[u8]) -> Vec<PortOp> {
 fn io_bars_sit_in_the_port_window_and_the_guests_port_io_reaches_their_device() {
     require_kvm!();
     let dir = temp_dir("route");
-    let uarts = [
-        UartServer::start(&dir, "a.sock"),
-        UartServer::start(&dir, "b.sock"),
-    ];
-    let specs: Vec<_> = uarts.iter().map(UartServer::spec).collect();
+    let uarts = [uart_server(&dir, "a.sock"), uart_server(&dir, "b.sock")];
+    let specs: Vec<_> = uarts.iter().map(uart_spec).collect();
     let machine = source(&specs);
     for (i, device) in machine.devices.iter().enumerate() {
         assert_eq!(
@@ -337,15 +304,9 @@ fn a_vm_without_io_bars_refuses_a_port_script() {
 fn a_uarts_fifo_written_by_the_source_guest_is_read_back_by_the_destination_guest() {
     require_kvm!();
     let dir = temp_dir("migrate");
-    let src = [
-        UartServer::start(&dir, "s0.sock"),
-        UartServer::start(&dir, "s1.sock"),
-    ];
-    let dst = [
-        UartServer::start(&dir, "d0.sock"),
-        UartServer::start(&dir, "d1.sock"),
-    ];
-    let specs: Vec<_> = src.iter().map(UartServer::spec).collect();
+    let src = [uart_server(&dir, "s0.sock"), uart_server(&dir, "s1.sock")];
+    let dst = [uart_server(&dir, "d0.sock"), uart_server(&dir, "d1.sock")];
+    let specs: Vec<_> = src.iter().map(uart_spec).collect();
     let machine = source(&specs);
     let (a, b) = (0xc000, 0xc100);
     let mut script = write_all(a, b"vmig");
@@ -362,7 +323,7 @@ fn a_uarts_fifo_written_by_the_source_guest_is_read_back_by_the_destination_gues
     let incoming = Incoming {
         listener: Listener::bind(&uri).unwrap(),
         prepared_memory: None,
-        devices: dst.iter().map(UartServer::spec).collect(),
+        devices: dst.iter().map(uart_spec).collect(),
         drivers: vmig_migration::driver::GuestDrivers::none(),
         dirty_log: None,
     };
@@ -402,25 +363,6 @@ fn a_uarts_fifo_written_by_the_source_guest_is_read_back_by_the_destination_gues
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn vmig() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_vmig"))
-}
-
-fn wait_for(path: &Path) {
-    wait_until("a socket to appear", PATIENCE, || {
-        path.exists()
-            .then_some(())
-            .ok_or_else(|| format!("no {}", path.display()))
-    });
-}
-
-fn ctl(api: &Path, args: &[&str]) -> (bool, Value) {
-    let out = vmig().arg("ctl").arg(api).args(args).output().unwrap();
-    let reply: Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
-    (out.status.success(), reply)
-}
-
 /// Kills the `vmig` processes a test started, whatever happens to it.
 struct Children(Vec<Child>);
 
@@ -442,11 +384,8 @@ impl Drop for Children {
 fn vmig_ctl_has_the_source_guest_write_and_the_destination_guest_read_a_uart() {
     require_kvm!();
     let dir = temp_dir("ctl");
-    let uarts = [
-        UartServer::start(&dir, "src.sock"),
-        UartServer::start(&dir, "dst.sock"),
-    ];
-    let device = |u: &UartServer| format!("vfio-user,socket={}", u.socket.display());
+    let uarts = [uart_server(&dir, "src.sock"), uart_server(&dir, "dst.sock")];
+    let device = |u: &DeviceServer| format!("vfio-user,socket={}", u.socket.display());
     let (src_api, dst_api) = (dir.join("src.api"), dir.join("dst.api"));
     let target = format!("unix:{}", dir.join("migrate.sock").display());
     let mut children = Children(Vec::new());
@@ -477,8 +416,8 @@ fn vmig_ctl_has_the_source_guest_write_and_the_destination_guest_read_a_uart() {
             .spawn()
             .unwrap(),
     );
-    wait_for(&src_api);
-    wait_for(&dst_api);
+    wait_for(&src_api, PATIENCE);
+    wait_for(&dst_api, PATIENCE);
     let port_io =
         |api: &Path, ops: &str| ctl(api, &["x-vmig-guest-port-io", &format!("ops={ops}")]);
     let (ok, devices) = ctl(&src_api, &["x-vmig-query-devices"]);
@@ -598,7 +537,7 @@ fn vmig_ctl_has_the_source_guest_write_and_the_destination_guest_read_a_uart() {
 fn an_intx_only_device_is_attached_unwired_with_a_warning() {
     require_kvm!();
     let dir = temp_dir("intx");
-    let uart = UartServer::serve(
+    let uart = DeviceServer::serve(
         &dir,
         "intx.sock",
         LoopbackUart {
@@ -606,7 +545,7 @@ fn an_intx_only_device_is_attached_unwired_with_a_warning() {
             ..LoopbackUart::default()
         },
     );
-    let machine = source(&[uart.spec()]);
+    let machine = source(&[uart_spec(&uart)]);
     assert!(machine.devices[0].interrupts.is_empty());
     drop(machine);
     let out = vmig()
