@@ -242,6 +242,16 @@ fn assert_uart_loops_back(vm: &Vmig, device: usize, bytes: &[u8]) {
     assert_eq!(after & LSR_DATA_READY, 0, "LSR {after:#x}: bytes left over");
 }
 
+/// After a migration that did not complete: the source's VM runs, both of its mttys are
+/// RUNNING, and both UARTs loop `bytes` back.
+fn assert_source_runs_on(source: &Vmig, bytes: &[u8]) {
+    assert_eq!(source.status(), "running");
+    assert_eq!(source.device_states(), ["RUNNING", "RUNNING"]);
+    for device in 0..2 {
+        assert_uart_loops_back(source, device, bytes);
+    }
+}
+
 /// How [`damaging_relay`] damages device 0's state.
 #[derive(Clone, Copy)]
 enum Damage {
@@ -486,11 +496,7 @@ fn in_guest_two_mttys_migrate_between_two_vmig_processes() {
     assert_eq!(source.device_states(), ["PRE_COPY", "PRE_COPY"]);
     source.ok(&["migrate_cancel"]);
     let info = source.wait_migration(&["cancelled"], Duration::from_secs(60));
-    assert_eq!(source.status(), "running");
-    assert_eq!(source.device_states(), ["RUNNING", "RUNNING"]);
-    for device in 0..2 {
-        assert_uart_loops_back(&source, device, b"after cancel");
-    }
+    assert_source_runs_on(&source, b"after cancel");
     let mut dest = dest;
     let (dest_ok, dest_log) = dest.wait();
     assert!(
@@ -518,11 +524,7 @@ fn in_guest_two_mttys_migrate_between_two_vmig_processes() {
             && error.contains("Bad address"),
         "the refusal names the device and why: {error}"
     );
-    assert_eq!(source.status(), "running");
-    assert_eq!(source.device_states(), ["RUNNING", "RUNNING"]);
-    for device in 0..2 {
-        assert_uart_loops_back(&source, device, b"after refusal");
-    }
+    assert_source_runs_on(&source, b"after refusal");
     let mut dest = dest;
     let (dest_ok, dest_log) = dest.wait();
     assert!(
@@ -557,11 +559,7 @@ fn in_guest_two_mttys_migrate_between_two_vmig_processes() {
         "the destination reset the device whose state change failed"
     );
     drop((refused, container));
-    assert_eq!(source.status(), "running");
-    assert_eq!(source.device_states(), ["RUNNING", "RUNNING"]);
-    for device in 0..2 {
-        assert_uart_loops_back(&source, device, b"after a short");
-    }
+    assert_source_runs_on(&source, b"after a short");
     println!("vmig-mtty: too little state: {error}");
     println!(
         "vmig-mtty: the destination reset mtty {} (RUNNING after); the source runs on",

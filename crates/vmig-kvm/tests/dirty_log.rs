@@ -18,15 +18,7 @@ fn float(v: u64) -> f64 {
     v as f64
 }
 
-fn config(mode: DirtyLogMode, vcpus: usize, workload: &str) -> VmConfig {
-    VmConfig {
-        ram: 64 << 20,
-        vcpus,
-        workload: workload.parse().unwrap(),
-        dirty_log: mode,
-        ..VmConfig::default()
-    }
-}
+use common::vm_config as config;
 
 fn check_mode(mode: DirtyLogMode, vcpus: usize, workload: &str) {
     let vm = Vm::new(&config(mode, vcpus, workload)).unwrap();

@@ -11,13 +11,7 @@ use vmig_kvm::{DirtyLogMode, KvmError, MmioError, PortHandler, PortOp, Vm, VmCon
 use vmig_primitives::GuestAddress;
 
 fn config(vcpus: usize, workload: &str) -> VmConfig {
-    VmConfig {
-        ram: 64 << 20,
-        vcpus,
-        workload: workload.parse().unwrap(),
-        dirty_log: DirtyLogMode::Bitmap,
-        ..VmConfig::default()
-    }
+    common::vm_config(DirtyLogMode::Bitmap, vcpus, workload)
 }
 
 const UART: u16 = 0xc000;

@@ -9,13 +9,7 @@ use vmig_kvm::guest::{GuestLayout, Stamp};
 use vmig_kvm::{DirtyLogMode, KvmError, PAGE_SIZE, Vm, VmConfig};
 
 fn config(vcpus: usize, workload: &str) -> VmConfig {
-    VmConfig {
-        ram: 64 << 20,
-        vcpus,
-        workload: workload.parse().unwrap(),
-        dirty_log: DirtyLogMode::Bitmap,
-        ..VmConfig::default()
-    }
+    common::vm_config(DirtyLogMode::Bitmap, vcpus, workload)
 }
 
 /// "Pausing all vCPUs returns only when every one has left KVM_RUN": once `pause` returns, the

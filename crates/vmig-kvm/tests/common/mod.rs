@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use vmig_dirty::DirtyBitmap;
 use vmig_kvm::guest::Stamp;
-use vmig_kvm::{DirtyLogMode, PAGE_SIZE, Vm};
+use vmig_kvm::{DirtyLogMode, PAGE_SIZE, Vm, VmConfig};
 
 /// Returns early, recording a skip (see `vmig_test_support::skip`), when `/dev/kvm` cannot be
 /// opened.
@@ -14,6 +14,17 @@ macro_rules! require_kvm {
     () => {
         vmig_test_support::require_kvm!()
     };
+}
+
+/// A 64 MiB VM of `vcpus` vCPUs running `workload`, its CPU dirty log in `mode`.
+pub fn vm_config(mode: DirtyLogMode, vcpus: usize, workload: &str) -> VmConfig {
+    VmConfig {
+        ram: 64 << 20,
+        vcpus,
+        workload: workload.parse().unwrap(),
+        dirty_log: mode,
+        ..VmConfig::default()
+    }
 }
 
 /// Waits until the running guest has written more than `pages` pages in all.
