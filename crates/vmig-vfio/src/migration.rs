@@ -36,9 +36,6 @@ const READ_CHUNK: usize = 1 << 20;
 /// producing state is read again at the next pass rather than holding up this one.
 pub const MAX_PRECOPY_READ: usize = 64 << 20;
 
-/// Most state a device may hand over in stop-and-copy; more means it misbehaves.
-pub const MAX_STOP_COPY_STATE: usize = 16 << 30;
-
 /// The migration of one kernel VFIO device that offers v2 with `STOP_COPY`.
 #[derive(Debug, Clone, Copy)]
 pub struct KernelMigration<'a> {
@@ -199,26 +196,6 @@ impl<'a> KernelMigration<'a> {
         }
         chunk.truncate(n);
         Ok(Some(chunk))
-    }
-
-    /// Stops the device and reads the rest of its state at once (for callers that keep it
-    /// whole; the engine streams it with [`Self::stop`] and [`Self::next_stop_copy_chunk`]).
-    pub fn stop_and_copy(&self) -> Result<Vec<Vec<u8>>> {
-        self.stop()?;
-        let mut chunks = Vec::new();
-        let mut total = 0;
-        while let Some(chunk) = self.next_stop_copy_chunk()? {
-            total += chunk.len();
-            if total > MAX_STOP_COPY_STATE {
-                return Err(VfioError::Kernel(format!(
-                    "{}: the device's state goes on past {} GiB",
-                    self.device.name(),
-                    MAX_STOP_COPY_STATE >> 30
-                )));
-            }
-            chunks.push(chunk);
-        }
-        Ok(chunks)
     }
 
     /// The source is done: the device stays stopped.
