@@ -2,7 +2,6 @@
 //! argument checking (unknown, missing and mistyped arguments are refused as QEMU refuses
 //! them).
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::{Map, Value, json};
@@ -507,8 +506,8 @@ fn cont(_: &mut Arguments, shared: &Shared) -> Result<Value, QmpError> {
     pause_or_resume(false, shared)
 }
 
+/// `quit`: the server sets [`Shared::quit`] once this reply is out.
 fn quit(_: &mut Arguments, shared: &Shared) -> Result<Value, QmpError> {
-    shared.quit.store(true, Ordering::Release);
     shared.emit(
         "SHUTDOWN",
         Some(json!({"guest": false, "reason": "host-qmp-quit"})),
