@@ -156,6 +156,10 @@ pub struct RamStats {
     pub dirty_pages_rate: u64,
     /// Throughput of RAM so far, in megabits per second.
     pub mbps: f64,
+    /// The bandwidth the convergence decision divides the remaining bytes by, as of the last
+    /// pre-copy pass: RAM bytes sent over the time the passes took, in megabits per second.
+    #[serde(default)]
+    pub bandwidth_mbps: f64,
 }
 
 /// One device's state transfer.

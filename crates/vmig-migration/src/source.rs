@@ -640,6 +640,7 @@ impl<'a> Source<'a> {
                 r.passes = u64::from(pass);
                 r.ram.remaining = remaining;
                 r.expected_downtime_ms = expected.ceil() as u64;
+                r.ram.bandwidth_mbps = bandwidth * 8.0 / 1000.0;
                 r.ram.dirty_pages_rate = rate as u64;
             });
             if !switchover_acked && initial_sent.iter().all(|&sent| sent) {
