@@ -5,7 +5,8 @@
 //! with the guest's own verify. `vmig device serve` serves a sample vfio-user device and
 //! `vmig device probe` describes any vfio-user server. `vmig run --api` speaks QMP to
 //! `vmig ctl` and to QEMU's own tools, `vmig migrate` follows a migration to a `vmig run --incoming`, and `vmig demo`
-//! does all of it in one command.
+//! does all of it in one command. `vmig relay` forwards a migration stream and injects one
+//! fault into it.
 
 mod bench;
 mod children;
@@ -14,6 +15,7 @@ mod demo;
 mod device;
 mod drivers;
 mod qmp;
+mod relay;
 mod run;
 
 use std::process::ExitCode;
@@ -40,6 +42,7 @@ enum Command {
     Migrate(ctl::MigrateArgs),
     Demo(demo::DemoArgs),
     Bench(bench::BenchArgs),
+    Relay(relay::RelayArgs),
 }
 
 /// Library logs (`tracing`) to stderr, filtered by `RUST_LOG` (for example
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
         Command::Migrate(args) => ctl::migrate(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Relay(args) => relay::run(&args),
     };
     match result {
         Ok(code) => code,
