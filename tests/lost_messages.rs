@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use vmig_test_support::{require_kvm, wait_until};
 
 #[path = "common/cli.rs"]
@@ -52,6 +51,8 @@ struct Row {
     destination_mem: &'static str,
     source: SourceEnd,
     destination: DestinationEnd,
+    /// What the source's `error-desc` must say, beyond its row's rule.
+    error: &'static str,
 }
 
 const fn row(fault: &'static str, source: SourceEnd, destination: DestinationEnd) -> Row {
@@ -61,6 +62,7 @@ const fn row(fault: &'static str, source: SourceEnd, destination: DestinationEnd
         destination_mem: "32M",
         source,
         destination,
+        error: "",
     }
 }
 
@@ -92,8 +94,14 @@ const ROWS: &[Row] = &[
     row("cut-before:VcpuState", RolledBack, Fails),
     row("cut-before:Complete", RolledBack, Fails),
     row("cut-before:Accepted", RolledBack, Fails),
-    row("corrupt:Accepted", RolledBack, Fails),
-    row("corrupt:Commit", RolledBack, Fails),
+    Row {
+        error: "fails its checksum",
+        ..row("corrupt:Accepted", RolledBack, Fails)
+    },
+    Row {
+        error: "the destination answered the commit with an abort, so it does not run the VM",
+        ..row("corrupt:Commit", RolledBack, Fails)
+    },
     row("cut-before:Commit", Unknown, Fails),
     row("cut-after:Commit", Unknown, Runs),
     row("cut-before:Resumed", Unknown, Runs),
@@ -209,7 +217,7 @@ fn run_row(index: usize, row: &Row) {
         Some(&dst_api),
     );
     let front = format!("unix:{}", relay_sock.display());
-    hosts.spawn(
+    let relay = hosts.spawn(
         &["relay", &front, &target, "--fault", row.fault],
         Some(&relay_sock),
     );
@@ -239,6 +247,12 @@ fn run_row(index: usize, row: &Row) {
         }
     });
     let what = format!("{}: {report}", row.fault);
+    assert!(
+        report["error-desc"]
+            .as_str()
+            .is_some_and(|e| e.contains(row.error)),
+        "{what}"
+    );
     let (_, status) = ctl(&src_api, &["query-status"]);
     let status = &status["return"];
     match row.source {
@@ -325,6 +339,25 @@ fn run_row(index: usize, row: &Row) {
     assert!(
         !(out.contains("verify:") && destination_out.contains("migration arrived")),
         "the VM ran on both hosts: {both}"
+    );
+    // And the row is the one the table names: the relay's fault fired.
+    let _ = hosts.children[relay].kill();
+    let (_, relayed) = hosts.end(relay);
+    assert!(
+        relayed.contains("fault: "),
+        "{both}
+relay:
+{relayed}"
+    );
+    println!(
+        "{:<28} source {} (exit {}), destination {}",
+        row.fault,
+        report["status"],
+        code.code().unwrap_or(-1),
+        match row.destination {
+            Fails => "dropped the VM",
+            Runs => "runs the VM",
+        }
     );
 }
 
