@@ -296,13 +296,12 @@ fn run_row(index: usize, row: &Row) {
             out
         }
         Runs => {
-            let arrived = wait_until("the destination to run the VM", PATIENCE, || {
+            wait_until("the destination to run the VM", PATIENCE, || {
                 let (_, s) = ctl(&dst_api, &["query-status"]);
                 (s["return"]["status"] == "running")
                     .then_some(())
                     .ok_or_else(|| s.to_string())
             });
-            let () = arrived;
             let (ok, _) = ctl(&dst_api, &["quit"]);
             assert!(ok);
             let (code, out) = hosts.end(destination);
