@@ -16,6 +16,7 @@
 //! |---|---|
 //! | `admission` | [`Server::run`]: accepting, which connection is served, refusing the others |
 //! | `device` | the [`Device`] trait, its spec and context, the one [`Refusal`] |
+//! | `direct` | [`DirectSession`]: a session without a connection, for fuzzing and tests |
 //! | [`request`] | decoding and checking every command a client sends |
 //! | `dma` | `DMA_MAP` / `DMA_UNMAP` into the IOMMU, message-based DMA to the client |
 //! | `irqs` | IRQ info, `SET_IRQS`, the eventfds and masks |
@@ -25,6 +26,7 @@
 
 mod admission;
 mod device;
+mod direct;
 mod dirty;
 mod dma;
 mod irqs;
@@ -58,6 +60,7 @@ pub use admission::MAX_REFUSING;
 pub use device::{
     Device, DeviceContext, DeviceSpec, IrqSpec, MigrationSupport, Refusal, RegionMmap, RegionSpec,
 };
+pub use direct::DirectSession;
 pub use dirty::MAX_BITMAP_BYTES;
 pub use dma::ClientDmaError;
 pub use migration_v2::MAX_MIGRATION_STREAM;
@@ -142,7 +145,6 @@ pub struct Server<D: Device> {
 
 /// State of one connection.
 struct Session {
-    endpoint: Arc<Endpoint>,
     dma: Arc<Dma>,
     irqs: Arc<Irqs>,
     spec: DeviceSpec,
@@ -307,9 +309,7 @@ impl<D: Device> Server<D> {
         stop: &AtomicBool,
     ) -> Result<(), ServeError> {
         let (client_caps, twin_endpoint) = self.negotiate(&endpoint, first)?;
-        let iommu = Arc::new(Iommu::new(IommuConfig::default()).map_err(ServeError::Iommu)?);
-        let spec = self.full_spec();
-        let client = ClientMemory {
+        let mut session = self.open_session(ClientMemory {
             endpoint: Arc::downgrade(twin_endpoint.as_ref().unwrap_or(&endpoint)),
             // The replies to our DMA_READs must fit what this side accepts too.
             max_xfer: usize::try_from(
@@ -319,21 +319,7 @@ impl<D: Device> Server<D> {
                     .max(1),
             )
             .unwrap_or(usize::MAX),
-        };
-        let mut session = Session {
-            dma: Arc::new(Dma {
-                iommu,
-                client: Arc::new(client),
-            }),
-            irqs: Arc::new(Irqs::new(&spec.irqs)),
-            endpoint,
-            spec,
-            logging: None,
-        };
-        self.device().connect(DeviceContext {
-            dma: Arc::clone(&session.dma),
-            irqs: Arc::clone(&session.irqs),
-        });
+        })?;
         let outcome = loop {
             if stop.load(Ordering::Acquire) {
                 break Ok(());
@@ -342,7 +328,7 @@ impl<D: Device> Server<D> {
                 Ok(m) => m,
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => {
-                    break match session.endpoint.closed_reason() {
+                    break match endpoint.closed_reason() {
                         None | Some(CloseReason::PeerClosed) => Ok(()),
                         Some(why) => Err(ServeError::Broken(why)),
                     };
@@ -354,9 +340,9 @@ impl<D: Device> Server<D> {
             let sent = match result {
                 Ok(Reply { payload, fds }) => {
                     let fds: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
-                    session.endpoint.reply(&header, &[&payload], &fds)
+                    endpoint.reply(&header, &[&payload], &fds)
                 }
-                Err(e) => session.endpoint.reply_error(&header, e.errno),
+                Err(e) => endpoint.reply_error(&header, e.errno),
             };
             if let Err(e) = sent {
                 break Err(ServeError::Reply(e));
@@ -365,12 +351,34 @@ impl<D: Device> Server<D> {
         // The client is gone: close both sockets first (a DMA in flight fails at once rather
         // than waiting for its timeout), then the device stops using DMA, then mappings and
         // IRQs go with the session.
-        session.endpoint.close();
+        endpoint.close();
         if let Some(twin) = twin_endpoint {
             twin.close();
         }
         self.device().disconnect();
+        drop(session);
         outcome
+    }
+
+    /// A new session whose message-based DMA goes to `client`: a fresh IOMMU, the IRQs of the
+    /// device's spec, and the device connected to both.
+    fn open_session(&self, client: ClientMemory) -> Result<Session, ServeError> {
+        let iommu = Arc::new(Iommu::new(IommuConfig::default()).map_err(ServeError::Iommu)?);
+        let spec = self.full_spec();
+        let session = Session {
+            dma: Arc::new(Dma {
+                iommu,
+                client: Arc::new(client),
+            }),
+            irqs: Arc::new(Irqs::new(&spec.irqs)),
+            spec,
+            logging: None,
+        };
+        self.device().connect(DeviceContext {
+            dma: Arc::clone(&session.dma),
+            irqs: Arc::clone(&session.irqs),
+        });
+        Ok(session)
     }
 
     fn handle(&self, s: &mut Session, request: Request) -> Result<Reply, Refusal> {
