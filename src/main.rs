@@ -13,8 +13,10 @@ mod ctl;
 mod demo;
 mod device;
 mod drivers;
-mod qmp;
 mod run;
+
+// The QMP control protocol is the library part of this package (`src/lib.rs`).
+use vmig::qmp;
 
 use std::process::ExitCode;
 

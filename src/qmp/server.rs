@@ -340,7 +340,7 @@ fn serve_client(mut stream: UnixStream, shared: &Shared) {
         };
         for frame in framer.feed(&buf[..n]) {
             let (reply, negotiates) = match frame {
-                Frame::Text(text) => request(&text, &connection, shared),
+                Frame::Text(text) => request(&text, connection.negotiated(), shared),
                 Frame::Invalid(why) => (QmpError::generic(why).reply(None), false),
             };
             if !connection.reply(&reply, negotiates) {
@@ -352,9 +352,11 @@ fn serve_client(mut stream: UnixStream, shared: &Shared) {
     clients.retain(|c| !Arc::ptr_eq(c, &connection));
 }
 
-/// One request's reply (`{"return": ...}` or `{"error": ...}`, with the request's `id`), and
-/// whether it completes the negotiation.
-fn request(text: &[u8], connection: &Connection, shared: &Shared) -> (Value, bool) {
+/// One request's reply (`{"return": ...}` or `{"error": ...}`, with the request's `id`) on a
+/// connection that has `negotiated` or not, and whether it completes the negotiation. Public
+/// as the `qmp` fuzz target's entry (with a [`Shared`] without a VM, nothing a request does
+/// reaches a VM or the network).
+pub fn request(text: &[u8], negotiated: bool, shared: &Shared) -> (Value, bool) {
     let value: Value = match serde_json::from_slice(text) {
         Ok(value) => value,
         Err(e) => {
@@ -373,7 +375,7 @@ fn request(text: &[u8], connection: &Connection, shared: &Shared) -> (Value, boo
     let id = request.remove("id");
     let mut negotiates = false;
     let result = parse_command(&mut request).and_then(|(name, arguments)| {
-        match (name.as_str(), connection.negotiated()) {
+        match (name.as_str(), negotiated) {
             ("qmp_capabilities", false) => {
                 commands::negotiate(arguments)?;
                 negotiates = true;
