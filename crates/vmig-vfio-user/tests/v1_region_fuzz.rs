@@ -16,7 +16,7 @@ mod v1_region;
 use random::Random;
 
 /// Random inputs run through the property.
-const INPUTS: usize = 100_000;
+const INPUTS: usize = 60_000;
 
 /// Script pieces, as `v1_region::check` reads them.
 fn to_state(state: u8) -> Vec<u8> {
