@@ -340,7 +340,7 @@ fn serve_client(mut stream: UnixStream, shared: &Shared) {
         };
         for frame in framer.feed(&buf[..n]) {
             let (reply, negotiates, quits) = match frame {
-                Frame::Text(text) => request(&text, &connection, shared),
+                Frame::Text(text) => request(&text, connection.negotiated(), shared),
                 Frame::Invalid(why) => (QmpError::generic(why).reply(None), false, false),
             };
             let sent = connection.reply(&reply, negotiates);
@@ -358,9 +358,12 @@ fn serve_client(mut stream: UnixStream, shared: &Shared) {
     clients.retain(|c| !Arc::ptr_eq(c, &connection));
 }
 
-/// One request's reply (`{"return": ...}` or `{"error": ...}`, with the request's `id`),
-/// whether it completes the negotiation, and whether it is an accepted `quit`.
-fn request(text: &[u8], connection: &Connection, shared: &Shared) -> (Value, bool, bool) {
+/// One request's reply (`{"return": ...}` or `{"error": ...}`, with the request's `id`) on a
+/// connection that has `negotiated` or not, whether it completes the negotiation, and whether
+/// it is an accepted `quit` (which takes effect once the reply is out). Public as the `qmp`
+/// fuzz target's entry (with a [`Shared`] without a VM, nothing a request does reaches a VM or
+/// the network).
+pub fn request(text: &[u8], negotiated: bool, shared: &Shared) -> (Value, bool, bool) {
     let value: Value = match serde_json::from_slice(text) {
         Ok(value) => value,
         Err(e) => {
@@ -382,7 +385,7 @@ fn request(text: &[u8], connection: &Connection, shared: &Shared) -> (Value, boo
     let mut negotiates = false;
     let mut quits = false;
     let result = parse_command(&mut request).and_then(|(name, arguments)| {
-        match (name.as_str(), connection.negotiated()) {
+        match (name.as_str(), negotiated) {
             ("qmp_capabilities", false) => {
                 commands::negotiate(arguments)?;
                 negotiates = true;
