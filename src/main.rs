@@ -6,7 +6,8 @@
 //! `vmig device probe` describes any vfio-user server. `vmig run --api` speaks QMP to
 //! `vmig ctl` and to QEMU's own tools, `vmig migrate` follows a migration to a `vmig run --incoming`, and `vmig demo`
 //! does all of it in one command. `vmig relay` forwards a migration stream and injects one
-//! fault into it.
+//! fault into it, and `vmig soak` runs randomized migrations with faults and checks
+//! each.
 
 mod bench;
 mod children;
@@ -17,6 +18,7 @@ mod drivers;
 mod qmp;
 mod relay;
 mod run;
+mod soak;
 
 use std::process::ExitCode;
 
@@ -43,6 +45,7 @@ enum Command {
     Demo(demo::DemoArgs),
     Bench(bench::BenchArgs),
     Relay(relay::RelayArgs),
+    Soak(soak::SoakArgs),
 }
 
 /// Library logs (`tracing`) to stderr, filtered by `RUST_LOG` (for example
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Relay(args) => relay::run(&args),
+        Command::Soak(args) => soak::run(&args),
     };
     match result {
         Ok(code) => code,
