@@ -1,15 +1,18 @@
-//! Child processes of the commands that stage a whole scenario (`vmig demo`, `vmig bench`):
-//! started with their output in log files of a private temporary directory, watched while the
-//! parent waits for them, and stopped, reaped and cleaned up when dropped.
+//! Child processes of the commands that stage a whole scenario (`vmig demo`, `vmig bench`,
+//! `vmig soak`): started with their output in log files of a private temporary directory,
+//! watched while the parent waits for them, signalled one by one, and stopped, reaped and
+//! cleaned up when dropped (the directory kept when asked).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// The children, killed and reaped when dropped, and their directory, then removed.
+/// The children, killed and reaped when dropped, and their directory, then removed unless
+/// [`Children::keep`] was called.
 pub struct Children {
     dir: PathBuf,
     children: Vec<(String, Child)>,
+    keep: bool,
 }
 
 impl Children {
@@ -22,7 +25,13 @@ impl Children {
         Ok(Self {
             dir,
             children: Vec::new(),
+            keep: false,
         })
+    }
+
+    /// Leaves the directory (the logs) in place when dropped.
+    pub fn keep(&mut self) {
+        self.keep = true;
     }
 
     /// Where the children's sockets and logs go.
@@ -30,10 +39,11 @@ impl Children {
         &self.dir
     }
 
-    /// Starts this program with `args`, its output going to `{name}.log`.
+    /// Starts this program with `args`, its output going to `{name}.log`: the running
+    /// program itself, through `/proc/self/exe`, so that a build that replaced its file since
+    /// (a long soak outlives many) changes nothing.
     pub fn spawn(&mut self, name: &str, args: &[String]) -> Result<(), String> {
-        let exe = std::env::current_exe().map_err(|e| format!("finding this program: {e}"))?;
-        let mut command = Command::new(exe);
+        let mut command = Command::new("/proc/self/exe");
         command.args(args);
         self.spawn_command(name, command)
     }
@@ -103,6 +113,41 @@ impl Children {
         Ok(())
     }
 
+    /// The child called `name`.
+    fn child(&mut self, name: &str) -> Option<&mut Child> {
+        self.children
+            .iter_mut()
+            .find_map(|(n, child)| (n == name).then_some(child))
+    }
+
+    /// Whether a child called `name` was started.
+    pub fn has(&self, name: &str) -> bool {
+        self.children.iter().any(|(n, _)| n == name)
+    }
+
+    /// Kills child `name` with SIGKILL; false when there is none, or it had exited.
+    pub fn kill(&mut self, name: &str) -> bool {
+        self.child(name)
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)) && child.kill().is_ok())
+    }
+
+    /// Sends SIGTERM to child `name` if it still runs.
+    pub fn terminate(&mut self, name: &str) {
+        if let Some(child) = self.child(name) {
+            terminate(child);
+        }
+    }
+
+    /// How child `name` exited, if it has (reaping it).
+    pub fn exit_status(&mut self, name: &str) -> Option<ExitStatus> {
+        self.child(name)?.try_wait().ok()?
+    }
+
+    /// Child `name`'s whole log.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
     /// The last lines of every child's log.
     pub fn logs(&self) -> String {
         let mut out = String::new();
@@ -124,19 +169,7 @@ impl Drop for Children {
     fn drop(&mut self) {
         // Let each child finish on its own for a moment (the VMs quit, the servers take SIGTERM).
         for (_, child) in &mut self.children {
-            // A child already reaped (by `check_alive`) has a pid the system may reuse.
-            if !matches!(child.try_wait(), Ok(None)) {
-                continue;
-            }
-            // Linux pids fit an i32 (pid_max is at most 2^22).
-            let Ok(pid) = libc::pid_t::try_from(child.id()) else {
-                continue;
-            };
-            // SAFETY: kill(2) takes no pointers; the pid is our unreaped child's, so it cannot
-            // name another process.
-            unsafe {
-                libc::kill(pid, libc::SIGTERM);
-            }
+            terminate(child);
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         for (_, child) in &mut self.children {
@@ -146,7 +179,26 @@ impl Drop for Children {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Sends SIGTERM to `child` if it has not exited.
+fn terminate(child: &mut Child) {
+    // A child already reaped (by `try_wait`) has a pid the system may reuse.
+    if !matches!(child.try_wait(), Ok(None)) {
+        return;
+    }
+    // Linux pids fit an i32 (pid_max is at most 2^22).
+    let Ok(pid) = libc::pid_t::try_from(child.id()) else {
+        return;
+    };
+    // SAFETY: kill(2) takes no pointers; the pid is our unreaped child's, so it cannot name
+    // another process.
+    unsafe {
+        libc::kill(pid, libc::SIGTERM);
     }
 }
 

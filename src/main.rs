@@ -6,7 +6,8 @@
 //! `vmig device probe` describes any vfio-user server. `vmig run --api` speaks QMP to
 //! `vmig ctl` and to QEMU's own tools, `vmig migrate` follows a migration to a `vmig run --incoming`, and `vmig demo`
 //! does all of it in one command. `vmig relay` forwards a migration stream and injects one
-//! fault into it.
+//! fault into it, and `vmig soak` runs randomized migrations with faults and checks
+//! each.
 
 mod bench;
 mod children;
@@ -16,6 +17,7 @@ mod device;
 mod drivers;
 mod relay;
 mod run;
+mod soak;
 
 // The QMP control protocol is the library part of this package (`src/lib.rs`).
 use vmig::qmp;
@@ -45,6 +47,7 @@ enum Command {
     Demo(demo::DemoArgs),
     Bench(bench::BenchArgs),
     Relay(relay::RelayArgs),
+    Soak(soak::SoakArgs),
 }
 
 /// Library logs (`tracing`) to stderr, filtered by `RUST_LOG` (for example
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Relay(args) => relay::run(&args),
+        Command::Soak(args) => soak::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -37,7 +37,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use vmig_migration::stream::{HEADER_SIZE, HELLO_SIZE, Hello, Kind, MAX_RECORD};
@@ -380,7 +380,8 @@ struct Pair {
     id: u64,
     from_source: Conn,
     to_destination: Conn,
-    /// The migration it belongs to, once its hello came; unset for a connection relayed raw.
+    /// Unset until its hello is read; then the session of the migration it belongs to, or
+    /// `None` for a connection relayed raw (not a vmig stream).
     session: OnceLock<Option<u64>>,
     closed: AtomicBool,
 }
@@ -475,6 +476,39 @@ impl Relay {
     /// What the fault did, once it fired.
     pub fn fired(&self) -> Option<String> {
         self.shared.lock().fired.clone()
+    }
+
+    /// Waits until `n` records of `kind` have been forwarded intact in `direction`, or until
+    /// `deadline`; whether they were.
+    pub fn wait_delivered(
+        &self,
+        direction: Direction,
+        kind: Kind,
+        n: u64,
+        deadline: Instant,
+    ) -> bool {
+        let mut state = self.shared.lock();
+        loop {
+            if state
+                .delivered
+                .get(&(direction, kind))
+                .copied()
+                .unwrap_or(0)
+                >= n
+            {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Whether every connection of the first migration seen has closed.
@@ -997,8 +1031,6 @@ fn flip_one_bit(header: &mut [u8; HEADER_SIZE], payload: &mut [u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Instant;
-
     use vmig_migration::stream::{RecordReader, RecordWriter};
 
     #[test]
