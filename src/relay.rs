@@ -820,8 +820,8 @@ impl Shared {
             };
             match action {
                 FaultAction::CutBefore => {
-                    self.fire(fault(""));
                     self.cut(session);
+                    self.fire(fault(""));
                     return End::Cut;
                 }
                 FaultAction::CutAfter => {
