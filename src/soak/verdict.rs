@@ -347,11 +347,14 @@ fn expected_outcomes(case: &Case, seen: &Observed) -> Vec<&'static str> {
 }
 
 /// What the protocol gives when `action` hits a record of `kind` (the relay's corrupt always
-/// breaks the receiver's checksum, so a corrupted record is a lost one, and a stall ends in
-/// closed connections too).
+/// breaks the receiver's checksum, so a corrupted record is a lost one, save a Commit, which
+/// the destination answers with an Abort; a stall ends in closed connections too).
 fn stream_outcomes(action: FaultAction, kind: Kind) -> Vec<&'static str> {
     let delivered = action == FaultAction::CutAfter;
     match (kind, delivered) {
+        // The destination refuses a damaged Commit with an Abort, so the source knows it
+        // runs nothing there.
+        (Kind::Commit, false) if action == FaultAction::Corrupt => vec![ROLLED_BACK],
         (Kind::Commit, false) => vec![STRANDED],
         (Kind::Commit, true) => vec![HANDED_OVER_UNSURE],
         (Kind::Resumed, false) => vec![HANDED_OVER_UNSURE],
