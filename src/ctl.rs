@@ -39,7 +39,8 @@ pub struct CtlArgs {
 /// Migrate a VM (`vmig run --api PATH`) and follow the migration to its end.
 ///
 /// Shows a progress bar while it runs, then a summary (or the report as JSON). Exits 0 only
-/// when the migration completed and the destination verified it.
+/// when the migration completed and the destination verified it; 3 when its outcome is
+/// unknown (the commit was sent, the destination never answered).
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
     /// The source VM's control socket.
@@ -122,10 +123,10 @@ pub fn migrate(args: &MigrateArgs) -> Result<ExitCode, String> {
     } else {
         print_summary(&report);
     }
-    Ok(if report.status == Status::Completed && report.verified {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+    Ok(match report.status {
+        Status::Completed if report.verified => ExitCode::SUCCESS,
+        Status::Unknown => ExitCode::from(crate::run::OUTCOME_UNKNOWN),
+        _ => ExitCode::FAILURE,
     })
 }
 

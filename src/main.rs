@@ -15,10 +15,12 @@ mod ctl;
 mod demo;
 mod device;
 mod drivers;
-mod qmp;
 mod relay;
 mod run;
 mod soak;
+
+// The QMP control protocol is the library part of this package (`src/lib.rs`).
+use vmig::qmp;
 
 use std::process::ExitCode;
 

@@ -22,6 +22,9 @@ use crate::qmp::{self, Shared, SocketGuard};
 /// reported, then runs the guest's verify (every working-set page checked against the guest's
 /// journal) and exits 0 only if it passed. With `--api` it takes commands (`vmig ctl`) and runs
 /// until `quit`; with `--incoming` it waits for a migration, then runs the VM that arrived.
+/// Exit codes: 0 passed (or migrated away verified), 1 a check failed (the verify, a device's
+/// records, a lost device), 2 an error, 3 a migration's outcome is unknown (the commit was
+/// sent and the destination never answered: the VM is not resumed here).
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Guest RAM, e.g. 512M or 4G (16M to 256G; default 512M). With --incoming, RAM of this
@@ -267,7 +270,9 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
     let start = Instant::now();
     let mut last_writes = vm.guest_writes().map_err(text)?;
     let mut second = 1;
-    let mut migrated_away = false;
+    // Once the source has sent its commit the VM is the destination's: it never runs here
+    // again, whatever the migration's end.
+    let mut handed_over = false;
     let mut last_status = Status::None;
     while duration.is_none_or(|d| start.elapsed().as_secs_f64() < d)
         && !shared.quit.load(Ordering::Acquire)
@@ -284,8 +289,8 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
             print_outcome(&report);
         }
         last_status = report.status;
-        if !shared.incoming && report.status == Status::Completed {
-            migrated_away = true;
+        if !shared.incoming && report.status.is_final() && report.committed {
+            handed_over = true;
             continue;
         }
         if vm.is_paused() {
@@ -317,11 +322,21 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
             std::thread::sleep(Duration::from_millis(20));
         }
         let report = shared.progress.report();
-        migrated_away = report.status == Status::Completed;
+        handed_over = report.committed;
         print_outcome(&report);
     }
-    if migrated_away {
+    if handed_over {
         let report = shared.progress.report();
+        if report.status == Status::Unknown {
+            println!(
+                "quit: the migration's outcome is unknown: {}; the VM is not resumed here",
+                report
+                    .error
+                    .as_deref()
+                    .unwrap_or("the destination did not answer the commit")
+            );
+            return Ok(ExitCode::from(OUTCOME_UNKNOWN));
+        }
         return Ok(if report.verified {
             ExitCode::SUCCESS
         } else {
@@ -352,7 +367,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
             }
         );
     }
-    let records = machine.check_devices().map_err(|e| e.to_string())?;
+    let records = machine.check_devices();
     let records_ok = records.iter().all(|r| r.passed());
     for r in &records {
         println!(
@@ -363,7 +378,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
             if r.passed() {
                 String::new()
             } else {
-                format!(", FAILED: {:?}", r.problems)
+                format!(", FAILED: {}", r.problems.join("; "))
             }
         );
     }
@@ -386,11 +401,26 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
     })
 }
 
+/// The exit code of a source whose migration's outcome is unknown (the commit was sent, the
+/// destination's answer never came): neither success nor a plain failure.
+pub const OUTCOME_UNKNOWN: u8 = 3;
+
 fn print_outcome(report: &vmig_migration::MigrationReport) {
     match report.status {
         Status::Completed => println!(
-            "migrated in {} ms (downtime {} ms, {} passes), verified: {}; the VM runs on the destination",
-            report.total_ms, report.downtime_ms, report.passes, report.verified
+            "migrated in {} ms (downtime {} ms, {} passes), verified: {}; the VM runs on the destination{}",
+            report.total_ms,
+            report.downtime_ms,
+            report.passes,
+            report.verified,
+            report
+                .error
+                .as_deref()
+                .map_or(String::new(), |e| format!(" ({e})"))
+        ),
+        Status::Unknown => println!(
+            "migration outcome unknown: {}; the VM is paused here for good",
+            report.error.as_deref().unwrap_or("")
         ),
         _ => println!(
             "migration {}: {}; the VM runs here as before",

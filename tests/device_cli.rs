@@ -1,7 +1,7 @@
 //! `vmig device serve` and `vmig device probe` as a user runs them.
 
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 #[path = "common/cli.rs"]
 mod cli;
@@ -68,6 +68,97 @@ fn serve_then_probe_in_both_migration_versions_and_stop_on_sigterm() {
         );
         assert!(!socket.exists(), "the socket is removed");
     }
+}
+
+/// The output of `child`, which must exit within `patience`: polled, so a command that hangs
+/// is killed and fails the test instead of hanging it.
+fn finished_within(mut child: Child, patience: Duration, what: &str) -> Output {
+    let deadline = Instant::now() + patience;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not exit within {patience:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// One client at a time: while a client is served, `vmig device probe` and `vmig run
+/// --device vfio-user` are refused at once (the server answers their VERSION with EBUSY) with
+/// one line naming the socket, the served client is undisturbed, the server logs the refusal,
+/// and once the client has left the next probe is served.
+#[test]
+fn a_busy_device_server_refuses_probe_and_run_at_once_with_one_line() {
+    let dir = std::env::temp_dir().join(format!("vmig-device-cli-busy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("busy.sock");
+    let path = socket.to_str().unwrap();
+    let server = vmig()
+        .args(["device", "serve", "--socket", path])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&socket, Duration::from_secs(10));
+    let first = vmig_vfio_user::client::Client::connect(&socket, None).unwrap();
+    let busy =
+        format!("vfio-user server {path} is busy: it serves another client (one client at a time)");
+    // Well within the 10 s a first client has for its VERSION.
+    let patience = Duration::from_secs(5);
+    let probe = |what: &str| {
+        let child = vmig()
+            .args(["device", "probe", "--socket", path])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        finished_within(child, patience, what)
+    };
+    let refused = probe("`vmig device probe` of a busy server");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(&busy), "{stderr}");
+    if vmig_test_support::kvm_available().is_ok() {
+        let run = vmig()
+            .args(["run", "--mem", "16M", "--duration", "5"])
+            .args(["--device", &format!("vfio-user,socket={path}")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let run = finished_within(run, patience, "`vmig run --device` of a busy server");
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(!run.status.success(), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(&busy), "{stderr}");
+    } else {
+        vmig_test_support::skip("`vmig run --device` of a busy server needs KVM");
+    }
+    // The served client was not disturbed; once it has left, the next probe is served.
+    assert!(first.device_info().is_ok());
+    first.close();
+    let served = probe("`vmig device probe` once the first client left");
+    assert!(
+        served.status.success(),
+        "{}",
+        String::from_utf8_lossy(&served.stderr)
+    );
+    assert!(String::from_utf8_lossy(&served.stdout).contains("region 0: 4096 bytes"));
+    let killed = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let log = finished_within(server, Duration::from_secs(10), "the server after SIGTERM");
+    assert!(log.status.success());
+    let log = String::from_utf8_lossy(&log.stderr);
+    assert!(
+        log.contains("refused pid ") && log.contains("with EBUSY: busy: served client since"),
+        "the server logs the refused peer and since when it serves: {log}"
+    );
 }
 
 #[test]

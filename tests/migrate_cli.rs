@@ -257,3 +257,49 @@ fn a_kernel_vfio_device_that_cannot_be_opened_is_named_in_one_line() {
     };
     assert!(stderr.contains(expected), "expected `{expected}`: {stderr}");
 }
+
+#[test]
+fn a_dead_device_server_is_reported_beside_the_verify_that_still_runs() {
+    require_kvm!();
+    let dir = std::env::temp_dir().join(format!("vmig-dead-device-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut children = Kill(Vec::new(), dir.clone());
+    let socket = dir.join("dev.sock");
+    children.0.push(
+        vmig()
+            .args(["device", "serve", "--device", "dma-engine", "--socket"])
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(&socket, SOCKET_PATIENCE);
+    let api = dir.join("vm.api");
+    let source = vmig()
+        .args(["run", "--mem", "32M", "--workload", "random,rate=2000"])
+        .arg("--device")
+        .arg(format!("vfio-user,socket={},rate=2000", socket.display()))
+        .arg("--api")
+        .arg(&api)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&api, SOCKET_PATIENCE);
+    let mut server = children.0.remove(0);
+    server.kill().unwrap();
+    server.wait().unwrap();
+    // The guest carries on without its device.
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, status) = ctl(&api, &["query-status"]);
+    assert_eq!(status["return"]["status"], "running", "{status}");
+    let (ok, _) = ctl(&api, &["quit"]);
+    assert!(ok);
+    let out = source.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("verify: passed"), "{stdout}");
+    assert!(
+        stdout.contains("device dev.sock: 0 records produced, 0 checked in the ring, FAILED: lost: it could not be checked"),
+        "{stdout}"
+    );
+}

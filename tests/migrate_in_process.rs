@@ -345,11 +345,11 @@ fn assert_healthy(source: &Machine) {
         !source.vm.dirty_log().is_tracking(),
         "dirty logging is stopped"
     );
-    let before = source.check_devices().unwrap();
+    let before = source.check_devices();
     assert_eq!(before.len(), source.devices.len(), "one check per device");
     for (i, b) in before.iter().enumerate() {
         let a = wait_until("the device to produce records again", PATIENCE, || {
-            let a = source.check_devices().unwrap().remove(i);
+            let a = source.check_devices().remove(i);
             if a.produced > b.produced {
                 Ok(a)
             } else {
@@ -691,4 +691,108 @@ fn without_verify_memory_the_migration_completes_unverified_and_the_other_checks
     assert_eq!(v.pages_compared, 0);
     assert!(v.checks_held(), "{v:#?}");
     assert!(v.guest_pages_checked > 0 && v.device_records.iter().all(|r| r.checked > 0));
+}
+
+/// The first record a peer of `socket` reads back after sending `bytes`.
+fn answer_to(socket: &std::path::Path, bytes: &[u8]) -> String {
+    use std::io::Write;
+    use vmig_migration::stream::{Record, RecordReader};
+    let mut peer = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    peer.set_read_timeout(Some(PATIENCE)).unwrap();
+    let _ = peer.write_all(bytes);
+    let mut reader = RecordReader::new(peer, "from the destination");
+    let mut buf = Vec::new();
+    match reader.receive(&mut buf) {
+        Ok(Record::Abort(reason)) => reason.into_owned(),
+        other => panic!("expected an Abort, got {other:?}"),
+    }
+}
+
+#[test]
+fn stray_peers_are_refused_and_the_prepared_destination_takes_the_next_migration() {
+    require_kvm!();
+    let scenario = Scenario::new("stray", &[]);
+    let source = scenario.source(32 << 20, 2000, 0, DirtyLogMode::Bitmap);
+    let socket = scenario.dir.join("m.sock");
+    let incoming = Incoming {
+        prepared_memory: Some(Vm::prepare_memory(32 << 20).unwrap()),
+        ..scenario.incoming(&Uri::Unix(socket.clone()), None)
+    };
+    let dest = std::thread::spawn(move || receive(incoming, &Progress::default()));
+    // A health check that speaks HTTP, a scanner that connects and leaves, a hello of another
+    // stream version, a hello of a page connection where the main one belongs.
+    let http = answer_to(&socket, b"GET / HTTP/1.0\r\nHost: x\r\n\r\n......");
+    assert!(
+        http.starts_with("this destination refused the connection: ") && http.contains("magic"),
+        "{http}"
+    );
+    drop(std::os::unix::net::UnixStream::connect(&socket).unwrap());
+    let mut other_version = vmig_migration::stream::Hello {
+        channel: 0,
+        channels: 1,
+        session: 1,
+    }
+    .encode();
+    other_version[8] = other_version[8].wrapping_add(1);
+    let version = answer_to(&socket, &other_version);
+    assert!(version.contains("this vmig speaks version"), "{version}");
+    let page_channel = vmig_migration::stream::Hello {
+        channel: 1,
+        channels: 2,
+        session: 1,
+    }
+    .encode();
+    let channel = answer_to(&socket, &page_channel);
+    assert!(channel.contains("expected the main channel 0"), "{channel}");
+    // The real migration after them all.
+    let progress = Progress::default();
+    let params = MigrationParams {
+        uri: Uri::Unix(socket).to_string(),
+        ..MigrationParams::default()
+    };
+    migrate(&source, &params, &progress).unwrap_or_else(|e| panic!("{e}"));
+    let arrived = dest.join().unwrap().unwrap();
+    assert!(arrived.verification.passed(), "{:#?}", arrived.verification);
+}
+
+#[test]
+fn a_config_record_with_a_value_the_command_line_refuses_is_refused() {
+    use vmig_migration::stream::{Hello, MigrationConfig, Record, RecordWriter};
+    require_kvm!();
+    let scenario = Scenario::new("bad-config", &[]);
+    let socket = scenario.dir.join("m.sock");
+    let incoming = scenario.incoming(&Uri::Unix(socket.clone()), None);
+    let dest = std::thread::spawn(move || receive(incoming, &Progress::default()));
+    let mut config = vm_config(32 << 20, 0, 1000, DirtyLogMode::Bitmap);
+    config.workload.hot_percent = 200;
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    std::io::Write::write_all(
+        &mut stream,
+        &Hello {
+            channel: 0,
+            channels: 1,
+            session: 7,
+        }
+        .encode(),
+    )
+    .unwrap();
+    // A whole, checksummed record: only its value is wrong.
+    RecordWriter::new(stream.try_clone().unwrap())
+        .send(&Record::Config(Box::new(MigrationConfig {
+            vm: config,
+            devices: Vec::new(),
+            verify_memory: true,
+        })))
+        .unwrap();
+    let mut reader = vmig_migration::stream::RecordReader::new(stream, "from the destination");
+    let mut buf = Vec::new();
+    let answer = match reader.receive(&mut buf) {
+        Ok(Record::Abort(reason)) => reason.into_owned(),
+        other => panic!("expected an Abort, got {other:?}"),
+    };
+    let expected = "the source's Config record is refused: workload option hot-percent=200: \
+                    expected a percentage from 1 to 99";
+    assert!(answer.contains(expected), "{answer}");
+    let err = dest.join().unwrap().unwrap_err().to_string();
+    assert!(err.contains(expected), "{err}");
 }

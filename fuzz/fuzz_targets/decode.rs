@@ -3,5 +3,5 @@
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    let _ = vmig_vfio_user::request::decode_bytes(data, 1 << 20);
+    let _ = vmig_vfio_user::server::request::decode_bytes(data, 1 << 20);
 });

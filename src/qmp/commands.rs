@@ -2,7 +2,6 @@
 //! argument checking (unknown, missing and mistyped arguments are refused as QEMU refuses
 //! them).
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::{Map, Value, json};
@@ -437,19 +436,39 @@ fn query_migrate(_: &mut Arguments, shared: &Shared) -> Result<Value, QmpError> 
     Ok(names::to_query_migrate(&shared.progress.report()))
 }
 
+/// `query-status`: QEMU's run states. A source whose migration committed is `postmigrate`
+/// (its VM never runs again); when the commit's outcome is unknown, `x-vmig-outcome` says so.
 fn query_status(_: &mut Arguments, shared: &Shared) -> Result<Value, QmpError> {
-    let migration = shared.progress.report().status;
+    let report = shared.progress.report();
+    let migration = report.status;
+    let handed_over = !shared.incoming && report.committed && migration.is_final();
     let state = match shared.machine() {
         // The VM that arrived runs from the moment the migration completed, a moment before
         // `vmig run` takes it over.
         None if shared.incoming && migration == Status::Completed => "running",
         None => "inmigrate",
         Some(_) if shared.incoming && migration != Status::Completed => "inmigrate",
-        Some(_) if !shared.incoming && migration == Status::Completed => "postmigrate",
+        Some(_) if handed_over => "postmigrate",
         Some(m) if m.vm.is_paused() => "paused",
         Some(_) => "running",
     };
-    Ok(json!({ "status": state, "running": state == "running", "singlestep": false }))
+    let mut answer = json!({ "status": state, "running": state == "running", "singlestep": false });
+    if handed_over
+        && migration == Status::Unknown
+        && let Some(map) = answer.as_object_mut()
+    {
+        map.insert(
+            "x-vmig-outcome".into(),
+            json!(format!(
+                "unknown: {}",
+                report
+                    .error
+                    .as_deref()
+                    .unwrap_or("the destination did not answer the commit")
+            )),
+        );
+    }
+    Ok(answer)
 }
 
 fn pause_or_resume(stop: bool, shared: &Shared) -> Result<Value, QmpError> {
@@ -487,8 +506,8 @@ fn cont(_: &mut Arguments, shared: &Shared) -> Result<Value, QmpError> {
     pause_or_resume(false, shared)
 }
 
+/// `quit`: the server sets [`Shared::quit`] once this reply is out.
 fn quit(_: &mut Arguments, shared: &Shared) -> Result<Value, QmpError> {
-    shared.quit.store(true, Ordering::Release);
     shared.emit(
         "SHUTDOWN",
         Some(json!({"guest": false, "reason": "host-qmp-quit"})),

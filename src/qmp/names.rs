@@ -148,6 +148,7 @@ pub fn to_query_migrate(report: &MigrationReport) -> Value {
             "normal-bytes": ram.normal_pages * 4096,
             "dirty-pages-rate": ram.dirty_pages_rate,
             "mbps": ram.mbps,
+            "x-vmig-bandwidth-mbps": ram.bandwidth_mbps,
             "dirty-sync-count": report.passes,
             "page-size": 4096,
         },
@@ -230,6 +231,9 @@ pub fn from_query_migrate(info: &Value) -> Result<MigrationReport, String> {
     report.ram.mbps = field(info, &["ram", "mbps"])
         .and_then(Value::as_f64)
         .unwrap_or(0.0);
+    report.ram.bandwidth_mbps = field(info, &["ram", "x-vmig-bandwidth-mbps"])
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0);
     Ok(report)
 }
 
@@ -256,6 +260,7 @@ mod tests {
                 normal_pages: 1384,
                 dirty_pages_rate: 900,
                 mbps: 812.5,
+                bandwidth_mbps: 930.25,
             },
             devices: vec![DeviceStats {
                 name: "src.sock".into(),

@@ -339,11 +339,17 @@ fn serve_client(mut stream: UnixStream, shared: &Shared) {
             Ok(n) => n,
         };
         for frame in framer.feed(&buf[..n]) {
-            let (reply, negotiates) = match frame {
-                Frame::Text(text) => request(&text, &connection, shared),
-                Frame::Invalid(why) => (QmpError::generic(why).reply(None), false),
+            let (reply, negotiates, quits) = match frame {
+                Frame::Text(text) => request(&text, connection.negotiated(), shared),
+                Frame::Invalid(why) => (QmpError::generic(why).reply(None), false, false),
             };
-            if !connection.reply(&reply, negotiates) {
+            let sent = connection.reply(&reply, negotiates);
+            // `quit` takes effect once its reply is out, as QEMU's: the process may end at
+            // once after it.
+            if quits {
+                shared.quit.store(true, Ordering::Release);
+            }
+            if !sent {
                 break 'connection;
             }
         }
@@ -352,14 +358,18 @@ fn serve_client(mut stream: UnixStream, shared: &Shared) {
     clients.retain(|c| !Arc::ptr_eq(c, &connection));
 }
 
-/// One request's reply (`{"return": ...}` or `{"error": ...}`, with the request's `id`), and
-/// whether it completes the negotiation.
-fn request(text: &[u8], connection: &Connection, shared: &Shared) -> (Value, bool) {
+/// One request's reply (`{"return": ...}` or `{"error": ...}`, with the request's `id`) on a
+/// connection that has `negotiated` or not, whether it completes the negotiation, and whether
+/// it is an accepted `quit` (which takes effect once the reply is out). Public as the `qmp`
+/// fuzz target's entry (with a [`Shared`] without a VM, nothing a request does reaches a VM or
+/// the network).
+pub fn request(text: &[u8], negotiated: bool, shared: &Shared) -> (Value, bool, bool) {
     let value: Value = match serde_json::from_slice(text) {
         Ok(value) => value,
         Err(e) => {
             return (
                 QmpError::generic(format!("JSON parse error, {e}")).reply(None),
+                false,
                 false,
             );
         }
@@ -368,12 +378,14 @@ fn request(text: &[u8], connection: &Connection, shared: &Shared) -> (Value, boo
         return (
             QmpError::generic("QMP input must be a JSON object").reply(None),
             false,
+            false,
         );
     };
     let id = request.remove("id");
     let mut negotiates = false;
+    let mut quits = false;
     let result = parse_command(&mut request).and_then(|(name, arguments)| {
-        match (name.as_str(), connection.negotiated()) {
+        match (name.as_str(), negotiated) {
             ("qmp_capabilities", false) => {
                 commands::negotiate(arguments)?;
                 negotiates = true;
@@ -385,7 +397,11 @@ fn request(text: &[u8], connection: &Connection, shared: &Shared) -> (Value, boo
             (_, false) => Err(QmpError::command_not_found(
                 "Expecting capabilities negotiation with 'qmp_capabilities'",
             )),
-            (name, true) => commands::execute(name, arguments, shared),
+            (name, true) => {
+                let result = commands::execute(name, arguments, shared);
+                quits = name == "quit" && result.is_ok();
+                result
+            }
         }
     });
     let reply = match result {
@@ -398,7 +414,7 @@ fn request(text: &[u8], connection: &Connection, shared: &Shared) -> (Value, boo
         }
         Err(e) => e.reply(id),
     };
-    (reply, negotiates)
+    (reply, negotiates, quits)
 }
 
 /// `execute` and `arguments` out of a request object, refusing any other member.

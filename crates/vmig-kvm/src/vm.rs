@@ -64,6 +64,23 @@ pub struct VmConfig {
     pub ring_entries: u32,
 }
 
+impl VmConfig {
+    /// Refuses a configuration the command line would refuse (RAM size, vCPUs, workload), so
+    /// that one arriving in a migration stream meets the same rules; returns its layout. The
+    /// dirty-ring size is checked against the kernel's limits when the VM is made.
+    pub fn check(&self) -> Result<GuestLayout> {
+        if !(1..=MAX_VCPUS).contains(&self.vcpus) {
+            return Err(KvmError::Invalid(format!(
+                "{} vCPUs: expected 1 to {MAX_VCPUS}",
+                self.vcpus
+            )));
+        }
+        let layout = GuestLayout::new(self.ram, &self.workload)?;
+        GuestProgram::new(&layout, &self.workload, self.vcpus)?;
+        Ok(layout)
+    }
+}
+
 impl Default for VmConfig {
     fn default() -> Self {
         Self {
@@ -454,13 +471,7 @@ impl Vm {
         prepared: Option<GuestMemory>,
         load: impl FnOnce(&Vm, &GuestMemory, &GuestLayout) -> Result<()>,
     ) -> Result<Self> {
-        if !(1..=MAX_VCPUS).contains(&config.vcpus) {
-            return Err(KvmError::Invalid(format!(
-                "{} vCPUs: expected 1 to {MAX_VCPUS}",
-                config.vcpus
-            )));
-        }
-        let layout = GuestLayout::new(config.ram, &config.workload)?;
+        let layout = config.check()?;
         let mut builder = VmBuilder::new()?;
         match config.dirty_log {
             DirtyLogMode::Bitmap => {}

@@ -71,9 +71,9 @@ pub fn receive(incoming: Incoming, progress: &Progress) -> Result<Arrived> {
         dirty_log,
         drivers,
     } = incoming;
-    let main = listener.accept(None)?;
+    let (main, hello) = accept_migration(&listener)?;
     progress.begin();
-    let mut dest = Destination::new(main, &listener)?;
+    let mut dest = Destination::new(main, &hello, &listener)?;
     let result = dest.receive(prepared_memory, (&devices, &drivers), dirty_log, progress);
     progress.update(|r| {
         r.total_ms = progress.elapsed_ms();
@@ -212,19 +212,48 @@ struct Destination {
     machine: Option<Machine>,
 }
 
-impl Destination {
-    fn new(mut main: Conn, listener: &Listener) -> Result<Self> {
-        main.set_read_timeout(Some(CONNECT_TIMEOUT))
-            .map_err(io_error("setting a timeout"))?;
-        let mut receiver = Receiver::new(State::AwaitingHello, MAIN);
-        let hello = Hello::read(&mut main)?;
-        receiver.hello()?;
-        if hello.channel != 0 {
-            return Err(MigrationError::Stream(format!(
-                "the first connection says it is channel {}: expected the main channel 0",
-                hello.channel
-            )));
+/// Waits for the main connection of a migration: the first whose hello is a valid one of
+/// channel 0. Any other peer (a port scan, a health check, a source of another stream
+/// version) is logged with why it was refused, told so in an `Abort` when it can read one,
+/// and dropped; the destination keeps waiting, its prepared RAM untouched.
+fn accept_migration(listener: &Listener) -> Result<(Conn, Hello)> {
+    loop {
+        let mut conn = listener.accept(None)?;
+        match read_main_hello(&mut conn) {
+            Ok(hello) => return Ok((conn, hello)),
+            Err(why) => refuse_peer(conn, &why),
         }
+    }
+}
+
+fn read_main_hello(conn: &mut Conn) -> Result<Hello> {
+    conn.set_read_timeout(Some(CONNECT_TIMEOUT))
+        .map_err(io_error("setting a timeout"))?;
+    let hello = Hello::read(conn)?;
+    if hello.channel != 0 {
+        return Err(MigrationError::Stream(format!(
+            "the first connection says it is channel {} of {}: expected the main channel 0",
+            hello.channel, hello.channels
+        )));
+    }
+    Ok(hello)
+}
+
+/// Drops a connection that is not (or not yet) part of the migration, saying why.
+fn refuse_peer(conn: Conn, why: &MigrationError) {
+    let peer = conn.peer();
+    tracing::warn!(%peer, error = %why, "refused a connection that is not a migration's; still waiting for one");
+    if let Ok(c) = conn.try_clone() {
+        let reason = format!("this destination refused the connection: {why}");
+        let _ = RecordWriter::new(c).send(&Record::Abort(reason.as_str().into()));
+    }
+    conn.shutdown();
+}
+
+impl Destination {
+    fn new(main: Conn, hello: &Hello, listener: &Listener) -> Result<Self> {
+        let mut receiver = Receiver::new(State::AwaitingHello, MAIN);
+        receiver.hello()?;
         let mut conns = vec![main];
         let deadline = Instant::now() + CONNECT_TIMEOUT;
         let channels = usize::from(hello.channels);
@@ -233,17 +262,28 @@ impl Destination {
         let mut extra: Vec<(u16, Conn)> = Vec::new();
         while extra.len() + 1 < channels {
             let mut conn = listener.accept(Some(deadline))?;
-            conn.set_read_timeout(Some(CONNECT_TIMEOUT))
+            let left = deadline.saturating_duration_since(Instant::now());
+            conn.set_read_timeout(Some(left.max(Duration::from_millis(1))))
                 .map_err(io_error("setting a timeout"))?;
-            let h = Hello::read(&mut conn)?;
+            // A connection that is not one of this migration's is dropped, not fatal: the
+            // real ones may still come before the deadline.
+            let h = match Hello::read(&mut conn) {
+                Ok(h) => h,
+                Err(why) => {
+                    refuse_peer(conn, &why);
+                    continue;
+                }
+            };
             if h.session != hello.session
                 || h.channels != hello.channels
                 || seen[usize::from(h.channel)]
             {
-                return Err(MigrationError::Stream(format!(
-                    "a connection of another migration, or a repeated channel {} (session {:#x}, expected {:#x})",
-                    h.channel, h.session, hello.session
-                )));
+                let why = MigrationError::Stream(format!(
+                    "a connection of another migration, or a repeated channel {} (session {:#x} of {} channels; this migration is {:#x} of {channels})",
+                    h.channel, h.session, h.channels, hello.session
+                ));
+                refuse_peer(conn, &why);
+                continue;
             }
             seen[usize::from(h.channel)] = true;
             extra.push((h.channel, conn));
@@ -299,6 +339,11 @@ impl Destination {
         if let Some(mode) = dirty_log {
             vm_config.dirty_log = mode;
         }
+        // Checked as the command line checks its own: the record's checksum says it arrived
+        // whole, not that its values are sane.
+        vm_config.check().map_err(|e| {
+            MigrationError::Invalid(format!("the source's Config record is refused: {e}"))
+        })?;
         if let Some(memory) = &prepared
             && memory.layout().ram() != vm_config.ram
         {
@@ -734,22 +779,16 @@ fn check_after_resume(machine: &Machine, verification: &mut Verification) {
             .problems
             .push(format!("the guest's verify failed: {e}")),
     }
-    match machine.check_devices() {
-        Ok(checks) => {
-            for c in &checks {
-                for p in &c.problems {
-                    verification.problems.push(format!("{}: {p}", c.device));
-                }
-                if c.device_errors != 0 {
-                    verification
-                        .problems
-                        .push(format!("{}: {} DMA errors", c.device, c.device_errors));
-                }
-            }
-            verification.device_records = checks;
+    let checks = machine.check_devices();
+    for c in &checks {
+        for p in &c.problems {
+            verification.problems.push(format!("{}: {p}", c.device));
         }
-        Err(e) => verification
-            .problems
-            .push(format!("checking the device records: {e}")),
+        if c.device_errors != 0 {
+            verification
+                .problems
+                .push(format!("{}: {} DMA errors", c.device, c.device_errors));
+        }
     }
+    verification.device_records = checks;
 }

@@ -104,10 +104,14 @@ pub enum Status {
     Verifying,
     /// The destination runs the VM.
     Completed,
-    /// Failed; the source runs as before (unless `committed` is set).
+    /// Failed before the commit; the source runs as before.
     Failed,
     /// Cancelled; the source runs as before.
     Cancelled,
+    /// The source sent its commit and then lost the destination before it said it resumed:
+    /// the VM may run there or nowhere, but never again here (the stream module's table of
+    /// lost messages says why).
+    Unknown,
 }
 
 impl Status {
@@ -122,12 +126,16 @@ impl Status {
             Self::Completed => "completed",
             Self::Failed => "failed",
             Self::Cancelled => "cancelled",
+            Self::Unknown => "unknown",
         }
     }
 
     /// Whether the migration is over.
     pub fn is_final(self) -> bool {
-        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+        matches!(
+            self,
+            Self::Completed | Self::Failed | Self::Cancelled | Self::Unknown
+        )
     }
 }
 
@@ -148,6 +156,10 @@ pub struct RamStats {
     pub dirty_pages_rate: u64,
     /// Throughput of RAM so far, in megabits per second.
     pub mbps: f64,
+    /// The bandwidth the convergence decision divides the remaining bytes by, as of the last
+    /// pre-copy pass: RAM bytes sent over the time the passes took, in megabits per second.
+    #[serde(default)]
+    pub bandwidth_mbps: f64,
 }
 
 /// One device's state transfer.
@@ -248,7 +260,9 @@ pub struct MigrationReport {
     pub verified: bool,
     /// What the destination checked.
     pub verification: Option<Verification>,
-    /// Whether the source handed the VM over (it will not resume it).
+    /// Whether the source handed the VM over: it sent its commit and will never resume the VM
+    /// (cleared again only when the destination answers the commit with an abort, which says
+    /// it did not run the VM).
     pub committed: bool,
     /// Why it failed or was cancelled.
     pub error: Option<String>,
@@ -416,7 +430,7 @@ mod tests {
     fn status_names_are_the_reported_ones() {
         use Status::*;
         for status in [
-            None, Setup, Active, Device, Verifying, Completed, Failed, Cancelled,
+            None, Setup, Active, Device, Verifying, Completed, Failed, Cancelled, Unknown,
         ] {
             assert_eq!(serde_json::to_value(status).unwrap(), status.name());
         }

@@ -47,30 +47,45 @@ pub use crate::stream::page_digest;
 
 /// Runs one migration of `machine` to `params.uri`, reporting into `progress`. On success the
 /// VM stays paused here (it runs on the destination); on any failure before the commit the VM
-/// and its devices run again here as before and the error is returned.
+/// and its devices run again here as before and the error is returned. A failure after the
+/// commit leaves the VM paused here for good: the report's status is then `Completed` when
+/// the destination said it resumed, `Unknown` when it did not (see the stream module's table
+/// of lost messages).
 pub fn migrate(machine: &Machine, params: &MigrationParams, progress: &Progress) -> Result<()> {
     // A caller that already began the report (the control socket, so that a cancel sent
     // right after `migrate` is not lost) is not reset.
     if progress.report().status != Status::Setup {
         progress.begin();
     }
-    let outcome = Source::new(machine, params, progress).and_then(|mut s| s.run());
+    let mut resumed = false;
+    let outcome = Source::new(machine, params, progress).and_then(|mut s| {
+        let outcome = s.run();
+        resumed = s.resumed;
+        outcome
+    });
     progress.update(|r| {
         // A completed migration's total ends at the destination's resume (set then); the
         // checks after it are reported in `verification`.
         if !r.committed {
             r.total_ms = progress.elapsed_ms();
         }
-        match &outcome {
-            Ok(()) => r.status = Status::Completed,
-            Err(e) => {
-                r.status = if matches!(e, MigrationError::Cancelled(_)) {
-                    Status::Cancelled
-                } else {
-                    Status::Failed
-                };
-                r.error = Some(e.to_string());
-            }
+        r.status = match &outcome {
+            Ok(()) => Status::Completed,
+            // The destination runs the VM; only its checks' answer is missing or bad.
+            Err(_) if resumed => Status::Completed,
+            Err(_) if r.committed => Status::Unknown,
+            Err(MigrationError::Cancelled(_)) => Status::Cancelled,
+            Err(_) => Status::Failed,
+        };
+        if let Err(e) = &outcome {
+            r.error = Some(if r.status == Status::Unknown {
+                format!(
+                    "the commit was sent but the destination never said it resumed ({e}): \
+                     the VM may run there, or nowhere; it will not run here again"
+                )
+            } else {
+                e.to_string()
+            });
         }
     });
     outcome
@@ -94,7 +109,10 @@ struct Source<'a> {
     /// one to RUNNING_P2P before any runs.
     devices_quiesced: bool,
     paused: bool,
+    /// The commit is being sent or was sent: the VM must never run here again.
     committed: bool,
+    /// The destination said it resumed the VM.
+    resumed: bool,
     deadline: Instant,
 }
 
@@ -157,6 +175,7 @@ impl<'a> Source<'a> {
             awaiting_ack: std::sync::atomic::AtomicBool::new(false),
             paused: false,
             committed: false,
+            resumed: false,
             deadline: Instant::now() + Duration::from_secs(params.timeout_s),
         })
     }
@@ -621,6 +640,7 @@ impl<'a> Source<'a> {
                 r.passes = u64::from(pass);
                 r.ram.remaining = remaining;
                 r.expected_downtime_ms = expected.ceil() as u64;
+                r.ram.bandwidth_mbps = bandwidth * 8.0 / 1000.0;
                 r.ram.dirty_pages_rate = rate as u64;
             });
             if !switchover_acked && initial_sent.iter().all(|&sent| sent) {
@@ -734,11 +754,29 @@ impl<'a> Source<'a> {
         });
         self.reader.expect(Kind::Accepted)?;
         self.check_cancel()?;
-        // The point of no return: from here on the source never resumes.
+        // The point of no return: from here on the source never resumes, unless it learns
+        // for certain that the destination does not run the VM.
         self.committed = true;
         self.progress.update(|r| r.committed = true);
-        self.send(&Record::Commit)?;
-        self.reader.expect(Kind::Resumed)?;
+        if let Err(e) = self.send(&Record::Commit) {
+            // Not all of the record reached the socket, so the destination cannot have read
+            // a whole Commit: it will not run the VM.
+            self.uncommit();
+            return Err(e);
+        }
+        match self.reader.expect(Kind::Resumed) {
+            Ok(_) => self.resumed = true,
+            // The destination sends Abort only while it has not run the VM: it refused the
+            // commit (a damaged record) or gave up before it came.
+            Err(MigrationError::Refused(reason)) => {
+                self.uncommit();
+                return Err(MigrationError::Refused(format!(
+                    "the destination answered the commit with an abort, so it does not run the VM: {reason}"
+                )));
+            }
+            // Lost: the destination may or may not have the commit (the report says Unknown).
+            Err(e) => return Err(e),
+        }
         let downtime_ms = crate::report::millis(paused_at.elapsed());
         let total_ms = self.progress.elapsed_ms();
         self.progress.update(|r| {
@@ -747,6 +785,12 @@ impl<'a> Source<'a> {
         });
         self.publish_counters(pool);
         Ok(())
+    }
+
+    /// The commit certainly did not take effect: the source may roll back after all.
+    fn uncommit(&mut self) {
+        self.committed = false;
+        self.progress.update(|r| r.committed = false);
     }
 
     fn finish(&mut self) -> Result<()> {
@@ -763,8 +807,12 @@ impl<'a> Source<'a> {
             .set_read_timeout(Some(RESULT_TIMEOUT))
             .map_err(io_error("setting a timeout"))?;
         let mut buf = Vec::new();
-        let Record::Result(verification) = self.reader.expect_record(Kind::Result, &mut buf)?
-        else {
+        let result = self.reader.expect_record(Kind::Result, &mut buf).map_err(|e| {
+            MigrationError::Verification(format!(
+                "the VM runs on the destination, but the Result of its checks did not arrive: {e}"
+            ))
+        })?;
+        let Record::Result(verification) = result else {
             return Err(MigrationError::Stream(
                 "a Result record decoded as another".into(),
             ));

@@ -88,6 +88,16 @@ impl Conn {
         };
     }
 
+    /// Who is at the other end, for logs: `tcp:HOST:PORT`, or `unix:` for a local peer.
+    pub fn peer(&self) -> String {
+        match self {
+            Self::Tcp(s) => s
+                .peer_addr()
+                .map_or_else(|e| format!("tcp:? ({e})"), |a| format!("tcp:{a}")),
+            Self::Unix(_) => "unix: (a local process)".into(),
+        }
+    }
+
     /// The read timeout.
     pub fn read_timeout(&self) -> io::Result<Option<Duration>> {
         match self {

@@ -7,6 +7,9 @@
 //! - [`require_kvm!`]: returns from the test, through [`skip`], when `/dev/kvm` cannot be opened.
 //! - [`wait_until`]: polls a condition up to a generous deadline instead of sleeping a fixed
 //!   time and hoping it was long enough (this machine is shared and noisy).
+//! - [`two_hosts`]: a source and a destination on two network namespaces joined by a link
+//!   shaped in rate, delay and loss, made by the test and removed at its end (its only
+//!   `unsafe`, the TUN devices and entering a namespace, is in `two_hosts/sys.rs`).
 //!
 //! What it leaves to others: reaching the real kernel's VFIO in an emulated guest, the
 //! differential run and the in-guest benchmark (`crates/vmig-kernel-guest`, dev-only too). It
@@ -16,6 +19,8 @@ use std::fmt::Display;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+pub mod two_hosts;
 
 /// The environment variable naming the skip log.
 pub const SKIP_LOG_ENV: &str = "VMIG_TEST_SKIPS";

@@ -1,6 +1,7 @@
-//! `sendmsg` / `recvmsg` with `SCM_RIGHTS`: the only `unsafe` code of the crate. File
-//! descriptors received are owned at once (`OwnedFd`, close-on-exec), so none can leak, and a
-//! truncated control message (more fds than room) is reported rather than silently losing fds.
+//! `sendmsg` / `recvmsg` with `SCM_RIGHTS`, and the socket queries the server's admission of
+//! clients makes (has the peer hung up, who is the peer): the only `unsafe` code of the crate.
+//! File descriptors received are owned at once (`OwnedFd`, close-on-exec), so none can leak, and
+//! a truncated control message (more fds than room) is reported rather than silently losing fds.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -171,4 +172,55 @@ pub fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Whether the peer of the stream socket `fd` has hung up (closed or shut down its end), as the
+/// kernel knows it now: `poll` with `POLLRDHUP`, without waiting. Data the peer sent before
+/// hanging up may still be unread.
+pub fn peer_hung_up(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut entry = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `entry` is one valid pollfd for the duration of the call, on a borrowed fd;
+        // a zero timeout never blocks.
+        let ready = unsafe { libc::poll(&mut entry, 1, 0) };
+        if ready >= 0 {
+            break;
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+    Ok(entry.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0)
+}
+
+/// The process and user of the peer of the UNIX socket `fd` (`SO_PEERCRED`: as they were
+/// when it connected).
+pub fn peer_credentials(fd: BorrowedFd<'_>) -> io::Result<(libc::pid_t, libc::uid_t)> {
+    let mut credentials = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = libc::socklen_t::try_from(size_of::<libc::ucred>())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: getsockopt writes at most `len` bytes into `credentials`, which is a live ucred
+    // of exactly that size; `len` is a live socklen_t it updates.
+    let done = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            std::ptr::from_mut(&mut credentials).cast(),
+            &mut len,
+        )
+    };
+    if done != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((credentials.pid, credentials.uid))
 }

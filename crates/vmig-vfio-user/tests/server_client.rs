@@ -1027,6 +1027,45 @@ fn the_v1_region_follows_the_seed_rules() {
     assert_eq!(read32(0).unwrap() & 7, 1);
 }
 
+/// seed000 test cases 24 and 15: `data_offset` is read only while saving or resuming; in
+/// 001b, 000b and the error state it is refused (the `v1_region` fuzz property found it
+/// answered in every state).
+#[test]
+fn data_offset_is_read_only_while_saving_or_resuming() {
+    let (_h, client, _) = Harness::of(TestDevice::v1(), ServerConfig::default());
+    let set = |state: u32| client.region_write(9, 0, &state.to_le_bytes());
+    let data_offset = || {
+        let mut b = [0u8; 8];
+        client
+            .region_read(9, 16, &mut b)
+            .map(|()| u64::from_le_bytes(b))
+            .map_err(|e| e.remote_errno())
+    };
+    assert_eq!(data_offset(), Err(Some(libc::EINVAL)), "in 001b");
+    set(0).unwrap();
+    assert_eq!(data_offset(), Err(Some(libc::EINVAL)), "in 000b");
+    set(4).unwrap();
+    assert_eq!(data_offset(), Ok(4096), "in 100b");
+    set(1).unwrap();
+    set(3).unwrap();
+    assert_eq!(data_offset(), Ok(4096), "in 011b");
+    set(2).unwrap();
+    assert_eq!(data_offset(), Ok(4096), "in 010b");
+    set(1).unwrap();
+    // The error state: a stream the device rejects fails 100b -> 001b.
+    set(4).unwrap();
+    client.region_write(9, 4096, &[9, 0, 0, 0, 1, 2]).unwrap();
+    client.region_write(9, 24, &6u64.to_le_bytes()).unwrap();
+    set(1).unwrap_err();
+    assert_eq!(data_offset(), Err(Some(libc::EINVAL)), "in the error state");
+    client.reset().unwrap();
+    assert_eq!(
+        data_offset(),
+        Err(Some(libc::EINVAL)),
+        "in 001b after the reset"
+    );
+}
+
 /// Message-based DMA with and without a twin socket: the same bytes arrive either way.
 #[test]
 fn message_based_dma_works_with_and_without_a_twin_socket() {

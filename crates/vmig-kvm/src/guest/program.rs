@@ -31,6 +31,7 @@ impl GuestProgram {
                 "{vcpus} vCPUs: expected 1 to {MAX_VCPUS}"
             )));
         }
+        workload.check()?;
         if !workload.shared && layout.ws_pages < vcpus as u64 {
             return Err(KvmError::Invalid(format!(
                 "a working set of {} page(s) cannot give each of {vcpus} vCPUs its own slice: use a larger wss, or shared",

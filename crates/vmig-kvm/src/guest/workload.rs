@@ -98,14 +98,8 @@ impl FromStr for Workload {
                 "hot" => workload.hot = Some(parse_size(value)?),
                 "hot-percent" => {
                     let p = number("a percentage from 1 to 99")?;
-                    workload.hot_percent = u8::try_from(p)
-                        .ok()
-                        .filter(|p| (1..=99).contains(p))
-                        .ok_or_else(|| {
-                            KvmError::Invalid(format!(
-                                "workload option hot-percent={p}: expected a percentage from 1 to 99"
-                            ))
-                        })?;
+                    workload.hot_percent = u8::try_from(p).map_err(|_| hot_percent_error(p))?;
+                    workload.check_hot_percent()?;
                 }
                 "shared" if value.is_empty() => workload.shared = true,
                 "seed" => workload.seed = number("a number")?,
@@ -116,8 +110,37 @@ impl FromStr for Workload {
                 }
             }
         }
+        workload.check()?;
         Ok(workload)
     }
+}
+
+impl Workload {
+    /// Refuses what the `--workload` spec would refuse: the same rules hold for a workload
+    /// that arrives in a migration stream.
+    pub fn check(&self) -> Result<()> {
+        self.check_hot_percent()?;
+        if self.hot == Some(0) {
+            return Err(KvmError::Invalid(
+                "workload hot set of 0 bytes: expected at least one page (4096 bytes)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_hot_percent(&self) -> Result<()> {
+        if (1..=99).contains(&self.hot_percent) {
+            Ok(())
+        } else {
+            Err(hot_percent_error(u64::from(self.hot_percent)))
+        }
+    }
+}
+
+fn hot_percent_error(percent: u64) -> KvmError {
+    KvmError::Invalid(format!(
+        "workload option hot-percent={percent}: expected a percentage from 1 to 99"
+    ))
 }
 
 /// Parses a size such as `4096`, `64K`, `512M`, `512MiB`, `2G`, `1T`.

@@ -53,9 +53,12 @@ impl UserDevice {
     /// finds its migration protocol.
     pub fn attach(socket: &Path, memory: &Arc<GuestMemory>) -> Result<Self, AttachError> {
         let dma: Arc<dyn DmaMemory> = Arc::new(GuestDma(Arc::clone(memory)));
-        let client = Client::connect(socket, Some(dma)).map_err(|source| AttachError::Connect {
-            socket: socket.display().to_string(),
-            source,
+        let client = Client::connect(socket, Some(dma)).map_err(|source| match source {
+            ClientError::Busy { .. } => AttachError::Busy(source),
+            source => AttachError::Connect {
+                socket: socket.display().to_string(),
+                source,
+            },
         })?;
         let info = client.device_info()?;
         if info.flags & DEVICE_FLAGS_RESET != 0 {
@@ -91,6 +94,9 @@ pub enum AttachError {
         #[source]
         source: ClientError,
     },
+    /// The server serves another client (its message names the socket).
+    #[error(transparent)]
+    Busy(ClientError),
     /// A request of the setup failed.
     #[error(transparent)]
     Request(#[from] ClientError),

@@ -53,6 +53,38 @@
 //! Either side may send `Abort {reason}` on the main connection at any point before the
 //! commit; the other side then stops (the source resumes its VM, the destination drops its).
 //!
+//! # When a message is lost
+//!
+//! Two rules keep a VM from ever running on both hosts: **the destination runs the VM only
+//! once it has read a whole, checksummed `Commit`**, and **the source never runs a vCPU again
+//! once it may have delivered one**. Everything else follows from what each side can know
+//! when the connection is cut (a peer dies, the network drops, a record arrives damaged and
+//! is refused: all three end the connection) just before a given record arrives. A stall
+//! ends the same way once the reader's timeout passes (the source waits 60 s for each answer,
+//! the destination 120 s for the next record).
+//!
+//! | lost (not read whole) | the source knows, and does | the destination knows, and does | the VM runs |
+//! |---|---|---|---|
+//! | a hello, `Config` | no `Ready`: rolls back (its VM never stopped): `failed` | no migration yet; a bad hello is a stray peer, logged, and it waits on | source |
+//! | `Ready` | no answer: rolls back: `failed` | the source is gone: drops the VM, resets devices, exits | source |
+//! | `Pages`, `PassEnd`, `DeviceData`, `InitialSent` | a send fails or an `Abort` comes: rolls back | the same: drops the VM | source |
+//! | `SwitchoverAck` | keeps making passes until it comes or `timeout_s` ends: rolls back | its VM never ran: drops it | source |
+//! | final `Pages` … `Complete` | no `Accepted`: rolls back (devices run, vCPUs resume) | drops the VM | source |
+//! | `Accepted` | no `Accepted`: rolls back, sends `Abort` | waits in `AwaitingCommit`; the cut (or the `Abort`) drops the VM | source |
+//! | `Commit`, damaged | the destination answers `Abort` (it runs nothing): rolls back, `committed` cleared | refuses it: drops the VM | source |
+//! | `Commit`, partly written | the write failed, so no whole `Commit` left: rolls back | no whole record: drops the VM | source |
+//! | `Commit`, cut | sent it, no `Resumed`: `unknown`, `committed`; stays paused for good | never read it: drops the VM | **nowhere**: paused on the source, which cannot tell this row from the next |
+//! | `Resumed` | sent `Commit`, no `Resumed`: `unknown`, `committed`; stays paused | read `Commit`: runs the VM | destination |
+//! | `Result` | had `Resumed`: `completed` with `verified` false and the error | runs the VM | destination |
+//! | `Abort` (either way) | a cut before the commit: rolls back all the same | a cut before the commit: drops the VM all the same | source |
+//!
+//! So a lost `Commit` can leave the VM running nowhere, never in two places: the source's
+//! report says `unknown` (`committed: true`, the lost connection as `error`), `query-status`
+//! says `postmigrate` with `x-vmig-outcome`, `cont` is refused, and `vmig run` exits 3 on
+//! `quit` without resuming it. Whoever runs the two hosts tells these rows apart by asking the
+//! destination. `tests/lost_messages.rs` cuts the stream at each row through `vmig relay` and
+//! checks both sides.
+//!
 //! # Versioning
 //!
 //! The hello carries the sender's [`VERSION`]. A receiver accepts exactly its own version and

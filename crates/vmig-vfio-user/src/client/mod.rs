@@ -53,6 +53,16 @@ pub enum ClientError {
         /// Why.
         source: std::io::Error,
     },
+    /// The server answered `VFIO_USER_VERSION` with `EBUSY`: it serves another client, and
+    /// serves one at a time.
+    #[error(
+        "vfio-user server {server} is busy: it serves another client (one client at a time); \
+         try again once that client has disconnected"
+    )]
+    Busy {
+        /// The server's socket (or what is known of an unnamed one).
+        server: String,
+    },
     /// The server's `VFIO_USER_VERSION` reply cannot be used.
     #[error("the server's VFIO_USER_VERSION reply cannot be used: {0}")]
     Version(#[source] caps::VersionError),
@@ -142,6 +152,17 @@ fn part32(len: usize) -> u32 {
     len as u32
 }
 
+/// The server at the other end of `stream`, for a message: its socket's path, when it has one.
+fn server_name(stream: &UnixStream) -> String {
+    match stream.peer_addr() {
+        Ok(address) => match address.as_pathname() {
+            Some(path) => path.display().to_string(),
+            None => "at an unnamed socket".into(),
+        },
+        Err(_) => "at an unknown socket".into(),
+    }
+}
+
 pub(super) fn protocol<T>(command: Command, why: impl Into<String>) -> Result<T> {
     Err(ClientError::Protocol {
         command,
@@ -196,7 +217,16 @@ impl Client {
             ..Capabilities::default()
         };
         let payload = caps::encode(proposed.major, proposed.minor, &ours);
-        let mut reply = endpoint.request(Command::Version, &[&payload], &[], DEFAULT_TIMEOUT)?;
+        let mut reply = endpoint
+            .request(Command::Version, &[&payload], &[], DEFAULT_TIMEOUT)
+            .map_err(|e| match e {
+                EndpointError::Remote {
+                    errno: libc::EBUSY, ..
+                } => ClientError::Busy {
+                    server: server_name(endpoint.stream()),
+                },
+                other => other.into(),
+            })?;
         let (version, server) = caps::decode(&reply.payload).map_err(ClientError::Version)?;
         caps::check_reply(proposed, version).map_err(ClientError::Version)?;
         // Twin-socket mode: the server's commands come on the socket it passed.

@@ -142,6 +142,14 @@ impl<D: Device> Server<D> {
                 }
             }
             Field::DataOffset => {
+                // seed000 test cases 15 and 24: only while saving or resuming (not in 001b,
+                // 000b, nor the error state 110b).
+                if !saving && m.v1_state & device_state::MASK != RESUMING {
+                    return Err(Refusal::invalid(format!(
+                        "data_offset is read only while saving (x1xb) or resuming (100b); device_state is {:03b}",
+                        m.v1_state & device_state::MASK
+                    )));
+                }
                 if saving && m.v1_prepared.is_none() {
                     let size = ((m.stream.len() - m.read_at) as u64).min(DATA_SIZE);
                     let chunk = m.stream[m.read_at..m.read_at + size as usize].to_vec();

@@ -3,16 +3,20 @@
 //! eventfds, the v2 migration state machine with its data stream, the v1 migration region, and
 //! v2 DMA logging and v1 `DIRTY_PAGES` over the same IOMMU.
 //!
-//! One client is served at a time. When it disconnects, the server drops every DMA mapping,
-//! IRQ eventfd and dirty log, keeps the device and its migration state, and waits for the next
-//! client (vfio-user-spec.rst: the server "must retain device state").
+//! One client is served at a time, and a connection that arrives meanwhile is refused at once
+//! with `EBUSY` (`admission` has the policy). When the served client disconnects, the server
+//! drops every DMA mapping, IRQ eventfd and dirty log, keeps the device and its migration
+//! state, and serves the next client (vfio-user-spec.rst: the server "must retain device
+//! state").
 //!
-//! This file owns accepting clients, the version negotiation, the command loop and its
+//! This file owns serving one client: the version negotiation, the command loop and its
 //! dispatch, and the region commands; each other concern has its file:
 //!
 //! | file | owns |
 //! |---|---|
+//! | `admission` | [`Server::run`]: accepting, which connection is served, refusing the others |
 //! | `device` | the [`Device`] trait, its spec and context, the one [`Refusal`] |
+//! | `direct` | [`DirectSession`]: a session without a connection, for fuzzing and tests |
 //! | [`request`] | decoding and checking every command a client sends |
 //! | `dma` | `DMA_MAP` / `DMA_UNMAP` into the IOMMU, message-based DMA to the client |
 //! | `irqs` | IRQ info, `SET_IRQS`, the eventfds and masks |
@@ -20,7 +24,9 @@
 //! | [`migration_v1`] | the v1 migration region: its rules and its accesses |
 //! | `dirty` | v2 DMA logging and v1 `DIRTY_PAGES` |
 
+mod admission;
 mod device;
+mod direct;
 mod dirty;
 mod dma;
 mod irqs;
@@ -29,18 +35,18 @@ pub mod migration_v2;
 pub mod request;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::RecvTimeoutError;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmig_dma::{Iommu, IommuConfig};
 use zerocopy::IntoBytes;
 
 use crate::caps::{self, Capabilities};
 use crate::endpoint::{CloseReason, Endpoint};
-use crate::transport::{Channel, TransportError};
+use crate::transport::{Channel, Message, TransportError};
 use crate::wire::*;
 use dma::{ClientMemory, Dma};
 use irqs::Irqs;
@@ -50,9 +56,11 @@ use vmig_dma::uapi::device_state;
 use vmig_primitives::PAGE_SIZE;
 use vmig_primitives::mig_state::MigState;
 
+pub use admission::MAX_REFUSING;
 pub use device::{
     Device, DeviceContext, DeviceSpec, IrqSpec, MigrationSupport, Refusal, RegionMmap, RegionSpec,
 };
+pub use direct::DirectSession;
 pub use dirty::MAX_BITMAP_BYTES;
 pub use dma::ClientDmaError;
 pub use migration_v2::MAX_MIGRATION_STREAM;
@@ -66,9 +74,13 @@ pub enum ServeError {
     /// The connection's reader thread did not start.
     #[error("cannot start the connection's reader: {0}")]
     Reader(#[source] std::io::Error),
-    /// The client sent nothing within the time it has for `VFIO_USER_VERSION`.
-    #[error("no VFIO_USER_VERSION within 10 s")]
-    NoVersion,
+    /// The client sent nothing within the time it has for `VFIO_USER_VERSION`
+    /// ([`ServerConfig::version_timeout`]).
+    #[error("no VFIO_USER_VERSION within {0:?}")]
+    NoVersion(Duration),
+    /// The client closed the connection without sending anything.
+    #[error("the client left before sending VFIO_USER_VERSION")]
+    LeftBeforeVersion,
     /// The client's first message was another command.
     #[error("the first message was command {0}, not VFIO_USER_VERSION")]
     NotVersion(u16),
@@ -105,6 +117,12 @@ pub struct ServerConfig {
     pub max_data_xfer_size: u64,
     /// Descriptors accepted with one message.
     pub max_msg_fds: u32,
+    /// How long a client that is to be served has to send `VFIO_USER_VERSION` after it
+    /// connected; it is dropped after that (10 s).
+    pub version_timeout: Duration,
+    /// How long a connection that arrives while another client is served has to send its
+    /// first message, which is answered with `EBUSY` (2 s); it is closed unanswered after that.
+    pub busy_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -112,6 +130,8 @@ impl Default for ServerConfig {
         Self {
             max_data_xfer_size: caps::DEFAULT_MAX_DATA_XFER_SIZE,
             max_msg_fds: 16,
+            version_timeout: Duration::from_secs(10),
+            busy_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -125,7 +145,6 @@ pub struct Server<D: Device> {
 
 /// State of one connection.
 struct Session {
-    endpoint: Arc<Endpoint>,
     dma: Arc<Dma>,
     irqs: Arc<Irqs>,
     spec: DeviceSpec,
@@ -197,29 +216,6 @@ impl<D: Device> Server<D> {
         self.migration.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Accepts clients one after another until `stop` is set.
-    pub fn run(&self, listener: &UnixListener, stop: &AtomicBool) -> Result<(), ServeError> {
-        listener.set_nonblocking(true).map_err(ServeError::Listen)?;
-        while !stop.load(Ordering::Acquire) {
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    stream.set_nonblocking(false).map_err(ServeError::Listen)?;
-                    if let Err(why) = self.serve(stream, stop) {
-                        tracing::warn!(
-                            error = &why as &dyn std::error::Error,
-                            "vfio-user server: client dropped"
-                        );
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => return Err(ServeError::Listen(e)),
-            }
-        }
-        Ok(())
-    }
-
     /// Negotiates the version with the client whose first message is `first`; returns the
     /// client's capabilities and, in twin-socket mode, the endpoint of the twin socket.
     fn negotiate(
@@ -278,8 +274,21 @@ impl<D: Device> Server<D> {
         Ok((client, Some(twin)))
     }
 
-    /// Serves one client until it disconnects (or breaks the protocol, or `stop` is set).
+    /// Serves one client until it disconnects (or breaks the protocol, or `stop` is set). It
+    /// has [`ServerConfig::version_timeout`] to send `VFIO_USER_VERSION`.
     pub fn serve(&self, stream: UnixStream, stop: &AtomicBool) -> Result<(), ServeError> {
+        let (endpoint, commands) = self.start_endpoint(stream)?;
+        match first_message(&endpoint, &commands, self.config.version_timeout, stop)? {
+            Some(first) => self.serve_from(endpoint, commands, first, stop),
+            None => Ok(()),
+        }
+    }
+
+    /// The endpoint of a new connection, with this server's limits on what it receives.
+    fn start_endpoint(
+        &self,
+        stream: UnixStream,
+    ) -> Result<(Arc<Endpoint>, Receiver<Message>), ServeError> {
         let mut channel = Channel::new(stream);
         channel.set_limits(
             usize::try_from(self.config.max_data_xfer_size)
@@ -287,15 +296,20 @@ impl<D: Device> Server<D> {
                 .saturating_add(1 << 16),
             self.config.max_msg_fds as usize,
         );
-        let (endpoint, commands) = Endpoint::start(channel).map_err(ServeError::Reader)?;
-        // The first message must be the version.
-        let first = commands
-            .recv_timeout(Duration::from_secs(10))
-            .map_err(|_| ServeError::NoVersion)?;
+        Endpoint::start(channel).map_err(ServeError::Reader)
+    }
+
+    /// Serves the client of `endpoint`, whose first message (which must be the version) is
+    /// `first`, until it disconnects (or breaks the protocol, or `stop` is set).
+    fn serve_from(
+        &self,
+        endpoint: Arc<Endpoint>,
+        commands: Receiver<Message>,
+        first: Message,
+        stop: &AtomicBool,
+    ) -> Result<(), ServeError> {
         let (client_caps, twin_endpoint) = self.negotiate(&endpoint, first)?;
-        let iommu = Arc::new(Iommu::new(IommuConfig::default()).map_err(ServeError::Iommu)?);
-        let spec = self.full_spec();
-        let client = ClientMemory {
+        let mut session = self.open_session(ClientMemory {
             endpoint: Arc::downgrade(twin_endpoint.as_ref().unwrap_or(&endpoint)),
             // The replies to our DMA_READs must fit what this side accepts too.
             max_xfer: usize::try_from(
@@ -305,21 +319,7 @@ impl<D: Device> Server<D> {
                     .max(1),
             )
             .unwrap_or(usize::MAX),
-        };
-        let mut session = Session {
-            dma: Arc::new(Dma {
-                iommu,
-                client: Arc::new(client),
-            }),
-            irqs: Arc::new(Irqs::new(&spec.irqs)),
-            endpoint,
-            spec,
-            logging: None,
-        };
-        self.device().connect(DeviceContext {
-            dma: Arc::clone(&session.dma),
-            irqs: Arc::clone(&session.irqs),
-        });
+        })?;
         let outcome = loop {
             if stop.load(Ordering::Acquire) {
                 break Ok(());
@@ -328,7 +328,7 @@ impl<D: Device> Server<D> {
                 Ok(m) => m,
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => {
-                    break match session.endpoint.closed_reason() {
+                    break match endpoint.closed_reason() {
                         None | Some(CloseReason::PeerClosed) => Ok(()),
                         Some(why) => Err(ServeError::Broken(why)),
                     };
@@ -340,9 +340,9 @@ impl<D: Device> Server<D> {
             let sent = match result {
                 Ok(Reply { payload, fds }) => {
                     let fds: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
-                    session.endpoint.reply(&header, &[&payload], &fds)
+                    endpoint.reply(&header, &[&payload], &fds)
                 }
-                Err(e) => session.endpoint.reply_error(&header, e.errno),
+                Err(e) => endpoint.reply_error(&header, e.errno),
             };
             if let Err(e) = sent {
                 break Err(ServeError::Reply(e));
@@ -351,12 +351,34 @@ impl<D: Device> Server<D> {
         // The client is gone: close both sockets first (a DMA in flight fails at once rather
         // than waiting for its timeout), then the device stops using DMA, then mappings and
         // IRQs go with the session.
-        session.endpoint.close();
+        endpoint.close();
         if let Some(twin) = twin_endpoint {
             twin.close();
         }
         self.device().disconnect();
+        drop(session);
         outcome
+    }
+
+    /// A new session whose message-based DMA goes to `client`: a fresh IOMMU, the IRQs of the
+    /// device's spec, and the device connected to both.
+    fn open_session(&self, client: ClientMemory) -> Result<Session, ServeError> {
+        let iommu = Arc::new(Iommu::new(IommuConfig::default()).map_err(ServeError::Iommu)?);
+        let spec = self.full_spec();
+        let session = Session {
+            dma: Arc::new(Dma {
+                iommu,
+                client: Arc::new(client),
+            }),
+            irqs: Arc::new(Irqs::new(&spec.irqs)),
+            spec,
+            logging: None,
+        };
+        self.device().connect(DeviceContext {
+            dma: Arc::clone(&session.dma),
+            irqs: Arc::clone(&session.irqs),
+        });
+        Ok(session)
     }
 
     fn handle(&self, s: &mut Session, request: Request) -> Result<Reply, Refusal> {
@@ -488,6 +510,36 @@ impl<D: Device> Server<D> {
                 libc::ENOTTY,
                 format!("feature {feature} is not supported"),
             )),
+        }
+    }
+}
+
+/// The first message of the connection of `endpoint`, waited for at most `patience`; `None`
+/// when `stop` is set meanwhile.
+fn first_message(
+    endpoint: &Endpoint,
+    commands: &Receiver<Message>,
+    patience: Duration,
+    stop: &AtomicBool,
+) -> Result<Option<Message>, ServeError> {
+    let deadline = Instant::now() + patience;
+    loop {
+        if stop.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ServeError::NoVersion(patience));
+        }
+        match commands.recv_timeout(left.min(Duration::from_millis(100))) {
+            Ok(first) => return Ok(Some(first)),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(match endpoint.closed_reason() {
+                    None | Some(CloseReason::PeerClosed) => ServeError::LeftBeforeVersion,
+                    Some(why) => ServeError::Broken(why),
+                });
+            }
         }
     }
 }
