@@ -790,13 +790,17 @@ impl Shared {
             }
             let taken = {
                 let mut state = self.lock();
-                if state
-                    .sessions
-                    .get(&session)
-                    .is_some_and(|s| s.held[direction.index()])
-                {
-                    drop(state);
-                    return self.hold(pair);
+                match state.sessions.get(&session) {
+                    Some(s) if s.cut => {
+                        drop(state);
+                        pair.close();
+                        return End::Cut;
+                    }
+                    Some(s) if s.held[direction.index()] => {
+                        drop(state);
+                        return self.hold(pair);
+                    }
+                    _ => {}
                 }
                 self.count(&mut state, direction, kind)
             };
@@ -816,11 +820,13 @@ impl Shared {
             };
             match action {
                 FaultAction::CutBefore => {
-                    self.fire(fault(""));
                     self.cut(session);
+                    self.fire(fault(""));
                     return End::Cut;
                 }
                 FaultAction::CutAfter => {
+                    // Marked first: no answer to this record gets through before the close.
+                    self.lock().sessions.entry(session).or_default().cut = true;
                     if !self.deliver(to, &header, &payload, direction, kind) {
                         return self.broken(pair);
                     }
@@ -928,7 +934,8 @@ impl Shared {
         !cut
     }
 
-    /// Closes every connection of `session`, and any that comes later.
+    /// Closes every connection of `session`, and any that comes later; no record of it is
+    /// forwarded after its cut is marked.
     fn cut(&self, session: u64) {
         let mut state = self.lock();
         state.sessions.entry(session).or_default().cut = true;
@@ -1132,6 +1139,15 @@ mod tests {
 
     impl Rig {
         fn new(name: &str, fault: &str) -> Self {
+            Self::with_notify(name, fault, |_| {})
+        }
+
+        /// A rig whose relay also calls `also` with each line it says.
+        fn with_notify(
+            name: &str,
+            fault: &str,
+            also: impl Fn(&str) + Send + Sync + 'static,
+        ) -> Self {
             let dir =
                 std::env::temp_dir().join(format!("vmig-relay-test-{name}-{}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
@@ -1144,7 +1160,10 @@ mod tests {
                     &"tcp:127.0.0.1:0".parse().unwrap(),
                     target,
                     fault.parse().unwrap(),
-                    move |line| lines.lock().unwrap().push(line.to_string()),
+                    move |line| {
+                        lines.lock().unwrap().push(line.to_string());
+                        also(line);
+                    },
                 )
                 .unwrap()
             };
@@ -1311,6 +1330,27 @@ mod tests {
             rig.relay.delivered(Direction::ToDestination, Kind::Commit),
             1
         );
+    }
+
+    #[test]
+    fn cut_after_lets_no_answer_to_its_record_through() {
+        // The relay announces the fault between delivering the record and closing; a slow
+        // announcement gives the destination all the time it needs to answer.
+        let rig = Rig::with_notify("cut-answer", "cut-after:Complete", |line| {
+            if line.starts_with("fault:") {
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        let (mut main, mut at_destination, source, destination) = rig.connect(0, 1, 15);
+        send(&mut main, Kind::Complete, b"");
+        assert_eq!(at_destination.read().unwrap().kind, Kind::Complete);
+        let mut back = RecordWriter::new(destination.try_clone().unwrap());
+        // The answer may find the connection already closed.
+        let _ = back.write(Kind::Accepted, &[]);
+        let mut at_source = RecordReader::new(source, "at the source");
+        let err = at_source.read().unwrap_err().to_string();
+        assert!(err.contains("the peer closed"), "{err}");
+        assert_eq!(rig.relay.delivered(Direction::ToSource, Kind::Accepted), 0);
     }
 
     #[test]

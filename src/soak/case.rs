@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use vmig_migration::stream::Kind;
 use vmig_migration::transport::Uri;
 
-use super::plan::{Case, FaultPlan, Mismatch, Victim};
+use super::plan::{Case, FaultPlan, Mismatch, StallEnd, Victim};
 use super::verdict::{DeviceSeen, Exit, Observed, SourceReport};
 use crate::children::Children;
 use crate::qmp::QmpClient;
@@ -35,6 +35,8 @@ const SETTLE_BOUND: Duration = Duration::from_secs(60);
 const WAITING_GRACE: Duration = Duration::from_secs(2);
 /// Longest a VM may take to exit after `quit` (its guest's verify included).
 const QUIT_BOUND: Duration = Duration::from_secs(60);
+/// Longest `migrate_cancel` may take to end a migration whose stream stalled.
+const CANCEL_BOUND: Duration = Duration::from_secs(10);
 /// Longest a device server may take to exit after SIGTERM.
 const DEVICE_BOUND: Duration = Duration::from_secs(10);
 /// How long a process has to open its socket.
@@ -92,6 +94,8 @@ struct Driven {
     fired: Option<String>,
     killed: Option<Victim>,
     cancel_after_accepted: bool,
+    /// Promises the fault showed broken while it was driven.
+    problems: Vec<String>,
 }
 
 /// Runs `case`; what it saw, and its processes (all ended) with their directory, which is
@@ -266,7 +270,11 @@ impl Stage<'_> {
             })?
         };
         let canceller = match case.fault {
-            FaultPlan::Cancel { .. } => Some(QmpClient::connect(
+            FaultPlan::Cancel { .. }
+            | FaultPlan::Stream {
+                then: StallEnd::Cancel,
+                ..
+            } => Some(QmpClient::connect(
                 &self.path("source.api"),
                 Duration::ZERO,
             )?),
@@ -283,6 +291,7 @@ impl Stage<'_> {
         });
         seen.fired = driven.fired.or_else(|| relay.fired());
         seen.cancel_after_accepted = driven.cancel_after_accepted;
+        seen.problems.extend(driven.problems);
         seen.source.killed = driven.killed == Some(Victim::Source);
         seen.destination.killed = driven.killed == Some(Victim::Destination);
         for device in &self.devices {
@@ -374,10 +383,14 @@ impl Stage<'_> {
                         ..
                     },
                 hold_ms,
+                then,
             } => {
                 while !over.load(Ordering::Acquire) {
                     if relay.fired().is_some() {
                         std::thread::sleep(Duration::from_millis(hold_ms));
+                        if let (StallEnd::Cancel, Some(canceller)) = (then, canceller) {
+                            self.cancel_during_stall(canceller, hold_ms, &mut driven);
+                        }
                         relay.close_connections();
                         self.log.line(&format!(
                             "closed every connection after {hold_ms} ms of stall"
@@ -438,6 +451,43 @@ impl Stage<'_> {
             (None, None) => {}
         }
         driven
+    }
+
+    /// Cancels the stalled migration and waits for the source to end it (the connections
+    /// still blackholing), within [`CANCEL_BOUND`].
+    fn cancel_during_stall(&self, mut canceller: QmpClient, hold_ms: u64, driven: &mut Driven) {
+        if let Err(e) = canceller.execute("migrate_cancel", json!({})) {
+            driven
+                .problems
+                .push(format!("migrate_cancel during the stall: {e}"));
+            return;
+        }
+        self.log
+            .line(&format!("migrate_cancel after {hold_ms} ms of stall"));
+        let deadline = Instant::now() + CANCEL_BOUND;
+        let mut status = String::new();
+        while Instant::now() < deadline {
+            match canceller.execute("query-migrate", json!({})) {
+                Ok(info) => status = source_report(&info).status,
+                Err(e) => {
+                    status = e;
+                    break;
+                }
+            }
+            if matches!(
+                status.as_str(),
+                "completed" | "failed" | "cancelled" | "unknown"
+            ) {
+                self.log
+                    .line(&format!("the source ended the stalled migration: {status}"));
+                return;
+            }
+            std::thread::sleep(POLL);
+        }
+        driven.problems.push(format!(
+            "migrate_cancel did not end the migration within {} s while its stream stalled (status \"{status}\"); it ended only once the connections closed",
+            CANCEL_BOUND.as_secs()
+        ));
     }
 
     /// Waits for the destination to run the VM, exit, or show it never began a migration.

@@ -151,6 +151,16 @@ pub enum Mismatch {
     ExtraDevice(Protocol),
 }
 
+/// What the soak does once a stall has held its time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StallEnd {
+    /// The relay closes every connection, as a network's connections time out.
+    Close,
+    /// `migrate_cancel` on the source, which must end the migration however the network
+    /// behaves (drawn only for stalls before the commit); the connections close afterwards.
+    Cancel,
+}
+
 /// The fault of a case.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FaultPlan {
@@ -168,13 +178,14 @@ pub enum FaultPlan {
         /// When.
         trigger: Trigger,
     },
-    /// The relay's fault; a stall is held `hold_ms`, then every connection is closed (as a
-    /// network's connections time out).
+    /// The relay's fault; a stall is held `hold_ms`, then ended as `then` says.
     Stream {
         /// The relay's fault.
         fault: Fault,
-        /// How long a stall holds before the connections close.
+        /// How long a stall holds.
         hold_ms: u64,
+        /// What ends a stall.
+        then: StallEnd,
     },
     /// The destination refuses the source's configuration.
     Refusal(Mismatch),
@@ -193,7 +204,13 @@ impl fmt::Display for FaultPlan {
                         ..
                     },
                 hold_ms,
+                then: StallEnd::Close,
             } => write!(f, "{fault}, closed after {hold_ms} ms"),
+            Self::Stream {
+                fault,
+                hold_ms,
+                then: StallEnd::Cancel,
+            } => write!(f, "{fault}, migrate_cancel after {hold_ms} ms"),
             Self::Stream { fault, .. } => write!(f, "{fault}"),
             Self::Refusal(Mismatch::Memory(mib)) => {
                 write!(f, "refusal (the destination prepared {mib} MiB)")
@@ -378,8 +395,8 @@ fn draw_fault(
 ) -> FaultPlan {
     let n = devices.len();
     let trigger = |rng: &mut SplitMix64| {
-        // Most of a migration's time is pre-copy: a third of the triggers fall in it.
-        let (direction, kind, nth) = if rng.chance(33) {
+        // Most of a migration's time is pre-copy: half the triggers fall in it.
+        let (direction, kind, nth) = if rng.chance(50) {
             (Direction::ToDestination, Kind::Pages, rng.range(1, ram_mib))
         } else {
             draw_record(rng, ram_mib, n, channels)
@@ -388,7 +405,7 @@ fn draw_fault(
             direction,
             kind,
             nth,
-            delay_ms: rng.range(0, 300),
+            delay_ms: rng.range(0, 100),
         }
     };
     let roll = rng.range(1, 100);
@@ -432,6 +449,14 @@ fn draw_fault(
                 FaultAction::Stall,
             ]);
             let (direction, kind, nth) = draw_record(rng, ram_mib, n, channels);
+            let hold_ms = rng.range(500, 3000);
+            // Cancelling is the source's to do only before it commits.
+            let before_commit = !matches!(kind, Kind::Commit | Kind::Resumed | Kind::Result);
+            let then = if action == FaultAction::Stall && before_commit && rng.chance(50) {
+                StallEnd::Cancel
+            } else {
+                StallEnd::Close
+            };
             FaultPlan::Stream {
                 fault: Fault::At {
                     action,
@@ -439,7 +464,8 @@ fn draw_fault(
                     nth,
                     direction,
                 },
-                hold_ms: rng.range(500, 3000),
+                hold_ms,
+                then,
             }
         }
     }
@@ -498,7 +524,17 @@ mod tests {
                     ..
                 } => {
                     check_record(&case, direction, kind, nth);
-                    action.spec().to_string()
+                    match case.fault {
+                        FaultPlan::Stream {
+                            then: StallEnd::Cancel,
+                            ..
+                        } => {
+                            assert_eq!(action, FaultAction::Stall, "{case}");
+                            assert!(!matches!(kind, Kind::Commit | Kind::Resumed | Kind::Result));
+                            "stall, then cancel".to_string()
+                        }
+                        _ => action.spec().to_string(),
+                    }
                 }
                 FaultPlan::Stream { .. } => panic!("a stream fault without a record: {case}"),
                 FaultPlan::Refusal(_) => "refusal".into(),
@@ -517,6 +553,7 @@ mod tests {
             "none",
             "refusal",
             "stall",
+            "stall, then cancel",
         ];
         assert_eq!(classes.into_iter().collect::<Vec<_>>(), expected);
     }

@@ -4,11 +4,10 @@
 //! the one the README documents for that outcome, or the outcome is one the fault cannot
 //! explain.
 //!
-//! The protocol's rules it holds each case to (the stream's module doc has the table):
-//! the destination runs the VM if and only if it received Commit; a source that sent Commit
-//! never runs the VM again, and its outcome is "unknown" until Resumed arrives ("completed"
-//! once it has, verified only once the Result says so); anything lost before the commit rolls
-//! the source back, running as before.
+//! The protocol's rules it holds each case to: the destination runs the VM if and only if it
+//! received Commit; a source that sent Commit never runs the VM again, and its outcome is
+//! "unknown" until Resumed arrives ("completed" once it has, verified only once the Result
+//! says so); anything lost before the commit rolls the source back, running as before.
 
 use std::fmt;
 
@@ -16,7 +15,7 @@ use vmig_migration::stream::Kind;
 
 use crate::relay::{Fault, FaultAction};
 
-use super::plan::{Case, FaultPlan, Victim};
+use super::plan::{Case, FaultPlan, StallEnd, Victim};
 
 /// How a process ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -334,6 +333,10 @@ fn expected_outcomes(case: &Case, seen: &Observed) -> Vec<&'static str> {
             ..
         } => vec![ROLLED_BACK, COMPLETED, COMPLETED_UNVERIFIED],
         FaultPlan::Stream {
+            then: StallEnd::Cancel,
+            ..
+        } => vec![CANCELLED],
+        FaultPlan::Stream {
             fault: Fault::At { action, kind, .. },
             ..
         } => stream_outcomes(action, kind),
@@ -344,11 +347,14 @@ fn expected_outcomes(case: &Case, seen: &Observed) -> Vec<&'static str> {
 }
 
 /// What the protocol gives when `action` hits a record of `kind` (the relay's corrupt always
-/// breaks the receiver's checksum, so a corrupted record is a lost one, and a stall ends in
-/// closed connections too).
+/// breaks the receiver's checksum, so a corrupted record is a lost one, save a Commit, which
+/// the destination answers with an Abort; a stall ends in closed connections too).
 fn stream_outcomes(action: FaultAction, kind: Kind) -> Vec<&'static str> {
     let delivered = action == FaultAction::CutAfter;
     match (kind, delivered) {
+        // The destination refuses a damaged Commit with an Abort, so the source knows it
+        // runs nothing there.
+        (Kind::Commit, false) if action == FaultAction::Corrupt => vec![ROLLED_BACK],
         (Kind::Commit, false) => vec![STRANDED],
         (Kind::Commit, true) => vec![HANDED_OVER_UNSURE],
         (Kind::Resumed, false) => vec![HANDED_OVER_UNSURE],
@@ -381,6 +387,14 @@ fn check_one_vm(
                 "says running"
             }
         ));
+    }
+    // Even with the destination gone, a committed source that runs again rewinds a guest that
+    // already ran there.
+    let committed = seen.source.report.as_ref().is_some_and(|r| r.committed);
+    if committed && seen.source.verify.is_some() && *destination != DestinationEnd::Runs {
+        failures.push(
+            "the source resumed its guest (to verify it on quit) after sending Commit".into(),
+        );
     }
     if *destination == DestinationEnd::Runs && !seen.commit_delivered {
         failures.push("the destination runs the VM without having received Commit".into());
@@ -550,6 +564,7 @@ mod tests {
                 direction: Direction::of(kind).unwrap_or(Direction::ToSource),
             },
             hold_ms: 1000,
+            then: StallEnd::Close,
         }
     }
 
@@ -750,6 +765,42 @@ mod tests {
         seen.fired = Some("fault: cut before Result #1 to the source".into());
         let verdict = judge(&case(stream(FaultAction::CutBefore, Kind::Result)), &seen);
         assert!(verdict.failures.is_empty(), "{:?}", verdict.failures);
+    }
+
+    #[test]
+    fn a_committed_source_never_runs_again_even_when_the_destination_died() {
+        let trigger = Trigger {
+            direction: Direction::ToSource,
+            kind: Kind::Resumed,
+            nth: 1,
+            delay_ms: 0,
+        };
+        let fault = case(FaultPlan::Kill {
+            victim: Victim::Destination,
+            trigger,
+        });
+        let mut seen = completed();
+        seen.fired = Some("fault: killed destination".into());
+        seen.result_delivered = false;
+        seen.destination = DestinationSeen {
+            killed: true,
+            exit: Some(Exit::Signal(9)),
+            ..DestinationSeen::default()
+        };
+        seen.source.report = report("completed", true, false);
+        seen.source.exit = Some(Exit::Code(1));
+        let verdict = judge(&fault, &seen);
+        assert_eq!(verdict.outcome, DESTINATION_KILLED_AFTER);
+        assert!(verdict.failures.is_empty(), "{:?}", verdict.failures);
+        // The old behaviour: failed after the commit, and the guest resumed here.
+        seen.source.report = report("failed", true, false);
+        seen.source.verify = Some(true);
+        seen.source.exit = Some(Exit::Code(0));
+        let text = judge(&fault, &seen).failures.join("\n");
+        assert!(
+            text.contains("resumed its guest (to verify it on quit) after sending Commit"),
+            "{text}"
+        );
     }
 
     #[test]
