@@ -11,7 +11,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vmig_test_support::{require_kvm, wait_until};
 
@@ -166,14 +166,12 @@ impl Hosts {
     /// Waits at most [`PATIENCE`] for child `index` to exit; its status and output.
     fn end(&mut self, index: usize) -> (ExitStatus, String) {
         let child = &mut self.children[index];
-        let deadline = Instant::now() + PATIENCE;
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < deadline, "a vmig process did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let status = wait_until("a vmig process to exit", PATIENCE, || {
+            child
+                .try_wait()
+                .unwrap()
+                .ok_or_else(|| "still running".to_string())
+        });
         let mut out = String::new();
         let _ = child.stdout.take().unwrap().read_to_string(&mut out);
         let _ = child.stderr.take().unwrap().read_to_string(&mut out);

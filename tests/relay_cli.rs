@@ -41,6 +41,17 @@ struct RelayProcess {
 }
 
 impl RelayProcess {
+    /// Waits for the relay to exit, which it must do with status 0.
+    fn expect_clean_exit(&mut self) {
+        let status = wait_until("the relay to exit", Duration::from_secs(30), || {
+            self.child
+                .try_wait()
+                .unwrap()
+                .ok_or_else(|| "still running".to_string())
+        });
+        assert!(status.success(), "{status}");
+    }
+
     fn start(target: &Uri, extra: &[&str]) -> (Self, Uri) {
         let mut child = vmig()
             .args(["relay", "tcp:127.0.0.1:0", &target.to_string()])
@@ -114,14 +125,7 @@ fn the_relay_prints_its_port_cuts_after_commit_and_exits_once_the_migration_clos
     assert!(err.contains("the peer closed"), "{err}");
     drop((writer, source, reader));
     // --once: the first migration's connections are all closed, so the relay exits.
-    let status = wait_until("the relay to exit", Duration::from_secs(30), || {
-        relay
-            .child
-            .try_wait()
-            .unwrap()
-            .ok_or_else(|| "still running".to_string())
-    });
-    assert!(status.success(), "{status}");
+    relay.expect_clean_exit();
 }
 
 #[test]
@@ -135,14 +139,7 @@ fn the_relay_stops_on_sigterm() {
         .status()
         .unwrap();
     assert!(killed.success());
-    let status = wait_until("the relay to exit", Duration::from_secs(30), || {
-        relay
-            .child
-            .try_wait()
-            .unwrap()
-            .ok_or_else(|| "still running".to_string())
-    });
-    assert!(status.success(), "{status}");
+    relay.expect_clean_exit();
 }
 
 #[test]
