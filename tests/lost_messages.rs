@@ -31,6 +31,20 @@ enum SourceEnd {
     Unknown,
     /// `completed` without the destination's Result: not verified, exit 1.
     CompletedUnverified,
+    /// `cancelled`, not committed; its guest runs and verifies on `quit` (exit 0).
+    Cancelled,
+}
+
+/// What ends a stalled stream's migration on the source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// Nothing: the relay's fault does.
+    Fault,
+    /// `migrate_cancel`, once the source's `x-vmig-phase` is this one and a moment more (its
+    /// sends or its read of an answer then block on the stalled stream).
+    CancelWhen(&'static str),
+    /// `x-vmig-timeout`, in seconds.
+    Timeout(u64),
 }
 
 /// How the destination ends.
@@ -53,6 +67,7 @@ struct Row {
     destination: DestinationEnd,
     /// What the source's `error-desc` must say, beyond its row's rule.
     error: &'static str,
+    stop: Stop,
 }
 
 const fn row(fault: &'static str, source: SourceEnd, destination: DestinationEnd) -> Row {
@@ -63,11 +78,12 @@ const fn row(fault: &'static str, source: SourceEnd, destination: DestinationEnd
         source,
         destination,
         error: "",
+        stop: Stop::Fault,
     }
 }
 
 use DestinationEnd::{Fails, Runs};
-use SourceEnd::{CompletedUnverified, RolledBack, Unknown};
+use SourceEnd::{Cancelled, CompletedUnverified, RolledBack, Unknown};
 
 /// Every row of the table, with the record the relay cuts or damages.
 const ROWS: &[Row] = &[
@@ -110,6 +126,24 @@ const ROWS: &[Row] = &[
     Row {
         destination_mem: "64M",
         ..row("cut-before:Abort:to-source", RolledBack, Fails)
+    },
+    // A stream that blackholes (the relay holds it, connections open): a cancel or the
+    // timeout still ends the migration at once, with the source blocked in a send or in a
+    // read of an answer, not after its 60 s wait for the answer.
+    Row {
+        stop: Stop::CancelWhen("active"),
+        error: "migrate-cancel",
+        ..row("stall:Pages:2", Cancelled, Fails)
+    },
+    Row {
+        stop: Stop::CancelWhen("verifying"),
+        error: "migrate-cancel",
+        ..row("stall:Accepted:to-source", Cancelled, Fails)
+    },
+    Row {
+        stop: Stop::Timeout(5),
+        error: "did not finish within timeout_s=5",
+        ..row("stall:Accepted:to-source", Cancelled, Fails)
     },
 ];
 
@@ -233,8 +267,29 @@ fn run_row(index: usize, row: &Row) {
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
         Some(&src_api),
     );
+    if let Stop::Timeout(seconds) = row.stop {
+        let (ok, reply) = ctl(
+            &src_api,
+            &[
+                "migrate-set-parameters",
+                &format!("x-vmig-timeout={seconds}"),
+            ],
+        );
+        assert!(ok, "{}: {reply}", row.fault);
+    }
     let (ok, reply) = ctl(&src_api, &["migrate", &format!("uri={front}")]);
     assert!(ok, "{}: {reply}", row.fault);
+    if let Stop::CancelWhen(phase) = row.stop {
+        wait_until("the source to reach its phase", PATIENCE, || {
+            let (_, r) = ctl(&src_api, &["query-migrate"]);
+            (r["return"]["x-vmig-phase"] == phase)
+                .then_some(())
+                .ok_or_else(|| r.to_string())
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let (ok, reply) = ctl(&src_api, &["migrate_cancel"]);
+        assert!(ok, "{}: {reply}", row.fault);
+    }
     let report = wait_until("the migration to end", PATIENCE, || {
         let (_, r) = ctl(&src_api, &["query-migrate"]);
         let status = r["return"]["status"].as_str().unwrap_or("").to_string();
@@ -254,8 +309,13 @@ fn run_row(index: usize, row: &Row) {
     let (_, status) = ctl(&src_api, &["query-status"]);
     let status = &status["return"];
     match row.source {
-        RolledBack => {
-            assert_eq!(report["status"], "failed", "{what}");
+        RolledBack | Cancelled => {
+            let expected = if row.source == Cancelled {
+                "cancelled"
+            } else {
+                "failed"
+            };
+            assert_eq!(report["status"], expected, "{what}");
             assert_eq!(report["x-vmig-committed"], false, "{what}");
             assert_eq!(status["status"], "running", "{what}: {status}");
         }
@@ -285,6 +345,14 @@ fn run_row(index: usize, row: &Row) {
             assert_eq!(status["status"], "postmigrate", "{what}: {status}");
         }
     }
+    // A stall holds the stream until the relay ends (as a blackhole until the destination's
+    // read times out).
+    let relayed = if row.stop == Stop::Fault {
+        None
+    } else {
+        let _ = hosts.children[relay].kill();
+        Some(hosts.end(relay).1)
+    };
     // The destination: it runs the VM, or it has dropped it and ends by itself.
     let destination_out = match row.destination {
         Fails => {
@@ -314,7 +382,7 @@ fn run_row(index: usize, row: &Row) {
     let (code, out) = hosts.end(source);
     let both = format!("{what}\nsource:\n{out}\ndestination:\n{destination_out}");
     match row.source {
-        RolledBack => {
+        RolledBack | Cancelled => {
             assert!(code.success(), "{both}");
             assert!(out.contains("the VM runs here as before"), "{both}");
             assert!(out.contains("verify: passed"), "{both}");
@@ -338,8 +406,10 @@ fn run_row(index: usize, row: &Row) {
         "the VM ran on both hosts: {both}"
     );
     // And the row is the one the table names: the relay's fault fired.
-    let _ = hosts.children[relay].kill();
-    let (_, relayed) = hosts.end(relay);
+    let relayed = relayed.unwrap_or_else(|| {
+        let _ = hosts.children[relay].kill();
+        hosts.end(relay).1
+    });
     assert!(
         relayed.contains("fault: "),
         "{both}

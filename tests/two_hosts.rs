@@ -476,3 +476,104 @@ fn ratio(part: u64, whole: u64) -> f64 {
 fn float(x: u64) -> f64 {
     x as f64
 }
+
+/// Every packet dropped, both ways: a network that blackholes.
+const DARK: Shape = Shape {
+    rate_bits_per_s: None,
+    delay: Duration::ZERO,
+    loss_ppm: 1_000_000,
+};
+
+/// Sends `migrate_cancel` and waits for the source's migration to end; its report.
+fn cancel_and_wait(api: &Path) -> Value {
+    let (ok, reply) = ctl(api, &["migrate_cancel"]);
+    assert!(ok, "{reply}");
+    wait_until("the cancelled migration to end", PATIENCE, || {
+        let (_, r) = ctl(api, &["query-migrate"]);
+        let status = r["return"]["status"].as_str().unwrap_or("");
+        if ["completed", "failed", "cancelled", "unknown"].contains(&status) {
+            Ok(r["return"].clone())
+        } else {
+            Err(r.to_string())
+        }
+    })
+}
+
+#[test]
+fn a_cancel_ends_a_migration_whose_link_goes_dark_while_it_connects_or_sends() {
+    if let Err(why) = TwoHosts::available() {
+        skip(why);
+        return;
+    }
+    require_kvm!();
+    let hosts = TwoHosts::new(Shape::UNSHAPED, 17).unwrap();
+    let dir = std::env::temp_dir().join(format!("vmig-two-hosts-dark-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir(dir);
+    let (src_api, dst_api) = (dir.0.join("src.api"), dir.0.join("dst.api"));
+    let target = format!("tcp:{}:{PORT}", Side::B.addr());
+    let mut command = vmig_in(
+        &hosts,
+        Side::B,
+        &["run", "--mem", MEM, "--incoming", &target],
+    );
+    command.arg("--api").arg(&dst_api);
+    let destination = Process::spawn("the destination", command);
+    let mut command = vmig_in(
+        &hosts,
+        Side::A,
+        &["run", "--mem", MEM, "--workload", WORKLOAD],
+    );
+    command.arg("--api").arg(&src_api);
+    let source = Process::spawn("the source", command);
+    destination.wait_for_line("waiting for a migration on");
+    wait_for(&src_api, PATIENCE);
+
+    // Dark before the migration: its connect gets no answer (the kernel alone would wait
+    // two minutes for one).
+    hosts.set_shape(DARK);
+    let (ok, reply) = ctl(&src_api, &["migrate", &format!("uri={target}")]);
+    assert!(ok, "{reply}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let report = cancel_and_wait(&src_api);
+    assert_eq!(report["status"], "cancelled", "{report}");
+    assert_eq!(
+        report["error-desc"], "cancelled: migrate-cancel",
+        "{report}"
+    );
+
+    // Dark in the middle of the pages: the source is blocked sending into a full socket.
+    hosts.set_shape(Shape::UNSHAPED);
+    let (ok, reply) = ctl(
+        &src_api,
+        &["migrate-set-parameters", "max-bandwidth=8000000"],
+    );
+    assert!(ok, "{reply}");
+    let (ok, reply) = ctl(&src_api, &["migrate", &format!("uri={target}")]);
+    assert!(ok, "{reply}");
+    wait_until("pages to flow", PATIENCE, || {
+        let (_, r) = ctl(&src_api, &["query-migrate"]);
+        (r["return"]["ram"]["transferred"].as_u64().unwrap_or(0) > 1 << 20)
+            .then_some(())
+            .ok_or_else(|| r.to_string())
+    });
+    hosts.set_shape(DARK);
+    std::thread::sleep(Duration::from_millis(1000));
+    let report = cancel_and_wait(&src_api);
+    assert_eq!(report["status"], "cancelled", "{report}");
+    assert_eq!(report["x-vmig-committed"], false, "{report}");
+    let (_, status) = ctl(&src_api, &["query-status"]);
+    assert_eq!(status["return"]["status"], "running", "{status}");
+
+    // Light again: the destination learns the source went away, drops what it received and
+    // exits with its error.
+    hosts.set_shape(Shape::UNSHAPED);
+    let (code, out) = destination.wait();
+    assert!(!code.success(), "{out}");
+    let (ok, reply) = ctl(&src_api, &["quit"]);
+    assert!(ok, "{reply}");
+    let (code, out) = source.wait();
+    assert!(code.success(), "{out}");
+    assert!(out.contains("the VM runs here as before"), "{out}");
+    assert!(out.contains("verify: passed"), "{out}");
+}

@@ -48,6 +48,7 @@
 //! again, its dirty tracking stops and its vCPUs resume; the destination drops its VM and
 //! resets its devices.
 
+mod cancel;
 pub mod destination;
 pub mod device;
 pub mod dirty;

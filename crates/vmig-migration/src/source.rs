@@ -12,6 +12,7 @@ use vmig_kvm::{PAGE_SIZE, VcpuState, Vm};
 use vmig_primitives::{PAGE_BYTES, PageNumber};
 use zerocopy::little_endian::U64;
 
+use crate::cancel::Stopper;
 use crate::dirty::{DeviceSource, DirtySource, KvmSource, Mapping, VmmSource};
 use crate::error::{MigrationError, Result, device_error, io_error};
 use crate::machine::Machine;
@@ -102,9 +103,6 @@ struct Source<'a> {
     source_pages: Vec<u64>,
     started_sources: usize,
     devices_saving: bool,
-    /// Every device's initial state is sent and the switchover waits for the destination's
-    /// ack (said when the migration times out).
-    awaiting_ack: std::sync::atomic::AtomicBool,
     /// The devices left their running states (for P2P or STOP_COPY): a rollback brings every
     /// one to RUNNING_P2P before any runs.
     devices_quiesced: bool,
@@ -113,7 +111,8 @@ struct Source<'a> {
     committed: bool,
     /// The destination said it resumed the VM.
     resumed: bool,
-    deadline: Instant,
+    /// The cancel and the deadline, shared with the watchdog that shuts the connections down.
+    stopper: Arc<Stopper>,
 }
 
 impl<'a> Source<'a> {
@@ -133,9 +132,11 @@ impl<'a> Source<'a> {
         }
         let uri: Uri = params.uri.parse()?;
         let session = session_id();
+        let stopper = Arc::new(Stopper::new(progress.clone(), params.timeout_s));
         let mut conns = Vec::new();
         for channel in 0..params.connections {
-            let mut conn = transport::connect(&uri)?;
+            let mut conn = transport::connect_unless(&uri, &|| stopper.check())?;
+            stopper.guard(&conn)?;
             let hello = Hello {
                 channel,
                 channels: params.connections,
@@ -172,17 +173,26 @@ impl<'a> Source<'a> {
             started_sources: 0,
             devices_saving: false,
             devices_quiesced: false,
-            awaiting_ack: std::sync::atomic::AtomicBool::new(false),
             paused: false,
             committed: false,
             resumed: false,
-            deadline: Instant::now() + Duration::from_secs(params.timeout_s),
+            stopper,
         })
     }
 
     fn run(&mut self) -> Result<()> {
-        let mut result = self.run_inner();
-        if let Err(MigrationError::Io { .. } | MigrationError::Stream(_)) = &result {
+        let stopper = Arc::clone(&self.stopper);
+        let mut result = std::thread::scope(|scope| {
+            let (done, watching) = std::sync::mpsc::channel();
+            scope.spawn(move || stopper.watch(&watching));
+            let result = self.run_inner();
+            let _ = done.send(());
+            result
+        });
+        if let (Err(_), Some(reason)) = (&result, self.stopper.fired()) {
+            // The watchdog shut the connections down under a blocked send or read.
+            result = Err(MigrationError::Cancelled(reason));
+        } else if let Err(MigrationError::Io { .. } | MigrationError::Stream(_)) = &result {
             // A send that failed because the destination gave up: say why it did.
             if let Some(reason) = self.pending_abort() {
                 result = Err(MigrationError::Refused(reason));
@@ -257,22 +267,7 @@ impl<'a> Source<'a> {
     }
 
     fn check_cancel(&self) -> Result<()> {
-        if self.progress.cancel_requested() {
-            return Err(MigrationError::Cancelled("migrate-cancel".into()));
-        }
-        if Instant::now() > self.deadline {
-            let waiting = if self.awaiting_ack.load(Ordering::Relaxed) {
-                ", waiting for the destination's SwitchoverAck (every device's initial state \
-                 was sent; the destination never acknowledged it)"
-            } else {
-                ""
-            };
-            return Err(MigrationError::Cancelled(format!(
-                "the migration did not finish within timeout_s={}{waiting}",
-                self.params.timeout_s
-            )));
-        }
-        Ok(())
+        self.stopper.check()
     }
 
     fn main(&self) -> std::sync::MutexGuard<'_, RecordWriter<Conn>> {
@@ -650,8 +645,7 @@ impl<'a> Source<'a> {
                     Duration::ZERO
                 };
                 switchover_acked = self.switchover_ack(wait)?;
-                self.awaiting_ack
-                    .store(!switchover_acked, Ordering::Relaxed);
+                self.stopper.set_awaiting_ack(!switchover_acked);
             }
             if expected <= downtime && switchover_acked {
                 break;
@@ -753,9 +747,9 @@ impl<'a> Source<'a> {
             r.ram.remaining = 0;
         });
         self.reader.expect(Kind::Accepted)?;
-        self.check_cancel()?;
         // The point of no return: from here on the source never resumes, unless it learns
         // for certain that the destination does not run the VM.
+        self.stopper.commit()?;
         self.committed = true;
         self.progress.update(|r| r.committed = true);
         if let Err(e) = self.send(&Record::Commit) {
@@ -789,6 +783,7 @@ impl<'a> Source<'a> {
 
     /// The commit certainly did not take effect: the source may roll back after all.
     fn uncommit(&mut self) {
+        self.stopper.uncommit();
         self.committed = false;
         self.progress.update(|r| r.committed = false);
     }

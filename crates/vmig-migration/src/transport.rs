@@ -150,6 +150,47 @@ impl Write for Conn {
     }
 }
 
+/// How long one TCP connect attempt of [`connect_unless`] waits before it asks again.
+const CONNECT_ATTEMPT: Duration = Duration::from_secs(1);
+
+/// Opens one connection to `uri` as [`connect`] does, but a TCP connect that gets no answer
+/// (a host that drops the SYN) is tried again each second until it is answered or `stop`
+/// gives an error, instead of waiting the kernel's two minutes.
+pub fn connect_unless(uri: &Uri, stop: &dyn Fn() -> Result<()>) -> Result<Conn> {
+    let Uri::Tcp(addr) = uri else {
+        return connect(uri);
+    };
+    let addrs: Vec<std::net::SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str())
+        .map_err(io_error(format!("resolving {uri}")))?
+        .collect();
+    loop {
+        let mut unanswered = false;
+        let mut last = None;
+        for a in &addrs {
+            match TcpStream::connect_timeout(a, CONNECT_ATTEMPT) {
+                Ok(s) => {
+                    let conn = Conn::Tcp(s);
+                    conn.tune();
+                    return Ok(conn);
+                }
+                Err(e) => {
+                    unanswered |= e.kind() == io::ErrorKind::TimedOut;
+                    last = Some(e);
+                }
+            }
+        }
+        let Some(e) = last else {
+            return Err(MigrationError::Invalid(format!(
+                "{uri}: the name resolves to no address"
+            )));
+        };
+        if !unanswered {
+            return Err(io_error(format!("connecting to {uri}"))(e));
+        }
+        stop()?;
+    }
+}
+
 /// Opens one connection to `uri`.
 pub fn connect(uri: &Uri) -> Result<Conn> {
     let conn = match uri {
