@@ -1,7 +1,8 @@
 //! What ends a running migration from outside before its commit: a `migrate_cancel` (or
-//! `quit`) and the `timeout_s` deadline. The source checks them between steps; a watchdog
-//! thread also shuts every connection down when one comes while the source is blocked on
-//! the network (a send into a full socket, a read of an answer that never comes), as QEMU's
+//! `quit`) and the `timeout_s` deadline. The source checks them between steps, and then ends
+//! with an Abort that tells the destination why. When it has not ended half a second after
+//! one came, it is blocked on the network (a send into a full socket, a read of an answer
+//! that never comes), and a watchdog thread shuts every connection down, as QEMU's
 //! `migrate_cancel` shuts its migration channel down. A gate makes the commit and the
 //! watchdog exclusive: once the commit passed it the watchdog does nothing, and once the
 //! watchdog fired no commit passes it.
@@ -16,6 +17,9 @@ use crate::transport::Conn;
 
 /// How often the watchdog looks at the cancel flag and the clock.
 const WATCH_INTERVAL: Duration = Duration::from_millis(20);
+/// How long the watchdog leaves a source that is not blocked to end by itself, which tells
+/// the destination why with an Abort, before it shuts the connections down.
+const GRACE: Duration = Duration::from_millis(500);
 
 /// The cancel and the deadline of one migration, and the connections they shut down.
 pub struct Stopper {
@@ -107,13 +111,20 @@ impl Stopper {
         self.lock().fired.clone()
     }
 
-    /// Watches until `done` is signalled (or dropped), shutting the connections down at the
-    /// first cancel or the deadline before the commit.
+    /// Watches until `done` is signalled (or dropped), shutting the connections down when a
+    /// cancel or the deadline came before the commit and the source did not end within
+    /// [`GRACE`] of it.
     pub fn watch(&self, done: &mpsc::Receiver<()>) {
         while let Err(mpsc::RecvTimeoutError::Timeout) = done.recv_timeout(WATCH_INTERVAL) {
             let Some(reason) = self.reason() else {
                 continue;
             };
+            if !matches!(
+                done.recv_timeout(GRACE),
+                Err(mpsc::RecvTimeoutError::Timeout)
+            ) {
+                return;
+            }
             let mut gate = self.lock();
             if !gate.committed {
                 tracing::debug!(%reason, "shutting the migration's connections down");
