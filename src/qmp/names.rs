@@ -4,7 +4,7 @@
 //! concept; vmig's own facts under `x-vmig-` keys.
 
 use serde_json::{Map, Value, json};
-use vmig_migration::report::{DeviceStats, SourceStats, Verification};
+use vmig_migration::report::{DeviceStats, SourceStats, Timeline, Verification};
 use vmig_migration::{MigrationParams, MigrationReport, Status};
 
 /// `query-migrate`'s `status` for vmig's: QEMU has no "verifying" (the destination checks
@@ -160,6 +160,7 @@ pub fn to_query_migrate(report: &MigrationReport) -> Value {
         "x-vmig-dirty-sources": report.dirty_sources,
         "x-vmig-verification": report.verification,
         "x-vmig-switchover-ack-ms": report.switchover_ack_ms,
+        "x-vmig-timeline": report.timeline,
     });
     if let (Some(error), Some(map)) = (&report.error, info.as_object_mut()) {
         map.insert("error-desc".into(), json!(error));
@@ -203,6 +204,7 @@ pub fn from_query_migrate(info: &Value) -> Result<MigrationReport, String> {
         serde_json::from_value(list("x-vmig-dirty-sources")).unwrap_or_default();
     let verification: Option<Verification> =
         serde_json::from_value(list("x-vmig-verification")).unwrap_or_default();
+    let timeline: Timeline = serde_json::from_value(list("x-vmig-timeline")).unwrap_or_default();
     let mut report = MigrationReport {
         status,
         total_ms: number(&["total-time"]),
@@ -217,6 +219,7 @@ pub fn from_query_migrate(info: &Value) -> Result<MigrationReport, String> {
         verification,
         committed: flag("x-vmig-committed"),
         switchover_ack_ms: field(info, &["x-vmig-switchover-ack-ms"]).and_then(Value::as_u64),
+        timeline,
         error: field(info, &["error-desc"])
             .and_then(Value::as_str)
             .map(String::from),
@@ -282,6 +285,22 @@ mod tests {
             verification: None,
             committed: true,
             error: Some("lost".into()),
+            timeline: Timeline {
+                setup_us: 12_400,
+                passes: vec![vmig_migration::report::PassTime {
+                    pages: 16384,
+                    bytes: 5 << 20,
+                    us: 300_000,
+                }],
+                stop_us: 900,
+                final_pages_us: 1200,
+                device_state_us: 300,
+                vcpu_us: 100,
+                digest_us: 4000,
+                digest_wait_us: 2500,
+                checks_us: 800,
+                commit_us: 400,
+            },
         };
         let info = to_query_migrate(&report);
         assert_eq!(info["status"], "device");

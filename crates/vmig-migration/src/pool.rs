@@ -161,6 +161,7 @@ impl PagePool {
     /// A sender thread's body: writes batches to `writer` until the pool closes.
     pub fn run_sender(&self, memory: &GuestMemory, writer: &SharedWriter, channel: usize) {
         let mut entries: Vec<PageEntry> = Vec::with_capacity(BATCH_PAGES);
+        let mut digests: Vec<u64> = Vec::with_capacity(BATCH_PAGES);
         let mut data = vec![0u8; BATCH_PAGES * PAGE_BYTES];
         loop {
             let (pass, pages) = {
@@ -180,7 +181,14 @@ impl PagePool {
                     queue = self.changed.wait(queue).unwrap_or_else(|e| e.into_inner());
                 }
             };
-            let result = self.send_batch(memory, writer, pass, &pages, &mut entries, &mut data);
+            let result = self.send_batch(
+                memory,
+                writer,
+                pass,
+                &pages,
+                (&mut entries, &mut digests),
+                &mut data,
+            );
             let mut queue = self.queue();
             queue.in_flight -= 1;
             if let Err(e) = result {
@@ -198,10 +206,11 @@ impl PagePool {
         writer: &SharedWriter,
         pass: u32,
         pages: &[u64],
-        entries: &mut Vec<PageEntry>,
+        (entries, digests): (&mut Vec<PageEntry>, &mut Vec<u64>),
         data: &mut [u8],
     ) -> io::Result<()> {
         entries.clear();
+        digests.clear();
         let mut filled = 0usize;
         let mut zero = 0u64;
         for &page in pages {
@@ -213,6 +222,9 @@ impl PagePool {
             if is_zero {
                 zero += 1;
             } else {
+                // Digested here, just copied and still in cache; the copy is what goes out,
+                // so the guest writing the page meanwhile cannot make the two disagree.
+                digests.push(crate::stream::page_digest(slot));
                 filled += PAGE_BYTES;
             }
             entries.push(PageEntry::new(PageNumber(page), is_zero));
@@ -224,7 +236,7 @@ impl PagePool {
             entries,
             data: &data[..filled],
         });
-        lock(writer).send(&record)?;
+        lock(writer).send_digested(&record, digests)?;
         let c = &self.counters;
         c.bytes
             .fetch_add(bytes + crate::stream::HEADER_SIZE as u64, Ordering::Relaxed);

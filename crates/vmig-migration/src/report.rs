@@ -227,6 +227,50 @@ impl Verification {
     }
 }
 
+/// One pre-copy pass: what it sent and how long it took.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassTime {
+    /// Pages sent (with data or as zero markers).
+    pub pages: u64,
+    /// Bytes of `Pages` records sent.
+    pub bytes: u64,
+    /// Microseconds, its devices' pre-copy data included.
+    pub us: u64,
+}
+
+/// Where a migration's time went, as the source saw it, in microseconds. The steps of the stop
+/// follow each other; the digest of all RAM (`verify_memory`) runs beside the final pages,
+/// device and vCPU states, and `digest_wait_us` is what was left of it after them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timeline {
+    /// From `migrate` to the first pass: connections, Config, the destination's Ready, dirty
+    /// tracking and devices' pre-copy started.
+    pub setup_us: u64,
+    /// Each pre-copy pass.
+    pub passes: Vec<PassTime>,
+    /// Pausing the vCPUs, stopping the devices and the last harvest.
+    pub stop_us: u64,
+    /// The final pass's pages.
+    pub final_pages_us: u64,
+    /// The devices' stop-and-copy state.
+    pub device_state_us: u64,
+    /// Saving and sending the vCPU state.
+    pub vcpu_us: u64,
+    /// The digest of all RAM, on its own threads beside the three steps before.
+    pub digest_us: u64,
+    /// Waiting for the digest after them, and sending its records.
+    pub digest_wait_us: u64,
+    /// From `Complete` to `Accepted`: the destination's comparisons and loads.
+    pub checks_us: u64,
+    /// From `Commit` to `Resumed`: the destination starting devices and vCPUs.
+    pub commit_us: u64,
+}
+
+/// Whole microseconds of `elapsed` (saturating).
+pub fn micros(elapsed: std::time::Duration) -> u64 {
+    u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX)
+}
+
 /// The `query-migrate` answer.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct MigrationReport {
@@ -266,6 +310,9 @@ pub struct MigrationReport {
     pub committed: bool,
     /// Why it failed or was cancelled.
     pub error: Option<String>,
+    /// Where the time went.
+    #[serde(default)]
+    pub timeline: Timeline,
 }
 
 /// The live report of one migration, shared between the engine and whoever queries it, plus
@@ -380,6 +427,15 @@ impl Progress {
     /// Whether a cancel was asked.
     pub fn cancel_requested(&self) -> bool {
         self.inner.cancel.load(Ordering::Acquire)
+    }
+
+    /// Microseconds since [`Self::begin`].
+    pub fn elapsed_us(&self) -> u64 {
+        self.inner
+            .started
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map_or(0, |s| micros(s.elapsed()))
     }
 
     /// Milliseconds since [`Self::begin`].

@@ -585,10 +585,13 @@ impl<'a> Source<'a> {
         let mut initial_sent = vec![false; machine.devices.len()];
         // Without devices there is no device state to wait for.
         let mut switchover_acked = machine.devices.is_empty();
+        let setup_us = self.progress.elapsed_us();
+        self.progress.update(|r| r.timeline.setup_us = setup_us);
         loop {
             self.check_cancel()?;
             let pass_start = Instant::now();
             let bytes_before = pool.counters.bytes.load(Ordering::Relaxed);
+            let pages = dirty.count();
             self.send_pass(pool, dirty, pass, true)?;
             let mut device_remaining = 0;
             for (i, d) in machine.devices.iter().enumerate() {
@@ -632,6 +635,11 @@ impl<'a> Source<'a> {
                 "pre-copy pass done"
             );
             self.progress.update(|r| {
+                r.timeline.passes.push(crate::report::PassTime {
+                    pages,
+                    bytes: pass_bytes,
+                    us: crate::report::micros(pass_start.elapsed()),
+                });
                 r.passes = u64::from(pass);
                 r.ram.remaining = remaining;
                 r.expected_downtime_ms = expected.ceil() as u64;
@@ -702,16 +710,22 @@ impl<'a> Source<'a> {
         }
         self.started_sources = 0;
         let memory = vm.memory();
+        let mut lap = Lap(paused_at);
+        let mut times = self.progress.report().timeline;
+        times.stop_us = lap.take();
         std::thread::scope(|scope| -> Result<()> {
             let verify = self.params.verify_memory;
             let digests = scope.spawn(move || {
-                if verify {
+                let start = Instant::now();
+                let digests = if verify {
                     digest_all(memory)
                 } else {
                     Ok(Vec::new())
-                }
+                };
+                (digests, crate::report::micros(start.elapsed()))
             });
             self.send_pass(pool, dirty, pass, false)?;
+            times.final_pages_us = lap.take();
             for (i, d) in machine.devices.iter().enumerate() {
                 let bytes = self.stream_stop_copy(i, d, &mut device_digests[i])?;
                 self.progress
@@ -723,11 +737,15 @@ impl<'a> Source<'a> {
                     digest: d.digest(),
                 }))?;
             }
+            times.device_state_us = lap.take();
             let vcpus: Vec<VcpuState> = vm.save_vcpus()?;
             self.send(&Record::VcpuState(vcpus))?;
-            let digests = digests
+            times.vcpu_us = lap.take();
+            let (digests, digest_us) = digests
                 .join()
-                .map_err(|_| MigrationError::Invalid("the digest thread panicked".into()))??;
+                .map_err(|_| MigrationError::Invalid("the digest thread panicked".into()))?;
+            times.digest_us = digest_us;
+            let digests = digests?;
             for (first, list) in digests {
                 let mut page = first;
                 for chunk in list.chunks(DIGESTS_PER_RECORD) {
@@ -739,6 +757,7 @@ impl<'a> Source<'a> {
                     page += digests.len() as u64;
                 }
             }
+            times.digest_wait_us = lap.take();
             Ok(())
         })?;
         self.send(&Record::Complete)?;
@@ -747,6 +766,7 @@ impl<'a> Source<'a> {
             r.ram.remaining = 0;
         });
         self.reader.expect(Kind::Accepted)?;
+        times.checks_us = lap.take();
         // The point of no return: from here on the source never resumes, unless it learns
         // for certain that the destination does not run the VM.
         self.stopper.commit()?;
@@ -771,11 +791,13 @@ impl<'a> Source<'a> {
             // Lost: the destination may or may not have the commit (the report says Unknown).
             Err(e) => return Err(e),
         }
+        times.commit_us = lap.take();
         let downtime_ms = crate::report::millis(paused_at.elapsed());
         let total_ms = self.progress.elapsed_ms();
         self.progress.update(|r| {
             r.downtime_ms = downtime_ms;
             r.total_ms = total_ms;
+            r.timeline = times;
         });
         self.publish_counters(pool);
         Ok(())
@@ -841,6 +863,17 @@ impl<'a> Source<'a> {
                 problems.join("; ")
             )))
         }
+    }
+}
+
+/// Microseconds between successive calls of [`Lap::take`].
+struct Lap(Instant);
+
+impl Lap {
+    /// Microseconds since the last take (or the start).
+    fn take(&mut self) -> u64 {
+        let now = Instant::now();
+        crate::report::micros(now - std::mem::replace(&mut self.0, now))
     }
 }
 

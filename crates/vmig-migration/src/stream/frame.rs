@@ -87,7 +87,22 @@ impl<W: Write> RecordWriter<W> {
         let Payload { head, body, pages } = record
             .encode()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        self.frame(record.kind(), &[&head, body], pages)
+        self.frame(record.kind(), &[&head, body], pages, None)
+    }
+
+    /// Writes a `Pages` record (`record` must be one) whose pages' digests the caller took as
+    /// it copied them, one for each page of its data in order, so that they are not read
+    /// again here.
+    pub fn send_digested(&mut self, record: &Record<'_>, digests: &[u64]) -> io::Result<()> {
+        let Payload { head, body, pages } = record
+            .encode()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        if record.kind() != Kind::Pages
+            || pages.unwrap_or_default().len() != digests.len() * PAGE_BYTES
+        {
+            return Err(pages_shape());
+        }
+        self.frame(Kind::Pages, &[&head, body], pages, Some(digests))
     }
 
     /// Writes a record of `kind` whose payload is the concatenation of `parts` (for `Pages`:
@@ -96,15 +111,22 @@ impl<W: Write> RecordWriter<W> {
     pub fn write(&mut self, kind: Kind, parts: &[&[u8]]) -> io::Result<()> {
         match (kind, parts) {
             (Kind::Pages, [entries, data]) if entries_len(entries) == Some(entries.len()) => {
-                self.frame(kind, &[entries], Some(data))
+                self.frame(kind, &[entries], Some(data), None)
             }
             (Kind::Pages, _) => Err(pages_shape()),
-            _ => self.frame(kind, parts, None),
+            _ => self.frame(kind, parts, None, None),
         }
     }
 
-    /// Frames `parts`, then `pages` (whole pages, which the checksum covers by their digests).
-    fn frame(&mut self, kind: Kind, parts: &[&[u8]], pages: Option<&[u8]>) -> io::Result<()> {
+    /// Frames `parts`, then `pages` (whole pages, which the checksum covers by their digests:
+    /// `digests` when the caller has them, else taken here).
+    fn frame(
+        &mut self,
+        kind: Kind,
+        parts: &[&[u8]],
+        pages: Option<&[u8]>,
+        digests: Option<&[u64]>,
+    ) -> io::Result<()> {
         let data = pages.unwrap_or_default();
         if !data.len().is_multiple_of(PAGE_BYTES) {
             return Err(pages_shape());
@@ -126,8 +148,15 @@ impl<W: Write> RecordWriter<W> {
             sequence: self.sequence.into(),
             checksum: 0.into(),
         };
-        let digests: Vec<u64> = data.chunks_exact(PAGE_BYTES).map(page_digest).collect();
-        head.checksum = checksum(head.as_bytes(), parts, &digests).into();
+        let taken: Vec<u64>;
+        let digests = match digests {
+            Some(digests) => digests,
+            None => {
+                taken = data.chunks_exact(PAGE_BYTES).map(page_digest).collect();
+                &taken
+            }
+        };
+        head.checksum = checksum(head.as_bytes(), parts, digests).into();
         let mut slices = Vec::with_capacity(parts.len() + 2);
         slices.push(io::IoSlice::new(head.as_bytes()));
         slices.extend(parts.iter().map(|p| io::IoSlice::new(p)));
