@@ -440,11 +440,7 @@ impl Progress {
 
     /// Milliseconds since [`Self::begin`].
     pub fn elapsed_ms(&self) -> u64 {
-        self.inner
-            .started
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .map_or(0, |s| millis(s.elapsed()))
+        self.elapsed_us() / 1000
     }
 }
 
