@@ -187,7 +187,12 @@ pub fn connect_unless(uri: &Uri, stop: &dyn Fn() -> Result<()>) -> Result<Conn> 
         if !unanswered {
             return Err(io_error(format!("connecting to {uri}"))(e));
         }
-        stop()?;
+        stop().map_err(|stopped| match stopped {
+            MigrationError::Cancelled(why) => MigrationError::Cancelled(format!(
+                "{why}, while connecting to {uri} (no answer yet: {e})"
+            )),
+            other => other,
+        })?;
     }
 }
 
