@@ -647,7 +647,7 @@ fn qemu_qmp_drives_vmig_and_qemu_with_the_same_script() {
                 "-drive",
             ])
             .arg(format!(
-                "file={},format=raw,if=floppy,readonly=on",
+                "file={},format=raw,if=ide,snapshot=on",
                 image.display()
             ))
             .arg("-chardev")

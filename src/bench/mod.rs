@@ -36,7 +36,7 @@ use crate::children::Children;
 /// Measure whole migrations against memcpy, loopback TCP and QEMU, all measured in the same run.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// What to measure: migrate; or qemu-guest, which writes QEMU's bench guest (a floppy
+    /// What to measure: migrate; or qemu-guest, which writes QEMU's bench guest (a disk
     /// image that writes every page of `--mem` RAM, then idles) to `--image`.
     what: String,
     /// Where `qemu-guest` writes the image.

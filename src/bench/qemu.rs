@@ -1,7 +1,8 @@
 //! The same scenarios migrated by QEMU (`qemu-system-x86_64 -accel kvm`, loopback TCP) on this
 //! machine in the same run, for comparison.
 //!
-//! QEMU boots a 512-byte guest from a floppy image (SeaBIOS loads it at 0x7c00). The guest
+//! QEMU boots a 512-byte guest from an IDE disk image (SeaBIOS loads it at 0x7c00; its floppy
+//! driver waits for an interrupt that never comes on some nested hosts, so not a floppy; `snapshot=on` lets both sides open it). The guest
 //! switches to 32-bit protected mode, writes one word into every page from 1 MiB up to the
 //! end of RAM (every page holds data, as in vmig's scenarios), reports `R` on the debug
 //! console (port 0xe9), and then either idles or writes one word into random pages of a
@@ -270,7 +271,7 @@ fn qemu_command(dir: &Path, side: &str, ram: u64, image: &Path) -> (Command, Pat
         .args(["-display", "none", "-nodefaults", "-no-user-config"])
         .arg("-drive")
         .arg(format!(
-            "file={},format=raw,if=floppy,readonly=on",
+            "file={},format=raw,if=ide,snapshot=on",
             image.display()
         ))
         .arg("-chardev")
