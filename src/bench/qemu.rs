@@ -1,13 +1,13 @@
 //! The same scenarios migrated by QEMU (`qemu-system-x86_64 -accel kvm`, loopback TCP) on this
 //! machine in the same run, for comparison.
 //!
-//! QEMU boots a 512-byte guest from an IDE disk image (SeaBIOS loads it at 0x7c00; its floppy
-//! driver waits for an interrupt that never comes on some nested hosts, so not a floppy; `snapshot=on` lets both sides open it). The guest
-//! switches to 32-bit protected mode, writes one word into every page from 1 MiB up to the
-//! end of RAM (every page holds data, as in vmig's scenarios), reports `R` on the debug
-//! console (port 0xe9), and then either idles or writes one word into random pages of a
-//! working set: at a pace counted in TSC cycles (the host's TSC rate, which KVM gives the
-//! guest), or flat out.
+//! QEMU boots a 512-byte guest from an IDE disk image (SeaBIOS loads it at 0x7c00). Not a
+//! floppy: on some nested hosts SeaBIOS's floppy driver waits for an interrupt that never comes.
+//! `snapshot=on` lets the source and the destination open the same image. The guest switches
+//! to 32-bit protected mode, writes one word into every page from 1 MiB up to the end of RAM
+//! (every page holds data, as in vmig's scenarios), reports `R` on the debug console (port
+//! 0xe9), and then either idles or writes one word into random pages of a working set: at a
+//! pace counted in TSC cycles (the host's TSC rate, which KVM gives the guest), or flat out.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
