@@ -297,6 +297,7 @@ mod tests {
                 device_state_us: 300,
                 vcpu_us: 100,
                 digest_us: 4000,
+                digest_pages_read: 262_144,
                 digest_wait_us: 2500,
                 checks_us: 800,
                 commit_us: 400,

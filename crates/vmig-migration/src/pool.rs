@@ -1,6 +1,8 @@
 //! The source's page senders: one thread per connection takes batches of page numbers from a
 //! shared queue, reads the pages, marks zero pages, and writes `Pages` records; a shared token
-//! bucket keeps them under the bandwidth limit.
+//! bucket keeps them under the bandwidth limit. As they send they keep each page's digest
+//! ([`SentDigests`]): what the destination holds, unless the page changed without being
+//! reported dirty.
 
 use std::collections::VecDeque;
 use std::io;
@@ -8,8 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vmig_kvm::GuestMemory;
-use vmig_primitives::PageNumber;
+use vmig_kvm::memory::SlotLayout;
+use vmig_kvm::{GuestMemory, PAGE_SIZE};
+use vmig_primitives::{GuestAddress, PageNumber};
 
 use crate::error::{MigrationError, Result};
 use crate::stream::{PAGE_BYTES, PageEntry, Pages, Record, RecordWriter};
@@ -79,6 +82,60 @@ impl Limiter {
     }
 }
 
+/// Each page's digest as it was last sent, indexed by page number.
+#[derive(Debug)]
+pub struct SentDigests {
+    digests: Vec<AtomicU64>,
+    zero: u64,
+}
+
+/// A page not sent yet. A page whose digest happens to be this is read again at the stop,
+/// which costs a read and nothing else.
+const UNSENT: u64 = u64::MAX;
+
+impl SentDigests {
+    fn new(memory: &GuestMemory) -> Self {
+        let top = memory
+            .layout()
+            .slots
+            .iter()
+            .map(|s| s.first_page() + s.pages())
+            .max()
+            .unwrap_or(0);
+        Self {
+            digests: (0..top).map(|_| AtomicU64::new(UNSENT)).collect(),
+            zero: crate::stream::page_digest(&[0u8; PAGE_BYTES]),
+        }
+    }
+
+    fn record(&self, page: u64, digest: u64) {
+        if let Some(slot) = usize::try_from(page).ok().and_then(|i| self.digests.get(i)) {
+            slot.store(digest, Ordering::Relaxed);
+        }
+    }
+
+    /// The digests of `slot`'s pages as sent; a page never sent is read now. Called once
+    /// every sender is idle.
+    pub fn of_slot(&self, memory: &GuestMemory, slot: &SlotLayout) -> io::Result<Vec<u64>> {
+        let mut page = vec![0u8; PAGE_BYTES];
+        (slot.first_page()..slot.first_page() + slot.pages())
+            .map(|number| {
+                let sent = usize::try_from(number)
+                    .ok()
+                    .and_then(|i| self.digests.get(i))
+                    .map_or(UNSENT, |d| d.load(Ordering::Relaxed));
+                if sent != UNSENT {
+                    return Ok(sent);
+                }
+                memory
+                    .read(GuestAddress(number * PAGE_SIZE), &mut page)
+                    .map_err(io::Error::other)?;
+                Ok(crate::stream::page_digest(&page))
+            })
+            .collect()
+    }
+}
+
 /// The shared side of the senders.
 #[derive(Debug)]
 pub struct PagePool {
@@ -87,12 +144,15 @@ pub struct PagePool {
     limiter: Limiter,
     /// What was sent.
     pub counters: PageCounters,
+    /// The digest of each page as sent.
+    pub sent: SentDigests,
     depth: usize,
 }
 
 impl PagePool {
-    /// A pool for `senders` threads under `max_bandwidth` bytes per second (0: unlimited).
-    pub fn new(senders: usize, max_bandwidth: u64) -> Self {
+    /// A pool for `senders` threads sending `memory` under `max_bandwidth` bytes per second
+    /// (0: unlimited).
+    pub fn new(memory: &GuestMemory, senders: usize, max_bandwidth: u64) -> Self {
         Self {
             queue: Mutex::new(Queue::default()),
             changed: Condvar::new(),
@@ -101,6 +161,7 @@ impl PagePool {
                 state: Mutex::new((0.0, Instant::now())),
             },
             counters: PageCounters::default(),
+            sent: SentDigests::new(memory),
             depth: senders * 4,
         }
     }
@@ -221,10 +282,13 @@ impl PagePool {
             let is_zero = is_zero(slot);
             if is_zero {
                 zero += 1;
+                self.sent.record(page, self.sent.zero);
             } else {
                 // Digested here, just copied and still in cache; the copy is what goes out,
                 // so the guest writing the page meanwhile cannot make the two disagree.
-                digests.push(crate::stream::page_digest(slot));
+                let digest = crate::stream::page_digest(slot);
+                digests.push(digest);
+                self.sent.record(page, digest);
                 filled += PAGE_BYTES;
             }
             entries.push(PageEntry::new(PageNumber(page), is_zero));

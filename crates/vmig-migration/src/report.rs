@@ -239,8 +239,9 @@ pub struct PassTime {
 }
 
 /// Where a migration's time went, as the source saw it, in microseconds. The steps of the stop
-/// follow each other; the digest of all RAM (`verify_memory`) runs beside the final pages,
-/// device and vCPU states, and `digest_wait_us` is what was left of it after them.
+/// follow each other; the digest of the pages read again (`verify_memory` with devices) runs
+/// beside the final pages, device and vCPU states, and `digest_wait_us` is what was left of it
+/// after them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timeline {
     /// From `migrate` to the first pass: connections, Config, the destination's Ready, dirty
@@ -256,8 +257,13 @@ pub struct Timeline {
     pub device_state_us: u64,
     /// Saving and sending the vCPU state.
     pub vcpu_us: u64,
-    /// The digest of all RAM, on its own threads beside the three steps before.
+    /// Reading pages again for their digests (`verify_memory`), on its own threads beside the
+    /// three steps before.
     pub digest_us: u64,
+    /// Pages read again for their digests: all of RAM when a device can write it by DMA,
+    /// else none (each page's digest is the one taken as it was last sent).
+    #[serde(default)]
+    pub digest_pages_read: u64,
     /// Waiting for the digest after them, and sending its records.
     pub digest_wait_us: u64,
     /// From `Complete` to `Accepted`: the destination's comparisons and loads.

@@ -347,7 +347,7 @@ impl<'a> Source<'a> {
             r.devices = devices;
         });
 
-        let pool = PagePool::new(self.writers.len(), self.params.max_bandwidth);
+        let pool = PagePool::new(&memory, self.writers.len(), self.params.max_bandwidth);
         let throttle = AtomicU64::new(0);
         let stop_throttle = Mutex::new(false);
         let mut device_digests = vec![StateDigest::default(); machine.devices.len()];
@@ -715,9 +715,15 @@ impl<'a> Source<'a> {
         times.stop_us = lap.take();
         std::thread::scope(|scope| -> Result<()> {
             let verify = self.params.verify_memory;
+            let reread = verify && dma_writes_ram(machine);
+            times.digest_pages_read = if reread {
+                memory.layout().slots.iter().map(|s| s.pages()).sum()
+            } else {
+                0
+            };
             let digests = scope.spawn(move || {
                 let start = Instant::now();
-                let digests = if verify {
+                let digests = if reread {
                     digest_all(memory)
                 } else {
                     Ok(Vec::new())
@@ -745,7 +751,16 @@ impl<'a> Source<'a> {
                 .join()
                 .map_err(|_| MigrationError::Invalid("the digest thread panicked".into()))?;
             times.digest_us = digest_us;
-            let digests = digests?;
+            let mut digests = digests?;
+            if verify && !reread {
+                // Every sender is idle: the final pass is sent.
+                for slot in &memory.layout().slots {
+                    let list = pool.sent.of_slot(memory, slot).map_err(|e| {
+                        MigrationError::Invalid(format!("reading guest RAM for its digest: {e}"))
+                    })?;
+                    digests.push((slot.first_page(), list));
+                }
+            }
             for (first, list) in digests {
                 let mut page = first;
                 for chunk in list.chunks(DIGESTS_PER_RECORD) {
@@ -875,6 +890,16 @@ impl Lap {
         let now = Instant::now();
         crate::report::micros(now - std::mem::replace(&mut self.0, now))
     }
+}
+
+/// Whether a write to RAM may come that no dirty source reports, so that verification must
+/// read every page again with the VM stopped: whenever a device is attached, as each has all of
+/// RAM mapped for DMA (the machine's step 2), and a DMA write its tracking missed shows only in
+/// the page itself. Without devices RAM is written by the vCPUs, whose every write KVM's dirty
+/// log reports, and by the VMM through [`vmig_kvm::GuestMemory::write`], which marks what it
+/// writes; a page's digest as last sent is then what it holds at the stop.
+fn dma_writes_ram(machine: &Machine) -> bool {
+    !machine.devices.is_empty()
 }
 
 /// Per-page digests of all RAM: for each slot, its first page number and its pages' digests.
