@@ -136,6 +136,49 @@ impl SentDigests {
     }
 }
 
+/// What [`SentDigests::audit`] found.
+#[derive(Debug, Default)]
+pub struct Audit {
+    /// Pages read and compared.
+    pub pages: u64,
+    /// Pages whose digest now differs from the one they were last sent with.
+    pub changed: u64,
+    /// The first few of them.
+    pub first_changed: Vec<u64>,
+}
+
+impl SentDigests {
+    /// Reads every sent page of `memory` again and compares its digest with the one it was
+    /// last sent with. Run once nothing may write `memory` any more.
+    pub fn audit(&self, memory: &GuestMemory) -> io::Result<Audit> {
+        let mut audit = Audit::default();
+        let mut page = vec![0u8; PAGE_BYTES];
+        for slot in &memory.layout().slots {
+            for number in slot.first_page()..slot.first_page() + slot.pages() {
+                let sent = usize::try_from(number)
+                    .ok()
+                    .and_then(|i| self.digests.get(i))
+                    .map_or(UNSENT, |d| d.load(Ordering::Relaxed));
+                if sent == UNSENT {
+                    // Read at the stop, not sent: its digest was taken then.
+                    continue;
+                }
+                memory
+                    .read(GuestAddress(number * PAGE_SIZE), &mut page)
+                    .map_err(io::Error::other)?;
+                audit.pages += 1;
+                if crate::stream::page_digest(&page) != sent {
+                    audit.changed += 1;
+                    if audit.first_changed.len() < 8 {
+                        audit.first_changed.push(number);
+                    }
+                }
+            }
+        }
+        Ok(audit)
+    }
+}
+
 /// The shared side of the senders.
 #[derive(Debug)]
 pub struct PagePool {

@@ -16,7 +16,7 @@ use crate::cancel::Stopper;
 use crate::dirty::{DeviceSource, DirtySource, KvmSource, Mapping, VmmSource};
 use crate::error::{MigrationError, Result, device_error, io_error};
 use crate::machine::Machine;
-use crate::pool::{BATCH_PAGES, PagePool, SharedWriter, lock};
+use crate::pool::{BATCH_PAGES, PagePool, SentDigests, SharedWriter, lock};
 use crate::report::{DeviceStats, MigrationParams, Progress, SourceStats, Status};
 use crate::stream::{
     DeviceData, DeviceDescription, DeviceEnd, Digests, Hello, Kind, MAX_RECORD, MigrationConfig,
@@ -386,7 +386,8 @@ impl<'a> Source<'a> {
             }
             result
         })?;
-        self.finish()
+        let audit = self.params.verify_memory && !dma_writes_ram(machine);
+        self.finish(audit.then_some(&pool.sent))
     }
 
     fn dirty_sources(&self) -> Vec<Box<dyn DirtySource>> {
@@ -825,7 +826,10 @@ impl<'a> Source<'a> {
         self.progress.update(|r| r.committed = false);
     }
 
-    fn finish(&mut self) -> Result<()> {
+    /// After the destination resumed: stops the devices here, audits `sent` against RAM (the
+    /// pages not read again at the stop) while the destination's Result comes, and says
+    /// whether every check held.
+    fn finish(&mut self, sent: Option<&SentDigests>) -> Result<()> {
         for d in &self.machine.devices {
             if let Ok(m) = d.migration()
                 && let Err(e) = m.finish_source()
@@ -838,18 +842,44 @@ impl<'a> Source<'a> {
             .get_ref()
             .set_read_timeout(Some(RESULT_TIMEOUT))
             .map_err(io_error("setting a timeout"))?;
-        let mut buf = Vec::new();
-        let result = self.reader.expect_record(Kind::Result, &mut buf).map_err(|e| {
-            MigrationError::Verification(format!(
-                "the VM runs on the destination, but the Result of its checks did not arrive: {e}"
-            ))
-        })?;
-        let Record::Result(verification) = result else {
-            return Err(MigrationError::Stream(
-                "a Result record decoded as another".into(),
-            ));
-        };
-        let verification = *verification;
+        let memory = self.machine.vm.memory();
+        let (result, audit) = std::thread::scope(|scope| {
+            let audit = sent.map(|sent| scope.spawn(|| sent.audit(memory)));
+            let mut buf = Vec::new();
+            let result = match self.reader.expect_record(Kind::Result, &mut buf) {
+                Ok(Record::Result(verification)) => Ok(*verification),
+                Ok(_) => Err(MigrationError::Stream(
+                    "a Result record decoded as another".into(),
+                )),
+                Err(e) => Err(MigrationError::Verification(format!(
+                    "the VM runs on the destination, but the Result of its checks did not arrive: {e}"
+                ))),
+            };
+            let audit = audit.map(|a| {
+                a.join()
+                    .map_err(|_| MigrationError::Invalid("the audit thread panicked".into()))
+            });
+            (result, audit)
+        });
+        let mut verification = result?;
+        if let Some(audit) = audit {
+            let audit = audit?.map_err(|e| {
+                MigrationError::Verification(format!(
+                    "the VM runs on the destination, but reading RAM here to audit the pages sent failed: {e}"
+                ))
+            })?;
+            verification.pages_audited = audit.pages;
+            verification.pages_changed_unreported = audit.changed;
+            if audit.changed > 0 {
+                let first: Vec<String> =
+                    audit.first_changed.iter().map(|p| format!("{p:#x}")).collect();
+                verification.problems.push(format!(
+                    "{} page(s) changed here after they were last sent with no dirty source reporting it (first: {}): the destination runs with them stale",
+                    audit.changed,
+                    first.join(", ")
+                ));
+            }
+        }
         let verified = verification.passed();
         let held = if self.params.verify_memory {
             verified
