@@ -675,6 +675,12 @@ fn a_destination_device_with_another_bar_layout_is_refused_and_the_source_goes_o
     assert_healthy(&source);
 }
 
+/// The guest-physical address of the last page of RAM.
+fn last_ram_page(vm: &Vm) -> u64 {
+    let top = vm.layout().memory.data_slots().last().unwrap();
+    top.gpa + top.size - vmig_kvm::PAGE_SIZE
+}
+
 /// A source without devices whose guest writes every page but the last MiB of RAM; `touch`
 /// runs while it migrates, once the first pass is over, and gets the source's RAM.
 fn migrate_without_devices(
@@ -692,8 +698,7 @@ fn migrate_without_devices(
     let source = Machine::attach(Vm::new(&config).unwrap(), &[], Role::Source).unwrap();
     source.vm.resume().unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    let top = source.vm.layout().memory.data_slots().last().unwrap().clone();
-    let untouched = top.gpa + top.size - vmig_kvm::PAGE_SIZE;
+    let untouched = last_ram_page(&source.vm);
     let params = MigrationParams {
         // Slow enough that the first pass takes about 2 s and more passes follow.
         max_bandwidth: 32 << 20,
@@ -744,14 +749,9 @@ fn without_devices_the_stop_reads_no_page_and_every_page_is_audited_after_resumi
     assert_eq!(v.pages_audited, (64 << 20) / 4096);
     assert_eq!(v.pages_changed_unreported, 0);
     let mut page = [0u8; 17];
-    let top = arrived.machine.vm.layout().memory.data_slots().last().unwrap().clone();
-    let gpa = top.gpa + top.size - vmig_kvm::PAGE_SIZE;
-    arrived
-        .machine
-        .vm
-        .memory()
-        .read(vmig_primitives::GuestAddress(gpa), &mut page)
-        .unwrap();
+    let vm = &arrived.machine.vm;
+    let gpa = vmig_primitives::GuestAddress(last_ram_page(vm));
+    vm.memory().read(gpa, &mut page).unwrap();
     assert_eq!(&page, b"marked as written");
 }
 
@@ -784,7 +784,10 @@ fn a_page_changed_behind_every_dirty_source_is_caught_by_the_audit_after_resumin
     arrived.unwrap();
     assert!(report.committed && !report.verified, "{report:#?}");
     let v = report.verification.as_ref().unwrap();
-    assert_eq!(v.pages_differing, 0, "the comparison before resuming cannot see it");
+    assert_eq!(
+        v.pages_differing, 0,
+        "the comparison before resuming cannot see it"
+    );
     assert_eq!(v.pages_changed_unreported, 1);
 }
 

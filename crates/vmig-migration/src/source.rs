@@ -871,8 +871,11 @@ impl<'a> Source<'a> {
             verification.pages_audited = audit.pages;
             verification.pages_changed_unreported = audit.changed;
             if audit.changed > 0 {
-                let first: Vec<String> =
-                    audit.first_changed.iter().map(|p| format!("{p:#x}")).collect();
+                let first: Vec<String> = audit
+                    .first_changed
+                    .iter()
+                    .map(|p| format!("{p:#x}"))
+                    .collect();
                 verification.problems.push(format!(
                     "{} page(s) changed here after they were last sent with no dirty source reporting it (first: {}): the destination runs with them stale",
                     audit.changed,
