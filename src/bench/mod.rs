@@ -289,8 +289,14 @@ fn print_timeline(report: &MigrationReport) {
         ms(t.setup_us),
         passes.join(", ")
     );
-    let digest = if t.digest_pages_read == 0 {
-        "the digests as the pages were sent".to_string()
+    let compared = report
+        .verification
+        .as_ref()
+        .is_some_and(|v| v.pages_compared > 0);
+    let digest = if !compared {
+        "memory not compared".to_string()
+    } else if t.digest_pages_read == 0 {
+        "no page read again: the digests taken as pages were sent".to_string()
     } else {
         format!(
             "the digest of {} pages devices can write took {:.1} beside them",

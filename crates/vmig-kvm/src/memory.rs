@@ -263,6 +263,37 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Reads whole pages from `fd` straight into guest memory, in the order of `pages` (page
+    /// numbers), and records them as written by the VMM: how a destination loads a record's
+    /// pages without copying them through a buffer. Every page is checked to be guest RAM
+    /// before anything is read; a failure midway leaves the pages before it written.
+    pub fn read_pages_from(&self, fd: BorrowedFd<'_>, pages: &[u64]) -> Result<()> {
+        // Runs of pages in one slot, each a list of (offset, length) with neighbours merged.
+        let mut runs: Vec<(&Slot, Vec<(usize, usize)>)> = Vec::new();
+        for &page in pages {
+            let gpa = page
+                .checked_mul(PAGE_SIZE)
+                .ok_or_else(|| KvmError::Invalid(format!("page {page:#x} is beyond guest RAM")))?;
+            let (slot, offset) = self
+                .locate(gpa, PAGE_SIZE)
+                .map_err(|_| KvmError::Invalid(format!("page {page:#x} is beyond guest RAM")))?;
+            match runs.last_mut() {
+                Some((last, ranges)) if std::ptr::eq(*last, slot) => match ranges.last_mut() {
+                    Some((start, len)) if *start + *len == offset => *len += PAGE_BYTES,
+                    _ => ranges.push((offset, PAGE_BYTES)),
+                },
+                _ => runs.push((slot, vec![(offset, PAGE_BYTES)])),
+            }
+        }
+        for (slot, ranges) in &runs {
+            slot.host.read_exact_from(fd, ranges)?;
+        }
+        for &page in pages {
+            self.mark_vmm_dirty(page * PAGE_SIZE, PAGE_SIZE);
+        }
+        Ok(())
+    }
+
     fn mark_vmm_dirty(&self, gpa: u64, len: u64) {
         if len == 0 {
             return;

@@ -19,7 +19,7 @@ use crate::error::{MigrationError, Result, device_error, io_error};
 use crate::machine::{DeviceSpec, Machine, Role};
 use crate::report::{Progress, Status, Verification};
 use crate::stream::{
-    DeviceData, DeviceEnd, Digests, Hello, PAGE_BYTES, Pages as PagesRecord, Receiver, Record,
+    DeviceData, DeviceEnd, Digests, Hello, Kind, PAGE_BYTES, PageEntry, Receiver, Record,
     RecordReader, RecordWriter, State, StateDigest, page_digest,
 };
 use crate::transport::{Conn, Listener};
@@ -120,18 +120,51 @@ struct Pages<'a> {
 }
 
 impl Pages<'_> {
-    /// Writes a `Pages` record's pages into guest memory; `digests` are its pages' digests,
-    /// as the reader computed them checking the record.
-    fn apply(&self, record: &PagesRecord<'_>, digests: &[u64], expected_pass: u32) -> Result<()> {
-        let pass = record.pass;
+    /// Takes the next record of `reader` into `buf`: a `Pages` record's data straight into
+    /// guest memory where pages may come in the receiver's state, then applies it (its kind
+    /// is then `None`); any other record is left in `buf` and its kind returned.
+    fn receive(
+        &self,
+        reader: &mut RecordReader<Conn>,
+        receiver: &mut Receiver,
+        buf: &mut Vec<u8>,
+        pass: u32,
+    ) -> Result<Option<Kind>> {
+        if Receiver::next(receiver.state(), Kind::Pages).is_none() {
+            let kind = reader.read_into(buf)?;
+            receiver.step(kind)?;
+            return Ok(Some(kind));
+        }
+        let kind = reader.read_into_memory(buf, self.memory)?;
+        receiver.step(kind)?;
+        if kind != Kind::Pages {
+            return Ok(Some(kind));
+        }
+        let (record_pass, entries, _) = Record::decode_pages_head(buf)?;
+        self.apply_entries(record_pass, entries, None, reader.page_digests(), pass)?;
+        Ok(None)
+    }
+
+    /// Applies a `Pages` record's entries: zero pages are written here (when the page held
+    /// data before), and so are the others from `data`, or they are in memory already (`None`:
+    /// read there by [`RecordReader::read_into_memory`]).
+    fn apply_entries(
+        &self,
+        pass: u32,
+        entries: &[PageEntry],
+        data: Option<&[u8]>,
+        digests: &[u64],
+        expected_pass: u32,
+    ) -> Result<()> {
         if pass != expected_pass {
             return Err(MigrationError::Stream(format!(
                 "pages of pass {pass} arrived during pass {expected_pass}: the stream is reordered"
             )));
         }
-        let count = record.entries.len();
-        let mut data = record.data.chunks_exact(PAGE_BYTES).zip(digests);
-        for entry in record.entries {
+        let count = entries.len();
+        let mut digests = digests.iter();
+        let mut data = data.map(|d| d.chunks_exact(PAGE_BYTES));
+        for entry in entries {
             let page = entry.page();
             let gpa = page.guest_address().raw();
             let slot = usize::try_from(page.0)
@@ -153,22 +186,27 @@ impl Pages<'_> {
             } else {
                 // The decoder checked that the data is one page for each non-zero entry, and
                 // the reader computed one digest for each page.
-                let (bytes, digest) = data.next().ok_or_else(|| {
+                let fewer = || {
                     MigrationError::Stream(format!(
                         "Pages record lists {count} pages but carries data for fewer"
                     ))
-                })?;
-                self.memory
-                    .write(GuestAddress(gpa), bytes)
-                    .map_err(|source| MigrationError::Memory {
-                        what: format!("page {:#x}", page.0),
-                        source,
-                    })?;
+                };
+                let digest = digests.next().ok_or_else(fewer)?;
+                if let Some(data) = data.as_mut() {
+                    let bytes = data.next().ok_or_else(fewer)?;
+                    self.memory
+                        .write(GuestAddress(gpa), bytes)
+                        .map_err(|source| MigrationError::Memory {
+                            what: format!("page {:#x}", page.0),
+                            source,
+                        })?;
+                }
                 let _ = self.written.set(page.0);
                 slot.store(*digest, Ordering::Relaxed);
             }
         }
-        let bytes = 8 + record.entries.len() * 8 + record.data.len();
+        let with_data = entries.iter().filter(|e| !e.is_zero()).count();
+        let bytes = 8 + count * 8 + with_data * PAGE_BYTES;
         self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         Ok(())
     }
@@ -479,10 +517,10 @@ fn receive_pages(
     let mut buf = Vec::new();
     let mut pass = 0u32;
     loop {
-        let kind = reader.read_into(&mut buf)?;
-        receiver.step(kind)?;
+        let Some(kind) = pages.receive(&mut reader, &mut receiver, &mut buf, pass)? else {
+            continue;
+        };
         match Record::decode(kind, &buf)? {
-            Record::Pages(record) => pages.apply(&record, reader.page_digests(), pass)?,
             Record::PassEnd { pass: ended } => {
                 end_pass(ended, pass)?;
                 barrier.wait(pass, channels)?;
@@ -540,9 +578,8 @@ fn main_loop(
     let ram_pages = machine.vm.memory().layout().ram() / PAGE_SIZE;
     let mut last_update = Instant::now();
     loop {
-        let kind = reader.read_into(&mut buf)?;
         let state = receiver.state();
-        receiver.step(kind)?;
+        let kind = pages.receive(reader, receiver, &mut buf, pass)?;
         if last_update.elapsed() > Duration::from_millis(100) {
             last_update = Instant::now();
             let bytes = pages.bytes.load(Ordering::Relaxed);
@@ -551,8 +588,10 @@ fn main_loop(
                 r.passes = u64::from(pass);
             });
         }
+        let Some(kind) = kind else {
+            continue;
+        };
         match Record::decode(kind, &buf)? {
-            Record::Pages(record) => pages.apply(&record, reader.page_digests(), pass)?,
             Record::PassEnd { pass: ended } => {
                 end_pass(ended, pass)?;
                 barrier.wait(pass, channels)?;

@@ -161,6 +161,63 @@ impl HostMemory {
 }
 
 impl HostMemory {
+    /// Reads from `fd` until each of `ranges` (offset, length), in order, is filled, straight
+    /// into the mapping: one `readv` for many ranges, and no copy through a buffer. Fails
+    /// (with the ranges partly filled) when `fd` ends or fails first.
+    pub fn read_exact_from(&self, fd: BorrowedFd<'_>, ranges: &[(usize, usize)]) -> io::Result<()> {
+        if !self.writable {
+            return Err(io::Error::from_raw_os_error(libc::EPERM));
+        }
+        for &(offset, len) in ranges {
+            self.check(offset, len)?;
+        }
+        let mut iovecs: Vec<libc::iovec> = ranges
+            .iter()
+            .filter(|&&(_, len)| len > 0)
+            .map(|&(offset, len)| libc::iovec {
+                // Inside the mapping (checked above); only the kernel writes through it.
+                iov_base: self.ptr.as_ptr().wrapping_add(offset).cast(),
+                iov_len: len,
+            })
+            .collect();
+        let mut first = 0;
+        while first < iovecs.len() {
+            let count = (iovecs.len() - first).min(1024);
+            // SAFETY: every iovec lies inside this writable mapping, which stays mapped while
+            // `self` lives, and no Rust reference points into it: the kernel's copy is the
+            // only access, as with `write`.
+            let got = unsafe {
+                libc::readv(
+                    fd.as_raw_fd(),
+                    iovecs[first..].as_ptr(),
+                    libc::c_int::try_from(count).unwrap_or(1024),
+                )
+            };
+            let mut got = match usize::try_from(got) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(got) => got,
+                Err(_) => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(e);
+                }
+            };
+            while got > 0 {
+                let iov = &mut iovecs[first];
+                let taken = got.min(iov.iov_len);
+                iov.iov_base = iov.iov_base.cast::<u8>().wrapping_add(taken).cast();
+                iov.iov_len -= taken;
+                got -= taken;
+                if iov.iov_len == 0 {
+                    first += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Stores `value` at the 8-byte aligned `offset` as one atomic store (release), so a
     /// party reading the word while it runs (a guest polling a device's status) never sees it
     /// torn.

@@ -8,7 +8,12 @@ use xxhash_rust::xxh3::Xxh3;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use super::record::Payload;
+use std::os::fd::AsFd;
+
+use vmig_kvm::GuestMemory;
+use vmig_primitives::PageNumber;
+
+use super::record::{Payload, pages_data_mismatch};
 use super::{HEADER_SIZE, Kind, MAX_RECORD, PAGE_BYTES, Record, page_digest};
 use crate::error::{MigrationError, Result, io_error};
 use crate::transport::Conn;
@@ -222,7 +227,7 @@ impl RecordReader<Conn> {
                 "{}: reading record {} (the peer closed)",
                 self.what, self.sequence
             ))(io::ErrorKind::UnexpectedEof.into())),
-            Ok(_) => self.read_rest(1, header, buf).map(Some),
+            Ok(_) => self.read_rest(1, header, buf, None).map(Some),
             Err(e)
                 if matches!(
                     e.kind(),
@@ -245,6 +250,10 @@ pub struct RawRecord {
     pub payload: Vec<u8>,
 }
 
+/// Reads a `Pages` record's data (whole pages, in the order of the given page numbers) from
+/// the connection into guest RAM, and pushes each page's digest.
+type PageLoader<'a, R> = dyn Fn(&mut R, &[u64], &mut Vec<u64>) -> io::Result<()> + 'a;
+
 /// Reads records from one connection (one direction), checking sequence and checksum.
 #[derive(Debug)]
 pub struct RecordReader<R: Read> {
@@ -253,6 +262,8 @@ pub struct RecordReader<R: Read> {
     bytes: u64,
     what: String,
     page_digests: Vec<u64>,
+    /// The pages with data of the last `Pages` record read into guest RAM.
+    data_pages: Vec<u64>,
 }
 
 impl<R: Read> RecordReader<R> {
@@ -264,6 +275,7 @@ impl<R: Read> RecordReader<R> {
             bytes: 0,
             what: what.into(),
             page_digests: Vec::new(),
+            data_pages: Vec::new(),
         }
     }
 
@@ -274,53 +286,49 @@ impl<R: Read> RecordReader<R> {
 
     /// Reads the next record into `buf` (reused across calls), returning its kind.
     pub fn read_into(&mut self, buf: &mut Vec<u8>) -> Result<Kind> {
-        self.read_rest(0, [0u8; HEADER_SIZE], buf)
+        self.read_rest(0, [0u8; HEADER_SIZE], buf, None)
     }
 
     /// As [`Self::read_into`], with the header's first `have` bytes already in `header`.
+    /// With `load`, a `Pages` record's data is not read into `buf` but handed to it.
     fn read_rest(
         &mut self,
         have: usize,
         mut header: [u8; HEADER_SIZE],
         buf: &mut Vec<u8>,
+        load: Option<&PageLoader<'_, R>>,
     ) -> Result<Kind> {
-        self.inner.read_exact(&mut header[have..]).map_err(|e| {
-            let what = format!(
-                "{}: reading record {} (the peer closed or the stream is truncated)",
-                self.what, self.sequence
-            );
-            io_error(what)(e)
-        })?;
-        let head = RecordHead::read_from_bytes(&header)
-            .map_err(|_| MigrationError::Stream(format!("{}: a short header", self.what)))?;
-        let raw_kind = head.kind.get();
-        let flags = head.flags.get();
-        let length = head.length.get();
-        let sequence = head.sequence.get();
-        let bad = |why: String| MigrationError::Stream(format!("{}: {why}", self.what));
-        if sequence != self.sequence {
-            return Err(bad(format!(
-                "record with sequence {sequence} where {} was expected: records were lost, repeated or reordered",
-                self.sequence
-            )));
+        let (head, size) = self.read_head(have, &mut header)?;
+        let pages = head.kind.get() == Kind::Pages as u16;
+        if let (true, Some(load)) = (pages, load) {
+            self.read_payload(&head, 0, size.min(8), buf)?;
+            let prefix = entries_len(buf).unwrap_or(size).min(size);
+            self.read_payload(&head, buf.len(), prefix, buf)?;
+            let (_, entries, _) = Record::decode_pages_head(buf)?;
+            self.data_pages.clear();
+            self.data_pages
+                .extend(entries.iter().filter(|e| !e.is_zero()).map(|e| e.page().0));
+            if self.data_pages.len().checked_mul(PAGE_BYTES) != Some(size - prefix) {
+                return Err(pages_data_mismatch(self.data_pages.len(), size - prefix));
+            }
+            self.page_digests.clear();
+            load(&mut self.inner, &self.data_pages, &mut self.page_digests).map_err(|e| {
+                if e.kind() == io::ErrorKind::InvalidInput {
+                    self.bad(format!("record {}: {e}", head.sequence.get()))
+                } else {
+                    io_error(format!(
+                        "{}: reading the {} bytes of record {} into guest RAM (the stream is truncated)",
+                        self.what,
+                        head.length.get(),
+                        head.sequence.get()
+                    ))(e)
+                }
+            })?;
+            let intact = checksum(&header, &[buf], &self.page_digests) == head.checksum.get();
+            return self.accept(&head, intact);
         }
-        let size = usize::try_from(length)
-            .ok()
-            .filter(|_| length <= MAX_RECORD);
-        let (0, Some(size)) = (flags, size) else {
-            return Err(bad(format!(
-                "record {sequence} has flags {flags:#x} and length {length}: expected flags 0 and at most {MAX_RECORD} bytes"
-            )));
-        };
-        buf.clear();
-        buf.resize(size, 0);
-        self.inner.read_exact(buf).map_err(|e| {
-            io_error(format!(
-                "{}: reading the {length} bytes of record {sequence} (the stream is truncated)",
-                self.what
-            ))(e)
-        })?;
-        let intact = if raw_kind == Kind::Pages as u16 {
+        self.read_payload(&head, 0, size, buf)?;
+        let intact = if pages {
             self.page_digests.clear();
             split_pages(buf).is_some_and(|(entries, data)| {
                 self.page_digests
@@ -330,13 +338,82 @@ impl<R: Read> RecordReader<R> {
         } else {
             checksum(&header, &[buf], &[]) == head.checksum.get()
         };
+        self.accept(&head, intact)
+    }
+
+    /// Reads the rest of a header and checks its sequence, flags and length; returns it and
+    /// the payload's size.
+    fn read_head(
+        &mut self,
+        have: usize,
+        header: &mut [u8; HEADER_SIZE],
+    ) -> Result<(RecordHead, usize)> {
+        self.inner.read_exact(&mut header[have..]).map_err(|e| {
+            let what = format!(
+                "{}: reading record {} (the peer closed or the stream is truncated)",
+                self.what, self.sequence
+            );
+            io_error(what)(e)
+        })?;
+        let head = RecordHead::read_from_bytes(&header[..])
+            .map_err(|_| MigrationError::Stream(format!("{}: a short header", self.what)))?;
+        let flags = head.flags.get();
+        let length = head.length.get();
+        let sequence = head.sequence.get();
+        if sequence != self.sequence {
+            return Err(self.bad(format!(
+                "record with sequence {sequence} where {} was expected: records were lost, repeated or reordered",
+                self.sequence
+            )));
+        }
+        let size = usize::try_from(length)
+            .ok()
+            .filter(|_| length <= MAX_RECORD);
+        let (0, Some(size)) = (flags, size) else {
+            return Err(self.bad(format!(
+                "record {sequence} has flags {flags:#x} and length {length}: expected flags 0 and at most {MAX_RECORD} bytes"
+            )));
+        };
+        Ok((head, size))
+    }
+
+    /// Reads the payload's bytes `from..to` into `buf`, which holds the ones before.
+    fn read_payload(
+        &mut self,
+        head: &RecordHead,
+        from: usize,
+        to: usize,
+        buf: &mut Vec<u8>,
+    ) -> Result<()> {
+        buf.truncate(from);
+        buf.resize(to, 0);
+        self.inner.read_exact(&mut buf[from..]).map_err(|e| {
+            io_error(format!(
+                "{}: reading the {} bytes of record {} (the stream is truncated)",
+                self.what,
+                head.length.get(),
+                head.sequence.get()
+            ))(e)
+        })
+    }
+
+    /// A stream error naming the connection.
+    fn bad(&self, why: String) -> MigrationError {
+        MigrationError::Stream(format!("{}: {why}", self.what))
+    }
+
+    /// Takes a record whose payload was read: refuses it if it failed its checksum or has an
+    /// unknown kind, else counts it.
+    fn accept(&mut self, head: &RecordHead, intact: bool) -> Result<Kind> {
+        let (raw_kind, length, sequence) =
+            (head.kind.get(), head.length.get(), head.sequence.get());
         if !intact {
-            return Err(bad(format!(
+            return Err(self.bad(format!(
                 "record {sequence} (kind {raw_kind}, {length} bytes) fails its checksum: the stream is corrupted"
             )));
         }
         let kind = Kind::from_u16(raw_kind).ok_or_else(|| {
-            bad(format!(
+            self.bad(format!(
                 "record {sequence} has unknown kind {raw_kind}: expected 1 to {}",
                 Kind::ALL[Kind::ALL.len() - 1] as u16
             ))
@@ -406,6 +483,35 @@ impl<R: Read> RecordReader<R> {
     /// The underlying reader.
     pub fn get_ref(&self) -> &R {
         &self.inner
+    }
+}
+
+impl RecordReader<Conn> {
+    /// As [`Self::read_into`], except that a `Pages` record's data goes from the connection
+    /// straight into `memory` at its pages' addresses, with no copy through `buf`, which then
+    /// holds its pass, count and entries only ([`Record::decode_pages_head`]). Every page is
+    /// checked to be guest RAM before any is read, and the record's checksum is taken over the
+    /// pages in `memory`: a record that fails it leaves them written, which a destination can
+    /// afford, as it discards the VM when its stream fails.
+    pub fn read_into_memory(&mut self, buf: &mut Vec<u8>, memory: &GuestMemory) -> Result<Kind> {
+        let load = |conn: &mut Conn, pages: &[u64], digests: &mut Vec<u64>| -> io::Result<()> {
+            memory
+                .read_pages_from(conn.as_fd(), pages)
+                .map_err(|e| match e {
+                    vmig_kvm::KvmError::Io(e) => e,
+                    // A page outside guest RAM.
+                    e => io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
+                })?;
+            let mut page = [0u8; PAGE_BYTES];
+            for &number in pages {
+                memory
+                    .read(PageNumber(number).guest_address(), &mut page)
+                    .map_err(io::Error::other)?;
+                digests.push(page_digest(&page));
+            }
+            Ok(())
+        };
+        self.read_rest(0, [0u8; HEADER_SIZE], buf, Some(&load))
     }
 }
 
@@ -764,5 +870,113 @@ mod tests {
                 )
             );
         }
+    }
+
+    /// A `Pages` record whose pages go from the socket straight into guest RAM.
+    fn pages_into_memory(
+        entries: &[u64],
+        data: &[u8],
+        damage: impl FnOnce(&mut Vec<u8>),
+    ) -> (Result<Kind>, Vec<u8>, GuestMemory) {
+        let layout = vmig_kvm::memory::MemoryLayout::new(16 << 20, 2 << 20).unwrap();
+        let memory = GuestMemory::new(&layout).unwrap();
+        let mut head = Vec::new();
+        head.extend_from_slice(&3u32.to_le_bytes());
+        head.extend_from_slice(&u32::try_from(entries.len()).unwrap().to_le_bytes());
+        for e in entries {
+            head.extend_from_slice(&e.to_le_bytes());
+        }
+        let mut w = RecordWriter::new(Vec::new());
+        w.write(Kind::Pages, &[&head, data]).unwrap();
+        let mut bytes = w.inner;
+        damage(&mut bytes);
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        std::io::Write::write_all(&mut theirs, &bytes).unwrap();
+        drop(theirs);
+        let mut r = RecordReader::new(Conn::Unix(ours), "t");
+        let mut buf = Vec::new();
+        let got = r.read_into_memory(&mut buf, &memory);
+        if got.is_ok() {
+            assert_eq!(r.page_digests().len(), data.len() / PAGE_BYTES);
+        }
+        (got, buf, memory)
+    }
+
+    fn page_at(memory: &GuestMemory, page: u64) -> Vec<u8> {
+        let mut bytes = vec![0u8; PAGE_BYTES];
+        memory
+            .read(PageNumber(page).guest_address(), &mut bytes)
+            .unwrap();
+        bytes
+    }
+
+    /// The destination's way of reading pages: their data lands at their pages in guest RAM
+    /// (two neighbours and one apart, around a zero page that is not touched), the buffer holds
+    /// the pass, count and entries, and the checksum is taken over the pages in RAM, so a bit
+    /// flipped on the way is caught. A page outside RAM is refused before anything is read, a
+    /// cut record is the truncation it is, and data that is not one page per entry is refused.
+    #[test]
+    fn a_pages_record_is_read_straight_into_guest_ram_and_checked_there() {
+        let (a, b, c) = (0x300u64, 0x301u64, 0x380u64);
+        let data: Vec<u8> = [
+            crate::stream::record::tests::page(),
+            vec![0xab; PAGE_BYTES],
+            vec![7; PAGE_BYTES],
+        ]
+        .concat();
+        let entries = [a, b, 0x302 | ZERO_PAGE, c];
+        let (kind, buf, memory) = pages_into_memory(&entries, &data, |_| {});
+        assert_eq!(kind.unwrap(), Kind::Pages);
+        let (pass, decoded, rest) = Record::decode_pages_head(&buf).unwrap();
+        assert_eq!((pass, decoded.len(), rest.len()), (3, 4, 0));
+        for (page, bytes) in [a, b, c].into_iter().zip(data.chunks(PAGE_BYTES)) {
+            assert_eq!(page_at(&memory, page), bytes);
+        }
+        assert_eq!(page_at(&memory, 0x302), vec![0u8; PAGE_BYTES]);
+
+        let flip = |bytes: &mut Vec<u8>| {
+            let last = bytes.len() - 100;
+            bytes[last] ^= 4;
+        };
+        let err = pages_into_memory(&entries, &data, flip)
+            .0
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("record 0 (kind 3, 12328 bytes) fails its checksum"),
+            "{err}"
+        );
+
+        let beyond = [a, 1 << 30];
+        let err = pages_into_memory(&beyond, &data[..2 * PAGE_BYTES], |_| {})
+            .0
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "migration stream: t: record 0: page 0x40000000 is beyond guest RAM"
+        );
+
+        let cut = |bytes: &mut Vec<u8>| bytes.truncate(bytes.len() - 10);
+        let (got, _, memory) = pages_into_memory(&entries, &data, cut);
+        let err = got.unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "t: reading the 12328 bytes of record 0 into guest RAM (the stream is truncated)"
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            page_at(&memory, a),
+            data[..PAGE_BYTES],
+            "the pages before the cut are in"
+        );
+
+        let err = pages_into_memory(&[a, b, c], &data[..2 * PAGE_BYTES], |_| {})
+            .0
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "migration stream: a Pages record lists 3 non-zero pages and carries 8192 bytes of data: expected 4096 bytes for each"
+        );
     }
 }

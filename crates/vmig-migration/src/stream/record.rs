@@ -348,6 +348,14 @@ fn refuse(kind: Kind, expected: &str, got: usize) -> MigrationError {
     ))
 }
 
+/// The refusal of a `Pages` record whose data is not one page for each of its
+/// `with_data` non-zero entries.
+pub(super) fn pages_data_mismatch(with_data: usize, data: usize) -> MigrationError {
+    MigrationError::Stream(format!(
+        "a Pages record lists {with_data} non-zero pages and carries {data} bytes of data: expected {PAGE_BYTES} bytes for each"
+    ))
+}
+
 /// The fixed head `H` at the start of `payload`, and the rest.
 fn head<'a, H>(kind: Kind, payload: &'a [u8], layout: &str) -> Result<(&'a H, &'a [u8])>
 where
@@ -501,6 +509,22 @@ impl<'a> Record<'a> {
         })
     }
 
+    /// The pass and entries at the start of a `Pages` payload, and what follows them (the
+    /// pages' data, unchecked): [`Self::decode`]'s first step, and all of it for a payload
+    /// whose data was read elsewhere (straight into guest RAM).
+    pub fn decode_pages_head(payload: &'a [u8]) -> Result<(u32, &'a [PageEntry], &'a [u8])> {
+        let kind = Kind::Pages;
+        let (h, rest) = head::<PagesHead>(kind, payload, "pass u32, count u32")?;
+        let count = usize::try_from(h.count.get()).unwrap_or(usize::MAX);
+        let (entries, data) =
+            <[PageEntry]>::ref_from_prefix_with_elems(rest, count).map_err(|_| {
+                let expected =
+                    format!("8 bytes of head and 8 bytes for each of its {count} entries");
+                refuse(kind, &expected, payload.len())
+            })?;
+        Ok((h.pass.get(), entries, data))
+    }
+
     /// Decodes the payload of a record of `kind` (the one decoder of every kind): a payload
     /// that is short, long, or has a reserved bit set is refused, saying what was expected.
     pub fn decode(kind: Kind, payload: &'a [u8]) -> Result<Self> {
@@ -525,23 +549,13 @@ impl<'a> Record<'a> {
                 "the destination's Result record is not valid JSON",
             )?))),
             Kind::Pages => {
-                let (h, rest) = head::<PagesHead>(kind, payload, "pass u32, count u32")?;
-                let count = usize::try_from(h.count.get()).unwrap_or(usize::MAX);
-                let (entries, data) = <[PageEntry]>::ref_from_prefix_with_elems(rest, count)
-                    .map_err(|_| {
-                        let expected =
-                            format!("8 bytes of head and 8 bytes for each of its {count} entries");
-                        refuse(kind, &expected, payload.len())
-                    })?;
+                let (pass, entries, data) = Self::decode_pages_head(payload)?;
                 let with_data = entries.iter().filter(|e| !e.is_zero()).count();
                 if with_data.checked_mul(PAGE_BYTES) != Some(data.len()) {
-                    return Err(MigrationError::Stream(format!(
-                        "a Pages record lists {with_data} non-zero pages and carries {} bytes of data: expected {PAGE_BYTES} bytes for each",
-                        data.len()
-                    )));
+                    return Err(pages_data_mismatch(with_data, data.len()));
                 }
                 Ok(Record::Pages(Pages {
-                    pass: h.pass.get(),
+                    pass,
                     entries,
                     data,
                 }))
