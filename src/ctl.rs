@@ -162,7 +162,9 @@ pub fn follow_migration(
         let done = if ram.total == 0 {
             0
         } else {
-            (ram.normal_pages + ram.zero_pages) * vmig_primitives::PAGE_SIZE * 100
+            (ram.normal_pages + ram.zero_pages + ram.sparse_pages)
+                * vmig_primitives::PAGE_SIZE
+                * 100
                 / ram.total.max(1)
         };
         bar.set_position(done.min(100));
@@ -213,10 +215,11 @@ pub fn print_summary(report: &MigrationReport) {
     println!("passes        {}", report.passes);
     let ram = &report.ram;
     println!(
-        "ram           {} sent of {} ({} pages with data, {} zero pages), {:.0} Mbit/s",
+        "ram           {} sent of {} ({} pages with data, {} sparse, {} zero pages), {:.0} Mbit/s",
         mib(ram.transferred),
         mib(ram.total),
         ram.normal_pages,
+        ram.sparse_pages,
         ram.zero_pages,
         ram.mbps
     );

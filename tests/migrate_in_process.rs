@@ -332,7 +332,7 @@ fn assert_every_source_reported(report: &MigrationReport, cpu_mode: &str) {
 
 /// More pages were sent than the guest has: pages dirtied after they were sent went again.
 fn assert_pages_were_sent_again(report: &MigrationReport, ram: u64) {
-    let sent = report.ram.normal_pages + report.ram.zero_pages;
+    let sent = report.ram.normal_pages + report.ram.zero_pages + report.ram.sparse_pages;
     assert!(
         sent > ram / 4096,
         "{} passes sent {sent} pages of {}: {report:#?}",
@@ -532,7 +532,7 @@ fn a_corrupted_stream_is_refused_and_the_source_goes_on() {
     require_kvm!();
     failed_migration_leaves_a_healthy_source(
         "corrupt",
-        Fault::FlipAt(3 << 20),
+        Fault::FlipAt(400 << 10),
         "corrupted",
         "fails its checksum",
     );
@@ -543,7 +543,7 @@ fn a_destination_that_dies_during_precopy_leaves_the_source_running() {
     require_kvm!();
     failed_migration_leaves_a_healthy_source(
         "dest-dies",
-        Fault::CloseAt(5 << 20),
+        Fault::CloseAt(600 << 10),
         // The proxy shut the socket down: the source's next write gets EPIPE (a page
         // sender's, or the main thread's when it ends the pass first).
         "Broken pipe",

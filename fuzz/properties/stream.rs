@@ -295,10 +295,24 @@ fn typical(writer: &mut RecordWriter<Vec<u8>>, kind: Kind, script: &mut Script<'
         Kind::Pages => {
             let count = script.below(4);
             let entries: Vec<PageEntry> = (0..count)
-                .map(|_| PageEntry::new(PageNumber(u64::from(script.u16())), script.flag()))
+                .map(|_| {
+                    let page = PageNumber(u64::from(script.u16()));
+                    match script.byte() % 3 {
+                        0 => PageEntry::new(page, true),
+                        1 => PageEntry::sparse(page),
+                        _ => PageEntry::new(page, false),
+                    }
+                })
                 .collect();
-            let pages = entries.iter().filter(|e| !e.is_zero()).count();
+            let pages = entries.iter().filter(|e| e.is_whole()).count();
             let data = data.repeat(pages);
+            // One word for each sparse page: count 1, index below 512, a value.
+            let mut sparse = Vec::new();
+            for _ in entries.iter().filter(|e| e.is_sparse()) {
+                sparse.extend_from_slice(&1u16.to_le_bytes());
+                sparse.extend_from_slice(&(script.u16() % 512).to_le_bytes());
+                sparse.extend_from_slice(&u64::from(script.u16()).to_le_bytes());
+            }
             let pass = u32::from(script.byte() % 4);
             send(
                 writer,
@@ -306,6 +320,7 @@ fn typical(writer: &mut RecordWriter<Vec<u8>>, kind: Kind, script: &mut Script<'
                     pass,
                     entries: &entries,
                     data: &data,
+                    sparse: &sparse,
                 }),
             );
         }

@@ -145,6 +145,7 @@ pub fn to_query_migrate(report: &MigrationReport) -> Value {
             "total": ram.total,
             "duplicate": ram.zero_pages,
             "normal": ram.normal_pages,
+            "x-vmig-sparse": ram.sparse_pages,
             "normal-bytes": ram.normal_pages * 4096,
             "dirty-pages-rate": ram.dirty_pages_rate,
             "mbps": ram.mbps,
@@ -230,6 +231,7 @@ pub fn from_query_migrate(info: &Value) -> Result<MigrationReport, String> {
     report.ram.total = number(&["ram", "total"]);
     report.ram.zero_pages = number(&["ram", "duplicate"]);
     report.ram.normal_pages = number(&["ram", "normal"]);
+    report.ram.sparse_pages = number(&["ram", "x-vmig-sparse"]);
     report.ram.dirty_pages_rate = number(&["ram", "dirty-pages-rate"]);
     report.ram.mbps = field(info, &["ram", "mbps"])
         .and_then(Value::as_f64)
@@ -261,6 +263,7 @@ mod tests {
                 remaining: 4096,
                 zero_pages: 15000,
                 normal_pages: 1384,
+                sparse_pages: 250,
                 dirty_pages_rate: 900,
                 mbps: 812.5,
                 bandwidth_mbps: 930.25,

@@ -20,7 +20,7 @@ use crate::machine::{DeviceSpec, Machine, Role};
 use crate::report::{Progress, Status, Verification};
 use crate::stream::{
     DeviceData, DeviceEnd, Digests, Hello, Kind, PAGE_BYTES, PageEntry, Receiver, Record,
-    RecordReader, RecordWriter, State, StateDigest, page_digest,
+    RecordReader, RecordWriter, SparseWord, State, StateDigest, page_digest, sparse_words,
 };
 use crate::transport::{Conn, Listener};
 
@@ -140,19 +140,25 @@ impl Pages<'_> {
         if kind != Kind::Pages {
             return Ok(Some(kind));
         }
-        let (record_pass, entries, _) = Record::decode_pages_head(buf)?;
-        self.apply_entries(record_pass, entries, None, reader.page_digests(), pass)?;
+        let (record_pass, entries, section) = Record::decode_pages_head(buf)?;
+        let sparse = sparse_words(section, entries.iter().filter(|e| e.is_sparse()).count())?;
+        self.apply_entries(record_pass, entries, &sparse, reader.page_digests(), pass)?;
+        self.bytes.fetch_add(
+            (buf.len() + reader.page_digests().len() * PAGE_BYTES) as u64,
+            Ordering::Relaxed,
+        );
         Ok(None)
     }
 
-    /// Applies a `Pages` record's entries: zero pages are written here (when the page held
-    /// data before), and so are the others from `data`, or they are in memory already (`None`:
-    /// read there by [`RecordReader::read_into_memory`]).
+    /// Applies a `Pages` record's entries, whose whole pages are in memory already (read
+    /// there by [`RecordReader::read_into_memory`], their digests `digests`): zero pages are
+    /// written here when the page held data before, and sparse pages from their `sparse`
+    /// words (only the words, on a page never written: guest RAM starts zero).
     fn apply_entries(
         &self,
         pass: u32,
         entries: &[PageEntry],
-        data: Option<&[u8]>,
+        sparse: &[&[SparseWord]],
         digests: &[u64],
         expected_pass: u32,
     ) -> Result<()> {
@@ -162,52 +168,64 @@ impl Pages<'_> {
             )));
         }
         let count = entries.len();
+        // The reader computed one digest for each whole page, the decoder checked that the
+        // sparse section has words for each sparse one.
+        let fewer = || {
+            MigrationError::Stream(format!(
+                "Pages record lists {count} pages but carries data for fewer"
+            ))
+        };
         let mut digests = digests.iter();
-        let mut data = data.map(|d| d.chunks_exact(PAGE_BYTES));
+        let mut sparse = sparse.iter();
         for entry in entries {
             let page = entry.page();
-            let gpa = page.guest_address().raw();
+            let gpa = page.guest_address();
             let slot = usize::try_from(page.0)
                 .ok()
                 .and_then(|index| self.digests.get(index))
                 .ok_or_else(|| {
                     MigrationError::Stream(format!("page {:#x} is beyond guest RAM", page.0))
                 })?;
-            if entry.is_zero() {
-                if self.written.test(page.0).unwrap_or(false) {
-                    self.memory
-                        .write(GuestAddress(gpa), &[0u8; PAGE_BYTES])
-                        .map_err(|source| MigrationError::Memory {
-                            what: format!("zero page {:#x}", page.0),
-                            source,
-                        })?;
+            let written = self.written.test(page.0).unwrap_or(false);
+            let write = |at: GuestAddress, bytes: &[u8]| {
+                self.memory
+                    .write(at, bytes)
+                    .map_err(|source| MigrationError::Memory {
+                        what: format!("page {:#x}", page.0),
+                        source,
+                    })
+            };
+            let digest = if entry.is_zero() {
+                if written {
+                    write(gpa, &[0u8; PAGE_BYTES])?;
                 }
-                slot.store(self.zero_digest, Ordering::Relaxed);
-            } else {
-                // The decoder checked that the data is one page for each non-zero entry, and
-                // the reader computed one digest for each page.
-                let fewer = || {
-                    MigrationError::Stream(format!(
-                        "Pages record lists {count} pages but carries data for fewer"
-                    ))
-                };
-                let digest = digests.next().ok_or_else(fewer)?;
-                if let Some(data) = data.as_mut() {
-                    let bytes = data.next().ok_or_else(fewer)?;
-                    self.memory
-                        .write(GuestAddress(gpa), bytes)
-                        .map_err(|source| MigrationError::Memory {
-                            what: format!("page {:#x}", page.0),
-                            source,
-                        })?;
+                self.zero_digest
+            } else if entry.is_sparse() {
+                let words = sparse.next().ok_or_else(fewer)?;
+                let mut bytes = [0u8; PAGE_BYTES];
+                for word in *words {
+                    let at = usize::from(word.index.get()) * 8;
+                    bytes[at..at + 8].copy_from_slice(&word.value.get().to_le_bytes());
+                }
+                if written {
+                    write(gpa, &bytes)?;
+                } else {
+                    for word in *words {
+                        let at = u64::from(word.index.get()) * 8;
+                        write(
+                            GuestAddress(gpa.raw() + at),
+                            &word.value.get().to_le_bytes(),
+                        )?;
+                    }
                 }
                 let _ = self.written.set(page.0);
-                slot.store(*digest, Ordering::Relaxed);
-            }
+                page_digest(&bytes)
+            } else {
+                let _ = self.written.set(page.0);
+                *digests.next().ok_or_else(fewer)?
+            };
+            slot.store(digest, Ordering::Relaxed);
         }
-        let with_data = entries.iter().filter(|e| !e.is_zero()).count();
-        let bytes = 8 + count * 8 + with_data * PAGE_BYTES;
-        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         Ok(())
     }
 }

@@ -1,5 +1,6 @@
 //! The source's page senders: one thread per connection takes batches of page numbers from a
-//! shared queue, reads the pages, marks zero pages, and writes `Pages` records; a shared token
+//! shared queue, reads the pages, marks zero pages, sends sparse ones (a few non-zero words)
+//! as their words, and writes `Pages` records; a shared token
 //! bucket keeps them under the bandwidth limit. As they send they keep each page's digest
 //! ([`SentDigests`]): what the destination holds, unless the page changed without being
 //! reported dirty.
@@ -15,7 +16,7 @@ use vmig_kvm::{GuestMemory, PAGE_SIZE};
 use vmig_primitives::{GuestAddress, PageNumber};
 
 use crate::error::{MigrationError, Result};
-use crate::stream::{PAGE_BYTES, PageEntry, Pages, Record, RecordWriter};
+use crate::stream::{PAGE_BYTES, PageEntry, Pages, Record, RecordWriter, SPARSE_MAX_WORDS};
 use crate::transport::Conn;
 
 /// Pages per `Pages` record.
@@ -38,6 +39,8 @@ pub struct PageCounters {
     pub zero: AtomicU64,
     /// Pages sent with data.
     pub normal: AtomicU64,
+    /// Pages sent as their non-zero words.
+    pub sparse: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -264,9 +267,12 @@ impl PagePool {
 
     /// A sender thread's body: writes batches to `writer` until the pool closes.
     pub fn run_sender(&self, memory: &GuestMemory, writer: &SharedWriter, channel: usize) {
-        let mut entries: Vec<PageEntry> = Vec::with_capacity(BATCH_PAGES);
-        let mut digests: Vec<u64> = Vec::with_capacity(BATCH_PAGES);
-        let mut data = vec![0u8; BATCH_PAGES * PAGE_BYTES];
+        let mut batch = Batch {
+            entries: Vec::with_capacity(BATCH_PAGES),
+            digests: Vec::with_capacity(BATCH_PAGES),
+            data: vec![0u8; BATCH_PAGES * PAGE_BYTES],
+            sparse: Vec::new(),
+        };
         loop {
             let (pass, pages) = {
                 let mut queue = self.queue();
@@ -285,14 +291,7 @@ impl PagePool {
                     queue = self.changed.wait(queue).unwrap_or_else(|e| e.into_inner());
                 }
             };
-            let result = self.send_batch(
-                memory,
-                writer,
-                pass,
-                &pages,
-                (&mut entries, &mut digests),
-                &mut data,
-            );
+            let result = self.send_batch(memory, writer, pass, &pages, &mut batch);
             let mut queue = self.queue();
             queue.in_flight -= 1;
             if let Err(e) = result {
@@ -310,52 +309,97 @@ impl PagePool {
         writer: &SharedWriter,
         pass: u32,
         pages: &[u64],
-        (entries, digests): (&mut Vec<PageEntry>, &mut Vec<u64>),
-        data: &mut [u8],
+        batch: &mut Batch,
     ) -> io::Result<()> {
+        let Batch {
+            entries,
+            digests,
+            data,
+            sparse,
+        } = batch;
         entries.clear();
         digests.clear();
+        sparse.clear();
         let mut filled = 0usize;
-        let mut zero = 0u64;
+        let (mut zero, mut sparse_pages) = (0u64, 0u64);
         for &page in pages {
+            let number = PageNumber(page);
             let slot = &mut data[filled..filled + PAGE_BYTES];
             memory
-                .read(PageNumber(page).guest_address(), slot)
+                .read(number.guest_address(), slot)
                 .map_err(io::Error::other)?;
-            let is_zero = is_zero(slot);
-            if is_zero {
+            // Digested here, just copied and still in cache; the copy is what goes out, so
+            // the guest writing the page meanwhile cannot make the two disagree.
+            let words = nonzero_words(slot);
+            let entry = if words == 0 {
                 zero += 1;
                 self.sent.record(page, self.sent.zero);
+                PageEntry::new(number, true)
+            } else if words <= SPARSE_MAX_WORDS {
+                sparse_pages += 1;
+                append_sparse(sparse, slot, words);
+                self.sent.record(page, crate::stream::page_digest(slot));
+                PageEntry::sparse(number)
             } else {
-                // Digested here, just copied and still in cache; the copy is what goes out,
-                // so the guest writing the page meanwhile cannot make the two disagree.
                 let digest = crate::stream::page_digest(slot);
                 digests.push(digest);
                 self.sent.record(page, digest);
                 filled += PAGE_BYTES;
-            }
-            entries.push(PageEntry::new(PageNumber(page), is_zero));
+                PageEntry::new(number, false)
+            };
+            entries.push(entry);
         }
-        let bytes = (8 + entries.len() * 8 + filled) as u64;
+        let bytes = (8 + entries.len() * 8 + filled + sparse.len()) as u64;
         self.limiter.take(bytes);
         let record = Record::Pages(Pages {
             pass,
             entries,
             data: &data[..filled],
+            sparse,
         });
         lock(writer).send_digested(&record, digests)?;
         let c = &self.counters;
         c.bytes
             .fetch_add(bytes + crate::stream::HEADER_SIZE as u64, Ordering::Relaxed);
         c.zero.fetch_add(zero, Ordering::Relaxed);
+        c.sparse.fetch_add(sparse_pages, Ordering::Relaxed);
         c.normal
-            .fetch_add(pages.len() as u64 - zero, Ordering::Relaxed);
+            .fetch_add(pages.len() as u64 - zero - sparse_pages, Ordering::Relaxed);
         Ok(())
     }
 }
 
-/// Whether a page is all zeros.
-pub fn is_zero(page: &[u8]) -> bool {
-    page.chunks_exact(16)
-        .all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0)
+/// A sender's buffers for one `Pages` record, reused.
+struct Batch {
+    entries: Vec<PageEntry>,
+    /// The digest of each whole page in `data`.
+    digests: Vec<u64>,
+    data: Vec<u8>,
+    sparse: Vec<u8>,
+}
+
+/// The number of non-zero 8-byte words of `page`, counted up to one more than a sparse page
+/// has.
+fn nonzero_words(page: &[u8]) -> usize {
+    let mut count = 0;
+    for word in page.chunks_exact(8) {
+        if word.iter().any(|&b| b != 0) {
+            count += 1;
+            if count > SPARSE_MAX_WORDS {
+                break;
+            }
+        }
+    }
+    count
+}
+
+/// Appends a sparse page of `words` non-zero words to a `Pages` record's sparse section.
+fn append_sparse(section: &mut Vec<u8>, page: &[u8], words: usize) {
+    section.extend_from_slice(&u16::try_from(words).unwrap_or(u16::MAX).to_le_bytes());
+    for (index, word) in page.chunks_exact(8).enumerate() {
+        if word.iter().any(|&b| b != 0) {
+            section.extend_from_slice(&u16::try_from(index).unwrap_or(u16::MAX).to_le_bytes());
+            section.extend_from_slice(word);
+        }
+    }
 }

@@ -155,6 +155,9 @@ pub struct RamStats {
     pub zero_pages: u64,
     /// Pages sent with their data.
     pub normal_pages: u64,
+    /// Sparse pages: sent as their few non-zero words.
+    #[serde(default)]
+    pub sparse_pages: u64,
     /// Pages the guest and devices dirtied per second, over the last pass.
     pub dirty_pages_rate: u64,
     /// Throughput of RAM so far, in megabits per second.

@@ -476,6 +476,7 @@ impl<'a> Source<'a> {
         self.progress.update(|r| {
             r.ram.transferred = bytes;
             r.ram.zero_pages = c.zero.load(Ordering::Relaxed);
+            r.ram.sparse_pages = c.sparse.load(Ordering::Relaxed);
             r.ram.normal_pages = c.normal.load(Ordering::Relaxed);
             r.ram.mbps = bytes as f64 * 8.0 / 1000.0 / elapsed as f64;
         });

@@ -14,7 +14,7 @@ use vmig_kvm::GuestMemory;
 use vmig_primitives::PageNumber;
 
 use super::record::{Payload, pages_data_mismatch};
-use super::{HEADER_SIZE, Kind, MAX_RECORD, PAGE_BYTES, Record, page_digest};
+use super::{HEADER_SIZE, Kind, MAX_RECORD, PAGE_BYTES, PageEntry, Record, page_digest};
 use crate::error::{MigrationError, Result, io_error};
 use crate::transport::Conn;
 
@@ -46,13 +46,18 @@ fn checksum(header: &[u8], parts: &[&[u8]], pages: &[u64]) -> u64 {
     h.digest()
 }
 
-/// A `Pages` payload split into pass, count and entries, and the pages' data; `None` unless
-/// the data is whole pages.
-fn split_pages(payload: &[u8]) -> Option<(&[u8], &[u8])> {
-    let entries = entries_len(payload)?;
-    let data = payload.len().checked_sub(entries)?;
-    data.is_multiple_of(PAGE_BYTES)
-        .then(|| payload.split_at(entries))
+/// A `Pages` payload split into pass, count and entries; the whole pages' data; and the
+/// sparse section (unchecked); `None` unless it holds that much.
+fn split_pages(payload: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
+    let (head, rest) = payload.split_at_checked(entries_len(payload)?)?;
+    let (data, sparse) = rest.split_at_checked(whole_pages(head)?.checked_mul(PAGE_BYTES)?)?;
+    Some((head, data, sparse))
+}
+
+/// How many entries of a `Pages` payload's pass, count and entries have their 4 KiB of data.
+fn whole_pages(head: &[u8]) -> Option<usize> {
+    let entries = <[PageEntry]>::ref_from_bytes(head.get(8..)?).ok()?;
+    Some(entries.iter().filter(|e| e.is_whole()).count())
 }
 
 /// Bytes of a `Pages` payload's pass, count and entries, from its count.
@@ -65,7 +70,7 @@ fn entries_len(payload: &[u8]) -> Option<usize> {
 fn pages_shape() -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidInput,
-        "a Pages record is written as two parts: pass, count and entries; then whole pages",
+        "a Pages record is written as two or three parts: pass, count and entries; then whole pages; then its sparse section",
     )
 }
 
@@ -89,17 +94,27 @@ impl<W: Write> RecordWriter<W> {
 
     /// Writes `record`, encoded ([`Record`]'s one encoder).
     pub fn send(&mut self, record: &Record<'_>) -> io::Result<()> {
-        let Payload { head, body, pages } = record
+        let Payload {
+            head,
+            body,
+            pages,
+            tail,
+        } = record
             .encode()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        self.frame(record.kind(), &[&head, body], pages, None)
+        self.frame(record.kind(), &[&head, body], pages, None, tail)
     }
 
     /// Writes a `Pages` record (`record` must be one) whose pages' digests the caller took as
     /// it copied them, one for each page of its data in order, so that they are not read
     /// again here.
     pub fn send_digested(&mut self, record: &Record<'_>, digests: &[u64]) -> io::Result<()> {
-        let Payload { head, body, pages } = record
+        let Payload {
+            head,
+            body,
+            pages,
+            tail,
+        } = record
             .encode()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         if record.kind() != Kind::Pages
@@ -107,36 +122,41 @@ impl<W: Write> RecordWriter<W> {
         {
             return Err(pages_shape());
         }
-        self.frame(Kind::Pages, &[&head, body], pages, Some(digests))
+        self.frame(Kind::Pages, &[&head, body], pages, Some(digests), tail)
     }
 
     /// Writes a record of `kind` whose payload is the concatenation of `parts` (for `Pages`:
-    /// the pass, count and entries, then the pages' data). [`send`](Self::send) writes typed
-    /// records; this writes any bytes, as tests of the framing need.
+    /// the pass, count and entries, then the pages' data, then the sparse section if any).
+    /// [`send`](Self::send) writes typed records; this writes any bytes, as tests of the
+    /// framing need.
     pub fn write(&mut self, kind: Kind, parts: &[&[u8]]) -> io::Result<()> {
         match (kind, parts) {
-            (Kind::Pages, [entries, data]) if entries_len(entries) == Some(entries.len()) => {
-                self.frame(kind, &[entries], Some(data), None)
+            (Kind::Pages, [entries, data, sparse @ ..])
+                if entries_len(entries) == Some(entries.len()) && sparse.len() <= 1 =>
+            {
+                let sparse = sparse.first().copied().unwrap_or_default();
+                self.frame(kind, &[entries], Some(data), None, sparse)
             }
             (Kind::Pages, _) => Err(pages_shape()),
-            _ => self.frame(kind, parts, None, None),
+            _ => self.frame(kind, parts, None, None, &[]),
         }
     }
 
     /// Frames `parts`, then `pages` (whole pages, which the checksum covers by their digests:
-    /// `digests` when the caller has them, else taken here).
+    /// `digests` when the caller has them, else taken here), then `tail`.
     fn frame(
         &mut self,
         kind: Kind,
         parts: &[&[u8]],
         pages: Option<&[u8]>,
         digests: Option<&[u64]>,
+        tail: &[u8],
     ) -> io::Result<()> {
         let data = pages.unwrap_or_default();
         if !data.len().is_multiple_of(PAGE_BYTES) {
             return Err(pages_shape());
         }
-        let total: usize = parts.iter().map(|p| p.len()).sum::<usize>() + data.len();
+        let total: usize = parts.iter().map(|p| p.len()).sum::<usize>() + data.len() + tail.len();
         let length = u32::try_from(total)
             .ok()
             .filter(|length| *length <= MAX_RECORD)
@@ -161,11 +181,14 @@ impl<W: Write> RecordWriter<W> {
                 &taken
             }
         };
-        head.checksum = checksum(head.as_bytes(), parts, digests).into();
-        let mut slices = Vec::with_capacity(parts.len() + 2);
+        let mut checked: Vec<&[u8]> = parts.to_vec();
+        checked.push(tail);
+        head.checksum = checksum(head.as_bytes(), &checked, digests).into();
+        let mut slices = Vec::with_capacity(parts.len() + 3);
         slices.push(io::IoSlice::new(head.as_bytes()));
         slices.extend(parts.iter().map(|p| io::IoSlice::new(p)));
         slices.push(io::IoSlice::new(data));
+        slices.push(io::IoSlice::new(tail));
         write_all_vectored(&mut self.inner, &mut slices)?;
         self.sequence += 1;
         self.bytes += (HEADER_SIZE as u64) + u64::from(length);
@@ -307,10 +330,13 @@ impl<R: Read> RecordReader<R> {
             let (_, entries, _) = Record::decode_pages_head(buf)?;
             self.data_pages.clear();
             self.data_pages
-                .extend(entries.iter().filter(|e| !e.is_zero()).map(|e| e.page().0));
-            if self.data_pages.len().checked_mul(PAGE_BYTES) != Some(size - prefix) {
-                return Err(pages_data_mismatch(self.data_pages.len(), size - prefix));
-            }
+                .extend(entries.iter().filter(|e| e.is_whole()).map(|e| e.page().0));
+            let data = self
+                .data_pages
+                .len()
+                .checked_mul(PAGE_BYTES)
+                .filter(|&data| data <= size - prefix)
+                .ok_or_else(|| pages_data_mismatch(self.data_pages.len(), size - prefix))?;
             self.page_digests.clear();
             load(&mut self.inner, &self.data_pages, &mut self.page_digests).map_err(|e| {
                 if e.kind() == io::ErrorKind::InvalidInput {
@@ -324,16 +350,18 @@ impl<R: Read> RecordReader<R> {
                     ))(e)
                 }
             })?;
+            // The sparse section follows the entries in `buf`.
+            self.read_payload(&head, prefix, size - data, buf)?;
             let intact = checksum(&header, &[buf], &self.page_digests) == head.checksum.get();
             return self.accept(&head, intact);
         }
         self.read_payload(&head, 0, size, buf)?;
         let intact = if pages {
             self.page_digests.clear();
-            split_pages(buf).is_some_and(|(entries, data)| {
+            split_pages(buf).is_some_and(|(entries, data, sparse)| {
                 self.page_digests
                     .extend(data.chunks_exact(PAGE_BYTES).map(page_digest));
-                checksum(&header, &[entries], &self.page_digests) == head.checksum.get()
+                checksum(&header, &[entries, sparse], &self.page_digests) == head.checksum.get()
             })
         } else {
             checksum(&header, &[buf], &[]) == head.checksum.get()
@@ -487,10 +515,10 @@ impl<R: Read> RecordReader<R> {
 }
 
 impl RecordReader<Conn> {
-    /// As [`Self::read_into`], except that a `Pages` record's data goes from the connection
-    /// straight into `memory` at its pages' addresses, with no copy through `buf`, which then
-    /// holds its pass, count and entries only ([`Record::decode_pages_head`]). Every page is
-    /// checked to be guest RAM before any is read, and the record's checksum is taken over the
+    /// As [`Self::read_into`], except that a `Pages` record's whole pages go from the
+    /// connection straight into `memory` at their addresses, with no copy through `buf`, which
+    /// then holds its pass, count and entries, then its sparse section
+    /// ([`Record::decode_pages_head`]). Every page is checked to be guest RAM before any is read, and the record's checksum is taken over the
     /// pages in `memory`: a record that fails it leaves them written, which a destination can
     /// afford, as it discards the VM when its stream fails.
     pub fn read_into_memory(&mut self, buf: &mut Vec<u8>, memory: &GuestMemory) -> Result<Kind> {
@@ -735,7 +763,7 @@ mod tests {
             assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
             assert_eq!(
                 err.to_string(),
-                "a Pages record is written as two parts: pass, count and entries; then whole pages"
+                "a Pages record is written as two or three parts: pass, count and entries; then whole pages; then its sparse section"
             );
         }
         assert_eq!(w.bytes(), 0);
@@ -976,7 +1004,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "migration stream: a Pages record lists 3 non-zero pages and carries 8192 bytes of data: expected 4096 bytes for each"
+            "migration stream: a Pages record lists 3 whole pages and carries 8192 bytes after its entries: expected 4096 bytes for each, then its sparse section"
         );
     }
 }

@@ -105,7 +105,7 @@ pub use hello::Hello;
 pub use receiver::{Receiver, State};
 pub use record::{
     DeviceData, DeviceDescription, DeviceEnd, Digests, Kind, MigrationConfig, PageEntry, Pages,
-    Record,
+    Record, SparseWord, sparse_words,
 };
 pub use vmig_primitives::page_digest;
 
@@ -114,8 +114,8 @@ pub const MAGIC: [u8; 8] = *b"VMIGSTRM";
 /// The stream version this build speaks (2: `Pages` checksums cover page digests; 3: a
 /// device's kind and protocol travel in Config as typed enums, its mapped areas as objects;
 /// 4: `InitialSent` and `SwitchoverAck` hold the switchover until every device's initial
-/// pre-copy state is on the destination).
-pub const VERSION: u32 = 4;
+/// pre-copy state is on the destination; 5: sparse pages, sent as their non-zero words).
+pub const VERSION: u32 = 5;
 /// Largest record payload.
 pub const MAX_RECORD: u32 = 16 << 20;
 /// Bytes of a hello.
@@ -124,6 +124,12 @@ pub const HELLO_SIZE: usize = 32;
 pub const HEADER_SIZE: usize = 24;
 /// Bit 63 of a page entry: the page is all zeros and has no data in the record.
 pub const ZERO_PAGE: u64 = 1 << 63;
+/// Bit 62 of a page entry: the page is sparse, sent as its non-zero words in the record's
+/// sparse section.
+pub const SPARSE_PAGE: u64 = 1 << 62;
+/// Most non-zero words a sparse page has: one with more goes whole (at this many its
+/// words take 642 bytes of the page's 4096).
+pub const SPARSE_MAX_WORDS: usize = 64;
 /// Device state records: parts of one chunk carry this flag until the last.
 pub const MORE_PARTS: u32 = 1;
 

@@ -6,10 +6,10 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use vmig_kvm::{VcpuState, VmConfig};
 use vmig_primitives::PageNumber;
-use zerocopy::little_endian::{U32, U64};
+use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use super::{MORE_PARTS, PAGE_BYTES, ZERO_PAGE};
+use super::{MORE_PARTS, PAGE_BYTES, SPARSE_MAX_WORDS, SPARSE_PAGE, ZERO_PAGE};
 use crate::device::{DeviceKind, MigrationProtocol};
 use crate::error::{MigrationError, Result};
 use crate::machine::{Bar, MappedArea};
@@ -24,8 +24,11 @@ pub enum Kind {
     Config = 1,
     /// Destination → source: the configuration is accepted, the destination is ready. Empty.
     Ready = 2,
-    /// A batch of pages: pass u32, count u32, count entries u64 (page number | [`ZERO_PAGE`]),
-    /// then 4 KiB of data per non-zero page.
+    /// A batch of pages: pass u32, count u32, count entries u64 (page number | [`ZERO_PAGE`]
+    /// or [`SPARSE_PAGE`]), then 4 KiB of data per page that is neither, then the sparse
+    /// section: for each sparse page, in order, its count of non-zero words u16 (1 to
+    /// [`SPARSE_MAX_WORDS`]) and that many words (index u16 below 512, increasing; value u64).
+    /// The checksum covers the sparse section as bytes, the pages through their digests.
     Pages = 3,
     /// End of a pass over memory on this connection: pass u32.
     PassEnd = 4,
@@ -147,7 +150,8 @@ struct PagesHead {
 }
 
 /// One page of a `Pages` record: its page number, and bit 63 ([`ZERO_PAGE`]) when the page
-/// is all zeros and has no data in the record.
+/// is all zeros and has no data in the record, or bit 62 ([`SPARSE_PAGE`]) when its non-zero
+/// words are in the record's sparse section.
 #[repr(transparent)]
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
@@ -160,15 +164,89 @@ impl PageEntry {
         Self(U64::new(if zero { page.0 | ZERO_PAGE } else { page.0 }))
     }
 
+    /// The entry of a sparse `page`.
+    pub fn sparse(page: PageNumber) -> Self {
+        Self(U64::new(page.0 | SPARSE_PAGE))
+    }
+
     /// The page.
     pub fn page(self) -> PageNumber {
-        PageNumber(self.0.get() & !ZERO_PAGE)
+        PageNumber(self.0.get() & !(ZERO_PAGE | SPARSE_PAGE))
     }
 
     /// Whether the page is all zeros (and has no data in the record).
     pub fn is_zero(self) -> bool {
         self.0.get() & ZERO_PAGE != 0
     }
+
+    /// Whether the page is sparse (its words are in the sparse section).
+    pub fn is_sparse(self) -> bool {
+        self.0.get() & SPARSE_PAGE != 0
+    }
+
+    /// Whether the page's 4 KiB are in the record's data.
+    pub fn is_whole(self) -> bool {
+        self.0.get() & (ZERO_PAGE | SPARSE_PAGE) == 0
+    }
+}
+
+/// One non-zero word of a sparse page.
+#[repr(C)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+pub struct SparseWord {
+    /// Which of the page's 512 words.
+    pub index: U16,
+    /// Its value.
+    pub value: U64,
+}
+
+/// Splits a sparse section into each sparse page's words, checking it: as many pages as
+/// `pages`, each with 1 to [`SPARSE_MAX_WORDS`] words at increasing indices below 512, and
+/// nothing after them.
+pub fn sparse_words(section: &[u8], pages: usize) -> Result<Vec<&[SparseWord]>> {
+    let bad =
+        |why: String| MigrationError::Stream(format!("a Pages record's sparse section {why}"));
+    let mut rest = section;
+    let mut out = Vec::with_capacity(pages);
+    for page in 0..pages {
+        let (count, after) = U16::read_from_prefix(rest)
+            .map_err(|_| bad(format!("ends before sparse page {page} of {pages}")))?;
+        let count = usize::from(count.get());
+        if !(1..=SPARSE_MAX_WORDS).contains(&count) {
+            return Err(bad(format!(
+                "gives sparse page {page} {count} words: expected 1 to {SPARSE_MAX_WORDS}"
+            )));
+        }
+        let (words, after) =
+            <[SparseWord]>::ref_from_prefix_with_elems(after, count).map_err(|_| {
+                bad(format!(
+                    "ends inside the {count} words of sparse page {page}"
+                ))
+            })?;
+        let increasing = words
+            .windows(2)
+            .all(|w| w[0].index.get() < w[1].index.get());
+        if !increasing
+            || words
+                .last()
+                .is_some_and(|w| usize::from(w.index.get()) >= PAGE_BYTES / 8)
+        {
+            return Err(bad(format!(
+                "gives sparse page {page} word indices that are not increasing and below 512"
+            )));
+        }
+        out.push(words);
+        rest = after;
+    }
+    if !rest.is_empty() {
+        return Err(bad(format!(
+            "has {} bytes after its {pages} sparse pages",
+            rest.len()
+        )));
+    }
+    Ok(out)
 }
 
 /// The payload of a `PassEnd`.
@@ -217,9 +295,11 @@ pub struct Pages<'a> {
     pub pass: u32,
     /// The pages, in order.
     pub entries: &'a [PageEntry],
-    /// [`PAGE_SIZE`](vmig_primitives::PAGE_SIZE) bytes for each entry that is not a zero page,
-    /// in the entries' order.
+    /// [`PAGE_SIZE`](vmig_primitives::PAGE_SIZE) bytes for each entry that is whole (neither
+    /// zero nor sparse), in the entries' order.
     pub data: &'a [u8],
+    /// The sparse section (see [`Kind::Pages`]), checked by the decoder.
+    pub sparse: &'a [u8],
 }
 
 /// A part of a chunk of a device's state.
@@ -330,6 +410,8 @@ pub(super) struct Payload<'r> {
     pub(super) head: Cow<'r, [u8]>,
     pub(super) body: &'r [u8],
     pub(super) pages: Option<&'r [u8]>,
+    /// After the pages: a `Pages` record's sparse section.
+    pub(super) tail: &'r [u8],
 }
 
 /// A JSON payload.
@@ -350,9 +432,9 @@ fn refuse(kind: Kind, expected: &str, got: usize) -> MigrationError {
 
 /// The refusal of a `Pages` record whose data is not one page for each of its
 /// `with_data` non-zero entries.
-pub(super) fn pages_data_mismatch(with_data: usize, data: usize) -> MigrationError {
+pub(super) fn pages_data_mismatch(whole: usize, data: usize) -> MigrationError {
     MigrationError::Stream(format!(
-        "a Pages record lists {with_data} non-zero pages and carries {data} bytes of data: expected {PAGE_BYTES} bytes for each"
+        "a Pages record lists {whole} whole pages and carries {data} bytes after its entries: expected {PAGE_BYTES} bytes for each, then its sparse section"
     ))
 }
 
@@ -411,11 +493,13 @@ impl<'a> Record<'a> {
             head: Cow::Owned(head.to_vec()),
             body: &[],
             pages: None,
+            tail: &[],
         };
         let empty = Payload {
             head: Cow::Borrowed(&[]),
             body: &[],
             pages: None,
+            tail: &[],
         };
         Ok(match self {
             Record::Config(config) => Payload {
@@ -446,6 +530,7 @@ impl<'a> Record<'a> {
                     head: Cow::Owned(head.as_bytes().to_vec()),
                     body: p.entries.as_bytes(),
                     pages: Some(p.data),
+                    tail: p.sparse,
                 }
             }
             Record::PassEnd { pass } => fixed(
@@ -549,15 +634,18 @@ impl<'a> Record<'a> {
                 "the destination's Result record is not valid JSON",
             )?))),
             Kind::Pages => {
-                let (pass, entries, data) = Self::decode_pages_head(payload)?;
-                let with_data = entries.iter().filter(|e| !e.is_zero()).count();
-                if with_data.checked_mul(PAGE_BYTES) != Some(data.len()) {
-                    return Err(pages_data_mismatch(with_data, data.len()));
-                }
+                let (pass, entries, rest) = Self::decode_pages_head(payload)?;
+                let whole = entries.iter().filter(|e| e.is_whole()).count();
+                let (data, sparse) = whole
+                    .checked_mul(PAGE_BYTES)
+                    .and_then(|bytes| rest.split_at_checked(bytes))
+                    .ok_or_else(|| pages_data_mismatch(whole, rest.len()))?;
+                sparse_words(sparse, entries.iter().filter(|e| e.is_sparse()).count())?;
                 Ok(Record::Pages(Pages {
                     pass,
                     entries,
                     data,
+                    sparse,
                 }))
             }
             Kind::PassEnd => {

@@ -73,6 +73,7 @@ pub(crate) fn one_of_each<'a>(
             pass: 3,
             entries,
             data,
+            sparse: &[],
         }),
         Record::PassEnd { pass: 3 },
         Record::DeviceData(DeviceData {
@@ -134,7 +135,7 @@ fn every_record_kind_round_trips() {
 /// A record's payload, as one buffer.
 fn payload(record: &Record<'_>) -> Vec<u8> {
     let p = record.encode().unwrap();
-    [&p.head[..], p.body, p.pages.unwrap_or_default()].concat()
+    [&p.head[..], p.body, p.pages.unwrap_or_default(), p.tail].concat()
 }
 
 /// The bytes of the fixed payloads are the documented ones.
@@ -162,15 +163,42 @@ fn fixed_payloads_have_their_documented_bytes() {
         bytes(Record::DeviceData(data)),
         [2, 0, 0, 0, 1, 0, 0, 0, b'x']
     );
-    let entries = [PageEntry::new(PageNumber(9), true)];
+    let entries = [
+        PageEntry::new(PageNumber(9), true),
+        PageEntry::sparse(PageNumber(10)),
+    ];
+    // One sparse page: 2 words, word 0 = 5 and word 511 = 6.
+    let sparse = [
+        &2u16.to_le_bytes()[..],
+        &0u16.to_le_bytes(),
+        &5u64.to_le_bytes(),
+        &511u16.to_le_bytes(),
+        &6u64.to_le_bytes(),
+    ]
+    .concat();
     let pages = Pages {
         pass: 1,
         entries: &entries,
         data: &[],
+        sparse: &sparse,
     };
-    let mut expected = [1u32.to_le_bytes(), 1u32.to_le_bytes()].concat();
+    let mut expected = [1u32.to_le_bytes(), 2u32.to_le_bytes()].concat();
     expected.extend_from_slice(&(9 | ZERO_PAGE).to_le_bytes());
+    expected.extend_from_slice(&(10 | SPARSE_PAGE).to_le_bytes());
+    expected.extend_from_slice(&sparse);
     assert_eq!(bytes(Record::Pages(pages)), expected);
+    let Record::Pages(decoded) = Record::decode(Kind::Pages, &expected).unwrap() else {
+        panic!("a Pages record decoded as another");
+    };
+    assert_eq!(decoded, pages);
+    let words = sparse_words(decoded.sparse, 1).unwrap();
+    assert_eq!(
+        words[0]
+            .iter()
+            .map(|w| (w.index.get(), w.value.get()))
+            .collect::<Vec<_>>(),
+        [(0, 5), (511, 6)]
+    );
 }
 
 /// Short, long and reserved-bit payloads are refused with what was expected.
@@ -245,7 +273,7 @@ fn malformed_payloads_are_refused_saying_what_was_expected() {
                 &data[1..],
             ]
             .concat(),
-            "a Pages record lists 1 non-zero pages and carries 4095 bytes of data: expected 4096 bytes for each",
+            "a Pages record lists 1 whole pages and carries 4095 bytes after its entries: expected 4096 bytes for each, then its sparse section",
         ),
         (
             Kind::Pages,
@@ -254,7 +282,7 @@ fn malformed_payloads_are_refused_saying_what_was_expected() {
                 &data,
             ]
             .concat(),
-            "a Pages record lists 0 non-zero pages and carries 4096 bytes of data: expected 4096 bytes for each",
+            "a Pages record's sparse section has 4096 bytes after its 0 sparse pages",
         ),
         (
             Kind::Digests,
@@ -351,4 +379,57 @@ fn a_record_is_awaited_without_losing_any_of_it() {
         .unwrap_err()
         .to_string();
     assert!(closed.contains("the peer closed"), "{closed}");
+}
+
+/// A sparse section is refused unless it gives each sparse page 1 to 64 words at increasing
+/// indices below 512, and nothing more.
+#[test]
+fn malformed_sparse_sections_are_refused_saying_what_was_expected() {
+    let word = |index: u16, value: u64| [&index.to_le_bytes()[..], &value.to_le_bytes()].concat();
+    let page = |words: &[Vec<u8>]| {
+        let count = u16::try_from(words.len()).unwrap();
+        [count.to_le_bytes().to_vec(), words.concat()].concat()
+    };
+    let many: Vec<Vec<u8>> = (0..65).map(|i| word(i, 1)).collect();
+    let cases: [(Vec<u8>, usize, &str); 7] = [
+        (Vec::new(), 1, "ends before sparse page 0 of 1"),
+        (
+            page(&[]),
+            1,
+            "gives sparse page 0 0 words: expected 1 to 64",
+        ),
+        (
+            page(&many),
+            1,
+            "gives sparse page 0 65 words: expected 1 to 64",
+        ),
+        (
+            page(&[word(3, 1), word(3, 2)]),
+            1,
+            "gives sparse page 0 word indices that are not increasing and below 512",
+        ),
+        (
+            page(&[word(512, 1)]),
+            1,
+            "gives sparse page 0 word indices that are not increasing and below 512",
+        ),
+        (
+            page(&[word(1, 1), word(2, 1)])[..15].to_vec(),
+            1,
+            "ends inside the 2 words of sparse page 0",
+        ),
+        (
+            [page(&[word(1, 1)]), vec![0]].concat(),
+            1,
+            "has 1 bytes after its 1 sparse pages",
+        ),
+    ];
+    for (section, pages, expected) in cases {
+        let err = sparse_words(&section, pages).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!("migration stream: a Pages record's sparse section {expected}")
+        );
+    }
+    assert_eq!(sparse_words(&page(&many[..64]), 1).unwrap()[0].len(), 64);
 }
