@@ -38,6 +38,10 @@ pub struct RunArgs {
     /// sequential, random or hotcold.
     #[arg(long, value_name = "SPEC", default_value = "random")]
     workload: String,
+    /// Before the guest starts, fill its RAM with random bytes (all but the words of the
+    /// guest's stamp), so that no page is zero or sparse and a migration moves every byte.
+    #[arg(long, conflicts_with_all = ["restore", "incoming"])]
+    fill_random: bool,
     /// CPU dirty tracking: bitmap, clear-log, ring or ring-with-bitmap (default bitmap, the
     /// README says why; with --restore, the mode the VM was saved with).
     #[arg(long, value_name = "MODE")]
@@ -232,6 +236,10 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
                 .map_err(text)?
             }
         };
+        if args.fill_random {
+            // Before the devices: their drivers set up rings in RAM as they attach.
+            crate::bench::fill_random(&vm).map_err(|e| format!("--fill-random: {e}"))?;
+        }
         let machine =
             Machine::attach_with_drivers(vm, &devices, Role::Source, &crate::drivers::all())
                 .map_err(|e| e.to_string())?;

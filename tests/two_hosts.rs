@@ -250,6 +250,8 @@ fn migrate_across(hosts: &TwoHosts, dir: &Path, round: usize) -> Value {
             MEM,
             "--workload",
             WORKLOAD,
+            // Incompressible pages: the link, not the encoding of sparse pages, sets the pace.
+            "--fill-random",
             "--device",
             &device(&src_dev),
         ],
@@ -386,26 +388,31 @@ fn migrations_across_two_shaped_hosts_complete_verified_and_converge_at_the_link
         .max(measure::bulk(&hosts, BULK).unwrap().bits_per_s);
     for o in &outcomes {
         let link = o.link.bits_per_s;
-        match o.shape.rate_bits_per_s.map(float) {
-            Some(rate) if rate < 0.5 * ceiling => assert!(
-                (0.3..=1.02).contains(&(link / rate)),
-                "{}: TCP got {:.0} Mbit/s through a {:.0} Mbit/s link",
-                o.name,
-                link / 1e6,
-                rate / 1e6
-            ),
-            _ => assert!(
-                link >= 0.3 * ceiling,
-                "{}: TCP got {:.0} Mbit/s, the unshaped link {:.0}",
-                o.name,
-                link / 1e6,
-                ceiling / 1e6
-            ),
-        }
-        let added =
-            o.rtt.saturating_sub(base_rtt).as_secs_f64() / (2 * o.shape.delay).as_secs_f64();
+        // What the link can carry: its rate, or the unshaped ceiling when that is lower (a
+        // 1 Gbit/s link on a machine whose unshaped link makes 1.9 Gbit/s is judged against
+        // its 1 Gbit/s, not the 1.9).
+        let rate = o.shape.rate_bits_per_s.map(float);
+        let expected = rate.map_or(ceiling, |rate| rate.min(ceiling));
+        let most = if rate.is_some_and(|rate| rate < 0.5 * ceiling) {
+            1.02
+        } else {
+            f64::INFINITY
+        };
         assert!(
-            (0.9..=2.5).contains(&added),
+            (0.3..=most).contains(&(link / expected)),
+            "{}: TCP got {:.0} Mbit/s where the link carries {:.0} (its rate, or the unshaped link's {:.0})",
+            o.name,
+            link / 1e6,
+            expected / 1e6,
+            ceiling / 1e6
+        );
+        // Scheduling on two shared cores adds to a round trip a millisecond or so whatever
+        // the delay: allowed on top of the upper bound, which a sub-millisecond delay would
+        // otherwise make a bound on the machine's load.
+        let twice = (2 * o.shape.delay).as_secs_f64();
+        let added = o.rtt.saturating_sub(base_rtt).as_secs_f64() / twice;
+        assert!(
+            (0.9..=2.5 + 1e-3 / twice).contains(&added),
             "{}: the round trip {:?} is {added:.2} of twice the delay above the unshaped {base_rtt:?}",
             o.name,
             o.rtt
@@ -430,7 +437,8 @@ fn migrations_across_two_shaped_hosts_complete_verified_and_converge_at_the_link
     }
 
     // The convergence decision works with each link's bandwidth. On the slow link, the
-    // bottleneck, the engine's estimate finds that link's rate (it cannot exceed it but by
+    // bottleneck, the engine's estimate (the rate RAM moves at, here that of its bytes, as the
+    // guest's RAM is random) finds that link's rate (it cannot exceed it but by
     // what the socket buffers take); on the fast one the engine's own speed on this machine
     // is the bottleneck, and its estimate is well above the slow link's. For the same
     // downtime limit the slow link then takes more passes, or leaves less for the stop.
@@ -547,14 +555,16 @@ fn a_cancel_ends_a_migration_whose_link_goes_dark_while_it_connects_or_sends() {
     hosts.set_shape(Shape::UNSHAPED);
     let (ok, reply) = ctl(
         &src_api,
-        &["migrate-set-parameters", "max-bandwidth=8000000"],
+        // The lowest limit: the guest's pages are sparse (a few words each), so its 64 MiB
+        // take about 1 MiB on the wire, a second at this rate.
+        &["migrate-set-parameters", "max-bandwidth=1048576"],
     );
     assert!(ok, "{reply}");
     let (ok, reply) = ctl(&src_api, &["migrate", &format!("uri={target}")]);
     assert!(ok, "{reply}");
     wait_until("pages to flow", PATIENCE, || {
         let (_, r) = ctl(&src_api, &["query-migrate"]);
-        (r["return"]["ram"]["transferred"].as_u64().unwrap_or(0) > 1 << 20)
+        (r["return"]["ram"]["transferred"].as_u64().unwrap_or(0) > 128 << 10)
             .then_some(())
             .ok_or_else(|| r.to_string())
     });

@@ -43,6 +43,16 @@ pub struct PageCounters {
     pub sparse: AtomicU64,
 }
 
+impl PageCounters {
+    /// Bytes of guest RAM sent, however each page was encoded.
+    pub fn ram_bytes(&self) -> u64 {
+        let pages = self.zero.load(Ordering::Relaxed)
+            + self.normal.load(Ordering::Relaxed)
+            + self.sparse.load(Ordering::Relaxed);
+        pages * PAGE_SIZE
+    }
+}
+
 #[derive(Debug, Default)]
 struct Queue {
     batches: VecDeque<(u32, Vec<u64>)>,
@@ -272,6 +282,7 @@ impl PagePool {
             digests: Vec::with_capacity(BATCH_PAGES),
             data: vec![0u8; BATCH_PAGES * PAGE_BYTES],
             sparse: Vec::new(),
+            words: Vec::with_capacity(SPARSE_MAX_WORDS),
         };
         loop {
             let (pass, pages) = {
@@ -316,6 +327,7 @@ impl PagePool {
             digests,
             data,
             sparse,
+            words,
         } = batch;
         entries.clear();
         digests.clear();
@@ -330,12 +342,12 @@ impl PagePool {
                 .map_err(io::Error::other)?;
             // Digested here, just copied and still in cache; the copy is what goes out, so
             // the guest writing the page meanwhile cannot make the two disagree.
-            let words = nonzero_words(slot);
-            let entry = if words == 0 {
+            let few = find_sparse_words(slot, words);
+            let entry = if few && words.is_empty() {
                 zero += 1;
                 self.sent.record(page, self.sent.zero);
                 PageEntry::new(number, true)
-            } else if words <= SPARSE_MAX_WORDS {
+            } else if few {
                 sparse_pages += 1;
                 append_sparse(sparse, slot, words);
                 self.sent.record(page, crate::stream::page_digest(slot));
@@ -376,30 +388,41 @@ struct Batch {
     digests: Vec<u64>,
     data: Vec<u8>,
     sparse: Vec<u8>,
+    /// The non-zero words of the page at hand.
+    words: Vec<u16>,
 }
 
-/// The number of non-zero 8-byte words of `page`, counted up to one more than a sparse page
-/// has.
-fn nonzero_words(page: &[u8]) -> usize {
-    let mut count = 0;
-    for word in page.chunks_exact(8) {
-        if word.iter().any(|&b| b != 0) {
-            count += 1;
-            if count > SPARSE_MAX_WORDS {
-                break;
+/// Finds `page`'s non-zero 8-byte words, their indices into `words`: false when it has more
+/// than a sparse page may (then `words` holds the first of them). Zero 64-byte blocks, most of
+/// a sparse page, are skipped whole.
+fn find_sparse_words(page: &[u8], words: &mut Vec<u16>) -> bool {
+    words.clear();
+    for (block, bytes) in page.chunks_exact(64).enumerate() {
+        let mut values = [0u64; 8];
+        for (value, word) in values.iter_mut().zip(bytes.chunks_exact(8)) {
+            *value = u64::from_ne_bytes(word.try_into().unwrap_or_default());
+        }
+        if values.iter().fold(0, |any, v| any | v) == 0 {
+            continue;
+        }
+        for (i, value) in values.iter().enumerate() {
+            if *value != 0 {
+                if words.len() == SPARSE_MAX_WORDS {
+                    return false;
+                }
+                words.push(u16::try_from(block * 8 + i).unwrap_or(u16::MAX));
             }
         }
     }
-    count
+    true
 }
 
-/// Appends a sparse page of `words` non-zero words to a `Pages` record's sparse section.
-fn append_sparse(section: &mut Vec<u8>, page: &[u8], words: usize) {
-    section.extend_from_slice(&u16::try_from(words).unwrap_or(u16::MAX).to_le_bytes());
-    for (index, word) in page.chunks_exact(8).enumerate() {
-        if word.iter().any(|&b| b != 0) {
-            section.extend_from_slice(&u16::try_from(index).unwrap_or(u16::MAX).to_le_bytes());
-            section.extend_from_slice(word);
-        }
+/// Appends a sparse page, its non-zero words at `words`, to a `Pages` record's sparse section.
+fn append_sparse(section: &mut Vec<u8>, page: &[u8], words: &[u16]) {
+    section.extend_from_slice(&u16::try_from(words.len()).unwrap_or(u16::MAX).to_le_bytes());
+    for &index in words {
+        let at = usize::from(index) * 8;
+        section.extend_from_slice(&index.to_le_bytes());
+        section.extend_from_slice(&page[at..at + 8]);
     }
 }

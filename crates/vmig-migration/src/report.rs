@@ -163,7 +163,8 @@ pub struct RamStats {
     /// Throughput of RAM so far, in megabits per second.
     pub mbps: f64,
     /// The bandwidth the convergence decision divides the remaining bytes by, as of the last
-    /// pre-copy pass: RAM bytes sent over the time the passes took, in megabits per second.
+    /// pre-copy pass: guest RAM moved (4 KiB a page, however encoded) over the time the passes
+    /// took, in megabits per second.
     #[serde(default)]
     pub bandwidth_mbps: f64,
 }
@@ -247,7 +248,7 @@ impl Verification {
 pub struct PassTime {
     /// Pages sent (with data or as zero markers).
     pub pages: u64,
-    /// Bytes of `Pages` records sent.
+    /// Bytes of guest RAM it moved (4 KiB a page, however the page was encoded).
     pub bytes: u64,
     /// Microseconds, its devices' pre-copy data included.
     pub us: u64,
