@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
-use vmig_primitives::GuestAddress;
+use vmig_primitives::{GuestAddress, sparse_digest};
+use zerocopy::IntoBytes;
 
 use vmig_dirty::DirtyBitmap;
 use vmig_kvm::{DirtyLogMode, GuestMemory, PAGE_SIZE, VcpuState, Vm};
@@ -202,12 +203,12 @@ impl Pages<'_> {
                 self.zero_digest
             } else if entry.is_sparse() {
                 let words = sparse.next().ok_or_else(fewer)?;
-                let mut bytes = [0u8; PAGE_BYTES];
-                for word in *words {
-                    let at = usize::from(word.index.get()) * 8;
-                    bytes[at..at + 8].copy_from_slice(&word.value.get().to_le_bytes());
-                }
                 if written {
+                    let mut bytes = [0u8; PAGE_BYTES];
+                    for word in *words {
+                        let at = usize::from(word.index.get()) * 8;
+                        bytes[at..at + 8].copy_from_slice(&word.value.get().to_le_bytes());
+                    }
                     write(gpa, &bytes)?;
                 } else {
                     for word in *words {
@@ -219,7 +220,8 @@ impl Pages<'_> {
                     }
                 }
                 let _ = self.written.set(page.0);
-                page_digest(&bytes)
+                // The decoder checked they are the page's non-zero words, in order.
+                sparse_digest(words.as_bytes())
             } else {
                 let _ = self.written.set(page.0);
                 *digests.next().ok_or_else(fewer)?

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 
 use vmig_kvm::memory::SlotLayout;
 use vmig_kvm::{GuestMemory, PAGE_SIZE};
-use vmig_primitives::{GuestAddress, PageNumber};
+use vmig_primitives::{GuestAddress, PageNumber, SparseWords, sparse_digest};
 
 use crate::error::{MigrationError, Result};
-use crate::stream::{PAGE_BYTES, PageEntry, Pages, Record, RecordWriter, SPARSE_MAX_WORDS};
+use crate::stream::{PAGE_BYTES, PageEntry, Pages, Record, RecordWriter};
 use crate::transport::Conn;
 
 /// Pages per `Pages` record.
@@ -282,7 +282,6 @@ impl PagePool {
             digests: Vec::with_capacity(BATCH_PAGES),
             data: vec![0u8; BATCH_PAGES * PAGE_BYTES],
             sparse: Vec::new(),
-            words: Vec::with_capacity(SPARSE_MAX_WORDS),
         };
         loop {
             let (pass, pages) = {
@@ -327,7 +326,6 @@ impl PagePool {
             digests,
             data,
             sparse,
-            words,
         } = batch;
         entries.clear();
         digests.clear();
@@ -342,22 +340,25 @@ impl PagePool {
                 .map_err(io::Error::other)?;
             // Digested here, just copied and still in cache; the copy is what goes out, so
             // the guest writing the page meanwhile cannot make the two disagree.
-            let few = find_sparse_words(slot, words);
-            let entry = if few && words.is_empty() {
-                zero += 1;
-                self.sent.record(page, self.sent.zero);
-                PageEntry::new(number, true)
-            } else if few {
-                sparse_pages += 1;
-                append_sparse(sparse, slot, words);
-                self.sent.record(page, crate::stream::page_digest(slot));
-                PageEntry::sparse(number)
-            } else {
-                let digest = crate::stream::page_digest(slot);
-                digests.push(digest);
-                self.sent.record(page, digest);
-                filled += PAGE_BYTES;
-                PageEntry::new(number, false)
+            let entry = match SparseWords::of(slot) {
+                Some(words) if words.count() == 0 => {
+                    zero += 1;
+                    self.sent.record(page, self.sent.zero);
+                    PageEntry::new(number, true)
+                }
+                Some(words) => {
+                    sparse_pages += 1;
+                    append_sparse(sparse, &words);
+                    self.sent.record(page, sparse_digest(words.packed()));
+                    PageEntry::sparse(number)
+                }
+                None => {
+                    let digest = xxhash_rust::xxh3::xxh3_64(slot);
+                    digests.push(digest);
+                    self.sent.record(page, digest);
+                    filled += PAGE_BYTES;
+                    PageEntry::new(number, false)
+                }
             };
             entries.push(entry);
         }
@@ -388,41 +389,14 @@ struct Batch {
     digests: Vec<u64>,
     data: Vec<u8>,
     sparse: Vec<u8>,
-    /// The non-zero words of the page at hand.
-    words: Vec<u16>,
 }
 
-/// Finds `page`'s non-zero 8-byte words, their indices into `words`: false when it has more
-/// than a sparse page may (then `words` holds the first of them). Zero 64-byte blocks, most of
-/// a sparse page, are skipped whole.
-fn find_sparse_words(page: &[u8], words: &mut Vec<u16>) -> bool {
-    words.clear();
-    for (block, bytes) in page.chunks_exact(64).enumerate() {
-        let mut values = [0u64; 8];
-        for (value, word) in values.iter_mut().zip(bytes.chunks_exact(8)) {
-            *value = u64::from_ne_bytes(word.try_into().unwrap_or_default());
-        }
-        if values.iter().fold(0, |any, v| any | v) == 0 {
-            continue;
-        }
-        for (i, value) in values.iter().enumerate() {
-            if *value != 0 {
-                if words.len() == SPARSE_MAX_WORDS {
-                    return false;
-                }
-                words.push(u16::try_from(block * 8 + i).unwrap_or(u16::MAX));
-            }
-        }
-    }
-    true
-}
-
-/// Appends a sparse page, its non-zero words at `words`, to a `Pages` record's sparse section.
-fn append_sparse(section: &mut Vec<u8>, page: &[u8], words: &[u16]) {
-    section.extend_from_slice(&u16::try_from(words.len()).unwrap_or(u16::MAX).to_le_bytes());
-    for &index in words {
-        let at = usize::from(index) * 8;
-        section.extend_from_slice(&index.to_le_bytes());
-        section.extend_from_slice(&page[at..at + 8]);
-    }
+/// Appends a sparse page's `words` to a `Pages` record's sparse section.
+fn append_sparse(section: &mut Vec<u8>, words: &SparseWords) {
+    section.extend_from_slice(
+        &u16::try_from(words.count())
+            .unwrap_or(u16::MAX)
+            .to_le_bytes(),
+    );
+    section.extend_from_slice(words.packed());
 }

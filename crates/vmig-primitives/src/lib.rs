@@ -24,7 +24,7 @@ pub mod uapi;
 
 pub use addr::{
     DmaRange, GuestAddress, GuestRange, Iova, PAGE_BYTES, PAGE_SHIFT, PAGE_SIZE, PageNumber,
-    RegionArea, page_digest,
+    RegionArea, SPARSE_MAX_WORDS, SPARSE_WORD_BYTES, SparseWords, page_digest, sparse_digest,
 };
 pub use description::DeviceDescription;
 pub use host_memory::{HostMemory, memfd, regular_file_size};

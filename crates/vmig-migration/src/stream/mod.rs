@@ -129,7 +129,7 @@ pub const ZERO_PAGE: u64 = 1 << 63;
 pub const SPARSE_PAGE: u64 = 1 << 62;
 /// Most non-zero words a sparse page has: one with more goes whole (at this many its
 /// words take 642 bytes of the page's 4096).
-pub const SPARSE_MAX_WORDS: usize = 64;
+pub use vmig_primitives::SPARSE_MAX_WORDS;
 /// Device state records: parts of one chunk carry this flag until the last.
 pub const MORE_PARTS: u32 = 1;
 

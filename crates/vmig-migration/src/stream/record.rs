@@ -237,6 +237,10 @@ pub fn sparse_words(section: &[u8], pages: usize) -> Result<Vec<&[SparseWord]>> 
                 "gives sparse page {page} word indices that are not increasing and below 512"
             )));
         }
+        // The words are the page's digest too (`sparse_digest`): only its non-zero ones.
+        if words.iter().any(|w| w.value.get() == 0) {
+            return Err(bad(format!("gives sparse page {page} a word of value 0")));
+        }
         out.push(words);
         rest = after;
     }

@@ -381,8 +381,8 @@ fn a_record_is_awaited_without_losing_any_of_it() {
     assert!(closed.contains("the peer closed"), "{closed}");
 }
 
-/// A sparse section is refused unless it gives each sparse page 1 to 64 words at increasing
-/// indices below 512, and nothing more.
+/// A sparse section is refused unless it gives each sparse page 1 to 64 non-zero words at
+/// increasing indices below 512, and nothing more.
 #[test]
 fn malformed_sparse_sections_are_refused_saying_what_was_expected() {
     let word = |index: u16, value: u64| [&index.to_le_bytes()[..], &value.to_le_bytes()].concat();
@@ -391,7 +391,12 @@ fn malformed_sparse_sections_are_refused_saying_what_was_expected() {
         [count.to_le_bytes().to_vec(), words.concat()].concat()
     };
     let many: Vec<Vec<u8>> = (0..65).map(|i| word(i, 1)).collect();
-    let cases: [(Vec<u8>, usize, &str); 7] = [
+    let cases: [(Vec<u8>, usize, &str); 8] = [
+        (
+            page(&[word(1, 0)]),
+            1,
+            "gives sparse page 0 a word of value 0",
+        ),
         (Vec::new(), 1, "ends before sparse page 0 of 1"),
         (
             page(&[]),
