@@ -244,8 +244,16 @@ pub fn print_summary(report: &MigrationReport) {
         );
     }
     if let Some(v) = &report.verification {
+        let audited = if v.pages_audited > 0 {
+            format!(
+                "; {} pages audited after resuming, {} changed unreported",
+                v.pages_audited, v.pages_changed_unreported
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "verification  {} pages and {} device states compared before resuming; guest verify: {} pages, {} bad; {} device record rings checked",
+            "verification  {} pages and {} device states compared before resuming{audited}; guest verify: {} pages, {} bad; {} device record rings checked",
             v.pages_compared,
             v.devices_compared,
             v.guest_pages_checked,

@@ -94,21 +94,17 @@ impl<W: Write> RecordWriter<W> {
 
     /// Writes `record`, encoded ([`Record`]'s one encoder).
     pub fn send(&mut self, record: &Record<'_>) -> io::Result<()> {
-        let Payload {
-            head,
-            body,
-            pages,
-            tail,
-        } = record
-            .encode()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        self.frame(record.kind(), &[&head, body], pages, None, tail)
+        self.encode_and_frame(record, None)
     }
 
     /// Writes a `Pages` record (`record` must be one) whose pages' digests the caller took as
     /// it copied them, one for each page of its data in order, so that they are not read
     /// again here.
     pub fn send_digested(&mut self, record: &Record<'_>, digests: &[u64]) -> io::Result<()> {
+        self.encode_and_frame(record, Some(digests))
+    }
+
+    fn encode_and_frame(&mut self, record: &Record<'_>, digests: Option<&[u64]>) -> io::Result<()> {
         let Payload {
             head,
             body,
@@ -117,12 +113,13 @@ impl<W: Write> RecordWriter<W> {
         } = record
             .encode()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        if record.kind() != Kind::Pages
-            || pages.unwrap_or_default().len() != digests.len() * PAGE_BYTES
+        if let Some(digests) = digests
+            && (record.kind() != Kind::Pages
+                || pages.unwrap_or_default().len() != digests.len() * PAGE_BYTES)
         {
             return Err(pages_shape());
         }
-        self.frame(Kind::Pages, &[&head, body], pages, Some(digests), tail)
+        self.frame(record.kind(), &[&head, body], pages, digests, tail)
     }
 
     /// Writes a record of `kind` whose payload is the concatenation of `parts` (for `Pages`:

@@ -32,7 +32,7 @@
 //!    │ Config {VM, devices, verify_memory} ─────────────────────► │ AwaitingConfig: build the VM
 //!    │ ◄─────────────────────────────────────────────────── Ready │   devices → RESUMING
 //!    │ ┌ pre-copy pass n (repeats until the rest fits the downtime)
-//!    │ │ Pages {pass n, entries, data} on every connection ─────► │ Transferring
+//!    │ │ Pages {pass n, entries, data, sparse} on every conn. ──► │ Transferring
 //!    │ │ PassEnd {n} on every connection ───────────────────────► │   all connections meet
 //!    │ │ DeviceData {device, more, chunk} (pre-copy state) ─────► │   written to the device
 //!    │ └ InitialSent {device} once its initial state is all sent ► │

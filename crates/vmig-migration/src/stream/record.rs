@@ -202,6 +202,9 @@ pub struct SparseWord {
     pub value: U64,
 }
 
+// A word as the stream carries it is the packing `sparse_digest` takes.
+const _: () = assert!(size_of::<SparseWord>() == vmig_primitives::SPARSE_WORD_BYTES);
+
 /// Splits a sparse section into each sparse page's words, checking it: as many pages as
 /// `pages`, each with 1 to [`SPARSE_MAX_WORDS`] words at increasing indices below 512, and
 /// nothing after them.
