@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use vmig_kvm::memory::SlotLayout;
 use vmig_kvm::{GuestMemory, PAGE_SIZE};
-use vmig_primitives::{GuestAddress, PageNumber, SparseWords, sparse_digest};
+use vmig_primitives::{GuestAddress, PageNumber, SparseWords, dense_digest, sparse_digest};
 
 use crate::error::{MigrationError, Result};
 use crate::stream::{PAGE_BYTES, PageEntry, Pages, Record, RecordWriter};
@@ -107,13 +107,7 @@ const UNSENT: u64 = u64::MAX;
 
 impl SentDigests {
     fn new(memory: &GuestMemory) -> Self {
-        let top = memory
-            .layout()
-            .slots
-            .iter()
-            .map(|s| s.first_page() + s.pages())
-            .max()
-            .unwrap_or(0);
+        let top = memory.layout().top_page();
         Self {
             digests: (0..top).map(|_| AtomicU64::new(UNSENT)).collect(),
             zero: crate::stream::page_digest(&[0u8; PAGE_BYTES]),
@@ -126,16 +120,21 @@ impl SentDigests {
         }
     }
 
+    /// The digest `page` was last sent with, or [`UNSENT`].
+    fn sent(&self, page: u64) -> u64 {
+        usize::try_from(page)
+            .ok()
+            .and_then(|i| self.digests.get(i))
+            .map_or(UNSENT, |d| d.load(Ordering::Relaxed))
+    }
+
     /// The digests of `slot`'s pages as sent; a page never sent is read now. Called once
     /// every sender is idle.
     pub fn of_slot(&self, memory: &GuestMemory, slot: &SlotLayout) -> io::Result<Vec<u64>> {
         let mut page = vec![0u8; PAGE_BYTES];
         (slot.first_page()..slot.first_page() + slot.pages())
             .map(|number| {
-                let sent = usize::try_from(number)
-                    .ok()
-                    .and_then(|i| self.digests.get(i))
-                    .map_or(UNSENT, |d| d.load(Ordering::Relaxed));
+                let sent = self.sent(number);
                 if sent != UNSENT {
                     return Ok(sent);
                 }
@@ -160,26 +159,20 @@ pub struct Audit {
 }
 
 impl SentDigests {
-    /// Reads every sent page of `memory` again and compares its digest with the one it was
-    /// last sent with. Run once nothing may write `memory` any more.
-    pub fn audit(&self, memory: &GuestMemory) -> io::Result<Audit> {
+    /// Compares the digests of RAM read now (each slot's first page number and its pages'
+    /// digests, as [`digest_all`](crate::source::digest_all) gives them) with the ones its
+    /// pages were last sent with. Pages never sent were read at the stop, their digests taken
+    /// then: they are not compared.
+    pub fn audit(&self, now: &[(u64, Vec<u64>)]) -> Audit {
         let mut audit = Audit::default();
-        let mut page = vec![0u8; PAGE_BYTES];
-        for slot in &memory.layout().slots {
-            for number in slot.first_page()..slot.first_page() + slot.pages() {
-                let sent = usize::try_from(number)
-                    .ok()
-                    .and_then(|i| self.digests.get(i))
-                    .map_or(UNSENT, |d| d.load(Ordering::Relaxed));
+        for (first, digests) in now {
+            for (number, &digest) in (*first..).zip(digests) {
+                let sent = self.sent(number);
                 if sent == UNSENT {
-                    // Read at the stop, not sent: its digest was taken then.
                     continue;
                 }
-                memory
-                    .read(GuestAddress(number * PAGE_SIZE), &mut page)
-                    .map_err(io::Error::other)?;
                 audit.pages += 1;
-                if crate::stream::page_digest(&page) != sent {
+                if digest != sent {
                     audit.changed += 1;
                     if audit.first_changed.len() < 8 {
                         audit.first_changed.push(number);
@@ -187,7 +180,7 @@ impl SentDigests {
                 }
             }
         }
-        Ok(audit)
+        audit
     }
 }
 
@@ -352,7 +345,7 @@ impl PagePool {
                     PageEntry::sparse(number)
                 }
                 None => {
-                    let digest = xxhash_rust::xxh3::xxh3_64(slot);
+                    let digest = dense_digest(slot);
                     digests.push(digest);
                     self.sent.record(page, digest);
                     filled += PAGE_BYTES;

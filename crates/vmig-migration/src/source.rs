@@ -732,7 +732,7 @@ impl<'a> Source<'a> {
             let verify = self.params.verify_memory;
             let reread = verify && dma_writes_ram(machine);
             times.digest_pages_read = if reread {
-                memory.layout().slots.iter().map(|s| s.pages()).sum()
+                memory.layout().ram() / PAGE_SIZE
             } else {
                 0
             };
@@ -858,7 +858,8 @@ impl<'a> Source<'a> {
             .map_err(io_error("setting a timeout"))?;
         let memory = self.machine.vm.memory();
         let (result, audit) = std::thread::scope(|scope| {
-            let audit = sent.map(|sent| scope.spawn(|| sent.audit(memory)));
+            let audit =
+                sent.map(|sent| scope.spawn(|| digest_all(memory).map(|now| sent.audit(&now))));
             let mut buf = Vec::new();
             let result = match self.reader.expect_record(Kind::Result, &mut buf) {
                 Ok(Record::Result(verification)) => Ok(*verification),
@@ -877,7 +878,7 @@ impl<'a> Source<'a> {
         });
         let mut verification = result?;
         if let Some(audit) = audit {
-            let audit = audit?.map_err(|e| {
+            let audit = audit?.map_err(|e: MigrationError| {
                 MigrationError::Verification(format!(
                     "the VM runs on the destination, but reading RAM here to audit the pages sent failed: {e}"
                 ))

@@ -24,7 +24,8 @@ pub mod uapi;
 
 pub use addr::{
     DmaRange, GuestAddress, GuestRange, Iova, PAGE_BYTES, PAGE_SHIFT, PAGE_SIZE, PageNumber,
-    RegionArea, SPARSE_MAX_WORDS, SPARSE_WORD_BYTES, SparseWords, page_digest, sparse_digest,
+    RegionArea, SPARSE_MAX_WORDS, SPARSE_WORD_BYTES, SparseWords, dense_digest, page_digest,
+    sparse_digest,
 };
 pub use description::DeviceDescription;
 pub use host_memory::{HostMemory, memfd, regular_file_size};
