@@ -920,3 +920,51 @@ fn a_config_record_with_a_value_the_command_line_refuses_is_refused() {
     let err = dest.join().unwrap().unwrap_err().to_string();
     assert!(err.contains(expected), "{err}");
 }
+
+#[test]
+fn a_page_digest_sent_twice_is_refused_so_no_range_can_stand_in_for_another() {
+    use vmig_migration::stream::{Digests, Hello, MigrationConfig, Record, RecordWriter};
+    use vmig_primitives::PageNumber;
+    use zerocopy::little_endian::U64;
+    require_kvm!();
+    let scenario = Scenario::new("twice", &[]);
+    let socket = scenario.dir.join("m.sock");
+    let incoming = scenario.incoming(&Uri::Unix(socket.clone()), None);
+    let dest = std::thread::spawn(move || receive(incoming, &Progress::default()));
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    std::io::Write::write_all(
+        &mut stream,
+        &Hello {
+            channel: 0,
+            channels: 1,
+            session: 9,
+        }
+        .encode(),
+    )
+    .unwrap();
+    let mut writer = RecordWriter::new(stream.try_clone().unwrap());
+    writer
+        .send(&Record::Config(Box::new(MigrationConfig {
+            vm: vm_config(32 << 20, 0, 1000, DirtyLogMode::Bitmap),
+            devices: Vec::new(),
+            verify_memory: true,
+        })))
+        .unwrap();
+    writer.send(&Record::VcpuState(Vec::new())).unwrap();
+    // Whole, checksummed records: the same four pages' digests twice, as a source that sent
+    // one range twice and another never would.
+    let digests = [U64::new(0); 4];
+    for _ in 0..2 {
+        writer
+            .send(&Record::Digests(Digests {
+                first: PageNumber(0x10),
+                digests: &digests,
+            }))
+            .unwrap();
+    }
+    let err = dest.join().unwrap().unwrap_err().to_string();
+    assert!(
+        err.contains("a second digest for page 0x10: each page's digest is sent once"),
+        "{err}"
+    );
+}

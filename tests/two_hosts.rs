@@ -443,8 +443,7 @@ fn migrations_across_two_shaped_hosts_complete_verified_and_converge_at_the_link
     // bottleneck, the engine's estimate (the rate RAM moves at, here that of its bytes, as the
     // guest's RAM is random) finds that link's rate (it cannot exceed it but by
     // what the socket buffers take); on the fast one the engine's own speed on this machine
-    // is the bottleneck, and its estimate is well above the slow link's. For the same
-    // downtime limit the slow link then takes more passes, or leaves less for the stop.
+    // is the bottleneck, and its estimate is well above the slow link's.
     let (fast, slow) = (&outcomes[0], &outcomes[1]);
     let slow_rate = slow.shape.rate_bits_per_s.map_or(f64::INFINITY, float);
     let share = slow.estimate_mbps() * 1e6 / slow_rate;
@@ -462,17 +461,19 @@ fn migrations_across_two_shaped_hosts_complete_verified_and_converge_at_the_link
         fast.name,
         fast.estimate_mbps()
     );
-    let passes = |o: &Outcome| o.number(&["passes"]);
-    assert!(
-        passes(slow) > passes(fast) || slow.final_set_mib() < fast.final_set_mib(),
-        "{}: {} passes, {:.2} MiB left; {}: {} passes, {:.2} MiB left",
-        slow.name,
-        passes(slow),
-        slow.final_set_mib(),
-        fast.name,
-        passes(fast),
-        fast.final_set_mib()
-    );
+    // Each stop came when the rest fit the limit at that link's own estimate. (Which link
+    // then takes more passes is not fixed: the engine goes on while a pass halves what is
+    // left, and a slow link's longer passes leave the guest more time to dirty pages.)
+    for o in &outcomes {
+        let expected = o.number(&["expected_downtime_ms"]);
+        assert!(
+            expected <= float(DOWNTIME_MS),
+            "{}: the engine stopped expecting {expected} ms of downtime ({:.2} MiB at {:.0} Mbit/s), over the limit of {DOWNTIME_MS} ms",
+            o.name,
+            o.final_set_mib(),
+            o.estimate_mbps()
+        );
+    }
 }
 
 /// `part` as a share of `whole`.

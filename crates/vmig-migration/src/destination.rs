@@ -595,6 +595,9 @@ fn main_loop(
     let mut vcpus: Option<Vec<VcpuState>> = None;
     let mut verification = Verification::default();
     let mut differing: Vec<u64> = Vec::new();
+    // Pages whose digest arrived, one bit each: a page's digest counts once, so a range sent
+    // twice cannot stand in for one never sent.
+    let mut compared: Vec<u64> = Vec::new();
     let ram_pages = machine.vm.memory().layout().ram() / PAGE_SIZE;
     let mut last_update = Instant::now();
     loop {
@@ -717,6 +720,17 @@ fn main_loop(
                                 "a digest for page {page:#x}, beyond guest RAM"
                             ))
                         })?;
+                    if compared.is_empty() {
+                        compared = vec![0; pages.digests.len().div_ceil(64)];
+                    }
+                    // In range: `ours` exists, so `page` indexes `pages.digests`.
+                    let (word, bit) = ((page / 64) as usize, 1u64 << (page % 64));
+                    if compared[word] & bit != 0 {
+                        return Err(MigrationError::Stream(format!(
+                            "a second digest for page {page:#x}: each page's digest is sent once"
+                        )));
+                    }
+                    compared[word] |= bit;
                     if ours.load(Ordering::Relaxed) != theirs.get() {
                         differing.push(page);
                     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use vmig_kvm::memory::SlotLayout;
 use vmig_kvm::{GuestMemory, PAGE_SIZE};
-use vmig_primitives::{GuestAddress, PageNumber, SparseWords, dense_digest, sparse_digest};
+use vmig_primitives::{PageNumber, SparseWords, dense_digest, sparse_digest};
 
 use crate::error::{MigrationError, Result};
 use crate::stream::{PAGE_BYTES, PageEntry, Pages, Record, RecordWriter};
@@ -131,17 +131,14 @@ impl SentDigests {
     /// The digests of `slot`'s pages as sent; a page never sent is read now. Called once
     /// every sender is idle.
     pub fn of_slot(&self, memory: &GuestMemory, slot: &SlotLayout) -> io::Result<Vec<u64>> {
-        let mut page = vec![0u8; PAGE_BYTES];
         (slot.first_page()..slot.first_page() + slot.pages())
-            .map(|number| {
-                let sent = self.sent(number);
-                if sent != UNSENT {
-                    return Ok(sent);
-                }
-                memory
-                    .read(GuestAddress(number * PAGE_SIZE), &mut page)
-                    .map_err(io::Error::other)?;
-                Ok(crate::stream::page_digest(&page))
+            .map(|number| match self.sent(number) {
+                UNSENT => Ok(memory
+                    .page_digests(number, 1)
+                    .map_err(io::Error::other)?
+                    .pop()
+                    .unwrap_or(UNSENT)),
+                sent => Ok(sent),
             })
             .collect()
     }

@@ -173,7 +173,7 @@ pub fn page_digest(bytes: &[u8]) -> u64 {
 /// The digest [`page_digest`] gives a buffer that is not a sparse page, for a caller that
 /// already knows it is not (and need not look for its words again).
 pub fn dense_digest(bytes: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(bytes)
+    twox_hash::XxHash3_64::oneshot(bytes)
 }
 
 /// Most non-zero 8-byte words a sparse page has.
@@ -188,7 +188,7 @@ const SPARSE_SEED: u64 = 0x5350_4152_5345_0001;
 /// The digest of a sparse page from its non-zero words, packed as [`SPARSE_WORD_BYTES`] each at
 /// increasing indices: what [`page_digest`] gives for that page.
 pub fn sparse_digest(packed: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64_with_seed(packed, SPARSE_SEED)
+    twox_hash::XxHash3_64::oneshot_with_seed(SPARSE_SEED, packed)
 }
 
 /// A sparse page's non-zero words, packed.
@@ -250,6 +250,16 @@ impl SparseWords {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Streams and snapshots carry these digests, so the hash must stay XXH3-64 exactly: the
+    /// values of the reference implementation (xxHash 0.8), whichever crate computes them.
+    #[test]
+    fn digests_are_the_reference_xxh3_64() {
+        let page: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        assert_eq!(dense_digest(b""), 0x2d06_8005_38d3_94c2);
+        assert_eq!(dense_digest(&page), 0x7135_ffa5_04f1_bc71);
+        assert_eq!(sparse_digest(&page[..30]), 0x1eb8_7010_f796_c4d5);
+    }
 
     #[test]
     fn pages_of_a_range_count_partial_pages() {

@@ -98,7 +98,9 @@ mod hello;
 mod receiver;
 mod record;
 
-use xxhash_rust::xxh3::Xxh3;
+use std::hash::Hasher as _;
+
+use twox_hash::XxHash3_64;
 
 pub use frame::{RawRecord, RecordReader, RecordWriter};
 pub use hello::Hello;
@@ -141,7 +143,7 @@ pub(crate) use vmig_primitives::PAGE_BYTES;
 #[derive(Clone, Default)]
 pub struct StateDigest {
     bytes: u64,
-    hash: Xxh3,
+    hash: XxHash3_64,
 }
 
 impl StateDigest {
@@ -149,8 +151,8 @@ impl StateDigest {
     pub fn add(&mut self, chunk: &[u8]) {
         let len = chunk.len() as u64;
         self.bytes += len;
-        self.hash.update(&len.to_le_bytes());
-        self.hash.update(chunk);
+        self.hash.write(&len.to_le_bytes());
+        self.hash.write(chunk);
     }
 
     /// Bytes added so far.
@@ -160,6 +162,6 @@ impl StateDigest {
 
     /// The digest of the chunks added so far.
     pub fn digest(&self) -> u64 {
-        self.hash.digest()
+        self.hash.finish()
     }
 }
