@@ -684,7 +684,7 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode, String> {
             full(args, &params, ram, true, memcpy)?;
             if with_qemu {
                 println!(
-                    "  qemu  not run: its boot-sector guest cannot fill RAM with random bytes, and QEMU's VMM has no way to"
+                    "  qemu  not run: its boot-sector guest cannot fill RAM with random bytes, and QEMU has no way to write guest RAM before the guest starts"
                 );
             }
         }
