@@ -18,8 +18,9 @@
 //!   record (24-byte header, payload) ─► the fault's record? ─► forwarded, or
 //!        cut-before: not forwarded; every connection of the migration shut down both ways
 //!        cut-after:  forwarded whole; then every connection shut down both ways
-//!        corrupt:    one bit flipped (the last payload byte's, or the header checksum's when
-//!                    the payload is empty), forwarded; forwarding goes on
+//!        corrupt:    one bit flipped (the last payload byte's, a Pages record's first, or
+//!                    the header checksum's when the payload is empty), forwarded;
+//!                    forwarding goes on
 //!        stall:      it and everything after it in that direction held, never forwarded;
 //!                    the connections stay open (a network that blackholes)
 //! ```
@@ -1015,18 +1016,22 @@ fn fill(from: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(got)
 }
 
-/// Flips bit 0 of the payload's last byte, or, for an empty payload, of the header's
-/// checksum (every other header field is checked before the checksum, and a flip there would
-/// be refused as something other than corruption); says which.
+/// Flips bit 0 of the payload's last byte (of a `Pages` record, its first: the last may be a
+/// whole page's, which its digest checks, not the checksum, and which arrives torn), or, for
+/// an empty payload, of the header's checksum (every other header field is checked before
+/// the checksum, and a flip there would be refused as something other than corruption); says
+/// which.
 fn flip_one_bit(header: &mut [u8; HEADER_SIZE], payload: &mut [u8]) -> String {
-    match payload.last_mut() {
-        Some(last) => {
-            *last ^= 1;
-            format!(
-                "bit 0 of payload byte {} of {} flipped",
-                payload.len() - 1,
-                payload.len()
-            )
+    let pages = u16::from_le_bytes([header[0], header[1]]) == Kind::Pages as u16;
+    let at = if pages {
+        0
+    } else {
+        payload.len().wrapping_sub(1)
+    };
+    match payload.get_mut(at) {
+        Some(byte) => {
+            *byte ^= 1;
+            format!("bit 0 of payload byte {at} of {} flipped", payload.len())
         }
         None => {
             header[16] ^= 1;
@@ -1372,10 +1377,26 @@ mod tests {
 
     #[test]
     fn corrupt_flips_one_bit_the_checksum_finds_and_forwarding_goes_on() {
-        for (kind, payload) in [(Kind::Config, &b"{\"a\": 1}"[..]), (Kind::Complete, b"")] {
+        // A Pages record of one whole page: its flip lands in the pass, which the checksum
+        // covers, not in the page, which only its digest does.
+        let page = [7u8; 4096];
+        let entries = [
+            [1u32.to_le_bytes(), 1u32.to_le_bytes()].concat(),
+            5u64.to_le_bytes().to_vec(),
+        ]
+        .concat();
+        for (kind, payload) in [
+            (Kind::Config, &b"{\"a\": 1}"[..]),
+            (Kind::Complete, b""),
+            (Kind::Pages, &entries[..]),
+        ] {
             let rig = Rig::new("corrupt", &format!("corrupt:{}", kind.name()));
             let (mut main, mut at_destination, source, destination) = rig.connect(0, 1, 13);
-            send(&mut main, kind, payload);
+            if kind == Kind::Pages {
+                main.write(kind, &[payload, &page]).unwrap();
+            } else {
+                send(&mut main, kind, payload);
+            }
             let err = at_destination.read().unwrap_err().to_string();
             assert!(err.contains("fails its checksum"), "{kind:?}: {err}");
             let fired = rig.fired();

@@ -238,7 +238,8 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, String> {
         };
         if args.fill_random {
             // Before the devices: their drivers set up rings in RAM as they attach.
-            crate::bench::fill_random(&vm).map_err(|e| format!("--fill-random: {e}"))?;
+            vm.fill_random()
+                .map_err(|e| format!("--fill-random: {e}"))?;
         }
         let machine =
             Machine::attach_with_drivers(vm, &devices, Role::Source, &crate::drivers::all())

@@ -923,11 +923,34 @@ fn a_config_record_with_a_value_the_command_line_refuses_is_refused() {
 
 #[test]
 fn a_page_digest_sent_twice_is_refused_so_no_range_can_stand_in_for_another() {
-    use vmig_migration::stream::{Digests, Hello, MigrationConfig, Record, RecordWriter};
+    use vmig_migration::stream::{Digests, Record};
     use vmig_primitives::PageNumber;
     use zerocopy::little_endian::U64;
     require_kvm!();
     let scenario = Scenario::new("twice", &[]);
+    // Whole, checksummed records: the same four pages' digests twice, as a source that sent
+    // one range twice and another never would.
+    let digests = [U64::new(0); 4];
+    let once = || {
+        Record::Digests(Digests {
+            first: PageNumber(0x10),
+            digests: &digests,
+        })
+    };
+    let err = destination_refusal(&scenario, &[Record::VcpuState(Vec::new()), once(), once()]);
+    assert!(
+        err.contains("a second digest for page 0x10: each page's digest is sent once"),
+        "{err}"
+    );
+}
+
+/// A source's stream, record by record, to a destination: a hello and a Config of a 32 MiB VM
+/// without devices, then `records`. Returns the destination's error.
+fn destination_refusal(
+    scenario: &Scenario,
+    records: &[vmig_migration::stream::Record<'_>],
+) -> String {
+    use vmig_migration::stream::{Hello, MigrationConfig, Record, RecordWriter};
     let socket = scenario.dir.join("m.sock");
     let incoming = scenario.incoming(&Uri::Unix(socket.clone()), None);
     let dest = std::thread::spawn(move || receive(incoming, &Progress::default()));
@@ -937,7 +960,7 @@ fn a_page_digest_sent_twice_is_refused_so_no_range_can_stand_in_for_another() {
         &Hello {
             channel: 0,
             channels: 1,
-            session: 9,
+            session: 11,
         }
         .encode(),
     )
@@ -947,24 +970,66 @@ fn a_page_digest_sent_twice_is_refused_so_no_range_can_stand_in_for_another() {
         .send(&Record::Config(Box::new(MigrationConfig {
             vm: vm_config(32 << 20, 0, 1000, DirtyLogMode::Bitmap),
             devices: Vec::new(),
-            verify_memory: true,
+            verify_memory: false,
         })))
         .unwrap();
-    writer.send(&Record::VcpuState(Vec::new())).unwrap();
-    // Whole, checksummed records: the same four pages' digests twice, as a source that sent
-    // one range twice and another never would.
-    let digests = [U64::new(0); 4];
-    for _ in 0..2 {
-        writer
-            .send(&Record::Digests(Digests {
-                first: PageNumber(0x10),
-                digests: &digests,
-            }))
-            .unwrap();
+    for record in records {
+        writer.send(record).unwrap();
     }
-    let err = dest.join().unwrap().unwrap_err().to_string();
-    assert!(
-        err.contains("a second digest for page 0x10: each page's digest is sent once"),
-        "{err}"
+    dest.join().unwrap().unwrap_err().to_string()
+}
+
+/// The stream's rule for pages sent from guest memory as the guest runs (`Kind::Pages`): a
+/// page whose bytes arrive different from the digest sent with them is held as torn, and the
+/// migration is refused at its end if the page never came again intact, `verify_memory` or
+/// not; sent again intact, it is taken.
+#[test]
+fn a_page_that_arrives_unlike_its_digest_is_refused_unless_it_comes_again_intact() {
+    use vmig_migration::stream::{PageEntry, Pages, Record, page_digest};
+    use vmig_primitives::PageNumber;
+    use zerocopy::little_endian::U64;
+    require_kvm!();
+    let page: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8 + 1).collect();
+    let entries = [PageEntry::new(PageNumber(0x10), false)];
+    let (intact, torn) = (
+        [U64::new(page_digest(&page))],
+        [U64::new(!page_digest(&page))],
     );
+    let pages = |pass, digests| {
+        Record::Pages(Pages {
+            pass,
+            entries: &entries,
+            digests,
+            data: &page,
+            sparse: &[],
+        })
+    };
+    let refusal = "1 page(s) arrived different from the digest sent with them and never came again";
+
+    let scenario = Scenario::new("torn", &[]);
+    let err = destination_refusal(
+        &scenario,
+        &[
+            pages(0, &torn),
+            Record::VcpuState(Vec::new()),
+            Record::Complete,
+        ],
+    );
+    assert!(err.contains(refusal) && err.contains("0x10"), "{err}");
+
+    // Sent again intact in the next pass, the page is taken: the stream gets past the pages
+    // (and this one then stops at its missing vCPUs).
+    let scenario = Scenario::new("torn-again", &[]);
+    let err = destination_refusal(
+        &scenario,
+        &[
+            pages(0, &torn),
+            Record::PassEnd { pass: 0 },
+            pages(1, &intact),
+            Record::VcpuState(Vec::new()),
+            Record::Complete,
+        ],
+    );
+    assert!(!err.contains(refusal), "{err}");
+    assert!(err.contains("vCPU"), "{err}");
 }

@@ -305,6 +305,13 @@ fn typical(writer: &mut RecordWriter<Vec<u8>>, kind: Kind, script: &mut Script<'
                 })
                 .collect();
             let pages = entries.iter().filter(|e| e.is_whole()).count();
+            // Each whole page's digest, or one it does not have: a page torn on the way.
+            let digests: Vec<U64> = (0..pages)
+                .map(|_| {
+                    let digest = vmig_primitives::page_digest(&data);
+                    U64::new(if script.flag() { digest } else { !digest })
+                })
+                .collect();
             let data = data.repeat(pages);
             // One word for each sparse page: count 1, index below 512, a value.
             let mut sparse = Vec::new();
@@ -319,6 +326,7 @@ fn typical(writer: &mut RecordWriter<Vec<u8>>, kind: Kind, script: &mut Script<'
                 Record::Pages(Pages {
                     pass,
                     entries: &entries,
+                    digests: &digests,
                     data: &data,
                     sparse: &sparse,
                 }),

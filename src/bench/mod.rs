@@ -253,36 +253,6 @@ fn fill_working_set(vm: &Vm) {
     }
 }
 
-/// Fills every data page of `vm` with pseudo-random bytes (xorshift64), so that no page is
-/// zero and none compresses: all but the words of the guest's stamp (its first four and its
-/// last), which stay zero as in a page the guest never wrote, so its verify still holds.
-pub(crate) fn fill_random(vm: &Vm) -> Result<(), String> {
-    let mut chunk = vec![0u8; 1 << 20];
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    for slot in vm.layout().memory.data_slots() {
-        let mut gpa = slot.gpa;
-        while gpa < slot.gpa + slot.size {
-            let len = usize::try_from((slot.gpa + slot.size - gpa).min(chunk.len() as u64))
-                .unwrap_or(chunk.len());
-            for word in chunk[..len].chunks_exact_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                word.copy_from_slice(&x.to_le_bytes());
-            }
-            for page in chunk[..len].chunks_exact_mut(vmig_primitives::PAGE_BYTES) {
-                page[..32].fill(0);
-                page[vmig_primitives::PAGE_BYTES - 8..].fill(0);
-            }
-            vm.memory()
-                .write(vmig_primitives::GuestAddress(gpa), &chunk[..len])
-                .map_err(|e| e.to_string())?;
-            gpa += len as u64;
-        }
-    }
-    Ok(())
-}
-
 /// Milliseconds, from microseconds, to print.
 #[expect(clippy::cast_precision_loss, reason = "a figure to print")]
 fn ms(us: u64) -> f64 {
@@ -548,7 +518,8 @@ fn full(
             params.clone(),
             |vm| {
                 if random {
-                    fill_random(vm).map_err(|e| format!("filling guest RAM: {e}"))
+                    vm.fill_random()
+                        .map_err(|e| format!("filling guest RAM: {e}"))
                 } else {
                     Ok(())
                 }

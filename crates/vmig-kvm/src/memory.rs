@@ -272,6 +272,16 @@ impl GuestMemory {
         Ok(out)
     }
 
+    /// The 4 KiB of guest page `page`, where they are, without a copy: the vCPUs and devices
+    /// may write them meanwhile (see [`HostMemory::shared`]).
+    pub fn page_bytes(&self, page: u64) -> Result<&[u8]> {
+        let gpa = page
+            .checked_mul(PAGE_SIZE)
+            .ok_or_else(|| KvmError::Invalid(format!("page {page:#x} is beyond guest RAM")))?;
+        let (slot, offset) = self.locate(gpa, PAGE_SIZE)?;
+        Ok(slot.host.shared(offset, PAGE_BYTES)?)
+    }
+
     /// Copies `data` into guest memory at `gpa` and records the pages as written by the VMM.
     pub fn write(&self, gpa: GuestAddress, data: &[u8]) -> Result<()> {
         let gpa = gpa.raw();

@@ -32,7 +32,7 @@ use crate::memory::{GuestMemory, PAGE_SIZE};
 use crate::ports::{GuestPorts, MmioHandler, PortHandler, VerifyReport};
 use crate::sys::{self, DirtyRing};
 use crate::vcpu::{MIGRATED_MSRS, VcpuHandle, VcpuState, restore_state, save_state};
-use vmig_primitives::HostMemory;
+use vmig_primitives::{GuestAddress, HostMemory, PAGE_BYTES};
 
 const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: u32 = 168;
 const KVM_CAP_DIRTY_LOG_RING: u32 = 192;
@@ -405,6 +405,35 @@ impl Vm {
         let memory = GuestMemory::new(&layout.memory)?;
         memory.preallocate()?;
         Ok(memory)
+    }
+
+    /// Fills every data page with pseudo-random bytes (xorshift64), so that no page is zero
+    /// and none compresses: all but the words of the guest's stamp (its first four and its
+    /// last), which stay zero as in a page the guest never wrote, so its verify still holds.
+    /// The VMM's writes are marked dirty like any other.
+    pub fn fill_random(&self) -> Result<()> {
+        let mut chunk = vec![0u8; 1 << 20];
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        for slot in self.layout().memory.data_slots() {
+            let mut gpa = slot.gpa;
+            while gpa < slot.gpa + slot.size {
+                let len = usize::try_from((slot.gpa + slot.size - gpa).min(chunk.len() as u64))
+                    .unwrap_or(chunk.len());
+                for word in chunk[..len].chunks_exact_mut(8) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    word.copy_from_slice(&x.to_le_bytes());
+                }
+                for page in chunk[..len].chunks_exact_mut(PAGE_BYTES) {
+                    page[..32].fill(0);
+                    page[PAGE_BYTES - 8..].fill(0);
+                }
+                self.memory().write(GuestAddress(gpa), &chunk[..len])?;
+                gpa += len as u64;
+            }
+        }
+        Ok(())
     }
 
     /// Loads each vCPU's saved state; the VM must be paused.

@@ -109,11 +109,13 @@ pub fn receive(incoming: Incoming, progress: &Progress) -> Result<Arrived> {
     })
 }
 
-/// Received pages: what each page's digest is now, and which pages were ever written.
+/// Received pages: what each page's digest is now, which pages were ever written, and which
+/// are torn (their last copy arrived different from the digest sent with it).
 struct Pages<'a> {
     memory: &'a GuestMemory,
     digests: Vec<AtomicU64>,
     written: DirtyBitmap,
+    torn: DirtyBitmap,
     zero_digest: u64,
     bytes: AtomicU64,
     /// The source sends every page's digest at the end (`verify_memory`).
@@ -141,9 +143,18 @@ impl Pages<'_> {
         if kind != Kind::Pages {
             return Ok(Some(kind));
         }
-        let (record_pass, entries, section) = Record::decode_pages_head(buf)?;
+        let (record_pass, entries, rest) = Record::decode_pages_head(buf)?;
+        // The whole pages' digests (which the reader compared) come before the sparse section.
+        let section = rest
+            .get(reader.page_digests().len() * 8..)
+            .unwrap_or_default();
         let sparse = sparse_words(section, entries.iter().filter(|e| e.is_sparse()).count())?;
         self.apply_entries(record_pass, entries, &sparse, reader.page_digests(), pass)?;
+        // After the entries, which cleared every page they brought: a page torn now stays so
+        // until it comes again intact.
+        for &page in reader.torn_pages() {
+            let _ = self.torn.set(page);
+        }
         self.bytes.fetch_add(
             (buf.len() + reader.page_digests().len() * PAGE_BYTES) as u64,
             Ordering::Relaxed,
@@ -169,8 +180,8 @@ impl Pages<'_> {
             )));
         }
         let count = entries.len();
-        // The reader computed one digest for each whole page, the decoder checked that the
-        // sparse section has words for each sparse one.
+        // The reader computed one digest for each whole page as it arrived, the decoder
+        // checked that the sparse section has words for each sparse one.
         let fewer = || {
             MigrationError::Stream(format!(
                 "Pages record lists {count} pages but carries data for fewer"
@@ -188,6 +199,7 @@ impl Pages<'_> {
                     MigrationError::Stream(format!("page {:#x} is beyond guest RAM", page.0))
                 })?;
             let written = self.written.test(page.0).unwrap_or(false);
+            let _ = self.torn.clear(page.0);
             let write = |at: GuestAddress, bytes: &[u8]| {
                 self.memory
                     .write(at, bytes)
@@ -462,6 +474,7 @@ impl Destination {
             memory,
             digests: (0..top).map(|_| AtomicU64::new(0)).collect(),
             written: DirtyBitmap::try_new(top)?,
+            torn: DirtyBitmap::try_new(top)?,
             zero_digest: page_digest(&[0u8; PAGE_BYTES]),
             bytes: AtomicU64::new(0),
             digests_follow: config.verify_memory,
@@ -597,7 +610,7 @@ fn main_loop(
     let mut differing: Vec<u64> = Vec::new();
     // Pages whose digest arrived, one bit each: a page's digest counts once, so a range sent
     // twice cannot stand in for one never sent.
-    let mut compared: Vec<u64> = Vec::new();
+    let compared = DirtyBitmap::try_new(machine.vm.memory().layout().top_page())?;
     let ram_pages = machine.vm.memory().layout().ram() / PAGE_SIZE;
     let mut last_update = Instant::now();
     loop {
@@ -720,17 +733,13 @@ fn main_loop(
                                 "a digest for page {page:#x}, beyond guest RAM"
                             ))
                         })?;
-                    if compared.is_empty() {
-                        compared = vec![0; pages.digests.len().div_ceil(64)];
-                    }
-                    // In range: `ours` exists, so `page` indexes `pages.digests`.
-                    let (word, bit) = ((page / 64) as usize, 1u64 << (page % 64));
-                    if compared[word] & bit != 0 {
+                    // In range: `ours` exists, so `page` is below the top page.
+                    if compared.test(page).unwrap_or(false) {
                         return Err(MigrationError::Stream(format!(
                             "a second digest for page {page:#x}: each page's digest is sent once"
                         )));
                     }
-                    compared[word] |= bit;
+                    let _ = compared.set(page);
                     if ours.load(Ordering::Relaxed) != theirs.get() {
                         differing.push(page);
                     }
@@ -749,6 +758,18 @@ fn main_loop(
                     problems.push(format!(
                         "digests of {} pages arrived for {ram_pages} pages of RAM",
                         verification.pages_compared
+                    ));
+                }
+                let torn = pages.torn.collect_runs();
+                if !torn.is_empty() {
+                    let count: u64 = torn.iter().map(|&(_, n)| n).sum();
+                    let first: Vec<u64> = torn
+                        .iter()
+                        .flat_map(|&(page, n)| page..page + n)
+                        .take(LISTED_PAGES)
+                        .collect();
+                    problems.push(format!(
+                        "{count} page(s) arrived different from the digest sent with them and never came again (written as they were sent with no dirty source reporting it, or damaged on the way), first {first:#x?}"
                     ));
                 }
                 if !differing.is_empty() {

@@ -1,6 +1,7 @@
 //! The source's page senders: one thread per connection takes batches of page numbers from a
-//! shared queue, reads the pages, marks zero pages, sends sparse ones (a few non-zero words)
-//! as their words, and writes `Pages` records; a shared token bucket keeps them under the
+//! shared queue, reads the pages where they are, marks zero pages, sends sparse ones (a few
+//! non-zero words) as their words, and writes `Pages` records with whole pages straight from
+//! guest memory; a shared token bucket keeps them under the
 //! bandwidth limit. As they send they keep each page's digest ([`SentDigests`]): what the
 //! destination holds, unless the page changed without being reported dirty.
 
@@ -15,7 +16,7 @@ use vmig_kvm::{GuestMemory, PAGE_SIZE};
 use vmig_primitives::{PageNumber, SparseWords, dense_digest, sparse_digest};
 
 use crate::error::{MigrationError, Result};
-use crate::stream::{PAGE_BYTES, PageEntry, Pages, Record, RecordWriter};
+use crate::stream::{PAGE_BYTES, PageEntry, RecordWriter};
 use crate::transport::Conn;
 
 /// Pages per `Pages` record.
@@ -269,7 +270,6 @@ impl PagePool {
         let mut batch = Batch {
             entries: Vec::with_capacity(BATCH_PAGES),
             digests: Vec::with_capacity(BATCH_PAGES),
-            data: vec![0u8; BATCH_PAGES * PAGE_BYTES],
             sparse: Vec::new(),
         };
         loop {
@@ -313,23 +313,20 @@ impl PagePool {
         let Batch {
             entries,
             digests,
-            data,
             sparse,
         } = batch;
         entries.clear();
         digests.clear();
         sparse.clear();
-        let mut filled = 0usize;
+        let mut whole: Vec<&[u8]> = Vec::with_capacity(pages.len());
         let (mut zero, mut sparse_pages) = (0u64, 0u64);
         for &page in pages {
             let number = PageNumber(page);
-            let slot = &mut data[filled..filled + PAGE_BYTES];
-            memory
-                .read(number.guest_address(), slot)
-                .map_err(io::Error::other)?;
-            // Digested here, just copied and still in cache; the copy is what goes out, so
-            // the guest writing the page meanwhile cannot make the two disagree.
-            let entry = match SparseWords::of(slot) {
+            // The page where it is: classified, digested and then sent from there, with no
+            // copy. The guest may write it meanwhile; the receiver then finds it differs from
+            // its digest and holds it as torn until it comes again, as the dirty log has it.
+            let bytes = memory.page_bytes(page).map_err(io::Error::other)?;
+            let entry = match SparseWords::of(bytes) {
                 Some(words) if words.count() == 0 => {
                     zero += 1;
                     self.sent.record(page, self.sent.zero);
@@ -342,24 +339,18 @@ impl PagePool {
                     PageEntry::sparse(number)
                 }
                 None => {
-                    let digest = dense_digest(slot);
+                    let digest = dense_digest(bytes);
                     digests.push(digest);
                     self.sent.record(page, digest);
-                    filled += PAGE_BYTES;
+                    whole.push(bytes);
                     PageEntry::new(number, false)
                 }
             };
             entries.push(entry);
         }
-        let bytes = (8 + entries.len() * 8 + filled + sparse.len()) as u64;
+        let bytes = (8 + entries.len() * 8 + whole.len() * (8 + PAGE_BYTES) + sparse.len()) as u64;
         self.limiter.take(bytes);
-        let record = Record::Pages(Pages {
-            pass,
-            entries,
-            data: &data[..filled],
-            sparse,
-        });
-        lock(writer).send_digested(&record, digests)?;
+        lock(writer).send_pages(pass, entries, digests, &whole, sparse)?;
         let c = &self.counters;
         c.bytes
             .fetch_add(bytes + crate::stream::HEADER_SIZE as u64, Ordering::Relaxed);
@@ -374,9 +365,8 @@ impl PagePool {
 /// A sender's buffers for one `Pages` record, reused.
 struct Batch {
     entries: Vec<PageEntry>,
-    /// The digest of each whole page in `data`.
+    /// The digest of each whole page, in order.
     digests: Vec<u64>,
-    data: Vec<u8>,
     sparse: Vec<u8>,
 }
 

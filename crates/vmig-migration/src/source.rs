@@ -756,14 +756,13 @@ impl<'a> Source<'a> {
             let vcpus: Vec<VcpuState> = vm.save_vcpus()?;
             self.send(&Record::VcpuState(vcpus))?;
             times.vcpu_us = lap.take();
-            if let Some(chunks) = digests {
+            if let Some(read) = digests {
                 // Each chunk goes out as it is done, while the rest are read.
                 let mut done = digest_start;
-                for chunk in chunks {
-                    let (first, list, at) = chunk?;
+                read.for_each(|(first, list, at)| {
                     done = done.max(at);
-                    self.send_digests(first, &list)?;
-                }
+                    self.send_digests(first, &list)
+                })?;
                 times.digest_us = crate::report::micros(done.duration_since(digest_start));
             } else if verify {
                 // Every sender is idle: the final pass is sent.
@@ -958,14 +957,40 @@ const DIGEST_CHUNK_PAGES: u64 = 16384;
 /// One chunk of RAM digested: its first page number, its pages' digests, and when it was done.
 type DigestChunk = (u64, Vec<u64>, Instant);
 
+/// The digests of all RAM, chunk by chunk as they are done.
+struct DigestRead {
+    done: std::sync::mpsc::Receiver<Result<DigestChunk>>,
+    chunks: usize,
+}
+
+impl DigestRead {
+    /// Hands each chunk to `each` as it is done, in no particular order; fails if a worker
+    /// failed, or stopped before all chunks were done (a panic), so that no page goes
+    /// unchecked unnoticed.
+    fn for_each(self, mut each: impl FnMut(DigestChunk) -> Result<()>) -> Result<()> {
+        let mut got = 0;
+        for chunk in self.done {
+            each(chunk?)?;
+            got += 1;
+        }
+        if got < self.chunks {
+            return Err(MigrationError::Invalid(format!(
+                "a thread reading RAM for its digests stopped with {} of {} chunks unread",
+                self.chunks - got,
+                self.chunks
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Starts digesting every page of RAM, chunk by chunk, on one thread per core (memory
 /// bandwidth, not the hash, is the limit: two cores read 1 GiB in about 35 ms where one takes
-/// 50). Each chunk arrives on the returned channel as it is done, in no particular order; the
-/// channel closes after the last, or after the first failure.
+/// 50). After a failure the workers stop.
 fn spawn_digest<'scope>(
     scope: &'scope std::thread::Scope<'scope, '_>,
     memory: &'scope vmig_kvm::GuestMemory,
-) -> std::sync::mpsc::Receiver<Result<DigestChunk>> {
+) -> DigestRead {
     let chunks: Vec<(u64, u64)> = memory
         .layout()
         .slots
@@ -1000,17 +1025,22 @@ fn spawn_digest<'scope>(
             }
         });
     }
-    rx
+    DigestRead {
+        done: rx,
+        chunks: chunks.len(),
+    }
 }
 
 /// Per-page digests of all RAM, read now: each chunk's first page number and its pages'
 /// digests, in no particular order.
 pub fn digest_all(memory: &vmig_kvm::GuestMemory) -> Result<Vec<(u64, Vec<u64>)>> {
     std::thread::scope(|scope| {
-        spawn_digest(scope, memory)
-            .into_iter()
-            .map(|chunk| chunk.map(|(first, list, _)| (first, list)))
-            .collect()
+        let mut all = Vec::new();
+        spawn_digest(scope, memory).for_each(|(first, list, _)| {
+            all.push((first, list));
+            Ok(())
+        })?;
+        Ok(all)
     })
 }
 

@@ -12,7 +12,6 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 use std::os::fd::AsFd;
 
 use vmig_kvm::GuestMemory;
-use vmig_primitives::PageNumber;
 
 use super::record::{Payload, pages_data_mismatch};
 use super::{HEADER_SIZE, Kind, MAX_RECORD, PAGE_BYTES, PageEntry, Record, page_digest};
@@ -33,26 +32,41 @@ struct RecordHead {
 /// Bytes of the header the checksum covers.
 const CHECKED: usize = 16;
 
-/// The checksum of a record: its header's first 16 bytes, `parts`, then the digest of each
-/// page of `pages` (a `Pages` record's data).
-fn checksum(header: &[u8], parts: &[&[u8]], pages: &[u64]) -> u64 {
+/// The checksum of a record: its header's first 16 bytes, then `parts`. A `Pages` record's
+/// whole pages are not among them: each is checked against the digest the record carries
+/// for it.
+fn checksum(header: &[u8], parts: &[&[u8]]) -> u64 {
     let mut h = XxHash3_64::new();
     h.write(&header[..CHECKED]);
     for part in parts {
         h.write(part);
     }
-    for digest in pages {
-        h.write(&digest.to_le_bytes());
-    }
     h.finish()
 }
 
-/// A `Pages` payload split into pass, count and entries; the whole pages' data; and the
-/// sparse section (unchecked); `None` unless it holds that much.
-fn split_pages(payload: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
-    let (head, rest) = payload.split_at_checked(entries_len(payload)?)?;
-    let (data, sparse) = rest.split_at_checked(whole_pages(head)?.checked_mul(PAGE_BYTES)?)?;
-    Some((head, data, sparse))
+/// The parts of a `Pages` payload, unchecked.
+struct PagesParts<'a> {
+    /// Pass, count and entries.
+    entries: &'a [u8],
+    /// The whole pages' digests.
+    digests: &'a [u8],
+    /// Their data.
+    data: &'a [u8],
+    sparse: &'a [u8],
+}
+
+/// A `Pages` payload split into its parts; `None` unless it holds that much.
+fn split_pages(payload: &[u8]) -> Option<PagesParts<'_>> {
+    let (entries, rest) = payload.split_at_checked(entries_len(payload)?)?;
+    let whole = whole_pages(entries)?;
+    let (digests, rest) = rest.split_at_checked(whole.checked_mul(8)?)?;
+    let (data, sparse) = rest.split_at_checked(whole.checked_mul(PAGE_BYTES)?)?;
+    Some(PagesParts {
+        entries,
+        digests,
+        data,
+        sparse,
+    })
 }
 
 /// How many entries of a `Pages` payload's pass, count and entries have their 4 KiB of data.
@@ -71,8 +85,22 @@ fn entries_len(payload: &[u8]) -> Option<usize> {
 fn pages_shape() -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidInput,
-        "a Pages record is written as two or three parts: pass, count and entries; then whole pages; then its sparse section",
+        "a Pages record is written as pass, count and entries; one digest and 4 KiB for each whole page; then its sparse section",
     )
+}
+
+/// Whole pages of a `Pages` record whose bytes differ from the digest the record carries for
+/// them, by page number: the guest wrote them while they were sent (the source sends them
+/// again, as its dirty log has them), or they were damaged on the way.
+fn torn(numbers: impl Iterator<Item = u64>, sent: &[u8], arrived: &[u64], out: &mut Vec<u64>) {
+    out.clear();
+    let sent = <[U64]>::ref_from_bytes(sent).unwrap_or(&[]);
+    out.extend(
+        numbers
+            .zip(sent.iter().zip(arrived))
+            .filter(|(_, (sent, arrived))| sent.get() != **arrived)
+            .map(|(number, _)| number),
+    );
 }
 
 /// Writes records on one connection (one direction).
@@ -95,66 +123,81 @@ impl<W: Write> RecordWriter<W> {
 
     /// Writes `record`, encoded ([`Record`]'s one encoder).
     pub fn send(&mut self, record: &Record<'_>) -> io::Result<()> {
-        self.encode_and_frame(record, None)
-    }
-
-    /// Writes a `Pages` record (`record` must be one) whose pages' digests the caller took as
-    /// it copied them, one for each page of its data in order, so that they are not read
-    /// again here.
-    pub fn send_digested(&mut self, record: &Record<'_>, digests: &[u64]) -> io::Result<()> {
-        self.encode_and_frame(record, Some(digests))
-    }
-
-    fn encode_and_frame(&mut self, record: &Record<'_>, digests: Option<&[u64]>) -> io::Result<()> {
         let Payload {
             head,
             body,
+            digests,
             pages,
             tail,
         } = record
             .encode()
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        if let Some(digests) = digests
-            && (record.kind() != Kind::Pages
-                || pages.unwrap_or_default().len() != digests.len() * PAGE_BYTES)
+        let pages: Vec<&[u8]> = pages.chunks(PAGE_BYTES).collect();
+        self.frame(record.kind(), &[&head, body, digests], &pages, tail)
+    }
+
+    /// Writes a `Pages` record whose whole pages are `pages` (4 KiB each, guest memory the
+    /// guest may be writing: they go to the socket from where they are, with no copy), with
+    /// `digests` as the caller took them from the same bytes just before.
+    pub fn send_pages(
+        &mut self,
+        pass: u32,
+        entries: &[PageEntry],
+        digests: &[u64],
+        pages: &[&[u8]],
+        sparse: &[u8],
+    ) -> io::Result<()> {
+        let whole = entries.iter().filter(|e| e.is_whole()).count();
+        if whole != pages.len()
+            || digests.len() != pages.len()
+            || pages.iter().any(|p| p.len() != PAGE_BYTES)
         {
             return Err(pages_shape());
         }
-        self.frame(record.kind(), &[&head, body], pages, digests, tail)
+        let count = u32::try_from(entries.len()).map_err(|_| pages_shape())?;
+        let mut head = Vec::with_capacity(8 + entries.len() * 8);
+        head.extend_from_slice(&pass.to_le_bytes());
+        head.extend_from_slice(&count.to_le_bytes());
+        head.extend_from_slice(entries.as_bytes());
+        let digests: Vec<U64> = digests.iter().map(|&d| U64::new(d)).collect();
+        self.frame(Kind::Pages, &[&head, digests.as_bytes()], pages, sparse)
     }
 
     /// Writes a record of `kind` whose payload is the concatenation of `parts` (for `Pages`:
-    /// the pass, count and entries, then the pages' data, then the sparse section if any).
-    /// [`send`](Self::send) writes typed records; this writes any bytes, as tests of the
-    /// framing need.
+    /// the pass, count and entries, then the whole pages' data, then the sparse section if
+    /// any, with the pages' digests taken here). [`send`](Self::send) writes typed records;
+    /// this writes any bytes, as tests of the framing need.
     pub fn write(&mut self, kind: Kind, parts: &[&[u8]]) -> io::Result<()> {
         match (kind, parts) {
             (Kind::Pages, [entries, data, sparse @ ..])
                 if entries_len(entries) == Some(entries.len()) && sparse.len() <= 1 =>
             {
                 let sparse = sparse.first().copied().unwrap_or_default();
-                self.frame(kind, &[entries], Some(data), None, sparse)
+                if !data.len().is_multiple_of(PAGE_BYTES) {
+                    return Err(pages_shape());
+                }
+                let digests: Vec<U64> = data
+                    .chunks_exact(PAGE_BYTES)
+                    .map(|p| U64::new(page_digest(p)))
+                    .collect();
+                let pages: Vec<&[u8]> = data.chunks_exact(PAGE_BYTES).collect();
+                self.frame(kind, &[entries, digests.as_bytes()], &pages, sparse)
             }
             (Kind::Pages, _) => Err(pages_shape()),
-            _ => self.frame(kind, parts, None, None, &[]),
+            _ => self.frame(kind, parts, &[], &[]),
         }
     }
 
-    /// Frames `parts`, then `pages` (whole pages, which the checksum covers by their digests:
-    /// `digests` when the caller has them, else taken here), then `tail`.
+    /// Frames `parts`, then `pages` (whole pages, which the checksum leaves to their digests
+    /// among `parts`), then `tail`.
     fn frame(
         &mut self,
         kind: Kind,
         parts: &[&[u8]],
-        pages: Option<&[u8]>,
-        digests: Option<&[u64]>,
+        pages: &[&[u8]],
         tail: &[u8],
     ) -> io::Result<()> {
-        let data = pages.unwrap_or_default();
-        if !data.len().is_multiple_of(PAGE_BYTES) {
-            return Err(pages_shape());
-        }
-        let total: usize = parts.iter().map(|p| p.len()).sum::<usize>() + data.len() + tail.len();
+        let total: usize = parts.iter().chain(pages).map(|p| p.len()).sum::<usize>() + tail.len();
         let length = u32::try_from(total)
             .ok()
             .filter(|length| *length <= MAX_RECORD)
@@ -171,21 +214,13 @@ impl<W: Write> RecordWriter<W> {
             sequence: self.sequence.into(),
             checksum: 0.into(),
         };
-        let taken: Vec<u64>;
-        let digests = match digests {
-            Some(digests) => digests,
-            None => {
-                taken = data.chunks_exact(PAGE_BYTES).map(page_digest).collect();
-                &taken
-            }
-        };
         let mut checked: Vec<&[u8]> = parts.to_vec();
         checked.push(tail);
-        head.checksum = checksum(head.as_bytes(), &checked, digests).into();
-        let mut slices = Vec::with_capacity(parts.len() + 3);
+        head.checksum = checksum(head.as_bytes(), &checked).into();
+        let mut slices = Vec::with_capacity(parts.len() + pages.len() + 2);
         slices.push(io::IoSlice::new(head.as_bytes()));
         slices.extend(parts.iter().map(|p| io::IoSlice::new(p)));
-        slices.push(io::IoSlice::new(data));
+        slices.extend(pages.iter().map(|p| io::IoSlice::new(p)));
         slices.push(io::IoSlice::new(tail));
         write_all_vectored(&mut self.inner, &mut slices)?;
         self.sequence += 1;
@@ -283,6 +318,8 @@ pub struct RecordReader<R: Read> {
     bytes: u64,
     what: String,
     page_digests: Vec<u64>,
+    /// The whole pages of the last `Pages` record that arrived different from their digest.
+    torn_pages: Vec<u64>,
     /// The pages with data of the last `Pages` record read into guest RAM.
     data_pages: Vec<u64>,
 }
@@ -296,6 +333,7 @@ impl<R: Read> RecordReader<R> {
             bytes: 0,
             what: what.into(),
             page_digests: Vec::new(),
+            torn_pages: Vec::new(),
             data_pages: Vec::new(),
         }
     }
@@ -329,12 +367,13 @@ impl<R: Read> RecordReader<R> {
             self.data_pages.clear();
             self.data_pages
                 .extend(entries.iter().filter(|e| e.is_whole()).map(|e| e.page().0));
-            let data = self
-                .data_pages
-                .len()
-                .checked_mul(PAGE_BYTES)
-                .filter(|&data| data <= size - prefix)
-                .ok_or_else(|| pages_data_mismatch(self.data_pages.len(), size - prefix))?;
+            let whole = self.data_pages.len();
+            let (digests, data) = whole
+                .checked_mul(8)
+                .zip(whole.checked_mul(PAGE_BYTES))
+                .filter(|&(digests, data)| digests + data <= size - prefix)
+                .ok_or_else(|| pages_data_mismatch(whole, size - prefix))?;
+            self.read_payload(&head, prefix, prefix + digests, buf)?;
             self.page_digests.clear();
             load(&mut self.inner, &self.data_pages, &mut self.page_digests).map_err(|e| {
                 if e.kind() == io::ErrorKind::InvalidInput {
@@ -348,21 +387,38 @@ impl<R: Read> RecordReader<R> {
                     ))(e)
                 }
             })?;
-            // The sparse section follows the entries in `buf`.
-            self.read_payload(&head, prefix, size - data, buf)?;
-            let intact = checksum(&header, &[buf], &self.page_digests) == head.checksum.get();
+            // The sparse section follows the entries and digests in `buf`.
+            self.read_payload(&head, prefix + digests, size - data, buf)?;
+            let intact = checksum(&header, &[buf]) == head.checksum.get();
+            torn(
+                self.data_pages.iter().copied(),
+                &buf[prefix..prefix + digests],
+                &self.page_digests,
+                &mut self.torn_pages,
+            );
             return self.accept(&head, intact);
         }
         self.read_payload(&head, 0, size, buf)?;
         let intact = if pages {
             self.page_digests.clear();
-            split_pages(buf).is_some_and(|(entries, data, sparse)| {
+            split_pages(buf).is_some_and(|parts| {
+                let PagesParts {
+                    entries,
+                    digests,
+                    data,
+                    sparse,
+                } = parts;
                 self.page_digests
                     .extend(data.chunks_exact(PAGE_BYTES).map(page_digest));
-                checksum(&header, &[entries, sparse], &self.page_digests) == head.checksum.get()
+                let numbers = <[PageEntry]>::ref_from_bytes(&entries[8..])
+                    .map(|e| e.iter().filter(|e| e.is_whole()).map(|e| e.page().0))
+                    .into_iter()
+                    .flatten();
+                torn(numbers, digests, &self.page_digests, &mut self.torn_pages);
+                checksum(&header, &[entries, digests, sparse]) == head.checksum.get()
             })
         } else {
-            checksum(&header, &[buf], &[]) == head.checksum.get()
+            checksum(&header, &[buf]) == head.checksum.get()
         };
         self.accept(&head, intact)
     }
@@ -455,10 +511,18 @@ impl<R: Read> RecordReader<R> {
         Record::decode(kind, buf)
     }
 
-    /// The digest of each page of the last record read, when it was `Pages` (in the order of
-    /// its data).
+    /// The digest of each whole page of the last record read as it arrived, when it was
+    /// `Pages` (in the order of its data).
     pub fn page_digests(&self) -> &[u64] {
         &self.page_digests
+    }
+
+    /// The whole pages of the last `Pages` record read whose bytes differ from the digest the
+    /// record carries for them (see [`Kind::Pages`]): not an error by itself, as the guest may
+    /// have written them while they were sent; a receiver holds them as torn until the same
+    /// page arrives intact.
+    pub fn torn_pages(&self) -> &[u64] {
+        &self.torn_pages
     }
 
     /// Reads the next record.
@@ -515,10 +579,12 @@ impl<R: Read> RecordReader<R> {
 impl RecordReader<Conn> {
     /// As [`Self::read_into`], except that a `Pages` record's whole pages go from the
     /// connection straight into `memory` at their addresses, with no copy through `buf`, which
-    /// then holds its pass, count and entries, then its sparse section
-    /// ([`Record::decode_pages_head`]). Every page is checked to be guest RAM before any is read, and the record's checksum is taken over the
-    /// pages in `memory`: a record that fails it leaves them written, which a destination can
-    /// afford, as it discards the VM when its stream fails.
+    /// then holds its pass, count and entries, their digests, then its sparse section
+    /// ([`Record::decode_pages_head`]). Every page is checked to be guest RAM before any is
+    /// read; each page's digest is then taken where it landed ([`Self::page_digests`], and
+    /// [`Self::torn_pages`] those that differ from the record's). A record that fails its
+    /// checksum leaves its pages written, which a destination can afford, as it discards the
+    /// VM when its stream fails.
     pub fn read_into_memory(&mut self, buf: &mut Vec<u8>, memory: &GuestMemory) -> Result<Kind> {
         let load = |conn: &mut Conn, pages: &[u64], digests: &mut Vec<u64>| -> io::Result<()> {
             memory
@@ -528,12 +594,9 @@ impl RecordReader<Conn> {
                     // A page outside guest RAM.
                     e => io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
                 })?;
-            let mut page = [0u8; PAGE_BYTES];
             for &number in pages {
-                memory
-                    .read(PageNumber(number).guest_address(), &mut page)
-                    .map_err(io::Error::other)?;
-                digests.push(page_digest(&page));
+                let bytes = memory.page_bytes(number).map_err(io::Error::other)?;
+                digests.push(page_digest(bytes));
             }
             Ok(())
         };
@@ -545,6 +608,7 @@ impl RecordReader<Conn> {
 mod tests {
     use super::*;
     use crate::stream::ZERO_PAGE;
+    use vmig_primitives::PageNumber;
 
     fn stream(records: &[(Kind, &[u8])]) -> Vec<u8> {
         let mut w = RecordWriter::new(Vec::new());
@@ -561,7 +625,7 @@ mod tests {
         let page: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
         let (header, rest) = page.split_at(CHECKED);
         let (a, b) = rest.split_at(100);
-        assert_eq!(checksum(header, &[a, b], &[]), 0x7135_ffa5_04f1_bc71);
+        assert_eq!(checksum(header, &[a, b]), 0x7135_ffa5_04f1_bc71);
     }
 
     #[test]
@@ -741,9 +805,10 @@ mod tests {
         (entries, data)
     }
 
-    /// A `Pages` record's checksum covers its pages through their digests: every flipped bit
-    /// of header, entries and page data is refused with the error of the field it lands in
-    /// (the checksum for every entry and data bit), and a writer refuses a `Pages` record that
+    /// A `Pages` record's checksum covers all but its pages' data, which each page's digest
+    /// checks: every flipped bit of header, entries and digest is refused with the error of the
+    /// field it lands in (the checksum for every entry and digest bit), every flipped data bit
+    /// leaves the record whole and its page torn, and a writer refuses a `Pages` record that
     /// is not entries then whole pages.
     #[test]
     fn a_pages_record_checks_its_pages_through_their_digests_and_every_flipped_bit_is_caught() {
@@ -751,27 +816,44 @@ mod tests {
         let mut w = RecordWriter::new(Vec::new());
         w.write(Kind::Pages, &[&entries, &data]).unwrap();
         let mut bytes = w.inner;
+        let digest = page_digest(&data).to_le_bytes();
         let mut r = RecordReader::new(&bytes[..], "t");
         let record = r.read().unwrap();
-        assert_eq!(record.payload, [entries.clone(), data.clone()].concat());
+        assert_eq!(record.payload, [&entries[..], &digest, &data].concat());
         assert_eq!(r.page_digests(), [page_digest(&data)]);
-        let bits = 0..bytes.len() * 8;
-        let classes = assert_flips_refused(&mut bytes, Kind::Pages, bits);
-        // Length 4120 = 0x1018: bits 3, 4 and 12 shorten it (to 4112, 4104 and 24).
-        let payload_bits = (entries.len() + data.len()) * 8;
-        assert_eq!(classes, [16 + 3 + 64 + payload_bits, 64, 16 + 8, 21]);
+        assert!(r.torn_pages().is_empty());
+        let checked = HEADER_SIZE + entries.len() + digest.len();
+        let classes = assert_flips_refused(&mut bytes, Kind::Pages, 0..checked * 8);
+        // Length 4128 = 0x1020: bits 5 and 12 shorten it (to 4096 and 32).
+        let payload_bits = (entries.len() + digest.len()) * 8;
+        assert_eq!(classes, [16 + 2 + 64 + payload_bits, 64, 16 + 8, 22]);
+        for bit in checked * 8..bytes.len() * 8 {
+            bytes[bit / 8] ^= 1 << (bit % 8);
+            let mut r = RecordReader::new(&bytes[..], "t");
+            let read = r.read();
+            assert!(read.is_ok(), "data bit {bit}: {read:?}");
+            assert_eq!(r.torn_pages(), [7], "data bit {bit}");
+            bytes[bit / 8] ^= 1 << (bit % 8);
+        }
         // A writer refuses a Pages record that is not entries then whole pages.
         let mut w = RecordWriter::new(Vec::new());
         let refusals = [
             w.write(Kind::Pages, &[&entries, &data[1..]]),
             w.write(Kind::Pages, &[&entries[..16], &data]),
             w.write(Kind::Pages, &[&[&entries[..], &data[..]].concat()]),
+            w.send_pages(
+                1,
+                &[PageEntry::new(PageNumber(7), false)],
+                &[],
+                &[&data],
+                &[],
+            ),
         ];
         for err in refusals.map(io::Result::unwrap_err) {
             assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
             assert_eq!(
                 err.to_string(),
-                "a Pages record is written as two or three parts: pass, count and entries; then whole pages; then its sparse section"
+                "a Pages record is written as pass, count and entries; one digest and 4 KiB for each whole page; then its sparse section"
             );
         }
         assert_eq!(w.bytes(), 0);
@@ -787,7 +869,10 @@ mod tests {
             (Kind::Config, br#"{"cpus":2}"#.to_vec()),
             (Kind::Ready, Vec::new()),
             (Kind::DeviceData, b"device state bytes".to_vec()),
-            (Kind::Pages, [&entries[..], &data[..]].concat()),
+            (
+                Kind::Pages,
+                [&entries[..], &page_digest(&data).to_le_bytes(), &data[..]].concat(),
+            ),
         ];
         let mut w = RecordWriter::new(Vec::new());
         let mut ends = Vec::new();
@@ -897,7 +982,7 @@ mod tests {
                 sequence: 0.into(),
                 checksum: 0.into(),
             };
-            head.checksum = checksum(head.as_bytes(), &[], &[]).into();
+            head.checksum = checksum(head.as_bytes(), &[]).into();
             let err = RecordReader::new(head.as_bytes(), "t").read().unwrap_err();
             assert_eq!(
                 err.to_string(),
@@ -913,7 +998,7 @@ mod tests {
         entries: &[u64],
         data: &[u8],
         damage: impl FnOnce(&mut Vec<u8>),
-    ) -> (Result<Kind>, Vec<u8>, GuestMemory) {
+    ) -> (Result<Kind>, Vec<u8>, GuestMemory, Vec<u64>) {
         let layout = vmig_kvm::memory::MemoryLayout::new(16 << 20, 2 << 20).unwrap();
         let memory = GuestMemory::new(&layout).unwrap();
         let mut head = Vec::new();
@@ -935,7 +1020,7 @@ mod tests {
         if got.is_ok() {
             assert_eq!(r.page_digests().len(), data.len() / PAGE_BYTES);
         }
-        (got, buf, memory)
+        (got, buf, memory, r.torn_pages().to_vec())
     }
 
     fn page_at(memory: &GuestMemory, page: u64) -> Vec<u8> {
@@ -961,27 +1046,38 @@ mod tests {
         ]
         .concat();
         let entries = [a, b, 0x302 | ZERO_PAGE, c];
-        let (kind, buf, memory) = pages_into_memory(&entries, &data, |_| {});
+        let (kind, buf, memory, torn) = pages_into_memory(&entries, &data, |_| {});
         assert_eq!(kind.unwrap(), Kind::Pages);
+        assert!(torn.is_empty());
         let (pass, decoded, rest) = Record::decode_pages_head(&buf).unwrap();
-        assert_eq!((pass, decoded.len(), rest.len()), (3, 4, 0));
+        assert_eq!((pass, decoded.len(), rest.len()), (3, 4, 3 * 8));
         for (page, bytes) in [a, b, c].into_iter().zip(data.chunks(PAGE_BYTES)) {
             assert_eq!(page_at(&memory, page), bytes);
         }
         assert_eq!(page_at(&memory, 0x302), vec![0u8; PAGE_BYTES]);
 
-        let flip = |bytes: &mut Vec<u8>| {
-            let last = bytes.len() - 100;
-            bytes[last] ^= 4;
+        // A bit of the last page's data flipped on the way: the record holds, the page is
+        // torn. A bit of an entry or a digest: the record fails its checksum.
+        let flip = |at: usize| {
+            move |bytes: &mut Vec<u8>| {
+                let at = if at == 0 { bytes.len() - 100 } else { at };
+                bytes[at] ^= 4;
+            }
         };
-        let err = pages_into_memory(&entries, &data, flip)
-            .0
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("record 0 (kind 3, 12328 bytes) fails its checksum"),
-            "{err}"
-        );
+        let (kind, _, memory, torn) = pages_into_memory(&entries, &data, flip(0));
+        assert_eq!(kind.unwrap(), Kind::Pages);
+        assert_eq!(torn, [c]);
+        assert_ne!(page_at(&memory, c), data[2 * PAGE_BYTES..]);
+        for at in [HEADER_SIZE + 8, HEADER_SIZE + 8 + 4 * 8 + 9] {
+            let err = pages_into_memory(&entries, &data, flip(at))
+                .0
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("record 0 (kind 3, 12352 bytes) fails its checksum"),
+                "{err}"
+            );
+        }
 
         let beyond = [a, 1 << 30];
         let err = pages_into_memory(&beyond, &data[..2 * PAGE_BYTES], |_| {})
@@ -993,11 +1089,11 @@ mod tests {
         );
 
         let cut = |bytes: &mut Vec<u8>| bytes.truncate(bytes.len() - 10);
-        let (got, _, memory) = pages_into_memory(&entries, &data, cut);
+        let (got, _, memory, _) = pages_into_memory(&entries, &data, cut);
         let err = got.unwrap_err().to_string();
         assert!(
             err.contains(
-                "t: reading the 12328 bytes of record 0 into guest RAM (the stream is truncated)"
+                "t: reading the 12352 bytes of record 0 into guest RAM (the stream is truncated)"
             ),
             "{err}"
         );
@@ -1012,7 +1108,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "migration stream: a Pages record lists 3 whole pages and carries 8192 bytes after its entries: expected 4096 bytes for each, then its sparse section"
+            "migration stream: a Pages record lists 3 whole pages and carries 8208 bytes after its entries: expected 8 bytes of digest and 4096 bytes of data for each, then its sparse section"
         );
     }
 }

@@ -116,8 +116,10 @@ pub const MAGIC: [u8; 8] = *b"VMIGSTRM";
 /// The stream version this build speaks (2: `Pages` checksums cover page digests; 3: a
 /// device's kind and protocol travel in Config as typed enums, its mapped areas as objects;
 /// 4: `InitialSent` and `SwitchoverAck` hold the switchover until every device's initial
-/// pre-copy state is on the destination; 5: sparse pages, sent as their non-zero words).
-pub const VERSION: u32 = 5;
+/// pre-copy state is on the destination; 5: sparse pages, sent as their non-zero words; 6:
+/// `Pages` carry each whole page's digest, which checks its data in place of the checksum, so
+/// that pages go out from guest memory as the guest runs).
+pub const VERSION: u32 = 6;
 /// Largest record payload.
 pub const MAX_RECORD: u32 = 16 << 20;
 /// Bytes of a hello.

@@ -209,7 +209,7 @@ mod tests {
         let digests = [U64::new(1)];
         let mut refused = 0;
         for state in State::ALL {
-            for record in one_of_each(&data, &entries, &digests) {
+            for record in one_of_each(&data, &entries, &digests, &digests) {
                 let kind = record.kind();
                 if Receiver::next(state, kind).is_some() {
                     continue;

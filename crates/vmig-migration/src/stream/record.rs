@@ -25,10 +25,14 @@ pub enum Kind {
     /// Destination → source: the configuration is accepted, the destination is ready. Empty.
     Ready = 2,
     /// A batch of pages: pass u32, count u32, count entries u64 (page number | [`ZERO_PAGE`]
-    /// or [`SPARSE_PAGE`]), then 4 KiB of data per page that is neither, then the sparse
-    /// section: for each sparse page, in order, its count of non-zero words u16 (1 to
-    /// [`SPARSE_MAX_WORDS`]) and that many words (index u16 below 512, increasing; value u64).
-    /// The checksum covers the sparse section as bytes, the pages through their digests.
+    /// or [`SPARSE_PAGE`]), then for each page that is neither ("whole") its digest u64
+    /// ([`page_digest`](vmig_primitives::page_digest)), then 4 KiB of data per whole page,
+    /// then the sparse section: for each sparse page, in order, its count of non-zero words
+    /// u16 (1 to [`SPARSE_MAX_WORDS`]) and that many words (index u16 below 512, increasing;
+    /// value u64). The checksum covers all but the whole pages' data, which goes out from guest
+    /// memory as the guest runs: each page is checked against its digest, and one that differs
+    /// (written while it was sent) is held as torn until the page comes again intact, as the
+    /// source's dirty log makes it; a page still torn at the end fails the migration.
     Pages = 3,
     /// End of a pass over memory on this connection: pass u32.
     PassEnd = 4,
@@ -302,8 +306,11 @@ pub struct Pages<'a> {
     pub pass: u32,
     /// The pages, in order.
     pub entries: &'a [PageEntry],
-    /// [`PAGE_SIZE`](vmig_primitives::PAGE_SIZE) bytes for each entry that is whole (neither
-    /// zero nor sparse), in the entries' order.
+    /// The digest of each entry that is whole (neither zero nor sparse), in the entries' order,
+    /// as the sender took it.
+    pub digests: &'a [U64],
+    /// [`PAGE_SIZE`](vmig_primitives::PAGE_SIZE) bytes for each whole entry, in the entries'
+    /// order.
     pub data: &'a [u8],
     /// The sparse section (see [`Kind::Pages`]), checked by the decoder.
     pub sparse: &'a [u8],
@@ -410,13 +417,15 @@ pub enum Record<'a> {
     SwitchoverAck,
 }
 
-/// A record's payload as the writer frames it: `head` and `body` in that order, then, for
-/// `Pages`, the pages' data (which the checksum covers through each page's digest).
+/// A record's payload as the writer frames it: `head`, `body` and `digests` in that order,
+/// then, for `Pages`, the pages' data (which the checksum leaves to their digests).
 #[derive(Debug)]
 pub(super) struct Payload<'r> {
     pub(super) head: Cow<'r, [u8]>,
     pub(super) body: &'r [u8],
-    pub(super) pages: Option<&'r [u8]>,
+    /// A `Pages` record's digests of its whole pages.
+    pub(super) digests: &'r [u8],
+    pub(super) pages: &'r [u8],
     /// After the pages: a `Pages` record's sparse section.
     pub(super) tail: &'r [u8],
 }
@@ -441,7 +450,7 @@ fn refuse(kind: Kind, expected: &str, got: usize) -> MigrationError {
 /// `with_data` non-zero entries.
 pub(super) fn pages_data_mismatch(whole: usize, data: usize) -> MigrationError {
     MigrationError::Stream(format!(
-        "a Pages record lists {whole} whole pages and carries {data} bytes after its entries: expected {PAGE_BYTES} bytes for each, then its sparse section"
+        "a Pages record lists {whole} whole pages and carries {data} bytes after its entries: expected 8 bytes of digest and {PAGE_BYTES} bytes of data for each, then its sparse section"
     ))
 }
 
@@ -499,13 +508,15 @@ impl<'a> Record<'a> {
         let fixed = |head: &[u8]| Payload {
             head: Cow::Owned(head.to_vec()),
             body: &[],
-            pages: None,
+            digests: &[],
+            pages: &[],
             tail: &[],
         };
         let empty = Payload {
             head: Cow::Borrowed(&[]),
             body: &[],
-            pages: None,
+            digests: &[],
+            pages: &[],
             tail: &[],
         };
         Ok(match self {
@@ -529,6 +540,14 @@ impl<'a> Record<'a> {
                         u32::MAX
                     ))
                 })?;
+                let whole = p.entries.iter().filter(|e| e.is_whole()).count();
+                if p.digests.len() != whole || p.data.len() != whole * PAGE_BYTES {
+                    return Err(MigrationError::Invalid(format!(
+                        "a Pages record of {whole} whole pages with {} digests and {} bytes of data: expected one digest and {PAGE_BYTES} bytes for each",
+                        p.digests.len(),
+                        p.data.len()
+                    )));
+                }
                 let head = PagesHead {
                     pass: p.pass.into(),
                     count: count.into(),
@@ -536,7 +555,8 @@ impl<'a> Record<'a> {
                 Payload {
                     head: Cow::Owned(head.as_bytes().to_vec()),
                     body: p.entries.as_bytes(),
-                    pages: Some(p.data),
+                    digests: p.digests.as_bytes(),
+                    pages: p.data,
                     tail: p.sparse,
                 }
             }
@@ -602,7 +622,7 @@ impl<'a> Record<'a> {
     }
 
     /// The pass and entries at the start of a `Pages` payload, and what follows them (the
-    /// pages' data, unchecked): [`Self::decode`]'s first step, and all of it for a payload
+    /// whole pages' digests, their data and the sparse section, unchecked): [`Self::decode`]'s first step, and all of it for a payload
     /// whose data was read elsewhere (straight into guest RAM).
     pub fn decode_pages_head(payload: &'a [u8]) -> Result<(u32, &'a [PageEntry], &'a [u8])> {
         let kind = Kind::Pages;
@@ -643,14 +663,17 @@ impl<'a> Record<'a> {
             Kind::Pages => {
                 let (pass, entries, rest) = Self::decode_pages_head(payload)?;
                 let whole = entries.iter().filter(|e| e.is_whole()).count();
+                let (digests, rest) = <[U64]>::ref_from_prefix_with_elems(rest, whole)
+                    .map_err(|_| pages_data_mismatch(whole, rest.len()))?;
                 let (data, sparse) = whole
                     .checked_mul(PAGE_BYTES)
                     .and_then(|bytes| rest.split_at_checked(bytes))
-                    .ok_or_else(|| pages_data_mismatch(whole, rest.len()))?;
+                    .ok_or_else(|| pages_data_mismatch(whole, rest.len() + whole * 8))?;
                 sparse_words(sparse, entries.iter().filter(|e| e.is_sparse()).count())?;
                 Ok(Record::Pages(Pages {
                     pass,
                     entries,
+                    digests,
                     data,
                     sparse,
                 }))

@@ -1,7 +1,7 @@
 //! Round trips and refusals of every record kind.
 
 use super::*;
-use crate::stream::{RecordReader, RecordWriter};
+use crate::stream::{RecordReader, RecordWriter, page_digest};
 use vmig_primitives::GuestAddress;
 
 /// The fixed heads have the sizes the wire format gives them.
@@ -32,11 +32,12 @@ pub(crate) fn page() -> Vec<u8> {
         .collect()
 }
 
-/// One record of each kind, with non-trivial contents; `data` is one page, `digests`
-/// backs the `Digests` record.
+/// One record of each kind, with non-trivial contents; `data` is one page, `page_digests`
+/// its digest in the `Pages` record, `digests` backs the `Digests` record.
 pub(crate) fn one_of_each<'a>(
     data: &'a [u8],
     entries: &'a [PageEntry],
+    page_digests: &'a [U64],
     digests: &'a [U64],
 ) -> Vec<Record<'a>> {
     let config = MigrationConfig {
@@ -72,6 +73,7 @@ pub(crate) fn one_of_each<'a>(
         Record::Pages(Pages {
             pass: 3,
             entries,
+            digests: page_digests,
             data,
             sparse: &[],
         }),
@@ -111,7 +113,8 @@ fn every_record_kind_round_trips() {
         PageEntry::new(PageNumber(9), true),
     ];
     let digests = [U64::new(1), U64::new(u64::MAX)];
-    let records = one_of_each(&data, &entries, &digests);
+    let page_digests = [U64::new(page_digest(&data))];
+    let records = one_of_each(&data, &entries, &page_digests, &digests);
     let kinds: Vec<Kind> = records.iter().map(Record::kind).collect();
     assert_eq!(kinds, Kind::ALL);
     let mut w = RecordWriter::new(Vec::new());
@@ -125,6 +128,7 @@ fn every_record_kind_round_trips() {
         let kind = r.read_into(&mut buf).unwrap();
         assert_eq!(kind, record.kind());
         let decoded = Record::decode(kind, &buf).unwrap();
+        assert!(r.torn_pages().is_empty(), "{kind:?}: {:?}", r.torn_pages());
         // What was decoded encodes to the bytes that came, and says what went in.
         assert_eq!(payload(&decoded), buf, "{kind:?}");
         assert_eq!(format!("{decoded:?}"), format!("{record:?}"));
@@ -135,7 +139,7 @@ fn every_record_kind_round_trips() {
 /// A record's payload, as one buffer.
 fn payload(record: &Record<'_>) -> Vec<u8> {
     let p = record.encode().unwrap();
-    [&p.head[..], p.body, p.pages.unwrap_or_default(), p.tail].concat()
+    [&p.head[..], p.body, p.digests, p.pages, p.tail].concat()
 }
 
 /// The bytes of the fixed payloads are the documented ones.
@@ -179,6 +183,7 @@ fn fixed_payloads_have_their_documented_bytes() {
     let pages = Pages {
         pass: 1,
         entries: &entries,
+        digests: &[],
         data: &[],
         sparse: &sparse,
     };
@@ -273,7 +278,7 @@ fn malformed_payloads_are_refused_saying_what_was_expected() {
                 &data[1..],
             ]
             .concat(),
-            "a Pages record lists 1 whole pages and carries 4095 bytes after its entries: expected 4096 bytes for each, then its sparse section",
+            "a Pages record lists 1 whole pages and carries 4095 bytes after its entries: expected 8 bytes of digest and 4096 bytes of data for each, then its sparse section",
         ),
         (
             Kind::Pages,
