@@ -244,6 +244,14 @@ pub fn print_summary(report: &MigrationReport) {
         );
     }
     if let Some(v) = &report.verification {
+        let torn = if v.pages_torn > 0 {
+            format!(
+                "; {} pages changed as they were sent and came again",
+                v.pages_torn
+            )
+        } else {
+            String::new()
+        };
         let audited = if v.pages_audited > 0 {
             format!(
                 "; {} pages audited after resuming, {} changed unreported",
@@ -253,7 +261,7 @@ pub fn print_summary(report: &MigrationReport) {
             String::new()
         };
         println!(
-            "verification  {} pages and {} device states compared before resuming{audited}; guest verify: {} pages, {} bad; {} device record rings checked",
+            "verification  {} pages and {} device states compared before resuming{torn}{audited}; guest verify: {} pages, {} bad; {} device record rings checked",
             v.pages_compared,
             v.devices_compared,
             v.guest_pages_checked,

@@ -116,6 +116,8 @@ struct Pages<'a> {
     digests: Vec<AtomicU64>,
     written: DirtyBitmap,
     torn: DirtyBitmap,
+    /// Page copies that arrived torn, over the whole stream.
+    torn_copies: AtomicU64,
     zero_digest: u64,
     bytes: AtomicU64,
     /// The source sends every page's digest at the end (`verify_memory`).
@@ -155,6 +157,8 @@ impl Pages<'_> {
         for &page in reader.torn_pages() {
             let _ = self.torn.set(page);
         }
+        self.torn_copies
+            .fetch_add(reader.torn_pages().len() as u64, Ordering::Relaxed);
         self.bytes.fetch_add(
             (buf.len() + reader.page_digests().len() * PAGE_BYTES) as u64,
             Ordering::Relaxed,
@@ -475,6 +479,7 @@ impl Destination {
             digests: (0..top).map(|_| AtomicU64::new(0)).collect(),
             written: DirtyBitmap::try_new(top)?,
             torn: DirtyBitmap::try_new(top)?,
+            torn_copies: AtomicU64::new(0),
             zero_digest: page_digest(&[0u8; PAGE_BYTES]),
             bytes: AtomicU64::new(0),
             digests_follow: config.verify_memory,
@@ -760,6 +765,7 @@ fn main_loop(
                         verification.pages_compared
                     ));
                 }
+                verification.pages_torn = pages.torn_copies.load(Ordering::Relaxed);
                 let torn = pages.torn.collect_runs();
                 if !torn.is_empty() {
                     let count: u64 = torn.iter().map(|&(_, n)| n).sum();

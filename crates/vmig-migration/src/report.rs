@@ -215,6 +215,10 @@ pub struct Verification {
     /// runs with them stale (the first few listed in `problems`).
     #[serde(default)]
     pub pages_changed_unreported: u64,
+    /// Page copies that arrived different from the digest sent with them (the guest wrote the
+    /// page while it was sent), each taken only when the page came again intact.
+    #[serde(default)]
+    pub pages_torn: u64,
     /// Devices whose state digests were compared.
     pub devices_compared: u64,
     /// Working-set pages the guest's own verify checked after resuming.
