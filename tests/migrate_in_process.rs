@@ -881,43 +881,18 @@ fn stray_peers_are_refused_and_the_prepared_destination_takes_the_next_migration
 
 #[test]
 fn a_config_record_with_a_value_the_command_line_refuses_is_refused() {
-    use vmig_migration::stream::{Hello, MigrationConfig, Record, RecordWriter};
     require_kvm!();
     let scenario = Scenario::new("bad-config", &[]);
-    let socket = scenario.dir.join("m.sock");
-    let incoming = scenario.incoming(&Uri::Unix(socket.clone()), None);
-    let dest = std::thread::spawn(move || receive(incoming, &Progress::default()));
     let mut config = vm_config(32 << 20, 0, 1000, DirtyLogMode::Bitmap);
     config.workload.hot_percent = 200;
-    let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
-    std::io::Write::write_all(
-        &mut stream,
-        &Hello {
-            channel: 0,
-            channels: 1,
-            session: 7,
-        }
-        .encode(),
-    )
-    .unwrap();
     // A whole, checksummed record: only its value is wrong.
-    RecordWriter::new(stream.try_clone().unwrap())
-        .send(&Record::Config(Box::new(MigrationConfig {
-            vm: config,
-            devices: Vec::new(),
-            verify_memory: true,
-        })))
-        .unwrap();
-    let mut reader = vmig_migration::stream::RecordReader::new(stream, "from the destination");
-    let mut buf = Vec::new();
-    let answer = match reader.receive(&mut buf) {
-        Ok(Record::Abort(reason)) => reason.into_owned(),
-        other => panic!("expected an Abort, got {other:?}"),
-    };
+    let (err, answer) = destination_refusal(&scenario, config, &[]);
     let expected = "the source's Config record is refused: workload option hot-percent=200: \
                     expected a percentage from 1 to 99";
-    assert!(answer.contains(expected), "{answer}");
-    let err = dest.join().unwrap().unwrap_err().to_string();
+    assert!(
+        answer.as_deref().unwrap_or_default().contains(expected),
+        "{answer:?}"
+    );
     assert!(err.contains(expected), "{err}");
 }
 
@@ -937,20 +912,26 @@ fn a_page_digest_sent_twice_is_refused_so_no_range_can_stand_in_for_another() {
             digests: &digests,
         })
     };
-    let err = destination_refusal(&scenario, &[Record::VcpuState(Vec::new()), once(), once()]);
+    let vm = vm_config(32 << 20, 0, 1000, DirtyLogMode::Bitmap);
+    let (err, _) = destination_refusal(
+        &scenario,
+        vm,
+        &[Record::VcpuState(Vec::new()), once(), once()],
+    );
     assert!(
         err.contains("a second digest for page 0x10: each page's digest is sent once"),
         "{err}"
     );
 }
 
-/// A source's stream, record by record, to a destination: a hello and a Config of a 32 MiB VM
-/// without devices, then `records`. Returns the destination's error.
+/// A source's stream, record by record, to a destination: a hello and a Config of `vm` without
+/// devices, then `records`. Returns the destination's error and the Abort it answered with.
 fn destination_refusal(
     scenario: &Scenario,
+    vm: VmConfig,
     records: &[vmig_migration::stream::Record<'_>],
-) -> String {
-    use vmig_migration::stream::{Hello, MigrationConfig, Record, RecordWriter};
+) -> (String, Option<String>) {
+    use vmig_migration::stream::{Hello, MigrationConfig, Record, RecordReader, RecordWriter};
     let socket = scenario.dir.join("m.sock");
     let incoming = scenario.incoming(&Uri::Unix(socket.clone()), None);
     let dest = std::thread::spawn(move || receive(incoming, &Progress::default()));
@@ -968,15 +949,26 @@ fn destination_refusal(
     let mut writer = RecordWriter::new(stream.try_clone().unwrap());
     writer
         .send(&Record::Config(Box::new(MigrationConfig {
-            vm: vm_config(32 << 20, 0, 1000, DirtyLogMode::Bitmap),
+            vm,
             devices: Vec::new(),
             verify_memory: false,
         })))
         .unwrap();
     for record in records {
-        writer.send(record).unwrap();
+        // A destination that refused already may have closed: it says why below.
+        let _ = writer.send(record);
     }
-    dest.join().unwrap().unwrap_err().to_string()
+    let err = dest.join().unwrap().unwrap_err().to_string();
+    let mut reader = RecordReader::new(stream, "from the destination");
+    let mut buf = Vec::new();
+    let answer = loop {
+        match reader.receive(&mut buf) {
+            Ok(Record::Abort(reason)) => break Some(reason.into_owned()),
+            Ok(_) => {}
+            Err(_) => break None,
+        }
+    };
+    (err, answer)
 }
 
 /// The stream's rule for pages sent from guest memory as the guest runs (`Kind::Pages`): a
@@ -1006,9 +998,11 @@ fn a_page_that_arrives_unlike_its_digest_is_refused_unless_it_comes_again_intact
     };
     let refusal = "1 page(s) arrived different from the digest sent with them and never came again";
 
+    let vm = || vm_config(32 << 20, 0, 1000, DirtyLogMode::Bitmap);
     let scenario = Scenario::new("torn", &[]);
-    let err = destination_refusal(
+    let (err, _) = destination_refusal(
         &scenario,
+        vm(),
         &[
             pages(0, &torn),
             Record::VcpuState(Vec::new()),
@@ -1020,8 +1014,9 @@ fn a_page_that_arrives_unlike_its_digest_is_refused_unless_it_comes_again_intact
     // Sent again intact in the next pass, the page is taken: the stream gets past the pages
     // (and this one then stops at its missing vCPUs).
     let scenario = Scenario::new("torn-again", &[]);
-    let err = destination_refusal(
+    let (err, _) = destination_refusal(
         &scenario,
+        vm(),
         &[
             pages(0, &torn),
             Record::PassEnd { pass: 0 },

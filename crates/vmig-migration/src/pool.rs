@@ -1,9 +1,9 @@
 //! The source's page senders: one thread per connection takes batches of page numbers from a
 //! shared queue, reads the pages where they are, marks zero pages, sends sparse ones (a few
 //! non-zero words) as their words, and writes `Pages` records with whole pages straight from
-//! guest memory; a shared token bucket keeps them under the
-//! bandwidth limit. As they send they keep each page's digest ([`SentDigests`]): what the
-//! destination holds, unless the page changed without being reported dirty.
+//! guest memory; a shared token bucket keeps them under the bandwidth limit. As they send
+//! they keep each page's digest ([`SentDigests`]): what the destination holds, unless the
+//! page changed without being reported dirty.
 
 use std::collections::VecDeque;
 use std::io;

@@ -359,6 +359,8 @@ impl<R: Read> RecordReader<R> {
     ) -> Result<Kind> {
         let (head, size) = self.read_head(have, &mut header)?;
         let pages = head.kind.get() == Kind::Pages as u16;
+        self.page_digests.clear();
+        self.torn_pages.clear();
         if let (true, Some(load)) = (pages, load) {
             self.read_payload(&head, 0, size.min(8), buf)?;
             let prefix = entries_len(buf).unwrap_or(size).min(size);
