@@ -984,9 +984,13 @@ impl DigestRead {
     }
 }
 
-/// Starts digesting every page of RAM, chunk by chunk, on one thread per core (memory
-/// bandwidth, not the hash, is the limit: two cores read 1 GiB in about 35 ms where one takes
-/// 50). After a failure the workers stop.
+/// Threads reading RAM for its digests at most: memory bandwidth, not the hash, is the limit
+/// (two cores read 1 GiB in about 35 ms where one takes 50), and far fewer cores than a large
+/// host has reach it.
+const MAX_DIGEST_THREADS: usize = 16;
+
+/// Starts digesting every page of RAM, chunk by chunk, on one thread per core, up to
+/// [`MAX_DIGEST_THREADS`]. After a failure the workers stop.
 fn spawn_digest<'scope>(
     scope: &'scope std::thread::Scope<'scope, '_>,
     memory: &'scope vmig_kvm::GuestMemory,
@@ -1005,7 +1009,9 @@ fn spawn_digest<'scope>(
         .collect();
     let chunks = Arc::new(chunks);
     let next = Arc::new(AtomicU64::new(0));
-    let threads = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+    let threads = std::thread::available_parallelism()
+        .map_or(2, std::num::NonZero::get)
+        .min(MAX_DIGEST_THREADS);
     let (tx, rx) = std::sync::mpsc::channel();
     for _ in 0..threads.min(chunks.len()) {
         let (chunks, next, tx) = (Arc::clone(&chunks), Arc::clone(&next), tx.clone());
