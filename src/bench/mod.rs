@@ -96,53 +96,62 @@ fn memcpy_rate(bytes: u64) -> f64 {
     gbps(bytes, elapsed)
 }
 
-fn tcp_rate(bytes: u64) -> Result<f64, String> {
+/// One loopback TCP stream: `send` writes into it (and says how many bytes) while `receive`
+/// reads the other end on its own thread; the rate is of the whole, until `receive` is done.
+fn loopback_rate(
+    send: impl FnOnce(&mut std::net::TcpStream) -> std::io::Result<u64>,
+    receive: impl FnOnce(std::net::TcpStream) -> std::io::Result<()> + Send,
+) -> Result<f64, String> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let reader = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut s, _) = listener.accept()?;
-        let mut buf = vec![0u8; 1 << 20];
-        while s.read(&mut buf)? != 0 {}
-        Ok(())
-    });
-    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(move || receive(listener.accept()?.0));
+        let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        let start = Instant::now();
+        let sent = send(&mut s).map_err(|e| e.to_string())?;
+        drop(s);
+        reader
+            .join()
+            .map_err(|_| "reader panicked".to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok(gbps(sent, start.elapsed()))
+    })
+}
+
+/// One loopback TCP stream of `bytes`, cache-hot: 1 MiB written again and again, read into
+/// 1 MiB.
+fn tcp_rate(bytes: u64) -> Result<f64, String> {
     let chunk = vec![7u8; 1 << 20];
-    let start = Instant::now();
-    let mut sent = 0;
-    while sent < bytes {
-        s.write_all(&chunk).map_err(|e| e.to_string())?;
-        sent += chunk.len() as u64;
-    }
-    drop(s);
-    reader
-        .join()
-        .map_err(|_| "reader panicked".to_string())?
-        .map_err(|e| e.to_string())?;
-    Ok(gbps(sent, start.elapsed()))
+    loopback_rate(
+        |s| {
+            let mut sent = 0;
+            while sent < bytes {
+                s.write_all(&chunk)?;
+                sent += chunk.len() as u64;
+            }
+            Ok(sent)
+        },
+        |mut s| {
+            let mut buf = vec![0u8; 1 << 20];
+            while s.read(&mut buf)? != 0 {}
+            Ok(())
+        },
+    )
 }
 
 /// One loopback TCP stream sending all of `src` and receiving it into `dst` (both memory
 /// already touched, far larger than the caches): what moving RAM costs a migration before any
 /// framing or checksum, which the cache-hot stream of [`tcp_rate`] does not show.
 fn tcp_ram_rate(src: &[u8], dst: &mut [u8]) -> Result<f64, String> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    std::thread::scope(|scope| {
-        let reader = scope.spawn(move || -> std::io::Result<()> {
-            let (mut s, _) = listener.accept()?;
-            s.read_exact(dst)
-        });
-        let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
-        let start = Instant::now();
-        for chunk in src.chunks(1 << 20) {
-            s.write_all(chunk).map_err(|e| e.to_string())?;
-        }
-        reader
-            .join()
-            .map_err(|_| "reader panicked".to_string())?
-            .map_err(|e| e.to_string())?;
-        Ok(gbps(src.len() as u64, start.elapsed()))
-    })
+    loopback_rate(
+        |s| {
+            for chunk in src.chunks(1 << 20) {
+                s.write_all(chunk)?;
+            }
+            Ok(src.len() as u64)
+        },
+        |mut s| s.read_exact(dst),
+    )
 }
 
 /// Device servers for both sides of a scenario.
@@ -544,21 +553,13 @@ fn full(
     let (mut totals, mut downtimes) = totals_and_downtimes(&reports);
     print_spread("vmig", &mut totals, &mut downtimes);
     drop((src, dst));
-    let mut shares: Vec<f64> = rates
-        .iter()
-        .zip(&tcp_before)
-        .map(|(r, tcp)| r / tcp)
-        .collect();
-    let mut ram_shares: Vec<f64> = rates
-        .iter()
-        .zip(&tcp_ram_before)
-        .map(|(r, tcp)| r / tcp)
-        .collect();
-    let mut bare: Vec<f64> = tcp_ram_before
-        .iter()
-        .zip(&tcp_before)
-        .map(|(ram, tcp)| ram / tcp)
-        .collect();
+    // Run by run: each rate against the limit measured just before it.
+    let shares_of = |rates: &[f64], limits: &[f64]| -> Vec<f64> {
+        rates.iter().zip(limits).map(|(r, l)| r / l).collect()
+    };
+    let mut shares = shares_of(&rates, &tcp_before);
+    let mut ram_shares = shares_of(&rates, &tcp_ram_before);
+    let mut bare = shares_of(&tcp_ram_before, &tcp_before);
     println!(
         "  vmig  {} GB/s of RAM moved = {}x the loopback TCP stream measured before each run (goal: 0.8x), median {:.2}x memcpy (min / median / max)",
         spread(&mut rates),

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use vmig_kvm::memory::SlotLayout;
 use vmig_kvm::{GuestMemory, PAGE_SIZE};
 use vmig_primitives::{PageNumber, SparseWords, dense_digest, sparse_digest};
+use zerocopy::little_endian::U64;
 
 use crate::error::{MigrationError, Result};
 use crate::stream::{PAGE_BYTES, PageEntry, RecordWriter};
@@ -340,7 +341,7 @@ impl PagePool {
                 }
                 None => {
                     let digest = dense_digest(bytes);
-                    digests.push(digest);
+                    digests.push(U64::new(digest));
                     self.sent.record(page, digest);
                     whole.push(bytes);
                     PageEntry::new(number, false)
@@ -365,8 +366,8 @@ impl PagePool {
 /// A sender's buffers for one `Pages` record, reused.
 struct Batch {
     entries: Vec<PageEntry>,
-    /// The digest of each whole page, in order.
-    digests: Vec<u64>,
+    /// The digest of each whole page, in order, as the record carries it.
+    digests: Vec<U64>,
     sparse: Vec<u8>,
 }
 

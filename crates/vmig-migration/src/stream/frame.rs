@@ -13,7 +13,7 @@ use std::os::fd::AsFd;
 
 use vmig_kvm::GuestMemory;
 
-use super::record::{Payload, pages_data_mismatch};
+use super::record::{PagesHead, Payload, pages_data_mismatch};
 use super::{HEADER_SIZE, Kind, MAX_RECORD, PAGE_BYTES, PageEntry, Record, page_digest};
 use crate::error::{MigrationError, Result, io_error};
 use crate::transport::Conn;
@@ -143,7 +143,7 @@ impl<W: Write> RecordWriter<W> {
         &mut self,
         pass: u32,
         entries: &[PageEntry],
-        digests: &[u64],
+        digests: &[U64],
         pages: &[&[u8]],
         sparse: &[u8],
     ) -> io::Result<()> {
@@ -154,13 +154,10 @@ impl<W: Write> RecordWriter<W> {
         {
             return Err(pages_shape());
         }
-        let count = u32::try_from(entries.len()).map_err(|_| pages_shape())?;
-        let mut head = Vec::with_capacity(8 + entries.len() * 8);
-        head.extend_from_slice(&pass.to_le_bytes());
-        head.extend_from_slice(&count.to_le_bytes());
-        head.extend_from_slice(entries.as_bytes());
-        let digests: Vec<U64> = digests.iter().map(|&d| U64::new(d)).collect();
-        self.frame(Kind::Pages, &[&head, digests.as_bytes()], pages, sparse)
+        let head = PagesHead::new(pass, entries.len())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let parts = [head.as_bytes(), entries.as_bytes(), digests.as_bytes()];
+        self.frame(Kind::Pages, &parts, pages, sparse)
     }
 
     /// Writes a record of `kind` whose payload is the concatenation of `parts` (for `Pages`:

@@ -148,9 +148,25 @@ pub struct DeviceDescription {
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
 )]
-struct PagesHead {
+pub(super) struct PagesHead {
     pass: U32,
     count: U32,
+}
+
+impl PagesHead {
+    /// The head of a `Pages` record of pass `pass` with `entries` entries.
+    pub(super) fn new(pass: u32, entries: usize) -> Result<Self> {
+        let count = u32::try_from(entries).map_err(|_| {
+            MigrationError::Invalid(format!(
+                "a Pages record of {entries} entries: at most {} fit its count",
+                u32::MAX
+            ))
+        })?;
+        Ok(Self {
+            pass: pass.into(),
+            count: count.into(),
+        })
+    }
 }
 
 /// One page of a `Pages` record: its page number, and bit 63 ([`ZERO_PAGE`]) when the page
@@ -533,13 +549,7 @@ impl<'a> Record<'a> {
                 ..empty
             },
             Record::Pages(p) => {
-                let count = u32::try_from(p.entries.len()).map_err(|_| {
-                    MigrationError::Invalid(format!(
-                        "a Pages record of {} entries: at most {} fit its count",
-                        p.entries.len(),
-                        u32::MAX
-                    ))
-                })?;
+                let head = PagesHead::new(p.pass, p.entries.len())?;
                 let whole = p.entries.iter().filter(|e| e.is_whole()).count();
                 if p.digests.len() != whole || p.data.len() != whole * PAGE_BYTES {
                     return Err(MigrationError::Invalid(format!(
@@ -548,10 +558,6 @@ impl<'a> Record<'a> {
                         p.data.len()
                     )));
                 }
-                let head = PagesHead {
-                    pass: p.pass.into(),
-                    count: count.into(),
-                };
                 Payload {
                     head: Cow::Owned(head.as_bytes().to_vec()),
                     body: p.entries.as_bytes(),
