@@ -54,9 +54,14 @@ pub struct BenchArgs {
     /// TCP connections carrying pages.
     #[arg(long, value_name = "N", default_value_t = MigrationParams::default().connections)]
     connections: u16,
-    /// Migrate the same scenarios with QEMU: auto (when qemu-system-x86_64 is installed), on, off.
+    /// Migrate the same scenarios with QEMU: auto (each QEMU found: qemu-system-x86_64 on PATH,
+    /// and QEMU's newest release when the tests have prepared it under target/qemu-sid/), on
+    /// (as auto, and fail when none is found), off.
     #[arg(long, value_name = "auto|on|off", default_value = "auto")]
     qemu: String,
+    /// Compare with this qemu-system-x86_64 instead of the ones found (may be given more than once).
+    #[arg(long, value_name = "PATH")]
+    qemu_binary: Vec<std::path::PathBuf>,
     /// Runs of each migration (vmig's and QEMU's): their min / median / max are printed.
     #[arg(long, value_name = "N", default_value_t = 3)]
     runs: usize,
@@ -434,20 +439,34 @@ fn median(values: &mut [f64]) -> f64 {
     values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
-/// Runs QEMU's side of a scenario `runs` times and prints it with the ratios of the medians to
-/// vmig's.
+/// Runs each QEMU's side of a scenario `runs` times and prints it with the ratios of the
+/// medians to vmig's.
 fn compare_with_qemu(
+    qemus: &[qemu::Qemu],
     runs: usize,
     scenario: &qemu::Scenario,
     ours: &[MigrationReport],
     total_goal: &str,
 ) {
+    for q in qemus {
+        compare_with_one_qemu(q, runs, scenario, ours, total_goal);
+    }
+}
+
+fn compare_with_one_qemu(
+    q: &qemu::Qemu,
+    runs: usize,
+    scenario: &qemu::Scenario,
+    ours: &[MigrationReport],
+    total_goal: &str,
+) {
+    let label = q.label();
     let mut theirs = Vec::new();
     for _ in 0..runs {
-        match qemu::migrate(scenario, QEMU_TIMEOUT) {
+        match qemu::migrate(q, scenario, QEMU_TIMEOUT) {
             Ok(report) => {
                 println!(
-                    "  qemu  total {:5} ms, downtime {:4} ms, {:2} passes, {:5} MiB sent, throttle {:2}%, dirty rate {} pages/s",
+                    "  {label}  total {:5} ms, downtime {:4} ms, {:2} passes, {:5} MiB sent, throttle {:2}%, dirty rate {} pages/s",
                     report.total_ms,
                     report.downtime_ms,
                     report.passes,
@@ -457,7 +476,7 @@ fn compare_with_qemu(
                 );
                 theirs.push(report);
             }
-            Err(e) => println!("  qemu  failed: {e}"),
+            Err(e) => println!("  {label}  failed: {e}"),
         }
     }
     if theirs.is_empty() {
@@ -467,12 +486,12 @@ fn compare_with_qemu(
         .iter()
         .map(|r| (float(r.total_ms), float(r.downtime_ms)))
         .unzip();
-    print_spread("qemu", &mut their_totals, &mut their_downtimes);
+    print_spread(&label, &mut their_totals, &mut their_downtimes);
     let (mut totals, mut downtimes) = totals_and_downtimes(ours);
     let total = median(&mut totals) / median(&mut their_totals).max(1.0);
     let downtime = median(&mut downtimes) / median(&mut their_downtimes).max(1.0);
     println!(
-        "  vmig against qemu (medians): total time {total:.2}x qemu's{total_goal}, downtime {downtime:.2}x qemu's"
+        "  vmig against {label} (medians): total time {total:.2}x its{total_goal}, downtime {downtime:.2}x its"
     );
 }
 
@@ -606,21 +625,33 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode, String> {
             "--scenario {bad}: expected full, full-random, dirty, converge or all"
         ));
     }
-    let with_qemu = match args.qemu.as_str() {
-        "off" => false,
-        "on" => {
-            qemu::available()?;
-            true
+    let qemus = match args.qemu.as_str() {
+        "off" if !args.qemu_binary.is_empty() => {
+            return Err("--qemu off with --qemu-binary: expected one or the other".into());
         }
-        "auto" => match qemu::available() {
-            Ok(()) => true,
-            Err(why) => {
-                println!("not comparing with QEMU: {why}");
-                false
+        "off" => Vec::new(),
+        "auto" | "on" if !args.qemu_binary.is_empty() => args
+            .qemu_binary
+            .iter()
+            .map(|p| qemu::Qemu::probe(p).map_err(|e| format!("--qemu-binary: {e}")))
+            .collect::<Result<_, _>>()?,
+        mode @ ("auto" | "on") => {
+            let (found, absent) = qemu::discover();
+            if found.is_empty() && mode == "on" {
+                return Err(format!("--qemu on: no QEMU found: {}", absent.join("; ")));
             }
-        },
+            for why in &absent {
+                println!("not comparing with every QEMU: {why}");
+            }
+            found
+        }
         other => return Err(format!("--qemu {other}: expected auto, on or off")),
     };
+    if !qemus.is_empty() {
+        let names: Vec<String> = qemus.iter().map(qemu::Qemu::label).collect();
+        println!("comparing with {}", names.join(" and "));
+    }
+    let with_qemu = !qemus.is_empty();
     let tsc_hz = tsc::cycles_per_second();
     let params = MigrationParams {
         connections: args.connections,
@@ -648,8 +679,15 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode, String> {
                     max_bandwidth: None,
                     downtime_ms: DEFAULT_DOWNTIME_MS,
                     warm_up: Duration::ZERO,
+                    channels: args.connections,
                 };
-                compare_with_qemu(args.runs, &scenario, &reports, " (goal: at most 0.6x)");
+                compare_with_qemu(
+                    &qemus,
+                    args.runs,
+                    &scenario,
+                    &reports,
+                    " (goal: at most 0.6x)",
+                );
             }
         }
         if scenarios.contains(&"full-random") {
@@ -708,8 +746,9 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode, String> {
                 max_bandwidth: None,
                 downtime_ms: DEFAULT_DOWNTIME_MS,
                 warm_up: Duration::from_secs(2),
+                channels: args.connections,
             };
-            compare_with_qemu(args.runs, &scenario, &reports, " (goal: below 1x)");
+            compare_with_qemu(&qemus, args.runs, &scenario, &reports, " (goal: below 1x)");
         }
     }
 
@@ -750,8 +789,15 @@ pub fn run(args: &BenchArgs) -> Result<ExitCode, String> {
                 max_bandwidth: Some(args.converge_bandwidth),
                 downtime_ms: DEFAULT_DOWNTIME_MS,
                 warm_up: Duration::from_secs(1),
+                channels: args.connections,
             };
-            compare_with_qemu(args.runs, &scenario, &reports, " (goal: at most 0.25x)");
+            compare_with_qemu(
+                &qemus,
+                args.runs,
+                &scenario,
+                &reports,
+                " (goal: at most 0.25x)",
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -23,6 +23,10 @@ use crate::qmp::QmpClient;
 /// The QEMU binary looked for on `PATH`.
 pub const QEMU: &str = "qemu-system-x86_64";
 
+/// Where the tests' rig of QEMU's newest release (Debian sid's, `vmig_kernel_guest::newest_qemu`)
+/// leaves its launcher, under the target directory this binary was built in.
+const NEWEST_QEMU_LAUNCHER: &str = "qemu-sid/qemu-system-x86_64";
+
 /// Where SeaBIOS loads the boot sector.
 const LOAD_ADDRESS: u32 = 0x7c00;
 /// Offsets in the boot sector: the GDT, its descriptor, and the 32-bit code.
@@ -74,6 +78,9 @@ pub struct Scenario {
     pub downtime_ms: u64,
     /// Dirtying time before the migration starts.
     pub warm_up: Duration,
+    /// Streams carrying pages: over 1, QEMU's multifd with that many channels, as vmig's
+    /// `--connections`.
+    pub channels: u16,
 }
 
 /// QEMU's `query-migrate` figures once completed.
@@ -95,18 +102,90 @@ pub struct QemuReport {
     pub dirty_pages_rate: u64,
 }
 
-/// Whether QEMU can run here, or why not.
-pub fn available() -> Result<(), String> {
-    match Command::new(QEMU).arg("--version").output() {
-        Ok(out) if out.status.success() => Ok(()),
-        Ok(out) => Err(format!(
-            "{QEMU} --version failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-        Err(e) => Err(format!(
-            "{QEMU}: {e} (install Debian's qemu-system-x86 to compare: apt-get install qemu-system-x86)"
-        )),
+/// One QEMU to compare with: its program and its release.
+#[derive(Clone, Debug)]
+pub struct Qemu {
+    /// `qemu-system-x86_64` or a launcher of one.
+    pub program: PathBuf,
+    /// `7.2.19`, `11.1.3`: from `--version`.
+    pub version: String,
+}
+
+impl Qemu {
+    /// The QEMU `program` is, by its `--version`.
+    pub fn probe(program: &Path) -> Result<Self, String> {
+        let out = Command::new(program)
+            .arg("--version")
+            .output()
+            .map_err(|e| format!("{}: {e}", program.display()))?;
+        let banner = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            return Err(format!(
+                "{} --version failed: {}",
+                program.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        let version = banner
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("QEMU emulator version "))
+            .and_then(|rest| rest.split_whitespace().next())
+            .ok_or_else(|| {
+                format!(
+                    "{} --version printed no \"QEMU emulator version\": {}",
+                    program.display(),
+                    banner.trim()
+                )
+            })?;
+        Ok(Self {
+            program: program.to_owned(),
+            version: version.to_owned(),
+        })
     }
+
+    /// How the bench's lines name it.
+    pub fn label(&self) -> String {
+        format!("qemu {}", self.version)
+    }
+}
+
+/// The QEMUs to compare with when none is named: `qemu-system-x86_64` on `PATH` and the newest
+/// release's rig next to this build, each when it runs; and why each absent one is absent.
+pub fn discover() -> (Vec<Qemu>, Vec<String>) {
+    let mut found = Vec::new();
+    let mut absent = Vec::new();
+    let on_path = std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|p| p.join(QEMU))
+                .find(|p| p.is_file())
+        })
+        .ok_or_else(|| format!("no {QEMU} on PATH (Debian's: apt-get install qemu-system-x86)"))
+        .and_then(|p| Qemu::probe(&p));
+    match on_path {
+        Ok(q) => found.push(q),
+        Err(why) => absent.push(why),
+    }
+    let rig = std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            exe.ancestors()
+                .map(|dir| dir.join(NEWEST_QEMU_LAUNCHER))
+                .find(|p| p.is_file())
+        })
+        .ok_or_else(|| {
+            "QEMU's newest release is not prepared next to this build \
+             (cargo test --test qemu_vfio_user prepares it under target/qemu-sid/)"
+                .to_owned()
+        })
+        .and_then(|p| Qemu::probe(&p));
+    match rig {
+        Ok(q) if !found.iter().any(|f| f.version == q.version) => found.push(q),
+        Ok(_) => {}
+        Err(why) => absent.push(why),
+    }
+    (found, absent)
 }
 
 /// The 512-byte boot sector of the guest.
@@ -261,10 +340,10 @@ fn protected_mode_code(ram: u32, writes: Writes) -> Result<Vec<u8>, IcedError> {
     a.assemble(u64::from(LOAD_ADDRESS) + CODE32_OFFSET as u64)
 }
 
-fn qemu_command(dir: &Path, side: &str, ram: u64, image: &Path) -> (Command, PathBuf) {
+fn qemu_command(qemu: &Qemu, dir: &Path, side: &str, ram: u64, image: &Path) -> (Command, PathBuf) {
     let qmp = dir.join(format!("qemu-{side}.qmp"));
     let console = dir.join(format!("qemu-{side}.console"));
-    let mut command = Command::new(QEMU);
+    let mut command = Command::new(&qemu.program);
     command
         .args(["-accel", "kvm", "-smp", "1", "-m"])
         .arg(format!("{}M", ram >> 20))
@@ -294,25 +373,41 @@ fn number(value: &Value, path: &[&str]) -> u64 {
 
 /// Migrates a QEMU guest doing `scenario` to a second QEMU over loopback TCP. The destination
 /// allocates its RAM up front (`-mem-prealloc`), as vmig's does.
-pub fn migrate(scenario: &Scenario, timeout: Duration) -> Result<QemuReport, String> {
+pub fn migrate(qemu: &Qemu, scenario: &Scenario, timeout: Duration) -> Result<QemuReport, String> {
     let mut children = Children::new("bench-qemu")?;
     let dir = children.dir().to_path_buf();
     let image = dir.join("guest.img");
     std::fs::write(&image, boot_sector(scenario.ram, scenario.writes)?)
         .map_err(|e| format!("{}: {e}", image.display()))?;
-    let (command, source_qmp) = qemu_command(&dir, "source", scenario.ram, &image);
+    let (command, source_qmp) = qemu_command(qemu, &dir, "source", scenario.ram, &image);
     children.spawn_command("qemu-source", command)?;
     let port = free_port()?;
-    let (mut command, dest_qmp) = qemu_command(&dir, "destination", scenario.ram, &image);
+    let uri = format!("tcp:127.0.0.1:{port}");
+    let multifd = scenario.channels > 1;
+    let (mut command, dest_qmp) = qemu_command(qemu, &dir, "destination", scenario.ram, &image);
+    // multifd must be on at the destination before it listens: `defer`, then set, then listen.
     command
         .arg("-mem-prealloc")
         .arg("-incoming")
-        .arg(format!("tcp:127.0.0.1:{port}"));
+        .arg(if multifd { "defer" } else { uri.as_str() });
     children.spawn_command("qemu-destination", command)?;
     children.wait_for(&source_qmp)?;
     children.wait_for(&dest_qmp)?;
     let mut source = QmpClient::connect(&source_qmp, Duration::from_secs(5))?;
     let mut destination = QmpClient::connect(&dest_qmp, Duration::from_secs(5))?;
+    if multifd {
+        for side in [&mut source, &mut destination] {
+            side.execute(
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "multifd", "state": true}]}),
+            )?;
+            side.execute(
+                "migrate-set-parameters",
+                json!({"multifd-channels": scenario.channels}),
+            )?;
+        }
+        destination.execute("migrate-incoming", json!({ "uri": uri }))?;
+    }
     let console = dir.join("qemu-source.console");
     let deadline = Instant::now() + Duration::from_secs(120);
     while !std::fs::read(&console).unwrap_or_default().contains(&READY) {
@@ -335,7 +430,7 @@ pub fn migrate(scenario: &Scenario, timeout: Duration) -> Result<QemuReport, Str
             "max-bandwidth": scenario.max_bandwidth.unwrap_or(1 << 40),
         }),
     )?;
-    source.execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))?;
+    source.execute("migrate", json!({ "uri": uri }))?;
     let end = Instant::now() + timeout;
     let mut report = QemuReport::default();
     loop {

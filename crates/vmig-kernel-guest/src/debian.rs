@@ -95,6 +95,12 @@ impl Apt {
             let d = dir.join(sub);
             std::fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
         }
+        // An empty dpkg status: to this configuration nothing is installed, so what it
+        // resolves does not lean on the machine's own (older) packages.
+        let status = dir.join("status");
+        if !status.exists() {
+            std::fs::write(&status, b"").map_err(|e| format!("{}: {e}", status.display()))?;
+        }
         let list = dir.join("sources.list");
         let line = format!("deb [signed-by={DEBIAN_KEYRING}] {source}\n");
         if std::fs::read_to_string(&list).ok().as_deref() != Some(&line) {
@@ -123,6 +129,7 @@ impl Apt {
             cmd.args(option("Dir::Etc::SourceList", dir.join("sources.list")))
                 .args(option("Dir::Etc::SourceParts", PathBuf::from("/dev/null")))
                 .args(option("Dir::State", dir.clone()))
+                .args(option("Dir::State::status", dir.join("status")))
                 .args(option("Dir::Cache", dir.join("cache")));
         }
         cmd
@@ -176,6 +183,61 @@ impl Apt {
             Some(_) => Ok(()),
         }
     }
+}
+
+/// Downloads `package` and what it depends on (not what it recommends), with `apt` as if
+/// nothing were installed, into `apt`'s cache unless they are there; returns the `.deb`s.
+pub(crate) fn download_closure(
+    apt: &Apt,
+    package: &str,
+    timings: &mut Timings,
+) -> Result<Vec<PathBuf>, PrepareError> {
+    let Apt::Private { dir, suite } = apt else {
+        return Err(PrepareError::Failed(format!(
+            "the packages {package} needs are fetched with a private apt configuration only"
+        )));
+    };
+    let start = Instant::now();
+    let fetch = || {
+        run(apt
+            .command("apt-get")
+            .args(["-qq", "-y", "--no-install-recommends", "--download-only"])
+            .args(["install", package])
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    };
+    if fetch().is_err() {
+        apt.update(timings)?;
+        fetch().map_err(apt_failure)?;
+    }
+    let archives = dir.join("cache/archives");
+    let mut debs: Vec<PathBuf> = std::fs::read_dir(&archives)
+        .map_err(|e| format!("{}: {e}", archives.display()))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "deb"))
+        .collect();
+    debs.sort();
+    if debs.is_empty() {
+        return Err(format!(
+            "apt-get left no .deb of {package} in {}",
+            archives.display()
+        )
+        .into());
+    }
+    let bytes: u64 = debs
+        .iter()
+        .filter_map(|d| std::fs::metadata(d).ok())
+        .map(|m| m.len())
+        .sum();
+    timings.add(
+        format!(
+            "download {package} and {} packages it needs from {suite} ({})",
+            debs.len() - 1,
+            megabytes(bytes)
+        ),
+        start.elapsed(),
+    );
+    Ok(debs)
 }
 
 /// QEMU's `qemu-system-x86_64`, installed from Debian's `qemu-system-x86` when it is missing
@@ -316,7 +378,15 @@ pub(crate) fn extract(
         .collect();
     let what = match names.as_slice() {
         [one] => (*one).to_owned(),
-        many => format!("{} packages ({})", many.len(), many.join(", ")),
+        few @ [_, _, ..] if few.len() <= 6 => {
+            format!("{} packages ({})", few.len(), few.join(", "))
+        }
+        many => format!(
+            "{} packages ({}, and {} more)",
+            many.len(),
+            many[..4].join(", "),
+            many.len() - 4
+        ),
     };
     timings.add(format!("extract {what}"), start.elapsed());
     Ok(())
@@ -460,6 +530,7 @@ mod tests {
             format!("deb [signed-by={DEBIAN_KEYRING}] {BACKPORTS}\n")
         );
         assert!(dir.join("lists/partial").is_dir() && dir.join("cache/archives/partial").is_dir());
+        assert_eq!(std::fs::read(dir.join("status")).unwrap(), b"");
         let cmd = apt.command("apt-cache");
         let args: Vec<String> = cmd
             .get_args()
@@ -472,6 +543,7 @@ mod tests {
             ),
             "Dir::Etc::SourceParts=/dev/null".to_owned(),
             format!("Dir::State={}", dir.display()),
+            format!("Dir::State::status={}", dir.join("status").display()),
             format!("Dir::Cache={}", dir.join("cache").display()),
         ];
         for e in &expected {

@@ -19,7 +19,9 @@
 //! - [`differential`]: seeded random sequences of type1 calls, run against the kernel (in the
 //!   guest) and against `vmig-dma` (on the host), and the rule that compares the two;
 //! - [`bench`](mod@bench): mapping 1 GiB and fetching its dirty bitmap, `vmig-vfio`'s backend against the
-//!   bare ioctls, in the guest.
+//!   bare ioctls, in the guest;
+//! - [`NewestQemu`]: QEMU's newest release (Debian sid's, with its vfio-user client), unpacked
+//!   under `target/qemu-sid/` and run through sid's own loader ([`newest_qemu`]).
 //!
 //! What it leaves to others: the VFIO backend under test (`vmig-vfio`), the userspace IOMMU it
 //! is compared with (`vmig-dma`), and the tests themselves (their skips: `vmig-test-support`).
@@ -39,6 +41,7 @@ mod debian;
 pub mod differential;
 mod guest;
 mod kernel;
+pub mod newest_qemu;
 
 pub use debian::qemu_system;
 pub use guest::{
@@ -46,3 +49,4 @@ pub use guest::{
     MTTY_DEVICES, MTTY_TYPE, MTTY_UUIDS_ENV, PrepareError, REPORT_ENV, edu, in_guest, mtty_uuids,
     report_line, target_dir,
 };
+pub use newest_qemu::NewestQemu;

@@ -701,10 +701,14 @@ fn region_info(spec: &DeviceSpec, argsz: u32, index: u32) -> Result<Reply, Refus
         } else {
             0
         });
-    if !tail.is_empty() {
+    let fits = argsz >= needed;
+    // The spec: "VFIO_REGION_INFO_FLAG_CAPS indicates additional capabilities found in the
+    // reply". A reply too short for them says only, by its argsz, how much room they need
+    // (as libvfio-user answers); the kernel's vfio-pci sets the flag with cap_offset 0
+    // instead, which QEMU's vfio-user client refuses ("failed to get region 2 info").
+    if fits && !tail.is_empty() {
         flags |= REGION_INFO_FLAG_CAPS;
     }
-    let fits = argsz >= needed;
     let info = RegionInfo {
         argsz: needed,
         flags,
@@ -725,4 +729,60 @@ fn region_info(spec: &DeviceSpec, argsz: u32, index: u32) -> Result<Reply, Refus
         payload: [info.as_bytes(), &tail].concat(),
         fds: r.mmap.iter().map(|m| Arc::clone(&m.fd)).collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A BAR with a sparse-mmap capability, as the dma-engine's BAR0 has one.
+    fn spec_with_sparse_bar() -> DeviceSpec {
+        let fd = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        DeviceSpec {
+            pci: true,
+            reset: true,
+            regions: vec![RegionSpec {
+                size: 0x4000,
+                readable: true,
+                writable: true,
+                mmap: Some(RegionMmap {
+                    fd: Arc::new(fd),
+                    offset: 0,
+                    areas: vec![(0x1000, 0x1000)],
+                }),
+                region_type: None,
+            }],
+            irqs: Vec::new(),
+        }
+    }
+
+    /// vfio-user spec, `VFIO_USER_DEVICE_GET_REGION_INFO`: "``VFIO_REGION_INFO_FLAG_CAPS``
+    /// indicates additional capabilities found in the reply", and "[argsz] may be larger than
+    /// the requested maximum size: in that case, the full payload is not included in the reply,
+    /// but the ``argsz`` field in the reply indicates the needed size". QEMU 11's client
+    /// refuses a CAPS flag whose cap_offset lies outside the reply.
+    #[test]
+    fn a_reply_too_short_for_the_capabilities_says_their_size_without_the_caps_flag() {
+        let spec = spec_with_sparse_bar();
+        let short = region_info(&spec, size32::<RegionInfo>(), 0).unwrap();
+        let info = read_struct::<RegionInfo>(&short.payload).unwrap();
+        let needed = size32::<RegionInfo>() + 8 + 8 + 16;
+        assert_eq!(info.argsz, needed);
+        assert_eq!(info.flags & REGION_INFO_FLAG_CAPS, 0, "{info:?}");
+        assert_eq!(info.cap_offset, 0);
+        assert_eq!(info.flags & REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_MMAP);
+        assert_eq!((info.size, short.payload.len()), (0x4000, 32));
+        assert!(short.fds.is_empty(), "the fd comes with the full reply");
+
+        let full = region_info(&spec, needed, 0).unwrap();
+        let info = read_struct::<RegionInfo>(&full.payload).unwrap();
+        assert_eq!(info.flags & REGION_INFO_FLAG_CAPS, REGION_INFO_FLAG_CAPS);
+        assert_eq!(
+            (info.argsz, info.cap_offset, full.payload.len()),
+            (needed, 32, needed as usize)
+        );
+        let cap = read_struct::<CapHeader>(&full.payload[32..]).unwrap();
+        assert_eq!((cap.id, cap.next), (REGION_INFO_CAP_SPARSE_MMAP, 0));
+        assert_eq!(full.fds.len(), 1);
+    }
 }
