@@ -1,5 +1,6 @@
 //! The same scenarios migrated by QEMU (`qemu-system-x86_64 -accel kvm`, loopback TCP) on this
-//! machine in the same run, for comparison.
+//! machine in the same run, for comparison: each QEMU [`discover`] finds (the one on `PATH`,
+//! and the newest release's rig under the target directory) or the user names.
 //!
 //! QEMU boots a 512-byte guest from an IDE disk image (SeaBIOS loads it at 0x7c00). Not a
 //! floppy: on some nested hosts SeaBIOS's floppy driver waits for an interrupt that never comes.
