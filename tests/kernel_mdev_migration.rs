@@ -38,7 +38,7 @@ use vmig_kernel_guest::{MTTY_DEVICES, report_line};
 mod cli;
 #[path = "common/guest_test.rs"]
 mod guest_test;
-use cli::vmig;
+use cli::{KillOnDrop, vmig};
 
 /// The in-guest test this file's host test runs.
 const IN_GUEST_TEST: &str = "in_guest_two_mttys_migrate_between_two_vmig_processes";
@@ -288,16 +288,6 @@ fn ack_holding_relay(port: u16) -> (KillOnDrop, u16) {
         .and_then(|(port, _)| port.parse().ok())
         .unwrap_or_else(|| panic!("the relay's first line: {first:?}"));
     (KillOnDrop(child), listening)
-}
-
-/// A child process, killed when dropped.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// A relay from the source to the destination that damages device 0's state as `damage`

@@ -10,7 +10,7 @@
 //! Skips, saying why, where sid's packages cannot be had (no apt, no network).
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -20,19 +20,9 @@ use vmig_kernel_guest::NewestQemu;
 
 #[path = "common/cli.rs"]
 mod cli;
-use cli::{vmig, wait_for};
+use cli::{KillOnDrop, vmig, wait_for};
 
-/// A child process killed (and reaped) when dropped, so a failing assertion leaves none behind.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_qemu(qemu: &NewestQemu, dir: &Path, device_socket: &Path) -> (Reaped, QmpClient) {
+fn start_qemu(qemu: &NewestQemu, dir: &Path, device_socket: &Path) -> (KillOnDrop, QmpClient) {
     let qmp = dir.join("qemu.qmp");
     let log = std::fs::File::create(dir.join("qemu.log")).unwrap();
     let device = json!({
@@ -60,7 +50,7 @@ fn start_qemu(qemu: &NewestQemu, dir: &Path, device_socket: &Path) -> (Reaped, Q
         .stderr(log)
         .spawn()
         .unwrap();
-    let mut child = Reaped(child);
+    let mut child = KillOnDrop(child);
     let deadline = Instant::now() + Duration::from_secs(30);
     while !qmp.exists() {
         if let Some(status) = child.0.try_wait().unwrap() {
@@ -141,7 +131,7 @@ fn qemus_own_vfio_user_client_runs_vmigs_dma_engine_on_its_pci_bus() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut server = Reaped(server);
+    let mut server = KillOnDrop(server);
     wait_for(&socket, Duration::from_secs(10));
 
     let (mut qemu_process, mut qmp) = start_qemu(&qemu, &dir, &socket);

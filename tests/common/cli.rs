@@ -45,3 +45,13 @@ pub fn wait_for(path: &Path, patience: Duration) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A child process, killed (and reaped) when dropped, so a failing assertion leaves none behind.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

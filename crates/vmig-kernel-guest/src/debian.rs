@@ -205,10 +205,7 @@ pub(crate) fn download_closure(
             .args(["install", package])
             .env("DEBIAN_FRONTEND", "noninteractive"))
     };
-    if fetch().is_err() {
-        apt.update(timings)?;
-        fetch().map_err(apt_failure)?;
-    }
+    fetch_with_fresh_lists(apt, timings, fetch)?;
     let archives = dir.join("cache/archives");
     let mut debs: Vec<PathBuf> = std::fs::read_dir(&archives)
         .map_err(|e| format!("{}: {e}", archives.display()))?
@@ -312,6 +309,22 @@ fn find_deb(package: &str, dir: &Path) -> Option<PathBuf> {
         })
 }
 
+/// Runs `fetch` (an apt download); when it fails, fetches `apt`'s package lists and runs it
+/// once more.
+fn fetch_with_fresh_lists(
+    apt: &Apt,
+    timings: &mut Timings,
+    fetch: impl Fn() -> Result<String, String>,
+) -> Result<String, PrepareError> {
+    match fetch() {
+        Ok(out) => Ok(out),
+        Err(_) => {
+            apt.update(timings)?;
+            fetch().map_err(apt_failure)
+        }
+    }
+}
+
 /// Downloads `package` (a `.deb`) with `apt` into `dir` unless it is there; returns its path.
 pub(crate) fn download(
     apt: &Apt,
@@ -330,12 +343,9 @@ pub(crate) fn download(
             .arg(package)
             .current_dir(dir))
     };
-    if fetch().is_err() {
-        // The package lists may be missing on a fresh machine, or name a version the mirror
-        // no longer has.
-        apt.update(timings)?;
-        fetch().map_err(apt_failure)?;
-    }
+    // The package lists may be missing on a fresh machine, or name a version the mirror no
+    // longer has.
+    fetch_with_fresh_lists(apt, timings, fetch)?;
     let deb = find_deb(package, dir).ok_or_else(|| {
         PrepareError::Failed(format!(
             "apt-get download {package} left no .deb in {}",
