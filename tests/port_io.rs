@@ -82,6 +82,7 @@ impl Device for LoopbackUart {
         };
         ServerSpec {
             pci: true,
+            config_space: None,
             reset: true,
             regions,
             irqs: if self.intx_only {

@@ -4,30 +4,41 @@
 //!
 //! QEMU (TCG, q35, RAM from a shared memfd as vfio-user needs) realizes the device, its
 //! firmware (SeaBIOS) sizes and places the BARs through the server's config space, BAR2 is
-//! mapped through the server's sparse area, and a guest-physical read of BAR0 goes through
-//! QEMU's client to the server and back.
+//! mapped through the server's sparse area, QEMU finds the MSI-X table and PBA through the
+//! config space's capability list, and a guest-physical read of BAR0 goes through QEMU's
+//! client to the server and back. The README's minimal device (`examples/doorbell.rs`) is
+//! attached beside it, served by the framework in this process.
 //!
 //! Skips, saying why, where sid's packages cannot be had (no apt, no network).
 
+#[path = "../crates/vmig-devices/examples/doorbell.rs"]
+mod doorbell;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use vmig::qmp::QmpClient;
 use vmig_devices::dma_engine::{self, BAR0_SIZE, DEVICE_ID, STATUS_REGION, STATUS_SIZE, VENDOR_ID};
 use vmig_kernel_guest::NewestQemu;
+use vmig_vfio_user::server::{Server, ServerConfig};
 
 #[path = "common/cli.rs"]
 mod cli;
 use cli::{KillOnDrop, vmig, wait_for};
 
-fn start_qemu(qemu: &NewestQemu, dir: &Path, device_socket: &Path) -> (KillOnDrop, QmpClient) {
+fn start_qemu(qemu: &NewestQemu, dir: &Path, device_sockets: &[&Path]) -> (KillOnDrop, QmpClient) {
     let qmp = dir.join("qemu.qmp");
     let log = std::fs::File::create(dir.join("qemu.log")).unwrap();
-    let device = json!({
-        "driver": "vfio-user-pci",
-        "socket": {"type": "unix", "path": device_socket},
+    let devices = device_sockets.iter().flat_map(|socket| {
+        let device = json!({
+            "driver": "vfio-user-pci",
+            "socket": {"type": "unix", "path": socket},
+        });
+        ["-device".to_owned(), device.to_string()]
     });
     let child = qemu
         .command()
@@ -43,8 +54,7 @@ fn start_qemu(qemu: &NewestQemu, dir: &Path, device_socket: &Path) -> (KillOnDro
         .args(["-nodefaults", "-display", "none", "-S"])
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .arg("-device")
-        .arg(device.to_string())
+        .args(devices)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)
@@ -74,8 +84,9 @@ fn start_qemu(qemu: &NewestQemu, dir: &Path, device_socket: &Path) -> (KillOnDro
     (child, client)
 }
 
-/// The dma-engine's entry in `query-pci`, once the firmware has placed both its BARs.
-fn placed_dma_engine(qmp: &mut QmpClient) -> Value {
+/// Device `vendor:device`'s entry in `query-pci`, once the firmware has placed its `bars`
+/// BARs.
+fn placed(qmp: &mut QmpClient, (vendor, device): (u16, u16), bars: usize) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let buses = qmp.execute("query-pci", json!({})).unwrap();
@@ -84,13 +95,12 @@ fn placed_dma_engine(qmp: &mut QmpClient) -> Value {
             .into_iter()
             .flatten()
             .find(|d| {
-                d["id"]["vendor"] == u64::from(VENDOR_ID)
-                    && d["id"]["device"] == u64::from(DEVICE_ID)
+                d["id"]["vendor"] == u64::from(vendor) && d["id"]["device"] == u64::from(device)
             })
             .cloned()
-            .unwrap_or_else(|| panic!("no {VENDOR_ID:04x}:{DEVICE_ID:04x} on bus 0: {buses}"));
+            .unwrap_or_else(|| panic!("no {vendor:04x}:{device:04x} on bus 0: {buses}"));
         let placed = engine["regions"].as_array().is_some_and(|r| {
-            r.len() == 2
+            r.len() == bars
                 && r.iter().all(|bar| {
                     bar["address"]
                         .as_u64()
@@ -102,7 +112,7 @@ fn placed_dma_engine(qmp: &mut QmpClient) -> Value {
         }
         assert!(
             Instant::now() < deadline,
-            "the firmware did not place the dma-engine's BARs in 60 s: {engine}"
+            "the firmware did not place {vendor:04x}:{device:04x}'s BARs in 60 s: {engine}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -134,9 +144,26 @@ fn qemus_own_vfio_user_client_runs_vmigs_dma_engine_on_its_pci_bus() {
     let mut server = KillOnDrop(server);
     wait_for(&socket, Duration::from_secs(10));
 
-    let (mut qemu_process, mut qmp) = start_qemu(&qemu, &dir, &socket);
+    // The README's minimal device, served by the framework in this process.
+    let doorbell_socket = dir.join("doorbell.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&doorbell_socket).unwrap();
+    let doorbell = Arc::new(Server::new(
+        doorbell::Doorbell::new().unwrap(),
+        ServerConfig::default(),
+    ));
+    let stop_doorbell = Arc::new(AtomicBool::new(false));
+    let doorbell_thread = {
+        let (doorbell, stop) = (Arc::clone(&doorbell), Arc::clone(&stop_doorbell));
+        std::thread::spawn(move || doorbell.run(&listener, &stop))
+    };
+
+    let (mut qemu_process, mut qmp) = start_qemu(&qemu, &dir, &[&socket, &doorbell_socket]);
     qmp.execute("cont", json!({})).unwrap();
-    let engine = placed_dma_engine(&mut qmp);
+    let engine = placed(&mut qmp, (VENDOR_ID, DEVICE_ID), 2);
+    let bell = placed(&mut qmp, (0x1234, 0x7a02), 1);
+    // INTx: pin A, as each function's config space says.
+    assert_eq!(engine["irq_pin"], 1, "{engine}");
+    assert_eq!(bell["irq_pin"], 1, "{bell}");
     let bars: Vec<(u64, u64, u64)> = engine["regions"]
         .as_array()
         .unwrap()
@@ -161,6 +188,20 @@ fn qemus_own_vfio_user_client_runs_vmigs_dma_engine_on_its_pci_bus() {
     // BAR2 is mapped from the server's fd (its sparse area), not trapped.
     let tree = hmp(&mut qmp, "info mtree");
     assert!(tree.contains("BAR 2 mmaps[0]"), "{tree}");
+    // QEMU found each function's MSI-X capability and lays its own emulation over the table
+    // and PBA where the capability puts them: one vector (16 bytes, 8 of PBA) at BAR0 + 0x800
+    // and BAR0 + 0xc00, for the dma-engine and the doorbell alike.
+    for device in [&engine, &bell] {
+        let base = device["regions"][0]["address"].as_u64().unwrap();
+        let table = base + u64::from(dma_engine::MSIX_TABLE_OFFSET);
+        let pba = base + u64::from(dma_engine::MSIX_PBA_OFFSET);
+        for line in [
+            format!("{table:016x}-{:016x} (prio 0, i/o): msix-table", table + 15),
+            format!("{pba:016x}-{:016x} (prio 1, i/o): VFIO MSIX PBA", pba + 7),
+        ] {
+            assert!(tree.contains(&line), "{line} in {tree}");
+        }
+    }
 
     // A guest-physical read of BAR0's ID register travels QEMU's client and the server.
     let bar0 = bars[0].2;
@@ -168,6 +209,19 @@ fn qemus_own_vfio_user_client_runs_vmigs_dma_engine_on_its_pci_bus() {
     assert!(
         id.contains(&format!("{:#018x}", dma_engine::ID)),
         "BAR0's ID read through QEMU: {id}"
+    );
+
+    // The doorbell's COUNT (BAR0 + 4) reads through QEMU's client too.
+    let count = hmp(
+        &mut qmp,
+        &format!(
+            "xp /1wx {:#x}",
+            bell["regions"][0]["address"].as_u64().unwrap() + doorbell::COUNT
+        ),
+    );
+    assert!(
+        count.contains(": 0x00000000"),
+        "COUNT read through QEMU: {count}"
     );
 
     let _ = qmp.execute("quit", json!({}));
@@ -197,5 +251,7 @@ fn qemus_own_vfio_user_client_runs_vmigs_dma_engine_on_its_pci_bus() {
         .read_to_string(&mut stderr)
         .unwrap();
     assert!(status.success(), "the server: {status}: {stderr}");
+    stop_doorbell.store(true, Ordering::Release);
+    doorbell_thread.join().unwrap().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

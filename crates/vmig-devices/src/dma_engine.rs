@@ -30,9 +30,12 @@
 //! A record (64 bytes): magic "DMAREC01", sequence, payload (5 words from a xorshift of the
 //! seed and the sequence), checksum of the 7 words before it.
 //!
-//! PCI config space (region 7, 256 bytes): vendor 0x1234, device 0x7a01, class 0xff (other),
-//! the command register (memory space, bus master), and BAR0, a 32-bit memory BAR of 4 KiB
-//! that answers the usual all-ones size probe.
+//! PCI config space (region 7, served by the framework's [`PciFunction`]): a PCI Express
+//! endpoint (4 KiB of config space), vendor 0x1234, device 0x7a01, class 0xff0000 (other);
+//! BAR0 and BAR2 are 32-bit memory BARs of 4 KiB. It signals each record on vector 0 of
+//! whichever interrupt the driver enabled: MSI-X (1 vector; table at BAR0 + 0x800, PBA at
+//! BAR0 + 0xc00), MSI (1 vector, maskable) or INTx, which stays asserted until the driver
+//! consumes every record (`CONSUMER` = `PRODUCER`).
 
 pub mod driver;
 
@@ -42,7 +45,7 @@ use std::time::{Duration, Instant};
 
 use vmig_primitives::HostMemory;
 use vmig_vfio_user::server::*;
-use vmig_vfio_user::wire::{IRQ_INDEX_MSIX, IRQ_INFO_EVENTFD, IRQ_INFO_MASKABLE};
+use vmig_vfio_user::wire::{IRQ_INFO_AUTOMASKED, IRQ_INFO_EVENTFD, IRQ_INFO_MASKABLE};
 
 /// `ID` register value.
 pub const ID: u64 = u64::from_le_bytes(*b"DMAENGN1");
@@ -52,9 +55,10 @@ pub const RECORD_MAGIC: u64 = u64::from_le_bytes(*b"DMAREC01");
 pub const RECORD_SIZE: usize = 64;
 /// BAR0 size.
 pub const BAR0_SIZE: u64 = 4096;
-/// The address bits a 4 KiB BAR0 decodes.
-#[expect(clippy::cast_possible_truncation, reason = "BAR0_SIZE is 4 KiB")]
-const BAR0_MASK: u32 = !(BAR0_SIZE as u32 - 1);
+/// Where in BAR0 the MSI-X table and PBA lie.
+pub const MSIX_TABLE_OFFSET: u32 = 0x800;
+/// Where in BAR0 the MSI-X PBA lies.
+pub const MSIX_PBA_OFFSET: u32 = 0xc00;
 /// The status page's region (BAR2) and size.
 pub const STATUS_REGION: u32 = 2;
 /// Bytes of the status page.
@@ -89,61 +93,40 @@ pub const VENDOR_ID: u16 = 0x1234;
 pub const DEVICE_ID: u16 = 0x7a01;
 /// Region index of PCI config space.
 pub const CONFIG_REGION: u32 = 7;
-const CONFIG_SIZE: usize = 256;
+const STATE_MAGIC: u64 = u64::from_le_bytes(*b"DMAESTA2");
 
-/// An offset inside config space as `usize`.
-#[expect(
-    clippy::cast_possible_truncation,
-    reason = "the framework checks every access lies inside the CONFIG_SIZE-byte region"
-)]
-fn config_offset(offset: u64) -> usize {
-    offset as usize
-}
-
-/// The PCI config space: the command register and BAR0 are writable, the rest is fixed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Config {
-    command: u16,
-    bar0: u32,
-}
-
-impl Config {
-    fn bytes(&self) -> [u8; CONFIG_SIZE] {
-        let mut c = [0u8; CONFIG_SIZE];
-        c[0..2].copy_from_slice(&VENDOR_ID.to_le_bytes());
-        c[2..4].copy_from_slice(&DEVICE_ID.to_le_bytes());
-        c[4..6].copy_from_slice(&self.command.to_le_bytes());
-        c[0x0b] = 0xff; // class: other
-        c[0x10..0x14].copy_from_slice(&self.bar0.to_le_bytes());
-        c[0x2c..0x2e].copy_from_slice(&VENDOR_ID.to_le_bytes());
-        c[0x2e..0x30].copy_from_slice(&DEVICE_ID.to_le_bytes());
-        c
-    }
-
-    /// Applies a write of `data` at `offset` (inside config space, checked by the framework):
-    /// only the command register and BAR0 change.
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        let mut bytes = self.bytes();
-        let at = config_offset(offset);
-        bytes[at..at + data.len()].copy_from_slice(data);
-        self.command = u16::from_le_bytes([bytes[4], bytes[5]]) & 0x0006;
-        // The size probe: BAR0 keeps only the address bits a 4 KiB BAR decodes.
-        let bar = u32::from_le_bytes([bytes[0x10], bytes[0x11], bytes[0x12], bytes[0x13]]);
-        self.bar0 = bar & BAR0_MASK;
-    }
-
-    fn to_word(self) -> u64 {
-        u64::from(self.command) | u64::from(self.bar0) << 32
-    }
-
-    fn from_word(word: u64) -> Self {
-        Self {
-            command: u16::try_from(word & 0x0006).unwrap_or(0),
-            bar0: u32::try_from(word >> 32).unwrap_or(0) & BAR0_MASK,
-        }
+/// The engine's PCI function: BAR2 only when the status page exists.
+fn pci_spec(status_page: bool) -> PciSpec {
+    let bar = Bar {
+        size: BAR0_SIZE,
+        kind: BarKind::Memory32,
+    };
+    let mut bars = [None; 6];
+    bars[0] = Some(bar);
+    bars[STATUS_REGION as usize] = status_page.then_some(bar);
+    PciSpec {
+        vendor_id: VENDOR_ID,
+        device_id: DEVICE_ID,
+        subsystem_vendor_id: VENDOR_ID,
+        subsystem_id: DEVICE_ID,
+        revision: 1,
+        class: 0xff_0000,
+        bars,
+        intx: true,
+        msi: Some(MsiSpec {
+            vectors: 1,
+            per_vector_mask: true,
+        }),
+        msix: Some(MsixSpec {
+            vectors: 1,
+            table_bar: 0,
+            table_offset: MSIX_TABLE_OFFSET,
+            pba_bar: 0,
+            pba_offset: MSIX_PBA_OFFSET,
+        }),
+        express: true,
     }
 }
-const STATE_MAGIC: u64 = u64::from_le_bytes(*b"DMAESTA1");
 
 /// The registers, which are the whole device state.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -261,7 +244,6 @@ pub fn check_record(bytes: &[u8], seed: u64) -> Result<u64, String> {
 
 struct Shared {
     regs: Registers,
-    config: Config,
     /// Cleared by `set_running(false)`; the worker parks.
     running: bool,
     /// The worker is between records (not holding a DMA in flight).
@@ -304,6 +286,7 @@ pub enum Migration {
 /// The device.
 pub struct DmaEngine {
     inner: Arc<Inner>,
+    pci: PciFunction,
     worker: Option<JoinHandle<()>>,
     migration: Migration,
     status_fd: Option<Arc<std::os::fd::OwnedFd>>,
@@ -323,7 +306,6 @@ impl DmaEngine {
         let inner = Arc::new(Inner {
             shared: Mutex::new(Shared {
                 regs: Registers::default(),
-                config: Config::default(),
                 running: true,
                 idle: true,
                 ctx: None,
@@ -339,8 +321,14 @@ impl DmaEngine {
                 .spawn(move || work(&inner))
                 .ok()
         };
+        #[expect(
+            clippy::expect_used,
+            reason = "the spec is a constant that PciFunction's tests accept"
+        )]
+        let pci = PciFunction::new(pci_spec(status_fd.is_some())).expect("a valid PCI spec");
         Self {
             inner,
+            pci,
             worker,
             migration,
             status_fd: status_fd.map(Arc::new),
@@ -438,7 +426,7 @@ fn work(inner: &Inner) {
             Ok(()) => {
                 s.regs.producer = s.regs.producer.wrapping_add(1);
                 s.publish();
-                ctx.trigger_irq(IRQ_INDEX_MSIX, 0);
+                ctx.signal_interrupt(0);
             }
             Err(_) => s.regs.dma_errors = s.regs.dma_errors.wrapping_add(1),
         }
@@ -451,13 +439,14 @@ impl Device for DmaEngine {
     fn spec(&self) -> DeviceSpec {
         DeviceSpec {
             pci: true,
+            config_space: Some(self.pci.clone()),
             reset: true,
             regions: (0..=CONFIG_REGION)
                 .map(|index| {
                     let size = match index {
                         0 => BAR0_SIZE,
                         STATUS_REGION if self.status_fd.is_some() => STATUS_SIZE,
-                        CONFIG_REGION => CONFIG_SIZE as u64,
+                        CONFIG_REGION => self.pci.config_size(),
                         _ => 0,
                     };
                     RegionSpec {
@@ -480,11 +469,11 @@ impl Device for DmaEngine {
             irqs: vec![
                 IrqSpec {
                     count: 1,
-                    flags: IRQ_INFO_EVENTFD,
+                    flags: IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE | IRQ_INFO_AUTOMASKED,
                 },
                 IrqSpec {
                     count: 1,
-                    flags: IRQ_INFO_EVENTFD,
+                    flags: IRQ_INFO_EVENTFD | IRQ_INFO_MASKABLE,
                 },
                 IrqSpec {
                     count: 1,
@@ -495,12 +484,6 @@ impl Device for DmaEngine {
     }
 
     fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), Refusal> {
-        if index == CONFIG_REGION {
-            let bytes = self.inner.lock().config.bytes();
-            let at = config_offset(offset);
-            data.copy_from_slice(&bytes[at..at + data.len()]);
-            return Ok(());
-        }
         if index == STATUS_REGION {
             let producer = self.inner.lock().regs.producer.to_le_bytes();
             for (i, byte) in data.iter_mut().enumerate() {
@@ -526,10 +509,6 @@ impl Device for DmaEngine {
     }
 
     fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), Refusal> {
-        if index == CONFIG_REGION {
-            self.inner.lock().config.write(offset, data);
-            return Ok(());
-        }
         if index != 0 || !offset.is_multiple_of(8) || data.len() != 8 {
             return Err(Refusal::invalid(
                 "dma-engine registers are written as aligned u64s",
@@ -548,7 +527,12 @@ impl Device for DmaEngine {
                 )));
             }
             reg::CONSUMER if value <= r.producer && r.producer - value <= r.ring_size.max(1) => {
-                r.consumer = value
+                r.consumer = value;
+                if value == r.producer
+                    && let Some(ctx) = &s.ctx
+                {
+                    ctx.deassert_intx();
+                }
             }
             reg::CONSUMER => {
                 return Err(Refusal::invalid(format!(
@@ -572,7 +556,6 @@ impl Device for DmaEngine {
     fn reset(&mut self) -> Result<(), Refusal> {
         let mut s = self.inner.lock();
         s.regs = Registers::default();
-        s.config = Config::default();
         s.running = true;
         s.publish();
         drop(s);
@@ -620,19 +603,21 @@ impl Device for DmaEngine {
         for w in s.regs.to_words() {
             out.extend_from_slice(&w.to_le_bytes());
         }
-        out.extend_from_slice(&s.config.to_word().to_le_bytes());
+        out.extend_from_slice(&self.pci.save());
         Ok(out)
     }
 
     fn load(&mut self, record: &[u8]) -> Result<(), Refusal> {
-        let expected = 8 * (Registers::WORDS + 2);
+        let registers_end = 8 * (Registers::WORDS + 1);
+        let expected = registers_end + self.pci.saved_len();
         if record.len() != expected || record[..8] != STATE_MAGIC.to_le_bytes() {
             return Err(Refusal::invalid(format!(
-                "a dma-engine state record is {expected} bytes starting \"DMAESTA1\"; got {} bytes",
+                "a dma-engine state record is {expected} bytes starting \"DMAESTA2\" (the \
+                 registers, then the PCI function); got {} bytes",
                 record.len()
             )));
         }
-        let words: Vec<u64> = record[8..]
+        let words: Vec<u64> = record[8..registers_end]
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
             .collect();
@@ -640,9 +625,9 @@ impl Device for DmaEngine {
         if regs.ring_size > MAX_RING || regs.consumer > regs.producer {
             return Err(Refusal::invalid("the dma-engine state is inconsistent"));
         }
+        self.pci.load(&record[registers_end..])?;
         let mut s = self.inner.lock();
         s.regs = regs;
-        s.config = Config::from_word(words[Registers::WORDS]);
         s.publish();
         Ok(())
     }

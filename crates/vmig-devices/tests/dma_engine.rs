@@ -72,6 +72,29 @@ fn write_reg(client: &Client, offset: u64, value: u64) {
         .unwrap();
 }
 
+const CONFIG_COMMAND: u64 = 0x04;
+const CONFIG_STATUS: u64 = 0x06;
+const CONFIG_BAR0: u64 = 0x10;
+
+fn config(client: &Client, offset: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    client
+        .region_read(dma_engine::CONFIG_REGION, offset, &mut b)
+        .unwrap();
+    b
+}
+
+fn read16(client: &Client, offset: u64) -> u16 {
+    let b = config(client, offset, 2);
+    u16::from_le_bytes([b[0], b[1]])
+}
+
+fn write32(client: &Client, offset: u64, value: u32) {
+    client
+        .region_write(dma_engine::CONFIG_REGION, offset, &value.to_le_bytes())
+        .unwrap();
+}
+
 /// The guest driver: consumes every record the device produced, checking each is the next in
 /// sequence and whole; returns how many it consumed.
 fn consume(client: &Client, ram: &std::fs::File, next: &mut u64) -> u64 {
@@ -122,6 +145,8 @@ fn migrate_without_losing_a_record(migration: Migration) {
     write_reg(c, reg::RING_SIZE, RING);
     write_reg(c, reg::RATE, 3000);
     write_reg(c, reg::SEED, SEED);
+    write32(c, CONFIG_COMMAND, 0x6);
+    write32(c, CONFIG_BAR0, 0xfe00_0000);
     write_reg(c, reg::CTRL, 1);
     let mut next = 0;
     consume_more_than(c, &ram, &mut next, 50);
@@ -146,6 +171,7 @@ fn migrate_without_losing_a_record(migration: Migration) {
     consume_more_than(c, &ram, &mut next, 10);
     chunks.extend(out.stop_and_copy().unwrap());
     let frozen: Vec<u64> = (0..0x50).step_by(8).map(|r| read_reg(c, r)).collect();
+    let frozen_config = config(c, 0, 0x100);
     std::thread::sleep(Duration::from_millis(50));
     let still: Vec<u64> = (0..0x50).step_by(8).map(|r| read_reg(c, r)).collect();
     assert_eq!(
@@ -166,6 +192,11 @@ fn migrate_without_losing_a_record(migration: Migration) {
     assert_eq!(
         loaded, frozen,
         "destination registers read as the stopped source's"
+    );
+    assert_eq!(
+        config(d, 0, 0x100),
+        frozen_config,
+        "destination config space (BAR0, command, interrupt state) reads as the source's"
     );
     into.run().unwrap();
     drop(source);
@@ -259,9 +290,127 @@ fn config_space_identifies_the_device_and_sizes_bar0() {
     assert_eq!(u32::from_le_bytes(bar), 0xfe00_0000);
     assert_eq!(
         c.region_info(dma_engine::CONFIG_REGION).unwrap().info.size,
-        256
+        4096,
+        "a PCI Express function's config space"
     );
     // BARs 1-5 do not exist: they answer size 0 (as the kernel does), and refuse access.
     assert_eq!(c.region_info(3).unwrap().info.size, 0);
     assert!(c.region_read(3, 0, &mut [0u8; 4]).is_err());
+}
+
+/// The capabilities in config space: (offset, id), walking the list from 0x34.
+fn capabilities(client: &Client) -> Vec<(u64, u8)> {
+    let mut found = Vec::new();
+    let mut at = u64::from(config(client, 0x34, 1)[0]);
+    while at != 0 && found.len() < 48 {
+        let word = read16(client, at);
+        found.push((at, word.to_le_bytes()[0]));
+        at = u64::from(word >> 8);
+    }
+    found
+}
+
+/// Unwires `vector` of IRQ `index`, closes the test's end, and returns every signal the
+/// pipe still held.
+fn signals_left(
+    client: &Client,
+    index: u32,
+    writer: OwnedFd,
+    mut reader: std::io::PipeReader,
+) -> usize {
+    use std::io::Read;
+    client.set_irq_eventfds(index, 0, 1, &[]).unwrap();
+    drop(writer);
+    let mut rest = Vec::new();
+    reader.read_to_end(&mut rest).unwrap();
+    rest.len() / 8
+}
+
+#[test]
+fn interrupts_follow_what_the_driver_enabled_in_config_space() {
+    use std::io::Read;
+    const MSIX_ENABLE: u16 = 1 << 15;
+    let ram_fd = vmig_primitives::memfd("guest-ram", RAM).unwrap();
+    let ram = std::fs::File::from(ram_fd.try_clone().unwrap());
+    for i in 0..RING {
+        ram.write_all_at(&(BUFFERS_IOVA + i * 4096).to_le_bytes(), RING_IOVA + i * 8)
+            .unwrap();
+    }
+    let served = serve(Migration::V2, &ram_fd);
+    let c = &served.client;
+    let caps = capabilities(c);
+    let ids: Vec<u8> = caps.iter().map(|&(_, id)| id).collect();
+    assert_eq!(ids, [0x10, 0x11, 0x05], "PCI Express, MSI-X, MSI");
+    let msix = caps[1].0;
+    let table = u32::from_le_bytes(config(c, msix + 4, 4).try_into().unwrap());
+    let pba = u32::from_le_bytes(config(c, msix + 8, 4).try_into().unwrap());
+    assert_eq!(
+        table,
+        dma_engine::MSIX_TABLE_OFFSET,
+        "table in BAR0 (BIR 0)"
+    );
+    assert_eq!(pba, dma_engine::MSIX_PBA_OFFSET, "PBA in BAR0 (BIR 0)");
+    write_reg(c, reg::RING_BASE, RING_IOVA);
+    write_reg(c, reg::RING_SIZE, RING);
+    write_reg(c, reg::SEED, SEED);
+    write_reg(c, reg::RATE, 2000);
+
+    // INTx (neither MSI nor MSI-X enabled): asserted with the first record, shown in the
+    // status register, automasked, and deasserted once every record is consumed.
+    let (mut intx, intx_writer) = std::io::pipe().unwrap();
+    let intx_writer = OwnedFd::from(intx_writer);
+    c.set_irq_eventfds(0, 0, 1, &[intx_writer.as_fd()]).unwrap();
+    write_reg(c, reg::CTRL, 1);
+    let mut got = [0u8; 8];
+    intx.read_exact(&mut got).unwrap();
+    write_reg(c, reg::CTRL, 0);
+    assert_ne!(read16(c, CONFIG_STATUS) & 1 << 3, 0, "Interrupt Status");
+    let mut next = 0;
+    consume(c, &ram, &mut next);
+    assert_eq!(read16(c, CONFIG_STATUS) & 1 << 3, 0, "deasserted");
+    c.mask_irqs(0, 0, 1, false).unwrap();
+
+    // MSI-X, enabled in config space: a record signalled while entry 0 is masked (through
+    // the table in BAR0) sets its pending bit; the unmask sends it, once.
+    let control = read16(c, msix + 2);
+    c.region_write(
+        dma_engine::CONFIG_REGION,
+        msix + 2,
+        &(control | MSIX_ENABLE).to_le_bytes(),
+    )
+    .unwrap();
+    let (mut msix_irq, msix_writer) = std::io::pipe().unwrap();
+    let msix_writer = OwnedFd::from(msix_writer);
+    c.set_irq_eventfds(2, 0, 1, &[msix_writer.as_fd()]).unwrap();
+    let vector_control = u64::from(table) + 12;
+    c.region_write(0, vector_control, &1u32.to_le_bytes())
+        .unwrap();
+    let produced = read_reg(c, reg::PRODUCER);
+    write_reg(c, reg::CTRL, 1);
+    wait_until("a record while masked", PATIENCE, || {
+        let producer = read_reg(c, reg::PRODUCER);
+        (producer > produced)
+            .then_some(())
+            .ok_or_else(|| format!("producer at {producer}"))
+    });
+    write_reg(c, reg::CTRL, 0);
+    let mut pending = [0u8; 8];
+    c.region_read(0, u64::from(pba), &mut pending).unwrap();
+    assert_eq!(u64::from_le_bytes(pending), 1, "vector 0 pending");
+    c.region_write(0, vector_control, &0u32.to_le_bytes())
+        .unwrap();
+    msix_irq.read_exact(&mut got).unwrap();
+    c.region_read(0, u64::from(pba), &mut pending).unwrap();
+    assert_eq!(u64::from_le_bytes(pending), 0, "sent, no longer pending");
+    assert_eq!(signals_left(c, 2, msix_writer, msix_irq), 0);
+    assert_eq!(
+        signals_left(c, 0, intx_writer, intx),
+        0,
+        "no INTx while MSI-X is on"
+    );
+
+    // A reset disables MSI-X and clears the command register.
+    c.reset().unwrap();
+    assert_eq!(read16(c, msix + 2) & MSIX_ENABLE, 0);
+    assert_eq!(read16(c, CONFIG_COMMAND), 0);
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use super::dma::Dma;
 use super::irqs::Irqs;
+use super::pci::PciFunction;
 
 /// A refusal by the device or the framework: the errno of the error reply, what was wrong,
 /// and the cause when another layer refused first (shown after the message, and as the
@@ -127,6 +128,10 @@ pub struct IrqSpec {
 pub struct DeviceSpec {
     /// A PCI device (region 7 is config space).
     pub pci: bool,
+    /// The PCI function whose config space the framework serves as region 7, with its MSI-X
+    /// table and PBA in their BAR; the device sees none of those accesses. `None`: the
+    /// device serves region 7 itself.
+    pub config_space: Option<PciFunction>,
     /// Supports reset.
     pub reset: bool,
     /// Regions by index.
@@ -154,6 +159,7 @@ pub enum MigrationSupport {
 pub struct DeviceContext {
     pub(super) dma: Arc<Dma>,
     pub(super) irqs: Arc<Irqs>,
+    pub(super) pci: Option<PciFunction>,
 }
 
 impl std::fmt::Debug for DeviceContext {
@@ -173,9 +179,32 @@ impl DeviceContext {
         self.dma.write(iova, data)
     }
 
-    /// Signals vector `vector` of IRQ index `index`, if the client wired it and did not mask it.
+    /// Signals vector `vector` of IRQ index `index`, if the client wired it and did not mask
+    /// it (a masked vector holds the signal until it is unmasked). With a PCI function, MSI
+    /// and MSI-X signal only while enabled, and a vector masked in the function is held as
+    /// pending there; INTx is asserted until [`DeviceContext::deassert_intx`].
     pub fn trigger_irq(&self, index: u32, vector: u32) -> bool {
-        self.irqs.trigger(index, vector)
+        match &self.pci {
+            Some(pci) => pci.signal(index, vector, &self.irqs),
+            None => self.irqs.trigger(index, vector),
+        }
+    }
+
+    /// Signals `vector` the way the driver set the PCI function up: MSI-X if enabled, else
+    /// MSI, else INTx (asserted until [`DeviceContext::deassert_intx`]). Without a PCI
+    /// function: MSI-X vector `vector`.
+    pub fn signal_interrupt(&self, vector: u32) -> bool {
+        match &self.pci {
+            Some(pci) => pci.signal_interrupt(vector, &self.irqs),
+            None => self.irqs.trigger(crate::wire::IRQ_INDEX_MSIX, vector),
+        }
+    }
+
+    /// Deasserts INTx (the condition the device raised it for is gone).
+    pub fn deassert_intx(&self) {
+        if let Some(pci) = &self.pci {
+            pci.deassert_intx(&self.irqs);
+        }
     }
 }
 

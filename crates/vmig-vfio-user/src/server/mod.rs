@@ -20,6 +20,7 @@
 //! | [`request`] | decoding and checking every command a client sends |
 //! | `dma` | `DMA_MAP` / `DMA_UNMAP` into the IOMMU, message-based DMA to the client |
 //! | `irqs` | IRQ info, `SET_IRQS`, the eventfds and masks |
+//! | [`pci`] | a device's PCI config space, its capabilities, MSI-X table and interrupt rules |
 //! | [`migration_v2`] | `MIGRATION`, `MIG_DEVICE_STATE`, `MIG_DATA_*`, the record stream |
 //! | [`migration_v1`] | the v1 migration region: its rules and its accesses |
 //! | `dirty` | v2 DMA logging and v1 `DIRTY_PAGES` |
@@ -32,6 +33,7 @@ mod dma;
 mod irqs;
 pub mod migration_v1;
 pub mod migration_v2;
+pub mod pci;
 pub mod request;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -64,6 +66,7 @@ pub use direct::DirectSession;
 pub use dirty::MAX_BITMAP_BYTES;
 pub use dma::ClientDmaError;
 pub use migration_v2::MAX_MIGRATION_STREAM;
+pub use pci::{Bar, BarKind, InterruptMode, MsiSpec, MsixSpec, PciFunction, PciSpec, PciSpecError};
 
 /// Why serving a client ended other than by its leaving.
 #[derive(Debug, thiserror::Error)]
@@ -177,9 +180,23 @@ impl<D: Device> Server<D> {
         }
     }
 
-    /// The device's spec, with the v1 migration region added at index 9 for a v1 device.
+    /// The device's spec, with region 7 sized to its PCI function's config space, and the
+    /// v1 migration region added at index 9 for a v1 device.
     fn full_spec(&self) -> DeviceSpec {
         let mut spec = self.device().spec();
+        if let Some(pci) = &spec.config_space {
+            let index = vmig_primitives::uapi::VFIO_PCI_CONFIG_REGION_INDEX as usize;
+            if spec.regions.len() <= index {
+                spec.regions.resize(index + 1, RegionSpec::default());
+            }
+            spec.regions[index] = RegionSpec {
+                size: pci.config_size(),
+                readable: true,
+                writable: true,
+                ..RegionSpec::default()
+            };
+            spec.pci = true;
+        }
         let migration = self.migration.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((fd, _)) = &migration.v1_region {
             let index = migration_v1::MIGRATION_REGION_INDEX as usize;
@@ -377,6 +394,7 @@ impl<D: Device> Server<D> {
         self.device().connect(DeviceContext {
             dma: Arc::clone(&session.dma),
             irqs: Arc::clone(&session.irqs),
+            pci: session.spec.config_space.clone(),
         });
         Ok(session)
     }
@@ -426,15 +444,13 @@ impl<D: Device> Server<D> {
                 let spec = region(&s.spec, access.region)?;
                 check_access(spec, access, false)?;
                 let mut data = vec![0u8; access.count as usize];
-                self.device()
-                    .region_read(access.region, access.offset, &mut data)?;
+                self.read_region(s, access.region, access.offset, &mut data)?;
                 Ok(Reply::data([access.as_bytes(), &data].concat()))
             }
             Request::RegionWrite { access, data } => {
                 let spec = region(&s.spec, access.region)?;
                 check_access(spec, access, true)?;
-                self.device()
-                    .region_write(access.region, access.offset, &data)?;
+                self.write_region(s, access.region, access.offset, &data)?;
                 Ok(Reply::data(access.as_bytes().to_vec()))
             }
             Request::RegionWriteMulti(writes) => {
@@ -450,7 +466,7 @@ impl<D: Device> Server<D> {
                     if self.is_v1_region(s, w.region) {
                         self.v1_write(w.offset, data)?;
                     } else {
-                        self.device().region_write(w.region, w.offset, data)?;
+                        self.write_region(s, w.region, w.offset, data)?;
                     }
                 }
                 Ok(Reply::data((writes.len() as u64).to_le_bytes().to_vec()))
@@ -463,6 +479,9 @@ impl<D: Device> Server<D> {
                     ));
                 }
                 self.device().reset()?;
+                if let Some(pci) = &s.spec.config_space {
+                    pci.reset();
+                }
                 let mut m = self.migration();
                 // Reset is the way out of ERROR (and out of any migration state).
                 m.state = MigState::Running;
@@ -479,6 +498,49 @@ impl<D: Device> Server<D> {
             Request::MigDataRead { size } => self.mig_data_read(size),
             Request::MigDataWrite(data) => self.mig_data_write(&data),
         }
+    }
+
+    /// Reads a device region: config space and the MSI-X table and PBA from the PCI
+    /// function when the device has one, the rest from the device.
+    fn read_region(
+        &self,
+        s: &Session,
+        index: u32,
+        offset: u64,
+        data: &mut [u8],
+    ) -> Result<(), Refusal> {
+        if let Some(pci) = &s.spec.config_space {
+            if index == vmig_primitives::uapi::VFIO_PCI_CONFIG_REGION_INDEX {
+                pci.config_read(offset, data);
+                return Ok(());
+            }
+            if pci.claims(index, offset, data.len())? {
+                pci.bar_read(index, offset, data);
+                return Ok(());
+            }
+        }
+        self.device().region_read(index, offset, data)
+    }
+
+    /// Writes a device region, routed as [`Server::read_region`] routes reads.
+    fn write_region(
+        &self,
+        s: &Session,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), Refusal> {
+        if let Some(pci) = &s.spec.config_space {
+            if index == vmig_primitives::uapi::VFIO_PCI_CONFIG_REGION_INDEX {
+                pci.config_write(offset, data, &s.irqs);
+                return Ok(());
+            }
+            if pci.claims(index, offset, data.len())? {
+                pci.bar_write(index, offset, data, &s.irqs);
+                return Ok(());
+            }
+        }
+        self.device().region_write(index, offset, data)
     }
 
     /// `DEVICE_FEATURE`: migration features to [`migration_v2`], logging to `dirty`.
@@ -740,6 +802,7 @@ mod tests {
         let fd = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
         DeviceSpec {
             pci: true,
+            config_space: None,
             reset: true,
             regions: vec![RegionSpec {
                 size: 0x4000,
