@@ -5,7 +5,8 @@
 //! statically linked test binary of this workspace. Its init loads VFIO with the type1
 //! IOMMU, the mdev core, vfio-pci, kvm-amd and the kernel's `mtty` sample mdev driver (in
 //! dependency order, read from each module's `depends=`), binds edu to vfio-pci
-//! ([`EDU_BDF_ENV`]), creates [`MTTY_DEVICES`] one-port mtty devices (type [`MTTY_TYPE`],
+//! ([`EDU_BDF_ENV`]) and any other device a boot asks for ([`Machine`], [`BOUND_DEVICES_ENV`]:
+//! a boot may run another QEMU and attach vfio-user servers to it), creates [`MTTY_DEVICES`] one-port mtty devices (type [`MTTY_TYPE`],
 //! fresh UUIDs in [`MTTY_UUIDS_ENV`]), runs the binary, prints its exit code on the console
 //! and powers off. A boot takes about 6 s (4.5 s of guest time) before the binary's own run.
 //!
@@ -57,6 +58,10 @@ pub const IN_GUEST_ENV: &str = "VMIG_KERNEL_VFIO_GUEST";
 pub const IN_GUEST_CFG: &str = "vmig_in_guest";
 /// The PCI address of the edu device, bound to vfio-pci, in the guest.
 pub const EDU_BDF_ENV: &str = "VMIG_EDU_BDF";
+/// The PCI devices the guest's init bound to vfio-pci at a boot's asking
+/// ([`Machine::bind_to_vfio_pci`]), comma-separated `vvvv:dddd@DDDD:BB:DD.F` (lowercase hex
+/// IDs without `0x`); see [`bound_devices`].
+pub const BOUND_DEVICES_ENV: &str = "VMIG_BOUND_DEVICES";
 /// The UUIDs of the guest's mtty mediated devices, comma-separated (`uuid1,uuid2,...`):
 /// [`MTTY_DEVICES`] one-port devices of type `mtty-1`, created by the guest's init, each in an IOMMU group of
 /// its own (`/sys/bus/mdev/devices/UUID/iommu_group`), opened by its UUID.
@@ -156,6 +161,34 @@ pub fn mtty_uuids() -> Vec<String> {
         .filter(|u| !u.is_empty())
         .map(str::to_owned)
         .collect()
+}
+
+/// The addresses of the guest's PCI devices `vendor:device` that its init bound to vfio-pci
+/// ([`BOUND_DEVICES_ENV`]), in bus order; empty outside the guest.
+pub fn bound_devices(vendor: u16, device: u16) -> Vec<String> {
+    let ids = format!("{vendor:04x}:{device:04x}@");
+    std::env::var(BOUND_DEVICES_ENV)
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|d| d.strip_prefix(&ids))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// What a boot runs beyond the standard machine (bookworm's QEMU, q35, VT-d, edu).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Machine<'a> {
+    /// Another `qemu-system-x86_64` (a [`NewestQemu`](crate::NewestQemu)'s launcher);
+    /// `None`: the rig's own.
+    pub qemu: Option<&'a Path>,
+    /// vfio-user servers to attach with `-device vfio-user-pci` (QEMU 10.1 and newer), each
+    /// alone behind a PCIe root port of its own (so the guest kernel can reset it with a
+    /// secondary bus reset); guest RAM then comes from a shared memfd backend, as vfio-user
+    /// needs.
+    pub vfio_user_sockets: &'a [&'a Path],
+    /// PCI IDs (vendor, device) the init binds to vfio-pci besides edu
+    /// ([`BOUND_DEVICES_ENV`]).
+    pub bind_to_vfio_pci: &'a [(u16, u16)],
 }
 
 /// What a boot needs: QEMU, the kernel and its modules, busybox.
@@ -352,13 +385,36 @@ impl Guest {
         memory_mib: u32,
         timeout: Duration,
     ) -> Result<GuestRun, String> {
+        self.boot_on(
+            Machine::default(),
+            binary,
+            programs,
+            args,
+            memory_mib,
+            timeout,
+        )
+    }
+
+    /// As [`Guest::boot_with`], on `machine`.
+    pub fn boot_on(
+        &self,
+        machine: Machine<'_>,
+        binary: &Path,
+        programs: &[(&str, &Path)],
+        args: &[&str],
+        memory_mib: u32,
+        timeout: Duration,
+    ) -> Result<GuestRun, String> {
         static BOOTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let boot = BOOTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let run_dir = self.work.join(format!("run-{}-{boot}", std::process::id()));
         std::fs::create_dir_all(&run_dir).map_err(|e| format!("{}: {e}", run_dir.display()))?;
         let initramfs = run_dir.join("initramfs.cpio");
-        std::fs::write(&initramfs, self.initramfs(binary, programs, args)?)
-            .map_err(|e| format!("{}: {e}", initramfs.display()))?;
+        std::fs::write(
+            &initramfs,
+            self.initramfs(binary, programs, args, machine.bind_to_vfio_pci)?,
+        )
+        .map_err(|e| format!("{}: {e}", initramfs.display()))?;
         let console = run_dir.join("console.log");
         let report = run_dir.join("report.log");
         let qemu_log = run_dir.join("qemu.log");
@@ -367,16 +423,21 @@ impl Guest {
         // QEMU's own messages go to a file: a pipe nobody reads while it runs could fill up.
         let stderr =
             std::fs::File::create(&qemu_log).map_err(|e| format!("{}: {e}", qemu_log.display()))?;
+        let qemu = machine.qemu.unwrap_or(&self.qemu);
+        let mut command = Command::new(qemu);
+        command.args(["-accel", "tcg", "-cpu", "max", "-machine"]);
+        if machine.vfio_user_sockets.is_empty() {
+            command.arg("q35,kernel-irqchip=split");
+        } else {
+            command
+                .arg("q35,kernel-irqchip=split,memory-backend=ram")
+                .arg("-object")
+                .arg(format!(
+                    "memory-backend-memfd,id=ram,size={memory_mib}M,share=on"
+                ));
+        }
         let start = Instant::now();
-        let mut child = Command::new(&self.qemu)
-            .args([
-                "-accel",
-                "tcg",
-                "-cpu",
-                "max",
-                "-machine",
-                "q35,kernel-irqchip=split",
-            ])
+        let mut child = command
             .args(["-m", &memory_mib.to_string(), "-smp", "1"])
             .args([
                 "-device",
@@ -384,6 +445,24 @@ impl Guest {
                 "-device",
                 "edu",
             ])
+            .args(
+                (1..)
+                    .zip(machine.vfio_user_sockets)
+                    .flat_map(|(n, socket)| {
+                        let port = format!("vmig-port{n}");
+                        let device = serde_json::json!({
+                            "driver": "vfio-user-pci",
+                            "bus": port,
+                            "socket": {"type": "unix", "path": socket},
+                        });
+                        [
+                            "-device".to_owned(),
+                            format!("pcie-root-port,id={port},chassis={n}"),
+                            "-device".to_owned(),
+                            device.to_string(),
+                        ]
+                    }),
+            )
             .args([
                 "-display",
                 "none",
@@ -409,7 +488,7 @@ impl Guest {
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
-            .map_err(|e| format!("{}: {e}", self.qemu.display()))?;
+            .map_err(|e| format!("{}: {e}", qemu.display()))?;
         let status = loop {
             if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
                 break Some(status);
@@ -449,6 +528,7 @@ impl Guest {
         binary: &Path,
         programs: &[(&str, &Path)],
         args: &[&str],
+        bind_to_vfio_pci: &[(u16, u16)],
     ) -> Result<Vec<u8>, String> {
         let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
         let modules = &self.modules;
@@ -462,6 +542,14 @@ impl Guest {
             .iter()
             .map(|a| format!("'{}'", a.replace('\'', "")))
             .collect();
+        let mut bind = String::new();
+        for (vendor, device) in bind_to_vfio_pci {
+            bind.push_str(&format!(
+                "  0x{vendor:04x}:0x{device:04x}) \
+                 BOUND=${{BOUND:+$BOUND,}}{vendor:04x}:{device:04x}@${{d##*/}}; \
+                 echo vfio-pci > $d/driver_override; echo ${{d##*/}} > /sys/bus/pci/drivers_probe;;\n"
+            ));
+        }
         let init = format!(
             "#!/bin/busybox sh\n\
              /bin/busybox --install -s /bin\n\
@@ -470,12 +558,13 @@ impl Guest {
              mount -t devtmpfs dev /dev\n\
              ifconfig lo 127.0.0.1 up\n\
              {insmod}\
+             BOUND=\n\
              for d in /sys/bus/pci/devices/*; do\n\
-               if [ \"$(cat $d/vendor)\" = 0x1234 ] && [ \"$(cat $d/device)\" = 0x11e8 ]; then\n\
-                 EDU=${{d##*/}}\n\
-                 echo vfio-pci > $d/driver_override\n\
-                 echo $EDU > /sys/bus/pci/drivers_probe\n\
-               fi\n\
+               case \"$(cat $d/vendor):$(cat $d/device)\" in\n\
+               0x1234:0x11e8) EDU=${{d##*/}}; echo vfio-pci > $d/driver_override; \
+             echo $EDU > /sys/bus/pci/drivers_probe;;\n\
+             {bind}\
+               esac\n\
              done\n\
              T=/sys/class/mdev_bus/mtty/mdev_supported_types/{MTTY_TYPE}\n\
              echo \"{MTTY_TYPE} available_instances: $(cat $T/available_instances 2>/dev/null)\"\n\
@@ -487,6 +576,7 @@ impl Guest {
              done\n\
              stty -F /dev/ttyS1 raw -echo 2>/dev/null\n\
              export {IN_GUEST_ENV}=1 {EDU_BDF_ENV}=$EDU {MTTY_UUIDS_ENV}=$MTTY \
+             {BOUND_DEVICES_ENV}=$BOUND \
              {REPORT_ENV}=/dev/ttyS1 RUST_BACKTRACE=1\n\
              /bin/vmig-guest-test {args}\n\
              echo \"{EXIT_MARKER}$?\"\n\

@@ -12,9 +12,11 @@
 //!   binary of this workspace ([`Guest::build_binary`], which sets `--cfg vmig_in_guest`,
 //!   [`IN_GUEST_CFG`]); the packages are fetched, the modules decompressed and mtty built
 //!   once per kernel version, and the rig is cached under the workspace's
-//!   `target/kernel-vfio-guest/` ([`target_dir`]);
+//!   `target/kernel-vfio-guest/` ([`target_dir`]); a boot may run on another QEMU with
+//!   vfio-user servers attached behind PCIe root ports, bound to vfio-pci too ([`Machine`]);
 //! - what a program in the guest uses: [`in_guest`], [`report_line`] (the machine-readable
 //!   report port), the `edu` device's registers ([`edu`]) and address ([`EDU_BDF_ENV`]), the
+//!   addresses of the other devices bound to vfio-pci ([`bound_devices`]), the
 //!   mtty mediated devices' UUIDs ([`MTTY_UUIDS_ENV`], [`mtty_uuids`]);
 //! - [`differential`]: seeded random sequences of type1 calls, run against the kernel (in the
 //!   guest) and against `vmig-dma` (on the host), and the rule that compares the two;
@@ -45,8 +47,8 @@ pub mod newest_qemu;
 
 pub use debian::qemu_system;
 pub use guest::{
-    EDU_BDF_ENV, EXIT_MARKER, Guest, GuestBinary, GuestRun, IN_GUEST_CFG, IN_GUEST_ENV,
-    MTTY_DEVICES, MTTY_TYPE, MTTY_UUIDS_ENV, PrepareError, REPORT_ENV, edu, in_guest, mtty_uuids,
-    report_line, target_dir,
+    BOUND_DEVICES_ENV, EDU_BDF_ENV, EXIT_MARKER, Guest, GuestBinary, GuestRun, IN_GUEST_CFG,
+    IN_GUEST_ENV, MTTY_DEVICES, MTTY_TYPE, MTTY_UUIDS_ENV, Machine, PrepareError, REPORT_ENV,
+    bound_devices, edu, in_guest, mtty_uuids, report_line, target_dir,
 };
 pub use newest_qemu::NewestQemu;
