@@ -19,7 +19,7 @@
 #[path = "../crates/vmig-devices/examples/doorbell.rs"]
 mod doorbell;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -130,12 +130,10 @@ fn hmp(qmp: &mut QmpClient, command: &str) -> String {
     out.as_str().unwrap_or_default().to_owned()
 }
 
-#[test]
-fn qemus_own_vfio_user_client_runs_vmigs_dma_engine_on_its_pci_bus() {
-    let Some(qemu) = NewestQemu::prepare_or_skip(vmig_test_support::skip) else {
-        return;
-    };
-    let dir = std::env::temp_dir().join(format!("vmig-qemu-vfio-user-{}", std::process::id()));
+/// `vmig device serve --device dma-engine` on a socket in a fresh directory named `name`
+/// (with this process's ID), as a user starts it: (directory, socket, server).
+fn serve_dma_engine(name: &str, stderr: Stdio) -> (PathBuf, PathBuf, KillOnDrop) {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let socket = dir.join("dma-engine.sock");
@@ -143,11 +141,20 @@ fn qemus_own_vfio_user_client_runs_vmigs_dma_engine_on_its_pci_bus() {
         .args(["device", "serve", "--device", "dma-engine", "--socket"])
         .arg(&socket)
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .unwrap();
-    let mut server = KillOnDrop(server);
+    let server = KillOnDrop(server);
     wait_for(&socket, Duration::from_secs(10));
+    (dir, socket, server)
+}
+
+#[test]
+fn qemus_own_vfio_user_client_runs_vmigs_dma_engine_on_its_pci_bus() {
+    let Some(qemu) = NewestQemu::prepare_or_skip(vmig_test_support::skip) else {
+        return;
+    };
+    let (dir, socket, mut server) = serve_dma_engine("vmig-qemu-vfio-user", Stdio::piped());
 
     // The README's minimal device, served by the framework in this process.
     let doorbell_socket = dir.join("doorbell.sock");
@@ -278,19 +285,7 @@ fn the_guest_kernels_vfio_drives_the_dma_engine_through_qemus_client() {
             false,
         )
         .expect("static in-guest test binary");
-    let dir = std::env::temp_dir().join(format!("vmig-qemu-guest-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let socket = dir.join("dma-engine.sock");
-    let server = vmig()
-        .args(["device", "serve", "--device", "dma-engine", "--socket"])
-        .arg(&socket)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _server = KillOnDrop(server);
-    wait_for(&socket, Duration::from_secs(10));
+    let (dir, socket, _server) = serve_dma_engine("vmig-qemu-guest", Stdio::null());
 
     let machine = Machine {
         qemu: Some(qemu.launcher()),

@@ -3,19 +3,18 @@
 //! migration (v1 and v2) moves the engine to another server without losing or repeating a
 //! record, with the destination's registers reading as the stopped source's did.
 
+mod common;
+
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::os::unix::net::UnixStream;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
+use common::Served;
 use vmig_devices::DmaEngine;
 use vmig_devices::dma_engine::{self, Migration, reg};
 use vmig_test_support::wait_until;
 use vmig_vfio_user::client::Client;
 use vmig_vfio_user::client::DeviceMigration;
-use vmig_vfio_user::server::{Server, ServerConfig};
 
 const RAM: u64 = 4 << 20;
 const RING_IOVA: u64 = 0x1000;
@@ -25,39 +24,13 @@ const SEED: u64 = 0xfeed;
 /// How long a test waits for what takes milliseconds on an idle machine.
 const PATIENCE: Duration = Duration::from_secs(30);
 
-struct Served {
-    client: Client,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Result<(), vmig_vfio_user::server::ServeError>>>,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 fn serve(migration: Migration, ram: &OwnedFd) -> Served {
-    let (a, b) = UnixStream::pair().unwrap();
-    let server = Arc::new(Server::new(
-        DmaEngine::new(migration),
-        ServerConfig::default(),
-    ));
-    let stop = Arc::new(AtomicBool::new(false));
-    let thread = {
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || server.serve(b, &stop))
-    };
-    let client = Client::over(a, None).unwrap();
-    client.dma_map(0, RAM, 3, Some((ram.as_fd(), 0))).unwrap();
-    Served {
-        client,
-        stop,
-        thread: Some(thread),
-    }
+    let served = common::serve(DmaEngine::new(migration));
+    served
+        .client
+        .dma_map(0, RAM, 3, Some((ram.as_fd(), 0)))
+        .unwrap();
+    served
 }
 
 fn read_reg(client: &Client, offset: u64) -> u64 {

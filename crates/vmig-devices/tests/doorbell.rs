@@ -2,52 +2,21 @@
 //! framework serves its PCI config space and MSI-X table, a ring signals the vector the driver
 //! enabled, and a v2 migration moves its count and its PCI function to another server.
 
+mod common;
 #[path = "../examples/doorbell.rs"]
 mod doorbell;
 
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::net::UnixStream;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
+use common::Served;
 use doorbell::{COUNT, Doorbell, RING};
 use vmig_vfio_user::client::{Client, DeviceMigration};
-use vmig_vfio_user::server::{Server, ServerConfig};
 
 const CONFIG: u32 = 7;
 
-struct Served {
-    client: Client,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Result<(), vmig_vfio_user::server::ServeError>>>,
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 fn serve() -> Served {
-    let (a, b) = UnixStream::pair().unwrap();
-    let server = Arc::new(Server::new(
-        Doorbell::new().unwrap(),
-        ServerConfig::default(),
-    ));
-    let stop = Arc::new(AtomicBool::new(false));
-    let thread = {
-        let stop = Arc::clone(&stop);
-        std::thread::spawn(move || server.serve(b, &stop))
-    };
-    Served {
-        client: Client::over(a, None).unwrap(),
-        stop,
-        thread: Some(thread),
-    }
+    common::serve(Doorbell::new().unwrap())
 }
 
 fn read32(c: &Client, region: u32, offset: u64) -> u32 {
