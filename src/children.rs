@@ -49,28 +49,30 @@ impl Children {
     }
 
     /// Starts `vmig device serve` with a dma-engine speaking migration `protocol` (v1 or v2) on
-    /// `socket`, its output going to `{name}.log`.
+    /// `socket`, with more of that command's `options` (`--hide-dma`), its output going to
+    /// `{name}.log`.
     pub fn spawn_dma_engine(
         &mut self,
         name: &str,
         socket: &Path,
         protocol: &str,
+        options: &[&str],
     ) -> Result<(), String> {
         let socket = socket.display().to_string();
-        self.spawn(
-            name,
-            &[
-                "device",
-                "serve",
-                "--socket",
-                &socket,
-                "--device",
-                "dma-engine",
-                "--migration",
-                protocol,
-            ]
-            .map(String::from),
-        )
+        let mut args: Vec<String> = [
+            "device",
+            "serve",
+            "--socket",
+            &socket,
+            "--device",
+            "dma-engine",
+            "--migration",
+            protocol,
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(options.iter().map(|o| (*o).to_string()));
+        self.spawn(name, &args)
     }
 
     /// Starts `command`, its output going to `{name}.log`.

@@ -236,6 +236,21 @@ pub fn print_summary(report: &MigrationReport) {
             "device state  {:<20} {}  pre-copy {} B, stop-and-copy {} B",
             d.name, d.protocol, d.precopy_bytes, d.stopcopy_bytes
         );
+        match &d.mediation {
+            Some(m) if m.trapped => println!(
+                "mediator      {:<20} {} (handle {}) trapped {} doorbell writes, one exit each, {:.0} us each in the VMM",
+                d.name,
+                m.mediator,
+                m.handle,
+                m.trapped_writes,
+                m.mean_write_ns as f64 / 1000.0
+            ),
+            Some(m) => println!(
+                "mediator      {:<20} {} (handle {}) did not trap: the device's DMA is tracked without it",
+                d.name, m.mediator, m.handle
+            ),
+            None => {}
+        }
     }
     if report.throttle_percent > 0 {
         println!(

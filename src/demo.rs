@@ -41,6 +41,11 @@ pub struct DemoArgs {
     /// Longest pause the guest may see, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = vmig_migration::report::DEFAULT_DOWNTIME_MS)]
     downtime_ms: u64,
+    /// Devices that hide their DMA (seed 002: a mapped doorbell page, no DMA logging, no
+    /// DIRTY_PAGES), so that their mediator traps the doorbell during the migration and marks
+    /// the buffers they may write. Needs --migration v2.
+    #[arg(long)]
+    hide_dma: bool,
     /// Print the report as JSON instead of the summary.
     #[arg(long)]
     json: bool,
@@ -54,6 +59,10 @@ pub fn run(args: &DemoArgs) -> Result<ExitCode, String> {
         "both" => &["v1", "v2"],
         other => return Err(format!("--migration {other}: expected v1, v2 or both")),
     };
+    if args.hide_dma && protocols.contains(&"v1") {
+        return Err("--hide-dma needs --migration v2".into());
+    }
+    let serve_options: &[&str] = if args.hide_dma { &["--hide-dma"] } else { &[] };
     let mode: vmig_kvm::DirtyLogMode = args
         .dirty_log
         .parse()
@@ -71,6 +80,7 @@ pub fn run(args: &DemoArgs) -> Result<ExitCode, String> {
                 &format!("device-{side}-{protocol}"),
                 Path::new(&socket),
                 protocol,
+                serve_options,
             )?;
             let list = if side == "src" {
                 &mut source_devices
@@ -132,11 +142,16 @@ pub fn run(args: &DemoArgs) -> Result<ExitCode, String> {
     let mut destination = QmpClient::connect(Path::new(&dst_api), Duration::from_secs(10))?;
     if !args.json {
         println!(
-            "source: {} RAM, 2 vCPUs writing {} random pages/s; devices {} each writing {} pages/s by DMA; migrating to {uri}",
+            "source: {} RAM, 2 vCPUs writing {} random pages/s; devices {} each writing {} pages/s by DMA{}; migrating to {uri}",
             args.mem,
             args.rate,
             protocols.join(" + "),
-            args.dma_rate
+            args.dma_rate,
+            if args.hide_dma {
+                " that no IOMMU tracks (their mediator traps the doorbell)"
+            } else {
+                ""
+            }
         );
     }
     // Let the guest and the devices dirty memory for a moment first.

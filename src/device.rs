@@ -31,6 +31,15 @@ enum DeviceCommand {
         /// The migration protocol it offers: v1 (migration region) or v2 (device features).
         #[arg(long, value_name = "VERSION", default_value = "v2")]
         migration: String,
+        /// Put the doorbell (CONSUMER) in a page of BAR0 that the VMM maps into the guest, so
+        /// the guest's doorbell writes cause no exit.
+        #[arg(long)]
+        doorbell_page: bool,
+        /// Seed 002's device: a doorbell page, and DMA that nothing tracks (no DMA logging, no
+        /// DIRTY_PAGES), so that only its mediator can tell a migration which pages it writes.
+        /// Needs --migration v2.
+        #[arg(long)]
+        hide_dma: bool,
     },
     /// Describe a device: a vfio-user server's (--socket), a PCI device bound to vfio-pci
     /// through the kernel's VFIO (--vfio-pci), or a mediated device (--vfio-mdev).
@@ -54,7 +63,9 @@ pub fn run(args: &DeviceArgs) -> Result<ExitCode, String> {
             socket,
             device,
             migration,
-        } => serve(socket, device, migration),
+            doorbell_page,
+            hide_dma,
+        } => serve(socket, device, migration, *doorbell_page, *hide_dma),
         DeviceCommand::Probe {
             socket: Some(socket),
             ..
@@ -73,7 +84,13 @@ pub fn run(args: &DeviceArgs) -> Result<ExitCode, String> {
     }
 }
 
-fn serve(socket: &Path, device: &str, migration: &str) -> Result<ExitCode, String> {
+fn serve(
+    socket: &Path,
+    device: &str,
+    migration: &str,
+    doorbell_page: bool,
+    hide_dma: bool,
+) -> Result<ExitCode, String> {
     if device != "dma-engine" {
         return Err(format!("--device {device}: the devices are: dma-engine"));
     }
@@ -81,6 +98,18 @@ fn serve(socket: &Path, device: &str, migration: &str) -> Result<ExitCode, Strin
         "v1" => dma_engine::Migration::V1,
         "v2" => dma_engine::Migration::V2,
         other => return Err(format!("--migration {other}: expected v1 or v2")),
+    };
+    if hide_dma && migration == dma_engine::Migration::V1 {
+        return Err(
+            "--hide-dma needs --migration v2: a v1 client learns that DIRTY_PAGES is refused \
+             only when its migration starts, while v2's DMA logging is probed at attach"
+                .into(),
+        );
+    }
+    let options = dma_engine::Options {
+        migration,
+        doorbell_page: doorbell_page || hide_dma,
+        logs_dma: !hide_dma,
     };
     if socket.exists() {
         if UnixStream::connect(socket).is_ok() {
@@ -95,13 +124,18 @@ fn serve(socket: &Path, device: &str, migration: &str) -> Result<ExitCode, Strin
     let listener = UnixListener::bind(socket)
         .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
     let stop = stop_on_termination().map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
-    let server = Server::new(DmaEngine::new(migration), ServerConfig::default());
+    let server = Server::new(DmaEngine::with_options(options), ServerConfig::default());
     println!(
-        "serving dma-engine (migration {}) on {}; SIGTERM or Ctrl-C stops it",
+        "serving dma-engine (migration {}{}) on {}; SIGTERM or Ctrl-C stops it",
         if migration == dma_engine::Migration::V1 {
             "v1"
         } else {
             "v2"
+        },
+        match (options.doorbell_page, options.logs_dma) {
+            (_, false) => ", doorbell page, DMA hidden: only its mediator tracks it",
+            (true, true) => ", doorbell page",
+            (false, true) => "",
         },
         socket.display()
     );

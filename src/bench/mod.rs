@@ -188,6 +188,7 @@ impl Devices {
                     &format!("device-{side}-{protocol}"),
                     &socket,
                     protocol,
+                    &[],
                 )?;
                 servers.wait_for(&socket)?;
                 let spec = DeviceSpec::vfio_user(socket, pages_per_s / 2);

@@ -278,6 +278,13 @@ mod tests {
                     dirty_bytes: 24,
                 }),
                 stop_copy_estimate: Some(120),
+                mediation: Some(vmig_migration::mediator::MediationStats {
+                    mediator: "dma-engine".into(),
+                    handle: 2,
+                    trapped: true,
+                    trapped_writes: 31,
+                    mean_write_ns: 170_000,
+                }),
             }],
             dirty_sources: vec![SourceStats {
                 name: "vmm".into(),

@@ -166,7 +166,7 @@ impl Stage<'_> {
                 let name = format!("{side}-device-{i}");
                 let socket = self.path(&format!("{name}.sock"));
                 self.children()
-                    .spawn_dma_engine(&name, &socket, protocol.name())?;
+                    .spawn_dma_engine(&name, &socket, protocol.name(), &[])?;
                 let list = if *side == "source" {
                     &mut source_devices
                 } else {

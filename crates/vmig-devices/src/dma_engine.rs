@@ -27,6 +27,17 @@
 //! mirrors `PRODUCER`, so a driver that maps it polls for new records without an exit (as
 //! shadow doorbells do). It is derived state: a restored or reset engine rewrites it.
 //!
+//! Two [`Options`] make it the device of seed 002 (an SR-IOV VF whose DMA nothing tracks):
+//! - **a doorbell page**: BAR0 is 8 KiB, and its second page (mmappable through one sparse
+//!   area) holds the doorbell at 0x1000, the `CONSUMER` the guest writes, which the device
+//!   reads from there before each record. Mapped into the guest, doorbell writes cause no exit;
+//!   trapped (a mediator during migration), a write there is a region write like any other.
+//!   `CONSUMER` at 0x28 reads and writes the same value. A value the guest stores that
+//!   `CONSUMER` would refuse is ignored (the device keeps the last good one);
+//! - **hidden DMA**: the device's DMA writes go straight into guest memory and nothing logs
+//!   them: the framework refuses DMA logging and `DIRTY_PAGES` ([`Device::logs_dma`]), so
+//!   only its mediator ([`mediator`]) can tell a migration which pages it writes.
+//!
 //! A record (64 bytes): magic "DMAREC01", sequence, payload (5 words from a xorshift of the
 //! seed and the sequence), checksum of the 7 words before it.
 //!
@@ -38,6 +49,7 @@
 //! consumes every record (`CONSUMER` = `PRODUCER`).
 
 pub mod driver;
+pub mod mediator;
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -53,8 +65,12 @@ pub const ID: u64 = u64::from_le_bytes(*b"DMAENGN1");
 pub const RECORD_MAGIC: u64 = u64::from_le_bytes(*b"DMAREC01");
 /// Bytes per record.
 pub const RECORD_SIZE: usize = 64;
-/// BAR0 size.
+/// BAR0 size (without a doorbell page).
 pub const BAR0_SIZE: u64 = 4096;
+/// BAR0 size with a doorbell page.
+pub const BAR0_SIZE_WITH_DOORBELL: u64 = 2 * vmig_primitives::PAGE_SIZE;
+/// Where in BAR0 the doorbell page is, when there is one.
+pub const DOORBELL_PAGE: u64 = vmig_primitives::PAGE_SIZE;
 /// Where in BAR0 the MSI-X table and PBA lie.
 pub const MSIX_TABLE_OFFSET: u32 = 0x800;
 /// Where in BAR0 the MSI-X PBA lies.
@@ -85,6 +101,8 @@ pub mod reg {
     pub const STALLS: u64 = 0x40;
     /// `DMA_ERRORS`.
     pub const DMA_ERRORS: u64 = 0x48;
+    /// The doorbell (`CONSUMER`, in the doorbell page), when there is one.
+    pub const DOORBELL: u64 = super::DOORBELL_PAGE;
 }
 const MAX_RING: u64 = 65536;
 /// PCI vendor id.
@@ -96,14 +114,14 @@ pub const CONFIG_REGION: u32 = 7;
 const STATE_MAGIC: u64 = u64::from_le_bytes(*b"DMAESTA2");
 
 /// The engine's PCI function: BAR2 only when the status page exists.
-fn pci_spec(status_page: bool) -> PciSpec {
-    let bar = Bar {
-        size: BAR0_SIZE,
+fn pci_spec(status_page: bool, bar0_size: u64) -> PciSpec {
+    let bar = |size| Bar {
+        size,
         kind: BarKind::Memory32,
     };
     let mut bars = [None; 6];
-    bars[0] = Some(bar);
-    bars[STATUS_REGION as usize] = status_page.then_some(bar);
+    bars[0] = Some(bar(bar0_size));
+    bars[STATUS_REGION as usize] = status_page.then_some(bar(STATUS_SIZE));
     PciSpec {
         vendor_id: VENDOR_ID,
         device_id: DEVICE_ID,
@@ -166,6 +184,7 @@ impl Registers {
             reg::SEED => self.seed,
             reg::STALLS => self.stalls,
             reg::DMA_ERRORS => self.dma_errors,
+            reg::DOORBELL => self.consumer,
             _ => 0,
         }
     }
@@ -250,15 +269,60 @@ struct Shared {
     idle: bool,
     ctx: Option<DeviceContext>,
     quit: bool,
-    /// The status page (absent if its memfd could not be made).
-    status: Option<HostMemory>,
+    /// The status page, then the doorbell page if there is one (absent if the memfd could not
+    /// be made).
+    pages: Option<HostMemory>,
+    doorbell_page: bool,
+}
+
+/// Where in the pages' memfd the doorbell is (the page after the status page).
+const DOORBELL_WORD: usize = vmig_primitives::PAGE_BYTES;
+
+/// Whether the driver may say it consumed `consumer` records when `producer` were produced
+/// into a ring of `ring_size`.
+fn consumer_allowed(consumer: u64, producer: u64, ring_size: u64) -> bool {
+    consumer <= producer && producer - consumer <= ring_size.max(1)
 }
 
 impl Shared {
     /// Mirrors `PRODUCER` into the status page.
     fn publish(&self) {
-        if let Some(page) = &self.status {
-            let _ = page.store_u64(0, self.regs.producer);
+        if let Some(pages) = &self.pages {
+            let _ = pages.store_u64(0, self.regs.producer);
+        }
+    }
+
+    /// Takes the doorbell the guest wrote into the doorbell page, if it is one `CONSUMER`
+    /// accepts (else the last good one stays, and is written back).
+    fn take_doorbell(&mut self) {
+        let Some(pages) = self.pages.as_ref().filter(|_| self.doorbell_page) else {
+            return;
+        };
+        let at = DOORBELL_WORD;
+        match pages.load_u64(at) {
+            Ok(value) if value == self.regs.consumer => {}
+            Ok(value) if consumer_allowed(value, self.regs.producer, self.regs.ring_size) => {
+                self.set_consumer(value);
+            }
+            _ => {
+                let _ = pages.store_u64(at, self.regs.consumer);
+            }
+        }
+    }
+
+    /// `CONSUMER` becomes `value` (allowed), in the register and the doorbell page; INTx
+    /// drops when every record is consumed.
+    fn set_consumer(&mut self, value: u64) {
+        self.regs.consumer = value;
+        if self.doorbell_page
+            && let Some(pages) = &self.pages
+        {
+            let _ = pages.store_u64(DOORBELL_WORD, value);
+        }
+        if value == self.regs.producer
+            && let Some(ctx) = &self.ctx
+        {
+            ctx.deassert_intx();
         }
     }
 }
@@ -283,26 +347,68 @@ pub enum Migration {
     V2,
 }
 
+/// How a dma-engine presents itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// The migration protocol it offers.
+    pub migration: Migration,
+    /// `CONSUMER` in a mappable doorbell page of BAR0 (see the module doc).
+    pub doorbell_page: bool,
+    /// Its DMA is tracked (DMA logging, `DIRTY_PAGES`); false hides it.
+    pub logs_dma: bool,
+}
+
+impl Options {
+    /// The plain engine: doorbell in the trapped registers, DMA tracked.
+    pub fn new(migration: Migration) -> Self {
+        Self {
+            migration,
+            doorbell_page: false,
+            logs_dma: true,
+        }
+    }
+
+    /// Seed 002's device: a mappable doorbell page and DMA that nothing tracks.
+    pub fn hidden_dma(migration: Migration) -> Self {
+        Self {
+            migration,
+            doorbell_page: true,
+            logs_dma: false,
+        }
+    }
+}
+
 /// The device.
 pub struct DmaEngine {
     inner: Arc<Inner>,
     pci: PciFunction,
     worker: Option<JoinHandle<()>>,
-    migration: Migration,
-    status_fd: Option<Arc<std::os::fd::OwnedFd>>,
+    options: Options,
+    /// The status page at 0, the doorbell page after it (if any).
+    pages_fd: Option<Arc<std::os::fd::OwnedFd>>,
 }
 
 impl DmaEngine {
     /// A stopped engine (CTRL 0) offering `migration`.
     pub fn new(migration: Migration) -> Self {
-        // The page is offered only with its mapping: both or neither.
-        let (status_fd, status) = vmig_primitives::memfd("dma-engine-status", STATUS_SIZE)
+        Self::with_options(Options::new(migration))
+    }
+
+    /// A stopped engine (CTRL 0) as `options` say.
+    pub fn with_options(options: Options) -> Self {
+        let pages_len = if options.doorbell_page {
+            STATUS_SIZE + vmig_primitives::PAGE_SIZE
+        } else {
+            STATUS_SIZE
+        };
+        // The pages are offered only with their mapping: both or neither.
+        let (pages_fd, pages) = vmig_primitives::memfd("dma-engine-pages", pages_len)
             .and_then(|fd| {
                 use std::os::fd::AsFd;
-                let page = HostMemory::map_fd(fd.as_fd(), 0, STATUS_SIZE, true)?;
-                Ok((fd, page))
+                let pages = HostMemory::map_fd(fd.as_fd(), 0, pages_len, true)?;
+                Ok((fd, pages))
             })
-            .map_or((None, None), |(fd, page)| (Some(fd), Some(page)));
+            .map_or((None, None), |(fd, pages)| (Some(fd), Some(pages)));
         let inner = Arc::new(Inner {
             shared: Mutex::new(Shared {
                 regs: Registers::default(),
@@ -310,7 +416,8 @@ impl DmaEngine {
                 idle: true,
                 ctx: None,
                 quit: false,
-                status,
+                pages,
+                doorbell_page: options.doorbell_page,
             }),
             changed: Condvar::new(),
         });
@@ -325,19 +432,33 @@ impl DmaEngine {
             clippy::expect_used,
             reason = "the spec is a constant that PciFunction's tests accept"
         )]
-        let pci = PciFunction::new(pci_spec(status_fd.is_some())).expect("a valid PCI spec");
+        let pci = PciFunction::new(pci_spec(pages_fd.is_some(), options.bar0_size()))
+            .expect("a valid PCI spec");
         Self {
             inner,
             pci,
             worker,
-            migration,
-            status_fd: status_fd.map(Arc::new),
+            options,
+            pages_fd: pages_fd.map(Arc::new),
         }
     }
 
     /// The registers now.
     pub fn registers(&self) -> Registers {
-        self.inner.lock().regs
+        let mut s = self.inner.lock();
+        s.take_doorbell();
+        s.regs
+    }
+}
+
+impl Options {
+    /// Bytes of BAR0.
+    pub fn bar0_size(&self) -> u64 {
+        if self.doorbell_page {
+            BAR0_SIZE_WITH_DOORBELL
+        } else {
+            BAR0_SIZE
+        }
     }
 }
 
@@ -406,6 +527,7 @@ fn work(inner: &Inner) {
             inner.changed.notify_all();
             continue;
         }
+        s.take_doorbell();
         if s.regs.producer.wrapping_sub(s.regs.consumer) >= s.regs.ring_size {
             s.regs.stalls = s.regs.stalls.wrapping_add(1);
             s.idle = true;
@@ -444,24 +566,31 @@ impl Device for DmaEngine {
             regions: (0..=CONFIG_REGION)
                 .map(|index| {
                     let size = match index {
-                        0 => BAR0_SIZE,
-                        STATUS_REGION if self.status_fd.is_some() => STATUS_SIZE,
+                        0 => self.options.bar0_size(),
+                        STATUS_REGION if self.pages_fd.is_some() => STATUS_SIZE,
                         CONFIG_REGION => self.pci.config_size(),
                         _ => 0,
+                    };
+                    // The status page is at file offset 0; BAR0's doorbell page after it, so
+                    // BAR0's offsets are the file's.
+                    let mapped_area = match index {
+                        STATUS_REGION => Some((0, STATUS_SIZE)),
+                        0 if self.options.doorbell_page => {
+                            Some((DOORBELL_PAGE, vmig_primitives::PAGE_SIZE))
+                        }
+                        _ => None,
                     };
                     RegionSpec {
                         size,
                         readable: size > 0,
                         writable: size > 0 && index != STATUS_REGION,
-                        mmap: self
-                            .status_fd
-                            .as_ref()
-                            .filter(|_| index == STATUS_REGION)
-                            .map(|fd| RegionMmap {
+                        mmap: self.pages_fd.as_ref().zip(mapped_area).map(|(fd, area)| {
+                            RegionMmap {
                                 fd: Arc::clone(fd),
                                 offset: 0,
-                                areas: vec![(0, STATUS_SIZE)],
-                            }),
+                                areas: vec![area],
+                            }
+                        }),
                         ..RegionSpec::default()
                     }
                 })
@@ -500,7 +629,7 @@ impl Device for DmaEngine {
                 "region {index}: the dma-engine has BAR0, BAR2 and config space"
             )));
         }
-        let regs = self.inner.lock().regs;
+        let regs = self.registers();
         for (i, byte) in data.iter_mut().enumerate() {
             let at = offset + i as u64;
             *byte = regs.read(at & !7).to_le_bytes()[(at & 7) as usize];
@@ -516,6 +645,9 @@ impl Device for DmaEngine {
         }
         let value = u64::from_le_bytes(data.try_into().unwrap_or_default());
         let mut s = self.inner.lock();
+        s.take_doorbell();
+        let doorbell = self.options.doorbell_page && offset == reg::DOORBELL;
+        let offset = if doorbell { reg::CONSUMER } else { offset };
         let r = &mut s.regs;
         match offset {
             reg::CTRL => r.ctrl = value & 1,
@@ -526,13 +658,8 @@ impl Device for DmaEngine {
                     "RING_SIZE {value}: at most {MAX_RING}"
                 )));
             }
-            reg::CONSUMER if value <= r.producer && r.producer - value <= r.ring_size.max(1) => {
-                r.consumer = value;
-                if value == r.producer
-                    && let Some(ctx) = &s.ctx
-                {
-                    ctx.deassert_intx();
-                }
+            reg::CONSUMER if consumer_allowed(value, r.producer, r.ring_size) => {
+                s.set_consumer(value);
             }
             reg::CONSUMER => {
                 return Err(Refusal::invalid(format!(
@@ -558,6 +685,7 @@ impl Device for DmaEngine {
         s.regs = Registers::default();
         s.running = true;
         s.publish();
+        s.set_consumer(0);
         drop(s);
         self.inner.changed.notify_all();
         Ok(())
@@ -574,7 +702,7 @@ impl Device for DmaEngine {
     }
 
     fn migration(&self) -> MigrationSupport {
-        match self.migration {
+        match self.options.migration {
             Migration::V1 => MigrationSupport::V1,
             Migration::V2 => MigrationSupport::V2 { pre_copy: true },
         }
@@ -597,8 +725,13 @@ impl Device for DmaEngine {
         Ok(())
     }
 
+    fn logs_dma(&self) -> bool {
+        self.options.logs_dma
+    }
+
     fn save(&mut self, _last: bool) -> Result<Vec<u8>, Refusal> {
-        let s = self.inner.lock();
+        let mut s = self.inner.lock();
+        s.take_doorbell();
         let mut out = STATE_MAGIC.to_le_bytes().to_vec();
         for w in s.regs.to_words() {
             out.extend_from_slice(&w.to_le_bytes());
@@ -629,6 +762,7 @@ impl Device for DmaEngine {
         let mut s = self.inner.lock();
         s.regs = regs;
         s.publish();
+        s.set_consumer(regs.consumer);
         Ok(())
     }
 }

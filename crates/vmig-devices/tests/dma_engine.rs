@@ -387,3 +387,91 @@ fn interrupts_follow_what_the_driver_enabled_in_config_space() {
     assert_eq!(read16(c, msix + 2) & MSIX_ENABLE, 0);
     assert_eq!(read16(c, CONFIG_COMMAND), 0);
 }
+
+/// Seed 002's form: BAR0 of 8 KiB whose second page (one sparse area) holds the doorbell the
+/// device reads from there, and DMA that the framework refuses to log.
+#[test]
+fn the_hidden_dma_engine_takes_its_doorbell_from_the_mapped_page_and_logs_nothing() {
+    let ram_fd = vmig_primitives::memfd("guest-ram", RAM).unwrap();
+    let ram = std::fs::File::from(ram_fd.try_clone().unwrap());
+    for i in 0..4 {
+        ram.write_all_at(&(BUFFERS_IOVA + i * 4096).to_le_bytes(), RING_IOVA + i * 8)
+            .unwrap();
+    }
+    let served = common::serve(DmaEngine::with_options(dma_engine::Options::hidden_dma(
+        Migration::V2,
+    )));
+    let c = &served.client;
+    c.dma_map(0, RAM, 3, Some((ram_fd.as_fd(), 0))).unwrap();
+    // Neither DMA logging (not even its probe) nor DIRTY_PAGES: ENOTTY.
+    let enotty = Some(25);
+    assert!(
+        !c.probe_feature(
+            vmig_vfio_user::wire::FEATURE_DMA_LOGGING_START,
+            vmig_vfio_user::wire::FEATURE_SET
+        )
+        .unwrap()
+    );
+    let range = vmig_primitives::DmaRange::new(vmig_primitives::Iova(0), RAM);
+    let err = c.dma_logging_start(4096, &[range]).unwrap_err();
+    assert_eq!(err.remote_errno(), enotty, "{err}");
+    let err = c.dirty_pages_log(true).unwrap_err();
+    assert_eq!(err.remote_errno(), enotty, "{err}");
+    // BAR0: 8 KiB, its second page mappable.
+    let bar0 = c.region_info(0).unwrap();
+    assert_eq!(bar0.info.size, dma_engine::BAR0_SIZE_WITH_DOORBELL);
+    assert_eq!(
+        bar0.sparse_areas,
+        [vmig_primitives::RegionArea {
+            offset: dma_engine::DOORBELL_PAGE,
+            len: 4096
+        }]
+    );
+    let page = vmig_primitives::HostMemory::map_fd(
+        bar0.fd.as_ref().unwrap().as_fd(),
+        bar0.info.offset + dma_engine::DOORBELL_PAGE,
+        4096,
+        true,
+    )
+    .unwrap();
+    write_reg(c, reg::RING_BASE, RING_IOVA);
+    write_reg(c, reg::RING_SIZE, 4);
+    write_reg(c, reg::RATE, 5000);
+    write_reg(c, reg::SEED, SEED);
+    write_reg(c, reg::CTRL, 1);
+    wait_until("the engine to fill its ring", PATIENCE, || {
+        let stalls = read_reg(c, reg::STALLS);
+        (stalls > 0)
+            .then_some(())
+            .ok_or_else(|| format!("{stalls} stalls"))
+    });
+    // A doorbell it must refuse is ignored (and written back); a good one, stored into the
+    // mapped page with no message at all, frees the ring.
+    page.store_u64(0, 99).unwrap();
+    assert_eq!(read_reg(c, reg::CONSUMER), 0);
+    assert_eq!(page.load_u64(0).unwrap(), 0);
+    page.store_u64(0, 4).unwrap();
+    wait_until(
+        "the doorbell in the page to free the ring",
+        PATIENCE,
+        || {
+            let producer = read_reg(c, reg::PRODUCER);
+            (producer > 4)
+                .then_some(())
+                .ok_or_else(|| format!("producer at {producer}"))
+        },
+    );
+    assert_eq!(read_reg(c, reg::CONSUMER), 4);
+    assert_eq!(
+        read_reg(c, reg::DOORBELL),
+        4,
+        "both offsets read the doorbell"
+    );
+    // A trapped write of the doorbell is a region write like any other, and lands in the page.
+    write_reg(c, reg::DOORBELL, 5);
+    assert_eq!(page.load_u64(0).unwrap(), 5);
+    assert!(
+        c.region_write(0, reg::DOORBELL, &0u64.to_le_bytes())
+            .is_err()
+    );
+}

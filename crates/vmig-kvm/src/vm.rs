@@ -342,8 +342,8 @@ pub struct Vm {
     msrs: Vec<u32>,
     paused: std::sync::Mutex<bool>,
     irq_routes: IrqRoutes,
-    /// Device memory mapped into the guest: memslot id and mapping.
-    device_slots: std::sync::Mutex<Vec<(u32, HostMemory)>>,
+    /// Device memory mapped into the guest.
+    device_slots: std::sync::Mutex<Vec<DeviceSlot>>,
     /// Held while a port script is posted and awaited: one at a time.
     port_script: std::sync::Mutex<()>,
     _vm: Arc<VmFd>,
@@ -802,8 +802,58 @@ impl Vm {
                 source,
             }
         })?;
-        slots.push((id, host));
+        slots.push(DeviceSlot {
+            id,
+            gpa,
+            flags,
+            host,
+            trapped: false,
+        });
         Ok(())
+    }
+
+    /// Takes the device memory mapped at `gpa` (by [`Vm::map_device_memory`]) out of the guest
+    /// (`trapped` true), so that guest accesses there exit to the MMIO handler, or puts it
+    /// back (false). The mapping itself stays: the device's memory keeps what the guest wrote.
+    /// When this returns, no vCPU reaches the memory through the old memslot any more (KVM
+    /// waits for its readers), so every later access is seen by the handler.
+    pub fn set_device_memory_trapped(&self, gpa: u64, trapped: bool) -> Result<()> {
+        let mut slots = self.device_slots.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = slots
+            .iter_mut()
+            .find(|s| s.gpa == gpa)
+            .ok_or_else(|| KvmError::Invalid(format!("no device memory is mapped at {gpa:#x}")))?;
+        if slot.trapped == trapped {
+            return Ok(());
+        }
+        let call = |what: &str| {
+            format!(
+                "KVM_SET_USER_MEMORY_REGION({what} device slot {} at {gpa:#x})",
+                slot.id
+            )
+        };
+        if trapped {
+            sys::delete_memory_slot(&self._vm, slot.id).map_err(|source| KvmError::Ioctl {
+                call: call("deleting"),
+                source,
+            })?;
+        } else {
+            sys::set_memory_slot(&self._vm, slot.id, slot.flags, gpa, &slot.host).map_err(
+                |source| KvmError::Ioctl {
+                    call: call("restoring"),
+                    source,
+                },
+            )?;
+        }
+        slot.trapped = trapped;
+        Ok(())
+    }
+
+    /// Whether the device memory at `gpa` is trapped ([`Vm::set_device_memory_trapped`]);
+    /// `None` when none is mapped there.
+    pub fn device_memory_trapped(&self, gpa: u64) -> Option<bool> {
+        let slots = self.device_slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.iter().find(|s| s.gpa == gpa).map(|s| s.trapped)
     }
 
     /// The interrupt vectors pending at vCPU `vcpu`'s local APIC (its IRR), which are then
@@ -840,6 +890,17 @@ impl Vm {
 /// Memslot ids of device memory start here, after RAM's.
 const FIRST_DEVICE_SLOT: u32 = 64;
 
+/// Device memory mapped into the guest: its memslot and the mapping behind it.
+struct DeviceSlot {
+    id: u32,
+    gpa: u64,
+    /// The memslot's flags (read-only or not), to restore it as it was.
+    flags: u32,
+    host: HostMemory,
+    /// Its memslot is deleted for now: guest accesses exit.
+    trapped: bool,
+}
+
 /// Local APIC register offsets (Intel SDM vol. 3, table 11-1) and the spurious-vector
 /// register's software-enable bit.
 const APIC_SPURIOUS_VECTOR: usize = 0xf0;
@@ -866,13 +927,14 @@ impl Drop for Vm {
         for slot in self.memory.slots() {
             let _ = sys::delete_memory_slot(&self._vm, slot.layout.id);
         }
-        for (id, _) in self
+        for slot in self
             .device_slots
             .get_mut()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
+            .filter(|s| !s.trapped)
         {
-            let _ = sys::delete_memory_slot(&self._vm, *id);
+            let _ = sys::delete_memory_slot(&self._vm, slot.id);
         }
     }
 }

@@ -8,6 +8,7 @@
 //! | [`DeviceSource`] v2 | `DMA_LOGGING_START` | `DMA_LOGGING_REPORT` per mapping | `DMA_LOGGING_STOP` |
 //! | [`DeviceSource`] v1 | `DIRTY_PAGES` START | `DIRTY_PAGES` GET_BITMAP per mapping | STOP |
 //! | [`DeviceSource`] kernel VFIO | `DMA_LOGGING_START`, else the container's `DIRTY_PAGES` START | its report, or GET_BITMAP per mapping | its stop |
+//! | [`MediatorSource`] (seed 002) | trap the mediator's areas | the ranges the mediator marks | map them again |
 //!
 //! Device bitmaps are by IOVA at the device's page size; they are translated through the DMA
 //! mappings to guest-physical 4 KiB pages (a coarser device page dirties all its 4 KiB pages).
@@ -17,8 +18,9 @@ use std::sync::Arc;
 
 use crate::device::MigratableDevice;
 use crate::error::{MigrationError, Result, device_error};
+use crate::mediator::MediatedDevice;
 use vmig_dirty::DirtyBitmap;
-use vmig_kvm::{CpuDirtyLog, GuestMemory, PAGE_SIZE};
+use vmig_kvm::{CpuDirtyLog, GuestMemory, PAGE_SIZE, Vm};
 use vmig_primitives::{DmaRange, Iova};
 
 /// A producer of dirty guest pages.
@@ -180,7 +182,7 @@ impl DirtySource for DeviceSource {
     }
 
     fn harvest(&mut self, into: &DirtyBitmap) -> Result<u64> {
-        let mut count = 0;
+        let mut count = message_dma_pages(self.device.as_ref(), &self.mappings, into);
         for m in &self.mappings {
             let words = self
                 .device
@@ -203,17 +205,6 @@ impl DirtySource for DeviceSource {
                 });
             }
         }
-        for iova_page in self.device.take_message_dma_pages() {
-            let iova = iova_page * PAGE_SIZE;
-            if let Some(m) = self
-                .mappings
-                .iter()
-                .find(|m| iova >= m.iova && iova - m.iova < m.size)
-            {
-                count += 1;
-                let _ = into.set((iova - m.iova + m.gpa) / PAGE_SIZE);
-            }
-        }
         Ok(count)
     }
 
@@ -225,6 +216,125 @@ impl DirtySource for DeviceSource {
 
     fn reports_everything(&self) -> bool {
         self.device.dirty_log_reports_everything()
+    }
+}
+
+/// The guest page of IOVA `iova` through `mappings`.
+fn guest_page(mappings: &[Mapping], iova: u64) -> Option<u64> {
+    mappings
+        .iter()
+        .find(|m| iova >= m.iova && iova - m.iova < m.size)
+        .map(|m| (iova - m.iova + m.gpa) / PAGE_SIZE)
+}
+
+/// Marks the pages `device` wrote by message rather than by DMA since the last call; returns
+/// how many.
+fn message_dma_pages(
+    device: &dyn MigratableDevice,
+    mappings: &[Mapping],
+    into: &DirtyBitmap,
+) -> u64 {
+    let mut count = 0;
+    for iova_page in device.take_message_dma_pages() {
+        if let Some(page) = iova_page
+            .checked_mul(PAGE_SIZE)
+            .and_then(|iova| guest_page(mappings, iova))
+        {
+            count += 1;
+            let _ = into.set(page);
+        }
+    }
+    count
+}
+
+/// A device's DMA as its migration mediator derives it ([`crate::mediator`]): starting traps
+/// the mediator's areas, each harvest marks the ranges it names, stopping (or dropping the
+/// source) maps the areas again.
+pub struct MediatorSource<'a> {
+    name: String,
+    vm: &'a Vm,
+    device: Arc<dyn MigratableDevice>,
+    mediation: Arc<MediatedDevice>,
+    mappings: Vec<Mapping>,
+    engaged: bool,
+}
+
+impl<'a> MediatorSource<'a> {
+    /// The mediated DMA of device `name` of `vm`, over `mappings`.
+    pub fn new(
+        name: &str,
+        vm: &'a Vm,
+        device: Arc<dyn MigratableDevice>,
+        mediation: Arc<MediatedDevice>,
+        mappings: Vec<Mapping>,
+    ) -> Self {
+        Self {
+            name: name.to_string(),
+            vm,
+            device,
+            mediation,
+            mappings,
+            engaged: false,
+        }
+    }
+}
+
+impl DirtySource for MediatorSource<'_> {
+    fn name(&self) -> String {
+        format!(
+            "device {} (mediator {}, handle {})",
+            self.name,
+            self.mediation.mediator,
+            self.mediation.handle().handle()
+        )
+    }
+
+    fn start(&mut self) -> Result<()> {
+        self.mediation
+            .engage(self.vm, self.device.as_ref(), &self.name)?;
+        self.engaged = true;
+        Ok(())
+    }
+
+    fn harvest(&mut self, into: &DirtyBitmap) -> Result<u64> {
+        let mut count = message_dma_pages(self.device.as_ref(), &self.mappings, into);
+        let mut outside = None;
+        self.mediation.handle().harvest(
+            self.device.as_ref(),
+            self.vm.memory(),
+            &mut |iova, len| {
+                let end = iova.saturating_add(len.max(1));
+                let mut page = iova / PAGE_SIZE * PAGE_SIZE;
+                while page < end {
+                    match guest_page(&self.mappings, page) {
+                        Some(gpn) => {
+                            count += u64::from(into.set(gpn).is_ok());
+                        }
+                        None => outside = Some(page),
+                    }
+                    page = page.saturating_add(PAGE_SIZE);
+                }
+            },
+        )?;
+        if let Some(iova) = outside {
+            // The device could not write there either (its DMA would fault): nothing to send.
+            tracing::debug!(device = %self.name, iova, "the mediator marked an IOVA outside guest RAM");
+        }
+        Ok(count)
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        if std::mem::take(&mut self.engaged) {
+            self.mediation.release(self.vm, &self.name);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MediatorSource<'_> {
+    fn drop(&mut self) {
+        // A migration that ended without stopping its sources still maps the areas again.
+        let _ = self.stop();
     }
 }
 

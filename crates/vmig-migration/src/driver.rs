@@ -22,6 +22,7 @@ use vmig_primitives::GuestAddress;
 use crate::device::MigratableDevice;
 use crate::error::Result;
 use crate::machine::{Bar, MappedArea, Role};
+use crate::mediator::{Mediator, Mediators};
 
 /// What a driver sees of a device when it is offered one.
 pub struct DriverContext<'a> {
@@ -66,12 +67,16 @@ pub trait BoundDriver: Send + Sync + fmt::Debug {
 
 pub use vmig_kvm::guest::Doorbell;
 
-/// The drivers a machine offers its devices to, in order; cloning shares them.
+/// The drivers a machine offers its devices to, in order, and the migration mediators
+/// ([`crate::mediator`]) it offers them to after; cloning shares them.
 #[derive(Clone, Default)]
-pub struct GuestDrivers(Vec<Arc<dyn GuestDriver>>);
+pub struct GuestDrivers {
+    drivers: Vec<Arc<dyn GuestDriver>>,
+    mediators: Mediators,
+}
 
 impl GuestDrivers {
-    /// No drivers: devices run without a guest driver.
+    /// No drivers and no mediators: devices run without a guest driver.
     pub fn none() -> Self {
         Self::default()
     }
@@ -79,13 +84,25 @@ impl GuestDrivers {
     /// Adds `driver` after those already there.
     #[must_use]
     pub fn with(mut self, driver: impl GuestDriver + 'static) -> Self {
-        self.0.push(Arc::new(driver));
+        self.drivers.push(Arc::new(driver));
         self
+    }
+
+    /// Registers `mediator` after those already there.
+    #[must_use]
+    pub fn mediated_by(mut self, mediator: Arc<dyn Mediator>) -> Self {
+        self.mediators.push(mediator);
+        self
+    }
+
+    /// The mediators.
+    pub fn mediators(&self) -> &Mediators {
+        &self.mediators
     }
 
     /// Offers the device to each driver until one binds it.
     pub fn bind(&self, ctx: &DriverContext<'_>) -> Result<Option<Box<dyn BoundDriver>>> {
-        for driver in &self.0 {
+        for driver in &self.drivers {
             if let Some(bound) = driver.bind(ctx)? {
                 return Ok(Some(bound));
             }
@@ -96,7 +113,12 @@ impl GuestDrivers {
 
 impl fmt::Debug for GuestDrivers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "GuestDrivers({})", self.0.len())
+        write!(
+            f,
+            "GuestDrivers({} drivers, {} mediators)",
+            self.drivers.len(),
+            self.mediators.len()
+        )
     }
 }
 

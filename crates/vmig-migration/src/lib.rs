@@ -8,7 +8,8 @@
 //!   ([`driver`]): the engine names no device; the binary and the tests register drivers;
 //! - every dirty-page producer behind [`dirty::DirtySource`]: KVM (every mode), device DMA
 //!   logging (v2), `DIRTY_PAGES` (v1, or a kernel device's type1 container), the VMM's own
-//!   writes;
+//!   writes, and the migration mediators ([`mediator`], seed 002) that trap part of a BAR
+//!   during migration for a device whose DMA nothing else tracks;
 //! - the sending side ([`source`]): pre-copy passes, convergence, auto-converge, stop-and-copy,
 //!   commit, and rollback;
 //! - the stream ([`stream`]: every record typed, encoded and decoded in one place, with the
@@ -55,6 +56,7 @@ pub mod dirty;
 pub mod driver;
 mod error;
 pub mod machine;
+pub mod mediator;
 pub mod pool;
 pub mod report;
 pub mod source;

@@ -30,7 +30,11 @@
 //! 6. offer the device to the registered guest drivers ([`crate::driver`]): the one that takes
 //!    it may set it up on a source (in the device area, the top of RAM outside the guest's
 //!    working set) and give the guest a doorbell its vCPU 0 serves at every batch; on a
-//!    destination all of that arrives with the migration.
+//!    destination all of that arrives with the migration;
+//! 7. offer it, by its PCI vendor:device, to the registered migration mediators
+//!    ([`crate::mediator`]): the first that takes it owns it with a handle of its own, and
+//!    may trap some of its mapped areas while a migration runs (on both sides: a VM that
+//!    arrived may migrate again).
 //!
 //! Steps 1 and 5 are each kind's own ([`UserDevice::attach`], [`KernelDevice::attach`]);
 //! the rest is one path over [`MigratableDevice`].
@@ -49,11 +53,12 @@ use vmig_primitives::{GuestAddress, RegionArea};
 use vmig_vfio::VfioDeviceFd;
 
 use crate::device::{
-    BarSpace, InterruptKind, KernelDevice, KernelDeviceId, MigratableDevice, MigrationProtocol,
-    MigrationSteps, RegionView, UserDevice,
+    BarSpace, DirtyLogKind, InterruptKind, KernelDevice, KernelDeviceId, MigratableDevice,
+    MigrationProtocol, MigrationSteps, RegionView, UserDevice,
 };
 use crate::driver::{BoundDriver, DeviceCheck, DriverContext, GuestDrivers};
 use crate::error::{DeviceFailure, InterruptError, MigrationError, Result, device_error};
+use crate::mediator::{MediatedDevice, MediatorContext, PciId};
 
 /// Guest-physical span of each device's memory BARs.
 pub const DEVICE_MMIO_SLOT: u64 = 16 << 20;
@@ -225,6 +230,8 @@ pub struct AttachedDevice {
     pub mapped: Vec<MappedArea>,
     /// The guest driver that took it, if one did.
     pub driver: Option<Box<dyn BoundDriver>>,
+    /// The migration mediator that owns it, if one does ([`crate::mediator`]).
+    pub mediation: Option<Arc<MediatedDevice>>,
 }
 
 impl std::fmt::Debug for AttachedDevice {
@@ -235,6 +242,7 @@ impl std::fmt::Debug for AttachedDevice {
             .field("protocol", &self.protocol())
             .field("bars", &self.bars)
             .field("driver", &self.driver)
+            .field("mediation", &self.mediation)
             .finish_non_exhaustive()
     }
 }
@@ -260,6 +268,32 @@ impl AttachedDevice {
             .as_ref()
             .map_or("none", MigrationProtocol::name)
     }
+
+    /// What tracks the pages the device writes by DMA during a migration. Its own log (or its
+    /// IOMMU's) when that is precise, even when a mediator owns the device: seed 002's rule,
+    /// trapping must not be needed where DMA is tracked. Its mediator otherwise, and in place
+    /// of a type1 container that reports every page. Nothing when it has neither.
+    pub fn dma_tracker(&self) -> DmaTracker {
+        let kind = self.device.dirty_log_kind();
+        let precise = kind != DirtyLogKind::None && !self.device.dirty_log_reports_everything();
+        match &self.mediation {
+            _ if precise => DmaTracker::Own,
+            Some(_) => DmaTracker::Mediator,
+            None if kind != DirtyLogKind::None => DmaTracker::Own,
+            None => DmaTracker::Nothing,
+        }
+    }
+}
+
+/// What tracks the pages a device writes by DMA ([`AttachedDevice::dma_tracker`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DmaTracker {
+    /// The device's own DMA log, or its IOMMU's dirty pages.
+    Own,
+    /// Its migration mediator, trapping during the migration.
+    Mediator,
+    /// Nothing: a migration would lose what it writes.
+    Nothing,
 }
 
 struct BusEntry {
@@ -271,8 +305,12 @@ struct BusEntry {
     /// The device's index in the machine.
     device: usize,
     handle: Arc<dyn MigratableDevice>,
+    /// The device's mediator, which takes the writes into its traps while they are engaged.
+    mediation: Option<Arc<MediatedDevice>>,
     /// Guest reads that trapped here.
     reads: AtomicU64,
+    /// Guest writes that trapped here.
+    writes: AtomicU64,
 }
 
 /// Routes guest MMIO and port I/O to the device whose BAR holds the address or port: one bus
@@ -323,7 +361,14 @@ impl DeviceBus {
 
     fn write(&self, space: BarSpace, addr: u64, data: &[u8]) -> std::result::Result<(), MmioError> {
         let (entry, offset) = self.find(space, addr, data.len())?;
-        let _ = entry.handle.region_write(entry.region, offset, data);
+        entry.writes.fetch_add(1, Ordering::Relaxed);
+        let mediated = entry
+            .mediation
+            .as_ref()
+            .is_some_and(|m| m.trapped_write(entry.handle.as_ref(), entry.region, offset, data));
+        if !mediated {
+            let _ = entry.handle.region_write(entry.region, offset, data);
+        }
         Ok(())
     }
 }
@@ -478,6 +523,10 @@ impl Machine {
             if let Some(bell) = driver.as_ref().and_then(|d| d.doorbell()) {
                 doorbells.push(bell);
             }
+            let mediation = open_mediation(drivers, index, &name, &device, &bars, &mapped)?;
+            for entry in bus.entries.iter_mut().filter(|e| e.device == index) {
+                entry.mediation.clone_from(&mediation);
+            }
             tracing::debug!(
                 device = %name,
                 kind = %device.kind(),
@@ -486,6 +535,7 @@ impl Machine {
                 mapped = mapped.len(),
                 vectors = interrupts.len(),
                 driver = driver.is_some(),
+                mediator = mediation.as_ref().map(|m| m.mediator.as_str()),
                 "device attached"
             );
             devices.push(AttachedDevice {
@@ -495,6 +545,7 @@ impl Machine {
                 interrupts,
                 mapped,
                 driver,
+                mediation,
             });
         }
         let bus = Arc::new(bus);
@@ -579,6 +630,17 @@ impl Machine {
             .sum()
     }
 
+    /// Guest writes of device `device`'s region `region` that trapped to the VMM (writes into
+    /// its mapped areas do not, unless a mediator traps them during a migration).
+    pub fn trapped_writes(&self, device: usize, region: u32) -> u64 {
+        self.bus
+            .entries
+            .iter()
+            .filter(|e| e.region == region && e.device == device)
+            .map(|e| e.writes.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// What each device's guest driver finds when it checks its device (devices without a
     /// driver are not checked). A device that cannot be checked (its server died, its
     /// registers do not answer) is reported lost in its check's problems; the others are
@@ -600,6 +662,50 @@ impl Machine {
         }
         checks
     }
+}
+
+/// Offers device `index` to the registered mediators by its PCI IDs (a device without PCI
+/// config space is offered to none); the first that takes it owns it.
+fn open_mediation(
+    drivers: &GuestDrivers,
+    index: usize,
+    name: &str,
+    device: &Arc<dyn MigratableDevice>,
+    bars: &[Bar],
+    mapped: &[MappedArea],
+) -> Result<Option<Arc<MediatedDevice>>> {
+    if drivers.mediators().is_empty() {
+        return Ok(None);
+    }
+    let mut ids = [0u8; 4];
+    if device
+        .region_read(
+            vmig_primitives::uapi::VFIO_PCI_CONFIG_REGION_INDEX,
+            0,
+            &mut ids,
+        )
+        .is_err()
+    {
+        return Ok(None);
+    }
+    let id = PciId {
+        vendor: u16::from_le_bytes([ids[0], ids[1]]),
+        device: u16::from_le_bytes([ids[2], ids[3]]),
+    };
+    let ctx = MediatorContext {
+        index,
+        name,
+        id,
+        device: device.as_ref(),
+        bars,
+        mapped,
+    };
+    let Some((mediator, handle)) = drivers.mediators().open(&ctx)? else {
+        return Ok(None);
+    };
+    MediatedDevice::new(&mediator, handle, bars, mapped)
+        .map(|m| Some(Arc::new(m)))
+        .map_err(|why| MigrationError::device(name.to_string(), why))
 }
 
 /// Opens `specs[index]` as its kind does (steps 1 and 5 of the module doc): its name and the
@@ -690,7 +796,9 @@ fn place_bars(
                 region: region.index,
                 device: index,
                 handle: Arc::clone(handle),
+                mediation: None,
                 reads: AtomicU64::new(0),
+                writes: AtomicU64::new(0),
             });
             continue;
         }
@@ -722,7 +830,9 @@ fn place_bars(
             region: region.index,
             device: index,
             handle: Arc::clone(handle),
+            mediation: None,
             reads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
         });
         let Some((fd, region_offset)) = &region.mmap else {
             continue;
@@ -1044,7 +1154,9 @@ mod tests {
             region,
             device: 0,
             handle: Arc::clone(&device) as Arc<dyn MigratableDevice>,
+            mediation: None,
             reads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
         };
         let bus = DeviceBus {
             entries: vec![

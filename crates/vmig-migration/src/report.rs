@@ -189,6 +189,9 @@ pub struct DeviceStats {
     /// downtime.
     #[serde(default)]
     pub stop_copy_estimate: Option<u64>,
+    /// Its migration mediator, when one owns it: whether it trapped, and what that cost.
+    #[serde(default)]
+    pub mediation: Option<crate::mediator::MediationStats>,
 }
 
 /// Pages one dirty source reported.

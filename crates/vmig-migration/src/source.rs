@@ -12,9 +12,10 @@ use vmig_primitives::PageNumber;
 use zerocopy::little_endian::U64;
 
 use crate::cancel::Stopper;
-use crate::dirty::{DeviceSource, DirtySource, KvmSource, Mapping, VmmSource};
+use crate::dirty::{DeviceSource, DirtySource, KvmSource, Mapping, MediatorSource, VmmSource};
 use crate::error::{MigrationError, Result, device_error, io_error};
-use crate::machine::Machine;
+use crate::machine::{DmaTracker, Machine};
+use crate::mediator::MediationStats;
 use crate::pool::{BATCH_PAGES, PagePool, SentDigests, SharedWriter, lock};
 use crate::report::{DeviceStats, MigrationParams, Progress, SourceStats, Status};
 use crate::stream::{
@@ -80,6 +81,14 @@ pub fn migrate(machine: &Machine, params: &MigrationParams, progress: &Progress)
             Err(MigrationError::Cancelled(_)) => Status::Cancelled,
             Err(_) => Status::Failed,
         };
+        // What trapping cost: the counts are final once the sources stopped.
+        for (stats, device) in r.devices.iter_mut().zip(&machine.devices) {
+            if let (Some(stats), Some(m)) = (stats.mediation.as_mut(), &device.mediation)
+                && stats.trapped
+            {
+                *stats = m.stats();
+            }
+        }
         if let Err(e) = &outcome {
             r.error = Some(if r.status == Status::Unknown {
                 format!(
@@ -101,7 +110,7 @@ struct Source<'a> {
     writers: Vec<SharedWriter>,
     conns: Vec<Conn>,
     reader: RecordReader<Conn>,
-    sources: Vec<Box<dyn DirtySource>>,
+    sources: Vec<Box<dyn DirtySource + 'a>>,
     source_pages: Vec<u64>,
     started_sources: usize,
     devices_saving: bool,
@@ -126,6 +135,15 @@ impl<'a> Source<'a> {
         params.check()?;
         for d in &machine.devices {
             d.migration()?;
+            if params.device_dirty_tracking && d.dma_tracker() == DmaTracker::Nothing {
+                return Err(MigrationError::device(
+                    d.name.clone(),
+                    "nothing tracks the pages it writes by DMA (no DMA logging, no dirty pages \
+                     from its IOMMU, and no registered mediator took it), so a migration would \
+                     lose them: expected a VMM with the device's mediator (device_dirty_tracking \
+                     off migrates it anyway, to show that verification then fails)",
+                ));
+            }
         }
         if machine.vm.is_paused() {
             return Err(MigrationError::Invalid(
@@ -337,6 +355,11 @@ impl<'a> Source<'a> {
             .map(|d| DeviceStats {
                 name: d.name.clone(),
                 protocol: d.protocol_name().into(),
+                mediation: d.mediation.as_ref().map(|m| MediationStats {
+                    trapped: self.params.device_dirty_tracking
+                        && d.dma_tracker() == DmaTracker::Mediator,
+                    ..m.stats()
+                }),
                 ..DeviceStats::default()
             })
             .collect();
@@ -392,20 +415,33 @@ impl<'a> Source<'a> {
         self.finish(audit.then_some(&pool.sent))
     }
 
-    fn dirty_sources(&self) -> Vec<Box<dyn DirtySource>> {
+    fn dirty_sources(&self) -> Vec<Box<dyn DirtySource + 'a>> {
         let vm = &self.machine.vm;
-        let mut sources: Vec<Box<dyn DirtySource>> = vec![
+        let mut sources: Vec<Box<dyn DirtySource + 'a>> = vec![
             Box::new(KvmSource(Arc::clone(vm.dirty_log()))),
             Box::new(VmmSource(Arc::clone(vm.memory()))),
         ];
         if self.params.device_dirty_tracking {
             let mappings = Mapping::guest_ram(vm.memory());
             for d in &self.machine.devices {
-                sources.push(Box::new(DeviceSource::new(
-                    &d.name,
-                    Arc::clone(&d.device),
-                    mappings.clone(),
-                )));
+                let device = Arc::clone(&d.device);
+                match (d.dma_tracker(), &d.mediation) {
+                    (DmaTracker::Mediator, Some(mediation)) => {
+                        sources.push(Box::new(MediatorSource::new(
+                            &d.name,
+                            vm,
+                            device,
+                            Arc::clone(mediation),
+                            mappings.clone(),
+                        )));
+                    }
+                    (DmaTracker::Nothing, _) => {}
+                    _ => sources.push(Box::new(DeviceSource::new(
+                        &d.name,
+                        device,
+                        mappings.clone(),
+                    ))),
+                }
             }
         }
         sources

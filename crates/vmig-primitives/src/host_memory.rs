@@ -267,6 +267,19 @@ impl HostMemory {
         word.store(value, std::sync::atomic::Ordering::Release);
         Ok(())
     }
+
+    /// Loads the 8-byte aligned word at `offset` with one 64-bit load, the counterpart of
+    /// [`HostMemory::store_u64`] for a word another party (a guest writing a doorbell) stores
+    /// while this runs: an aligned 64-bit load is never torn.
+    pub fn load_u64(&self, offset: usize) -> io::Result<u64> {
+        self.check(offset, 8)?;
+        if !offset.is_multiple_of(8) {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: as in `load_u32`: inside the mapping (checked), 8-byte aligned (checked;
+        // mappings are page-aligned), mapped while `self` lives; no reference is created.
+        Ok(unsafe { std::ptr::read_volatile(self.ptr.as_ptr().add(offset).cast::<u64>()) })
+    }
 }
 
 impl HostMemory {

@@ -10,7 +10,8 @@
 //!  guest RAM, the device's area:  ring (RING_ENTRIES u64 buffer addresses) │ buffer 0 │ buffer 1 │ …
 //!  driver (source):  CTRL=0, RING_BASE, RING_SIZE, SEED, RATE, CTRL=1
 //!  device:           record seq → buffer seq % RING_ENTRIES, PRODUCER += 1
-//!  guest vCPU 0:     reads PRODUCER (status page, else BAR0), writes CONSUMER
+//!  guest vCPU 0:     reads PRODUCER (status page, else BAR0), writes CONSUMER (doorbell
+//!                    page, else BAR0)
 //! ```
 
 use std::time::Duration;
@@ -110,7 +111,7 @@ pub struct RecordCheck {
     pub dma_errors: u64,
 }
 
-fn read(regs: &dyn Bar0, offset: u64) -> Result<u64, DriverError> {
+pub(super) fn read(regs: &dyn Bar0, offset: u64) -> Result<u64, DriverError> {
     regs.read_reg(offset)
         .map_err(|source| DriverError::Register { offset, source })
 }
@@ -160,14 +161,16 @@ pub fn start(
 }
 
 /// The guest's doorbell: where it reads `PRODUCER` (the mapped status page when there is one,
-/// else BAR0's register) and where it writes `CONSUMER`, for BAR0 at `bar0_gpa`.
+/// else BAR0's register) and where it writes `CONSUMER` (the mapped doorbell page when there is
+/// one, else BAR0's register), for BAR0 at `bar0_gpa`.
 pub fn doorbell(
     bar0_gpa: GuestAddress,
     status_page_gpa: Option<GuestAddress>,
+    doorbell_page_gpa: Option<GuestAddress>,
 ) -> (GuestAddress, GuestAddress) {
     (
         status_page_gpa.unwrap_or(GuestAddress(bar0_gpa.raw() + reg::PRODUCER)),
-        GuestAddress(bar0_gpa.raw() + reg::CONSUMER),
+        doorbell_page_gpa.unwrap_or(GuestAddress(bar0_gpa.raw() + reg::CONSUMER)),
     )
 }
 

@@ -301,30 +301,28 @@ impl MigratableDevice for KernelDevice {
     }
 
     fn dirty_log_start(&self, page_size: u64, ranges: &[DmaRange]) -> OpResult<u64> {
-        Ok(match self.dirty_log_kind() {
-            DirtyLogKind::DmaLogging => self.device.start_dma_logging(page_size, ranges)?,
-            DirtyLogKind::DirtyPages => {
-                let page = self.container.bitmap_page_size()?;
-                self.container.start_dirty_tracking()?;
-                page
-            }
-        })
+        if self.dma_logging {
+            return Ok(self.device.start_dma_logging(page_size, ranges)?);
+        }
+        let page = self.container.bitmap_page_size()?;
+        self.container.start_dirty_tracking()?;
+        Ok(page)
     }
 
     fn dirty_log_report(&self, iova: u64, size: u64, page_size: u64) -> OpResult<Vec<u64>> {
-        Ok(match self.dirty_log_kind() {
-            DirtyLogKind::DmaLogging => {
-                self.device
-                    .report_dma_logging(Iova(iova), size, page_size)?
-            }
-            DirtyLogKind::DirtyPages => self.container.dirty_bitmap(Iova(iova), size)?,
+        Ok(if self.dma_logging {
+            self.device
+                .report_dma_logging(Iova(iova), size, page_size)?
+        } else {
+            self.container.dirty_bitmap(Iova(iova), size)?
         })
     }
 
     fn dirty_log_stop(&self) -> OpResult<()> {
-        match self.dirty_log_kind() {
-            DirtyLogKind::DmaLogging => self.device.stop_dma_logging()?,
-            DirtyLogKind::DirtyPages => self.container.stop_dirty_tracking()?,
+        if self.dma_logging {
+            self.device.stop_dma_logging()?;
+        } else {
+            self.container.stop_dirty_tracking()?;
         }
         Ok(())
     }

@@ -37,6 +37,9 @@ pub enum DeviceOpError {
     /// The kernel's.
     #[error(transparent)]
     Kernel(#[from] vmig_vfio::VfioError),
+    /// The device has no DMA dirty log ([`DirtyLogKind::None`]).
+    #[error("the device's DMA is not tracked: it offers neither DMA logging nor DIRTY_PAGES")]
+    Untracked,
 }
 
 /// The result of a device call.
@@ -111,14 +114,18 @@ pub enum DirtyLogKind {
     DmaLogging,
     /// The IOMMU beneath it does (`DIRTY_PAGES`: v1 vfio-user, or a kernel type1 container).
     DirtyPages,
+    /// Nothing does: a v2 vfio-user device that refuses DMA logging (seed 002's VF). Only a
+    /// mediator ([`crate::mediator`]) can tell which pages it writes.
+    None,
 }
 
 impl DirtyLogKind {
-    /// "dma logging" or "dirty pages", as reports name it.
+    /// "dma logging", "dirty pages" or "none", as reports name it.
     pub fn name(self) -> &'static str {
         match self {
             Self::DmaLogging => "dma logging",
             Self::DirtyPages => "dirty pages",
+            Self::None => "none",
         }
     }
 }

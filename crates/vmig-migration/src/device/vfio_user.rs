@@ -12,13 +12,14 @@ use vmig_kvm::irq::MsiVector;
 use vmig_vfio_user::client::{Client, ClientError, DmaMemory};
 use vmig_vfio_user::client::{DeviceMigration, Protocol};
 use vmig_vfio_user::wire::{
-    DEVICE_FLAGS_RESET, DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, IRQ_INFO_EVENTFD,
-    REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
+    DEVICE_FLAGS_RESET, DMA_MAP_FLAG_READ, DMA_MAP_FLAG_WRITE, FEATURE_DMA_LOGGING_START,
+    FEATURE_SET, IRQ_INFO_EVENTFD, REGION_INFO_FLAG_MMAP, REGION_INFO_FLAG_READ,
+    REGION_INFO_FLAG_WRITE,
 };
 
 use super::{
-    BarSpace, DeviceKind, DirtyLogKind, InterruptInfo, InterruptKind, MigratableDevice,
-    MigrationProtocol, MigrationSteps, OpResult, RegionView, migration_steps,
+    BarSpace, DeviceKind, DeviceOpError, DirtyLogKind, InterruptInfo, InterruptKind,
+    MigratableDevice, MigrationProtocol, MigrationSteps, OpResult, RegionView, migration_steps,
 };
 
 /// `EFAULT`: the errno a DMA message outside guest RAM gets.
@@ -29,6 +30,8 @@ const EFAULT: i32 = 14;
 pub struct UserDevice {
     client: Client,
     protocol: Option<Protocol>,
+    /// The server offers DMA logging (probed at attach; v2 only).
+    dma_logging: bool,
 }
 
 /// Guest RAM by IOVA for a server's message-based DMA (the engine maps guest RAM with IOVA =
@@ -73,7 +76,12 @@ impl UserDevice {
             )?;
         }
         let protocol = DeviceMigration::detect(&client)?.map(|m| m.protocol());
-        Ok(Self { client, protocol })
+        let dma_logging = client.probe_feature(FEATURE_DMA_LOGGING_START, FEATURE_SET)?;
+        Ok(Self {
+            client,
+            protocol,
+            dma_logging,
+        })
     }
 
     /// The client, for what only vfio-user has.
@@ -205,7 +213,8 @@ impl MigratableDevice for UserDevice {
     fn dirty_log_kind(&self) -> DirtyLogKind {
         match self.protocol {
             Some(Protocol::V1 { .. }) => DirtyLogKind::DirtyPages,
-            _ => DirtyLogKind::DmaLogging,
+            _ if self.dma_logging => DirtyLogKind::DmaLogging,
+            _ => DirtyLogKind::None,
         }
     }
 
@@ -216,6 +225,7 @@ impl MigratableDevice for UserDevice {
                 self.client.dirty_pages_log(true)?;
                 page_size
             }
+            DirtyLogKind::None => return Err(DeviceOpError::Untracked),
         };
         // Pages written by message before tracking started are not dirty.
         let _ = self.client.take_dma_written_pages();
@@ -226,6 +236,7 @@ impl MigratableDevice for UserDevice {
         Ok(match self.dirty_log_kind() {
             DirtyLogKind::DmaLogging => self.client.dma_logging_report(iova, size, page_size)?,
             DirtyLogKind::DirtyPages => self.client.dirty_pages_bitmap(iova, size, page_size)?,
+            DirtyLogKind::None => return Err(DeviceOpError::Untracked),
         })
     }
 
@@ -233,6 +244,7 @@ impl MigratableDevice for UserDevice {
         match self.dirty_log_kind() {
             DirtyLogKind::DmaLogging => self.client.dma_logging_stop()?,
             DirtyLogKind::DirtyPages => self.client.dirty_pages_log(false)?,
+            DirtyLogKind::None => {}
         }
         Ok(())
     }

@@ -228,6 +228,14 @@ pub trait Device: Send {
     fn migration(&self) -> MigrationSupport {
         MigrationSupport::None
     }
+    /// Whether the framework tracks the device's DMA for the client: v2 DMA logging and v1
+    /// `DIRTY_PAGES` over the connection's IOMMU. False for a device whose DMA nothing tracks
+    /// (seed 002's SR-IOV VF, "There's still no IOMMU Dirty bit available"): both are then
+    /// refused with `ENOTTY` (a `PROBE` of DMA logging too), so a client learns that only a
+    /// mediator can tell which pages the device writes.
+    fn logs_dma(&self) -> bool {
+        true
+    }
     /// Stops (false) or restarts (true) the device's own activity, DMA included. When this
     /// returns false, the device makes no change to its state or to guest memory.
     fn set_running(&mut self, _running: bool) -> Result<(), Refusal> {

@@ -489,6 +489,7 @@ impl<D: Device> Server<D> {
                 m.discard();
                 Ok(Reply::empty())
             }
+            Request::DirtyPages { .. } if !self.device().logs_dma() => Err(untracked_dma()),
             Request::DirtyPages {
                 argsz,
                 flags,
@@ -567,6 +568,10 @@ impl<D: Device> Server<D> {
             (
                 FEATURE_DMA_LOGGING_START | FEATURE_DMA_LOGGING_STOP | FEATURE_DMA_LOGGING_REPORT,
                 _,
+            ) if !self.device().logs_dma() => Err(untracked_dma()),
+            (
+                FEATURE_DMA_LOGGING_START | FEATURE_DMA_LOGGING_STOP | FEATURE_DMA_LOGGING_REPORT,
+                _,
             ) => dirty::logging_feature(s, argsz, flags, data),
             _ => Err(Refusal::new(
                 libc::ENOTTY,
@@ -574,6 +579,14 @@ impl<D: Device> Server<D> {
             )),
         }
     }
+}
+
+/// The refusal of DMA logging and `DIRTY_PAGES` for a device whose DMA nothing tracks.
+fn untracked_dma() -> Refusal {
+    Refusal::new(
+        libc::ENOTTY,
+        "this device's DMA is not tracked: it offers neither DMA logging nor DIRTY_PAGES",
+    )
 }
 
 /// The first message of the connection of `endpoint`, waited for at most `patience`; `None`
@@ -797,7 +810,8 @@ fn region_info(spec: &DeviceSpec, argsz: u32, index: u32) -> Result<Reply, Refus
 mod tests {
     use super::*;
 
-    /// A BAR with a sparse-mmap capability, as the dma-engine's BAR0 has one.
+    /// A BAR with a sparse-mmap capability, as the dma-engine's BAR0 has one for its doorbell
+    /// page.
     fn spec_with_sparse_bar() -> DeviceSpec {
         let fd = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
         DeviceSpec {
