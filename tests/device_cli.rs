@@ -11,11 +11,12 @@ use cli::{vmig, wait_for};
 fn serve_then_probe_in_both_migration_versions_and_stop_on_sigterm() {
     let dir = std::env::temp_dir().join(format!("vmig-device-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    for (version, expected) in [
-        ("v1", "migration: v1 (migration region 9)"),
-        ("v2", "migration: v2 (STOP_COPY, PRE_COPY)"),
+    for (version, hide_dma, expected) in [
+        ("v1", false, "migration: v1 (migration region 9)"),
+        ("v2", false, "migration: v2 (STOP_COPY, PRE_COPY)"),
+        ("v2", true, "migration: v2 (STOP_COPY, PRE_COPY)"),
     ] {
-        let socket = dir.join(format!("{version}.sock"));
+        let socket = dir.join(format!("{version}-{hide_dma}.sock"));
         let mut server = vmig()
             .args([
                 "device",
@@ -27,6 +28,7 @@ fn serve_then_probe_in_both_migration_versions_and_stop_on_sigterm() {
                 "--migration",
                 version,
             ])
+            .args(hide_dma.then_some("--hide-dma"))
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -42,12 +44,24 @@ fn serve_then_probe_in_both_migration_versions_and_stop_on_sigterm() {
             String::from_utf8_lossy(&probe.stderr)
         );
         assert!(out.contains(expected), "{out}");
-        assert!(out.contains("region 0: 4096 bytes, rw, trapped"), "{out}");
         assert!(
             out.contains("irq 2 (MSI-X): 1 vector(s), eventfd, maskable"),
             "{out}"
         );
-        assert!(out.contains("v2 DMA logging yes"), "{out}");
+        if hide_dma {
+            // Seed 002's device: the doorbell page mappable, and no dirty logging of any kind.
+            assert!(
+                out.contains("region 0: 8192 bytes, rw, mmap areas [0x1000, +0x1000)"),
+                "{out}"
+            );
+            assert!(
+                out.contains("dirty logging: v2 DMA logging no, v1 DIRTY_PAGES no"),
+                "{out}"
+            );
+        } else {
+            assert!(out.contains("region 0: 4096 bytes, rw, trapped"), "{out}");
+            assert!(out.contains("v2 DMA logging yes"), "{out}");
+        }
         // A second server on the same socket is refused while the first listens.
         let second = vmig()
             .args(["device", "serve", "--socket", socket.to_str().unwrap()])
@@ -185,6 +199,18 @@ fn bad_device_arguments_end_with_one_clear_line() {
                 "v3",
             ],
             "expected v1 or v2",
+        ),
+        (
+            vec![
+                "device",
+                "serve",
+                "--socket",
+                "/tmp/vmig-x.sock",
+                "--migration",
+                "v1",
+                "--hide-dma",
+            ],
+            "--hide-dma needs --migration v2",
         ),
         (
             vec!["device", "serve", "--socket", "/nonexistent/dir/x.sock"],

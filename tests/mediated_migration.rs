@@ -29,6 +29,10 @@ use drivers::DmaEngineMediator;
 mod device_server;
 use device_server::DeviceServer;
 
+#[path = "common/progress.rs"]
+mod progress;
+use progress::wait_for_precopy;
+
 /// How long a test waits for something that takes milliseconds when the machine is idle.
 const PATIENCE: Duration = Duration::from_secs(30);
 /// The device's load: records per second.
@@ -178,16 +182,13 @@ fn assert_doorbells_cost_no_exit(machine: &Machine) {
     }
 }
 
-/// Waits until the migration is in pre-copy and has sent pages.
-fn wait_for_precopy(progress: &Progress) {
-    wait_until("pre-copy to send pages", PATIENCE, || {
-        let report = progress.report();
-        if report.status == Status::Active && report.ram.transferred > 0 {
-            Ok(())
-        } else {
-            Err(format!("{report:?}"))
-        }
-    });
+/// A migration slow enough that the devices rewrite their buffers after the first pass sent
+/// them.
+fn throttled() -> MigrationParams {
+    MigrationParams {
+        max_bandwidth: 32 << 20,
+        ..MigrationParams::default()
+    }
 }
 
 /// Migrates `source` to a destination with `drivers`; while it runs, checks that every
@@ -249,11 +250,7 @@ fn two_mediated_devices_migrate_verified_under_load_each_with_its_own_handle() {
     let source = scenario.source(&drivers);
     assert_eq!(mediator.open_devices(), 2, "one handle per device");
     assert_doorbells_cost_no_exit(&source);
-    // Slow enough that the devices rewrite their buffers after the first pass sent them.
-    let params = MigrationParams {
-        max_bandwidth: 32 << 20,
-        ..MigrationParams::default()
-    };
+    let params = throttled();
     let (sent, arrived, report) =
         migrate_checking_traps(&scenario, &source, &drivers, params, true);
     sent.unwrap_or_else(|e| panic!("source: {e}\n{report:#?}"));
@@ -330,8 +327,7 @@ fn without_its_mediator_the_hidden_device_is_refused_and_forced_through_fails_ve
     // differ on the destination: the mediator is what catches them.
     let params = MigrationParams {
         device_dirty_tracking: false,
-        max_bandwidth: 32 << 20,
-        ..MigrationParams::default()
+        ..throttled()
     };
     let (sent, arrived, report) =
         migrate_checking_traps(&scenario, &source, &drivers, params, false);
@@ -419,10 +415,7 @@ fn a_device_that_logs_its_own_dma_is_never_trapped_even_with_a_mediator() {
     let scenario = Scenario::new("logged", &[logged]);
     let drivers = drivers::all();
     let source = scenario.source(&drivers);
-    let params = MigrationParams {
-        max_bandwidth: 32 << 20,
-        ..MigrationParams::default()
-    };
+    let params = throttled();
     let (sent, arrived, report) =
         migrate_checking_traps(&scenario, &source, &drivers, params, false);
     sent.unwrap_or_else(|e| panic!("source: {e}\n{report:#?}"));

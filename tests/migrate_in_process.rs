@@ -31,6 +31,10 @@ const PATIENCE: Duration = Duration::from_secs(30);
 mod device_server;
 use device_server::DeviceServer;
 
+#[path = "common/progress.rs"]
+mod progress;
+use progress::wait_for_precopy;
+
 impl DeviceServer {
     fn start(dir: &std::path::Path, name: &str, migration: Migration) -> Self {
         Self::serve(dir, name, DmaEngine::new(migration))
@@ -552,18 +556,6 @@ fn a_destination_that_dies_during_precopy_leaves_the_source_running() {
         "Broken pipe",
         "truncated",
     );
-}
-
-/// Waits until the migration is in pre-copy and has sent pages.
-fn wait_for_precopy(progress: &Progress) {
-    wait_until("pre-copy to send pages", PATIENCE, || {
-        let report = progress.report();
-        if report.status == Status::Active && report.ram.transferred > 0 {
-            Ok(())
-        } else {
-            Err(format!("{report:?}"))
-        }
-    });
 }
 
 #[test]

@@ -186,16 +186,19 @@ fn v1_migration_loses_and_repeats_no_record() {
     migrate_without_losing_a_record(Migration::V1);
 }
 
-#[test]
-fn a_full_ring_stalls_instead_of_overwriting() {
+/// Guest RAM whose ring has four buffers, and its memfd.
+fn ram_with_a_ring_of_four() -> (OwnedFd, std::fs::File) {
     let ram_fd = vmig_primitives::memfd("guest-ram", RAM).unwrap();
     let ram = std::fs::File::from(ram_fd.try_clone().unwrap());
     for i in 0..4 {
         ram.write_all_at(&(BUFFERS_IOVA + i * 4096).to_le_bytes(), RING_IOVA + i * 8)
             .unwrap();
     }
-    let served = serve(Migration::V2, &ram_fd);
-    let c = &served.client;
+    (ram_fd, ram)
+}
+
+/// Starts the engine on the ring of four, and waits until it stalls with the ring full.
+fn fill_the_ring_of_four(c: &Client) {
     write_reg(c, reg::RING_BASE, RING_IOVA);
     write_reg(c, reg::RING_SIZE, 4);
     write_reg(c, reg::RATE, 5000);
@@ -207,6 +210,14 @@ fn a_full_ring_stalls_instead_of_overwriting() {
             .then_some(())
             .ok_or_else(|| format!("{stalls} stalls"))
     });
+}
+
+#[test]
+fn a_full_ring_stalls_instead_of_overwriting() {
+    let (ram_fd, ram) = ram_with_a_ring_of_four();
+    let served = serve(Migration::V2, &ram_fd);
+    let c = &served.client;
+    fill_the_ring_of_four(c);
     assert_eq!(read_reg(c, reg::PRODUCER), 4, "four buffers, none consumed");
     let mut next = 0;
     assert_eq!(consume(c, &ram, &mut next), 4);
@@ -392,12 +403,7 @@ fn interrupts_follow_what_the_driver_enabled_in_config_space() {
 /// device reads from there, and DMA that the framework refuses to log.
 #[test]
 fn the_hidden_dma_engine_takes_its_doorbell_from_the_mapped_page_and_logs_nothing() {
-    let ram_fd = vmig_primitives::memfd("guest-ram", RAM).unwrap();
-    let ram = std::fs::File::from(ram_fd.try_clone().unwrap());
-    for i in 0..4 {
-        ram.write_all_at(&(BUFFERS_IOVA + i * 4096).to_le_bytes(), RING_IOVA + i * 8)
-            .unwrap();
-    }
+    let (ram_fd, _ram) = ram_with_a_ring_of_four();
     let served = common::serve(DmaEngine::with_options(dma_engine::Options::hidden_dma(
         Migration::V2,
     )));
@@ -434,17 +440,7 @@ fn the_hidden_dma_engine_takes_its_doorbell_from_the_mapped_page_and_logs_nothin
         true,
     )
     .unwrap();
-    write_reg(c, reg::RING_BASE, RING_IOVA);
-    write_reg(c, reg::RING_SIZE, 4);
-    write_reg(c, reg::RATE, 5000);
-    write_reg(c, reg::SEED, SEED);
-    write_reg(c, reg::CTRL, 1);
-    wait_until("the engine to fill its ring", PATIENCE, || {
-        let stalls = read_reg(c, reg::STALLS);
-        (stalls > 0)
-            .then_some(())
-            .ok_or_else(|| format!("{stalls} stalls"))
-    });
+    fill_the_ring_of_four(c);
     // A doorbell it must refuse is ignored (and written back); a good one, stored into the
     // mapped page with no message at all, frees the ring.
     page.store_u64(0, 99).unwrap();

@@ -622,22 +622,22 @@ impl Machine {
     /// Guest reads of device `device`'s region `region` that trapped to the VMM (reads of its
     /// mapped areas do not; port reads of an I/O BAR always trap and count).
     pub fn trapped_reads(&self, device: usize, region: u32) -> u64 {
-        self.bus
-            .entries
-            .iter()
-            .filter(|e| e.region == region && e.device == device)
-            .map(|e| e.reads.load(Ordering::Relaxed))
-            .sum()
+        self.trapped(device, region, |e| &e.reads)
     }
 
     /// Guest writes of device `device`'s region `region` that trapped to the VMM (writes into
     /// its mapped areas do not, unless a mediator traps them during a migration).
     pub fn trapped_writes(&self, device: usize, region: u32) -> u64 {
+        self.trapped(device, region, |e| &e.writes)
+    }
+
+    /// The sum of one counter of device `device`'s region `region`'s bus entries.
+    fn trapped(&self, device: usize, region: u32, counter: fn(&BusEntry) -> &AtomicU64) -> u64 {
         self.bus
             .entries
             .iter()
             .filter(|e| e.region == region && e.device == device)
-            .map(|e| e.writes.load(Ordering::Relaxed))
+            .map(|e| counter(e).load(Ordering::Relaxed))
             .sum()
     }
 

@@ -212,7 +212,8 @@ impl MediatedDevice {
         self.engaged.load(Ordering::Acquire)
     }
 
-    /// Guest writes that trapped into the mediator since the last [`MediatedDevice::engage`].
+    /// Guest writes that trapped into the mediator since the last
+    /// [`MediatedDevice::reset_counters`].
     pub fn trapped_writes(&self) -> u64 {
         self.writes.load(Ordering::Relaxed)
     }
@@ -266,11 +267,15 @@ impl MediatedDevice {
         true
     }
 
+    /// A migration begins: what trapping costs is counted from zero.
+    pub(crate) fn reset_counters(&self) {
+        self.writes.store(0, Ordering::Relaxed);
+        self.write_ns.store(0, Ordering::Relaxed);
+    }
+
     /// Traps: from now on guest writes in the traps reach the mediator (then the device),
     /// then the memslots go, then the mediator starts. On failure nothing stays trapped.
     pub(crate) fn engage(&self, vm: &Vm, device: &dyn MigratableDevice, name: &str) -> Result<()> {
-        self.writes.store(0, Ordering::Relaxed);
-        self.write_ns.store(0, Ordering::Relaxed);
         self.engaged.store(true, Ordering::Release);
         for (i, (_, gpa)) in self.traps.iter().enumerate() {
             if let Err(e) = vm.set_device_memory_trapped(*gpa, true) {

@@ -145,6 +145,9 @@ impl<'a> Source<'a> {
                 ));
             }
         }
+        for m in machine.devices.iter().filter_map(|d| d.mediation.as_ref()) {
+            m.reset_counters();
+        }
         if machine.vm.is_paused() {
             return Err(MigrationError::Invalid(
                 "the VM is stopped: `cont` it before migrating (a stopped VM's devices cannot start pre-copy)".into(),

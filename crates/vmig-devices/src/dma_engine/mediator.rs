@@ -11,7 +11,10 @@
 //! harvest: the records written since, and those the guest has granted and the engine not yet
 //! written. Every harvest marks them; the last one, with the engine stopped, marks every buffer
 //! it still owns. Anything that breaks the rule (the ring was reset or resized, `PRODUCER` went
-//! back) marks the whole ring.
+//! back) marks the whole ring. A doorbell the mediator did not see (one racing with the start
+//! of tracking, or one written to BAR0's `CONSUMER` register, which is not trapped) still
+//! counts: each harvest also reads `CONSUMER`, and every record the engine wrote since shows in
+//! `PRODUCER` whatever the mediator knew of the doorbell.
 //!
 //! It assumes what a ring driver guarantees: the guest does not rewrite the address of a
 //! buffer the engine owns. Like the guest driver ([`super::driver`]) it is written against the
@@ -117,12 +120,7 @@ impl Mediation {
         let consumer = driver::read(regs, reg::CONSUMER)?;
         let producer = driver::read(regs, reg::PRODUCER)?;
         let mut s = self.state();
-        // A doorbell write that trapped before this read counts too.
-        s.consumer = if s.tracking {
-            s.consumer.max(consumer)
-        } else {
-            consumer
-        };
+        s.consumer = consumer;
         s.reported = producer;
         s.tracking = true;
         self.doorbell_writes.store(0, Ordering::Relaxed);
@@ -139,12 +137,13 @@ impl Mediation {
         if offset != reg::DOORBELL {
             return;
         }
-        self.doorbell_writes.fetch_add(1, Ordering::Relaxed);
         let value = u64::from_le_bytes(bytes);
         let mut s = self.state();
-        // Only ever more: a lower value the engine refuses grants nothing.
-        s.consumer = s.consumer.max(value);
-        s.tracking = true;
+        if s.tracking {
+            self.doorbell_writes.fetch_add(1, Ordering::Relaxed);
+            // Only ever more: a lower value the engine refuses grants nothing.
+            s.consumer = s.consumer.max(value);
+        }
     }
 
     /// Doorbell writes seen since tracking began.
@@ -272,6 +271,15 @@ mod tests {
         }))
     }
 
+    /// A mediation of the engine behind `regs`, tracking.
+    fn tracking(regs: &FakeBar0) -> Mediation {
+        let m = Mediator::new()
+            .open(regs, BAR0_SIZE_WITH_DOORBELL, true)
+            .unwrap();
+        m.start(regs).unwrap();
+        m
+    }
+
     /// The buffer indexes one harvest marks.
     fn harvest(m: &Mediation, regs: &FakeBar0) -> BTreeSet<u64> {
         let mut marked = BTreeSet::new();
@@ -310,10 +318,7 @@ mod tests {
     #[test]
     fn each_harvest_marks_the_records_written_since_and_the_buffers_the_guest_granted() {
         let regs = engine(10, 9);
-        let m = Mediator::new()
-            .open(&regs, BAR0_SIZE_WITH_DOORBELL, true)
-            .unwrap();
-        m.start(&regs).unwrap();
+        let m = tracking(&regs);
         // Records 10..17 may come (CONSUMER 9 + 8): buffers 10 % 8 .. 16 % 8.
         assert_eq!(harvest(&m, &regs), BTreeSet::from([2, 3, 4, 5, 6, 7, 0]));
         // The engine wrote 10..12; the guest consumed up to 11 (a trapped doorbell): records
@@ -342,10 +347,7 @@ mod tests {
     #[test]
     fn a_doorbell_the_mediator_did_not_see_still_counts_and_a_reset_ring_is_marked_whole() {
         let regs = engine(4, 4);
-        let m = Mediator::new()
-            .open(&regs, BAR0_SIZE_WITH_DOORBELL, true)
-            .unwrap();
-        m.start(&regs).unwrap();
+        let m = tracking(&regs);
         harvest(&m, &regs);
         // CONSUMER written through BAR0's register, not the doorbell page.
         {
@@ -366,10 +368,7 @@ mod tests {
     #[test]
     fn writes_elsewhere_in_the_page_grant_nothing_and_a_lower_doorbell_takes_nothing_back() {
         let regs = engine(0, 0);
-        let m = Mediator::new()
-            .open(&regs, BAR0_SIZE_WITH_DOORBELL, true)
-            .unwrap();
-        m.start(&regs).unwrap();
+        let m = tracking(&regs);
         m.doorbell(reg::DOORBELL + 8, &100u64.to_le_bytes());
         m.doorbell(reg::DOORBELL, &[1, 2, 3, 4]);
         assert_eq!(m.doorbell_writes(), 0);

@@ -257,7 +257,9 @@ impl<D: Device> Server<D> {
             max_data_xfer_size: Some(self.config.max_data_xfer_size),
             pgsizes: Some(PAGE_SIZE),
             max_dma_maps: Some(vmig_dma::DEFAULT_DMA_ENTRY_LIMIT),
-            migration: Some(caps::MigrationCap {
+            // The capability offers DIRTY_PAGES bitmaps: not for a device whose DMA is not
+            // tracked.
+            migration: self.device().logs_dma().then_some(caps::MigrationCap {
                 pgsize: PAGE_SIZE,
                 max_bitmap_size: Some(MAX_BITMAP_BYTES),
             }),
