@@ -43,7 +43,7 @@ pub struct DemoArgs {
     downtime_ms: u64,
     /// Devices that hide their DMA (seed 002: a mapped doorbell page, no DMA logging, no
     /// DIRTY_PAGES), so that their mediator traps the doorbell during the migration and marks
-    /// the buffers they may write. Needs --migration v2.
+    /// the buffers they may write.
     #[arg(long)]
     hide_dma: bool,
     /// Print the report as JSON instead of the summary.
@@ -59,9 +59,6 @@ pub fn run(args: &DemoArgs) -> Result<ExitCode, String> {
         "both" => &["v1", "v2"],
         other => return Err(format!("--migration {other}: expected v1, v2 or both")),
     };
-    if args.hide_dma && protocols.contains(&"v1") {
-        return Err("--hide-dma needs --migration v2".into());
-    }
     let serve_options: &[&str] = if args.hide_dma { &["--hide-dma"] } else { &[] };
     let mode: vmig_kvm::DirtyLogMode = args
         .dirty_log

@@ -37,7 +37,6 @@ enum DeviceCommand {
         doorbell_page: bool,
         /// Seed 002's device: a doorbell page, and DMA that nothing tracks (no DMA logging, no
         /// DIRTY_PAGES), so that only its mediator can tell a migration which pages it writes.
-        /// Needs --migration v2.
         #[arg(long)]
         hide_dma: bool,
     },
@@ -99,13 +98,6 @@ fn serve(
         "v2" => dma_engine::Migration::V2,
         other => return Err(format!("--migration {other}: expected v1 or v2")),
     };
-    if hide_dma && migration == dma_engine::Migration::V1 {
-        return Err(
-            "--hide-dma needs --migration v2: a v1 client learns that DIRTY_PAGES is refused \
-             only when its migration starts, while v2's DMA logging is probed at attach"
-                .into(),
-        );
-    }
     let options = dma_engine::Options {
         migration,
         doorbell_page: doorbell_page || hide_dma,

@@ -241,10 +241,13 @@ fn assert_healthy_and_untrapped(source: &Machine) {
 }
 
 #[test]
-fn two_mediated_devices_migrate_verified_under_load_each_with_its_own_handle() {
+fn two_mediated_devices_v1_and_v2_migrate_verified_under_load_each_with_its_own_handle() {
     require_kvm!();
-    let hidden = Options::hidden_dma(Migration::V2);
-    let scenario = Scenario::new("verified", &[hidden, hidden]);
+    let hidden = [
+        Options::hidden_dma(Migration::V1),
+        Options::hidden_dma(Migration::V2),
+    ];
+    let scenario = Scenario::new("verified", &hidden);
     let mediator = Arc::new(DmaEngineMediator::default());
     let drivers = drivers::with_mediator(Arc::clone(&mediator));
     let source = scenario.source(&drivers);

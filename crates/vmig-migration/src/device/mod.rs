@@ -114,8 +114,8 @@ pub enum DirtyLogKind {
     DmaLogging,
     /// The IOMMU beneath it does (`DIRTY_PAGES`: v1 vfio-user, or a kernel type1 container).
     DirtyPages,
-    /// Nothing does: a v2 vfio-user device that refuses DMA logging (seed 002's VF). Only a
-    /// mediator ([`crate::mediator`]) can tell which pages it writes.
+    /// Nothing does: a vfio-user server that offers neither (seed 002's VF). Only a mediator
+    /// ([`crate::mediator`]) can tell which pages it writes.
     None,
 }
 

@@ -30,8 +30,10 @@ const EFAULT: i32 = 14;
 pub struct UserDevice {
     client: Client,
     protocol: Option<Protocol>,
-    /// The server offers DMA logging (probed at attach; v2 only).
+    /// The server offers DMA logging (probed at attach).
     dma_logging: bool,
+    /// The server offers `DIRTY_PAGES` over its IOMMU (the version's `migration` capability).
+    dirty_pages: bool,
 }
 
 /// Guest RAM by IOVA for a server's message-based DMA (the engine maps guest RAM with IOVA =
@@ -77,10 +79,12 @@ impl UserDevice {
         }
         let protocol = DeviceMigration::detect(&client)?.map(|m| m.protocol());
         let dma_logging = client.probe_feature(FEATURE_DMA_LOGGING_START, FEATURE_SET)?;
+        let dirty_pages = client.server_caps().migration.is_some();
         Ok(Self {
             client,
             protocol,
             dma_logging,
+            dirty_pages,
         })
     }
 
@@ -210,11 +214,17 @@ impl MigratableDevice for UserDevice {
         )))
     }
 
+    /// v2 DMA logging when the server offers it; else `DIRTY_PAGES` over the server's IOMMU
+    /// (v1's, or a v2 server's without DMA logging) when its version reply offered the
+    /// `migration` capability; else nothing.
     fn dirty_log_kind(&self) -> DirtyLogKind {
-        match self.protocol {
-            Some(Protocol::V1 { .. }) => DirtyLogKind::DirtyPages,
-            _ if self.dma_logging => DirtyLogKind::DmaLogging,
-            _ => DirtyLogKind::None,
+        let v2 = matches!(self.protocol, Some(Protocol::V2 { .. }));
+        if v2 && self.dma_logging {
+            DirtyLogKind::DmaLogging
+        } else if self.dirty_pages {
+            DirtyLogKind::DirtyPages
+        } else {
+            DirtyLogKind::None
         }
     }
 
